@@ -1,0 +1,288 @@
+"""Configuration of the Uni-Perceiver-MoE model."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+# Encoder sizes of the paper (patch 16, MLP ratio 4): layers, hidden width, heads.
+SIZE_PRESETS: dict[str, dict[str, int]] = {
+    "ti": {"num_hidden_layers": 12, "hidden_size": 192, "num_attention_heads": 3},
+    "s": {"num_hidden_layers": 12, "hidden_size": 384, "num_attention_heads": 6},
+    "b": {"num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12},
+    "l": {"num_hidden_layers": 24, "hidden_size": 1024, "num_attention_heads": 16},
+}
+# Stochastic depth of the reference per size.
+DROP_PATH_PRESETS = {"ti": 0.0, "s": 0.05, "b": 0.1, "l": 0.2}
+
+MOE_ROUTINGS = ("none", "token", "context", "modality", "task", "attribute")
+DATA_INDEPENDENT_ROUTINGS = ("modality", "task", "attribute")
+MOE_PROJECTIONS = ("attn_qkv", "attn_out", "ffn_fc1", "ffn_fc2")
+MODALITIES = ("text", "image", "video")
+DEFAULT_TASK_FAMILIES = (
+    "image_classification",
+    "video_classification",
+    "mlm",
+    "captioning",
+    "retrieval",
+    "text_classification",
+)
+
+
+class UniPerceiverMoEConfig(PretrainedConfig):
+    r"""
+    Configuration of [`UniPerceiverMoEModel`]: one shared pre-norm Transformer encoder for text, images
+    and video whose linear projections may be conditional mixtures of experts.
+
+    Sizes
+        model_size (`str`, *optional*, defaults to `"ti"`): a preset among `"ti"`, `"s"`, `"b"`, `"l"`
+            (paper sizes). It fills `num_hidden_layers`, `hidden_size`, `num_attention_heads`,
+            `intermediate_size` and `drop_path_rate` where those are left as `None`; explicit values win.
+        hidden_size (`int`): width of the residual stream.
+        num_hidden_layers (`int`): number of encoder layers.
+        num_attention_heads (`int`): attention heads; must divide `hidden_size`.
+        intermediate_size (`int`): FFN width (defaults to `4 * hidden_size`).
+        hidden_act (`str`, defaults to `"gelu"`): FFN activation.
+        layer_norm_eps (`float`, defaults to 1e-5).
+        layer_scale_init (`float`, defaults to 1e-3): LayerScale init on both residual branches; 0 disables it.
+        drop_path_rate (`float`): stochastic depth of the last layer (linearly increasing from 0).
+        hidden_dropout_prob / attention_dropout (`float`, default 0).
+        initializer_range (`float`, defaults to 0.02): std of the truncated-normal init.
+
+    Inputs
+        vocab_size (`int`, defaults to 49411): CLIP BPE (49,408) plus `[MASK]`, `[GEN]`, `[SPE]`.
+        mask_token_id / gen_token_id / spe_token_id / bos_token_id / eos_token_id / pad_token_id (`int`).
+        max_position_embeddings (`int`, defaults to 512): learned text positions.
+        image_size (`int`, defaults to 224): the image side the processor produces; other sides that are a
+            multiple of `patch_size` are accepted by the model (sin-cos positions are computed on the fly).
+        patch_size (`int`, defaults to 16). num_channels (`int`, defaults to 3).
+        num_frames (`int`, defaults to 8): learned temporal slots; a video may have at most that many frames.
+
+    Conditional MoE
+        moe_routing (`str`, defaults to `"none"`): one of `"none"` (dense), `"token"`, `"context"`,
+            `"modality"`, `"task"`, `"attribute"`.
+        moe_num_experts (`int`, defaults to 8). moe_top_k (`int`, defaults to 2).
+        moe_layers (`str` or `list[int]`, defaults to `"every_other"`): `"all"`, `"every_other"` (layers
+            1, 3, 5, ... counted from 0, as in the reference) or an explicit list of layer indices.
+        moe_projections (`list[str]`): which linears are experts, among `"attn_qkv"`, `"attn_out"`,
+            `"ffn_fc1"`, `"ffn_fc2"` (default all four). The attention projections share one gate decision
+            and the FFN projections another, as in the reference.
+        moe_router_noise_std (`float`, *optional*): std of the Gaussian noise added to gate logits in
+            training; `None` means `1 / moe_num_experts` (reference), 0 disables it.
+        moe_capacity_factor (`float`, defaults to 1.25): token/context routing, training: each expert
+            takes at most `ceil(factor * tokens * top_k / experts)` tokens; the rest are dropped.
+        moe_eval_capacity_factor (`float`, *optional*): the same at evaluation; `None` drops nothing.
+        moe_aux_loss_coef (`float`, defaults to 0.01): Switch/GShard load-balancing loss weight (token/context).
+        moe_z_loss_coef (`float`, defaults to 1e-3): router z-loss weight (token/context).
+        attribute_dim (`int`, defaults to 8): width of the per-token attribute vector (attribute routing).
+        num_tasks (`int`, defaults to 16): task ids available to task routing.
+        num_modalities (`int`, defaults to 3): modality ids (0 text, 1 image, 2 video).
+        folded_routes (`list`, *optional*): set by re-parameterisation; the route keys (attribute vectors,
+            task ids or modality ids) whose merged weights the checkpoint holds. A folded model has no gates.
+
+    Head
+        task_families (`list[str]`): one learnable temperature per family.
+        logit_scale_init (`float`, defaults to ln(1/0.07)). logit_scale_max (`float`, defaults to 100).
+        label_smoothing (`float`, defaults to 0.1).
+
+    Example:
+    ```python
+    >>> import modeling_uniperceiver_moe
+    >>> from transformers import AutoConfig, AutoModel
+    >>> cfg = AutoConfig.for_model("uniperceiver_moe", model_size="ti", moe_routing="attribute")
+    >>> model = AutoModel.from_config(cfg)
+    ```"""
+
+    model_type = "uniperceiver_moe"
+
+    def __init__(
+        self,
+        model_size: str | None = "ti",
+        hidden_size: int | None = None,
+        num_hidden_layers: int | None = None,
+        num_attention_heads: int | None = None,
+        intermediate_size: int | None = None,
+        hidden_act: str = "gelu",
+        layer_norm_eps: float = 1e-5,
+        layer_scale_init: float = 1e-3,
+        drop_path_rate: float | None = None,
+        hidden_dropout_prob: float = 0.0,
+        attention_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        vocab_size: int = 49411,
+        mask_token_id: int = 49408,
+        gen_token_id: int = 49409,
+        spe_token_id: int = 49410,
+        bos_token_id: int = 49406,
+        eos_token_id: int = 49407,
+        pad_token_id: int = 49407,
+        max_position_embeddings: int = 512,
+        image_size: int = 224,
+        patch_size: int = 16,
+        num_channels: int = 3,
+        num_frames: int = 8,
+        moe_routing: str = "none",
+        moe_num_experts: int = 8,
+        moe_top_k: int = 2,
+        moe_layers: str | list[int] = "every_other",
+        moe_projections: list[str] | tuple[str, ...] = MOE_PROJECTIONS,
+        moe_router_noise_std: float | None = None,
+        moe_capacity_factor: float = 1.25,
+        moe_eval_capacity_factor: float | None = None,
+        moe_aux_loss_coef: float = 0.01,
+        moe_z_loss_coef: float = 1e-3,
+        attribute_dim: int = 8,
+        num_tasks: int = 16,
+        num_modalities: int = len(MODALITIES),
+        folded_routes: list | None = None,
+        task_families: list[str] | tuple[str, ...] = DEFAULT_TASK_FAMILIES,
+        logit_scale_init: float = 2.6592600369644043,
+        logit_scale_max: float = 100.0,
+        label_smoothing: float = 0.1,
+        **kwargs,
+    ):
+        if model_size is not None:
+            if model_size.lower() not in SIZE_PRESETS:
+                raise ValueError(f"model_size must be one of {sorted(SIZE_PRESETS)} or None, got {model_size!r}")
+            model_size = model_size.lower()
+            preset = SIZE_PRESETS[model_size]
+            hidden_size = preset["hidden_size"] if hidden_size is None else hidden_size
+            num_hidden_layers = preset["num_hidden_layers"] if num_hidden_layers is None else num_hidden_layers
+            num_attention_heads = preset["num_attention_heads"] if num_attention_heads is None else num_attention_heads
+            drop_path_rate = DROP_PATH_PRESETS[model_size] if drop_path_rate is None else drop_path_rate
+        for name, value in (
+            ("hidden_size", hidden_size),
+            ("num_hidden_layers", num_hidden_layers),
+            ("num_attention_heads", num_attention_heads),
+        ):
+            if value is None:
+                raise ValueError(f"{name} must be given when model_size is None")
+        self.model_size = model_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.layer_scale_init = layer_scale_init
+        self.drop_path_rate = 0.0 if drop_path_rate is None else drop_path_rate
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_dropout = attention_dropout
+        self.initializer_range = initializer_range
+        self.vocab_size = vocab_size
+        self.mask_token_id = mask_token_id
+        self.gen_token_id = gen_token_id
+        self.spe_token_id = spe_token_id
+        self.max_position_embeddings = max_position_embeddings
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.num_frames = num_frames
+        self.moe_routing = moe_routing
+        self.moe_num_experts = moe_num_experts
+        self.moe_top_k = moe_top_k
+        self.moe_layers = list(moe_layers) if isinstance(moe_layers, (list, tuple)) else moe_layers
+        self.moe_projections = list(moe_projections)
+        self.moe_router_noise_std = moe_router_noise_std
+        self.moe_capacity_factor = moe_capacity_factor
+        self.moe_eval_capacity_factor = moe_eval_capacity_factor
+        self.moe_aux_loss_coef = moe_aux_loss_coef
+        self.moe_z_loss_coef = moe_z_loss_coef
+        self.attribute_dim = attribute_dim
+        self.num_tasks = num_tasks
+        self.num_modalities = num_modalities
+        self.folded_routes = folded_routes
+        self.task_families = list(task_families)
+        self.logit_scale_init = logit_scale_init
+        self.logit_scale_max = logit_scale_max
+        self.label_smoothing = label_smoothing
+        super().__init__(
+            bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs
+        )
+        self.validate_moe()
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def router_noise_std(self) -> float:
+        """Training-time gate noise std (`1 / moe_num_experts` when unset, as in the reference)."""
+        if self.moe_router_noise_std is None:
+            return 1.0 / self.moe_num_experts
+        return self.moe_router_noise_std
+
+    @property
+    def is_data_independent_routing(self) -> bool:
+        return self.moe_routing in DATA_INDEPENDENT_ROUTINGS
+
+    def moe_layer_indices(self) -> list[int]:
+        """Indices of the encoder layers whose projections are MoE (empty for a dense model)."""
+        if self.moe_routing == "none":
+            return []
+        if self.moe_layers == "all":
+            return list(range(self.num_hidden_layers))
+        if self.moe_layers == "every_other":
+            return list(range(1, self.num_hidden_layers, 2))
+        return sorted(self.moe_layers)
+
+    def uses_moe(self, layer_idx: int, projection: str) -> bool:
+        return projection in self.moe_projections and layer_idx in self.moe_layer_indices()
+
+    # ------------------------------------------------------------------ validation
+    def validate_moe(self) -> None:
+        """Raise a ValueError naming the offending field for every invalid combination."""
+
+        def fail(field: str, message: str):
+            raise ValueError(f"UniPerceiverMoEConfig.{field}: {message}")
+
+        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
+                fail(field, f"must be a positive int, got {getattr(self, field)!r}")
+        if self.hidden_size % self.num_attention_heads:
+            fail("num_attention_heads", f"{self.num_attention_heads} does not divide hidden_size={self.hidden_size}")
+        if self.hidden_size % 4:
+            fail("hidden_size", f"must be a multiple of 4 (2-D sin-cos positions), got {self.hidden_size}")
+        if self.image_size % self.patch_size:
+            fail("image_size", f"{self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            fail("drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}")
+        if self.moe_routing not in MOE_ROUTINGS:
+            fail("moe_routing", f"must be one of {MOE_ROUTINGS}, got {self.moe_routing!r}")
+        if self.moe_routing == "none":
+            return
+        if self.moe_num_experts < 2:
+            fail("moe_num_experts", f"an MoE needs at least 2 experts, got {self.moe_num_experts}")
+        if not 1 <= self.moe_top_k <= self.moe_num_experts:
+            fail("moe_top_k", f"must be in [1, moe_num_experts={self.moe_num_experts}], got {self.moe_top_k}")
+        if isinstance(self.moe_layers, str):
+            if self.moe_layers not in ("all", "every_other"):
+                fail("moe_layers", f"must be 'all', 'every_other' or a list of layer indices, got {self.moe_layers!r}")
+        else:
+            bad = [i for i in self.moe_layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
+            if bad or not self.moe_layers:
+                fail("moe_layers", f"indices must lie in [0, {self.num_hidden_layers}), got {self.moe_layers}")
+        unknown = sorted(set(self.moe_projections) - set(MOE_PROJECTIONS))
+        if unknown or not self.moe_projections:
+            fail("moe_projections", f"must be a non-empty subset of {MOE_PROJECTIONS}, got {self.moe_projections}")
+        if self.moe_router_noise_std is not None and self.moe_router_noise_std < 0:
+            fail("moe_router_noise_std", f"must be >= 0, got {self.moe_router_noise_std}")
+        for field in ("moe_capacity_factor", "moe_eval_capacity_factor"):
+            value = getattr(self, field)
+            if value is not None and value <= 0:
+                fail(field, f"must be > 0, got {value}")
+        for field in ("moe_aux_loss_coef", "moe_z_loss_coef"):
+            if getattr(self, field) < 0:
+                fail(field, f"must be >= 0, got {getattr(self, field)}")
+        if self.moe_routing == "attribute" and self.attribute_dim < 1:
+            fail("attribute_dim", f"must be >= 1, got {self.attribute_dim}")
+        if self.moe_routing == "task" and self.num_tasks < 1:
+            fail("num_tasks", f"must be >= 1, got {self.num_tasks}")
+        if self.folded_routes is not None:
+            if self.moe_routing not in DATA_INDEPENDENT_ROUTINGS:
+                fail("folded_routes", f"only data-independent routings can be folded, not {self.moe_routing!r}")
+            if not self.folded_routes:
+                fail("folded_routes", "must list at least one route")
+
+
+__all__ = ["UniPerceiverMoEConfig", "SIZE_PRESETS", "MOE_ROUTINGS", "MODALITIES"]

@@ -1,0 +1,885 @@
+"""PyTorch Uni-Perceiver-MoE: a shared multimodal encoder with conditional mixture-of-experts projections.
+
+Reading order: helpers, embeddings, MoE linear and gate, attention, MLP, layer, encoder,
+pre-trained base, base model, similarity head.
+
+Sequence layout of every forward pass (L tokens):
+`[SPE] vision tokens (frames x patches) text tokens [caption placeholders]`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration_uniperceiver_moe import MODALITIES, UniPerceiverMoEConfig
+from .routing import (
+    GateDecision,
+    MergedDispatch,
+    RouteGroups,
+    TokenDispatch,
+    build_router,
+    build_token_dispatch,
+    expert_capacity,
+    folded_route_index,
+    load_balancing_loss,
+    router_z_loss,
+    select_top_k,
+)
+
+try:  # transformers >= 5: initialisers that skip weights already loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover
+    from torch.nn import init
+
+TEXT, IMAGE, VIDEO = (MODALITIES.index(m) for m in ("text", "image", "video"))
+
+
+# =============================================================================================== outputs
+@dataclass
+class UniPerceiverMoEModelOutput(ModelOutput):
+    """
+    last_hidden_state: `[B, L, d]` encoder output (sequence layout in the module docstring).
+    pooler_output: `[B, d]` the SPE token's output, the sequence representation.
+    sequence_mask: `[B, L]` bool, True for real (non-padding) tokens.
+    text_start: index of the first text token in the sequence (1 + number of vision tokens).
+    hidden_states / attentions: per layer, when asked.
+    router_logits: per MoE gate decision, `[B, L, E]` float32 gate logits of every token (when asked).
+    router_indices: per MoE gate decision, `[B, L, k]` chosen experts of every token (when asked).
+    aux_loss: scalar, weighted load-balancing + z-loss of the data-dependent routers (0 otherwise).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    sequence_mask: torch.BoolTensor | None = None
+    text_start: int | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    router_indices: tuple[torch.LongTensor, ...] | None = None
+    aux_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class GenericPerceptionOutput(ModelOutput):
+    """
+    loss: scalar, candidate cross-entropy (+ router aux loss), when labels are given.
+    logits: `[B, C]` (one query per input) or `[B, Q, C]` (several queries per input) scaled cosines.
+    input_features: `[B, d]` or `[B, Q, d]` L2-normalised query features.
+    target_features: `[C, d]` L2-normalised candidate features.
+    aux_loss: scalar router auxiliary loss of both encodings.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    input_features: torch.FloatTensor | None = None
+    target_features: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    input_outputs: UniPerceiverMoEModelOutput | None = None
+
+
+# =============================================================================================== helpers
+def sincos_2d_position_embedding(grid_h: int, grid_w: int, dim: int, device=None) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions `[grid_h * grid_w, dim]` (first half encodes rows, second half columns)."""
+    if dim % 4:
+        raise ValueError(f"hidden_size must be a multiple of 4 for 2-D sin-cos positions, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter))
+    rows = torch.arange(grid_h, dtype=torch.float64, device=device)[:, None].expand(grid_h, grid_w).reshape(-1)
+    cols = torch.arange(grid_w, dtype=torch.float64, device=device)[None, :].expand(grid_h, grid_w).reshape(-1)
+
+    def encode(pos):
+        angles = pos[:, None] * omega[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+
+
+def caption_attention_pattern(num_prefix: int, num_words: int, device=None) -> torch.Tensor:
+    """Boolean `[L, L]` "parallel teacher forcing" mask (True = may attend), L = num_prefix + 2 * num_words.
+
+    Layout: `prefix (SPE + vision) | w_0..w_{T-1} | q_0..q_{T-1}`.
+    prefix tokens see the prefix only (so image states can be cached for generation);
+    w_i sees the prefix and w_<=i; q_i sees the prefix, w_<i and itself.
+    """
+    length = num_prefix + 2 * num_words
+    allowed = torch.zeros(length, length, dtype=torch.bool, device=device)
+    allowed[:, :num_prefix] = True
+    words = slice(num_prefix, num_prefix + num_words)
+    queries = slice(num_prefix + num_words, length)
+    causal = torch.ones(num_words, num_words, dtype=torch.bool, device=device).tril()
+    allowed[words, words] = causal
+    allowed[queries, words] = causal.tril(-1)
+    allowed[queries, queries] = torch.eye(num_words, dtype=torch.bool, device=device)
+    return allowed
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample with probability `rate`."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+def grouped_linear(
+    x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, row_group: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows of `x_sorted` `[M, in]` come in contiguous groups; group g uses `weight[g]` `[out, in]`.
+
+    offsets: `[G]` int32 cumulative group ends; row_group: `[M]` long group of each row.
+    One grouped GEMM (`torch.nn.functional.grouped_mm`) where the kernel exists for this device/dtype;
+    otherwise one GEMM per group. Returns `[M, out]`.
+    """
+    if torch.is_autocast_enabled(x_sorted.device.type):
+        dtype = torch.get_autocast_dtype(x_sorted.device.type)
+        x_sorted, weight = x_sorted.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    else:
+        weight = weight.to(x_sorted.dtype)
+    if _grouped_mm_supported(x_sorted):
+        out = F.grouped_mm(x_sorted, weight.transpose(1, 2), offs=offsets)
+        out = _ContiguousGrad.apply(out)
+    else:
+        ends = offsets.tolist()
+        starts = [0] + ends[:-1]
+        out = torch.cat([x_sorted[s:e] @ weight[g].t() for g, (s, e) in enumerate(zip(starts, ends))])
+        if out.shape[0] < x_sorted.shape[0]:
+            out = torch.cat([out, out.new_zeros(x_sorted.shape[0] - out.shape[0], out.shape[1])])
+    if bias is not None:
+        out = out + bias[row_group]
+    return out
+
+
+def _grouped_mm_supported(x: torch.Tensor) -> bool:
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped_mm's backward needs it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+# =============================================================================================== embeddings
+class UniPerceiverMoEEmbeddings(nn.Module):
+    """Modality tokenizers: CLIP-BPE text, per-frame patch embedding for images/video, and the SPE token.
+
+    Text: word + learned position + modality embedding. Vision: conv patches + fixed 2-D sin-cos
+    position + learned temporal slot + modality embedding. One LayerNorm shared by all tokens.
+    """
+
+    def __init__(self, config: UniPerceiverMoEConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, d)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, d)
+        self.modality_embeddings = nn.Embedding(config.num_modalities, d)
+        self.patch_embedding = nn.Conv2d(config.num_channels, d, config.patch_size, config.patch_size)
+        self.temporal_embeddings = nn.Embedding(config.num_frames, d)
+        self.layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def embed_vision(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """pixel_values: `[B, C, H, W]` (image) or `[B, F, C, H, W]` (video) -> (`[B, F*P, d]`, modality)."""
+        cfg = self.config
+        if pixel_values.dim() == 4:
+            pixel_values, modality = pixel_values.unsqueeze(1), IMAGE
+        elif pixel_values.dim() == 5:
+            modality = VIDEO
+        else:
+            raise ValueError(f"pixel_values must be [B, C, H, W] or [B, F, C, H, W], got shape {tuple(pixel_values.shape)}")
+        batch, frames, channels, height, width = pixel_values.shape
+        if channels != cfg.num_channels:
+            raise ValueError(f"pixel_values has {channels} channels, the config expects num_channels={cfg.num_channels}")
+        if height % cfg.patch_size or width % cfg.patch_size:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of patch_size={cfg.patch_size} "
+                f"(the processor resizes to image_size={cfg.image_size})"
+            )
+        if frames > cfg.num_frames:
+            raise ValueError(f"video has {frames} frames, the model has num_frames={cfg.num_frames} temporal slots")
+        weight_dtype = self.patch_embedding.weight.dtype
+        patches = self.patch_embedding(pixel_values.reshape(batch * frames, channels, height, width).to(weight_dtype))
+        grid_h, grid_w = patches.shape[-2:]
+        patches = patches.flatten(2).transpose(1, 2).reshape(batch, frames, grid_h * grid_w, -1)
+        spatial = sincos_2d_position_embedding(grid_h, grid_w, cfg.hidden_size, patches.device).to(patches.dtype)
+        temporal = self.temporal_embeddings.weight[:frames, None, :]
+        tokens = patches + spatial[None, None] + temporal[None]
+        tokens = tokens.reshape(batch, frames * grid_h * grid_w, -1)
+        return tokens + self.modality_embeddings.weight[modality], modality
+
+    def embed_text(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids, position_ids: `[B, T]` -> `[B, T, d]`."""
+        if position_ids.max() >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"text positions reach {int(position_ids.max())}, max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        return (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(position_ids)
+            + self.modality_embeddings.weight[TEXT]
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        caption_mode: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Returns (embeddings `[B, L, d]`, token modality ids `[B, L]`, text_start)."""
+        parts, modality_parts = [], []
+        primary = TEXT
+        if pixel_values is not None:
+            vision, primary = self.embed_vision(pixel_values)
+            parts.append(vision)
+            modality_parts.append(torch.full(vision.shape[:2], primary, device=vision.device))
+        if input_ids is not None:
+            batch, length = input_ids.shape
+            if position_ids is None:
+                position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+            parts.append(self.embed_text(input_ids, position_ids))
+            if caption_mode:  # placeholders q_i: SPE token at the position of w_i
+                parts.append(self.embed_text(torch.full_like(input_ids, self.config.spe_token_id), position_ids))
+            text_len = length * (2 if caption_mode else 1)
+            modality_parts.append(torch.full((batch, text_len), TEXT, device=input_ids.device))
+        batch = parts[0].shape[0]
+        spe = self.word_embeddings.weight[self.config.spe_token_id].expand(batch, 1, -1)
+        embeddings = torch.cat([spe.to(parts[0].dtype)] + parts, dim=1)
+        modality_ids = torch.cat(
+            [torch.full((batch, 1), primary, device=embeddings.device)] + modality_parts, dim=1
+        )
+        text_start = 1 + (parts[0].shape[1] if pixel_values is not None else 0)
+        return self.dropout(self.layer_norm(embeddings)), modality_ids, text_start
+
+
+# =============================================================================================== MoE
+@dataclass
+class RoutingState:
+    """Per-forward routing inputs shared by every MoE layer (built once by the encoder).
+
+    groups: route-key partition of the N = B*L tokens (data-independent routings).
+    folded_index: `[G]` rows of the folded route table (re-parameterised models).
+    token_mask: `[N]` bool real tokens; sequence_index: `[N]` the sequence of each token.
+    """
+
+    token_mask: torch.Tensor
+    sequence_index: torch.Tensor
+    batch_size: int
+    groups: RouteGroups | None = None
+    folded_index: torch.Tensor | None = None
+
+
+class UniPerceiverMoELinear(nn.Module):
+    """One linear projection with E experts stored as a single 3-D parameter.
+
+    weight: `[E, out, in]`, bias: `[E, out]`. `forward(x [N, in], dispatch) -> [N, out]`:
+    * [`MergedDispatch`] (modality/task/attribute/folded): per route group W_g = sum_e gate[g,e] W_e,
+      then one GEMM per group (a single grouped GEMM where supported); one plain GEMM if one group.
+    * [`TokenDispatch`] (token/context): the expert-sorted assignments in one grouped GEMM,
+      scaled by their gate weights and summed back per token.
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int):
+        super().__init__()
+        self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(num_experts, out_features))
+
+    def merged_parameters(self, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """gates `[G, E]` -> merged weight `[G, out, in]` and bias `[G, out]`."""
+        weight = torch.einsum("ge,eoi->goi", gates.to(self.weight.dtype), self.weight)
+        return weight, gates.to(self.bias.dtype) @ self.bias
+
+    def forward(self, x: torch.Tensor, dispatch: MergedDispatch | TokenDispatch) -> torch.Tensor:
+        if isinstance(dispatch, MergedDispatch):
+            weight, bias = self.merged_parameters(dispatch.gates)
+            groups = dispatch.groups
+            if groups.num_groups == 1:
+                return F.linear(x, weight[0].to(x.dtype), bias[0].to(x.dtype))
+            out_sorted = grouped_linear(x[groups.order], weight, groups.offsets, groups.token_group[groups.order], bias)
+            return out_sorted.new_empty(x.shape[0], self.out_features).index_copy_(0, groups.order, out_sorted)
+        out_sorted = grouped_linear(
+            x[dispatch.token_index], self.weight, dispatch.offsets, dispatch.expert_index, self.bias
+        )
+        weight = dispatch.weight.to(out_sorted.dtype)[:, None]
+        out_sorted = torch.where(weight > 0, out_sorted * weight, torch.zeros_like(out_sorted))
+        return out_sorted.new_zeros(x.shape[0], self.out_features).index_add_(0, dispatch.token_index, out_sorted)
+
+
+class UniPerceiverMoEGate(nn.Module):
+    """One gate decision of a layer (attention or FFN), shared by the projections of that block."""
+
+    def __init__(self, config: UniPerceiverMoEConfig, layer_idx: int, role: str):
+        super().__init__()
+        self.config, self.layer_idx, self.role = config, layer_idx, role
+        self.router = build_router(config, role)
+
+    def forward(self, hidden: torch.Tensor, state: RoutingState) -> tuple[MergedDispatch | TokenDispatch, torch.Tensor]:
+        """hidden: `[N, d]` normalised block input. Returns (dispatch, weighted aux loss scalar)."""
+        cfg = self.config
+        if state.folded_index is not None:
+            decision = self.router(state.folded_index)
+            return MergedDispatch(decision.dense_weights(self.router.num_routes), state.groups, decision), hidden.new_zeros((), dtype=torch.float32)
+        if cfg.is_data_independent_routing:
+            decision = select_top_k(self.router(state.groups.keys), cfg.moe_top_k, cfg.router_noise_std, self.training)
+            gates = decision.dense_weights(cfg.moe_num_experts)
+            return MergedDispatch(gates, state.groups, decision), hidden.new_zeros((), dtype=torch.float32)
+        if cfg.moe_routing == "context":
+            mask = state.token_mask.to(hidden.dtype)[:, None]
+            sums = hidden.new_zeros(state.batch_size, hidden.shape[1]).index_add_(0, state.sequence_index, hidden * mask)
+            counts = torch.zeros(state.batch_size, device=hidden.device).index_add_(0, state.sequence_index, mask[:, 0].float())
+            context = sums / counts.clamp(min=1)[:, None].to(sums.dtype)
+            seq_decision = select_top_k(self.router(context), cfg.moe_top_k, cfg.router_noise_std, self.training)
+            decision = GateDecision(*(t[state.sequence_index] for t in (seq_decision.logits, seq_decision.expert_index, seq_decision.expert_weight)))
+        else:
+            decision = select_top_k(self.router(hidden), cfg.moe_top_k, cfg.router_noise_std, self.training)
+        factor = cfg.moe_capacity_factor if self.training else cfg.moe_eval_capacity_factor
+        capacity = expert_capacity(hidden.shape[0], cfg.moe_top_k, cfg.moe_num_experts, factor)
+        dispatch = build_token_dispatch(decision, cfg.moe_num_experts, capacity)
+        aux = cfg.moe_aux_loss_coef * load_balancing_loss(decision, cfg.moe_num_experts, state.token_mask)
+        aux = aux + cfg.moe_z_loss_coef * router_z_loss(decision, state.token_mask)
+        return dispatch, aux
+
+
+def make_projection(config: UniPerceiverMoEConfig, layer_idx: int, name: str, in_features: int, out_features: int):
+    """A dense `nn.Linear`, or an expert linear if `name` is an MoE projection of this layer."""
+    if config.uses_moe(layer_idx, name):
+        experts = len(config.folded_routes) if config.folded_routes is not None else config.moe_num_experts
+        return UniPerceiverMoELinear(in_features, out_features, experts)
+    return nn.Linear(in_features, out_features)
+
+
+def apply_projection(linear: nn.Module, x: torch.Tensor, dispatch) -> torch.Tensor:
+    """x: `[..., in]` -> `[..., out]` through a dense or expert linear."""
+    if isinstance(linear, UniPerceiverMoELinear):
+        return linear(x.reshape(-1, x.shape[-1]), dispatch).reshape(*x.shape[:-1], -1)
+    return linear(x)
+
+
+# =============================================================================================== attention
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """query/key/value: `[B, H, L, Dh]`; attention_mask: additive `[B, 1, L, L]`. Returns (`[B, L, H, Dh]`, weights)."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class UniPerceiverMoEAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (dense or experts)."""
+
+    def __init__(self, config: UniPerceiverMoEConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        d = config.hidden_size
+        self.qkv = make_projection(config, layer_idx, "attn_qkv", d, 3 * d)
+        self.out_proj = make_projection(config, layer_idx, "attn_out", d, d)
+
+    def forward(self, hidden: torch.Tensor, attention_mask, dispatch, output_attentions: bool = False):
+        """hidden: `[B, L, d]` -> (`[B, L, d]`, attention weights or None)."""
+        batch, length, _ = hidden.shape
+        qkv = apply_projection(self.qkv, hidden, dispatch).view(batch, length, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        implementation = self.config._attn_implementation
+        if output_attentions:
+            implementation = "eager"  # only eager returns the weights
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        if implementation == "eager":
+            attention = eager_attention_forward
+        out, weights = attention(
+            self, query, key, value, attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0, scaling=self.scaling,
+        )
+        out = apply_projection(self.out_proj, out.reshape(batch, length, -1), dispatch)
+        return out, weights
+
+
+class UniPerceiverMoEMLP(nn.Module):
+    def __init__(self, config: UniPerceiverMoEConfig, layer_idx: int):
+        super().__init__()
+        self.fc1 = make_projection(config, layer_idx, "ffn_fc1", config.hidden_size, config.intermediate_size)
+        self.fc2 = make_projection(config, layer_idx, "ffn_fc2", config.intermediate_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden: torch.Tensor, dispatch) -> torch.Tensor:
+        hidden = self.act(apply_projection(self.fc1, hidden, dispatch))
+        return apply_projection(self.fc2, self.dropout(hidden), dispatch)
+
+
+class UniPerceiverMoELayerScale(nn.Module):
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.init_value = init_value
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+# =============================================================================================== layer
+@dataclass
+class LayerRouting:
+    """What one layer's gates decided (for the model outputs)."""
+
+    decisions: list[GateDecision]
+    aux_loss: torch.Tensor
+
+
+class UniPerceiverMoELayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + dp(ls1 * attn(norm1 x)); x + dp(ls2 * mlp(norm2 x)); gates see the normed input."""
+
+    def __init__(self, config: UniPerceiverMoEConfig, layer_idx: int):
+        super().__init__()
+        d = config.hidden_size
+        self.layer_idx = layer_idx
+        self.norm1 = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.attention = UniPerceiverMoEAttention(config, layer_idx)
+        self.norm2 = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.mlp = UniPerceiverMoEMLP(config, layer_idx)
+        use_scale = config.layer_scale_init > 0
+        self.layer_scale1 = UniPerceiverMoELayerScale(d, config.layer_scale_init) if use_scale else nn.Identity()
+        self.layer_scale2 = UniPerceiverMoELayerScale(d, config.layer_scale_init) if use_scale else nn.Identity()
+        depth = config.num_hidden_layers
+        self.drop_path_rate = config.drop_path_rate * layer_idx / max(depth - 1, 1)
+        moe_here = layer_idx in config.moe_layer_indices()
+        attn_moe = moe_here and any(p in config.moe_projections for p in ("attn_qkv", "attn_out"))
+        ffn_moe = moe_here and any(p in config.moe_projections for p in ("ffn_fc1", "ffn_fc2"))
+        self.attn_gate = UniPerceiverMoEGate(config, layer_idx, "attn") if attn_moe else None
+        self.ffn_gate = UniPerceiverMoEGate(config, layer_idx, "ffn") if ffn_moe else None
+
+    def _gate(self, gate, normed: torch.Tensor, state: RoutingState, decisions: list, aux: list):
+        if gate is None:
+            return None
+        dispatch, loss = gate(normed.reshape(-1, normed.shape[-1]), state)
+        decisions.append(dispatch.decision)
+        aux.append(loss)
+        return dispatch
+
+    def forward(self, hidden: torch.Tensor, attention_mask, state: RoutingState, output_attentions: bool = False):
+        """hidden: `[B, L, d]`. Returns (hidden, attention weights or None, LayerRouting)."""
+        decisions, aux = [], []
+        normed = self.norm1(hidden)
+        dispatch = self._gate(self.attn_gate, normed, state, decisions, aux)
+        attn_out, weights = self.attention(normed, attention_mask, dispatch, output_attentions)
+        hidden = hidden + drop_path(self.layer_scale1(attn_out), self.drop_path_rate, self.training)
+        normed = self.norm2(hidden)
+        dispatch = self._gate(self.ffn_gate, normed, state, decisions, aux)
+        mlp_out = self.mlp(normed, dispatch)
+        hidden = hidden + drop_path(self.layer_scale2(mlp_out), self.drop_path_rate, self.training)
+        aux_loss = torch.stack(aux).sum() if aux else hidden.new_zeros((), dtype=torch.float32)
+        return hidden, weights, LayerRouting(decisions, aux_loss)
+
+
+# =============================================================================================== encoder
+class UniPerceiverMoEEncoder(nn.Module):
+    def __init__(self, config: UniPerceiverMoEConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(UniPerceiverMoELayer(config, i) for i in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden, attention_mask, state, output_attentions=False, output_hidden_states=False):
+        all_hidden = (hidden,) if output_hidden_states else None
+        all_attn = () if output_attentions else None
+        routing = []
+        for layer in self.layers:
+            hidden, weights, layer_routing = layer(hidden, attention_mask, state, output_attentions)
+            routing.append(layer_routing)
+            if output_hidden_states:
+                all_hidden += (hidden,)
+            if output_attentions:
+                all_attn += (weights,)
+        return hidden, all_hidden, all_attn, routing
+
+
+# =============================================================================================== pre-trained base
+class UniPerceiverMoEPreTrainedModel(PreTrainedModel):
+    config_class = UniPerceiverMoEConfig
+    config: UniPerceiverMoEConfig
+    base_model_prefix = "uniperceiver"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["UniPerceiverMoELayer", "UniPerceiverMoEEmbeddings"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, UniPerceiverMoELinear):
+            init.trunc_normal_(module.weight, std=std)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, UniPerceiverMoELayerScale):
+            init.constant_(module.gamma, module.init_value)
+        elif isinstance(module, UniPerceiverMoELogitScales):
+            init.constant_(module.log_scale, self.config.logit_scale_init)
+
+
+# =============================================================================================== base model
+def _route_keys_per_token(values: torch.Tensor, batch: int, length: int, name: str, trailing: tuple[int, ...]):
+    """Broadcast `[B, *trailing]` (per sequence) or check `[B, L, *trailing]` (per token)."""
+    if values.shape == (batch, *trailing):
+        return values[:, None].expand(batch, length, *trailing)
+    if values.shape == (batch, length, *trailing):
+        return values
+    raise ValueError(
+        f"{name} must have shape {(batch, *trailing)} (one per sequence) or {(batch, length, *trailing)} "
+        f"(one per token of the {length}-token sequence), got {tuple(values.shape)}"
+    )
+
+
+class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
+    """The shared encoder. Inputs: text (`input_ids`), images/video (`pixel_values`) or both, plus the
+    route keys the task layer provides (`attribute_vectors`, `task_ids`, `modality_ids`)."""
+
+    def __init__(self, config: UniPerceiverMoEConfig):
+        super().__init__(config)
+        self.embeddings = UniPerceiverMoEEmbeddings(config)
+        self.encoder = UniPerceiverMoEEncoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def _route_keys(self, modality_ids, attribute_vectors, task_ids, batch, length):
+        routing = self.config.moe_routing
+        if routing == "attribute":
+            if attribute_vectors is None:
+                raise ValueError("moe_routing='attribute' needs attribute_vectors (built by the task registry)")
+            return _route_keys_per_token(attribute_vectors.float(), batch, length, "attribute_vectors", (self.config.attribute_dim,))
+        if routing == "task":
+            if task_ids is None:
+                raise ValueError("moe_routing='task' needs task_ids")
+            return _route_keys_per_token(task_ids.long(), batch, length, "task_ids", ())
+        return modality_ids
+
+    def _routing_state(self, modality_ids, attribute_vectors, task_ids, sequence_mask) -> RoutingState:
+        batch, length = sequence_mask.shape
+        device = sequence_mask.device
+        state = RoutingState(
+            token_mask=sequence_mask.reshape(-1),
+            sequence_index=torch.arange(batch, device=device).repeat_interleave(length),
+            batch_size=batch,
+        )
+        if self.config.moe_routing == "none" or not self.config.is_data_independent_routing:
+            return state
+        keys = self._route_keys(modality_ids, attribute_vectors, task_ids, batch, length)
+        state.groups = RouteGroups.from_keys(keys.reshape(batch * length, *keys.shape[2:]))
+        if self.config.folded_routes is not None:
+            table = torch.tensor(self.config.folded_routes, device=device, dtype=keys.dtype)
+            state.folded_index = folded_route_index(state.groups, table)
+        return state
+
+    @staticmethod
+    def _attention_mask(allowed: torch.Tensor | None, dtype) -> torch.Tensor | None:
+        """Boolean `[B, L, L]` (True = attend) -> additive `[B, 1, L, L]`."""
+        if allowed is None:
+            return None
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )[:, None]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        caption_mode: bool = False,
+        attribute_vectors: torch.Tensor | None = None,
+        task_ids: torch.LongTensor | None = None,
+        modality_ids: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> UniPerceiverMoEModelOutput | tuple:
+        r"""
+        input_ids: `[B, T]` CLIP-BPE ids; attention_mask: `[B, T]` 1 for real text tokens.
+        pixel_values: `[B, C, H, W]` images or `[B, F, C, H, W]` videos.
+        position_ids: `[B, T]` text positions (default 0..T-1).
+        caption_mode: append a placeholder q_i per word and use the parallel-teacher-forcing mask
+            (the sequence gets T more tokens; the query of word i is at `text_start + T + i`).
+        attribute_vectors: `[B, A]` or `[B, L, A]` (attribute routing). task_ids: `[B]` or `[B, L]` (task
+            routing). modality_ids: `[B, L]`, derived from the inputs when None (modality routing).
+        """
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        if input_ids is None and pixel_values is None:
+            raise ValueError("give input_ids, pixel_values or both")
+        if caption_mode and input_ids is None:
+            raise ValueError("caption_mode needs input_ids (the words to teacher-force)")
+        if input_ids is not None and pixel_values is not None and input_ids.shape[0] != pixel_values.shape[0]:
+            raise ValueError(f"batch sizes differ: input_ids {input_ids.shape[0]}, pixel_values {pixel_values.shape[0]}")
+        if attention_mask is not None and (input_ids is None or attention_mask.shape != input_ids.shape):
+            raise ValueError(
+                f"attention_mask must match input_ids {None if input_ids is None else tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+            )
+        if input_ids is not None and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size})")
+        output_attentions = bool(output_attentions)
+        output_hidden_states = bool(output_hidden_states)
+        output_router_logits = bool(output_router_logits)
+
+        hidden, derived_modality, text_start = self.embeddings(input_ids, pixel_values, position_ids, caption_mode)
+        batch, length, _ = hidden.shape
+        modality_ids = derived_modality if modality_ids is None else modality_ids
+        sequence_mask = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
+        if attention_mask is not None:
+            text_mask = attention_mask.bool()
+            if caption_mode:
+                text_mask = torch.cat([text_mask, text_mask], dim=1)
+            sequence_mask[:, text_start:] = text_mask
+        allowed = None
+        if caption_mode:
+            allowed = caption_attention_pattern(text_start, input_ids.shape[1], hidden.device).expand(batch, -1, -1)
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            key_mask = sequence_mask[:, None, :].expand(batch, length, length)
+            allowed = key_mask if allowed is None else allowed & key_mask
+        additive_mask = self._attention_mask(allowed, hidden.dtype)
+
+        state = self._routing_state(modality_ids, attribute_vectors, task_ids, sequence_mask)
+        hidden, all_hidden, all_attn, routing = self.encoder(
+            hidden, additive_mask, state, output_attentions, output_hidden_states
+        )
+        aux_loss = torch.stack([r.aux_loss for r in routing]).sum() if routing else None
+        router_logits = router_indices = None
+        if output_router_logits and self.config.moe_routing != "none":
+            decisions = [d for r in routing for d in r.decisions]
+            router_logits = tuple(self._per_token(d.logits, state, batch, length) for d in decisions)
+            router_indices = tuple(self._per_token(d.expert_index, state, batch, length) for d in decisions)
+        output = UniPerceiverMoEModelOutput(
+            last_hidden_state=hidden,
+            pooler_output=hidden[:, 0],
+            sequence_mask=sequence_mask,
+            text_start=text_start,
+            hidden_states=all_hidden,
+            attentions=all_attn,
+            router_logits=router_logits,
+            router_indices=router_indices,
+            aux_loss=aux_loss,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    @staticmethod
+    def _per_token(values: torch.Tensor, state: RoutingState, batch: int, length: int) -> torch.Tensor:
+        """Gate rows (per group for data-independent routing, else per token) -> `[B, L, ...]`."""
+        if state.groups is not None and values.shape[0] == state.groups.num_groups:
+            values = values[state.groups.token_group]
+        return values.reshape(batch, length, *values.shape[1:])
+
+
+# =============================================================================================== heads
+class UniPerceiverMoEProjectionHead(nn.Module):
+    """LayerNorm + Linear, then L2 normalisation: `[..., d] -> [..., d]` unit vectors."""
+
+    def __init__(self, config: UniPerceiverMoEConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(self.norm(hidden)).float(), dim=-1)
+
+
+class UniPerceiverMoELogitScales(nn.Module):
+    """One learnable log-temperature per task family (init ln(1/0.07)); scale = exp(.) clamped at max."""
+
+    def __init__(self, config: UniPerceiverMoEConfig):
+        super().__init__()
+        self.families = list(config.task_families)
+        self.max_scale = config.logit_scale_max
+        self.log_scale = nn.Parameter(torch.full((len(self.families),), config.logit_scale_init))
+
+    def family_index(self, family: str | int) -> int:
+        if isinstance(family, int):
+            if not 0 <= family < len(self.families):
+                raise ValueError(f"task family index {family} out of range for {self.families}")
+            return family
+        if family not in self.families:
+            raise ValueError(f"unknown task family {family!r}; known: {self.families}")
+        return self.families.index(family)
+
+    def forward(self, family: str | int) -> torch.Tensor:
+        return self.log_scale[self.family_index(family)].exp().clamp(max=self.max_scale)
+
+
+class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
+    """Every task as one formula: encode inputs and candidate targets with the shared encoder, score
+    candidates by scaled cosine, cross-entropy over candidates.
+
+    Queries: the SPE output by default, or `query_positions` `[B, Q]` (indices into the text tokens,
+    -1 = no query) e.g. masked words (MLM) or the spe token inside a text (text classification). In
+    `caption_mode` the queries default to the T placeholders (the query of word i predicts word i).
+    Candidates: `target_*` inputs (encoded here, their SPE outputs) or precomputed `target_features`.
+    """
+
+    def __init__(self, config: UniPerceiverMoEConfig):
+        super().__init__(config)
+        self.uniperceiver = UniPerceiverMoEModel(config)
+        self.input_head = UniPerceiverMoEProjectionHead(config)
+        self.target_head = UniPerceiverMoEProjectionHead(config)
+        self.logit_scales = UniPerceiverMoELogitScales(config)
+        self.post_init()
+
+    def encode_targets(self, input_ids=None, pixel_values=None, attention_mask=None, attribute_vectors=None,
+                       task_ids=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Candidate features `[C, d]` (unit vectors) and the router aux loss."""
+        out = self.uniperceiver(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                attribute_vectors=attribute_vectors, task_ids=task_ids)
+        return self.target_head(out.pooler_output), out.aux_loss
+
+    @staticmethod
+    def gather_queries(out: UniPerceiverMoEModelOutput, query_positions: torch.Tensor | None, caption_mode: bool,
+                       num_words: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states of the queries: (`[B, d]` SPE, or `[B, Q, d]`), and the `[B, Q]` validity mask."""
+        hidden = out.last_hidden_state
+        if query_positions is None and not caption_mode:
+            return hidden[:, 0], None
+        if query_positions is None:
+            query_positions = torch.arange(num_words, device=hidden.device).expand(hidden.shape[0], -1)
+        valid = query_positions >= 0
+        offset = out.text_start + (num_words if caption_mode else 0)
+        index = (query_positions.clamp(min=0) + offset)
+        if int(index.max()) >= hidden.shape[1]:
+            raise ValueError(f"query_positions reach {int(query_positions.max())}, beyond the text length")
+        gathered = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        return gathered, valid
+
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        caption_mode: bool = False,
+        attribute_vectors=None,
+        task_ids=None,
+        query_positions: torch.LongTensor | None = None,
+        target_input_ids=None,
+        target_pixel_values=None,
+        target_attention_mask=None,
+        target_attribute_vectors=None,
+        target_task_ids=None,
+        target_features: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        task_family: str | int = 0,
+        symmetric_loss: bool = False,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> GenericPerceptionOutput | tuple:
+        r"""
+        labels: `[B]` or `[B, Q]` candidate indices (-100 = ignore).
+        symmetric_loss: add the target->input direction (retrieval with in-batch candidates, labels = arange).
+        """
+        out = self.uniperceiver(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+            position_ids=position_ids, caption_mode=caption_mode, attribute_vectors=attribute_vectors,
+            task_ids=task_ids, output_router_logits=output_router_logits,
+        )
+        num_words = input_ids.shape[1] if input_ids is not None else 0
+        queries, valid = self.gather_queries(out, query_positions, caption_mode, num_words)
+        input_features = self.input_head(queries)
+        aux_loss = out.aux_loss
+        if target_features is None:
+            if target_input_ids is None and target_pixel_values is None:
+                raise ValueError("give candidate targets: target_input_ids / target_pixel_values or target_features")
+            target_features, target_aux = self.encode_targets(
+                target_input_ids, target_pixel_values, target_attention_mask, target_attribute_vectors, target_task_ids
+            )
+            if target_aux is not None:
+                aux_loss = target_aux if aux_loss is None else aux_loss + target_aux
+        if target_features.shape[-1] != input_features.shape[-1]:
+            raise ValueError(f"target_features width {target_features.shape[-1]} != hidden_size {input_features.shape[-1]}")
+        logits = self.logit_scales(task_family) * input_features @ target_features.float().t()
+        loss = None
+        if labels is not None:
+            loss = self.candidate_loss(logits, labels, valid, symmetric_loss)
+            if aux_loss is not None:
+                loss = loss + aux_loss
+        output = GenericPerceptionOutput(
+            loss=loss, logits=logits, input_features=input_features, target_features=target_features,
+            aux_loss=aux_loss, input_outputs=out,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def candidate_loss(self, logits, labels, valid, symmetric: bool) -> torch.Tensor:
+        """Label-smoothed cross-entropy over candidates; `symmetric` averages both directions (retrieval)."""
+        if labels.shape != logits.shape[:-1]:
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match the queries {tuple(logits.shape[:-1])}")
+        if valid is not None:
+            labels = labels.masked_fill(~valid, -100)
+        num_candidates = logits.shape[-1]
+        if int(labels.max()) >= num_candidates:
+            raise ValueError(f"a label is {int(labels.max())} but there are only {num_candidates} candidates")
+        smoothing = self.config.label_smoothing
+        loss = F.cross_entropy(logits.reshape(-1, num_candidates), labels.reshape(-1), label_smoothing=smoothing)
+        if symmetric:
+            if logits.dim() != 2 or logits.shape[0] != num_candidates:
+                raise ValueError("symmetric_loss needs one query per input and as many candidates as inputs")
+            loss = (loss + F.cross_entropy(logits.t(), labels, label_smoothing=smoothing)) / 2
+        return loss
+
+
+__all__ = [
+    "UniPerceiverMoEPreTrainedModel",
+    "UniPerceiverMoEModel",
+    "UniPerceiverMoEForGenericPerception",
+    "UniPerceiverMoELinear",
+    "UniPerceiverMoEModelOutput",
+    "GenericPerceptionOutput",
+    "caption_attention_pattern",
+    "sincos_2d_position_embedding",
+]

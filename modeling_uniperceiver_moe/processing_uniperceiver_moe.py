@@ -1,0 +1,88 @@
+"""`AutoProcessor` for Uni-Perceiver-MoE: images / videos / text -> model inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from transformers import BatchFeature, ProcessorMixin
+
+if importlib.util.find_spec("torchvision") is None:  # the PIL backend, without torchvision's warning
+    try:
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:  # older transformers: one class only
+        from transformers import CLIPImageProcessor
+else:
+    from transformers import CLIPImageProcessor
+
+from .tokenization_uniperceiver_moe import build_uniperceiver_tokenizer, clean_text
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_image_processor(image_size: int = 224) -> CLIPImageProcessor:
+    """Resize the short side to `image_size`, centre-crop, scale to [0, 1], normalise with CLIP statistics."""
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_convert_rgb=True,
+    )
+
+
+class UniPerceiverMoEProcessor(ProcessorMixin):
+    """Wraps a CLIP image processor and the Uni-Perceiver CLIP-BPE tokenizer.
+
+    `processor(text=..., images=..., videos=...)` returns a `BatchFeature` with `input_ids`,
+    `attention_mask` (text), and `pixel_values`: `[B, C, H, W]` for images, `[B, F, C, H, W]` for videos
+    (each video a list of F frames; all videos of a batch must have the same F).
+    """
+
+    attributes = ["image_processor", "tokenizer"]
+    image_processor_class = "CLIPImageProcessor"
+    tokenizer_class = "CLIPTokenizer"
+
+    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    @classmethod
+    def build(cls, image_size: int = 224, model_max_length: int = 512) -> "UniPerceiverMoEProcessor":
+        """A processor made offline from the vocabulary open-clip-torch ships."""
+        return cls(build_image_processor(image_size), build_uniperceiver_tokenizer(model_max_length=model_max_length))
+
+    def __call__(self, text=None, images=None, videos=None, padding=True, truncation=True, max_length=None,
+                 return_tensors="pt", **kwargs) -> BatchFeature:
+        if text is None and images is None and videos is None:
+            raise ValueError("give text, images or videos")
+        if images is not None and videos is not None:
+            raise ValueError("give images or videos, not both")
+        data = {}
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            if any(not isinstance(t, str) or not t.strip() for t in texts):
+                raise ValueError("every text must be a non-empty string")
+            encoded = self.tokenizer(
+                [clean_text(t) for t in texts], padding=padding, truncation=truncation, max_length=max_length,
+                return_tensors=return_tensors, **kwargs,
+            )
+            data.update(encoded)
+        if images is not None:
+            data["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
+        if videos is not None:
+            lengths = {len(frames) for frames in videos}
+            if len(lengths) != 1:
+                raise ValueError(f"all videos of a batch must have the same number of frames, got {sorted(lengths)}")
+            frames = [frame for video in videos for frame in video]
+            pixels = self.image_processor(frames, return_tensors="pt")["pixel_values"]
+            data["pixel_values"] = pixels.reshape(len(videos), lengths.pop(), *pixels.shape[1:])
+        return BatchFeature(data=data, tensor_type=None)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+__all__ = ["UniPerceiverMoEProcessor", "build_image_processor"]

@@ -1,0 +1,335 @@
+"""Routing for the conditional-MoE layers: attributes, routers, dispatch plans and auxiliary losses.
+
+Everything that decides *which experts a token uses, with which weights* lives here; the expert
+computation itself is `UniPerceiverMoELinear` in `modeling_uniperceiver_moe.py`.
+
+Two families of routing:
+
+* data-independent (`modality`, `task`, `attribute`): the gate sees a per-token *route key* (a
+  modality id, a task id or an attribute vector), never the hidden state. All tokens with the same key
+  share the same experts and weights, so a layer computes, per distinct key g, ONE merged weight
+  `W_g = sum_e gate[g, e] * W_e` and one GEMM over that group's tokens ([`MergedDispatch`]).
+  The partition of tokens into groups is identical in every layer, so it is computed once per forward
+  pass ([`RouteGroups`]).
+* data-dependent (`token`, `context`): the gate sees the token's hidden state (token) or a pooled
+  vector of its sequence (context). Token->expert assignments are sorted by expert and run as one
+  grouped GEMM, with an expert capacity, a load-balancing loss and a router z-loss ([`TokenDispatch`]).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+# --------------------------------------------------------------------------------------------- attributes
+@dataclass(frozen=True)
+class TokenAttributes:
+    """The 8 binary attributes of a token (reference order; the reading of the bits is inferred).
+
+    Task registries build these per segment (input image, caption text, class-name targets, ...); the
+    model only sees the resulting float vectors through `attribute_vectors`.
+    """
+
+    input_vision: bool = False  # the task's input contains vision
+    input_text: bool = False  # the task's input contains text
+    target_vision: bool = False  # the task's targets are visual
+    target_text: bool = False  # the task's targets are text
+    token_vision: bool = False  # this token is a visual token
+    token_text: bool = False  # this token is a text token
+    target_side: bool = False  # this token belongs to a target (candidate) sequence
+    causal_text: bool = False  # this token is causally masked text (captioning)
+
+    def to_list(self) -> list[float]:
+        return [float(getattr(self, f.name)) for f in fields(self)]
+
+    def to_tensor(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        return torch.tensor(self.to_list(), device=device, dtype=dtype)
+
+    @classmethod
+    def from_bits(cls, bits: str) -> "TokenAttributes":
+        """`TokenAttributes.from_bits("10011000")`, the reference's notation."""
+        if len(bits) != len(fields(cls)) or set(bits) - {"0", "1"}:
+            raise ValueError(f"attribute bits must be {len(fields(cls))} characters of 0/1, got {bits!r}")
+        return cls(*(b == "1" for b in bits))
+
+    def to_bits(self) -> str:
+        return "".join("1" if v else "0" for v in self.to_list())
+
+
+# --------------------------------------------------------------------------------------------- gates
+@dataclass
+class GateDecision:
+    """Top-k choice of a gate for M rows (groups, tokens or sequences).
+
+    logits: `[M, E]` float32 raw gate logits (before noise).
+    expert_index: `[M, k]` long, chosen experts.
+    expert_weight: `[M, k]` float32, renormalised softmax weights of the chosen experts.
+    """
+
+    logits: torch.Tensor
+    expert_index: torch.Tensor
+    expert_weight: torch.Tensor
+
+    def dense_weights(self, num_experts: int) -> torch.Tensor:
+        """`[M, E]` gate matrix with zeros outside the top-k."""
+        dense = self.expert_weight.new_zeros(self.expert_weight.shape[0], num_experts)
+        return dense.scatter(1, self.expert_index, self.expert_weight)
+
+
+def select_top_k(logits: torch.Tensor, top_k: int, noise_std: float, training: bool) -> GateDecision:
+    """Noisy (training only) softmax gate, keep the top-k experts and renormalise their weights."""
+    logits = logits.float()
+    noisy = logits + torch.randn_like(logits) * noise_std if training and noise_std > 0 else logits
+    probs = noisy.softmax(dim=-1)
+    weight, index = probs.topk(top_k, dim=-1)
+    weight = weight / weight.sum(dim=-1, keepdim=True)
+    return GateDecision(logits=logits, expert_index=index, expert_weight=weight)
+
+
+class AttributeRouter(nn.Module):
+    """Attribute gate of the reference: Linear(A -> d), LayerNorm, Linear(d -> E, no bias), in float32.
+
+    Input: unique attribute vectors `[G, A]`; output: gate logits `[G, E]`.
+    """
+
+    def __init__(self, attribute_dim: int, hidden_size: int, num_experts: int, eps: float):
+        super().__init__()
+        self.embed = nn.Linear(attribute_dim, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+
+    def forward(self, keys: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=keys.device.type, enabled=False):
+            h = self.norm(F.linear(keys.float(), self.embed.weight.float(), self.embed.bias.float()))
+            return F.linear(h, self.gate.weight.float())
+
+
+class IdRouter(nn.Module):
+    """Gate over a small id space (task ids or modality ids): one learned logit row per id.
+
+    Input: unique ids `[G]`; output: gate logits `[G, E]`.
+    """
+
+    def __init__(self, num_ids: int, num_experts: int, name: str):
+        super().__init__()
+        self.name = name
+        self.gate = nn.Embedding(num_ids, num_experts)
+
+    def forward(self, keys: torch.Tensor) -> torch.Tensor:
+        if keys.numel() and (int(keys.min()) < 0 or int(keys.max()) >= self.gate.num_embeddings):
+            raise ValueError(
+                f"{self.name} ids must lie in [0, {self.gate.num_embeddings}), got {keys.unique().tolist()}"
+            )
+        return self.gate.weight.float()[keys]
+
+
+class HiddenStateRouter(nn.Module):
+    """Gate on hidden states (token routing: one per token; context routing: one per pooled sequence).
+
+    Input: `[M, d]`; output: gate logits `[M, E]` in float32.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), self.gate.weight.float())
+
+
+class FoldedRouter(nn.Module):
+    """Router of a re-parameterised model: route g uses folded expert g with weight 1 (exact lookup).
+
+    Input: group indices into the folded route table `[G]`; output: one-hot logits-free decision.
+    """
+
+    def __init__(self, num_routes: int):
+        super().__init__()
+        self.num_routes = num_routes
+
+    def forward(self, route_index: torch.Tensor) -> GateDecision:
+        index = route_index.long().unsqueeze(-1)
+        weight = torch.ones(index.shape, dtype=torch.float32, device=index.device)
+        logits = torch.zeros(index.shape[0], self.num_routes, device=index.device)
+        return GateDecision(logits=logits, expert_index=index, expert_weight=weight)
+
+
+def build_router(config, role: str) -> nn.Module:
+    """The router of one gate decision ("attn" or "ffn") of an MoE layer, chosen by `config.moe_routing`."""
+    routing, experts = config.moe_routing, config.moe_num_experts
+    if config.folded_routes is not None:
+        return FoldedRouter(len(config.folded_routes))
+    if routing == "attribute":
+        return AttributeRouter(config.attribute_dim, config.hidden_size, experts, config.layer_norm_eps)
+    if routing == "task":
+        return IdRouter(config.num_tasks, experts, "task")
+    if routing == "modality":
+        return IdRouter(config.num_modalities, experts, "modality")
+    if routing in ("token", "context"):
+        return HiddenStateRouter(config.hidden_size, experts)
+    raise ValueError(f"moe_routing={routing!r} has no router")
+
+
+# --------------------------------------------------------------------------------------------- groups
+@dataclass
+class RouteGroups:
+    """Partition of the N flattened tokens of a batch by route key; shared by every MoE layer.
+
+    keys: `[G, ...]` the distinct route keys (attribute vectors `[G, A]`, or ids `[G]`).
+    token_group: `[N]` long, the group of each token.
+    order: `[N]` long, token indices sorted by group (stable).
+    offsets: `[G]` int32, cumulative group sizes in `order` (the `offs` of a grouped GEMM).
+    """
+
+    keys: torch.Tensor
+    token_group: torch.Tensor
+    order: torch.Tensor
+    offsets: torch.Tensor
+
+    @property
+    def num_groups(self) -> int:
+        return self.keys.shape[0]
+
+    @classmethod
+    def from_keys(cls, token_keys: torch.Tensor) -> "RouteGroups":
+        """token_keys: `[N]` ids or `[N, A]` attribute vectors."""
+        keys, token_group = torch.unique(token_keys, dim=0, return_inverse=True)
+        order = torch.argsort(token_group, stable=True)
+        counts = torch.bincount(token_group, minlength=keys.shape[0])
+        return cls(keys, token_group, order, torch.cumsum(counts, 0).to(torch.int32))
+
+
+def folded_route_index(groups: RouteGroups, folded_routes: torch.Tensor) -> torch.Tensor:
+    """Map each group's key to its row in the folded route table; unknown keys raise a ValueError.
+
+    folded_routes: `[R]` ids or `[R, A]` attribute vectors. Returns `[G]` long.
+    """
+    keys = groups.keys.to(folded_routes.dtype)
+    if keys.dim() == 1:
+        match = keys[:, None] == folded_routes[None, :]
+    else:
+        match = (keys[:, None, :] == folded_routes[None, :, :]).all(-1)
+    found = match.any(-1)
+    if not bool(found.all()):
+        missing = keys[~found].tolist()
+        raise ValueError(
+            f"route keys {missing} were not folded into this model; it serves only {folded_routes.tolist()}"
+        )
+    return match.float().argmax(-1)
+
+
+# --------------------------------------------------------------------------------------------- dispatch
+@dataclass
+class MergedDispatch:
+    """Data-independent dispatch: per-group gate matrix over experts.
+
+    gates: `[G, E]` float32 (top-k weights, zeros elsewhere).
+    groups: the batch's [`RouteGroups`].
+    """
+
+    gates: torch.Tensor
+    groups: RouteGroups
+    decision: GateDecision
+
+
+@dataclass
+class TokenDispatch:
+    """Data-dependent dispatch: the N*k (token, expert) assignments sorted by expert.
+
+    token_index: `[N*k]` long, the token of each sorted assignment.
+    expert_index: `[N*k]` long, its expert (non-decreasing).
+    weight: `[N*k]` float32, its gate weight; 0 where the assignment was dropped by the capacity.
+    offsets: `[E]` int32, cumulative assignments per expert (dropped ones included).
+    """
+
+    token_index: torch.Tensor
+    expert_index: torch.Tensor
+    weight: torch.Tensor
+    offsets: torch.Tensor
+    decision: GateDecision
+    dropped_fraction: torch.Tensor
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float | None) -> int | None:
+    """Switch/GShard capacity per expert, `ceil(factor * tokens * k / E)`; None = unlimited."""
+    if factor is None:
+        return None
+    return max(1, math.ceil(factor * num_tokens * top_k / num_experts))
+
+
+def build_token_dispatch(decision: GateDecision, num_experts: int, capacity: int | None) -> TokenDispatch:
+    """Sort the (token, expert) assignments by expert; drop those past an expert's capacity.
+
+    Priority inside an expert: first-choice assignments of all tokens first, then second choices
+    (GShard), each in token order. No host synchronisation.
+    """
+    num_tokens, top_k = decision.expert_index.shape
+    # choice-major flattening gives first choices priority over second choices
+    flat_expert = decision.expert_index.t().reshape(-1)
+    flat_weight = decision.expert_weight.t().reshape(-1)
+    flat_token = torch.arange(num_tokens, device=flat_expert.device).repeat(top_k)
+    if capacity is not None:
+        one_hot = F.one_hot(flat_expert, num_experts)
+        position_in_expert = (one_hot.cumsum(0) * one_hot).sum(-1) - 1
+        keep = position_in_expert < capacity
+        flat_weight = torch.where(keep, flat_weight, torch.zeros_like(flat_weight))
+        dropped = 1.0 - keep.float().mean()
+    else:
+        dropped = flat_weight.new_zeros(())
+    order = torch.argsort(flat_expert, stable=True)
+    counts = torch.bincount(flat_expert, minlength=num_experts)
+    return TokenDispatch(
+        token_index=flat_token[order],
+        expert_index=flat_expert[order],
+        weight=flat_weight[order],
+        offsets=torch.cumsum(counts, 0).to(torch.int32),
+        decision=decision,
+        dropped_fraction=dropped,
+    )
+
+
+# --------------------------------------------------------------------------------------------- losses
+def load_balancing_loss(decision: GateDecision, num_experts: int, token_mask: torch.Tensor | None = None):
+    """Switch/GShard balance loss `E * sum_e f_e * P_e` over real tokens.
+
+    f_e: fraction of top-k assignments that go to expert e; P_e: mean router probability of e.
+    Equals 1 for a perfectly uniform router. token_mask: `[M]` bool, rows that count.
+    """
+    probs = decision.logits.softmax(-1)
+    assigned = F.one_hot(decision.expert_index, num_experts).sum(1).float()  # [M, E]
+    if token_mask is not None:
+        probs, assigned = probs[token_mask], assigned[token_mask]
+    if probs.shape[0] == 0:
+        return probs.new_zeros(())
+    fraction = assigned.mean(0) / decision.expert_index.shape[1]
+    return num_experts * (fraction * probs.mean(0)).sum()
+
+
+def router_z_loss(decision: GateDecision, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss: mean squared log-partition of the gate logits."""
+    z = torch.logsumexp(decision.logits, dim=-1) ** 2
+    if token_mask is not None:
+        z = z[token_mask]
+    return z.mean() if z.numel() else z.new_zeros(())
+
+
+__all__ = [
+    "TokenAttributes",
+    "GateDecision",
+    "select_top_k",
+    "build_router",
+    "RouteGroups",
+    "MergedDispatch",
+    "TokenDispatch",
+    "build_token_dispatch",
+    "expert_capacity",
+    "load_balancing_loss",
+    "router_z_loss",
+    "folded_route_index",
+]

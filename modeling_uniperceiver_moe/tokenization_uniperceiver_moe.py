@@ -1,0 +1,87 @@
+"""CLIP byte-level BPE tokenizer built offline from the vocabulary file that `open-clip-torch` ships.
+
+The 49,408 CLIP tokens (ids match open_clip's) plus three specials appended after them:
+`[MASK]` 49408, `[GEN]` 49409, `[SPE]` 49410 (vocab 49,411, as in Uni-Perceiver). The result is a
+regular `transformers.CLIPTokenizer`: `save_pretrained` writes it next to the model and
+`AutoTokenizer.from_pretrained(ckpt)` reloads it with no network.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import importlib.util
+import os
+from functools import lru_cache
+
+from transformers import CLIPTokenizer
+
+SPECIAL_TOKENS = ("[MASK]", "[GEN]", "[SPE]")
+CLIP_VOCAB_SIZE = 49408
+BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
+
+
+def find_open_clip_bpe_file() -> str:
+    """Path of open_clip's BPE merges file, found without importing open_clip (no torchvision needed)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the CLIP BPE vocabulary ships inside open-clip-torch: `pip install --no-deps open-clip-torch`"
+        )
+    path = os.path.join(os.path.dirname(spec.origin), BPE_FILE_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing from the installed open-clip-torch")
+    return path
+
+
+@lru_cache(maxsize=1)
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP reversible byte -> printable unicode map."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def load_clip_vocab_and_merges(bpe_path: str | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Rebuild CLIP's `vocab` (token -> id) and `merges` from the gzipped merges list."""
+    with gzip.open(bpe_path or find_open_clip_bpe_file(), "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    symbols = list(_byte_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    if len(tokens) != CLIP_VOCAB_SIZE:
+        raise ValueError(f"rebuilt CLIP vocabulary has {len(tokens)} tokens, expected {CLIP_VOCAB_SIZE}")
+    return {token: index for index, token in enumerate(tokens)}, merges
+
+
+def clean_text(text: str) -> str:
+    """open_clip's cleaning: ftfy repair (when installed), HTML unescape twice, collapse whitespace."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text))
+    return " ".join(text.split()).strip()
+
+
+def build_uniperceiver_tokenizer(bpe_path: str | None = None, model_max_length: int = 512) -> CLIPTokenizer:
+    """A `CLIPTokenizer` over CLIP's 49,408 tokens plus `[MASK]`, `[GEN]`, `[SPE]` (ids 49408..49410)."""
+    vocab, merges = load_clip_vocab_and_merges(bpe_path)
+    try:
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    except TypeError:  # transformers 4.x takes files only
+        raise RuntimeError("build_uniperceiver_tokenizer needs transformers >= 5")
+    tokenizer.add_special_tokens({"mask_token": "[MASK]", "additional_special_tokens": ["[GEN]", "[SPE]"]})
+    ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    if ids != list(range(CLIP_VOCAB_SIZE, CLIP_VOCAB_SIZE + len(SPECIAL_TOKENS))):
+        raise RuntimeError(f"special tokens got ids {ids}, expected 49408..49410")
+    return tokenizer

@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="uniperceiver-moe",
+    version="0.1.0",
+    description="Uni-Perceiver-MoE (conditional mixture-of-experts generalist model) for Hugging Face transformers",
+    packages=find_packages(include=["modeling_uniperceiver_moe*", "training*", "prompt_tuning*", "hub_cards*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.10",
+        "transformers>=5.0",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "huggingface-hub>=1.0",
+        "datasets>=4.0",
+        "peft>=0.17",
+        "evaluate>=0.4",
+        "ftfy",
+        "pillow",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+)

@@ -1,0 +1,350 @@
+"""Exact equivalences and behaviours of the encoder, the MoE linear and the similarity head."""
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from modeling_uniperceiver_moe import (
+    UniPerceiverMoEForGenericPerception,
+    UniPerceiverMoEModel,
+    caption_attention_pattern,
+    fold_experts,
+)
+from modeling_uniperceiver_moe.modeling_uniperceiver_moe import UniPerceiverMoELinear, grouped_linear
+from modeling_uniperceiver_moe.routing import (
+    GateDecision,
+    MergedDispatch,
+    RouteGroups,
+    build_token_dispatch,
+    load_balancing_loss,
+)
+from tests.conftest import ROUTINGS, make_batch, tiny_config
+
+
+def encoder(routing, **overrides):
+    return UniPerceiverMoEModel(tiny_config(routing, **overrides)).eval()
+
+
+# ------------------------------------------------------------------------------------------ save / load
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_save_load_round_trip_is_bit_identical(routing, tmp_path):
+    model = UniPerceiverMoEForGenericPerception(tiny_config(routing)).eval()
+    batch = make_batch()
+    targets = make_batch(batch=4, seed=1, with_image=False)
+    kwargs = dict(**batch, target_input_ids=targets["input_ids"], target_attention_mask=targets["attention_mask"],
+                  target_attribute_vectors=targets["attribute_vectors"], target_task_ids=targets["task_ids"])
+    before = model(**kwargs).logits
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = UniPerceiverMoEForGenericPerception.from_pretrained(tmp_path).eval()
+    assert torch.equal(before, loaded(**kwargs).logits)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_auto_model_loads_the_encoder_of_a_saved_head(tmp_path):
+    head = UniPerceiverMoEForGenericPerception(tiny_config("attribute")).eval()
+    head.uniperceiver.save_pretrained(tmp_path)
+    encoder_model = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(encoder_model, UniPerceiverMoEModel)
+    batch = make_batch()
+    assert torch.equal(head.uniperceiver(**batch).last_hidden_state, encoder_model(**batch).last_hidden_state)
+
+
+def test_corrupt_checkpoint_raises(tmp_path):
+    encoder("attribute").save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception):
+        AutoModel.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ MoE linear
+def reference_moe_linear(layer, x, gates_per_token):
+    """Unmerged reference: sum over experts of g_e * (x W_e^T + b_e), one expert at a time."""
+    out = torch.zeros(x.shape[0], layer.out_features)
+    for e in range(layer.num_experts):
+        out += gates_per_token[:, e : e + 1] * (x @ layer.weight[e].t() + layer.bias[e])
+    return out
+
+
+def test_merged_experts_equal_unmerged_experts():
+    layer = UniPerceiverMoELinear(16, 12, 4)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(20, 16)
+    keys = torch.tensor([0, 2, 1, 2, 0] * 4)
+    groups = RouteGroups.from_keys(keys)
+    gates = torch.tensor([[0.7, 0.3, 0, 0], [0, 0, 0.6, 0.4], [0.5, 0, 0, 0.5]])
+    dispatch = MergedDispatch(gates, groups, None)
+    expected = reference_moe_linear(layer, x, gates[groups.token_group])
+    torch.testing.assert_close(layer(x, dispatch), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_gemm_equals_one_gemm_per_group():
+    x = torch.randn(11, 8)
+    weight = torch.randn(3, 5, 8)
+    offsets = torch.tensor([4, 4, 11], dtype=torch.int32)  # an empty middle group
+    rows = torch.tensor([0] * 4 + [2] * 7)
+    got = grouped_linear(x, weight, offsets, rows)
+    expected = torch.cat([x[:4] @ weight[0].t(), x[4:] @ weight[2].t()])
+    torch.testing.assert_close(got, expected)
+
+
+def test_token_dispatch_equals_a_per_expert_loop():
+    layer = UniPerceiverMoELinear(16, 8, 4)
+    torch.nn.init.normal_(layer.weight)
+    x = torch.randn(30, 16)
+    logits = torch.randn(30, 4)
+    weight, index = logits.softmax(-1).topk(2, dim=-1)
+    weight = weight / weight.sum(-1, keepdim=True)
+    decision = GateDecision(logits, index, weight)
+    dispatch = build_token_dispatch(decision, 4, capacity=None)
+    dense_gates = decision.dense_weights(4)
+    torch.testing.assert_close(layer(x, dispatch), reference_moe_linear(layer, x, dense_gates), rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_drops_late_assignments_first_choices_win():
+    logits = torch.tensor([[5.0, 0.0, -5.0]] * 6)  # everyone prefers expert 0, then 1
+    weight, index = logits.softmax(-1).topk(2, dim=-1)
+    dispatch = build_token_dispatch(GateDecision(logits, index, weight), 3, capacity=4)
+    kept = dispatch.weight > 0
+    per_expert = torch.bincount(dispatch.expert_index[kept], minlength=3)
+    assert per_expert.tolist() == [4, 4, 0]
+    # expert 0 keeps the first four tokens' first choices
+    assert sorted(dispatch.token_index[kept & (dispatch.expert_index == 0)].tolist()) == [0, 1, 2, 3]
+    assert dispatch.dropped_fraction.item() == pytest.approx(4 / 12)
+
+
+def test_balance_loss_is_one_for_a_uniform_router_and_higher_when_collapsed():
+    uniform = torch.zeros(8, 4)
+    index = torch.arange(8)[:, None] % 4
+    assert load_balancing_loss(GateDecision(uniform, index, torch.ones(8, 1)), 4).item() == pytest.approx(1.0)
+    collapsed = torch.tensor([[10.0, 0, 0, 0]] * 8)
+    loss = load_balancing_loss(GateDecision(collapsed, torch.zeros(8, 1, dtype=torch.long), torch.ones(8, 1)), 4)
+    assert loss.item() > 3.9
+
+
+# ------------------------------------------------------------------------------------------ attention
+@pytest.mark.parametrize("caption_mode", [False, True])
+@pytest.mark.parametrize("routing", ["attribute", "token"])
+def test_sdpa_equals_eager(routing, caption_mode):
+    config = tiny_config(routing)
+    config._attn_implementation = "sdpa"
+    model = UniPerceiverMoEModel(config).eval()
+    batch = make_batch()
+    sdpa = model(**batch, caption_mode=caption_mode).last_hidden_state
+    model.config._attn_implementation = "eager"
+    eager = model(**batch, caption_mode=caption_mode).last_hidden_state
+    torch.testing.assert_close(sdpa, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_caption_pattern_layout():
+    allowed = caption_attention_pattern(num_prefix=2, num_words=3)
+    w, q = [2, 3, 4], [5, 6, 7]
+    assert allowed[:2, :2].all() and not allowed[:2, 2:].any()  # prefix sees only the prefix
+    assert allowed[w[1], w[0]] and allowed[w[1], w[1]] and not allowed[w[1], w[2]]
+    assert allowed[q[1], w[0]] and not allowed[q[1], w[1]] and allowed[q[1], q[1]] and not allowed[q[1], q[0]]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_caption_mask_hides_future_words(attention):
+    config = tiny_config("attribute")
+    config._attn_implementation = attention
+    model = UniPerceiverMoEModel(config).eval()
+    batch = make_batch(pad=False)
+    t = 2
+    changed = dict(batch, input_ids=batch["input_ids"].clone())
+    changed["input_ids"][:, t + 1] = (changed["input_ids"][:, t + 1] + 17) % 49408
+    a = model(**batch, caption_mode=True)
+    b = model(**changed, caption_mode=True)
+    start, words = a.text_start, batch["input_ids"].shape[1]
+    # words w_0..w_t and queries q_0..q_{t+1} (q_{t+1} predicts w_{t+1}, it sees w_<=t only) are unchanged
+    unchanged = list(range(start + t + 1)) + list(range(start + words, start + words + t + 2))
+    torch.testing.assert_close(a.last_hidden_state[:, unchanged], b.last_hidden_state[:, unchanged], rtol=0, atol=1e-6)
+    # ... and the change is visible to w_{t+1} itself (the test can fail)
+    assert not torch.allclose(a.last_hidden_state[:, start + t + 1], b.last_hidden_state[:, start + t + 1])
+
+
+def test_padding_does_not_change_real_tokens():
+    model = encoder("attribute")
+    batch = make_batch(pad=False)
+    padded = dict(batch)
+    padded["input_ids"] = torch.cat([batch["input_ids"], torch.full((3, 2), 7)], dim=1)
+    padded["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros(3, 2, dtype=torch.long)], dim=1)
+    a = model(**batch).last_hidden_state
+    b = model(**padded).last_hidden_state[:, : a.shape[1]]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ invariances
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_batch_order_invariance(routing):
+    model = encoder(routing)
+    batch = make_batch(batch=4)
+    perm = torch.tensor([2, 0, 3, 1])
+    permuted = {k: v[perm] for k, v in batch.items()}
+    a = model(**batch).last_hidden_state
+    b = model(**permuted).last_hidden_state
+    torch.testing.assert_close(a[perm], b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("routing", ["attribute", "task", "modality"])
+def test_folded_model_matches_moe_model_and_reloads(routing, tmp_path):
+    model = UniPerceiverMoEModel(tiny_config(routing)).eval()
+    for p in model.parameters():  # make experts differ strongly so that a wrong merge shows
+        torch.nn.init.normal_(p, std=0.2)
+    batch = make_batch()
+    routes = {
+        "attribute": batch["attribute_vectors"].unique(dim=0),
+        "task": batch["task_ids"].unique(),
+        "modality": torch.tensor([0, 1]),
+    }[routing]
+    expected = model(**batch).last_hidden_state
+    folded = fold_experts(model, routes)
+    assert (expected - folded(**batch).last_hidden_state).abs().max().item() < 1e-5
+    assert not any(".router." in k for k in folded.state_dict())
+    folded.save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(folded(**batch).last_hidden_state, reloaded(**batch).last_hidden_state)
+
+
+def test_single_route_fold_is_a_plain_dense_linear():
+    model = encoder("attribute")
+    batch = make_batch()
+    one = batch["attribute_vectors"][:1]
+    folded = fold_experts(model, one)
+    linear = folded.encoder.layers[0].mlp.fc1
+    assert linear.weight.shape[0] == 1
+    only_first = {k: v[:1] for k, v in batch.items()}
+    torch.testing.assert_close(folded(**only_first).last_hidden_state, model(**only_first).last_hidden_state, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="not folded"):
+        folded(**batch)
+
+
+def test_fold_rejects_data_dependent_routing():
+    with pytest.raises(ValueError, match="token"):
+        fold_experts(encoder("token"), [[0.0] * 8])
+
+
+# ------------------------------------------------------------------------------------------ training
+def classification_step_inputs():
+    batch = make_batch(batch=6, with_image=True)
+    classes = make_batch(batch=3, seed=5, with_image=False, pad=False)
+    return dict(
+        pixel_values=batch["pixel_values"], attribute_vectors=batch["attribute_vectors"], task_ids=batch["task_ids"],
+        target_input_ids=classes["input_ids"], target_attribute_vectors=classes["attribute_vectors"],
+        target_task_ids=classes["task_ids"], labels=torch.tensor([0, 1, 2, 0, 1, 2]), task_family="image_classification",
+    )
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_each_routing_trains_and_the_loss_falls(routing):
+    # LayerScale 1 instead of 1e-3 and no router noise: with the reference's init (1e-3, noise 1/E that
+    # re-draws the experts every step while gate logits are small) a 2-layer model needs far more steps.
+    config = tiny_config(routing, layer_scale_init=1.0, moe_router_noise_std=0.0)
+    model = UniPerceiverMoEForGenericPerception(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    inputs = classification_step_inputs()
+    losses = []
+    for _ in range(30):
+        loss = model(**inputs).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < losses[0] - 0.1, losses
+    if routing in ("token", "context"):
+        assert model(**inputs).aux_loss.item() > 0
+
+
+@pytest.mark.parametrize("routing", ["attribute", "token"])
+def test_gradient_checkpointing_gives_the_same_gradients(routing):
+    config = tiny_config(routing, drop_path_rate=0.1)
+    inputs = classification_step_inputs()
+
+    def gradients(checkpointing):
+        torch.manual_seed(0)
+        model = UniPerceiverMoEForGenericPerception(config).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()  # works on transformers 5.17 and 5.23
+        calls = []
+        model.uniperceiver.encoder.layers[0].mlp.register_forward_hook(lambda *args: calls.append(1))
+        torch.manual_seed(1)  # same router noise and drop-path draws
+        model(**inputs).loss.backward()
+        # two encodings (inputs, targets); a checkpointed layer runs its forward again in backward
+        assert len(calls) == (4 if checkpointing else 2)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_only_chosen_experts_get_gradients_with_attribute_routing():
+    config = tiny_config("attribute", moe_router_noise_std=0.0, moe_top_k=1)
+    model = UniPerceiverMoEModel(config).train()
+    batch = make_batch()
+    batch["attribute_vectors"] = batch["attribute_vectors"][:1].expand(3, -1)  # one route
+    out = model(**batch, output_router_logits=True)
+    out.last_hidden_state.sum().backward()
+    chosen = out.router_indices[0][0, 0, 0].item()
+    grad = model.encoder.layers[0].attention.qkv.weight.grad
+    used = grad.abs().sum(dim=(1, 2)) > 0
+    assert used.tolist() == [e == chosen for e in range(config.moe_num_experts)]
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def test_outputs_hidden_states_attentions_and_router_logits():
+    model = encoder("token")
+    out = model(**make_batch(), output_hidden_states=True, output_attentions=True, output_router_logits=True)
+    batch, length = out.last_hidden_state.shape[:2]
+    assert len(out.hidden_states) == 3 and len(out.attentions) == 2
+    assert out.attentions[0].shape == (batch, 2, length, length)
+    assert len(out.router_logits) == 4  # 2 layers x (attention, FFN) decisions
+    assert out.router_logits[0].shape == (batch, length, 4) and out.router_indices[0].shape == (batch, length, 2)
+    assert torch.equal(out.pooler_output, out.last_hidden_state[:, 0])
+    assert isinstance(model(**make_batch(), return_dict=False), tuple)
+
+
+def test_video_input_uses_temporal_slots():
+    model = encoder("modality")
+    video = torch.randn(2, 3, 3, 16, 16)
+    out = model(pixel_values=video, output_router_logits=True)
+    assert out.last_hidden_state.shape == (2, 1 + 3 * 4, 32)
+
+
+# ------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda b: b.update(pixel_values=torch.randn(3, 3, 20, 16)), "patch_size"),
+        (lambda b: b.update(pixel_values=torch.randn(3, 1, 16, 16)), "channels"),
+        (lambda b: b.update(pixel_values=torch.randn(3, 9, 3, 16, 16)), "frames"),
+        (lambda b: b.pop("attribute_vectors"), "attribute_vectors"),
+        (lambda b: b.update(attribute_vectors=torch.zeros(3, 7)), "attribute_vectors"),
+        (lambda b: b.update(attention_mask=torch.ones(3, 4)), "attention_mask"),
+        (lambda b: b.update(input_ids=torch.full((3, 5), 60000)), "vocab_size"),
+        (lambda b: b.update(pixel_values=torch.randn(2, 3, 16, 16)), "batch sizes"),
+    ],
+)
+def test_mismatched_inputs_raise_clear_errors(change, message):
+    batch = make_batch()
+    change(batch)
+    with pytest.raises(ValueError, match=message):
+        encoder("attribute")(**batch)
+
+
+def test_task_ids_out_of_range_and_unknown_family_raise():
+    batch = make_batch()
+    batch["task_ids"] = torch.tensor([0, 1, 9])
+    with pytest.raises(ValueError, match="task ids"):
+        encoder("task")(**batch)
+    head = UniPerceiverMoEForGenericPerception(tiny_config("none")).eval()
+    inputs = classification_step_inputs()
+    inputs["task_family"] = "speech"
+    with pytest.raises(ValueError, match="unknown task family"):
+        head(**inputs)
+    inputs.update(task_family="image_classification", labels=torch.tensor([0, 1, 2, 0, 1, 5]))
+    with pytest.raises(ValueError, match="candidates"):
+        head(**inputs)
