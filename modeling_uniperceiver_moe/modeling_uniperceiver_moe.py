@@ -158,9 +158,32 @@ def grouped_linear(
         out = torch.cat([x_sorted[s:e] @ weight[g].t() for g, (s, e) in enumerate(zip(starts, ends))])
         if out.shape[0] < x_sorted.shape[0]:
             out = torch.cat([out, out.new_zeros(x_sorted.shape[0] - out.shape[0], out.shape[1])])
-    if bias is not None:
-        out = out + bias[row_group]
+    if bias is not None:  # one-hot matmul: its backward is a GEMM, not a slow indexing scatter
+        out = out + F.one_hot(row_group, weight.shape[0]).to(out.dtype) @ bias.to(out.dtype)
     return out
+
+
+class _PermuteRows(torch.autograd.Function):
+    """`x[order]` for a permutation `order`, whose backward is the inverse gather.
+
+    Plain advanced indexing back-propagates through a deterministic index_put (sort + scatter), which
+    measured as 70% of a B-size training step on an H100; a permutation needs only a gather.
+    """
+
+    @staticmethod
+    def forward(ctx, x, order, inverse_order):
+        ctx.save_for_backward(inverse_order)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse_order,) = ctx.saved_tensors
+        return grad.index_select(0, inverse_order), None, None
+
+
+def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse_order: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` `[N, ...]` in the order `order` (a permutation of 0..N-1)."""
+    return _PermuteRows.apply(x, order, inverse_order)
 
 
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
@@ -321,10 +344,11 @@ class UniPerceiverMoELinear(nn.Module):
             groups = dispatch.groups
             if groups.num_groups == 1:
                 return F.linear(x, weight[0].to(x.dtype), bias[0].to(x.dtype))
-            out_sorted = grouped_linear(x[groups.order], weight, groups.offsets, groups.token_group[groups.order], bias)
-            return out_sorted.new_empty(x.shape[0], self.out_features).index_copy_(0, groups.order, out_sorted)
+            x_sorted = permute_rows(x, groups.order, groups.inverse_order)
+            out_sorted = grouped_linear(x_sorted, weight, groups.offsets, groups.sorted_group, bias)
+            return permute_rows(out_sorted, groups.inverse_order, groups.order)
         out_sorted = grouped_linear(
-            x[dispatch.token_index], self.weight, dispatch.offsets, dispatch.expert_index, self.bias
+            x.index_select(0, dispatch.token_index), self.weight, dispatch.offsets, dispatch.expert_index, self.bias
         )
         weight = dispatch.weight.to(out_sorted.dtype)[:, None]
         out_sorted = torch.where(weight > 0, out_sorted * weight, torch.zeros_like(out_sorted))
@@ -355,7 +379,7 @@ class UniPerceiverMoEGate(nn.Module):
             counts = torch.zeros(state.batch_size, device=hidden.device).index_add_(0, state.sequence_index, mask[:, 0].float())
             context = sums / counts.clamp(min=1)[:, None].to(sums.dtype)
             seq_decision = select_top_k(self.router(context), cfg.moe_top_k, cfg.router_noise_std, self.training)
-            decision = GateDecision(*(t[state.sequence_index] for t in (seq_decision.logits, seq_decision.expert_index, seq_decision.expert_weight)))
+            decision = GateDecision(*(t.index_select(0, state.sequence_index) for t in (seq_decision.logits, seq_decision.expert_index, seq_decision.expert_weight)))
         else:
             decision = select_top_k(self.router(hidden), cfg.moe_top_k, cfg.router_noise_std, self.training)
         factor = cfg.moe_capacity_factor if self.training else cfg.moe_eval_capacity_factor

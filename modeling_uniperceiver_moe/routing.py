@@ -183,18 +183,24 @@ class RouteGroups:
 
     keys: `[G, ...]` the distinct route keys (attribute vectors `[G, A]`, or ids `[G]`).
     token_group: `[N]` long, the group of each token.
-    order: `[N]` long, token indices sorted by group (stable).
+    order: `[N]` long, token indices sorted by group (stable); inverse_order undoes it.
     offsets: `[G]` int32, cumulative group sizes in `order` (the `offs` of a grouped GEMM).
     """
 
     keys: torch.Tensor
     token_group: torch.Tensor
     order: torch.Tensor
+    inverse_order: torch.Tensor
     offsets: torch.Tensor
 
     @property
     def num_groups(self) -> int:
         return self.keys.shape[0]
+
+    @property
+    def sorted_group(self) -> torch.Tensor:
+        """`[N]` the group of each row in sorted order (non-decreasing)."""
+        return self.token_group.index_select(0, self.order)
 
     @classmethod
     def from_keys(cls, token_keys: torch.Tensor) -> "RouteGroups":
@@ -202,7 +208,8 @@ class RouteGroups:
         keys, token_group = torch.unique(token_keys, dim=0, return_inverse=True)
         order = torch.argsort(token_group, stable=True)
         counts = torch.bincount(token_group, minlength=keys.shape[0])
-        return cls(keys, token_group, order, torch.cumsum(counts, 0).to(torch.int32))
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return cls(keys, token_group, order, inverse, torch.cumsum(counts, 0).to(torch.int32))
 
 
 def folded_route_index(groups: RouteGroups, folded_routes: torch.Tensor) -> torch.Tensor:
@@ -274,21 +281,24 @@ def build_token_dispatch(decision: GateDecision, num_experts: int, capacity: int
     flat_expert = decision.expert_index.t().reshape(-1)
     flat_weight = decision.expert_weight.t().reshape(-1)
     flat_token = torch.arange(num_tokens, device=flat_expert.device).repeat(top_k)
+    order = torch.argsort(flat_expert, stable=True)  # stable: priority order survives inside an expert
+    counts = torch.bincount(flat_expert, minlength=num_experts)
+    offsets = torch.cumsum(counts, 0)
+    sorted_expert = flat_expert[order]
+    sorted_weight = flat_weight.index_select(0, order)  # carries the router gradient
     if capacity is not None:
-        one_hot = F.one_hot(flat_expert, num_experts)
-        position_in_expert = (one_hot.cumsum(0) * one_hot).sum(-1) - 1
-        keep = position_in_expert < capacity
-        flat_weight = torch.where(keep, flat_weight, torch.zeros_like(flat_weight))
+        # rank of each assignment inside its expert, read off the sorted order (no [M, E] cumsum)
+        rank = torch.arange(order.numel(), device=order.device) - (offsets - counts)[sorted_expert]
+        keep = rank < capacity
+        sorted_weight = torch.where(keep, sorted_weight, torch.zeros_like(sorted_weight))
         dropped = 1.0 - keep.float().mean()
     else:
         dropped = flat_weight.new_zeros(())
-    order = torch.argsort(flat_expert, stable=True)
-    counts = torch.bincount(flat_expert, minlength=num_experts)
     return TokenDispatch(
         token_index=flat_token[order],
-        expert_index=flat_expert[order],
-        weight=flat_weight[order],
-        offsets=torch.cumsum(counts, 0).to(torch.int32),
+        expert_index=sorted_expert,
+        weight=sorted_weight,
+        offsets=offsets.to(torch.int32),
         decision=decision,
         dropped_fraction=dropped,
     )

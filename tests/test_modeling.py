@@ -80,6 +80,28 @@ def test_merged_experts_equal_unmerged_experts():
     torch.testing.assert_close(layer(x, dispatch), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["merged", "token"])
+def test_expert_gradients_equal_the_per_expert_reference(path):
+    layer = UniPerceiverMoELinear(16, 12, 4)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(20, 16, requires_grad=True)
+    if path == "merged":
+        groups = RouteGroups.from_keys(torch.tensor([0, 2, 1, 2, 0] * 4))
+        gates = torch.tensor([[0.7, 0.3, 0, 0], [0, 0, 0.6, 0.4], [0.5, 0, 0, 0.5]])
+        dispatch, per_token = MergedDispatch(gates, groups, None), gates[groups.token_group]
+    else:
+        logits = torch.randn(20, 4)
+        weight, index = logits.softmax(-1).topk(2, dim=-1)
+        decision = GateDecision(logits, index, weight / weight.sum(-1, keepdim=True))
+        dispatch, per_token = build_token_dispatch(decision, 4, capacity=None), decision.dense_weights(4)
+    upstream = torch.randn(20, 12)
+    ours = torch.autograd.grad((layer(x, dispatch) * upstream).sum(), (x, layer.weight, layer.bias))
+    ref = torch.autograd.grad((reference_moe_linear(layer, x, per_token) * upstream).sum(), (x, layer.weight, layer.bias))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_grouped_gemm_equals_one_gemm_per_group():
     x = torch.randn(11, 8)
     weight = torch.randn(3, 5, 8)

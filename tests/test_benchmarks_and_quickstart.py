@@ -1,0 +1,38 @@
+"""CPU correctness of the benchmark's naive reference and the quick-start job (no timings asserted)."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.bench_moe import main as bench_main
+from benchmarks.bench_moe import naive_experts
+from modeling_uniperceiver_moe import UniPerceiverMoEModel
+from modeling_uniperceiver_moe.quickstart import main as quickstart_main
+from tests.conftest import make_batch, tiny_config
+
+
+@pytest.mark.parametrize("routing", ["token", "context", "attribute", "task"])
+def test_naive_per_expert_loop_computes_the_same_model(routing):
+    model = UniPerceiverMoEModel(tiny_config(routing)).eval()
+    batch = make_batch()
+    ours = model(**batch).last_hidden_state
+    with naive_experts():
+        naive = model(**batch).last_hidden_state
+    torch.testing.assert_close(ours, naive, rtol=1e-5, atol=1e-5)
+
+
+def test_benchmark_runs_on_a_tiny_size(tmp_path):
+    rows = bench_main(["--size", "tiny", "--batch", "2", "--image-size", "32", "--words", "3", "--steps", "1",
+                       "--warmup", "0", "--json", str(tmp_path / "b.json")])
+    names = {(r["phase"], r["model"]) for r in rows}
+    assert ("train", "token-naive") in names and ("infer", "attribute-folded") in names
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert json.loads((tmp_path / "b.json").read_text())["rows"]
+
+
+def test_quickstart_job(tmp_path):
+    report = quickstart_main(["--output-dir", str(tmp_path)])
+    assert report["reload_bit_identical"] is True
+    assert report["folded_max_abs_diff"] < 1e-5
+    assert (tmp_path / "folded" / "model.safetensors").exists() and (tmp_path / "report.json").exists()

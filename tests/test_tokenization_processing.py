@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, AutoTokenizer
+
+from modeling_uniperceiver_moe import UniPerceiverMoEConfig, UniPerceiverMoEProcessor, build_uniperceiver_tokenizer
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return UniPerceiverMoEProcessor.build(image_size=32)
+
+
+def test_tokenizer_ids_match_open_clip_and_specials_follow_the_clip_vocabulary():
+    tokenizer = build_uniperceiver_tokenizer()
+    # open_clip's tokenizer gives 320 1125 539 320 2368 269 for this sentence, framed by 49406/49407
+    assert tokenizer("a photo of a cat.")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 269, 49407]
+    config = UniPerceiverMoEConfig()
+    assert tokenizer.convert_tokens_to_ids(["[MASK]", "[GEN]", "[SPE]"]) == [
+        config.mask_token_id, config.gen_token_id, config.spe_token_id]
+    assert len(tokenizer) == config.vocab_size
+    assert tokenizer.eos_token_id == config.eos_token_id and tokenizer.bos_token_id == config.bos_token_id
+
+
+def test_processor_round_trip_with_auto_processor(processor, tmp_path):
+    UniPerceiverMoEConfig(image_size=32, patch_size=16).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, UniPerceiverMoEProcessor)
+    assert AutoTokenizer.from_pretrained(tmp_path)("a [SPE]")["input_ids"] == [49406, 320, 49410, 49407]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    a = processor(text=["a red shoe", "a dog"], images=[image, image])
+    b = loaded(text=["a red shoe", "a dog"], images=[image, image])
+    assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["input_ids"], b["input_ids"])
+    assert a["pixel_values"].shape == (2, 3, 32, 32)
+    assert a["attention_mask"].tolist()[1][-1] == 0  # padded
+
+
+def test_processor_video_and_html_cleaning(processor):
+    frames = [Image.new("RGB", (32, 32), (i * 40, 0, 0)) for i in range(3)]
+    out = processor(videos=[frames, frames])
+    assert out["pixel_values"].shape == (2, 3, 3, 32, 32)
+    assert processor(text="fish &amp; chips")["input_ids"].tolist() == processor(text="fish & chips")["input_ids"].tolist()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({}, "give text"),
+    ({"text": ["ok", "  "]}, "non-empty"),
+    ({"videos": [[Image.new("RGB", (8, 8))] * 2, [Image.new("RGB", (8, 8))] * 3]}, "same number of frames"),
+])
+def test_processor_errors(processor, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        processor(**kwargs)
