@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ from .routing import (
     TokenDispatch,
     build_router,
     build_token_dispatch,
+    check_id_range,
     expert_capacity,
     folded_route_index,
     load_balancing_loss,
@@ -187,11 +189,17 @@ def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse_order: torch.Tens
 
 
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
+    """grouped_mm runs on CPU, and on CUDA for bf16 on Hopper or newer."""
     if not hasattr(F, "grouped_mm"):
         return False
     if x.device.type == "cpu":
         return True
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and _cuda_major(x.device.index) >= 9
+
+
+@lru_cache(maxsize=None)
+def _cuda_major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -625,8 +633,10 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         if routing == "task":
             if task_ids is None:
                 raise ValueError("moe_routing='task' needs task_ids")
+            check_id_range(task_ids, self.config.num_tasks, "task")
             return _route_keys_per_token(task_ids.long(), batch, length, "task_ids", ())
-        return modality_ids
+        check_id_range(modality_ids, self.config.num_modalities, "modality")
+        return _route_keys_per_token(modality_ids.long(), batch, length, "modality_ids", ())
 
     def _routing_state(self, modality_ids, attribute_vectors, task_ids, sequence_mask) -> RoutingState:
         batch, length = sequence_mask.shape

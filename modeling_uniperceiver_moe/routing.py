@@ -121,11 +121,14 @@ class IdRouter(nn.Module):
         self.gate = nn.Embedding(num_ids, num_experts)
 
     def forward(self, keys: torch.Tensor) -> torch.Tensor:
-        if keys.numel() and (int(keys.min()) < 0 or int(keys.max()) >= self.gate.num_embeddings):
-            raise ValueError(
-                f"{self.name} ids must lie in [0, {self.gate.num_embeddings}), got {keys.unique().tolist()}"
-            )
-        return self.gate.weight.float()[keys]
+        """keys: ids already range-checked by the model (`check_id_range`), once per forward."""
+        return self.gate.weight.float().index_select(0, keys)
+
+
+def check_id_range(ids: torch.Tensor, limit: int, name: str) -> None:
+    """Raise a ValueError if route ids fall outside [0, limit)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= limit):
+        raise ValueError(f"{name} ids must lie in [0, {limit}), got {ids.unique().tolist()}")
 
 
 class HiddenStateRouter(nn.Module):
