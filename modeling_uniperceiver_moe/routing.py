@@ -187,6 +187,7 @@ class RouteGroups:
     keys: `[G, ...]` the distinct route keys (attribute vectors `[G, A]`, or ids `[G]`).
     token_group: `[N]` long, the group of each token.
     order: `[N]` long, token indices sorted by group (stable); inverse_order undoes it.
+    sorted_group: `[N]` long, the group of each row in sorted order (non-decreasing).
     offsets: `[G]` int32, cumulative group sizes in `order` (the `offs` of a grouped GEMM).
     """
 
@@ -194,16 +195,13 @@ class RouteGroups:
     token_group: torch.Tensor
     order: torch.Tensor
     inverse_order: torch.Tensor
+    sorted_group: torch.Tensor
     offsets: torch.Tensor
 
     @property
     def num_groups(self) -> int:
         return self.keys.shape[0]
 
-    @property
-    def sorted_group(self) -> torch.Tensor:
-        """`[N]` the group of each row in sorted order (non-decreasing)."""
-        return self.token_group.index_select(0, self.order)
 
     @classmethod
     def from_keys(cls, token_keys: torch.Tensor) -> "RouteGroups":
@@ -212,7 +210,8 @@ class RouteGroups:
         order = torch.argsort(token_group, stable=True)
         counts = torch.bincount(token_group, minlength=keys.shape[0])
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        return cls(keys, token_group, order, inverse, torch.cumsum(counts, 0).to(torch.int32))
+        sorted_group = token_group.index_select(0, order)
+        return cls(keys, token_group, order, inverse, sorted_group, torch.cumsum(counts, 0).to(torch.int32))
 
 
 def folded_route_index(groups: RouteGroups, folded_routes: torch.Tensor) -> torch.Tensor:
