@@ -158,8 +158,6 @@ def grouped_linear(
         ends = offsets.tolist()
         starts = [0] + ends[:-1]
         out = torch.cat([x_sorted[s:e] @ weight[g].t() for g, (s, e) in enumerate(zip(starts, ends))])
-        if out.shape[0] < x_sorted.shape[0]:
-            out = torch.cat([out, out.new_zeros(x_sorted.shape[0] - out.shape[0], out.shape[1])])
     if bias is not None:  # one-hot matmul: its backward is a GEMM, not a slow indexing scatter
         out = out + F.one_hot(row_group, weight.shape[0]).to(out.dtype) @ bias.to(out.dtype)
     return out

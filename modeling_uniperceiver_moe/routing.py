@@ -115,9 +115,8 @@ class IdRouter(nn.Module):
     Input: unique ids `[G]`; output: gate logits `[G, E]`.
     """
 
-    def __init__(self, num_ids: int, num_experts: int, name: str):
+    def __init__(self, num_ids: int, num_experts: int):
         super().__init__()
-        self.name = name
         self.gate = nn.Embedding(num_ids, num_experts)
 
     def forward(self, keys: torch.Tensor) -> torch.Tensor:
@@ -171,9 +170,9 @@ def build_router(config, role: str) -> nn.Module:
     if routing == "attribute":
         return AttributeRouter(config.attribute_dim, config.hidden_size, experts, config.layer_norm_eps)
     if routing == "task":
-        return IdRouter(config.num_tasks, experts, "task")
+        return IdRouter(config.num_tasks, experts)
     if routing == "modality":
-        return IdRouter(config.num_modalities, experts, "modality")
+        return IdRouter(config.num_modalities, experts)
     if routing in ("token", "context"):
         return HiddenStateRouter(config.hidden_size, experts)
     raise ValueError(f"moe_routing={routing!r} has no router")
@@ -201,7 +200,6 @@ class RouteGroups:
     @property
     def num_groups(self) -> int:
         return self.keys.shape[0]
-
 
     @classmethod
     def from_keys(cls, token_keys: torch.Tensor) -> "RouteGroups":
