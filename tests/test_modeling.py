@@ -102,7 +102,12 @@ def test_expert_gradients_equal_the_per_expert_reference(path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_grouped_gemm_equals_one_gemm_per_group():
+@pytest.mark.parametrize("grouped_mm", [True, False])
+def test_grouped_gemm_equals_one_gemm_per_group(grouped_mm, monkeypatch):
+    import modeling_uniperceiver_moe.modeling_uniperceiver_moe as modeling
+
+    if not grouped_mm:  # the per-group fallback used where grouped_mm has no kernel (e.g. CUDA fp32)
+        monkeypatch.setattr(modeling, "_grouped_mm_supported", lambda x: False)
     x = torch.randn(11, 8)
     weight = torch.randn(3, 5, 8)
     offsets = torch.tensor([4, 4, 11], dtype=torch.int32)  # an empty middle group
