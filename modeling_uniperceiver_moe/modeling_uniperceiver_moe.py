@@ -80,6 +80,8 @@ class GenericPerceptionOutput(ModelOutput):
     input_features: `[B, d]` or `[B, Q, d]` L2-normalised query features.
     target_features: `[C, d]` L2-normalised candidate features.
     aux_loss: scalar router auxiliary loss of both encodings.
+    logit_scale: scalar, the task family's temperature used for `logits` (losses computed outside the
+        model, e.g. over features gathered across processes, reuse it so it stays in the autograd graph).
     """
 
     loss: torch.FloatTensor | None = None
@@ -88,6 +90,7 @@ class GenericPerceptionOutput(ModelOutput):
     target_features: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
     input_outputs: UniPerceiverMoEModelOutput | None = None
+    logit_scale: torch.FloatTensor | None = None
 
 
 # =============================================================================================== helpers
@@ -875,7 +878,8 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
                 aux_loss = target_aux if aux_loss is None else aux_loss + target_aux
         if target_features.shape[-1] != input_features.shape[-1]:
             raise ValueError(f"target_features width {target_features.shape[-1]} != hidden_size {input_features.shape[-1]}")
-        logits = self.logit_scales(task_family) * input_features @ target_features.float().t()
+        logit_scale = self.logit_scales(task_family)
+        logits = logit_scale * input_features @ target_features.float().t()
         loss = None
         if labels is not None:
             loss = self.candidate_loss(logits, labels, valid, symmetric_loss)
@@ -883,7 +887,7 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
                 loss = loss + aux_loss
         output = GenericPerceptionOutput(
             loss=loss, logits=logits, input_features=input_features, target_features=target_features,
-            aux_loss=aux_loss, input_outputs=out,
+            aux_loss=aux_loss, input_outputs=out, logit_scale=logit_scale,
         )
         return output if return_dict is not False else output.to_tuple()
 

@@ -1,0 +1,178 @@
+"""The pre-training run configuration: a YAML file of sections, validated field by field.
+
+Every unknown section or field, and every bad value, raises `ConfigError` naming `section.field`.
+`--set section.field=value` on the command line overrides a value (parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    cache_dir: str = "data_cache"
+    slice: str = "small"  # tiny | small | full (training/build_data.py)
+    build: bool = True  # build the slice from the Debian packages if it is missing
+    shuffle_block: int = 256  # rows shuffled together (resumable block shuffle)
+    on_bad_sample: str = "skip"  # skip | error
+    max_text_length: int = 32
+    vocabulary_size: int = 1024  # MLM/caption candidates: the most frequent BPE tokens of the slice
+    eval_samples: int = 128  # per task, from the test split
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.2  # not on norms, biases, embeddings, gates, scales
+    eps: float = 1e-8
+    grad_clip: float = 0.1  # max grad norm (reference)
+    fused: bool | None = None  # torch's fused AdamW; None = on CUDA only
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 600  # optimizer steps
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    log_every: int = 10
+    eval_every: int = 200
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (latest checkpoint of output_dir) | none | a checkpoint path
+    tracker: str | None = "tensorboard"  # any tracker accelerate supports, or None
+    max_minutes: float | None = None  # stop (with a checkpoint) after this wall time
+    gradient_checkpointing: bool = False
+    distributed: str = "ddp"  # ddp | fsdp (GPUs; set up through `accelerate config`)
+
+
+@dataclass
+class TaskConfig:
+    weight: float = 1.0  # sampling weight
+    batch_size: int = 32  # global batch (split across processes)
+    loss_weight: float | None = None  # None = the registry's default
+    source: dict | None = None  # None = the bundled slice; else {files|hub, format, split, config, columns}
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = "outputs/pretrain"
+    seed: int = 0
+    model: dict = field(default_factory=dict)  # UniPerceiverMoEConfig keyword arguments
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+CHOICES = {
+    ("data", "slice"): ("tiny", "small", "full"),
+    ("data", "on_bad_sample"): ("skip", "error"),
+    ("train", "mixed_precision"): ("no", "bf16", "fp16"),
+    ("train", "distributed"): ("ddp", "fsdp"),
+}
+
+
+def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
+    where = f"{section}.{name}"
+    if (section, name) in CHOICES and value not in CHOICES[(section, name)]:
+        raise ConfigError(f"{where} must be one of {CHOICES[(section, name)]}, got {value!r}")
+    if isinstance(default, bool) and not isinstance(value, bool) and value is not None:
+        raise ConfigError(f"{where} must be true/false, got {value!r}")
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if isinstance(default, int) and not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{where} must be >= 0, got {value!r}")
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(default):
+            raise ConfigError(f"{where} must be a list of {len(default)} numbers, got {value!r}")
+        value = tuple(value)
+    return value
+
+
+def _section(section: str, cls, values: dict | None):
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"section {section!r} must be a mapping, got {values!r}")
+    defaults = cls()
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown field(s) {', '.join(f'{section}.{u}' for u in unknown)}; known: {sorted(known)}")
+    return cls(**{k: _coerce(section, k, v, getattr(defaults, k)) for k, v in values.items()})
+
+
+def parse_config(raw: dict) -> PretrainConfig:
+    from .tasks import TASKS
+
+    raw = dict(raw or {})
+    top = {f.name for f in dataclasses.fields(PretrainConfig)}
+    unknown = sorted(set(raw) - top)
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; known: {sorted(top)}")
+    config = PretrainConfig(
+        output_dir=str(raw.get("output_dir", PretrainConfig.output_dir)),
+        seed=_coerce("", "seed", raw.get("seed", 0), 0),
+        model=dict(raw.get("model") or {}),
+        **{name: _section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()},
+    )
+    tasks = raw.get("tasks") or {}
+    if not tasks:
+        raise ConfigError(f"tasks: list at least one task; registered: {sorted(TASKS)}")
+    for name, values in tasks.items():
+        if name not in TASKS:
+            raise ConfigError(f"tasks.{name}: unknown task; registered tasks: {sorted(TASKS)}")
+        task_config = _section(f"tasks.{name}", TaskConfig, values)
+        if task_config.batch_size < 1:
+            raise ConfigError(f"tasks.{name}.batch_size must be >= 1")
+        config.tasks[name] = task_config
+    if config.train.max_steps < 1:
+        raise ConfigError("train.max_steps must be >= 1")
+    if config.train.grad_accum < 1:
+        raise ConfigError("train.grad_accum must be >= 1")
+    return config
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`section.field=value` (value parsed as YAML) into the raw mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.field=value, got {item!r}")
+        path, value = item.split("=", 1)
+        node = raw
+        keys = path.split(".")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {path}: {key} is not a section")
+        node[keys[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> PretrainConfig:
+    try:
+        with open(path) as handle:
+            raw = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {error}") from None
+    return parse_config(apply_overrides(raw, overrides or []))

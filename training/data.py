@@ -1,0 +1,213 @@
+"""Streaming multi-task data: one `datasets` stream per task, one task per step, exact resumption.
+
+* A task's samples come from local shards (parquet, webdataset or json; `load_dataset(..., streaming=True)`)
+  or from any Hub dataset with a column mapping (`{"hub": "user/name", "split": "train",
+  "columns": {"img": "image", "fine_label": "label"}}`).
+* Shuffling is resumable by construction: the shard order is permuted per epoch from (seed, epoch) and
+  rows are shuffled inside blocks of `shuffle_block` rows with a generator seeded from (seed, epoch, block
+  start) (a batched `map`). `IterableDataset.state_dict()` then restores the exact position (a shuffle
+  *buffer* would be refilled differently on resume).
+* `split_dataset_by_node` shards across processes: whole shards when their number divides the world size,
+  otherwise every process reads the same shuffled stream and keeps every W-th row, so that W processes see
+  exactly the rows one process would (the 1-process == 2-process equivalence).
+* The task of step s is drawn from the task weights with a generator seeded from (seed, s): every process
+  agrees without communication, and resumption needs no sampler state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .tasks import MalformedSample, Task, TaskBatch, TaskContext, build_batch
+
+logger = logging.getLogger(__name__)
+
+
+class EmptyDatasetError(RuntimeError):
+    pass
+
+
+@dataclass
+class StreamSpec:
+    """Where a task's rows come from: local `files` of `format`, or a Hub dataset `hub` (+ `config`, `split`).
+    `columns` renames source columns to the task's (`image`, `frames`, `text`, `caption`, `label`, `key`)."""
+
+    files: list[str] | None = None
+    format: str = "parquet"
+    hub: str | None = None
+    config: str | None = None
+    split: str = "train"
+    columns: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return self.hub or (f"{len(self.files)} {self.format} file(s) like {self.files[0]}" if self.files else "nothing")
+
+
+def block_shuffle(batch: dict, indices: list[int], seed: int, epoch: int) -> dict:
+    """Permute one block of rows with a generator seeded by (seed, epoch, first row index)."""
+    order = np.random.default_rng([seed, epoch, indices[0]]).permutation(len(indices))
+    return {column: [values[i] for i in order] for column, values in batch.items()}
+
+
+def open_stream(spec: StreamSpec, seed: int, epoch: int, shuffle_block: int, rank: int, world_size: int,
+                shuffle: bool = True):
+    """The `IterableDataset` of one epoch (undecoded images; renamed columns; shuffled; this rank's part)."""
+    from datasets import load_dataset
+    from datasets.distributed import split_dataset_by_node
+
+    if spec.files:
+        files = list(spec.files)
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            raise FileNotFoundError(f"data files not found: {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        if shuffle:
+            files = [files[i] for i in np.random.default_rng([seed, epoch, 1]).permutation(len(files))]
+        dataset = load_dataset(spec.format, data_files=files, split="train", streaming=True)
+    elif spec.hub:
+        dataset = load_dataset(spec.hub, spec.config, split=spec.split, streaming=True)
+    else:
+        raise ValueError("a stream needs `files` or `hub`")
+    dataset = dataset.decode(False)
+    if spec.columns:
+        present = set(dataset.column_names or spec.columns)
+        absent = sorted(set(spec.columns) - present)
+        if absent:
+            raise ValueError(f"{spec.describe()}: columns {absent} not found (it has {sorted(present)})")
+        dataset = dataset.rename_columns(spec.columns)
+    if shuffle and shuffle_block > 1:
+        dataset = dataset.map(block_shuffle, batched=True, batch_size=shuffle_block, with_indices=True,
+                              fn_kwargs={"seed": seed, "epoch": epoch})
+    return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+
+
+class TaskStream:
+    """Endless rows of one task for this process: epochs follow each other; `state_dict()` is exact."""
+
+    def __init__(self, name: str, spec: StreamSpec, seed: int, shuffle_block: int, rank: int = 0, world_size: int = 1):
+        self.name, self.spec, self.seed, self.shuffle_block = name, spec, seed, shuffle_block
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self._dataset = None
+        self._iterator = None
+        self._pending_state = None
+
+    def _start(self):
+        self._dataset = open_stream(self.spec, self.seed, self.epoch, self.shuffle_block, self.rank, self.world_size)
+        self._fresh_epoch = self._pending_state is None
+        if self._pending_state is not None:
+            self._dataset.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self._epoch_rows = 0
+        self._iterator = iter(self._dataset)
+
+    def take(self, count: int) -> list[dict]:
+        rows = []
+        while len(rows) < count:
+            if self._iterator is None:
+                self._start()
+            try:
+                rows.append(next(self._iterator))
+                self._epoch_rows += 1
+            except StopIteration:
+                if self._epoch_rows == 0 and self._fresh_epoch:
+                    raise EmptyDatasetError(f"task {self.name!r}: the stream ({self.spec.describe()}) has no rows for "
+                                            f"process {self.rank} of {self.world_size}") from None
+                self.epoch += 1
+                self._iterator = None
+        return rows
+
+    def state_dict(self) -> dict:
+        dataset_state = self._dataset.state_dict() if self._dataset is not None else self._pending_state
+        return {"epoch": self.epoch, "dataset": dataset_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self._pending_state = state["dataset"]
+        self._dataset = self._iterator = None
+
+
+@dataclass
+class TaskEntry:
+    """A task in the mix: its global batch size (split evenly across processes) and sampling weight."""
+
+    task: Task
+    weight: float
+    batch_size: int
+    stream: TaskStream
+
+
+class MultiTaskLoader:
+    """One task per step, drawn by weight; builds `TaskBatch`es of `batch_size / world_size` rows.
+
+    on_bad_sample: "skip" logs the malformed row (task, key, reason) and draws a replacement; "error"
+    raises `MalformedSample` naming them.
+    """
+
+    def __init__(self, entries: list[TaskEntry], ctx: TaskContext, seed: int, world_size: int = 1,
+                 on_bad_sample: str = "skip"):
+        if not entries:
+            raise ValueError("no tasks to train on")
+        if on_bad_sample not in ("skip", "error"):
+            raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}")
+        for entry in entries:
+            if entry.batch_size % world_size:
+                raise ValueError(f"task {entry.task.name!r}: batch_size {entry.batch_size} is not divisible by the "
+                                 f"{world_size} processes")
+            if entry.weight < 0:
+                raise ValueError(f"task {entry.task.name!r}: weight must be >= 0")
+        self.entries = {e.task.name: e for e in entries}
+        weights = np.array([e.weight for e in entries], dtype=np.float64)
+        if weights.sum() <= 0:
+            raise ValueError("task weights sum to 0")
+        self.names = [e.task.name for e in entries]
+        self.probabilities = weights / weights.sum()
+        self.ctx, self.seed, self.world_size, self.on_bad_sample = ctx, seed, world_size, on_bad_sample
+        self.skipped: list[tuple[str, str, str]] = []
+
+    def task_for_step(self, step: int) -> str:
+        return self.names[int(np.random.default_rng([self.seed, step, 7]).choice(len(self.names), p=self.probabilities))]
+
+    def batch(self, step: int) -> TaskBatch:
+        name = self.task_for_step(step)
+        entry = self.entries[name]
+        local = entry.batch_size // self.world_size
+        rows = entry.stream.take(local)
+        for _ in range(100):
+            built = build_batch(entry.task, rows, self.ctx, entry.stream.epoch)
+            if not built.skipped:
+                return built
+            reasons = "; ".join(f"{key}: {why}" for key, why in built.skipped)
+            if self.on_bad_sample == "error":
+                raise MalformedSample(f"task {name!r}: malformed sample(s) {reasons} (set data.on_bad_sample: skip "
+                                      f"to skip them)")
+            logger.warning("task %s: skipped malformed sample(s) %s", name, reasons)
+            self.skipped += [(name, key, why) for key, why in built.skipped]
+            bad = {key for key, _ in built.skipped}
+            rows = [r for r in rows if str(r.get("key", r.get("idx", "?"))) not in bad]
+            rows += entry.stream.take(local - len(rows))
+        raise MalformedSample(f"task {name!r}: could not assemble a batch of valid samples")
+
+    def state_dict(self) -> dict:
+        return {name: entry.stream.state_dict() for name, entry in self.entries.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        unknown = sorted(set(state) - set(self.entries))
+        if unknown:
+            raise ValueError(f"the checkpoint's data state has tasks {unknown} that this run does not train")
+        for name, entry_state in state.items():
+            self.entries[name].stream.load_state_dict(entry_state)
+
+
+def read_rows(spec: StreamSpec, count: int) -> list[dict]:
+    """The first `count` rows of a stream in stored order (evaluation: no shuffle, one process)."""
+    dataset = open_stream(spec, seed=0, epoch=0, shuffle_block=1, rank=0, world_size=1, shuffle=False)
+    rows = []
+    for row in dataset:
+        rows.append(row)
+        if len(rows) >= count:
+            break
+    return rows

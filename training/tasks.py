@@ -1,0 +1,502 @@
+"""The task registry: how a sample of each pre-training task becomes model inputs, candidate targets,
+router inputs and a loss. Adding a task is one `register(Task(...))` entry (a name, a task family, a data
+source and the attribute vectors of its segments); the family's batch builder does the rest.
+
+Families (the formulas of `../docs/design.md`, one per task type):
+
+| family | input | queries | candidates | attributes (input / target) |
+|---|---|---|---|---|
+| image_classification | image | SPE | class names (text) | 10011000 / 10010110 |
+| video_classification | video | SPE | class names (text) | 10011000 / 10010110 |
+| text_classification | text + [SPE] | the inner [SPE] | label descriptions (text) | 01010100 / 11010110 |
+| mlm | text, 15% whole words masked | masked tokens | vocabulary words `[SPE] w [EOS]` | 01010100 / 11010110 |
+| captioning | image + words + placeholders | placeholders | vocabulary words | 11011000 (image) + 11010101 (text) / 11010110 |
+| retrieval | image | SPE | the batch's captions (gathered across processes), symmetric | 10011000 / 10010110 |
+
+Losses are label-smoothed cross-entropy over candidates. Token-level losses (MLM, captioning) are summed
+and divided by the number of predicted tokens of the *global* batch, so that N processes x b samples give
+the same loss and gradients as one process with N*b samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.nn import functional as F
+
+from modeling_uniperceiver_moe.routing import TokenAttributes
+
+
+class MalformedSample(ValueError):
+    """A sample that cannot become model inputs (undecodable image, empty text, label out of range, ...)."""
+
+
+class UnknownTask(KeyError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------- attributes
+A = TokenAttributes.from_bits
+ATTRIBUTES = {
+    "classification_input": A("10011000"),
+    "class_name_target": A("10010110"),
+    "text_input": A("01010100"),
+    "word_target": A("11010110"),
+    "caption_image": A("11011000"),
+    "caption_text": A("11010101"),
+    "retrieval_image": A("10011000"),
+    "retrieval_text_target": A("10010110"),
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One pre-training task.
+
+    name: unique task name (used in configs, logs and eval reports).
+    family: one of FAMILY_BUILDERS (also the model's `task_family`, i.e. its temperature).
+    source: a data source of `data_sources.SOURCES` (or a user stream with the same columns).
+    task_id: the id seen by task routing (`moe_routing="task"`); unique per task.
+    loss_weight: default loss weight (reference: classification 1.0, video 0.1, MLM 0.5, caption 1.0,
+        retrieval 0.5); a config may override it.
+    text_column: the column holding text for text tasks / captions.
+    """
+
+    name: str
+    family: str
+    source: str
+    task_id: int
+    loss_weight: float = 1.0
+    text_column: str = "text"
+    input_attributes: TokenAttributes | None = None
+    target_attributes: TokenAttributes | None = None
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    if task.name in TASKS:
+        raise ValueError(f"task {task.name!r} is already registered")
+    if task.family not in FAMILY_BUILDERS:
+        raise ValueError(f"task {task.name!r}: unknown family {task.family!r}; known: {sorted(FAMILY_BUILDERS)}")
+    if any(t.task_id == task.task_id for t in TASKS.values()):
+        raise ValueError(f"task {task.name!r}: task_id {task.task_id} is already used")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise UnknownTask(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}")
+    return TASKS[name]
+
+
+# --------------------------------------------------------------------------------------------- context
+@dataclass
+class TaskContext:
+    """What batch builders need besides the samples.
+
+    label_names: per task, the class/label texts (classification families).
+    vocabulary: `[K]` candidate token ids for MLM and captioning (word targets).
+    """
+
+    tokenizer: object
+    image_processor: object
+    model_config: object
+    label_names: dict[str, list[str]] = field(default_factory=dict)
+    vocabulary: torch.Tensor | None = None
+    max_text_length: int = 32
+    mask_probability: float = 0.15
+    seed: int = 0
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def word_end(self) -> torch.Tensor:
+        """`[V]` bool: token ends a word (CLIP BPE marks word ends with `</w>`); specials count as words."""
+        if "word_end" not in self._cache:
+            vocab = self.tokenizer.get_vocab()
+            ends = torch.ones(self.model_config.vocab_size, dtype=torch.bool)
+            for token, index in vocab.items():
+                if index < len(ends) and not token.endswith("</w>") and not token.startswith("<|") and not token.startswith("["):
+                    ends[index] = False
+            self._cache["word_end"] = ends
+        return self._cache["word_end"]
+
+    def vocabulary_index(self) -> torch.Tensor:
+        """`[V]` long: position of each token in `vocabulary`, -100 when it is not a candidate."""
+        if "vocab_index" not in self._cache:
+            if self.vocabulary is None:
+                raise ValueError("MLM/captioning tasks need a candidate vocabulary (the data manifest provides one)")
+            index = torch.full((self.model_config.vocab_size,), -100, dtype=torch.long)
+            index[self.vocabulary] = torch.arange(len(self.vocabulary))
+            self._cache["vocab_index"] = index
+        return self._cache["vocab_index"]
+
+    def word_targets(self) -> dict[str, torch.Tensor]:
+        """The vocabulary encoded as `[SPE] w [EOS]` target sequences: ids `[K, 2]` (SPE is added by the model)."""
+        if "word_targets" not in self._cache:
+            eos = self.model_config.eos_token_id
+            ids = torch.stack([self.vocabulary, torch.full_like(self.vocabulary, eos)], dim=1)
+            self._cache["word_targets"] = {"target_input_ids": ids, "target_attention_mask": torch.ones_like(ids)}
+        return self._cache["word_targets"]
+
+    def label_targets(self, task: Task) -> dict[str, torch.Tensor]:
+        key = ("labels", task.name)
+        if key not in self._cache:
+            names = self.label_names.get(task.name)
+            if not names:
+                raise ValueError(f"task {task.name!r} needs label names (the data manifest provides them)")
+            encoded = self.tokenize(names)
+            self._cache[key] = {"target_input_ids": encoded["input_ids"],
+                                "target_attention_mask": encoded["attention_mask"]}
+        return self._cache[key]
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import clean_text
+
+        return self.tokenizer([clean_text(t) for t in texts], padding=True, truncation=True,
+                              max_length=self.max_text_length, return_tensors="pt")
+
+    def pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.image_processor(images, return_tensors="pt")["pixel_values"]
+
+
+@dataclass
+class TaskBatch:
+    """A built batch: `inputs` go to `UniPerceiverMoEForGenericPerception.forward`; `labels` index candidates
+    (-100 = ignore); `num_tokens` = the number of tokens the loss runs over (samples or masked tokens)."""
+
+    task: Task
+    inputs: dict
+    labels: torch.Tensor
+    num_samples: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def to(self, device) -> "TaskBatch":
+        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
+        return TaskBatch(self.task, moved, self.labels.to(device), self.num_samples, self.skipped)
+
+
+# --------------------------------------------------------------------------------------------- sample checks
+def sample_name(sample: dict) -> str:
+    return str(sample.get("key", sample.get("idx", "?")))
+
+
+def decode_image(value) -> Image.Image:
+    """A datasets Image cell (dict with bytes/path, raw bytes or a PIL image) -> RGB PIL image."""
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, dict) and value.get("bytes") is not None:
+            image = Image.open(io.BytesIO(value["bytes"]))
+        elif isinstance(value, dict) and value.get("path"):
+            image = Image.open(value["path"])
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        else:
+            raise MalformedSample(f"no image data ({type(value).__name__})")
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise MalformedSample(f"cannot decode image: {error}") from None
+    if image.width < 1 or image.height < 1:
+        raise MalformedSample("empty image")
+    return image.convert("RGB")
+
+
+def require_text(sample: dict, column: str) -> str:
+    text = sample.get(column)
+    if not isinstance(text, str) or not text.strip():
+        raise MalformedSample(f"empty or missing text in column {column!r}")
+    return text
+
+
+def require_label(sample: dict, num_labels: int) -> int:
+    label = sample.get("label")
+    if not isinstance(label, (int, np.integer)) or not 0 <= int(label) < num_labels:
+        raise MalformedSample(f"label {label!r} outside [0, {num_labels})")
+    return int(label)
+
+
+def sample_rng(ctx: TaskContext, task: Task, sample: dict, epoch: int) -> np.random.Generator:
+    """Per-sample randomness (e.g. MLM masks) from (seed, task, epoch, sample key): the same in any
+    process layout and after resumption."""
+    digest = hashlib.sha1(f"{ctx.seed}/{task.name}/{epoch}/{sample_name(sample)}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def attribute_rows(attributes: TokenAttributes, batch: int) -> torch.Tensor:
+    return attributes.to_tensor().expand(batch, -1).clone()
+
+
+def route_inputs(task: Task, batch: int, attributes: torch.Tensor, target_attributes: TokenAttributes | None,
+                 num_targets: int | None) -> dict:
+    """Router inputs of both sides: attribute vectors and task ids (modality ids are derived by the model)."""
+    out = {"attribute_vectors": attributes, "task_ids": torch.full((batch,), task.task_id, dtype=torch.long)}
+    if num_targets is not None:
+        target = target_attributes or task.target_attributes
+        out["target_attribute_vectors"] = attribute_rows(target, num_targets)
+        out["target_task_ids"] = torch.full((num_targets,), task.task_id, dtype=torch.long)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- builders
+def build_classification(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, video: bool) -> TaskBatch:
+    names = ctx.label_names.get(task.name) or []
+    visuals, labels, skipped = [], [], []
+    for sample in samples:
+        try:
+            if video:
+                frames = sample.get("frames") or []
+                if not frames:
+                    raise MalformedSample("video without frames")
+                if len(frames) > ctx.model_config.num_frames:
+                    raise MalformedSample(f"{len(frames)} frames > num_frames={ctx.model_config.num_frames}")
+                visual = [decode_image(f) for f in frames]
+            else:
+                visual = decode_image(sample.get("image"))
+            label = require_label(sample, len(names))
+        except MalformedSample as error:
+            skipped.append((sample_name(sample), str(error)))
+            continue
+        visuals.append(visual)
+        labels.append(label)
+    if video:
+        lengths = {len(v) for v in visuals}
+        if len(lengths) > 1:  # pad shorter clips by repeating their last frame
+            longest = max(lengths)
+            visuals = [v + [v[-1]] * (longest - len(v)) for v in visuals]
+        pixels = ctx.pixels([f for v in visuals for f in v]) if visuals else torch.zeros(0)
+        pixels = pixels.reshape(len(visuals), -1, *pixels.shape[1:]) if visuals else pixels
+    else:
+        pixels = ctx.pixels(visuals) if visuals else torch.zeros(0)
+    targets = ctx.label_targets(task)
+    inputs = {"pixel_values": pixels, **targets,
+              **route_inputs(task, len(labels), attribute_rows(task.input_attributes, len(labels)), None,
+                             len(targets["target_input_ids"]))}
+    return TaskBatch(task, inputs, torch.tensor(labels, dtype=torch.long), len(labels), skipped)
+
+
+def build_text_classification(task: Task, samples: list[dict], ctx: TaskContext, epoch: int) -> TaskBatch:
+    names = ctx.label_names.get(task.name) or []
+    texts, labels, skipped = [], [], []
+    for sample in samples:
+        try:
+            text, label = require_text(sample, task.text_column), require_label(sample, len(names))
+        except MalformedSample as error:
+            skipped.append((sample_name(sample), str(error)))
+            continue
+        texts.append(text)
+        labels.append(label)
+    spe = ctx.model_config.spe_token_id
+    encoded = ctx.tokenize(texts)
+    ids, mask = append_query_token(encoded["input_ids"], encoded["attention_mask"], spe, ctx.max_text_length)
+    query = (mask.sum(1) - 2).clamp(min=0)[:, None]  # the [SPE] sits just before the end token
+    targets = ctx.label_targets(task)
+    inputs = {"input_ids": ids, "attention_mask": mask, "query_positions": query, **targets,
+              **route_inputs(task, len(labels), attribute_rows(task.input_attributes, len(labels)), None,
+                             len(targets["target_input_ids"]))}
+    return TaskBatch(task, inputs, torch.tensor(labels, dtype=torch.long)[:, None], len(labels), skipped)
+
+
+def append_query_token(ids: torch.Tensor, mask: torch.Tensor, token: int, max_length: int):
+    """Insert `token` before each sequence's end token (truncating the text to fit `max_length`)."""
+    lengths = mask.sum(1)
+    out_len = min(ids.shape[1] + 1, max_length)
+    out = torch.full((ids.shape[0], out_len), int(ids[0, -1]) if ids.numel() else 0, dtype=ids.dtype)
+    out_mask = torch.zeros(ids.shape[0], out_len, dtype=mask.dtype)
+    for row in range(ids.shape[0]):
+        n = int(lengths[row])
+        body = ids[row, : n - 1][: out_len - 2]  # bos + words, without the end token
+        seq = torch.cat([body, torch.tensor([token, int(ids[row, n - 1])], dtype=ids.dtype)])
+        out[row, : len(seq)] = seq
+        out_mask[row, : len(seq)] = 1
+    return out, out_mask
+
+
+def whole_word_mask(ids: list[int], word_end: torch.Tensor, probability: float, rng: np.random.Generator) -> list[bool]:
+    """Choose `probability` of the words (at least one) of a `[bos] tokens [eos]` sequence; True = masked."""
+    words, start = [], 1
+    for position in range(1, len(ids) - 1):
+        if bool(word_end[ids[position]]) or position == len(ids) - 2:
+            words.append((start, position + 1))
+            start = position + 1
+    masked = [False] * len(ids)
+    if not words:
+        return masked
+    count = max(1, int(round(probability * len(words))))
+    for w in rng.choice(len(words), size=min(count, len(words)), replace=False):
+        for position in range(*words[w]):
+            masked[position] = True
+    return masked
+
+
+def build_mlm(task: Task, samples: list[dict], ctx: TaskContext, epoch: int) -> TaskBatch:
+    texts, kept, skipped = [], [], []
+    for sample in samples:
+        try:
+            texts.append(require_text(sample, task.text_column))
+            kept.append(sample)
+        except MalformedSample as error:
+            skipped.append((sample_name(sample), str(error)))
+    encoded = ctx.tokenize(texts)
+    ids, mask = encoded["input_ids"].clone(), encoded["attention_mask"]
+    vocab_index, word_end = ctx.vocabulary_index(), ctx.word_end()
+    queries, labels = [], []
+    for row, sample in enumerate(kept):
+        n = int(mask[row].sum())
+        chosen = whole_word_mask(ids[row, :n].tolist(), word_end, ctx.mask_probability, sample_rng(ctx, task, sample, epoch))
+        positions = [p for p, m in enumerate(chosen) if m]
+        labels.append([int(vocab_index[ids[row, p]]) for p in positions])
+        queries.append(positions)
+        ids[row, positions] = ctx.model_config.mask_token_id
+    width = max((len(q) for q in queries), default=1) or 1
+    query_positions = torch.full((len(kept), width), -1, dtype=torch.long)
+    label_tensor = torch.full((len(kept), width), -100, dtype=torch.long)
+    for row, (q, l) in enumerate(zip(queries, labels)):
+        query_positions[row, : len(q)] = torch.tensor(q, dtype=torch.long)
+        label_tensor[row, : len(l)] = torch.tensor(l, dtype=torch.long)
+    targets = ctx.word_targets()
+    inputs = {"input_ids": ids, "attention_mask": mask, "query_positions": query_positions, **targets,
+              **route_inputs(task, len(kept), attribute_rows(task.input_attributes, len(kept)), None,
+                             len(targets["target_input_ids"]))}
+    return TaskBatch(task, inputs, label_tensor, len(kept), skipped)
+
+
+def image_text_pairs(task: Task, samples: list[dict]) -> tuple[list, list[str], list[tuple[str, str]]]:
+    images, texts, skipped = [], [], []
+    for sample in samples:
+        try:
+            image = decode_image(sample.get("image"))
+            text = require_text(sample, task.text_column)
+        except MalformedSample as error:
+            skipped.append((sample_name(sample), str(error)))
+            continue
+        images.append(image)
+        texts.append(text)
+    return images, texts, skipped
+
+
+def caption_attributes(task: Task, batch: int, num_prefix: int, num_words: int) -> torch.Tensor:
+    """`[B, L, A]`: SPE + image tokens get the image segment's attributes, words + placeholders the text's."""
+    image = ATTRIBUTES["caption_image"].to_tensor()
+    text = ATTRIBUTES["caption_text"].to_tensor()
+    rows = torch.cat([image.expand(num_prefix, -1), text.expand(2 * num_words, -1)])
+    return rows.expand(batch, -1, -1).clone()
+
+
+def build_captioning(task: Task, samples: list[dict], ctx: TaskContext, epoch: int) -> TaskBatch:
+    images, texts, skipped = image_text_pairs(task, samples)
+    encoded = ctx.tokenize(texts)
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    labels = ctx.vocabulary_index()[ids].masked_fill(mask == 0, -100)
+    labels[:, 0] = -100  # q_0 would predict the start token
+    pixels = ctx.pixels(images)
+    grid = (pixels.shape[-1] // ctx.model_config.patch_size) * (pixels.shape[-2] // ctx.model_config.patch_size)
+    targets = ctx.word_targets()
+    attributes = caption_attributes(task, len(texts), 1 + grid, ids.shape[1])
+    inputs = {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask, "caption_mode": True, **targets,
+              **route_inputs(task, len(texts), attributes, None, len(targets["target_input_ids"]))}
+    return TaskBatch(task, inputs, labels, len(texts), skipped)
+
+
+def build_retrieval(task: Task, samples: list[dict], ctx: TaskContext, epoch: int) -> TaskBatch:
+    images, texts, skipped = image_text_pairs(task, samples)
+    encoded = ctx.tokenize(texts)
+    inputs = {"pixel_values": ctx.pixels(images), "target_input_ids": encoded["input_ids"],
+              "target_attention_mask": encoded["attention_mask"],
+              **route_inputs(task, len(texts), attribute_rows(task.input_attributes, len(texts)), None, len(texts))}
+    return TaskBatch(task, inputs, torch.arange(len(texts)), len(texts), skipped)
+
+
+FAMILY_BUILDERS: dict[str, Callable[..., TaskBatch]] = {
+    "image_classification": lambda t, s, c, e: build_classification(t, s, c, e, video=False),
+    "video_classification": lambda t, s, c, e: build_classification(t, s, c, e, video=True),
+    "text_classification": build_text_classification,
+    "mlm": build_mlm,
+    "captioning": build_captioning,
+    "retrieval": build_retrieval,
+}
+TOKEN_LEVEL_FAMILIES = ("mlm", "captioning", "text_classification")
+
+
+def build_batch(task: Task, samples: list[dict], ctx: TaskContext, epoch: int) -> TaskBatch:
+    """Samples (raw rows of the task's source) -> a `TaskBatch`; malformed samples are listed in `skipped`."""
+    return FAMILY_BUILDERS[task.family](task, samples, ctx, epoch)
+
+
+# --------------------------------------------------------------------------------------------- loss
+def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All-gather `[b, ...]` across processes keeping gradients; returns (`[W*b, ...]`, this rank's offset)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor, 0
+    from torch.distributed.nn.functional import all_gather
+
+    parts = all_gather(tensor.contiguous())
+    return torch.cat(parts), dist.get_rank() * tensor.shape[0]
+
+
+def global_count(count: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        count = count.clone()
+        dist.all_reduce(count)
+        return count / dist.get_world_size()
+    return count
+
+
+def task_loss(batch: TaskBatch, output, label_smoothing: float) -> torch.Tensor:
+    """Candidate cross-entropy of one task batch (+ the router aux loss), normalised over the global batch.
+
+    Each process returns sum(local losses) / (global count / world size): averaging the processes'
+    gradients (DDP) then gives exactly the gradient of the global mean.
+    """
+    if batch.task.family == "retrieval":
+        images, image_offset = gather_with_grad(output.input_features)
+        texts, _ = gather_with_grad(output.target_features)
+        scale = output.logit_scale
+        local = torch.arange(output.input_features.shape[0], device=images.device) + image_offset
+        i2t = F.cross_entropy(scale * output.input_features @ texts.t(), local, label_smoothing=label_smoothing)
+        t2i = F.cross_entropy(scale * output.target_features.float() @ images.t(), local, label_smoothing=label_smoothing)
+        loss = (i2t + t2i) / 2
+    else:
+        logits = output.logits.reshape(-1, output.logits.shape[-1])
+        labels = batch.labels.reshape(-1).to(logits.device)
+        total = F.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=label_smoothing, reduction="sum")
+        count = (labels != -100).sum().float()
+        loss = total / global_count(count).clamp(min=1.0)
+    if output.aux_loss is not None:
+        loss = loss + output.aux_loss
+    return loss
+
+
+# --------------------------------------------------------------------------------------------- the registry
+for _task in (
+    Task("fashion_mnist_classification", "image_classification", "fashion_mnist", 0, 1.0,
+         input_attributes=ATTRIBUTES["classification_input"], target_attributes=ATTRIBUTES["class_name_target"]),
+    Task("video_clip_classification", "video_classification", "video_clips", 1, 0.1,
+         input_attributes=ATTRIBUTES["classification_input"], target_attributes=ATTRIBUTES["class_name_target"]),
+    Task("austen_mlm", "mlm", "austen", 2, 0.5,
+         input_attributes=ATTRIBUTES["text_input"], target_attributes=ATTRIBUTES["word_target"]),
+    Task("kjv_mlm", "mlm", "kjv", 3, 0.5,
+         input_attributes=ATTRIBUTES["text_input"], target_attributes=ATTRIBUTES["word_target"]),
+    Task("emoji_captioning", "captioning", "emoji", 4, 1.0, text_column="caption",
+         target_attributes=ATTRIBUTES["word_target"]),
+    Task("emoji_retrieval", "retrieval", "emoji", 5, 0.5, text_column="caption",
+         input_attributes=ATTRIBUTES["retrieval_image"], target_attributes=ATTRIBUTES["retrieval_text_target"]),
+    Task("openclipart_captioning", "captioning", "openclipart", 6, 1.0, text_column="caption",
+         target_attributes=ATTRIBUTES["word_target"]),
+    Task("openclipart_retrieval", "retrieval", "openclipart", 7, 0.5, text_column="caption",
+         input_attributes=ATTRIBUTES["retrieval_image"], target_attributes=ATTRIBUTES["retrieval_text_target"]),
+    Task("wordnet_lexname_classification", "text_classification", "wordnet", 8, 1.0,
+         input_attributes=ATTRIBUTES["text_input"], target_attributes=ATTRIBUTES["word_target"]),
+):
+    register(_task)

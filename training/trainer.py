@@ -1,0 +1,371 @@
+"""Multi-task pre-training on Accelerate.
+
+One task per step (drawn by weight), bf16/fp16 autocast, gradient accumulation, grad-norm clipping,
+AdamW without weight decay on norms/biases/embeddings/gates/scales, warmup + cosine, per-task loss
+weights, periodic per-task evaluation, tqdm, tracker logs (TensorBoard by default) plus `metrics.jsonl`,
+`save_state` checkpoints with each process's data position (exact resumption), and `save_pretrained` of
+the final model with its processor and a report.
+
+Checkpoints: `<output_dir>/checkpoints/step_<N>/` (accelerate state + `data_state_<rank>.json` +
+`trainer_state.json`), written to a temporary folder and renamed when complete, so a crash never leaves a
+half-written checkpoint that `resume: auto` would pick.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import shutil
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from modeling_uniperceiver_moe import UniPerceiverMoEConfig, UniPerceiverMoEForGenericPerception, UniPerceiverMoEProcessor
+
+from .config import ConfigError, PretrainConfig
+from .data import MultiTaskLoader, StreamSpec, TaskEntry, TaskStream, read_rows
+from .evaluation import evaluate_all, headline
+from .tasks import TaskContext, get_task, task_loss
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_PREFIX = "step_"
+NO_DECAY_KEYWORDS = ("norm", "bias", "embedding", "gate", "router", "scale", "log_scale")
+
+
+# --------------------------------------------------------------------------------------------- pieces
+def build_model_config(config: PretrainConfig) -> UniPerceiverMoEConfig:
+    accepted = set(inspect.signature(UniPerceiverMoEConfig.__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(config.model) - accepted)
+    if unknown:
+        raise ConfigError(f"model: unknown UniPerceiverMoEConfig field(s) {unknown}")
+    try:
+        return UniPerceiverMoEConfig(**config.model)
+    except ValueError as error:
+        raise ConfigError(f"model: {error}") from None
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only matrices of linear/expert/conv weights; never norms, biases, embeddings, gates, scales."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        lowered = name.lower()
+        if parameter.ndim < 2 or any(k in lowered for k in NO_DECAY_KEYWORDS):
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_with_warmup(optimizer, warmup: int, total: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = [os.path.join(root, d) for d in os.listdir(root)
+             if d.startswith(CHECKPOINT_PREFIX) and d[len(CHECKPOINT_PREFIX):].isdigit()
+             and os.path.exists(os.path.join(root, d, "trainer_state.json"))]
+    return sorted(found, key=lambda p: int(os.path.basename(p)[len(CHECKPOINT_PREFIX):]))
+
+
+def slice_manifest(config: PretrainConfig, is_main: bool) -> tuple[str, dict]:
+    from .build_data import MANIFEST, build_slice, slice_is_complete
+
+    directory = os.path.join(config.data.cache_dir, config.data.slice)
+    needed = sorted({get_task(n).source for n, t in config.tasks.items() if t.source is None})
+    if needed and not slice_is_complete(directory, needed):
+        if not config.data.build:
+            raise FileNotFoundError(f"data slice {directory} is missing sources {needed}: run "
+                                    f"`python -m training.build_data --slice {config.data.slice}` or set data.build: true")
+        if is_main:
+            build_slice(config.data.slice, config.data.cache_dir, None)
+    with open(os.path.join(directory, MANIFEST)) as handle:
+        return directory, json.load(handle)
+
+
+def task_stream_spec(name: str, task_config, directory: str, manifest: dict, split: str) -> StreamSpec:
+    if task_config.source is not None:
+        source = dict(task_config.source)
+        if split == "test":
+            source = dict(source, **source.pop("eval", {}))
+        else:
+            source.pop("eval", None)
+        allowed = {"files", "format", "hub", "config", "split", "columns"}
+        unknown = sorted(set(source) - allowed)
+        if unknown:
+            raise ConfigError(f"tasks.{name}.source: unknown field(s) {unknown}; known: {sorted(allowed)}")
+        if isinstance(source.get("files"), str):
+            import glob
+
+            source["files"] = sorted(glob.glob(source["files"]))
+            if not source["files"]:
+                raise ConfigError(f"tasks.{name}.source.files matches no file")
+        return StreamSpec(**source)
+    source = get_task(name).source
+    info = manifest["sources"][source]["splits"][split]
+    return StreamSpec(files=[os.path.join(directory, f["path"]) for f in info["files"]])
+
+
+# --------------------------------------------------------------------------------------------- trainer
+class Pretrainer:
+    """Builds everything from a `PretrainConfig` and runs `train()`; see the module docstring."""
+
+    def __init__(self, config: PretrainConfig):
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        self.config = config
+        tracker = config.train.tracker
+        if tracker == "tensorboard":
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+                logger.warning("tensorboard is not installed: logging to metrics.jsonl only")
+                tracker = None
+        self.tracker = tracker
+        self.accelerator = Accelerator(
+            mixed_precision=config.train.mixed_precision,
+            gradient_accumulation_steps=config.train.grad_accum,
+            log_with=tracker,
+            project_config=ProjectConfiguration(project_dir=config.output_dir,
+                                                logging_dir=os.path.join(config.output_dir, "logs")),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        acc = self.accelerator
+        set_seed(config.seed)  # identical initial weights in every process
+        self.model_config = build_model_config(config)
+        with acc.main_process_first():
+            self.data_dir, self.manifest = slice_manifest(config, acc.is_main_process)
+        self.processor = UniPerceiverMoEProcessor.build(image_size=self.model_config.image_size)
+        self.tasks = {name: get_task(name) for name in config.tasks}
+        self.ctx = self._task_context()
+        entries = []
+        for name, task_config in config.tasks.items():
+            spec = task_stream_spec(name, task_config, self.data_dir, self.manifest, "train")
+            stream = TaskStream(name, spec, config.seed, config.data.shuffle_block, acc.process_index, acc.num_processes)
+            entries.append(TaskEntry(self.tasks[name], task_config.weight, task_config.batch_size, stream))
+        self.loader = MultiTaskLoader(entries, self.ctx, config.seed, acc.num_processes, config.data.on_bad_sample)
+
+        model = UniPerceiverMoEForGenericPerception(self.model_config)
+        if config.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        fused = config.optim.fused if config.optim.fused is not None else acc.device.type == "cuda"
+        optimizer = torch.optim.AdamW(parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr,
+                                      betas=config.optim.betas, eps=config.optim.eps, fused=fused)
+        # The scheduler is stepped by hand once per optimizer step (not prepared: accelerate would step it
+        # once per process), and checkpointed through register_for_checkpointing.
+        self.scheduler = cosine_with_warmup(optimizer, config.train.warmup_steps, config.train.max_steps,
+                                            config.train.min_lr_ratio)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(self.scheduler)
+        self.step = 0  # optimizer steps done
+        self.micro_step = 0
+        self.history: list[dict] = []
+
+    def _task_context(self) -> TaskContext:
+        label_names = {}
+        for name, task in self.tasks.items():
+            source = self.manifest["sources"].get(task.source, {})
+            if source.get("label_names"):
+                label_names[name] = source["label_names"]
+        vocabulary = torch.tensor(self.manifest["vocabulary"][: self.config.data.vocabulary_size], dtype=torch.long)
+        return TaskContext(self.processor.tokenizer, self.processor.image_processor, self.model_config,
+                           label_names=label_names, vocabulary=vocabulary,
+                           max_text_length=self.config.data.max_text_length, seed=self.config.seed)
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> str:
+        acc = self.accelerator
+        root = os.path.join(self.config.output_dir, "checkpoints")
+        final = os.path.join(root, f"{CHECKPOINT_PREFIX}{self.step:07d}")
+        staging = final + ".tmp"
+        if acc.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging, exist_ok=True)
+        acc.wait_for_everyone()
+        acc.save_state(staging)
+        with open(os.path.join(staging, f"data_state_{acc.process_index}.json"), "w") as handle:
+            json.dump(self.loader.state_dict(), handle)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": self.step, "micro_step": self.micro_step, "num_processes": acc.num_processes,
+                     "config": self.config.to_dict(), "history": self.history[-1000:]}
+            with open(os.path.join(staging, "trainer_state.json"), "w") as handle:
+                json.dump(state, handle)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            for old in list_checkpoints(self.config.output_dir)[: -self.config.train.keep_checkpoints or None]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def resume(self) -> str | None:
+        choice = self.config.train.resume
+        if choice == "none":
+            return None
+        if choice == "auto":
+            found = list_checkpoints(self.config.output_dir)
+            if not found:
+                return None
+            path = found[-1]
+        else:
+            path = choice
+            if not os.path.exists(os.path.join(path, "trainer_state.json")):
+                raise FileNotFoundError(f"train.resume={path!r} is not a checkpoint (no trainer_state.json)")
+        acc = self.accelerator
+        try:
+            with open(os.path.join(path, "trainer_state.json")) as handle:
+                state = json.load(handle)
+            if state["num_processes"] != acc.num_processes:
+                raise RuntimeError(f"checkpoint {path} was written by {state['num_processes']} process(es), this run has "
+                                   f"{acc.num_processes}: the data positions cannot be mapped (set train.resume: none "
+                                   f"to start over, or resume with the same number of processes)")
+            acc.load_state(path)
+            with open(os.path.join(path, f"data_state_{acc.process_index}.json")) as handle:
+                self.loader.load_state_dict(json.load(handle))
+        except RuntimeError:
+            raise
+        except Exception as error:  # corrupt or truncated files
+            raise RuntimeError(f"checkpoint {path} cannot be loaded ({type(error).__name__}: {error}); delete it or "
+                               f"point train.resume at another checkpoint") from error
+        self.step, self.micro_step = state["step"], state["micro_step"]
+        self.history = state.get("history", [])
+        return path
+
+    # ----------------------------------------------------------------------------------------- loop
+    def train_step(self, step_index: int) -> dict:
+        acc = self.accelerator
+        batch = self.loader.batch(step_index).to(acc.device)
+        task_config = self.config.tasks[batch.task.name]
+        loss_weight = task_config.loss_weight if task_config.loss_weight is not None else batch.task.loss_weight
+        with acc.accumulate(self.model):
+            output = self.model(**batch.inputs, task_family=batch.task.family)
+            loss = task_loss(batch, output, self.model_config.label_smoothing)
+            acc.backward(loss * loss_weight)
+            synced, grad_norm = acc.sync_gradients, None
+            if synced:
+                clip = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
+                grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), clip))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        # tokens through the encoder: the input sequences and (with their SPE) the candidate targets
+        tokens = int(output.input_outputs.sequence_mask.sum())
+        if "target_attention_mask" in batch.inputs:
+            mask = batch.inputs["target_attention_mask"]
+            tokens += int(mask.sum()) + mask.shape[0]
+        return {"task": batch.task.name, "loss": acc.reduce(loss.detach(), "mean").item(), "tokens": tokens,
+                "synced": synced, "grad_norm": grad_norm}
+
+    def evaluate(self) -> dict:
+        acc = self.accelerator
+        results = {}
+        if acc.is_main_process:
+            if not hasattr(self, "_eval_rows"):
+                self._eval_rows = {}
+                for name, task_config in self.config.tasks.items():
+                    spec = task_stream_spec(name, task_config, self.data_dir, self.manifest, "test")
+                    self._eval_rows[name] = read_rows(spec, self.config.data.eval_samples)
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.train.mixed_precision)
+            results = evaluate_all(acc.unwrap_model(self.model), self.tasks, self._eval_rows, self.ctx, acc.device, dtype)
+        acc.wait_for_everyone()
+        return results
+
+    def log(self, values: dict) -> None:
+        acc = self.accelerator
+        if not acc.is_main_process:
+            return
+        self.history.append(values)
+        with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a") as handle:
+            handle.write(json.dumps(values) + "\n")
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and k != "step"}
+        if scalars and acc.trackers:
+            acc.log(scalars, step=values["step"])
+
+    def train(self) -> dict:
+        acc, cfg = self.accelerator, self.config.train
+        os.makedirs(self.config.output_dir, exist_ok=True)
+        resumed = self.resume()
+        if self.tracker:
+            acc.init_trackers("pretrain", config={"seed": self.config.seed, "max_steps": cfg.max_steps,
+                                                  "routing": self.model_config.moe_routing, "lr": self.config.optim.lr})
+        if resumed and acc.is_main_process:
+            print(f"resumed from {resumed} at step {self.step}")
+        crash_at = int(os.environ.get("UNIPERCEIVER_TEST_CRASH_AT_STEP", "0"))  # tests: simulate a kill
+        start_time = time.perf_counter()
+        progress = tqdm(total=cfg.max_steps, initial=self.step, desc="pretrain", disable=not acc.is_main_process,
+                        dynamic_ncols=True)
+        window: dict[str, list[float]] = {}
+        tokens, window_start = 0, time.perf_counter()
+        stopped_early = False
+        while self.step < cfg.max_steps:
+            result = self.train_step(self.micro_step)
+            self.micro_step += 1
+            window.setdefault(result["task"], []).append(result["loss"])
+            tokens += result["tokens"] * acc.num_processes
+            if not result["synced"]:
+                continue
+            self.scheduler.step()
+            self.step += 1
+            progress.update(1)
+            self.log({"step": self.step, "micro_step": self.micro_step, "task": result["task"], "loss": result["loss"],
+                      "lr": self.scheduler.get_last_lr()[0], "grad_norm": result["grad_norm"]})
+            if crash_at and self.step == crash_at:
+                os._exit(17)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                elapsed = time.perf_counter() - window_start
+                summary = {"step": self.step, "tokens_per_second": tokens / max(elapsed, 1e-9),
+                           "steps_per_second": len(sum(window.values(), [])) / cfg.grad_accum / max(elapsed, 1e-9)}
+                summary.update({f"train_loss/{k}": sum(v) / len(v) for k, v in window.items()})
+                self.log(summary)
+                progress.set_postfix(loss=f"{result['loss']:.3f}", tok_s=f"{summary['tokens_per_second']:.0f}")
+                window, tokens, window_start = {}, 0, time.perf_counter()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                self.log_eval(self.evaluate())
+            out_of_time = cfg.max_minutes is not None and (time.perf_counter() - start_time) / 60 > cfg.max_minutes
+            if (cfg.save_every and self.step % cfg.save_every == 0) or out_of_time:
+                self.save_checkpoint()
+            if out_of_time:
+                stopped_early = True
+                break
+        progress.close()
+        final_eval = self.evaluate()
+        self.log_eval(final_eval)
+        if not stopped_early and (not cfg.save_every or self.step % cfg.save_every):
+            self.save_checkpoint()
+        self.save_final(final_eval)
+        acc.end_training()
+        return final_eval
+
+    def log_eval(self, results: dict) -> None:
+        flat = {"step": self.step}
+        for task, metrics in results.items():
+            flat.update({f"eval/{task}/{k}": v for k, v in metrics.items()})
+        if results:
+            self.log(flat)
+
+    def save_final(self, results: dict) -> None:
+        acc = self.accelerator
+        if not acc.is_main_process:
+            return
+        final_dir = os.path.join(self.config.output_dir, "final")
+        model = acc.unwrap_model(self.model)
+        model.save_pretrained(final_dir)
+        self.processor.save_pretrained(final_dir)
+        from .report import write_report
+
+        write_report(self, results)
+
