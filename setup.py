@@ -17,6 +17,13 @@ setup(
         "evaluate>=0.4",
         "ftfy",
         "pillow",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+        "tensorboard",
+        # data recipes (training/build_data.py): R data of janeaustenr, the sample videos' decoder
+        "rdata",
+        "av",
     ],
     extras_require={"test": ["pytest>=8"]},
 )

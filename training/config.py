@@ -27,6 +27,8 @@ class DataConfig:
     max_text_length: int = 32
     vocabulary_size: int = 1024  # MLM/caption candidates: the most frequent BPE tokens of the slice
     eval_samples: int = 128  # per task, from the test split
+    prefetch: int = 2  # batches built ahead in a background thread (0 = none)
+    workers: int = 0  # threads decoding/resizing images inside a batch (0 = none; GPUs want ~8)
 
 
 @dataclass

@@ -179,6 +179,7 @@ class MultiTaskLoader:
         for _ in range(100):
             built = build_batch(entry.task, rows, self.ctx, entry.stream.epoch)
             if not built.skipped:
+                built.data_state = self.state_dict()  # the position right after this batch (for checkpoints)
                 return built
             reasons = "; ".join(f"{key}: {why}" for key, why in built.skipped)
             if self.on_bad_sample == "error":
@@ -200,6 +201,55 @@ class MultiTaskLoader:
             raise ValueError(f"the checkpoint's data state has tasks {unknown} that this run does not train")
         for name, entry_state in state.items():
             self.entries[name].stream.load_state_dict(entry_state)
+
+
+class Prefetcher:
+    """Builds the batches of the next `depth` steps in a background thread, in step order (decoding and
+    tokenising overlap the accelerator's work). Each batch carries the loader state right after it, so a
+    checkpoint taken after consuming step s resumes exactly at s + 1 whatever was prefetched."""
+
+    def __init__(self, loader: MultiTaskLoader, first_step: int, depth: int = 2):
+        import queue
+        import threading
+
+        self.loader, self.next_step = loader, first_step
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, daemon=True) if depth > 0 else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def _work(self):
+        step = self.next_step
+        while not self._stop.is_set():
+            try:
+                item = (step, self.loader.batch(step), None)
+            except BaseException as error:  # handed to the consumer, raised there
+                item = (step, None, error)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except Exception:
+                    continue
+            if item[2] is not None:
+                return
+            step += 1
+
+    def get(self, step: int) -> TaskBatch:
+        if self._thread is None:
+            return self.loader.batch(step)
+        got, batch, error = self._queue.get()
+        if error is not None:
+            raise error
+        if got != step:
+            raise RuntimeError(f"prefetcher out of order: wanted step {step}, got {got}")
+        return batch
+
+    def close(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
 
 def read_rows(spec: StreamSpec, count: int) -> list[dict]:

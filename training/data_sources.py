@@ -287,7 +287,11 @@ def extract_deb(package: str, workdir: str) -> str:
     """`apt-get download` a package and unpack it with `dpkg-deb -x` (no install, no R needed)."""
     cached = glob.glob(os.path.join(workdir, f"{package}_*.deb"))
     if not cached:
-        subprocess.run(["apt-get", "download", package], cwd=workdir, check=True, capture_output=True)
+        if subprocess.run(["apt-get", "download", package], cwd=workdir, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True)  # a fresh machine may have no lists
+            done = subprocess.run(["apt-get", "download", package], cwd=workdir, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise MissingSource(f"`apt-get download {package}` failed: {done.stderr.strip()[-300:]}")
         cached = glob.glob(os.path.join(workdir, f"{package}_*.deb"))
     target = os.path.join(workdir, package)
     if not os.path.isdir(target):

@@ -62,7 +62,9 @@ def _evaluate_retrieval(model, task, rows, ctx, device, batch_size) -> dict:
     truth = torch.arange(len(images), device=similarity.device)
     metrics = {"evaluated": len(images)}
     for name, scores in (("i2t", similarity), ("t2i", similarity.t())):
-        rank = (scores > scores.gather(1, truth[:, None])).sum(1)  # how many candidates beat the true one
+        # how many other candidates score at least as high as the true one (ties count against us, so
+        # collapsed features give chance-level recall, not a perfect one)
+        rank = (scores >= scores.gather(1, truth[:, None])).sum(1) - 1
         for k in (1, 5):
             metrics[f"{name}_R@{k}"] = float((rank < k).float().mean())
     metrics["loss"] = float(F.cross_entropy(similarity * 100.0, truth))

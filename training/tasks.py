@@ -115,7 +115,18 @@ class TaskContext:
     max_text_length: int = 32
     mask_probability: float = 0.15
     seed: int = 0
+    workers: int = 0  # threads decoding/resizing images (0 = in the calling thread)
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def map(self, function, items: list) -> list:
+        """`[function(x) for x in items]`, on `workers` threads when set (PIL releases the GIL)."""
+        if self.workers <= 1 or len(items) < 4:
+            return [function(x) for x in items]
+        if "pool" not in self._cache:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._cache["pool"] = ThreadPoolExecutor(self.workers, thread_name_prefix="uniperceiver-data")
+        return list(self._cache["pool"].map(function, items))
 
     def word_end(self) -> torch.Tensor:
         """`[V]` bool: token ends a word (CLIP BPE marks word ends with `</w>`); specials count as words."""
@@ -164,7 +175,13 @@ class TaskContext:
                               max_length=self.max_text_length, return_tensors="pt")
 
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
-        return self.image_processor(images, return_tensors="pt")["pixel_values"]
+        """`[N, C, H, W]`; chunks of the list are processed on the worker threads."""
+        if self.workers <= 1 or len(images) < 8:
+            return self.image_processor(images, return_tensors="pt")["pixel_values"]
+        step = -(-len(images) // self.workers)
+        chunks = [images[i:i + step] for i in range(0, len(images), step)]
+        parts = self.map(lambda chunk: self.image_processor(chunk, return_tensors="pt")["pixel_values"], chunks)
+        return torch.cat(parts)
 
 
 @dataclass
@@ -177,10 +194,13 @@ class TaskBatch:
     labels: torch.Tensor
     num_samples: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    data_state: dict | None = None
 
     def to(self, device) -> "TaskBatch":
-        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
-        return TaskBatch(self.task, moved, self.labels.to(device), self.num_samples, self.skipped)
+        non_blocking = torch.device(device).type == "cuda"
+        moved = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
+        return TaskBatch(self.task, moved, self.labels.to(device, non_blocking=non_blocking), self.num_samples,
+                         self.skipped, self.data_state)
 
 
 # --------------------------------------------------------------------------------------------- sample checks
@@ -203,10 +223,18 @@ def decode_image(value) -> Image.Image:
             raise MalformedSample(f"no image data ({type(value).__name__})")
         image.load()
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise MalformedSample(f"cannot decode image: {error}") from None
+        raise MalformedSample(f"cannot decode image ({type(error).__name__})") from None
     if image.width < 1 or image.height < 1:
         raise MalformedSample("empty image")
     return image.convert("RGB")
+
+
+def try_decode(value):
+    """`decode_image` that returns the MalformedSample instead of raising it (for thread pools)."""
+    try:
+        return decode_image(value)
+    except MalformedSample as error:
+        return error
 
 
 def require_text(sample: dict, column: str) -> str:
@@ -249,17 +277,27 @@ def route_inputs(task: Task, batch: int, attributes: torch.Tensor, target_attrib
 def build_classification(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, video: bool) -> TaskBatch:
     names = ctx.label_names.get(task.name) or []
     visuals, labels, skipped = [], [], []
-    for sample in samples:
+    if video:
+        flat = [f for sample in samples for f in (sample.get("frames") or [])]
+        decoded_flat, decoded, at = ctx.map(try_decode, flat), [], 0
+        for sample in samples:
+            count = len(sample.get("frames") or [])
+            decoded.append(decoded_flat[at:at + count])
+            at += count
+    else:
+        decoded = ctx.map(try_decode, [sample.get("image") for sample in samples])
+    for sample, visual in zip(samples, decoded):
         try:
             if video:
-                frames = sample.get("frames") or []
-                if not frames:
+                if not visual:
                     raise MalformedSample("video without frames")
-                if len(frames) > ctx.model_config.num_frames:
-                    raise MalformedSample(f"{len(frames)} frames > num_frames={ctx.model_config.num_frames}")
-                visual = [decode_image(f) for f in frames]
-            else:
-                visual = decode_image(sample.get("image"))
+                if len(visual) > ctx.model_config.num_frames:
+                    raise MalformedSample(f"{len(visual)} frames > num_frames={ctx.model_config.num_frames}")
+                for frame in visual:
+                    if isinstance(frame, MalformedSample):
+                        raise frame
+            elif isinstance(visual, MalformedSample):
+                raise visual
             label = require_label(sample, len(names))
         except MalformedSample as error:
             skipped.append((sample_name(sample), str(error)))
@@ -368,11 +406,13 @@ def build_mlm(task: Task, samples: list[dict], ctx: TaskContext, epoch: int) -> 
     return TaskBatch(task, inputs, label_tensor, len(kept), skipped)
 
 
-def image_text_pairs(task: Task, samples: list[dict]) -> tuple[list, list[str], list[tuple[str, str]]]:
+def image_text_pairs(task: Task, samples: list[dict], ctx: TaskContext) -> tuple[list, list[str], list[tuple[str, str]]]:
     images, texts, skipped = [], [], []
-    for sample in samples:
+    decoded = ctx.map(try_decode, [sample.get("image") for sample in samples])
+    for sample, image in zip(samples, decoded):
         try:
-            image = decode_image(sample.get("image"))
+            if isinstance(image, MalformedSample):
+                raise image
             text = require_text(sample, task.text_column)
         except MalformedSample as error:
             skipped.append((sample_name(sample), str(error)))
@@ -391,7 +431,7 @@ def caption_attributes(task: Task, batch: int, num_prefix: int, num_words: int) 
 
 
 def build_captioning(task: Task, samples: list[dict], ctx: TaskContext, epoch: int) -> TaskBatch:
-    images, texts, skipped = image_text_pairs(task, samples)
+    images, texts, skipped = image_text_pairs(task, samples, ctx)
     encoded = ctx.tokenize(texts)
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     labels = ctx.vocabulary_index()[ids].masked_fill(mask == 0, -100)
@@ -406,7 +446,7 @@ def build_captioning(task: Task, samples: list[dict], ctx: TaskContext, epoch: i
 
 
 def build_retrieval(task: Task, samples: list[dict], ctx: TaskContext, epoch: int) -> TaskBatch:
-    images, texts, skipped = image_text_pairs(task, samples)
+    images, texts, skipped = image_text_pairs(task, samples, ctx)
     encoded = ctx.tokenize(texts)
     inputs = {"pixel_values": ctx.pixels(images), "target_input_ids": encoded["input_ids"],
               "target_attention_mask": encoded["attention_mask"],

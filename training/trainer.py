@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from modeling_uniperceiver_moe import UniPerceiverMoEConfig, UniPerceiverMoEForGenericPerception, UniPerceiverMoEProcessor
 
 from .config import ConfigError, PretrainConfig
-from .data import MultiTaskLoader, StreamSpec, TaskEntry, TaskStream, read_rows
+from .data import MultiTaskLoader, Prefetcher, StreamSpec, TaskEntry, TaskStream, read_rows
 from .evaluation import evaluate_all, headline
 from .tasks import TaskContext, get_task, task_loss
 
@@ -174,6 +174,7 @@ class Pretrainer:
         acc.register_for_checkpointing(self.scheduler)
         self.step = 0  # optimizer steps done
         self.micro_step = 0
+        self.data_state = None  # loader position after the last consumed batch
         self.history: list[dict] = []
 
     def _task_context(self) -> TaskContext:
@@ -185,7 +186,8 @@ class Pretrainer:
         vocabulary = torch.tensor(self.manifest["vocabulary"][: self.config.data.vocabulary_size], dtype=torch.long)
         return TaskContext(self.processor.tokenizer, self.processor.image_processor, self.model_config,
                            label_names=label_names, vocabulary=vocabulary,
-                           max_text_length=self.config.data.max_text_length, seed=self.config.seed)
+                           max_text_length=self.config.data.max_text_length, seed=self.config.seed,
+                           workers=self.config.data.workers)
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> str:
@@ -199,7 +201,7 @@ class Pretrainer:
         acc.wait_for_everyone()
         acc.save_state(staging)
         with open(os.path.join(staging, f"data_state_{acc.process_index}.json"), "w") as handle:
-            json.dump(self.loader.state_dict(), handle)
+            json.dump(self.data_state if self.data_state is not None else self.loader.state_dict(), handle)
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": self.step, "micro_step": self.micro_step, "num_processes": acc.num_processes,
@@ -249,7 +251,9 @@ class Pretrainer:
     # ----------------------------------------------------------------------------------------- loop
     def train_step(self, step_index: int) -> dict:
         acc = self.accelerator
-        batch = self.loader.batch(step_index).to(acc.device)
+        batch = self.prefetcher.get(step_index)
+        self.data_state = batch.data_state
+        batch = batch.to(acc.device)
         task_config = self.config.tasks[batch.task.name]
         loss_weight = task_config.loss_weight if task_config.loss_weight is not None else batch.task.loss_weight
         with acc.accumulate(self.model):
@@ -308,6 +312,7 @@ class Pretrainer:
         start_time = time.perf_counter()
         progress = tqdm(total=cfg.max_steps, initial=self.step, desc="pretrain", disable=not acc.is_main_process,
                         dynamic_ncols=True)
+        self.prefetcher = Prefetcher(self.loader, self.micro_step, depth=self.config.data.prefetch)
         window: dict[str, list[float]] = {}
         tokens, window_start = 0, time.perf_counter()
         stopped_early = False
@@ -330,6 +335,8 @@ class Pretrainer:
                 summary = {"step": self.step, "tokens_per_second": tokens / max(elapsed, 1e-9),
                            "steps_per_second": len(sum(window.values(), [])) / cfg.grad_accum / max(elapsed, 1e-9)}
                 summary.update({f"train_loss/{k}": sum(v) / len(v) for k, v in window.items()})
+                if acc.device.type == "cuda":
+                    summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
                 self.log(summary)
                 progress.set_postfix(loss=f"{result['loss']:.3f}", tok_s=f"{summary['tokens_per_second']:.0f}")
                 window, tokens, window_start = {}, 0, time.perf_counter()
@@ -342,6 +349,7 @@ class Pretrainer:
                 stopped_early = True
                 break
         progress.close()
+        self.prefetcher.close()
         final_eval = self.evaluate()
         self.log_eval(final_eval)
         if not stopped_early and (not cfg.save_every or self.step % cfg.save_every):

@@ -1,0 +1,368 @@
+"""Pre-training: data builder, task registry, streams, config errors, resumption and 1 vs 2 processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from training import build_data
+from training.config import ConfigError, load_config, parse_config
+from training.data import EmptyDatasetError, MultiTaskLoader, StreamSpec, TaskEntry, TaskStream
+from training.tasks import TASKS, MalformedSample, Task, TaskContext, build_batch, get_task, register, task_loss
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_TASKS = ["fashion_mnist_classification", "video_clip_classification", "austen_mlm", "emoji_captioning",
+              "emoji_retrieval", "wordnet_lexname_classification"]
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """The tiny slice of every source, built once per test session from the installed packages."""
+    cache = tmp_path_factory.mktemp("data_cache")
+    build_data.build_slice("tiny", str(cache), progress=False)
+    return str(cache)
+
+
+def run_config(cache: str, output_dir: str, **train) -> dict:
+    """A 2-layer, 32-wide attribute-MoE run over six tasks of four families; no randomness but the data's."""
+    return {
+        "output_dir": output_dir, "seed": 3,
+        "model": {"model_size": None, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "image_size": 16, "patch_size": 8, "num_frames": 4, "max_position_embeddings": 40,
+                  "moe_routing": "attribute", "moe_num_experts": 4, "moe_layers": "all", "moe_router_noise_std": 0.0,
+                  "drop_path_rate": 0.0, "layer_scale_init": 0.1},
+        "data": {"cache_dir": cache, "slice": "tiny", "build": False, "shuffle_block": 16, "vocabulary_size": 256,
+                 "eval_samples": 16},
+        "optim": {"lr": 3e-3, "grad_clip": 1.0},
+        "train": {"max_steps": 6, "warmup_steps": 2, "log_every": 3, "eval_every": 0, "save_every": 2,
+                  "tracker": None, **train},
+        "tasks": {name: {"batch_size": 8} for name in TEST_TASKS},
+    }
+
+
+def launch(config: dict, path: str, processes: int = 1, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    with open(path, "w") as handle:
+        yaml.safe_dump(config, handle)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, **(env_extra or {}))
+    if processes == 1:
+        command = [sys.executable, "-m", "training.pretrain", "--config", path]
+    else:
+        env["ACCELERATE_USE_CPU"] = "1"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_port", "29533", "-m", "training.pretrain", "--config", path]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def step_losses(output_dir: str) -> dict[int, float]:
+    """Per-step training losses of metrics.jsonl (the last record of a step wins, as after a resume)."""
+    losses = {}
+    with open(os.path.join(output_dir, "metrics.jsonl")) as handle:
+        for line in handle:
+            row = json.loads(line)
+            if "loss" in row and "task" in row:
+                losses[row["step"]] = row["loss"]
+    return losses
+
+
+# --------------------------------------------------------------------------------------------- data builder
+def test_builder_is_deterministic_and_documents_each_source(tmp_path):
+    first = build_data.build_slice("tiny", str(tmp_path / "a"), ["wordnet", "fashion_mnist"], progress=False)
+    second = build_data.build_slice("tiny", str(tmp_path / "b"), ["wordnet", "fashion_mnist"], progress=False)
+    a = json.load(open(os.path.join(first, "manifest.json")))
+    b = json.load(open(os.path.join(second, "manifest.json")))
+    assert a == b
+    for name, entry in a["sources"].items():
+        assert entry["licence"] and entry["how"]
+        for split in entry["splits"].values():
+            for f in split["files"]:
+                assert build_data.sha256_file(os.path.join(first, f["path"])) == f["sha256"]
+    assert len(a["sources"]["wordnet"]["label_names"]) == 45  # WordNet's lexicographer files
+    assert a["sources"]["fashion_mnist"]["splits"]["train"]["rows"] == 256
+    assert len(a["vocabulary"]) > 100 and len(set(a["vocabulary"])) == len(a["vocabulary"])
+
+
+def test_unknown_slice_or_source_is_named(tmp_path):
+    with pytest.raises(ValueError, match="unknown slice 'huge'"):
+        build_data.build_slice("huge", str(tmp_path))
+    with pytest.raises(ValueError, match="unknown data sources \\['imagenet'\\]"):
+        build_data.build_slice("tiny", str(tmp_path), ["imagenet"])
+
+
+def test_tiny_slice_holds_real_data(tiny_cache):
+    manifest = json.load(open(os.path.join(tiny_cache, "tiny", "manifest.json")))
+    assert set(manifest["sources"]) == set(build_data.SOURCES)
+    emoji = StreamSpec(files=[os.path.join(tiny_cache, "tiny", f["path"])
+                              for f in manifest["sources"]["emoji"]["splits"]["train"]["files"]])
+    from training.data import read_rows
+
+    rows = read_rows(emoji, 5)
+    assert all(r["caption"] and r["image"]["bytes"][:4] == b"\x89PNG" for r in rows)
+    assert manifest["sources"]["video_clips"]["label_names"][1].endswith("played backwards")
+
+
+# --------------------------------------------------------------------------------------------- task registry
+@pytest.fixture(scope="module")
+def context(tiny_cache):
+    from modeling_uniperceiver_moe import UniPerceiverMoEProcessor
+
+    config = parse_config(run_config(tiny_cache, "unused"))
+    from training.trainer import build_model_config
+
+    model_config = build_model_config(config)
+    processor = UniPerceiverMoEProcessor.build(image_size=model_config.image_size)
+    manifest = json.load(open(os.path.join(tiny_cache, "tiny", "manifest.json")))
+    labels = {n: manifest["sources"][t.source]["label_names"] for n, t in TASKS.items()
+              if manifest["sources"][t.source]["label_names"]}
+    ctx = TaskContext(processor.tokenizer, processor.image_processor, model_config, label_names=labels,
+                      vocabulary=torch.tensor(manifest["vocabulary"][:256]))
+    return ctx, manifest
+
+
+def rows_of(tiny_cache, manifest, task_name, count=4, split="train"):
+    from training.data import read_rows
+
+    source = get_task(task_name).source
+    files = [os.path.join(tiny_cache, "tiny", f["path"]) for f in manifest["sources"][source]["splits"][split]["files"]]
+    return read_rows(StreamSpec(files=files), count)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_registered_task_builds_inputs_targets_and_a_loss(name, tiny_cache, context):
+    from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
+
+    ctx, manifest = context
+    task = get_task(name)
+    batch = build_batch(task, rows_of(tiny_cache, manifest, name), ctx, epoch=0)
+    assert batch.num_samples == 4 and not batch.skipped
+    attrs = batch.inputs["attribute_vectors"]
+    if task.family == "captioning":  # two segments: image tokens, then words + placeholders
+        assert attrs.dim() == 3 and attrs[0, 0].tolist() == [1, 1, 0, 1, 1, 0, 0, 0]
+        assert attrs[0, -1].tolist() == [1, 1, 0, 1, 0, 1, 0, 1]
+    else:
+        assert attrs[0].tolist() == task.input_attributes.to_list()
+    assert batch.inputs["target_attribute_vectors"][0].tolist() == task.target_attributes.to_list()
+    assert (batch.inputs["task_ids"] == task.task_id).all()
+    model = UniPerceiverMoEForGenericPerception(ctx.model_config)
+    out = model(**batch.inputs, task_family=task.family)
+    loss = task_loss(batch, out, 0.1)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert model.logit_scales.log_scale.grad[model.logit_scales.family_index(task.family)] != 0
+
+
+def test_mlm_masks_whole_words_deterministically(tiny_cache, context):
+    ctx, manifest = context
+    task = get_task("austen_mlm")
+    rows = rows_of(tiny_cache, manifest, "austen_mlm")
+    a, b = build_batch(task, rows, ctx, epoch=0), build_batch(task, rows, ctx, epoch=0)
+    assert torch.equal(a.inputs["input_ids"], b.inputs["input_ids"])
+    assert not torch.equal(a.inputs["input_ids"], build_batch(task, rows, ctx, epoch=1).inputs["input_ids"])
+    word_end = ctx.word_end()
+    ids, mask_id = a.inputs["input_ids"], ctx.model_config.mask_token_id
+    for row in range(ids.shape[0]):
+        masked = (ids[row] == mask_id).tolist()
+        original = ctx.tokenize([rows[row]["text"]])["input_ids"][0]
+        for p in range(1, len(masked) - 1):  # a masked token that does not end its word masks the next one too
+            if masked[p] and not bool(word_end[original[p]]):
+                assert masked[p + 1]
+        assert sum(masked) >= 1
+
+
+def test_adding_a_task_is_one_entry(tiny_cache, context):
+    ctx, manifest = context
+    name = "kjv_text_mlm_copy"
+    task = register(Task(name, "mlm", "kjv", 99, 0.5, input_attributes=TASKS["kjv_mlm"].input_attributes,
+                         target_attributes=TASKS["kjv_mlm"].target_attributes))
+    try:
+        batch = build_batch(task, rows_of(tiny_cache, manifest, "kjv_mlm"), ctx, epoch=0)
+        assert (batch.labels != -100).any()
+        with pytest.raises(ValueError, match="already registered"):
+            register(task)
+    finally:
+        TASKS.pop(name)
+    with pytest.raises(KeyError, match="unknown task 'nope'"):
+        get_task("nope")
+
+
+def test_malformed_samples_are_reported_and_skipped_or_fatal(tiny_cache, context):
+    ctx, manifest = context
+    rows = rows_of(tiny_cache, manifest, "fashion_mnist_classification", 6)
+    rows[1] = dict(rows[1], image={"bytes": b"not an image", "path": None})
+    rows[2] = dict(rows[2], label=42)
+    batch = build_batch(get_task("fashion_mnist_classification"), rows, ctx, epoch=0)
+    assert batch.num_samples == 4
+    reasons = dict(batch.skipped)
+    assert "cannot decode image (UnidentifiedImageError)" in reasons[rows[1]["key"]] and "label 42 outside [0, 10)" in reasons[rows[2]["key"]]
+    text_rows = rows_of(tiny_cache, manifest, "austen_mlm", 3)
+    text_rows[0] = dict(text_rows[0], text="   ")
+    assert "empty or missing text" in build_batch(get_task("austen_mlm"), text_rows, ctx, 0).skipped[0][1]
+
+    class ListStream:  # a stream whose second row is corrupt
+        epoch = 0
+
+        def __init__(self, items):
+            self.items = list(items)
+
+        def take(self, n):
+            out, self.items = self.items[:n], self.items[n:]
+            return out
+
+        def state_dict(self):
+            return {"remaining": len(self.items)}
+
+    good = rows_of(tiny_cache, manifest, "fashion_mnist_classification", 8)
+    bad = [good[0], dict(good[1], image={"bytes": b"xx", "path": None})] + good[2:]
+    task = get_task("fashion_mnist_classification")
+    loader = MultiTaskLoader([TaskEntry(task, 1.0, 4, ListStream(bad))], ctx, seed=0, on_bad_sample="skip")
+    batch = loader.batch(0)
+    assert batch.num_samples == 4 and loader.skipped[0][1] == good[1]["key"]
+    strict = MultiTaskLoader([TaskEntry(task, 1.0, 4, ListStream(bad))], ctx, seed=0, on_bad_sample="error")
+    with pytest.raises(MalformedSample, match=f"{good[1]['key']}: cannot decode image"):
+        strict.batch(0)
+
+
+# --------------------------------------------------------------------------------------------- streams
+def test_stream_resumes_exactly_across_epochs_and_splits_by_node(tiny_cache):
+    manifest = json.load(open(os.path.join(tiny_cache, "tiny", "manifest.json")))
+    files = [os.path.join(tiny_cache, "tiny", f["path"]) for f in manifest["sources"]["kjv"]["splits"]["train"]["files"]]
+    spec = StreamSpec(files=files)
+    stream = TaskStream("kjv", spec, seed=5, shuffle_block=32)
+    first = [r["key"] for r in stream.take(200)]
+    state = json.loads(json.dumps(stream.state_dict()))
+    after = [r["key"] for r in stream.take(150)]  # crosses into epoch 1 (256 rows per epoch)
+    assert stream.epoch == 1
+    resumed = TaskStream("kjv", spec, seed=5, shuffle_block=32)
+    resumed.load_state_dict(state)
+    assert [r["key"] for r in resumed.take(150)] == after
+    assert sorted(first + after[:56]) == sorted(r["key"] for r in TaskStream("kjv", spec, 5, 32).take(256))
+    assert after[56:] != first[:94]  # epoch 1 is shuffled differently from epoch 0
+    # two processes read disjoint rows whose union is what one process reads, in the same global order
+    ranks = [TaskStream("kjv", spec, 5, 32, rank=r, world_size=2).take(20) for r in (0, 1)]
+    interleaved = [row["key"] for pair in zip(*ranks) for row in pair]
+    assert interleaved == first[:40]
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path):
+    from datasets import Dataset
+
+    path = str(tmp_path / "empty.parquet")
+    Dataset.from_dict({"key": [], "text": []}).to_parquet(path)
+    with pytest.raises(EmptyDatasetError, match="task 'x': the stream .* has no rows"):
+        TaskStream("x", StreamSpec(files=[path]), seed=0, shuffle_block=4).take(1)
+
+
+def test_task_of_each_step_follows_the_weights(context):
+    ctx, _ = context
+    entries = [TaskEntry(get_task(n), w, 8, None) for n, w in (("austen_mlm", 3.0), ("kjv_mlm", 1.0))]
+    loader = MultiTaskLoader(entries, ctx, seed=0)
+    picks = [loader.task_for_step(s) for s in range(4000)]
+    assert picks == [loader.task_for_step(s) for s in range(4000)]
+    assert 0.72 < picks.count("austen_mlm") / 4000 < 0.78
+    with pytest.raises(ValueError, match="batch_size 8 is not divisible by the 3 processes"):
+        MultiTaskLoader(entries, ctx, seed=0, world_size=3)
+
+
+# --------------------------------------------------------------------------------------------- config
+def test_config_errors_name_the_field(tmp_path, tiny_cache):
+    base = run_config(tiny_cache, str(tmp_path))
+    for mutate, message in (
+        (lambda c: c["train"].update(max_stepz=3), "train.max_stepz"),
+        (lambda c: c["tasks"].update(imagenet={}), "tasks.imagenet: unknown task"),
+        (lambda c: c["train"].update(mixed_precision="fp8"), "train.mixed_precision must be one of"),
+        (lambda c: c["data"].update(shuffle_block="big"), "data.shuffle_block must be a number"),
+        (lambda c: c.update(optimiser={}), "unknown section"),
+        (lambda c: c["tasks"]["austen_mlm"].update(batch_sise=3), "tasks.austen_mlm.batch_sise"),
+    ):
+        raw = json.loads(json.dumps(base))
+        mutate(raw)
+        with pytest.raises(ConfigError, match=message):
+            parse_config(raw)
+    from training.trainer import build_model_config
+
+    raw = json.loads(json.dumps(base))
+    raw["model"]["hidden_sise"] = 3
+    with pytest.raises(ConfigError, match="hidden_sise"):
+        build_model_config(parse_config(raw))
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base))
+    assert load_config(str(path), ["train.max_steps=9"]).train.max_steps == 9
+    assert load_config(os.path.join(REPO, "training", "configs", "tiny_cpu.yaml")).model["moe_routing"] == "attribute"
+
+
+# --------------------------------------------------------------------------------------------- trainer runs
+def test_killed_run_resumes_with_the_same_losses(tiny_cache, tmp_path):
+    straight = str(tmp_path / "straight")
+    done = launch(run_config(tiny_cache, straight), str(tmp_path / "a.yaml"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    crashed = str(tmp_path / "crashed")
+    config = run_config(tiny_cache, crashed)
+    killed = launch(config, str(tmp_path / "b.yaml"), env_extra={"UNIPERCEIVER_TEST_CRASH_AT_STEP": "5"})
+    assert killed.returncode == 17  # died abruptly after step 5; the last checkpoint is step 4
+    assert sorted(os.listdir(os.path.join(crashed, "checkpoints"))) == ["step_0000002", "step_0000004"]
+    resumed = launch(config, str(tmp_path / "b.yaml"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a, b = step_losses(straight), step_losses(crashed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
+    report = json.load(open(os.path.join(straight, "report.json")))
+    assert {t["task"] for t in report["tasks"]} == set(TEST_TASKS)
+    from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
+
+    final = UniPerceiverMoEForGenericPerception.from_pretrained(os.path.join(straight, "final"))
+    resumed_final = UniPerceiverMoEForGenericPerception.from_pretrained(os.path.join(crashed, "final"))
+    for (name, p), (_, q) in zip(final.named_parameters(), resumed_final.named_parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), name
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tiny_cache, tmp_path):
+    out = str(tmp_path / "run")
+    config = run_config(tiny_cache, out, max_steps=2, save_every=2)
+    assert launch(config, str(tmp_path / "c.yaml")).returncode == 0
+    weights = os.path.join(out, "checkpoints", "step_0000002", "model.safetensors")
+    with open(weights, "r+b") as handle:
+        handle.truncate(100)
+    config["train"]["max_steps"] = 4
+    failed = launch(config, str(tmp_path / "c.yaml"))
+    assert failed.returncode != 0
+    assert "checkpoint" in failed.stderr and "cannot be loaded" in failed.stderr
+    assert os.path.exists(os.path.join(out, "final", "model.safetensors"))  # nothing already written is lost
+
+
+def test_two_processes_give_the_losses_of_one(tiny_cache, tmp_path):
+    one = str(tmp_path / "one")
+    two = str(tmp_path / "two")
+    config = run_config(tiny_cache, one, max_steps=4, save_every=0)
+    assert launch(config, str(tmp_path / "one.yaml")).returncode == 0
+    config = run_config(tiny_cache, two, max_steps=4, save_every=0)
+    result = launch(config, str(tmp_path / "two.yaml"), processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = step_losses(one), step_losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-4), (step, a[step], b[step])
+    assert json.load(open(os.path.join(two, "report.json")))["processes"] == 2
+
+
+@pytest.mark.parametrize("name", ["video_clip_classification", "emoji_captioning", "fashion_mnist_classification"])
+def test_threaded_image_decoding_builds_identical_batches(name, tiny_cache, context):
+    import dataclasses
+
+    ctx, manifest = context
+    rows = rows_of(tiny_cache, manifest, name, 12)
+    rows[3] = dict(rows[3], **({"frames": [{"bytes": b"bad", "path": None}]} if "video" in name
+                               else {"image": {"bytes": b"bad", "path": None}}))
+    serial = build_batch(get_task(name), rows, ctx, epoch=0)
+    threaded_ctx = dataclasses.replace(ctx, workers=4, _cache={})
+    threaded = build_batch(get_task(name), rows, threaded_ctx, epoch=0)
+    assert serial.skipped == threaded.skipped and len(serial.skipped) == 1
+    assert torch.equal(serial.inputs["pixel_values"], threaded.inputs["pixel_values"])
+    assert torch.equal(serial.labels, threaded.labels)
