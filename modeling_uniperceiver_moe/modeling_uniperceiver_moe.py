@@ -447,11 +447,18 @@ class UniPerceiverMoEAttention(nn.Module):
         self.qkv = make_projection(config, layer_idx, "attn_qkv", d, 3 * d)
         self.out_proj = make_projection(config, layer_idx, "attn_out", d, d)
 
-    def forward(self, hidden: torch.Tensor, attention_mask, dispatch, output_attentions: bool = False):
-        """hidden: `[B, L, d]` -> (`[B, L, d]`, attention weights or None)."""
+    def forward(self, hidden: torch.Tensor, attention_mask, dispatch, output_attentions: bool = False,
+                key_value_prompts: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """hidden: `[B, L, d]` -> (`[B, L, d]`, attention weights or None).
+
+        key_value_prompts: optional (`[P, d]` keys, `[P, d]` values) prepended to every sequence's keys and
+        values (deep prompt tuning); they attend nowhere themselves and every token may attend to them.
+        """
         batch, length, _ = hidden.shape
         qkv = apply_projection(self.qkv, hidden, dispatch).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if key_value_prompts is not None:
+            key, value, attention_mask = self.prepend_prompts(key, value, attention_mask, *key_value_prompts)
         implementation = self.config._attn_implementation
         if output_attentions:
             implementation = "eager"  # only eager returns the weights
@@ -464,6 +471,21 @@ class UniPerceiverMoEAttention(nn.Module):
         )
         out = apply_projection(self.out_proj, out.reshape(batch, length, -1), dispatch)
         return out, weights
+
+    def prepend_prompts(self, key, value, attention_mask, prompt_keys, prompt_values):
+        """key/value `[B, H, L, hd]` -> `[B, H, P+L, hd]`; an additive mask `[B, 1, L, L]` gets P open columns."""
+        batch = key.shape[0]
+
+        def heads(prompt):
+            prompt = prompt.to(key.dtype).view(1, prompt.shape[0], self.num_heads, self.head_dim).transpose(1, 2)
+            return prompt.expand(batch, -1, -1, -1)
+
+        key = torch.cat([heads(prompt_keys), key], dim=2)
+        value = torch.cat([heads(prompt_values), value], dim=2)
+        if attention_mask is not None:
+            open_columns = attention_mask.new_zeros(*attention_mask.shape[:-1], prompt_keys.shape[0])
+            attention_mask = torch.cat([open_columns, attention_mask], dim=-1)
+        return key, value, attention_mask
 
 
 class UniPerceiverMoEMLP(nn.Module):

@@ -366,3 +366,37 @@ def test_threaded_image_decoding_builds_identical_batches(name, tiny_cache, cont
     assert serial.skipped == threaded.skipped and len(serial.skipped) == 1
     assert torch.equal(serial.inputs["pixel_values"], threaded.inputs["pixel_values"])
     assert torch.equal(serial.labels, threaded.labels)
+
+
+def test_weight_decay_skips_norms_biases_embeddings_gates_and_scales():
+    from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
+    from tests.conftest import tiny_config
+    from training.trainer import parameter_groups
+
+    model = UniPerceiverMoEForGenericPerception(tiny_config("attribute"))
+    decay, no_decay = parameter_groups(model, 0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    assert "uniperceiver.encoder.layers.0.attention.qkv.weight" in decayed  # the [E, out, in] experts
+    assert "uniperceiver.encoder.layers.0.mlp.fc1.weight" in decayed
+    for name in decayed:
+        assert not any(k in name for k in ("norm", "bias", "embedding", "gate", "scale")), name
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_a_task_can_stream_any_parquet_with_a_column_mapping(tmp_path, tiny_cache):
+    from datasets import Dataset
+
+    from training.trainer import task_stream_spec
+    from training.config import TaskConfig
+
+    path = str(tmp_path / "mine.parquet")
+    Dataset.from_dict({"id": ["a", "b", "c"], "sentence": ["one two three", "four five", "six seven"]}).to_parquet(path)
+    config = TaskConfig(source={"files": str(tmp_path / "*.parquet"), "columns": {"sentence": "text", "id": "key"}})
+    spec = task_stream_spec("austen_mlm", config, "unused", {}, "train")
+    rows = TaskStream("austen_mlm", spec, seed=0, shuffle_block=2).take(3)
+    assert sorted(r["key"] for r in rows) == ["a", "b", "c"] and all("text" in r for r in rows)
+    bad = TaskConfig(source={"files": path, "columns": {"caption": "text"}})
+    with pytest.raises(ValueError, match="columns \\['caption'\\] not found"):
+        TaskStream("austen_mlm", task_stream_spec("austen_mlm", bad, "x", {}, "train"), 0, 2).take(1)

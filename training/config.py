@@ -56,7 +56,6 @@ class TrainConfig:
     tracker: str | None = "tensorboard"  # any tracker accelerate supports, or None
     max_minutes: float | None = None  # stop (with a checkpoint) after this wall time
     gradient_checkpointing: bool = False
-    distributed: str = "ddp"  # ddp | fsdp (GPUs; set up through `accelerate config`)
 
 
 @dataclass
@@ -86,7 +85,6 @@ CHOICES = {
     ("data", "slice"): ("tiny", "small", "full"),
     ("data", "on_bad_sample"): ("skip", "error"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
-    ("train", "distributed"): ("ddp", "fsdp"),
 }
 
 
