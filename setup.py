@@ -13,7 +13,7 @@ setup(
         "safetensors>=0.4",
         "huggingface-hub>=1.0",
         "datasets>=4.0",
-        "peft>=0.17",
+        "peft>=0.21,<0.22",  # prompt_tuning/adapter.py registers into PEFT internals
         "evaluate>=0.4",
         "ftfy",
         "pillow",
@@ -24,6 +24,7 @@ setup(
         # data recipes (training/build_data.py): R data of janeaustenr, the sample videos' decoder
         "rdata",
         "av",
+        "sacrebleu",
     ],
     extras_require={"test": ["pytest>=8"]},
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -282,8 +282,10 @@ class UniPerceiverMoEEmbeddings(nn.Module):
         pixel_values: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         caption_mode: bool,
+        include_spe: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Returns (embeddings `[B, L, d]`, token modality ids `[B, L]`, text_start)."""
+        """Returns (embeddings `[B, L, d]`, token modality ids `[B, L]`, text_start).
+        include_spe=False leaves out the SPE token (its state is in a cached prefix)."""
         parts, modality_parts = [], []
         primary = TEXT
         if pixel_values is not None:
@@ -300,12 +302,13 @@ class UniPerceiverMoEEmbeddings(nn.Module):
             text_len = length * (2 if caption_mode else 1)
             modality_parts.append(torch.full((batch, text_len), TEXT, device=input_ids.device))
         batch = parts[0].shape[0]
-        spe = self.word_embeddings.weight[self.config.spe_token_id].expand(batch, 1, -1)
-        embeddings = torch.cat([spe.to(parts[0].dtype)] + parts, dim=1)
-        modality_ids = torch.cat(
-            [torch.full((batch, 1), primary, device=embeddings.device)] + modality_parts, dim=1
-        )
-        text_start = 1 + (parts[0].shape[1] if pixel_values is not None else 0)
+        if include_spe:
+            spe = self.word_embeddings.weight[self.config.spe_token_id].expand(batch, 1, -1)
+            parts = [spe.to(parts[0].dtype)] + parts
+            modality_parts = [torch.full((batch, 1), primary, device=parts[0].device)] + modality_parts
+        embeddings = torch.cat(parts, dim=1)
+        modality_ids = torch.cat(modality_parts, dim=1)
+        text_start = int(include_spe) + (parts[int(include_spe)].shape[1] if pixel_values is not None else 0)
         return self.dropout(self.layer_norm(embeddings)), modality_ids, text_start
 
 
@@ -324,6 +327,29 @@ class RoutingState:
     batch_size: int
     groups: RouteGroups | None = None
     folded_index: torch.Tensor | None = None
+    prefix_cache: "PrefixCache | None" = None
+
+
+@dataclass
+class PrefixCache:
+    """Per-layer keys and values of a sequence prefix (SPE + image tokens), for caption generation.
+
+    A forward with `prefix_cache=PrefixCache(recording=True)` and only `pixel_values` fills `key_values`
+    (one (`[B, H, P, hd]` keys, values) pair per layer). A forward with a filled cache and only
+    `input_ids` (`caption_mode=True`) runs the text tokens alone, attending to the cached prefix as the
+    full sequence would: the caption mask lets prefix tokens see only the prefix, so their states do not
+    depend on the words. `select(index)` reorders the batch (beam search).
+    """
+
+    recording: bool = False
+    key_values: list = field(default_factory=list)
+
+    def select(self, index: torch.Tensor) -> "PrefixCache":
+        return PrefixCache(False, [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.key_values])
+
+    @property
+    def length(self) -> int:
+        return self.key_values[0][0].shape[2] if self.key_values else 0
 
 
 class UniPerceiverMoELinear(nn.Module):
@@ -448,17 +474,21 @@ class UniPerceiverMoEAttention(nn.Module):
         self.out_proj = make_projection(config, layer_idx, "attn_out", d, d)
 
     def forward(self, hidden: torch.Tensor, attention_mask, dispatch, output_attentions: bool = False,
-                key_value_prompts: tuple[torch.Tensor, torch.Tensor] | None = None):
+                key_value_prompts: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                record_key_values: list | None = None):
         """hidden: `[B, L, d]` -> (`[B, L, d]`, attention weights or None).
 
-        key_value_prompts: optional (`[P, d]` keys, `[P, d]` values) prepended to every sequence's keys and
-        values (deep prompt tuning); they attend nowhere themselves and every token may attend to them.
+        key_value_prompts: (keys, values) pairs prepended to every sequence's keys and values, each `[P, d]`
+            (deep prompts, shared by the batch), `[B, P, d]` or `[B, H, P, hd]` (a cached prefix); every token
+            may attend to them. record_key_values: a list this layer appends its own (keys, values) to.
         """
         batch, length, _ = hidden.shape
         qkv = apply_projection(self.qkv, hidden, dispatch).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        if key_value_prompts is not None:
-            key, value, attention_mask = self.prepend_prompts(key, value, attention_mask, *key_value_prompts)
+        if record_key_values is not None:
+            record_key_values.append((key, value))
+        for prompt_keys, prompt_values in reversed(key_value_prompts or []):
+            key, value, attention_mask = self.prepend_prompts(key, value, attention_mask, prompt_keys, prompt_values)
         implementation = self.config._attn_implementation
         if output_attentions:
             implementation = "eager"  # only eager returns the weights
@@ -477,14 +507,22 @@ class UniPerceiverMoEAttention(nn.Module):
         batch = key.shape[0]
 
         def heads(prompt):
-            prompt = prompt.to(key.dtype).view(1, prompt.shape[0], self.num_heads, self.head_dim).transpose(1, 2)
+            if prompt.dim() == 4:
+                return prompt.to(key.dtype)
+            prompt = prompt.to(key.dtype)
+            if prompt.dim() == 2:
+                prompt = prompt.unsqueeze(0)
+            prompt = prompt.reshape(prompt.shape[0], prompt.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
             return prompt.expand(batch, -1, -1, -1)
 
-        key = torch.cat([heads(prompt_keys), key], dim=2)
-        value = torch.cat([heads(prompt_values), value], dim=2)
+        prompt_keys, prompt_values = heads(prompt_keys), heads(prompt_values)
+        key = torch.cat([prompt_keys, key], dim=2)
+        value = torch.cat([prompt_values, value], dim=2)
         if attention_mask is not None:
-            open_columns = attention_mask.new_zeros(*attention_mask.shape[:-1], prompt_keys.shape[0])
-            attention_mask = torch.cat([open_columns, attention_mask], dim=-1)
+            open_columns = attention_mask.new_zeros(*attention_mask.shape[:-1], prompt_keys.shape[2])
+            attention_mask = torch.cat([open_columns.expand(attention_mask.shape[0], -1, -1, -1)
+                                        if open_columns.shape[0] != attention_mask.shape[0] else open_columns,
+                                        attention_mask], dim=-1)
         return key, value, attention_mask
 
 
@@ -555,7 +593,13 @@ class UniPerceiverMoELayer(GradientCheckpointingLayer):
         decisions, aux = [], []
         normed = self.norm1(hidden)
         dispatch = self._gate(self.attn_gate, normed, state, decisions, aux)
-        attn_out, weights = self.attention(normed, attention_mask, dispatch, output_attentions)
+        cache, kwargs = state.prefix_cache, {}
+        if cache is not None:
+            if cache.recording:
+                kwargs["record_key_values"] = cache.key_values
+            else:
+                kwargs["key_value_prompts"] = [cache.key_values[self.layer_idx]]
+        attn_out, weights = self.attention(normed, attention_mask, dispatch, output_attentions, **kwargs)
         hidden = hidden + drop_path(self.layer_scale1(attn_out), self.drop_path_rate, self.training)
         normed = self.norm2(hidden)
         dispatch = self._gate(self.ffn_gate, normed, state, decisions, aux)
@@ -701,6 +745,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
+        prefix_cache: PrefixCache | None = None,
         **kwargs,
     ) -> UniPerceiverMoEModelOutput | tuple:
         r"""
@@ -711,6 +756,8 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
             (the sequence gets T more tokens; the query of word i is at `text_start + T + i`).
         attribute_vectors: `[B, A]` or `[B, L, A]` (attribute routing). task_ids: `[B]` or `[B, L]` (task
             routing). modality_ids: `[B, L]`, derived from the inputs when None (modality routing).
+        prefix_cache: a [`PrefixCache`] to record (with `pixel_values` only) or to read (with `input_ids` only
+            and `caption_mode`: the text tokens then attend to the cached SPE + image states).
         """
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
@@ -730,7 +777,14 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         output_hidden_states = bool(output_hidden_states)
         output_router_logits = bool(output_router_logits)
 
-        hidden, derived_modality, text_start = self.embeddings(input_ids, pixel_values, position_ids, caption_mode)
+        reading_cache = prefix_cache is not None and not prefix_cache.recording
+        if reading_cache and (pixel_values is not None or not caption_mode or not prefix_cache.key_values):
+            raise ValueError("a filled prefix_cache is read by a caption_mode forward with input_ids only")
+        if prefix_cache is not None and prefix_cache.recording and (input_ids is not None or prefix_cache.key_values):
+            raise ValueError("recording a prefix_cache needs an empty cache and pixel_values only")
+        hidden, derived_modality, text_start = self.embeddings(
+            input_ids, pixel_values, position_ids, caption_mode, include_spe=not reading_cache
+        )
         batch, length, _ = hidden.shape
         modality_ids = derived_modality if modality_ids is None else modality_ids
         sequence_mask = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
@@ -748,6 +802,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         additive_mask = self._attention_mask(allowed, hidden.dtype)
 
         state = self._routing_state(modality_ids, attribute_vectors, task_ids, sequence_mask)
+        state.prefix_cache = prefix_cache
         hidden, all_hidden, all_attn, routing = self.encoder(
             hidden, additive_mask, state, output_attentions, output_hidden_states
         )

@@ -105,15 +105,17 @@ class DeepPromptAttention(nn.Module, BaseTunerLayer):
             self.deep_prompt_target_values[adapter_name] = prompts()
         self.set_adapter(adapter_name)
 
-    def forward(self, hidden, attention_mask, dispatch, output_attentions: bool = False):
-        prompts = None
+    def forward(self, hidden, attention_mask, dispatch, output_attentions: bool = False, key_value_prompts=None,
+                record_key_values=None):
+        prompts = list(key_value_prompts or [])
         if not self.disable_adapters:
             name = self.active_adapters[0]
             if ENCODING_TARGETS.get() and name in self.deep_prompt_target_keys:
-                prompts = (self.deep_prompt_target_keys[name], self.deep_prompt_target_values[name])
+                prompts.insert(0, (self.deep_prompt_target_keys[name], self.deep_prompt_target_values[name]))
             elif name in self.deep_prompt_keys and self.deep_prompt_keys[name].shape[0] > 0:
-                prompts = (self.deep_prompt_keys[name], self.deep_prompt_values[name])
-        return self.base_layer(hidden, attention_mask, dispatch, output_attentions, key_value_prompts=prompts)
+                prompts.insert(0, (self.deep_prompt_keys[name], self.deep_prompt_values[name]))
+        return self.base_layer(hidden, attention_mask, dispatch, output_attentions, key_value_prompts=prompts or None,
+                               record_key_values=record_key_values)
 
 
 class DeepPromptModel(BaseTuner):

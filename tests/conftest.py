@@ -37,6 +37,16 @@ def make_batch(batch=3, words=5, seed=0, with_image=True, pad=True):
     return inputs
 
 
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """The tiny slice of every data source, built once per test session from the installed packages."""
+    from training import build_data
+
+    cache = tmp_path_factory.mktemp("data_cache")
+    build_data.build_slice("tiny", str(cache), progress=False)
+    return str(cache)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -22,14 +22,6 @@ TEST_TASKS = ["fashion_mnist_classification", "video_clip_classification", "aust
               "emoji_retrieval", "wordnet_lexname_classification"]
 
 
-@pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory):
-    """The tiny slice of every source, built once per test session from the installed packages."""
-    cache = tmp_path_factory.mktemp("data_cache")
-    build_data.build_slice("tiny", str(cache), progress=False)
-    return str(cache)
-
-
 def run_config(cache: str, output_dir: str, **train) -> dict:
     """A 2-layer, 32-wide attribute-MoE run over six tasks of four families; no randomness but the data's."""
     return {
