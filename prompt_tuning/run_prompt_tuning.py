@@ -72,7 +72,7 @@ class LinearProbe(nn.Module):
             parameter.requires_grad = False
         self.classifier = nn.Linear(base.config.hidden_size, num_labels)
 
-    def forward(self, labels=None, task_family=None, **inputs):
+    def forward(self, labels=None, task_family=None, num_items_in_batch=None, **inputs):
         inputs = {k: v for k, v in inputs.items() if not k.startswith("target_")}
         with torch.no_grad():
             out = self.base.uniperceiver(**{k: v for k, v in inputs.items() if k != "query_positions"})

@@ -1,0 +1,231 @@
+"""Prompt tuning: the PEFT adapter, cached caption generation, 1% sampling, metrics, the Trainer script."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
+from modeling_uniperceiver_moe.modeling_uniperceiver_moe import PrefixCache
+from prompt_tuning.adapter import DeepPromptConfig
+from prompt_tuning.generation import generate_captions
+from prompt_tuning.metrics import load_metric
+from prompt_tuning.run_prompt_tuning import main as run_prompt_tuning
+from prompt_tuning.run_prompt_tuning import sample_fraction
+from tests.conftest import make_batch, tiny_config
+from training.tasks import ATTRIBUTES, caption_attributes
+
+
+def classification_inputs(batch=3, classes=4):
+    inputs = make_batch(batch=batch)
+    inputs.update(target_input_ids=torch.randint(0, 49000, (classes, 3)),
+                  target_attribute_vectors=ATTRIBUTES["class_name_target"].to_tensor().expand(classes, -1),
+                  target_task_ids=torch.zeros(classes, dtype=torch.long))
+    return inputs
+
+
+def tuned(routing="attribute", **adapter):
+    torch.manual_seed(0)
+    base = UniPerceiverMoEForGenericPerception(tiny_config(routing)).eval()
+    reference = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, DeepPromptConfig(num_prompts=3, **adapter))
+    return model, reference
+
+
+def train_one_step(model, inputs, family):
+    model.train()
+    out = model(**inputs, task_family=family, labels=torch.tensor([0, 1, 2]))
+    out.loss.backward()
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2).step()
+    model.eval()
+
+
+# --------------------------------------------------------------------------------------------- adapter
+@pytest.mark.parametrize("routing", ["attribute", "token", "none"])
+def test_adapter_round_trip_on_a_fresh_base_gives_identical_outputs(routing, tmp_path):
+    model, reference = tuned(routing, num_labels=4, separate_target_prompts=True)
+    inputs = classification_inputs()
+    train_one_step(model, inputs, "image_classification")
+    with torch.no_grad():
+        expected = model(**inputs, task_family="image_classification").logits
+    model.save_pretrained(tmp_path)
+    saved = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(t.numel() for t in saved.values()) == trainable  # the file holds only the trainable tensors
+    assert all(("deep_prompt" in k or "norm" in k) and "router" not in k for k in saved)
+    fresh = UniPerceiverMoEForGenericPerception(tiny_config(routing)).eval()
+    fresh.load_state_dict(reference)
+    loaded = PeftModel.from_pretrained(fresh, tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs, task_family="image_classification").logits, expected)
+
+
+def test_only_the_recipe_parameters_change_and_disabling_restores_the_base():
+    model, reference = tuned(num_labels=4, separate_target_prompts=True)
+    inputs = classification_inputs()
+    with torch.no_grad():
+        base_logits = UniPerceiverMoEForGenericPerception(tiny_config("attribute")).eval()
+        base_logits.load_state_dict(reference)
+        base_logits = base_logits(**inputs, task_family="image_classification").logits
+    train_one_step(model, inputs, "image_classification")
+    base = model.get_base_model()
+    changed = []
+    for name, value in base.state_dict().items():
+        if "modules_to_save" in name or "deep_prompt" in name:
+            continue
+        original = name.replace(".original_module", "").replace(".base_layer", "")
+        assert torch.equal(value, reference[original]), name  # frozen: bit-identical, experts and gates included
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            changed.append(name)
+    kinds = {("deep_prompt_keys" in n) or ("deep_prompt_values" in n) for n in changed}
+    assert True in kinds
+    assert any("layer_norm.modules_to_save" in n for n in changed) and any("input_head.norm" in n for n in changed)
+    assert any("spe_bias" in n for n in changed) and any("label_weight" in n for n in changed)
+    assert not any("router" in n or "qkv" in n or "fc1" in n for n in changed)
+    with model.disable_adapter(), torch.no_grad():
+        assert torch.equal(model(**inputs, task_family="image_classification").logits, base_logits)
+
+
+def test_target_prompts_are_used_only_for_targets():
+    model, _ = tuned(separate_target_prompts=True)
+    inputs = classification_inputs()
+    with torch.no_grad():
+        before = model(**inputs, task_family="retrieval")
+        layer = model.get_base_model().uniperceiver.encoder.layers[0].attention
+        layer.deep_prompt_target_keys["default"].add_(1.0)
+        after = model(**inputs, task_family="retrieval")
+    assert torch.equal(before.input_features, after.input_features)
+    assert not torch.equal(before.target_features, after.target_features)
+
+
+# --------------------------------------------------------------------------------------------- generation
+@pytest.mark.parametrize("routing", ["attribute", "token", "modality"])
+def test_cached_prefix_forward_equals_the_full_caption_forward(routing):
+    model = UniPerceiverMoEForGenericPerception(tiny_config(routing)).eval().uniperceiver
+    pixels, ids = torch.randn(2, 3, 16, 16), torch.randint(0, 49000, (2, 5))
+    prefix = 1 + 4
+    task = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        full = model(input_ids=ids, pixel_values=pixels, caption_mode=True, task_ids=task,
+                     attribute_vectors=caption_attributes(None, 2, prefix, 5)).last_hidden_state
+        cache = PrefixCache(recording=True)
+        model(pixel_values=pixels, prefix_cache=cache, task_ids=task,
+              attribute_vectors=ATTRIBUTES["caption_image"].to_tensor().expand(2, -1))
+        words = model(input_ids=ids, caption_mode=True, prefix_cache=cache.select(torch.arange(2)), task_ids=task,
+                      attribute_vectors=ATTRIBUTES["caption_text"].to_tensor().expand(2, -1)).last_hidden_state
+    assert torch.equal(words, full[:, prefix:])
+    with pytest.raises(ValueError, match="read by a caption_mode forward"):
+        model(input_ids=ids, prefix_cache=cache.select(torch.arange(2)))  # not caption_mode
+    with pytest.raises(ValueError, match="recording a prefix_cache needs an empty cache"):
+        model(pixel_values=pixels, prefix_cache=cache)
+
+
+def test_beam_search_with_one_beam_is_greedy_decoding_without_a_cache():
+    torch.manual_seed(0)
+    model = UniPerceiverMoEForGenericPerception(tiny_config("attribute")).eval()
+    config = model.config
+    vocabulary = torch.tensor([320, 1125, 539, 2368, config.eos_token_id])
+    pixels = torch.randn(2, 3, 16, 16)
+    cached = generate_captions(model, pixels, vocabulary, beam_size=1, max_length=6)
+    with torch.no_grad():
+        targets, _ = model.encode_targets(
+            input_ids=torch.stack([vocabulary, torch.full_like(vocabulary, config.eos_token_id)], 1),
+            attribute_vectors=ATTRIBUTES["word_target"].to_tensor().expand(5, -1), task_ids=torch.zeros(5, dtype=torch.long))
+        for row in range(2):
+            words, produced = [config.bos_token_id], []
+            for _ in range(6):
+                ids = torch.tensor([words + [config.mask_token_id]])
+                out = model.uniperceiver(input_ids=ids, pixel_values=pixels[row:row + 1], caption_mode=True,
+                                         attribute_vectors=caption_attributes(None, 1, 5, ids.shape[1]),
+                                         task_ids=torch.zeros(1, dtype=torch.long))
+                query = out.last_hidden_state[:, out.text_start + 2 * ids.shape[1] - 1]
+                token = int(vocabulary[(model.input_head(query) @ targets.float().t()).argmax()])
+                if token == config.eos_token_id:
+                    break
+                words.append(token)
+                produced.append(token)
+            assert cached[row] == produced
+
+
+def test_beam_search_needs_the_end_token():
+    model = UniPerceiverMoEForGenericPerception(tiny_config("attribute")).eval()
+    with pytest.raises(ValueError, match="must contain the end token"):
+        generate_captions(model, torch.randn(1, 3, 16, 16), torch.tensor([320, 1125]))
+
+
+# --------------------------------------------------------------------------------------------- sampling
+def test_one_percent_sampling_is_per_class_and_deterministic():
+    rows = [{"key": f"r{i}", "label": i % 3} for i in range(950)] + [{"key": f"s{i}", "label": 3} for i in range(50)]
+    chosen = sample_fraction(rows, 0.01, per_class=True, seed=0)
+    counts = {c: sum(r["label"] == c for r in chosen) for c in range(4)}
+    n = {c: sum(r["label"] == c for r in rows) for c in range(4)}
+    assert counts == {c: math.floor(0.01 * n[c]) + 1 for c in range(4)}  # 317 -> 4, 316 -> 4, 50 -> 1
+    assert chosen == sample_fraction(list(reversed(rows)), 0.01, per_class=True, seed=0)
+    assert chosen != sample_fraction(rows, 0.01, per_class=True, seed=1)
+    assert len(sample_fraction(rows, 0.01, per_class=False)) == 10
+    with pytest.raises(ValueError, match="data_fraction"):
+        sample_fraction(rows, 0.0, per_class=False)
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def test_metrics_match_hand_computed_values():
+    assert load_metric("accuracy").compute(predictions=[1, 2, 3, 0], references=[1, 2, 0, 0])["accuracy"] == 0.75
+    # BLEU-4: precisions 5/6, 3/5, 2/4, 1/3, equal lengths -> (5/6 * 3/5 * 2/4 * 1/3) ** (1/4)
+    bleu = load_metric("bleu").compute(predictions=["the cat sat on the mat"], references=[["the cat sat on a mat"]])
+    assert bleu["bleu"] == pytest.approx(100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25, rel=1e-9)
+    # CIDEr-D: one-word captions have only unigrams; a perfect match scores cosine 1 on n=1, 0 on n=2..4:
+    # 10 * (1 + 0 + 0 + 0) / 4 = 2.5 per caption; a miss scores 0.
+    cider = load_metric("cider").compute(predictions=["cat", "cow"], references=[["cat"], ["dog"]])
+    assert cider["per_caption"] == [2.5, 0.0] and cider["cider"] == 1.25
+    # retrieval: image 0 ranks its text 1st, image 1 ranks its text 3rd, image 2 ranks its text 2nd
+    scores = [[0.9, 0.1, 0.3], [0.2, 0.1, 0.8], [0.5, 0.6, 0.55]]
+    recall = load_metric("retrieval_recall").compute(predictions=scores, references=[0, 1, 2], ks=(1, 2))
+    assert recall["i2t_R@1"] == pytest.approx(1 / 3) and recall["i2t_R@2"] == pytest.approx(2 / 3)
+    # text 0 -> images [0.9, 0.2, 0.5]: 1st; text 1 -> [0.1, 0.1, 0.6]: tie with image 0 counts against: 3rd;
+    # text 2 -> [0.3, 0.8, 0.55]: 2nd
+    assert recall["t2i_R@1"] == pytest.approx(1 / 3) and recall["t2i_R@2"] == pytest.approx(2 / 3)
+
+
+# --------------------------------------------------------------------------------------------- the script
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("ckpt"))
+    config = tiny_config("attribute", moe_layers="every_other", layer_scale_init=0.1)
+    UniPerceiverMoEForGenericPerception(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("task,method,metric", [
+    ("fashion_mnist_classification", "prompt", "accuracy"),
+    ("fashion_mnist_classification", "linear_probe", "accuracy"),
+    ("fashion_mnist_classification", "full", "accuracy"),
+    ("emoji_captioning", "prompt", "cider"),
+    ("emoji_retrieval", "prompt", "i2t_R@1"),
+    ("video_clip_classification", "prompt", "accuracy"),
+])
+def test_script_runs_end_to_end_on_the_tiny_real_data(task, method, metric, tiny_cache, tiny_checkpoint, tmp_path):
+    out = str(tmp_path / "run")
+    results = run_prompt_tuning(["--model", tiny_checkpoint, "--task", task, "--method", method, "--data_fraction", "0.05",
+                                 "--data_cache", tiny_cache, "--slice", "tiny", "--max_steps", "3", "--eval_samples", "16",
+                                 "--output_dir", out, "--vocabulary_size", "64"])
+    assert metric in results["after"] and 0.0 <= results["after"][metric] <= (10.0 if metric == "cider" else 1.0)
+    assert json.load(open(os.path.join(out, "results.json")))["train_samples"] == results["train_samples"]
+    if method == "prompt":
+        adapter = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+        assert sum(t.numel() for t in adapter.values()) == results["trainable_parameters"]
+        assert results["trainable_parameters"] < 0.05 * results["total_parameters"]
+    if task == "fashion_mnist_classification":
+        assert results["train_samples"] >= 10  # at least one image per class
+
+
+def test_script_rejects_pre_training_only_tasks(tiny_checkpoint):
+    with pytest.raises(SystemExit, match="MLM is a pre-training task"):
+        run_prompt_tuning(["--model", tiny_checkpoint, "--task", "austen_mlm"])
