@@ -7,7 +7,7 @@ The recipe (notes section 4) freezes the pre-trained model, experts and gates in
 * all LayerNorms of the encoder and of both heads (not the routers' norms: gates stay frozen);
 * a bias on the SPE embedding;
 * for classification, a zero-initialised linear "label prompt" over the input features, added to the
-  similarity logits with a learnable weight (init 1).
+  similarity logits with a learnable weight (init 1) by a forward hook on the model.
 
 PEFT integration: `DeepPromptConfig` / `DeepPromptModel` are a `PeftConfig` / `BaseTuner` pair registered
 under the PEFT type `UNIPERCEIVER_DEEP_PROMPT` (see `register_with_peft`), so `get_peft_model`,
@@ -158,6 +158,9 @@ class DeepPromptModel(BaseTuner):
         if config.num_labels is not None:
             self.deep_prompt_label_weight[adapter_name] = nn.Parameter(torch.zeros(config.num_labels, width, device=device))
             self.deep_prompt_label_scale[adapter_name] = nn.Parameter(torch.ones((), device=device))
+        if config.num_labels is not None and not getattr(model, "_deep_prompt_label_hooked", False):
+            model.register_forward_hook(self._apply_label_prompt, with_kwargs=True)
+            model._deep_prompt_label_hooked = True
         if not getattr(model, "_deep_prompt_targets_wrapped", False):
             original = model.encode_targets
 
@@ -183,23 +186,22 @@ class DeepPromptModel(BaseTuner):
     def _check_new_adapter_config(self, config) -> None:
         pass
 
-    # -------------------------------------------------------------------------------------- forward
-    def forward(self, *args, **kwargs):
-        """The model's forward, plus the label prompt on classification logits (and the loss recomputed)."""
-        labels = kwargs.get("labels")
-        family = kwargs.get("task_family", 0)
-        out = self.model(*args, **kwargs)
+    # -------------------------------------------------------------------------------------- label prompt
+    def _apply_label_prompt(self, module, args, kwargs, out):
+        """Forward hook on the wrapped model (PeftModel.forward calls it directly, not this tuner): add the
+        label prompt to classification logits and recompute the loss when labels were given."""
         name = self.active_adapters[0]
-        family_name = self.model.logit_scales.families[self.model.logit_scales.family_index(family)]
-        if (self._label_prompt_disabled or name not in self.deep_prompt_label_weight
-                or family_name not in CLASSIFICATION_FAMILIES):
+        if self._label_prompt_disabled or name not in self.deep_prompt_label_weight:
+            return out
+        family = kwargs.get("task_family", 0)
+        if module.logit_scales.families[module.logit_scales.family_index(family)] not in CLASSIFICATION_FAMILIES:
             return out
         weight = self.deep_prompt_label_weight[name]
         if out.logits.shape[-1] != weight.shape[0]:
             raise ValueError(f"the label prompt has {weight.shape[0]} classes, the task has {out.logits.shape[-1]} candidates")
         out.logits = out.logits + self.deep_prompt_label_scale[name] * F.linear(out.input_features, weight.float())
-        if labels is not None:
-            loss = self.model.candidate_loss(out.logits, labels, None, kwargs.get("symmetric_loss", False))
+        if kwargs.get("labels") is not None:
+            loss = module.candidate_loss(out.logits, kwargs["labels"], None, kwargs.get("symmetric_loss", False))
             out.loss = loss if out.aux_loss is None else loss + out.aux_loss
         return out
 

@@ -258,7 +258,13 @@ def main(argv=None) -> dict:
     num_labels = len(label_names) if label_names else None
     model = build_tuned_model(base, args.method, family, num_labels, args.num_prompts).to(device)
     if not args.no_zero_shot and args.method != "linear_probe":
-        results["before"] = evaluate_task(model, args.method, task, eval_rows, ctx, device, args.beam_size)
+        # zero-shot = the pre-trained model as it is (the adapter switched off: its random prompts would
+        # otherwise perturb the baseline)
+        if args.method == "prompt":
+            with model.disable_adapter():
+                results["before"] = evaluate_task(model, args.method, task, eval_rows, ctx, device, args.beam_size)
+        else:
+            results["before"] = evaluate_task(model, args.method, task, eval_rows, ctx, device, args.beam_size)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     results["trainable_parameters"] = trainable
     results["total_parameters"] = sum(p.numel() for p in model.parameters())

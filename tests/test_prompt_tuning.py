@@ -73,17 +73,16 @@ def test_only_the_recipe_parameters_change_and_disabling_restores_the_base():
         base_logits = UniPerceiverMoEForGenericPerception(tiny_config("attribute")).eval()
         base_logits.load_state_dict(reference)
         base_logits = base_logits(**inputs, task_family="image_classification").logits
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train_one_step(model, inputs, "image_classification")
     base = model.get_base_model()
-    changed = []
     for name, value in base.state_dict().items():
         if "modules_to_save" in name or "deep_prompt" in name:
             continue
         original = name.replace(".original_module", "").replace(".base_layer", "")
         assert torch.equal(value, reference[original]), name  # frozen: bit-identical, experts and gates included
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            changed.append(name)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert all(p.requires_grad for n, p in model.named_parameters() if n in changed)
     kinds = {("deep_prompt_keys" in n) or ("deep_prompt_values" in n) for n in changed}
     assert True in kinds
     assert any("layer_norm.modules_to_save" in n for n in changed) and any("input_head.norm" in n for n in changed)
