@@ -62,7 +62,9 @@ class UniPerceiverMoEConfig(PretrainedConfig):
             `"modality"`, `"task"`, `"attribute"`.
         moe_num_experts (`int`, defaults to 8). moe_top_k (`int`, defaults to 2).
         moe_layers (`str` or `list[int]`, defaults to `"every_other"`): `"all"`, `"every_other"` (layers
-            1, 3, 5, ... counted from 0, as in the reference) or an explicit list of layer indices.
+            1, 3, 5, ... counted from 0) or an explicit list of layer indices. The reference's "odd" location is
+            layers 0, 2, 4, ... counted from 0 (odd counted from 1): pass that list to match it exactly (the
+            reference-checkpoint converter writes the explicit list).
         moe_projections (`list[str]`): which linears are experts, among `"attn_qkv"`, `"attn_out"`,
             `"ffn_fc1"`, `"ffn_fc2"` (default all four). The attention projections share one gate decision
             and the FFN projections another, as in the reference.

@@ -226,7 +226,10 @@ def main(argv=None) -> dict:
     from training.build_data import MANIFEST, build_slice
     from training.tasks import TaskContext, get_task
 
-    task = get_task(args.task)
+    try:
+        task = get_task(args.task)
+    except KeyError as error:
+        raise SystemExit(f"error: {error.args[0]}") from None
     family = task.family
     if family == "mlm":
         raise SystemExit("error: MLM is a pre-training task; choose a downstream task (classification, captioning, retrieval)")

@@ -228,3 +228,7 @@ def test_script_runs_end_to_end_on_the_tiny_real_data(task, method, metric, tiny
 def test_script_rejects_pre_training_only_tasks(tiny_checkpoint):
     with pytest.raises(SystemExit, match="MLM is a pre-training task"):
         run_prompt_tuning(["--model", tiny_checkpoint, "--task", "austen_mlm"])
+    with pytest.raises(SystemExit, match="unknown task 'imagenet'; registered tasks"):
+        run_prompt_tuning(["--model", tiny_checkpoint, "--task", "imagenet"])
+    with pytest.raises(SystemExit, match="cannot load the model from"):
+        run_prompt_tuning(["--model", "/nonexistent/ckpt", "--task", "emoji_captioning"])

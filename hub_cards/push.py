@@ -1,0 +1,164 @@
+"""Push a checkpoint folder with its model card to the Hugging Face Hub.
+
+    python -m hub_cards.push outputs/pretrain-tiny/final --repo-id user/uniperceiver-moe-tiny
+    python -m hub_cards.push outputs/prompt-tuning/emoji_captioning-prompt/adapter \\
+        --repo-id user/uniperceiver-moe-tiny-emoji-captioning --base-model user/uniperceiver-moe-tiny
+    python -m hub_cards.push outputs/quickstart/folded --repo-id user/uniperceiver-moe-ti-folded \\
+        --base-model user/uniperceiver-moe-ti --revision image-route
+    python -m hub_cards.push outputs/pretrain-tiny/final --repo-id user/x --dry-run staged/   # uploads nothing
+
+Steps: copy the folder into a staging folder (hidden files and an existing README.md are left out), write the
+card as README.md (`hub_cards.cards`), then `create_repo(exist_ok=True)`, `create_branch` when `--revision`
+names a branch other than main, and `upload_folder(revision=...)` of the staging folder: one commit. For an
+adapter the staged `adapter_config.json` records the base model's Hub id as `base_model_name_or_path`.
+`--dry-run OUT_DIR` writes the staging folder to OUT_DIR (byte for byte what would be uploaded) and stops.
+
+The Hub is reached through `huggingface_hub`, which reads `HF_ENDPOINT` (default https://huggingface.co) and
+the token (`HF_TOKEN`, or the one saved by `hf auth login`). `--private` only applies when the repository is
+created; files already on the branch that the folder does not have are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .cards import KINDS, CheckpointError, render_card
+
+SKIPPED_NAMES = {"README.md", "__pycache__", ".git", ".cache", ".DS_Store"}
+
+
+class PushError(RuntimeError):
+    """The push cannot go ahead or the Hub refused it (the message says why)."""
+
+
+# ============================================================================================ staging
+def staged_files(folder: Path) -> list[Path]:
+    """Files of the checkpoint folder that are uploaded (relative paths; hidden entries and README.md skipped)."""
+    files = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if any(part in SKIPPED_NAMES or part.startswith(".") for part in relative.parts):
+            continue
+        if path.is_file():
+            files.append(relative)
+    return files
+
+
+def record_base_model(adapter_config: Path, base_model: str) -> None:
+    """Point an adapter's `base_model_name_or_path` at the base model's Hub id (PEFT's auto classes read it)."""
+    config = json.loads(adapter_config.read_text(encoding="utf-8"))
+    if config.get("base_model_name_or_path") != base_model:
+        config["base_model_name_or_path"] = base_model
+        adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def stage(folder: str | Path, out_dir: str | Path, repo_id: str, kind: str | None = None,
+          results: str | None = None, base_model: str | None = None, revision: str | None = None) -> Path:
+    """Write the folder exactly as it will be uploaded into `out_dir` (which must not exist or be empty)."""
+    folder, out_dir = Path(folder), Path(out_dir)
+    card = render_card(folder, repo_id, kind=kind, results=results, base_model=base_model, revision=revision)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise PushError(f"staging folder {out_dir} already exists and is not empty; give a new or empty folder")
+    if out_dir.resolve() == folder.resolve() or folder.resolve() in out_dir.resolve().parents:
+        raise PushError(f"staging folder {out_dir} must lie outside the checkpoint folder {folder}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for relative in staged_files(folder):
+        target = out_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(folder / relative, target)
+    if (out_dir / "adapter_config.json").is_file():
+        recorded = card.data.to_dict().get("base_model")
+        if recorded:
+            record_base_model(out_dir / "adapter_config.json", recorded)
+    (out_dir / "README.md").write_text(str(card), encoding="utf-8")
+    return out_dir
+
+
+# ============================================================================================ upload
+def require_token() -> str:
+    """The token huggingface_hub will send (HF_TOKEN or the saved login); none raises a PushError."""
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise PushError("no Hugging Face token: set HF_TOKEN or log in with `hf auth login` (pushing needs "
+                        "write access; --dry-run needs no token)")
+    return token
+
+
+def upload(staging: Path, repo_id: str, revision: str | None, private: bool, commit_message: str):
+    """create_repo (exist_ok) -> create_branch (non-main revision) -> upload_folder; returns the CommitInfo."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    require_token()
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != constants.DEFAULT_REVISION:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision,
+                                   commit_message=commit_message)
+    except HfHubHTTPError as error:
+        raise PushError(f"the Hub at {api.endpoint} refused the push to {repo_id}: {error}") from None
+    except Exception as error:
+        if is_transport_error(error):
+            raise PushError(f"cannot reach the Hub at {api.endpoint} (HF_ENDPOINT): {error}") from None
+        raise
+    return url, commit
+
+
+def is_transport_error(error: BaseException) -> bool:
+    """Connection refused, DNS failure, timeout: an OSError or an error of the HTTP client library."""
+    root = type(error).__module__.split(".")[0]
+    return isinstance(error, OSError) or root in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+
+
+# ============================================================================================ CLI
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m hub_cards.push", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", help="checkpoint folder: a model (config.json), a folded export or an adapter")
+    parser.add_argument("--repo-id", required=True, help="namespace/name on the Hub")
+    parser.add_argument("--revision", default=None, help="branch to push to (created from main if missing)")
+    parser.add_argument("--kind", choices=KINDS, default=None, help="default: detected from the folder")
+    parser.add_argument("--results", default=None,
+                        help="report.json (model) or results.json (adapter); default: the one next to the folder")
+    parser.add_argument("--base-model", default=None,
+                        help="Hub id of the base model (adapters, folded exports)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--dry-run", metavar="OUT_DIR", default=None,
+                        help="write the folder as it would be uploaded to OUT_DIR and upload nothing")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    """Run the CLI; errors end with SystemExit("error: ...")."""
+    args = parse_args(argv)
+    message = args.commit_message or f"Upload {Path(args.folder).name} with its model card (hub_cards.push)"
+    try:
+        if args.dry_run is not None:
+            out = stage(args.folder, args.dry_run, args.repo_id, args.kind, args.results, args.base_model, args.revision)
+            files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+            print(f"dry run: wrote {len(files)} files to {out} (nothing uploaded): {', '.join(files)}")
+            return {"dry_run": str(out), "files": files}
+        require_token()  # fail before any work when pushing is impossible
+        with tempfile.TemporaryDirectory(prefix="hub_cards_") as tmp:
+            staging = stage(args.folder, Path(tmp) / "staging", args.repo_id, args.kind, args.results,
+                            args.base_model, args.revision)
+            files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+            url, commit = upload(staging, args.repo_id, args.revision, args.private, message)
+    except (CheckpointError, PushError) as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"pushed {len(files)} files to {url} (revision {args.revision or 'main'}): {commit.commit_url}")
+    return {"repo_url": str(url), "commit": commit.oid, "files": files}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
