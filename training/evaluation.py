@@ -67,7 +67,7 @@ def _evaluate_retrieval(model, task, rows, ctx, device, batch_size) -> dict:
         rank = (scores >= scores.gather(1, truth[:, None])).sum(1) - 1
         for k in (1, 5):
             metrics[f"{name}_R@{k}"] = float((rank < k).float().mean())
-    metrics["loss"] = float(F.cross_entropy(similarity * 100.0, truth))
+    metrics["loss"] = float(F.cross_entropy(similarity * model.logit_scales(task.family).float(), truth))
     return metrics
 
 

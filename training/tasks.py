@@ -169,8 +169,18 @@ class TaskContext:
         return self._cache[key]
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Padded ids and mask `[N, T]`. Serialised: a Rust tokenizer used from two threads at once (the
+        prefetch thread and an evaluation) can fail with "Already borrowed"."""
         from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import clean_text
 
+        if "tokenizer_lock" not in self._cache:
+            import threading
+
+            self._cache.setdefault("tokenizer_lock", threading.Lock())
+        with self._cache["tokenizer_lock"]:
+            return self._tokenize(texts, clean_text)
+
+    def _tokenize(self, texts, clean_text):
         return self.tokenizer([clean_text(t) for t in texts], padding=True, truncation=True,
                               max_length=self.max_text_length, return_tensors="pt")
 
