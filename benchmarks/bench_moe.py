@@ -35,7 +35,8 @@ CLASS_INPUT = TokenAttributes.from_bits("10011000")
 def naive_moe_linear_forward(self: UniPerceiverMoELinear, x: torch.Tensor, dispatch) -> torch.Tensor:
     """Reference: a Python loop over experts, each gathering its tokens (Mixtral-style). Same maths."""
     if isinstance(dispatch, MergedDispatch):
-        gates = dispatch.gates[dispatch.groups.token_group]  # [N, E]
+        groups = dispatch.groups
+        gates = dispatch.gates[groups.sorted_group if dispatch.rows_sorted else groups.token_group]  # [N, E]
         token_expert = gates.nonzero(as_tuple=True)
         tokens, experts, weights = token_expert[0], token_expert[1], gates[token_expert]
     else:

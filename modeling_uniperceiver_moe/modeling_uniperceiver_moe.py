@@ -129,31 +129,43 @@ def caption_attention_pattern(num_prefix: int, num_words: int, device=None) -> t
     return allowed
 
 
-def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop the whole residual branch per sample with probability `rate`."""
+def drop_path(x: torch.Tensor, rate: float, training: bool, row_sample: torch.Tensor | None = None,
+              num_samples: int | None = None) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample with probability `rate`.
+
+    x: `[B, ...]` (one sample per leading index), or flat rows `[N, d]` with `row_sample` `[N]` naming
+    each row's sample among `num_samples` (rows may come in any order, e.g. sorted by route group).
+    """
     if rate == 0.0 or not training:
         return x
     keep = 1.0 - rate
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    if row_sample is None:
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    else:
+        mask = x.new_empty(num_samples).bernoulli_(keep).index_select(0, row_sample)[:, None]
     return x * mask / keep
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `x` runs in: the autocast dtype inside autocast, else `x.dtype`."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def grouped_linear(
-    x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, row_group: torch.Tensor,
-    bias: torch.Tensor | None = None,
+    x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None = None,
+    row_one_hot: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows of `x_sorted` `[M, in]` come in contiguous groups; group g uses `weight[g]` `[out, in]`.
 
-    offsets: `[G]` int32 cumulative group ends; row_group: `[M]` long group of each row.
-    One grouped GEMM (`torch.nn.functional.grouped_mm`) where the kernel exists for this device/dtype;
+    offsets: `[G]` int32 cumulative group ends. bias: `[G, out]`, added through `row_one_hot` `[M, G]`
+    (a GEMM whose backward is a GEMM, not a scatter). Runs in the dtype of `compute_dtype(x_sorted)`:
+    one grouped GEMM (`torch.nn.functional.grouped_mm`) where the kernel exists for this device/dtype,
     otherwise one GEMM per group. Returns `[M, out]`.
     """
-    if torch.is_autocast_enabled(x_sorted.device.type):
-        dtype = torch.get_autocast_dtype(x_sorted.device.type)
-        x_sorted, weight = x_sorted.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    else:
-        weight = weight.to(x_sorted.dtype)
+    dtype = compute_dtype(x_sorted)
+    x_sorted, weight = x_sorted.to(dtype), weight.to(dtype)
     if _grouped_mm_supported(x_sorted):
         out = F.grouped_mm(x_sorted, weight.transpose(1, 2), offs=offsets)
         out = _ContiguousGrad.apply(out)
@@ -161,8 +173,8 @@ def grouped_linear(
         ends = offsets.tolist()
         starts = [0] + ends[:-1]
         out = torch.cat([x_sorted[s:e] @ weight[g].t() for g, (s, e) in enumerate(zip(starts, ends))])
-    if bias is not None:  # one-hot matmul: its backward is a GEMM, not a slow indexing scatter
-        out = out + F.one_hot(row_group, weight.shape[0]).to(out.dtype) @ bias.to(out.dtype)
+    if bias is not None:
+        out = torch.addmm(out, row_one_hot.to(dtype), bias.to(dtype))
     return out
 
 
@@ -189,12 +201,32 @@ def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse_order: torch.Tens
     return _PermuteRows.apply(x, order, inverse_order)
 
 
+class _DispatchTokens(torch.autograd.Function):
+    """`x[token_index]` for token-routed assignments (each token appears k times), backward by gathers.
+
+    The sorted assignments are a permutation of the k*N choice-major slots, so the gradient of token t
+    is the sum of its k slots: gather by `inverse_order`, view `[k, N, d]`, sum. No scatter-add.
+    """
+
+    @staticmethod
+    def forward(ctx, x, token_index, inverse_order, top_k):
+        ctx.save_for_backward(inverse_order)
+        ctx.top_k = top_k
+        return x.index_select(0, token_index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse_order,) = ctx.saved_tensors
+        per_slot = grad.index_select(0, inverse_order)
+        return per_slot.view(ctx.top_k, -1, grad.shape[-1]).sum(0), None, None, None
+
+
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
     """grouped_mm runs on CPU, and on CUDA for bf16 on Hopper or newer."""
     if not hasattr(F, "grouped_mm"):
         return False
-    if x.device.type == "cpu":
-        return True
+    if x.device.type == "cpu":  # eager CPU has float32 kernels; the compiler's shape function wants bf16
+        return x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
     return x.device.type == "cuda" and x.dtype == torch.bfloat16 and _cuda_major(x.device.index) >= 9
 
 
@@ -328,6 +360,25 @@ class RoutingState:
     groups: RouteGroups | None = None
     folded_index: torch.Tensor | None = None
     prefix_cache: "PrefixCache | None" = None
+    sorted_rows: "SortedRows | None" = None  # set when the batch has several route groups
+
+
+@dataclass
+class SortedRows:
+    """Rows of a layer kept in route-group order: flat `[N, d]`, N = batch * length, sorted by
+    `groups.order`. Per-token work (norms, projections, residuals) runs in this order; attention gets
+    its `[B, L]` layout back through one gather of the qkv rows and one of its output."""
+
+    groups: RouteGroups
+    batch: int
+    length: int
+    row_sample: torch.Tensor  # [N] the sequence of each sorted row (drop path)
+
+    def to_sorted(self, x: torch.Tensor) -> torch.Tensor:
+        return permute_rows(x, self.groups.order, self.groups.inverse_order)
+
+    def to_natural(self, x: torch.Tensor) -> torch.Tensor:
+        return permute_rows(x, self.groups.inverse_order, self.groups.order)
 
 
 @dataclass
@@ -356,10 +407,14 @@ class UniPerceiverMoELinear(nn.Module):
     """One linear projection with E experts stored as a single 3-D parameter.
 
     weight: `[E, out, in]`, bias: `[E, out]`. `forward(x [N, in], dispatch) -> [N, out]`:
-    * [`MergedDispatch`] (modality/task/attribute/folded): per route group W_g = sum_e gate[g,e] W_e,
-      then one GEMM per group (a single grouped GEMM where supported); one plain GEMM if one group.
-    * [`TokenDispatch`] (token/context): the expert-sorted assignments in one grouped GEMM,
-      scaled by their gate weights and summed back per token.
+    * [`MergedDispatch`] (modality/task/attribute/folded): per route group W_g = sum_e gate[g,e] W_e
+      (one float32 GEMM over the experts), then one grouped GEMM over the group-sorted rows; a plain
+      GEMM when the batch has one group. Rows are permuted here unless the layer already keeps them
+      sorted (`dispatch.rows_sorted`). At inference (`dispatch.cache_key`) the merged weights are kept
+      in the compute dtype and reused while the route keys and parameters are unchanged.
+    * [`TokenDispatch`] (token/context): the expert-sorted assignments in one grouped GEMM, scaled by
+      their gate weights and summed back per token, dispatch and combine both by gathers.
+    No Python loop over experts.
     """
 
     def __init__(self, in_features: int, out_features: int, num_experts: int):
@@ -367,27 +422,53 @@ class UniPerceiverMoELinear(nn.Module):
         self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(num_experts, out_features))
+        self._merged_cache: tuple | None = None  # (key, weight [G, out, in], bias [G, out]); never saved
 
     def merged_parameters(self, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """gates `[G, E]` -> merged weight `[G, out, in]` and bias `[G, out]`."""
-        weight = torch.einsum("ge,eoi->goi", gates.to(self.weight.dtype), self.weight)
-        return weight, gates.to(self.bias.dtype) @ self.bias
+        """gates `[G, E]` -> merged weight `[G, out, in]` and bias `[G, out]`, in float32 (autocast off)."""
+        with torch.autocast(device_type=gates.device.type, enabled=False):
+            gates = gates.float()
+            weight = (gates @ self.weight.float().reshape(self.num_experts, -1)).view(-1, self.out_features, self.in_features)
+            return weight, gates @ self.bias.float()
+
+    def merged_for(self, dispatch: MergedDispatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merged weight and bias for this batch's groups in `dtype`, from the inference cache when valid."""
+        key = None
+        if dispatch.cache_key is not None:
+            key = (dispatch.cache_key, dtype, self.weight.data_ptr(), self.weight._version, self.bias._version)
+            if self._merged_cache is not None and self._merged_cache[0] == key:
+                return self._merged_cache[1], self._merged_cache[2]
+        weight, bias = self.merged_parameters(dispatch.gates)
+        weight, bias = weight.to(dtype), bias.to(dtype)
+        if key is not None:
+            self._merged_cache = (key, weight, bias)
+        return weight, bias
 
     def forward(self, x: torch.Tensor, dispatch: MergedDispatch | TokenDispatch) -> torch.Tensor:
         if isinstance(dispatch, MergedDispatch):
-            weight, bias = self.merged_parameters(dispatch.gates)
-            groups = dispatch.groups
-            if groups.num_groups == 1:
-                return F.linear(x, weight[0].to(x.dtype), bias[0].to(x.dtype))
-            x_sorted = permute_rows(x, groups.order, groups.inverse_order)
-            out_sorted = grouped_linear(x_sorted, weight, groups.offsets, groups.sorted_group, bias)
-            return permute_rows(out_sorted, groups.inverse_order, groups.order)
-        out_sorted = grouped_linear(
-            x.index_select(0, dispatch.token_index), self.weight, dispatch.offsets, dispatch.expert_index, self.bias
-        )
-        weight = dispatch.weight.to(out_sorted.dtype)[:, None]
-        out_sorted = torch.where(weight > 0, out_sorted * weight, torch.zeros_like(out_sorted))
-        return out_sorted.new_zeros(x.shape[0], self.out_features).index_add_(0, dispatch.token_index, out_sorted)
+            return self._forward_merged(x, dispatch)
+        return self._forward_tokens(x, dispatch)
+
+    def _forward_merged(self, x: torch.Tensor, dispatch: MergedDispatch) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        weight, bias = self.merged_for(dispatch, dtype)
+        groups = dispatch.groups
+        if groups.num_groups == 1:
+            return F.linear(x.to(dtype), weight.squeeze(0), bias.squeeze(0))
+        one_hot = groups.sorted_one_hot(dtype)
+        if dispatch.rows_sorted:
+            return grouped_linear(x, weight, groups.offsets, bias, one_hot)
+        x_sorted = permute_rows(x, groups.order, groups.inverse_order)
+        out_sorted = grouped_linear(x_sorted, weight, groups.offsets, bias, one_hot)
+        return permute_rows(out_sorted, groups.inverse_order, groups.order)
+
+    def _forward_tokens(self, x: torch.Tensor, dispatch: TokenDispatch) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        x_sorted = _DispatchTokens.apply(x, dispatch.token_index, dispatch.inverse_order, dispatch.top_k)
+        out_sorted = grouped_linear(x_sorted, self.weight, dispatch.offsets, self.bias, dispatch.expert_one_hot(dtype))
+        out_sorted = out_sorted * dispatch.weight.to(out_sorted.dtype)[:, None]
+        per_slot = permute_rows(out_sorted, dispatch.inverse_order, dispatch.order)
+        return per_slot.view(dispatch.top_k, x.shape[0], self.out_features).sum(0)
 
 
 class UniPerceiverMoEGate(nn.Module):
@@ -398,16 +479,20 @@ class UniPerceiverMoEGate(nn.Module):
         self.config, self.layer_idx, self.role = config, layer_idx, role
         self.router = build_router(config, role)
 
-    def forward(self, hidden: torch.Tensor, state: RoutingState) -> tuple[MergedDispatch | TokenDispatch, torch.Tensor]:
-        """hidden: `[N, d]` normalised block input. Returns (dispatch, weighted aux loss scalar)."""
+    def forward(self, hidden: torch.Tensor, state: RoutingState, rows_sorted: bool = False
+                ) -> tuple[MergedDispatch | TokenDispatch, torch.Tensor]:
+        """hidden: `[N, d]` normalised block input. Returns (dispatch, weighted aux loss scalar).
+        rows_sorted: the layer holds its rows in route-group order (data-independent routings)."""
         cfg = self.config
-        if state.folded_index is not None:
-            decision = self.router(state.folded_index)
-            return MergedDispatch(decision.dense_weights(self.router.num_routes), state.groups, decision), hidden.new_zeros((), dtype=torch.float32)
-        if cfg.is_data_independent_routing:
-            decision = select_top_k(self.router(state.groups.keys), cfg.moe_top_k, cfg.router_noise_std, self.training)
-            gates = decision.dense_weights(cfg.moe_num_experts)
-            return MergedDispatch(gates, state.groups, decision), hidden.new_zeros((), dtype=torch.float32)
+        if state.folded_index is not None or cfg.is_data_independent_routing:
+            if state.folded_index is not None:
+                decision = self.router(state.folded_index)
+                gates = decision.dense_weights(self.router.num_routes)
+            else:
+                decision = select_top_k(self.router(state.groups.keys), cfg.moe_top_k, cfg.router_noise_std, self.training)
+                gates = decision.dense_weights(cfg.moe_num_experts)
+            dispatch = MergedDispatch(gates, state.groups, decision, rows_sorted, self._merge_cache_key(state))
+            return dispatch, hidden.new_zeros((), dtype=torch.float32)
         if cfg.moe_routing == "context":
             mask = state.token_mask.to(hidden.dtype)[:, None]
             sums = hidden.new_zeros(state.batch_size, hidden.shape[1]).index_add_(0, state.sequence_index, hidden * mask)
@@ -423,6 +508,14 @@ class UniPerceiverMoEGate(nn.Module):
         aux = cfg.moe_aux_loss_coef * load_balancing_loss(decision, cfg.moe_num_experts, state.token_mask)
         aux = aux + cfg.moe_z_loss_coef * router_z_loss(decision, state.token_mask)
         return dispatch, aux
+
+    def _merge_cache_key(self, state: RoutingState) -> tuple | None:
+        """At inference (eval mode, no grad) merged weights may be reused while the route keys and the
+        router's parameters are unchanged; this names both. None in training."""
+        if self.training or torch.is_grad_enabled():
+            return None
+        router_state = tuple((p.data_ptr(), p._version) for p in self.router.parameters())
+        return (state.groups.signature(), router_state, self.config.moe_top_k)
 
 
 def make_projection(config: UniPerceiverMoEConfig, layer_idx: int, name: str, in_features: int, out_features: int):
@@ -475,15 +568,21 @@ class UniPerceiverMoEAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask, dispatch, output_attentions: bool = False,
                 key_value_prompts: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                record_key_values: list | None = None):
-        """hidden: `[B, L, d]` -> (`[B, L, d]`, attention weights or None).
+                record_key_values: list | None = None, sorted_rows: SortedRows | None = None):
+        """hidden: `[B, L, d]` -> (`[B, L, d]`, attention weights or None); with `sorted_rows`, flat rows
+        `[N, d]` in route-group order in and out (the attention itself runs in `[B, L]` order).
 
         key_value_prompts: (keys, values) pairs prepended to every sequence's keys and values, each `[P, d]`
             (deep prompts, shared by the batch), `[B, P, d]` or `[B, H, P, hd]` (a cached prefix); every token
             may attend to them. record_key_values: a list this layer appends its own (keys, values) to.
         """
-        batch, length, _ = hidden.shape
-        qkv = apply_projection(self.qkv, hidden, dispatch).view(batch, length, 3, self.num_heads, self.head_dim)
+        if sorted_rows is None:
+            batch, length, _ = hidden.shape
+            qkv = apply_projection(self.qkv, hidden, dispatch)
+        else:
+            batch, length = sorted_rows.batch, sorted_rows.length
+            qkv = sorted_rows.to_natural(apply_projection(self.qkv, hidden, dispatch))
+        qkv = qkv.view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if record_key_values is not None:
             record_key_values.append((key, value))
@@ -499,8 +598,10 @@ class UniPerceiverMoEAttention(nn.Module):
             self, query, key, value, attention_mask,
             dropout=self.config.attention_dropout if self.training else 0.0, scaling=self.scaling,
         )
-        out = apply_projection(self.out_proj, out.reshape(batch, length, -1), dispatch)
-        return out, weights
+        if sorted_rows is None:
+            return apply_projection(self.out_proj, out.reshape(batch, length, -1), dispatch), weights
+        out = sorted_rows.to_sorted(out.reshape(batch * length, -1))
+        return apply_projection(self.out_proj, out, dispatch), weights
 
     def prepend_prompts(self, key, value, attention_mask, prompt_keys, prompt_values):
         """key/value `[B, H, L, hd]` -> `[B, H, P+L, hd]`; an additive mask `[B, 1, L, L]` gets P open columns."""
@@ -580,31 +681,46 @@ class UniPerceiverMoELayer(GradientCheckpointingLayer):
         self.attn_gate = UniPerceiverMoEGate(config, layer_idx, "attn") if attn_moe else None
         self.ffn_gate = UniPerceiverMoEGate(config, layer_idx, "ffn") if ffn_moe else None
 
-    def _gate(self, gate, normed: torch.Tensor, state: RoutingState, decisions: list, aux: list):
+    def _gate(self, gate, normed: torch.Tensor, state: RoutingState, decisions: list, aux: list, rows_sorted: bool):
         if gate is None:
             return None
-        dispatch, loss = gate(normed.reshape(-1, normed.shape[-1]), state)
+        dispatch, loss = gate(normed.reshape(-1, normed.shape[-1]), state, rows_sorted)
         decisions.append(dispatch.decision)
         aux.append(loss)
         return dispatch
 
     def forward(self, hidden: torch.Tensor, attention_mask, state: RoutingState, output_attentions: bool = False):
-        """hidden: `[B, L, d]`. Returns (hidden, attention weights or None, LayerRouting)."""
+        """hidden: `[B, L, d]`. Returns (hidden, attention weights or None, LayerRouting).
+
+        When the batch has several route groups and this layer has experts, the layer works on flat rows
+        sorted by group (`state.sorted_rows`): one permutation in and one out instead of two per expert
+        projection; only the attention core sees the `[B, L]` layout.
+        """
         decisions, aux = [], []
+        batch, length, width = hidden.shape
+        rows = state.sorted_rows if (self.attn_gate is not None or self.ffn_gate is not None) else None
+        drop_kwargs = {}
+        if rows is not None:
+            hidden = rows.to_sorted(hidden.reshape(batch * length, width))
+            drop_kwargs = {"row_sample": rows.row_sample, "num_samples": batch}
         normed = self.norm1(hidden)
-        dispatch = self._gate(self.attn_gate, normed, state, decisions, aux)
+        dispatch = self._gate(self.attn_gate, normed, state, decisions, aux, rows is not None)
         cache, kwargs = state.prefix_cache, {}
         if cache is not None:
             if cache.recording:
                 kwargs["record_key_values"] = cache.key_values
             else:
                 kwargs["key_value_prompts"] = [cache.key_values[self.layer_idx]]
+        if rows is not None:
+            kwargs["sorted_rows"] = rows
         attn_out, weights = self.attention(normed, attention_mask, dispatch, output_attentions, **kwargs)
-        hidden = hidden + drop_path(self.layer_scale1(attn_out), self.drop_path_rate, self.training)
+        hidden = hidden + drop_path(self.layer_scale1(attn_out), self.drop_path_rate, self.training, **drop_kwargs)
         normed = self.norm2(hidden)
-        dispatch = self._gate(self.ffn_gate, normed, state, decisions, aux)
+        dispatch = self._gate(self.ffn_gate, normed, state, decisions, aux, rows is not None)
         mlp_out = self.mlp(normed, dispatch)
-        hidden = hidden + drop_path(self.layer_scale2(mlp_out), self.drop_path_rate, self.training)
+        hidden = hidden + drop_path(self.layer_scale2(mlp_out), self.drop_path_rate, self.training, **drop_kwargs)
+        if rows is not None:
+            hidden = rows.to_natural(hidden).view(batch, length, width)
         aux_loss = torch.stack(aux).sum() if aux else hidden.new_zeros((), dtype=torch.float32)
         return hidden, weights, LayerRouting(decisions, aux_loss)
 
@@ -717,6 +833,9 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
             return state
         keys = self._route_keys(modality_ids, attribute_vectors, task_ids, batch, length)
         state.groups = RouteGroups.from_keys(keys.reshape(batch * length, *keys.shape[2:]))
+        if state.groups.num_groups > 1:
+            row_sample = state.sequence_index.index_select(0, state.groups.order)
+            state.sorted_rows = SortedRows(state.groups, batch, length, row_sample)
         if self.config.folded_routes is not None:
             table = torch.tensor(self.config.folded_routes, device=device, dtype=keys.dtype)
             state.folded_index = folded_route_index(state.groups, table)

@@ -179,6 +179,12 @@ def build_router(config, role: str) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------- groups
+def one_hot_rows(index: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """`[M] -> [M, num_classes]` one-hot in `dtype`, without `F.one_hot`'s range check (a host sync on GPU)."""
+    classes = torch.arange(num_classes, device=index.device)
+    return (index[:, None] == classes[None, :]).to(dtype)
+
+
 @dataclass
 class RouteGroups:
     """Partition of the N flattened tokens of a batch by route key; shared by every MoE layer.
@@ -197,9 +203,25 @@ class RouteGroups:
     sorted_group: torch.Tensor
     offsets: torch.Tensor
 
+    _signature: bytes | None = None
+
     @property
     def num_groups(self) -> int:
         return self.keys.shape[0]
+
+    def signature(self) -> bytes:
+        """The distinct keys as bytes (one small device-to-host copy, made once): a cache key for merged weights."""
+        if self._signature is None:
+            keys = self.keys.detach().cpu()
+            self._signature = str(keys.dtype).encode() + str(tuple(keys.shape)).encode() + keys.numpy().tobytes()
+        return self._signature
+
+    def sorted_one_hot(self, dtype: torch.dtype) -> torch.Tensor:
+        """`[N, G]` one-hot of each sorted row's group (built once per dtype; for per-group biases)."""
+        cache = self.__dict__.setdefault("_one_hot", {})
+        if dtype not in cache:
+            cache[dtype] = one_hot_rows(self.sorted_group, self.num_groups, dtype)
+        return cache[dtype]
 
     @classmethod
     def from_keys(cls, token_keys: torch.Tensor) -> "RouteGroups":
@@ -238,21 +260,31 @@ class MergedDispatch:
 
     gates: `[G, E]` float32 (top-k weights, zeros elsewhere).
     groups: the batch's [`RouteGroups`].
+    rows_sorted: the layer already holds its rows in `groups.order` (no permutation per projection).
+    cache_key: set when the merged weights may be cached (inference: no grad, eval mode); it names the
+        route keys and the router parameters' versions, so any update invalidates the cache.
     """
 
     gates: torch.Tensor
     groups: RouteGroups
-    decision: GateDecision
+    decision: GateDecision | None
+    rows_sorted: bool = False
+    cache_key: tuple | None = None
 
 
 @dataclass
 class TokenDispatch:
     """Data-dependent dispatch: the N*k (token, expert) assignments sorted by expert.
 
-    token_index: `[N*k]` long, the token of each sorted assignment.
+    Assignments are numbered choice-major (slot `c * N + t` = choice c of token t); `order` lists the
+    slots sorted by expert and `inverse_order` gives each slot's sorted position, so dispatch and
+    combine are gathers (no scatter-add).
+
+    token_index: `[N*k]` long, the token of each sorted assignment (`order % N`).
     expert_index: `[N*k]` long, its expert (non-decreasing).
     weight: `[N*k]` float32, its gate weight; 0 where the assignment was dropped by the capacity.
     offsets: `[E]` int32, cumulative assignments per expert (dropped ones included).
+    order / inverse_order: `[N*k]` long, sorted position -> slot and slot -> sorted position.
     """
 
     token_index: torch.Tensor
@@ -261,6 +293,19 @@ class TokenDispatch:
     offsets: torch.Tensor
     decision: GateDecision
     dropped_fraction: torch.Tensor
+    order: torch.Tensor | None = None
+    inverse_order: torch.Tensor | None = None
+
+    @property
+    def top_k(self) -> int:
+        return self.decision.expert_index.shape[1]
+
+    def expert_one_hot(self, dtype: torch.dtype) -> torch.Tensor:
+        """`[N*k, E]` one-hot of each sorted assignment's expert (built once per dtype; for expert biases)."""
+        cache = self.__dict__.setdefault("_one_hot", {})
+        if dtype not in cache:
+            cache[dtype] = one_hot_rows(self.expert_index, self.offsets.shape[0], dtype)
+        return cache[dtype]
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float | None) -> int | None:
@@ -282,25 +327,30 @@ def build_token_dispatch(decision: GateDecision, num_experts: int, capacity: int
     flat_weight = decision.expert_weight.t().reshape(-1)
     flat_token = torch.arange(num_tokens, device=flat_expert.device).repeat(top_k)
     order = torch.argsort(flat_expert, stable=True)  # stable: priority order survives inside an expert
-    counts = torch.bincount(flat_expert, minlength=num_experts)
+    # scatter_add, not bincount: bincount reads its maximum back to the host on CUDA
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_expert.device).scatter_add_(
+        0, flat_expert, torch.ones_like(flat_expert))
     offsets = torch.cumsum(counts, 0)
-    sorted_expert = flat_expert[order]
+    sorted_expert = flat_expert.index_select(0, order)
     sorted_weight = flat_weight.index_select(0, order)  # carries the router gradient
     if capacity is not None:
         # rank of each assignment inside its expert, read off the sorted order (no [M, E] cumsum)
-        rank = torch.arange(order.numel(), device=order.device) - (offsets - counts)[sorted_expert]
+        rank = torch.arange(order.numel(), device=order.device) - (offsets - counts).index_select(0, sorted_expert)
         keep = rank < capacity
         sorted_weight = torch.where(keep, sorted_weight, torch.zeros_like(sorted_weight))
         dropped = 1.0 - keep.float().mean()
     else:
         dropped = flat_weight.new_zeros(())
+    inverse_order = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     return TokenDispatch(
-        token_index=flat_token[order],
+        token_index=flat_token.index_select(0, order),
         expert_index=sorted_expert,
         weight=sorted_weight,
         offsets=offsets.to(torch.int32),
         decision=decision,
         dropped_fraction=dropped,
+        order=order,
+        inverse_order=inverse_order,
     )
 
 
@@ -309,24 +359,30 @@ def load_balancing_loss(decision: GateDecision, num_experts: int, token_mask: to
     """Switch/GShard balance loss `E * sum_e f_e * P_e` over real tokens.
 
     f_e: fraction of top-k assignments that go to expert e; P_e: mean router probability of e.
-    Equals 1 for a perfectly uniform router. token_mask: `[M]` bool, rows that count.
+    Equals 1 for a perfectly uniform router. token_mask: `[M]` bool, rows that count (masked means,
+    no boolean indexing: nothing here waits for the device). 0 when no row counts.
     """
     probs = decision.logits.softmax(-1)
-    assigned = F.one_hot(decision.expert_index, num_experts).sum(1).float()  # [M, E]
-    if token_mask is not None:
-        probs, assigned = probs[token_mask], assigned[token_mask]
-    if probs.shape[0] == 0:
-        return probs.new_zeros(())
-    fraction = assigned.mean(0) / decision.expert_index.shape[1]
-    return num_experts * (fraction * probs.mean(0)).sum()
+    index = decision.expert_index
+    assigned = probs.new_zeros(probs.shape).scatter_add_(1, index, probs.new_ones(index.shape))  # [M, E]
+    row_weight = _row_weights(token_mask, probs)
+    fraction = (assigned * row_weight).sum(0) / index.shape[1]
+    return num_experts * (fraction * (probs * row_weight).sum(0)).sum()
 
 
 def router_z_loss(decision: GateDecision, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ST-MoE router z-loss: mean squared log-partition of the gate logits."""
+    """ST-MoE router z-loss: mean squared log-partition of the gate logits over the rows that count."""
     z = torch.logsumexp(decision.logits, dim=-1) ** 2
-    if token_mask is not None:
-        z = z[token_mask]
-    return z.mean() if z.numel() else z.new_zeros(())
+    return (z[:, None] * _row_weights(token_mask, z[:, None])).sum()
+
+
+def _row_weights(token_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """`[M, 1]` weights that turn a sum over rows into the mean over the rows that count."""
+    if token_mask is None:
+        weights = like.new_ones(like.shape[0], 1)
+    else:
+        weights = token_mask.to(like.dtype)[:, None]
+    return weights / weights.sum().clamp(min=1.0)
 
 
 __all__ = [

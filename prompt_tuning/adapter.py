@@ -106,7 +106,7 @@ class DeepPromptAttention(nn.Module, BaseTunerLayer):
         self.set_adapter(adapter_name)
 
     def forward(self, hidden, attention_mask, dispatch, output_attentions: bool = False, key_value_prompts=None,
-                record_key_values=None):
+                record_key_values=None, sorted_rows=None):
         prompts = list(key_value_prompts or [])
         if not self.disable_adapters:
             name = self.active_adapters[0]
@@ -115,7 +115,7 @@ class DeepPromptAttention(nn.Module, BaseTunerLayer):
             elif name in self.deep_prompt_keys and self.deep_prompt_keys[name].shape[0] > 0:
                 prompts.insert(0, (self.deep_prompt_keys[name], self.deep_prompt_values[name]))
         return self.base_layer(hidden, attention_mask, dispatch, output_attentions, key_value_prompts=prompts or None,
-                               record_key_values=record_key_values)
+                               record_key_values=record_key_values, sorted_rows=sorted_rows)
 
 
 class DeepPromptModel(BaseTuner):

@@ -14,6 +14,7 @@ from modeling_uniperceiver_moe.modeling_uniperceiver_moe import UniPerceiverMoEL
 from modeling_uniperceiver_moe.routing import (
     GateDecision,
     MergedDispatch,
+    one_hot_rows,
     RouteGroups,
     build_token_dispatch,
     load_balancing_loss,
@@ -112,8 +113,9 @@ def test_grouped_gemm_equals_one_gemm_per_group(grouped_mm, monkeypatch):
     weight = torch.randn(3, 5, 8)
     offsets = torch.tensor([4, 4, 11], dtype=torch.int32)  # an empty middle group
     rows = torch.tensor([0] * 4 + [2] * 7)
-    got = grouped_linear(x, weight, offsets, rows)
-    expected = torch.cat([x[:4] @ weight[0].t(), x[4:] @ weight[2].t()])
+    bias = torch.randn(3, 5)
+    got = grouped_linear(x, weight, offsets, bias, one_hot_rows(rows, 3, torch.float32))
+    expected = torch.cat([x[:4] @ weight[0].t() + bias[0], x[4:] @ weight[2].t() + bias[2]])
     torch.testing.assert_close(got, expected)
 
 
