@@ -1,12 +1,14 @@
 """Side-by-side speed of dense vs conditional-MoE encoders, measured in ONE run.
 
-    python -m benchmarks.bench_moe --size b --batch 64 --dtype bf16        # GPU
-    python -m benchmarks.bench_moe --size tiny --batch 4 --steps 2          # CPU, correctness-sized
+    python -m benchmarks.bench_moe --sizes ti,b --micro --compile none,attribute,token --json out.json   # GPU
+    python -m benchmarks.bench_moe --sizes tiny --batch 2 --image-size 32 --steps 1 --warmup 0           # CPU
 
-Prints one table: training step (forward + backward + AdamW) tokens/s and peak memory for dense, each
-routing and a naive per-expert loop (Mixtral-style) of the same MoE layer; inference tokens/s for
-dense, attribute-routed and the folded (re-parameterised) model. Ratios are to dense of the same run.
-`--json PATH` also writes the rows.
+Prints: the measured bf16 matmul ceiling; a microbenchmark of the MoE linear alone against a dense
+linear of equal active FLOPs (TFLOP/s); then per size, training step (forward + backward + fused
+AdamW) tokens/s and peak memory for dense, each routing, a naive per-expert loop (Mixtral-style) of
+the same MoE linear and the per-projection-permutation ablation (`attribute-unsorted`); inference
+tokens/s for dense, token/context/attribute routing and the folded (re-parameterised) export. Ratios
+are to dense of the same size, phase and compilation, in the same process. `--json PATH` writes all.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from modeling_uniperceiver_moe import (
     UniPerceiverMoELinear,
     fold_experts,
 )
-from modeling_uniperceiver_moe.routing import MergedDispatch
+from modeling_uniperceiver_moe import UniPerceiverMoEModel
+from modeling_uniperceiver_moe.routing import MergedDispatch, RouteGroups, build_token_dispatch, select_top_k
 
 CAPTION_IMAGE = TokenAttributes.from_bits("11011000")
 CAPTION_TEXT = TokenAttributes.from_bits("11010101")
 CLASS_INPUT = TokenAttributes.from_bits("10011000")
+CANDIDATE = TokenAttributes.from_bits("11010110")
 
 
 def naive_moe_linear_forward(self: UniPerceiverMoELinear, x: torch.Tensor, dispatch) -> torch.Tensor:
@@ -52,10 +56,12 @@ def naive_moe_linear_forward(self: UniPerceiverMoELinear, x: torch.Tensor, dispa
 
 @contextlib.contextmanager
 def naive_experts():
+    """Swap every MoE linear for the naive loop; layers then need no sorted rows (see `unsorted_layers`)."""
     original = UniPerceiverMoELinear.forward
     UniPerceiverMoELinear.forward = naive_moe_linear_forward
     try:
-        yield
+        with unsorted_layers():
+            yield
     finally:
         UniPerceiverMoELinear.forward = original
 
@@ -85,7 +91,7 @@ def make_inputs(config, batch: int, words: int, device, dtype):
     inputs = dict(pixel_values=pixels, input_ids=ids, caption_mode=True, attribute_vectors=attrs.to(device),
                   task_ids=(torch.arange(batch) % 2).to(device), query_positions=None)
     candidates = torch.randint(0, 49408, (256, 4), generator=g).to(device)
-    inputs.update(target_input_ids=candidates, target_attribute_vectors=torch.tensor([TokenAttributes.from_bits("11010110").to_list()], device=device).expand(256, 8),
+    inputs.update(target_input_ids=candidates, target_attribute_vectors=torch.tensor([CANDIDATE.to_list()], device=device).expand(256, 8),
                   target_task_ids=torch.zeros(256, dtype=torch.long, device=device),
                   labels=ids % 256, task_family="captioning")
     return inputs, batch * length + 256 * (1 + 4)
@@ -105,6 +111,29 @@ def time_it(fn, device, warmup: int, steps: int) -> float:
         fn()
     synchronize(device)
     return (time.perf_counter() - start) / steps
+
+
+def compile_layers(model) -> None:
+    """Regional compilation: `torch.compile` each encoder layer in place (routing is built outside them)."""
+    for layer in model.base_model.encoder.layers:
+        layer.compile()
+
+
+@contextlib.contextmanager
+def unsorted_layers():
+    """Ablation / naive reference: layers permute rows per expert projection instead of once per layer."""
+    original = UniPerceiverMoEModel._routing_state
+
+    def routing_state(self, *args):
+        state = original(self, *args)
+        state.sorted_rows = None
+        return state
+
+    UniPerceiverMoEModel._routing_state = routing_state
+    try:
+        yield
+    finally:
+        UniPerceiverMoEModel._routing_state = original
 
 
 def measure(model, inputs, tokens, device, dtype, warmup, steps, train: bool):
@@ -133,9 +162,77 @@ def measure(model, inputs, tokens, device, dtype, warmup, steps, train: bool):
     return tokens / seconds, peak
 
 
+# ------------------------------------------------------------------------------------------ microbenchmark
+def matmul_ceiling(device, dtype, size: int) -> float:
+    """Measured TFLOP/s of one large square matmul: the card's practical ceiling for this dtype."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = time_it(lambda: a @ b, device, 3, 10)
+    return 2 * size**3 / seconds / 1e12
+
+
+def linear_microbenchmark(config, tokens: int, device, dtype, warmup: int, steps: int) -> list[dict]:
+    """The MoE linear alone (B's fc1 shape) against a dense linear of the same active FLOPs, fwd + bwd.
+
+    * merged: 3 route groups of equal size, rows already sorted (as inside a layer), weights merged
+      from E experts every step (training): same FLOPs as a dense linear on the same rows.
+    * token top-2: every token to 2 of E experts (random router), grouped GEMM over 2N assignments:
+      compared with a dense linear on 2N rows (equal active FLOPs).
+    * kernel only: `grouped_mm` with E equal groups vs one `mm`, forward, same FLOPs.
+    """
+    d_in, d_out, experts = config.hidden_size, config.intermediate_size, config.moe_num_experts
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+
+    def fwd_bwd(module, x, dispatch=None):
+        def step():
+            with autocast:
+                out = module(x) if dispatch is None else module(x, dispatch)
+            out.float().sum().backward()
+        return step
+
+    def add(name, fn, flops, baseline=None):
+        seconds = time_it(fn, device, warmup, steps)
+        rows.append({"case": name, "tflops": flops / seconds / 1e12, "ms": seconds * 1e3, "baseline": baseline})
+
+    for factor in (1, 2):
+        dense = torch.nn.Linear(d_in, d_out).to(device)
+        x = torch.randn(factor * tokens, d_in, generator=g).to(device).requires_grad_()
+        add(f"dense linear, {factor}N rows", fwd_bwd(dense, x), 6 * factor * tokens * d_in * d_out)
+    moe = UniPerceiverMoELinear(d_in, d_out, experts).to(device)
+    torch.nn.init.normal_(moe.weight, std=0.02)
+    x = torch.randn(tokens, d_in, generator=g).to(device).requires_grad_()
+    keys = torch.arange(3).repeat_interleave(-(-tokens // 3))[:tokens].to(device)
+    groups = RouteGroups.from_keys(keys)
+    gate_logits = torch.randn(3, experts, generator=g).to(device).requires_grad_()
+    decision = select_top_k(gate_logits, 2, 0.0, training=False)
+    merged = MergedDispatch(decision.dense_weights(experts), groups, decision, rows_sorted=True)
+    add("MoE linear, merged (3 groups)", fwd_bwd(moe, x, merged), 6 * tokens * d_in * d_out, "dense linear, 1N rows")
+    router_logits = torch.randn(tokens, experts, generator=g).to(device)
+    token_dispatch = build_token_dispatch(select_top_k(router_logits, 2, 0.0, training=False), experts, None)
+    add("MoE linear, token top-2", fwd_bwd(moe, x, token_dispatch), 12 * tokens * d_in * d_out, "dense linear, 2N rows")
+
+    if device.type == "cuda":
+        kernel_dtype = torch.bfloat16
+        a = torch.randn(tokens, d_in, generator=g).to(device, kernel_dtype)
+        w = torch.randn(d_out, d_in, generator=g).to(device, kernel_dtype)
+        ws = torch.randn(experts, d_in, d_out, generator=g).to(device, kernel_dtype)
+        per = tokens // experts // 16 * 16
+        offs = torch.tensor([per * (e + 1) for e in range(experts - 1)] + [tokens], dtype=torch.int32, device=device)
+        add("kernel: mm", lambda: a @ w.t(), 2 * tokens * d_in * d_out)
+        add("kernel: grouped_mm, E groups", lambda: torch.nn.functional.grouped_mm(a, ws, offs=offs),
+            2 * tokens * d_in * d_out, "kernel: mm")
+    by_case = {r["case"]: r for r in rows}
+    for r in rows:
+        r["vs_baseline"] = r["tflops"] / by_case[r["baseline"]]["tflops"] if r["baseline"] else float("nan")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ main
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="b", choices=["tiny", "ti", "s", "b", "l"])
+    parser.add_argument("--sizes", "--size", default="b", help="comma-separated: tiny, ti, s, b, l")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--words", type=int, default=20)
     parser.add_argument("--image-size", type=int, default=224)
@@ -143,47 +240,86 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--routings", default="none,token,context,modality,task,attribute,token-naive,attribute-naive")
+    parser.add_argument("--routings", default="none,token,context,modality,task,attribute,token-naive,attribute-naive,attribute-unsorted")
+    parser.add_argument("--infer-routings", default="none,token,context,attribute,attribute-folded")
+    parser.add_argument("--compile", default="", help="routings (and 'attribute-folded') also run with compiled layers")
+    parser.add_argument("--micro", action="store_true", help="also run the MoE-linear microbenchmark")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if device.type == "cpu" and dtype == torch.bfloat16:
         dtype = torch.float32
-    rows = []
-    base_config = make_config(args.size, "none", args.experts, 2, args.image_size)
-    inputs, tokens = make_inputs(base_config, args.batch, args.words, device, dtype)
-    print(f"device={device} dtype={dtype} size={args.size} batch={args.batch} tokens/step={tokens}")
+    compiled = {r for r in args.compile.split(",") if r}
+    report = {"args": vars(args), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "rows": [], "micro": {}}
+    rows = report["rows"]
+    if args.micro:
+        ceiling = matmul_ceiling(device, dtype, 8192 if device.type == "cuda" else 256)
+        report["matmul_ceiling_tflops"] = ceiling
+        print(f"{dtype} matmul ceiling (one square GEMM): {ceiling:.1f} TFLOP/s")
+    for size in args.sizes.split(","):
+        base_config = make_config(size, "none", args.experts, 2, args.image_size)
+        inputs, tokens = make_inputs(base_config, args.batch, args.words, device, dtype)
+        print(f"\ndevice={report['device']} dtype={dtype} size={size} batch={args.batch} tokens/step={tokens}", flush=True)
+        if args.micro:
+            micro = linear_microbenchmark(make_config(size, "token", args.experts, 2, args.image_size), tokens,
+                                          device, dtype, args.warmup, args.steps)
+            report["micro"][size] = micro
+            for r in micro:
+                share = r["tflops"] / report["matmul_ceiling_tflops"]
+                print(f"  micro {r['case']:32s} {r['tflops']:8.1f} TFLOP/s ({share:.0%} of ceiling)"
+                      + (f"  {r['vs_baseline']:.2f} of {r['baseline']}" if r["baseline"] else ""), flush=True)
 
-    def run(name, model, train, naive=False):
-        with naive_experts() if naive else contextlib.nullcontext():
-            rate, peak = measure(model, inputs, tokens, device, dtype, args.warmup, args.steps, train)
-        rows.append({"phase": "train" if train else "infer", "model": name, "tokens_per_s": rate, "peak_gib": peak})
-        print(f"  {rows[-1]['phase']:5s} {name:18s} {rate:12.0f} tok/s  peak {peak:6.2f} GiB", flush=True)
+        def run(name, model, train, context=contextlib.nullcontext, compile_it=False):
+            if compile_it:
+                compile_layers(model)
+            try:
+                with context():
+                    rate, peak = measure(model, inputs, tokens, device, dtype, args.warmup, args.steps, train)
+            except Exception as error:  # a variant that cannot run here is reported, not fatal
+                print(f"  {'train' if train else 'infer'} {name}: FAILED {type(error).__name__}: {str(error)[:300]}", flush=True)
+                return
+            rows.append({"size": size, "phase": "train" if train else "infer", "model": name,
+                         "compiled": compile_it, "tokens_per_s": rate, "peak_gib": peak})
+            label = name + (" +compile" if compile_it else "")
+            print(f"  {rows[-1]['phase']:5s} {label:26s} {rate:12.0f} tok/s  peak {peak:6.2f} GiB", flush=True)
 
-    for routing in args.routings.split(","):
-        name = routing.replace("-naive", "")
-        torch.manual_seed(0)
-        model = UniPerceiverMoEForGenericPerception(make_config(args.size, name, args.experts, 2, args.image_size)).to(device)
-        run(routing, model, train=True, naive=routing.endswith("naive"))
-        if routing in ("none", "attribute"):
-            run(routing, model, train=False)
-        if routing == "attribute":
-            routes = torch.stack([a.to_tensor() for a in (CLASS_INPUT, CAPTION_IMAGE, CAPTION_TEXT, TokenAttributes.from_bits("11010110"))])
-            run("attribute-folded", fold_experts(model, routes.to(device)).to(device), train=False)
-        del model
+        variants = list(dict.fromkeys(args.routings.split(",") + args.infer_routings.split(",")))
+        for variant in variants:
+            routing = variant.split("-")[0]
+            context = {"naive": naive_experts, "unsorted": unsorted_layers}.get(variant.partition("-")[2], contextlib.nullcontext)
+            for compile_it in (False, True) if variant in compiled else (False,):
+                torch.manual_seed(0)
+                model = UniPerceiverMoEForGenericPerception(make_config(size, routing, args.experts, 2, args.image_size)).to(device)
+                if variant.endswith("folded"):
+                    routes = torch.stack([a.to_tensor() for a in (CLASS_INPUT, CAPTION_IMAGE, CAPTION_TEXT, CANDIDATE)])
+                    model = fold_experts(model, routes.to(device)).to(device)
+                elif variant in args.routings.split(","):
+                    run(variant, model, True, context, compile_it)
+                if variant in args.infer_routings.split(","):
+                    run(variant, model, False, context, compile_it)
+                del model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         if device.type == "cuda":
-            torch.cuda.empty_cache()
-    dense = {r["phase"]: r["tokens_per_s"] for r in rows if r["model"] == "none"}
-    print("\n| phase | model | tokens/s | time vs dense | peak GiB |\n|---|---|---|---|---|")
-    for r in rows:
-        ratio = dense[r["phase"]] / r["tokens_per_s"] if r["phase"] in dense else float("nan")
-        r["time_vs_dense"] = ratio
-        print(f"| {r['phase']} | {r['model']} | {r['tokens_per_s']:.0f} | {ratio:.2f}x | {r['peak_gib']:.2f} |")
+            torch._dynamo.reset()
+    print_table(rows)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "device": str(device), "rows": rows}, handle, indent=1)
+            json.dump(report, handle, indent=1)
     return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    """Markdown table; "time vs dense" = dense tokens/s / variant tokens/s, same size, phase and compilation."""
+    dense = {(r["size"], r["phase"], r["compiled"]): r["tokens_per_s"] for r in rows if r["model"] == "none"}
+    print("\n| size | phase | model | compiled | tokens/s | time vs dense | peak GiB |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        base = dense.get((r["size"], r["phase"], r["compiled"]))
+        r["time_vs_dense"] = base / r["tokens_per_s"] if base else float("nan")
+        print(f"| {r['size']} | {r['phase']} | {r['model']} | {'yes' if r['compiled'] else 'no'} | "
+              f"{r['tokens_per_s']:.0f} | {r['time_vs_dense']:.2f}x | {r['peak_gib']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -464,7 +464,7 @@ class UniPerceiverMoELinear(nn.Module):
 
     def _forward_tokens(self, x: torch.Tensor, dispatch: TokenDispatch) -> torch.Tensor:
         dtype = compute_dtype(x)
-        x_sorted = _DispatchTokens.apply(x, dispatch.token_index, dispatch.inverse_order, dispatch.top_k)
+        x_sorted = _DispatchTokens.apply(x.to(dtype), dispatch.token_index, dispatch.inverse_order, dispatch.top_k)
         out_sorted = grouped_linear(x_sorted, self.weight, dispatch.offsets, self.bias, dispatch.expert_one_hot(dtype))
         out_sorted = out_sorted * dispatch.weight.to(out_sorted.dtype)[:, None]
         per_slot = permute_rows(out_sorted, dispatch.inverse_order, dispatch.order)
