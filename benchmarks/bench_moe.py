@@ -185,10 +185,10 @@ def linear_microbenchmark(config, tokens: int, device, dtype, warmup: int, steps
     g = torch.Generator().manual_seed(0)
     rows = []
 
-    def fwd_bwd(module, x, dispatch=None):
+    def fwd_bwd(module, x, make_dispatch=None):
         def step():
             with autocast:
-                out = module(x) if dispatch is None else module(x, dispatch)
+                out = module(x) if make_dispatch is None else module(x, make_dispatch())
             out.float().sum().backward()
         return step
 
@@ -206,12 +206,16 @@ def linear_microbenchmark(config, tokens: int, device, dtype, warmup: int, steps
     keys = torch.arange(3).repeat_interleave(-(-tokens // 3))[:tokens].to(device)
     groups = RouteGroups.from_keys(keys)
     gate_logits = torch.randn(3, experts, generator=g).to(device).requires_grad_()
-    decision = select_top_k(gate_logits, 2, 0.0, training=False)
-    merged = MergedDispatch(decision.dense_weights(experts), groups, decision, rows_sorted=True)
+
+    def merged():  # the gates are re-computed every step, as in training (the merge back-propagates into them)
+        decision = select_top_k(gate_logits, 2, 0.0, training=False)
+        return MergedDispatch(decision.dense_weights(experts), groups, decision, rows_sorted=True)
+
     add("MoE linear, merged (3 groups)", fwd_bwd(moe, x, merged), 6 * tokens * d_in * d_out, "dense linear, 1N rows")
     router_logits = torch.randn(tokens, experts, generator=g).to(device)
     token_dispatch = build_token_dispatch(select_top_k(router_logits, 2, 0.0, training=False), experts, None)
-    add("MoE linear, token top-2", fwd_bwd(moe, x, token_dispatch), 12 * tokens * d_in * d_out, "dense linear, 2N rows")
+    add("MoE linear, token top-2", fwd_bwd(moe, x, lambda: token_dispatch), 12 * tokens * d_in * d_out,
+        "dense linear, 2N rows")
 
     if device.type == "cuda":
         kernel_dtype = torch.bfloat16
