@@ -28,6 +28,7 @@ from modeling_uniperceiver_moe import (
     fold_experts,
 )
 from modeling_uniperceiver_moe import UniPerceiverMoEModel
+from modeling_uniperceiver_moe import modeling_uniperceiver_moe as modeling
 from modeling_uniperceiver_moe.routing import MergedDispatch, RouteGroups, build_token_dispatch, select_top_k
 
 CAPTION_IMAGE = TokenAttributes.from_bits("11011000")
@@ -113,8 +114,20 @@ def time_it(fn, device, warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+@contextlib.contextmanager
+def merged_gemm(mode: str):
+    """Run merged projections with `modeling.MERGED_GEMM = mode` ("grouped" or "per_group")."""
+    original, modeling.MERGED_GEMM = modeling.MERGED_GEMM, mode
+    try:
+        yield
+    finally:
+        modeling.MERGED_GEMM = original
+
+
 def compile_layers(model) -> None:
-    """Regional compilation: `torch.compile` each encoder layer in place (routing is built outside them)."""
+    """Regional compilation: `torch.compile` each encoder layer in place (routing is built outside them).
+    Layers differ in constants (drop-path rate, MoE or not), so each may need its own graph."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for layer in model.base_model.encoder.layers:
         layer.compile()
 
@@ -212,6 +225,9 @@ def linear_microbenchmark(config, tokens: int, device, dtype, warmup: int, steps
         return MergedDispatch(decision.dense_weights(experts), groups, decision, rows_sorted=True)
 
     add("MoE linear, merged (3 groups)", fwd_bwd(moe, x, merged), 6 * tokens * d_in * d_out, "dense linear, 1N rows")
+    with merged_gemm("per_group"):
+        add("MoE linear, merged, per-group GEMMs", fwd_bwd(moe, x, merged), 6 * tokens * d_in * d_out,
+            "dense linear, 1N rows")
     router_logits = torch.randn(tokens, experts, generator=g).to(device)
     token_dispatch = build_token_dispatch(select_top_k(router_logits, 2, 0.0, training=False), experts, None)
     add("MoE linear, token top-2", fwd_bwd(moe, x, lambda: token_dispatch), 12 * tokens * d_in * d_out,
@@ -244,8 +260,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--routings", default="none,token,context,modality,task,attribute,token-naive,attribute-naive,attribute-unsorted")
-    parser.add_argument("--infer-routings", default="none,token,context,attribute,attribute-folded")
+    parser.add_argument("--routings", default="none,token,context,modality,task,attribute,token-naive,attribute-naive,attribute-unsorted,attribute-pergroup")
+    parser.add_argument("--infer-routings", default="none,token,context,attribute,attribute-pergroup,attribute-folded,attribute-folded-pergroup")
     parser.add_argument("--compile", default="", help="routings (and 'attribute-folded') also run with compiled layers")
     parser.add_argument("--micro", action="store_true", help="also run the MoE-linear microbenchmark")
     parser.add_argument("--json", default=None)
@@ -292,11 +308,13 @@ def main(argv=None):
         variants = list(dict.fromkeys(args.routings.split(",") + args.infer_routings.split(",")))
         for variant in variants:
             routing = variant.split("-")[0]
-            context = {"naive": naive_experts, "unsorted": unsorted_layers}.get(variant.partition("-")[2], contextlib.nullcontext)
+            flags = set(variant.split("-")[1:])  # naive / unsorted / pergroup / folded
+            context = (naive_experts if "naive" in flags else unsorted_layers if "unsorted" in flags
+                       else (lambda: merged_gemm("per_group")) if "pergroup" in flags else contextlib.nullcontext)
             for compile_it in (False, True) if variant in compiled else (False,):
                 torch.manual_seed(0)
                 model = UniPerceiverMoEForGenericPerception(make_config(size, routing, args.experts, 2, args.image_size)).to(device)
-                if variant.endswith("folded"):
+                if "folded" in flags:
                     routes = torch.stack([a.to_tensor() for a in (CLASS_INPUT, CAPTION_IMAGE, CAPTION_TEXT, CANDIDATE)])
                     model = fold_experts(model, routes.to(device)).to(device)
                 elif variant in args.routings.split(","):

@@ -1,28 +1,21 @@
-"""Profile one training step of a routing with torch.profiler and print the top CUDA/CPU ops.
+"""Where the time goes: torch.profiler tables of one model training step, or of the MoE linear alone.
 
     python -m benchmarks.profile_step --size b --routing attribute --batch 64
+    python -m benchmarks.profile_step --size b --linear merged      # or: token, dense
 """
 
 import argparse
+import contextlib
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench_moe import make_config, make_inputs
-from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
+from benchmarks.bench_moe import make_config, make_inputs, merged_gemm
+from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception, UniPerceiverMoELinear
+from modeling_uniperceiver_moe.routing import MergedDispatch, RouteGroups, build_token_dispatch, select_top_k
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--size", default="b")
-    parser.add_argument("--routing", default="attribute")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--rows", type=int, default=25)
-    parser.add_argument("--trace", default=None)
-    args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def model_step(args, device, dtype):
     config = make_config(args.size, args.routing, 8, 2, args.image_size)
     model = UniPerceiverMoEForGenericPerception(config).to(device).train()
     inputs, _ = make_inputs(config, args.batch, 20, device, dtype)
@@ -35,14 +28,63 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(2):
+    return step
+
+
+def linear_step(args, device, dtype):
+    """Forward + backward of one projection (the size's fc1) on the workload's token count."""
+    config = make_config(args.size, "none", 8, 2, args.image_size)
+    tokens = args.batch * (1 + (args.image_size // config.patch_size) ** 2 + 40) + 256 * 5
+    d_in, d_out = config.hidden_size, config.intermediate_size
+    x = torch.randn(tokens, d_in, device=device, requires_grad=True)
+    if args.linear == "dense":
+        layer = torch.nn.Linear(d_in, d_out).to(device)
+        make_dispatch = None
+    else:
+        layer = UniPerceiverMoELinear(d_in, d_out, 8).to(device)
+        torch.nn.init.normal_(layer.weight, std=0.02)
+        if args.linear == "merged":
+            groups = RouteGroups.from_keys(torch.arange(3, device=device).repeat_interleave(-(-tokens // 3))[:tokens])
+            logits = torch.randn(3, 8, device=device, requires_grad=True)
+
+            def make_dispatch():
+                decision = select_top_k(logits, 2, 0.0, training=False)
+                return MergedDispatch(decision.dense_weights(8), groups, decision, rows_sorted=True)
+        else:
+            dispatch = build_token_dispatch(select_top_k(torch.randn(tokens, 8, device=device), 2, 0.0, False), 8, None)
+            make_dispatch = lambda: dispatch  # noqa: E731
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = layer(x) if make_dispatch is None else layer(x, make_dispatch())
+        out.float().sum().backward()
+
+    return step
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", default="b")
+    parser.add_argument("--routing", default="attribute")
+    parser.add_argument("--linear", default=None, choices=[None, "dense", "merged", "token"])
+    parser.add_argument("--merged-gemm", default="grouped", choices=["grouped", "per_group"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--trace", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with merged_gemm(args.merged_gemm) if args.merged_gemm != "grouped" else contextlib.nullcontext():
+        step = linear_step(args, device, dtype) if args.linear else model_step(args, device, dtype)
+        for _ in range(3):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(2):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
     if args.trace:
