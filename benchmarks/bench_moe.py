@@ -224,9 +224,9 @@ def linear_microbenchmark(config, tokens: int, device, dtype, warmup: int, steps
         decision = select_top_k(gate_logits, 2, 0.0, training=False)
         return MergedDispatch(decision.dense_weights(experts), groups, decision, rows_sorted=True)
 
-    add("MoE linear, merged (3 groups)", fwd_bwd(moe, x, merged), 6 * tokens * d_in * d_out, "dense linear, 1N rows")
-    with merged_gemm("per_group"):
-        add("MoE linear, merged, per-group GEMMs", fwd_bwd(moe, x, merged), 6 * tokens * d_in * d_out,
+    add("MoE linear, merged, per-group GEMMs", fwd_bwd(moe, x, merged), 6 * tokens * d_in * d_out, "dense linear, 1N rows")
+    with merged_gemm("grouped"):
+        add("MoE linear, merged, one grouped GEMM", fwd_bwd(moe, x, merged), 6 * tokens * d_in * d_out,
             "dense linear, 1N rows")
     router_logits = torch.randn(tokens, experts, generator=g).to(device)
     token_dispatch = build_token_dispatch(select_top_k(router_logits, 2, 0.0, training=False), experts, None)
@@ -260,10 +260,11 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--routings", default="none,token,context,modality,task,attribute,token-naive,attribute-naive,attribute-unsorted,attribute-pergroup")
-    parser.add_argument("--infer-routings", default="none,token,context,attribute,attribute-pergroup,attribute-folded,attribute-folded-pergroup")
+    parser.add_argument("--routings", default="none,token,context,modality,task,attribute,token-naive,attribute-naive,attribute-unsorted,attribute-grouped")
+    parser.add_argument("--infer-routings", default="none,token,context,attribute,attribute-grouped,attribute-folded")
     parser.add_argument("--compile", default="", help="routings (and 'attribute-folded') also run with compiled layers")
     parser.add_argument("--micro", action="store_true", help="also run the MoE-linear microbenchmark")
+    parser.add_argument("--repeats", type=int, default=1, help="measure every variant this many times (interleaved); report medians")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -306,11 +307,11 @@ def main(argv=None):
             print(f"  {rows[-1]['phase']:5s} {label:26s} {rate:12.0f} tok/s  peak {peak:6.2f} GiB", flush=True)
 
         variants = list(dict.fromkeys(args.routings.split(",") + args.infer_routings.split(",")))
-        for variant in variants:
+        for variant in [v for _ in range(args.repeats) for v in variants]:  # repeats interleave variants
             routing = variant.split("-")[0]
-            flags = set(variant.split("-")[1:])  # naive / unsorted / pergroup / folded
+            flags = set(variant.split("-")[1:])  # naive / unsorted / grouped (one grouped GEMM) / folded
             context = (naive_experts if "naive" in flags else unsorted_layers if "unsorted" in flags
-                       else (lambda: merged_gemm("per_group")) if "pergroup" in flags else contextlib.nullcontext)
+                       else (lambda: merged_gemm("grouped")) if "grouped" in flags else contextlib.nullcontext)
             for compile_it in (False, True) if variant in compiled else (False,):
                 torch.manual_seed(0)
                 model = UniPerceiverMoEForGenericPerception(make_config(size, routing, args.experts, 2, args.image_size)).to(device)
@@ -326,6 +327,8 @@ def main(argv=None):
                     torch.cuda.empty_cache()
         if device.type == "cuda":
             torch._dynamo.reset()
+    report["runs"] = rows[:]
+    rows[:] = median_rows(rows)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as handle:
@@ -333,15 +336,28 @@ def main(argv=None):
     return rows
 
 
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per (size, phase, model, compiled): the median tokens/s (and max peak) over repeats."""
+    grouped: dict[tuple, list[dict]] = {}
+    for r in rows:
+        grouped.setdefault((r["size"], r["phase"], r["model"], r["compiled"]), []).append(r)
+    merged = []
+    for runs in grouped.values():
+        rates = sorted(r["tokens_per_s"] for r in runs)
+        merged.append({**runs[0], "tokens_per_s": rates[len(rates) // 2], "repeats": len(runs),
+                       "spread": rates[-1] / rates[0], "peak_gib": max(r["peak_gib"] for r in runs)})
+    return merged
+
+
 def print_table(rows: list[dict]) -> None:
     """Markdown table; "time vs dense" = dense tokens/s / variant tokens/s, same size, phase and compilation."""
     dense = {(r["size"], r["phase"], r["compiled"]): r["tokens_per_s"] for r in rows if r["model"] == "none"}
-    print("\n| size | phase | model | compiled | tokens/s | time vs dense | peak GiB |\n|---|---|---|---|---|---|---|")
+    print("\n| size | phase | model | compiled | tokens/s (median) | time vs dense | max/min over repeats | peak GiB |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = dense.get((r["size"], r["phase"], r["compiled"]))
         r["time_vs_dense"] = base / r["tokens_per_s"] if base else float("nan")
         print(f"| {r['size']} | {r['phase']} | {r['model']} | {'yes' if r['compiled'] else 'no'} | "
-              f"{r['tokens_per_s']:.0f} | {r['time_vs_dense']:.2f}x | {r['peak_gib']:.2f} |")
+              f"{r['tokens_per_s']:.0f} | {r['time_vs_dense']:.2f}x | {r['spread']:.2f} | {r['peak_gib']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -188,6 +188,39 @@ def per_group_linear(x_sorted: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return torch.cat([F.linear(block, w, b) for block, w, b in zip(blocks, weights, biases)])
 
 
+class _MergeExperts(torch.autograd.Function):
+    """`W_g = sum_e gates[g, e] W_e` for G route groups, returned in the compute dtype.
+
+    gates `[G, E]` float32, experts `[E, P]` float32 (P = out * in) -> `[G, P]` in `dtype`. The gate
+    gradient is a reduction over P (millions); as one GEMM with K = P cuBLAS picked a 32x32-tile fp32
+    kernel that took 0.29 ms for B's fc1 on an H100, so it runs as a batched GEMM over P-chunks.
+    """
+
+    @staticmethod
+    def forward(ctx, gates, experts, dtype):
+        ctx.save_for_backward(gates, experts)
+        return (gates @ experts).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gates, experts = ctx.saved_tensors
+        grad = grad.to(experts.dtype)
+        grad_experts = gates.t() @ grad if ctx.needs_input_grad[1] else None
+        grad_gates = _chunked_row_products(grad, experts) if ctx.needs_input_grad[0] else None
+        return grad_gates, grad_experts, None
+
+
+def _chunked_row_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b.T` for short, very long rows: a `[G, P]`, b `[E, P]` -> `[G, E]`, as a bmm over P-chunks."""
+    length = a.shape[1]
+    chunks = next((c for c in (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2) if length % c == 0 and length // c >= 64), 1)
+    if chunks == 1:
+        return a @ b.t()
+    width = length // chunks
+    per_chunk = torch.bmm(a.view(a.shape[0], chunks, width).transpose(0, 1), b.view(b.shape[0], chunks, width).permute(1, 2, 0))
+    return per_chunk.sum(0)
+
+
 class _PermuteRows(torch.autograd.Function):
     """`x[order]` for a permutation `order`, whose backward is the inverse gather.
 
@@ -413,9 +446,10 @@ class PrefixCache:
         return self.key_values[0][0].shape[2] if self.key_values else 0
 
 
-# How merged (data-independent) projections run their few route groups: "grouped" (one grouped GEMM,
-# offsets stay on the device) or "per_group" (one cuBLAS GEMM per group, sizes read once per forward).
-MERGED_GEMM = "grouped"
+# How merged (data-independent) projections run their few route groups: "per_group" (one cuBLAS GEMM
+# with its bias per group; sizes read once per forward), or "grouped" (one grouped GEMM, offsets stay
+# on the device, bias through a one-hot GEMM). per_group measured faster on an H100 (docs/benchmarks.md).
+MERGED_GEMM = "per_group"
 
 
 class UniPerceiverMoELinear(nn.Module):
@@ -439,12 +473,14 @@ class UniPerceiverMoELinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_experts, out_features))
         self._merged_cache: tuple | None = None  # (key, weight [G, out, in], bias [G, out]); never saved
 
-    def merged_parameters(self, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """gates `[G, E]` -> merged weight `[G, out, in]` and bias `[G, out]`, in float32 (autocast off)."""
+    def merged_parameters(self, gates: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """gates `[G, E]` -> merged weight `[G, out, in]` and bias `[G, out]`, summed in float32
+        (autocast off) and returned in `dtype`."""
         with torch.autocast(device_type=gates.device.type, enabled=False):
             gates = gates.float()
-            weight = (gates @ self.weight.float().reshape(self.num_experts, -1)).view(-1, self.out_features, self.in_features)
-            return weight, gates @ self.bias.float()
+            experts = self.weight.float().reshape(self.num_experts, -1)
+            weight = _MergeExperts.apply(gates, experts, dtype).view(-1, self.out_features, self.in_features)
+            return weight, (gates @ self.bias.float()).to(dtype)
 
     def merged_for(self, dispatch: MergedDispatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Merged weight and bias for this batch's groups in `dtype`, from the inference cache when valid."""
@@ -453,8 +489,7 @@ class UniPerceiverMoELinear(nn.Module):
             key = (dispatch.cache_key, dtype, self.weight.data_ptr(), self.weight._version, self.bias._version)
             if self._merged_cache is not None and self._merged_cache[0] == key:
                 return self._merged_cache[1], self._merged_cache[2]
-        weight, bias = self.merged_parameters(dispatch.gates)
-        weight, bias = weight.to(dtype), bias.to(dtype)
+        weight, bias = self.merged_parameters(dispatch.gates, dtype)
         if key is not None:
             self._merged_cache = (key, weight, bias)
         return weight, bias
