@@ -67,7 +67,7 @@ def main(argv=None):
     parser.add_argument("--size", default="b")
     parser.add_argument("--routing", default="attribute")
     parser.add_argument("--linear", default=None, choices=[None, "dense", "merged", "token"])
-    parser.add_argument("--merged-gemm", default="per_group", choices=["grouped", "per_group"])
+    parser.add_argument("--merged-gemm", default="grouped", choices=["grouped", "per_group"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rows", type=int, default=25)
@@ -75,7 +75,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with merged_gemm(args.merged_gemm) if args.merged_gemm != "per_group" else contextlib.nullcontext():
+    with merged_gemm(args.merged_gemm) if args.merged_gemm != "grouped" else contextlib.nullcontext():
         step = linear_step(args, device, dtype) if args.linear else model_step(args, device, dtype)
         for _ in range(3):
             step()

@@ -446,10 +446,11 @@ class PrefixCache:
         return self.key_values[0][0].shape[2] if self.key_values else 0
 
 
-# How merged (data-independent) projections run their few route groups: "per_group" (one cuBLAS GEMM
-# with its bias per group; sizes read once per forward), or "grouped" (one grouped GEMM, offsets stay
-# on the device, bias through a one-hot GEMM). per_group measured faster on an H100 (docs/benchmarks.md).
-MERGED_GEMM = "per_group"
+# How merged (data-independent) projections run their few route groups: "grouped" (one grouped GEMM,
+# offsets stay on the device, bias through a one-hot GEMM) or "per_group" (one cuBLAS GEMM with its
+# bias per group, sizes read to the host once per forward). On an H100 (B fc1, 3 groups, fwd+bwd)
+# grouped measured 120 TFLOP/s against 91 for per_group (docs/benchmarks.md).
+MERGED_GEMM = "grouped"
 
 
 class UniPerceiverMoELinear(nn.Module):
