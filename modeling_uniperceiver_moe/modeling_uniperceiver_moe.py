@@ -204,7 +204,7 @@ class _MergeExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gates, experts = ctx.saved_tensors
-        grad = grad.to(experts.dtype)
+        grad = grad.to(experts.dtype).contiguous()
         grad_experts = gates.t() @ grad if ctx.needs_input_grad[1] else None
         grad_gates = _chunked_row_products(grad, experts) if ctx.needs_input_grad[0] else None
         return grad_gates, grad_experts, None
@@ -486,7 +486,9 @@ class UniPerceiverMoELinear(nn.Module):
     def merged_for(self, dispatch: MergedDispatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Merged weight and bias for this batch's groups in `dtype`, from the inference cache when valid."""
         key = None
-        if dispatch.cache_key is not None:
+        if dispatch.cache_key is None:
+            self._merged_cache = None  # training: free what an evaluation left behind
+        else:
             key = (dispatch.cache_key, dtype, self.weight.data_ptr(), self.weight._version, self.bias._version)
             if self._merged_cache is not None and self._merged_cache[0] == key:
                 return self._merged_cache[1], self._merged_cache[2]

@@ -67,6 +67,7 @@ def test_inference_reuses_merged_weights_until_a_parameter_changes(monkeypatch):
         assert calls["merge"] > merges
     fresh = model(**batch).last_hidden_state  # with grad enabled nothing is cached: merged from scratch
     torch.testing.assert_close(updated, fresh.detach())
+    assert expert._merged_cache is None  # a forward with grad frees what inference cached
     assert not torch.equal(updated, first)
 
 
