@@ -28,7 +28,6 @@ from modeling_uniperceiver_moe import (
     fold_experts,
 )
 from modeling_uniperceiver_moe import UniPerceiverMoEModel
-from modeling_uniperceiver_moe import modeling_uniperceiver_moe as modeling
 from modeling_uniperceiver_moe.routing import MergedDispatch, RouteGroups, build_token_dispatch, select_top_k
 
 CAPTION_IMAGE = TokenAttributes.from_bits("11011000")
@@ -112,16 +111,6 @@ def time_it(fn, device, warmup: int, steps: int) -> float:
         fn()
     synchronize(device)
     return (time.perf_counter() - start) / steps
-
-
-@contextlib.contextmanager
-def merged_gemm(mode: str):
-    """Run merged projections with `modeling.MERGED_GEMM = mode` ("grouped" or "per_group")."""
-    original, modeling.MERGED_GEMM = modeling.MERGED_GEMM, mode
-    try:
-        yield
-    finally:
-        modeling.MERGED_GEMM = original
 
 
 def compile_layers(model) -> None:
@@ -225,9 +214,6 @@ def linear_microbenchmark(config, tokens: int, device, dtype, warmup: int, steps
         return MergedDispatch(decision.dense_weights(experts), groups, decision, rows_sorted=True)
 
     add("MoE linear, merged, one grouped GEMM", fwd_bwd(moe, x, merged), 6 * tokens * d_in * d_out, "dense linear, 1N rows")
-    with merged_gemm("per_group"):
-        add("MoE linear, merged, per-group GEMMs", fwd_bwd(moe, x, merged), 6 * tokens * d_in * d_out,
-            "dense linear, 1N rows")
     router_logits = torch.randn(tokens, experts, generator=g).to(device)
     token_dispatch = build_token_dispatch(select_top_k(router_logits, 2, 0.0, training=False), experts, None)
     add("MoE linear, token top-2", fwd_bwd(moe, x, lambda: token_dispatch), 12 * tokens * d_in * d_out,
@@ -260,8 +246,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--routings", default="none,token,context,modality,task,attribute,token-naive,attribute-naive,attribute-unsorted,attribute-pergroup")
-    parser.add_argument("--infer-routings", default="none,token,context,attribute,attribute-pergroup,attribute-folded")
+    parser.add_argument("--routings", default="none,token,context,modality,task,attribute,token-naive,attribute-naive,attribute-unsorted")
+    parser.add_argument("--infer-routings", default="none,token,context,attribute,attribute-folded")
     parser.add_argument("--compile", default="", help="routings (and 'attribute-folded') also run with compiled layers")
     parser.add_argument("--micro", action="store_true", help="also run the MoE-linear microbenchmark")
     parser.add_argument("--repeats", type=int, default=1, help="measure every variant this many times (interleaved); report medians")
@@ -309,9 +295,8 @@ def main(argv=None):
         variants = list(dict.fromkeys(args.routings.split(",") + args.infer_routings.split(",")))
         for variant in [v for _ in range(args.repeats) for v in variants]:  # repeats interleave variants
             routing = variant.split("-")[0]
-            flags = set(variant.split("-")[1:])  # naive / unsorted / pergroup (cuBLAS per group) / folded
-            context = (naive_experts if "naive" in flags else unsorted_layers if "unsorted" in flags
-                       else (lambda: merged_gemm("per_group")) if "pergroup" in flags else contextlib.nullcontext)
+            flags = set(variant.split("-")[1:])  # naive / unsorted / folded
+            context = naive_experts if "naive" in flags else unsorted_layers if "unsorted" in flags else contextlib.nullcontext
             for compile_it in (False, True) if variant in compiled else (False,):
                 torch.manual_seed(0)
                 model = UniPerceiverMoEForGenericPerception(make_config(size, routing, args.experts, 2, args.image_size)).to(device)

@@ -5,12 +5,11 @@
 """
 
 import argparse
-import contextlib
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench_moe import make_config, make_inputs, merged_gemm
+from benchmarks.bench_moe import make_config, make_inputs
 from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception, UniPerceiverMoELinear
 from modeling_uniperceiver_moe.routing import MergedDispatch, RouteGroups, build_token_dispatch, select_top_k
 
@@ -67,7 +66,6 @@ def main(argv=None):
     parser.add_argument("--size", default="b")
     parser.add_argument("--routing", default="attribute")
     parser.add_argument("--linear", default=None, choices=[None, "dense", "merged", "token"])
-    parser.add_argument("--merged-gemm", default="grouped", choices=["grouped", "per_group"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rows", type=int, default=25)
@@ -75,16 +73,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with merged_gemm(args.merged_gemm) if args.merged_gemm != "grouped" else contextlib.nullcontext():
-        step = linear_step(args, device, dtype) if args.linear else model_step(args, device, dtype)
-        for _ in range(3):
+    step = linear_step(args, device, dtype) if args.linear else model_step(args, device, dtype)
+    for _ in range(3):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
             step()
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            for _ in range(2):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
     if args.trace:

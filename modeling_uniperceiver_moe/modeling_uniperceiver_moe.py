@@ -178,16 +178,6 @@ def grouped_linear(
     return out
 
 
-def per_group_linear(x_sorted: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """`grouped_linear` for a few groups whose sizes the host knows: one cuBLAS GEMM (with its bias) per
-    group on contiguous row blocks. split/unbind/cat keep the backward to one copy each (no per-slice
-    zero-filled gradients). x_sorted `[M, in]`, weight `[G, out, in]`, bias `[G, out]` -> `[M, out]`."""
-    dtype = compute_dtype(x_sorted)
-    blocks = torch.split(x_sorted.to(dtype), sizes)
-    weights, biases = weight.to(dtype).unbind(0), bias.to(dtype).unbind(0)
-    return torch.cat([F.linear(block, w, b) for block, w, b in zip(blocks, weights, biases)])
-
-
 class _MergeExperts(torch.autograd.Function):
     """`W_g = sum_e gates[g, e] W_e` for G route groups, returned in the compute dtype.
 
@@ -446,13 +436,6 @@ class PrefixCache:
         return self.key_values[0][0].shape[2] if self.key_values else 0
 
 
-# How merged (data-independent) projections run their few route groups: "grouped" (one grouped GEMM,
-# offsets stay on the device, bias through a one-hot GEMM) or "per_group" (one cuBLAS GEMM with its
-# bias per group, sizes read to the host once per forward). On an H100 (B fc1, 3 groups, fwd+bwd)
-# grouped measured 120 TFLOP/s against 91 for per_group (docs/benchmarks.md).
-MERGED_GEMM = "grouped"
-
-
 class UniPerceiverMoELinear(nn.Module):
     """One linear projection with E experts stored as a single 3-D parameter.
 
@@ -509,10 +492,7 @@ class UniPerceiverMoELinear(nn.Module):
         if groups.num_groups == 1:
             return F.linear(x.to(dtype), weight.squeeze(0), bias.squeeze(0))
         x_sorted = x if dispatch.rows_sorted else permute_rows(x, groups.order, groups.inverse_order)
-        if MERGED_GEMM == "per_group":
-            out_sorted = per_group_linear(x_sorted, weight, bias, groups.host_sizes())
-        else:
-            out_sorted = grouped_linear(x_sorted, weight, groups.offsets, bias, groups.sorted_one_hot(dtype))
+        out_sorted = grouped_linear(x_sorted, weight, groups.offsets, bias, groups.sorted_one_hot(dtype))
         return out_sorted if dispatch.rows_sorted else permute_rows(out_sorted, groups.inverse_order, groups.order)
 
     def _forward_tokens(self, x: torch.Tensor, dispatch: TokenDispatch) -> torch.Tensor:

@@ -216,13 +216,6 @@ class RouteGroups:
             self._signature = str(keys.dtype).encode() + str(tuple(keys.shape)).encode() + keys.numpy().tobytes()
         return self._signature
 
-    def host_sizes(self) -> list[int]:
-        """Rows per group as Python ints (one small device-to-host copy per forward, made once)."""
-        if "_host_sizes" not in self.__dict__:
-            ends = self.offsets.tolist()
-            self.__dict__["_host_sizes"] = [end - start for start, end in zip([0] + ends[:-1], ends)]
-        return self.__dict__["_host_sizes"]
-
     def sorted_one_hot(self, dtype: torch.dtype) -> torch.Tensor:
         """`[N, G]` one-hot of each sorted row's group (built once per dtype; for per-group biases)."""
         cache = self.__dict__.setdefault("_one_hot", {})
