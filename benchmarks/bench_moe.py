@@ -113,12 +113,11 @@ def time_it(fn, device, warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def compile_layers(model) -> None:
-    """Regional compilation: `torch.compile` each encoder layer in place (routing is built outside them).
-    Layers differ in constants (drop-path rate, MoE or not), so each may need its own graph."""
+def compile_encoder(model, mode: str | None = None, per_layer: bool = False) -> None:
+    """Compile the encoder (whole layer stack, or each layer) with static shapes: the benchmark's
+    batch never changes shape."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for layer in model.base_model.encoder.layers:
-        layer.compile()
+    model.compile_encoder(per_layer=per_layer, dynamic=False, mode=mode)
 
 
 @contextlib.contextmanager
@@ -249,6 +248,8 @@ def main(argv=None):
     parser.add_argument("--routings", default="none,token,context,modality,task,attribute,token-naive,attribute-naive,attribute-unsorted")
     parser.add_argument("--infer-routings", default="none,token,context,attribute,attribute-folded")
     parser.add_argument("--compile", default="", help="routings (and 'attribute-folded') also run with compiled layers")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    parser.add_argument("--compile-per-layer", action="store_true", help="compile each layer instead of the whole encoder")
     parser.add_argument("--micro", action="store_true", help="also run the MoE-linear microbenchmark")
     parser.add_argument("--repeats", type=int, default=1, help="measure every variant this many times (interleaved); report medians")
     parser.add_argument("--json", default=None)
@@ -280,7 +281,7 @@ def main(argv=None):
 
         def run(name, model, train, context=contextlib.nullcontext, compile_it=False):
             if compile_it:
-                compile_layers(model)
+                compile_encoder(model, args.compile_mode, args.compile_per_layer)
             try:
                 with context():
                     rate, peak = measure(model, inputs, tokens, device, dtype, args.warmup, args.steps, train)
@@ -290,7 +291,11 @@ def main(argv=None):
             rows.append({"size": size, "phase": "train" if train else "infer", "model": name,
                          "compiled": compile_it, "tokens_per_s": rate, "peak_gib": peak})
             label = name + (" +compile" if compile_it else "")
-            print(f"  {rows[-1]['phase']:5s} {label:26s} {rate:12.0f} tok/s  peak {peak:6.2f} GiB", flush=True)
+            graphs = ""
+            if compile_it:  # cumulative over the run: a graph break splits the encoder and costs host time
+                counters = torch._dynamo.utils.counters
+                graphs = f"  (so far: {counters['stats']['unique_graphs']} graphs, {sum(counters['graph_break'].values())} graph breaks)"
+            print(f"  {rows[-1]['phase']:5s} {label:26s} {rate:12.0f} tok/s  peak {peak:6.2f} GiB{graphs}", flush=True)
 
         variants = list(dict.fromkeys(args.routings.split(",") + args.infer_routings.split(",")))
         for variant in [v for _ in range(args.repeats) for v in variants]:  # repeats interleave variants

@@ -2,14 +2,20 @@
 
     python -m benchmarks.profile_step --size b --routing attribute --batch 64
     python -m benchmarks.profile_step --size b --linear merged      # or: token, dense
+    python -m benchmarks.profile_step --size b --routing attribute --compile   # compiled layers
+
+Prints the wall time and the summed GPU kernel time per step first (GPU time well below wall time
+means the step is host-bound), then the ops sorted by their own device time.
 """
 
 import argparse
+import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench_moe import make_config, make_inputs
+from benchmarks.bench_moe import compile_encoder, make_config, make_inputs
 from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception, UniPerceiverMoELinear
 from modeling_uniperceiver_moe.routing import MergedDispatch, RouteGroups, build_token_dispatch, select_top_k
 
@@ -17,6 +23,8 @@ from modeling_uniperceiver_moe.routing import MergedDispatch, RouteGroups, build
 def model_step(args, device, dtype):
     config = make_config(args.size, args.routing, 8, 2, args.image_size)
     model = UniPerceiverMoEForGenericPerception(config).to(device).train()
+    if args.compile:
+        compile_encoder(model, args.compile_mode, args.compile_per_layer)
     inputs, _ = make_inputs(config, args.batch, 20, device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
@@ -70,20 +78,34 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--trace", default=None)
+    parser.add_argument("--compile", action="store_true", help="compile the encoder (static shapes)")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
+    parser.add_argument("--compile-per-layer", action="store_true", help="compile each layer, not the whole encoder")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     step = linear_step(args, device, dtype) if args.linear else model_step(args, device, dtype)
     for _ in range(3):
         step()
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        step()
+    synchronize()
+    wall_ms = (time.perf_counter() - start) / 5 * 1e3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(2):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
+        synchronize()
+    events = prof.key_averages()
+    # kernels only (op rows repeat their kernels' time)
+    device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+    print(f"per step: wall {wall_ms:.1f} ms (unprofiled, mean of 5); GPU kernel time {device_us / 2e3:.1f} ms; "
+          f"host CPU time {events.self_cpu_time_total / 2e3:.1f} ms (profiled)")
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
     if args.trace:
         prof.export_chrome_trace(args.trace)
 

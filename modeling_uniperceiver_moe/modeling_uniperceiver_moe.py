@@ -129,21 +129,19 @@ def caption_attention_pattern(num_prefix: int, num_words: int, device=None) -> t
     return allowed
 
 
-def drop_path(x: torch.Tensor, rate: float, training: bool, row_sample: torch.Tensor | None = None,
-              num_samples: int | None = None) -> torch.Tensor:
-    """Stochastic depth: drop the whole residual branch per sample with probability `rate`.
+def drop_path_scales(max_rate: float, num_layers: int, batch: int, device, training: bool) -> torch.Tensor | None:
+    """Stochastic depth for every layer at once: `[num_layers, 2, B]` float32 per-sample scales of the
+    attention and MLP residual branches of each layer: 0 (dropped) with the layer's rate, which grows
+    linearly from 0 (first layer) to `max_rate` (last layer), else `1 / (1 - rate)`.
 
-    x: `[B, ...]` (one sample per leading index), or flat rows `[N, d]` with `row_sample` `[N]` naming
-    each row's sample among `num_samples` (rows may come in any order, e.g. sorted by route group).
+    Drawn once per forward by the encoder and passed to the layers as a tensor, so layers with
+    different rates share one compiled graph. None when not training or `max_rate` is 0.
     """
-    if rate == 0.0 or not training:
-        return x
-    keep = 1.0 - rate
-    if row_sample is None:
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    else:
-        mask = x.new_empty(num_samples).bernoulli_(keep).index_select(0, row_sample)[:, None]
-    return x * mask / keep
+    if not training or max_rate == 0.0:
+        return None
+    keep = 1.0 - torch.arange(num_layers, device=device, dtype=torch.float32) * (max_rate / max(num_layers - 1, 1))
+    keep = keep[:, None, None]
+    return (torch.rand(num_layers, 2, batch, device=device) < keep).float() / keep
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -470,7 +468,8 @@ class UniPerceiverMoELinear(nn.Module):
         """Merged weight and bias for this batch's groups in `dtype`, from the inference cache when valid."""
         key = None
         if dispatch.cache_key is None:
-            self._merged_cache = None  # training: free what an evaluation left behind
+            if not torch.compiler.is_compiling():
+                self._merged_cache = None  # training: free what an evaluation left behind
         else:
             key = (dispatch.cache_key, dtype, self.weight.data_ptr(), self.weight._version, self.bias._version)
             if self._merged_cache is not None and self._merged_cache[0] == key:
@@ -544,8 +543,9 @@ class UniPerceiverMoEGate(nn.Module):
 
     def _merge_cache_key(self, state: RoutingState) -> tuple | None:
         """At inference (eval mode, no grad) merged weights may be reused while the route keys and the
-        router's parameters are unchanged; this names both. None in training."""
-        if self.training or torch.is_grad_enabled():
+        router's parameters are unchanged; this names both. None in training, and inside a compiled
+        graph (there the merge is part of the graph: no host reads, no state kept between calls)."""
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         router_state = tuple((p.data_ptr(), p._version) for p in self.router.parameters())
         return (state.groups.signature(), router_state, self.config.moe_top_k)
@@ -706,8 +706,6 @@ class UniPerceiverMoELayer(GradientCheckpointingLayer):
         use_scale = config.layer_scale_init > 0
         self.layer_scale1 = UniPerceiverMoELayerScale(d, config.layer_scale_init) if use_scale else nn.Identity()
         self.layer_scale2 = UniPerceiverMoELayerScale(d, config.layer_scale_init) if use_scale else nn.Identity()
-        depth = config.num_hidden_layers
-        self.drop_path_rate = config.drop_path_rate * layer_idx / max(depth - 1, 1)
         moe_here = layer_idx in config.moe_layer_indices()
         attn_moe = moe_here and any(p in config.moe_projections for p in ("attn_qkv", "attn_out"))
         ffn_moe = moe_here and any(p in config.moe_projections for p in ("ffn_fc1", "ffn_fc2"))
@@ -722,9 +720,12 @@ class UniPerceiverMoELayer(GradientCheckpointingLayer):
         aux.append(loss)
         return dispatch
 
-    def forward(self, hidden: torch.Tensor, attention_mask, state: RoutingState, output_attentions: bool = False):
+    def forward(self, hidden: torch.Tensor, attention_mask, state: RoutingState, output_attentions: bool = False,
+                drop_path_scale: torch.Tensor | None = None):
         """hidden: `[B, L, d]`. Returns (hidden, attention weights or None, LayerRouting).
 
+        drop_path_scale: `[2, B]` per-sample scales of the attention and MLP branches (stochastic depth,
+        drawn by the encoder with `drop_path_scales`), or None.
         When the batch has several route groups and this layer has experts, the layer works on flat rows
         sorted by group (`state.sorted_rows`): one permutation in and one out instead of two per expert
         projection; only the attention core sees the `[B, L]` layout.
@@ -732,10 +733,12 @@ class UniPerceiverMoELayer(GradientCheckpointingLayer):
         decisions, aux = [], []
         batch, length, width = hidden.shape
         rows = state.sorted_rows if (self.attn_gate is not None or self.ffn_gate is not None) else None
-        drop_kwargs = {}
         if rows is not None:
             hidden = rows.to_sorted(hidden.reshape(batch * length, width))
-            drop_kwargs = {"row_sample": rows.row_sample, "num_samples": batch}
+            if drop_path_scale is not None:  # one scale per sorted row
+                drop_path_scale = drop_path_scale.index_select(1, rows.row_sample)[:, :, None]
+        elif drop_path_scale is not None:
+            drop_path_scale = drop_path_scale[:, :, None, None]
         normed = self.norm1(hidden)
         dispatch = self._gate(self.attn_gate, normed, state, decisions, aux, rows is not None)
         cache, kwargs = state.prefix_cache, {}
@@ -747,21 +750,27 @@ class UniPerceiverMoELayer(GradientCheckpointingLayer):
         if rows is not None:
             kwargs["sorted_rows"] = rows
         attn_out, weights = self.attention(normed, attention_mask, dispatch, output_attentions, **kwargs)
-        hidden = hidden + drop_path(self.layer_scale1(attn_out), self.drop_path_rate, self.training, **drop_kwargs)
+        hidden = hidden + self._drop_path(self.layer_scale1(attn_out), drop_path_scale, 0)
         normed = self.norm2(hidden)
         dispatch = self._gate(self.ffn_gate, normed, state, decisions, aux, rows is not None)
         mlp_out = self.mlp(normed, dispatch)
-        hidden = hidden + drop_path(self.layer_scale2(mlp_out), self.drop_path_rate, self.training, **drop_kwargs)
+        hidden = hidden + self._drop_path(self.layer_scale2(mlp_out), drop_path_scale, 1)
         if rows is not None:
             hidden = rows.to_natural(hidden).view(batch, length, width)
         aux_loss = torch.stack(aux).sum() if aux else hidden.new_zeros((), dtype=torch.float32)
         return hidden, weights, LayerRouting(decisions, aux_loss)
+
+    @staticmethod
+    def _drop_path(branch: torch.Tensor, scale: torch.Tensor | None, which: int) -> torch.Tensor:
+        """branch `[B, L, d]` or sorted rows `[N, d]`; scale `[2, B, 1, 1]` or `[2, N, 1]` (or None)."""
+        return branch if scale is None else branch * scale[which].to(branch.dtype)
 
 
 # =============================================================================================== encoder
 class UniPerceiverMoEEncoder(nn.Module):
     def __init__(self, config: UniPerceiverMoEConfig):
         super().__init__()
+        self.config = config
         self.layers = nn.ModuleList(UniPerceiverMoELayer(config, i) for i in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
 
@@ -769,8 +778,11 @@ class UniPerceiverMoEEncoder(nn.Module):
         all_hidden = (hidden,) if output_hidden_states else None
         all_attn = () if output_attentions else None
         routing = []
-        for layer in self.layers:
-            hidden, weights, layer_routing = layer(hidden, attention_mask, state, output_attentions)
+        scales = drop_path_scales(self.config.drop_path_rate, len(self.layers), hidden.shape[0], hidden.device,
+                                  self.training)
+        for i, layer in enumerate(self.layers):
+            hidden, weights, layer_routing = layer(hidden, attention_mask, state, output_attentions,
+                                                   drop_path_scale=None if scales is None else scales[i])
             routing.append(layer_routing)
             if output_hidden_states:
                 all_hidden += (hidden,)
@@ -789,6 +801,20 @@ class UniPerceiverMoEPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["UniPerceiverMoELayer", "UniPerceiverMoEEmbeddings"]
     _supports_sdpa = True
     _supports_attention_backend = True
+
+    def compile_encoder(self, per_layer: bool = False, **compile_kwargs) -> None:
+        """`torch.compile` the encoder in place; embeddings, routing and heads stay eager.
+
+        per_layer=False compiles the whole layer stack as one region (one graph per input shape and grad
+        mode; compiles slower, runs with the least host overhead). per_layer=True compiles each layer
+        (regional compilation): layers of one kind (dense or MoE) share their graphs, so a mixed step
+        needs about 2 kinds x shapes x {train, eval} graphs (raise `torch._dynamo.config.recompile_limit`
+        above its default 8 if batch shapes vary a lot). compile_kwargs go to `torch.compile`, e.g.
+        `dynamic=False` for fixed batch shapes or `mode="reduce-overhead"` (CUDA graphs). Eager and
+        compiled encoders compute the same function."""
+        encoder = self.base_model.encoder
+        for module in encoder.layers if per_layer else [encoder]:
+            module.compile(**compile_kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -19,7 +19,7 @@ Two families of routing:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -204,6 +204,7 @@ class RouteGroups:
     offsets: torch.Tensor
 
     _signature: bytes | None = None
+    _one_hot: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_groups(self) -> int:
@@ -217,11 +218,13 @@ class RouteGroups:
         return self._signature
 
     def sorted_one_hot(self, dtype: torch.dtype) -> torch.Tensor:
-        """`[N, G]` one-hot of each sorted row's group (built once per dtype; for per-group biases)."""
-        cache = self.__dict__.setdefault("_one_hot", {})
-        if dtype not in cache:
-            cache[dtype] = one_hot_rows(self.sorted_group, self.num_groups, dtype)
-        return cache[dtype]
+        """`[N, G]` one-hot of each sorted row's group (for per-group biases). Built once per dtype in
+        eager mode; inside a compiled graph it is rebuilt (a fused comparison, no state kept)."""
+        if torch.compiler.is_compiling():
+            return one_hot_rows(self.sorted_group, self.num_groups, dtype)
+        if dtype not in self._one_hot:
+            self._one_hot[dtype] = one_hot_rows(self.sorted_group, self.num_groups, dtype)
+        return self._one_hot[dtype]
 
     @classmethod
     def from_keys(cls, token_keys: torch.Tensor) -> "RouteGroups":
@@ -295,17 +298,20 @@ class TokenDispatch:
     dropped_fraction: torch.Tensor
     order: torch.Tensor | None = None
     inverse_order: torch.Tensor | None = None
+    _one_hot: dict = field(default_factory=dict, repr=False)
 
     @property
     def top_k(self) -> int:
         return self.decision.expert_index.shape[1]
 
     def expert_one_hot(self, dtype: torch.dtype) -> torch.Tensor:
-        """`[N*k, E]` one-hot of each sorted assignment's expert (built once per dtype; for expert biases)."""
-        cache = self.__dict__.setdefault("_one_hot", {})
-        if dtype not in cache:
-            cache[dtype] = one_hot_rows(self.expert_index, self.offsets.shape[0], dtype)
-        return cache[dtype]
+        """`[N*k, E]` one-hot of each sorted assignment's expert (for expert biases); cached per dtype in
+        eager mode only, like `RouteGroups.sorted_one_hot`."""
+        if torch.compiler.is_compiling():
+            return one_hot_rows(self.expert_index, self.offsets.shape[0], dtype)
+        if dtype not in self._one_hot:
+            self._one_hot[dtype] = one_hot_rows(self.expert_index, self.offsets.shape[0], dtype)
+        return self._one_hot[dtype]
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float | None) -> int | None:
