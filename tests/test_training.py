@@ -315,6 +315,20 @@ def test_killed_run_resumes_with_the_same_losses(tiny_cache, tmp_path):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), name
 
 
+@pytest.mark.slow  # inductor compiles a graph per task batch shape on the CPU: minutes
+def test_compiled_encoder_trains_like_eager(tiny_cache, tmp_path):
+    runs = {}
+    for compiled in (False, True):
+        out = str(tmp_path / f"compiled{compiled}")
+        config = run_config(tiny_cache, out, compile=compiled, max_steps=3, save_every=0)
+        done = launch(config, str(tmp_path / f"{compiled}.yaml"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[compiled] = step_losses(out)
+    assert sorted(runs[True]) == sorted(runs[False]) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert runs[True][step] == pytest.approx(runs[False][step], rel=1e-3), step
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tiny_cache, tmp_path):
     out = str(tmp_path / "run")
     config = run_config(tiny_cache, out, max_steps=2, save_every=2)

@@ -56,6 +56,7 @@ class TrainConfig:
     tracker: str | None = "tensorboard"  # any tracker accelerate supports, or None
     max_minutes: float | None = None  # stop (with a checkpoint) after this wall time
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the encoder (model.compile_encoder); one graph per batch shape
 
 
 @dataclass

@@ -163,6 +163,10 @@ class Pretrainer:
         model = UniPerceiverMoEForGenericPerception(self.model_config)
         if config.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if config.train.compile:
+            # one graph per (batch shape, train/eval) of each task; the default limit of 8 is too few for a mixture
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            model.compile_encoder()
         fused = config.optim.fused if config.optim.fused is not None else acc.device.type == "cuda"
         optimizer = torch.optim.AdamW(parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr,
                                       betas=config.optim.betas, eps=config.optim.eps, fused=fused)
