@@ -247,7 +247,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--routings", default="none,token,context,modality,task,attribute,token-naive,attribute-naive,attribute-unsorted")
     parser.add_argument("--infer-routings", default="none,token,context,attribute,attribute-folded")
-    parser.add_argument("--compile", default="", help="routings (and 'attribute-folded') also run with compiled layers")
+    parser.add_argument("--compile", default="", help="routings (and 'attribute-folded') also run with the encoder compiled (see --compile-mode, --compile-per-layer)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     parser.add_argument("--compile-per-layer", action="store_true", help="compile each layer instead of the whole encoder")
     parser.add_argument("--micro", action="store_true", help="also run the MoE-linear microbenchmark")
