@@ -185,6 +185,16 @@ def one_hot_rows(index: torch.Tensor, num_classes: int, dtype: torch.dtype) -> t
     return (index[:, None] == classes[None, :]).to(dtype)
 
 
+def cached_one_hot(cache: dict, index: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """`one_hot_rows` kept in `cache` per dtype in eager mode (a batch's layers all reuse it); rebuilt
+    inside a compiled graph, where it is one fused comparison and no state may be kept between calls."""
+    if torch.compiler.is_compiling():
+        return one_hot_rows(index, num_classes, dtype)
+    if dtype not in cache:
+        cache[dtype] = one_hot_rows(index, num_classes, dtype)
+    return cache[dtype]
+
+
 @dataclass
 class RouteGroups:
     """Partition of the N flattened tokens of a batch by route key; shared by every MoE layer.
@@ -218,13 +228,8 @@ class RouteGroups:
         return self._signature
 
     def sorted_one_hot(self, dtype: torch.dtype) -> torch.Tensor:
-        """`[N, G]` one-hot of each sorted row's group (for per-group biases). Built once per dtype in
-        eager mode; inside a compiled graph it is rebuilt (a fused comparison, no state kept)."""
-        if torch.compiler.is_compiling():
-            return one_hot_rows(self.sorted_group, self.num_groups, dtype)
-        if dtype not in self._one_hot:
-            self._one_hot[dtype] = one_hot_rows(self.sorted_group, self.num_groups, dtype)
-        return self._one_hot[dtype]
+        """`[N, G]` one-hot of each sorted row's group (for per-group biases)."""
+        return cached_one_hot(self._one_hot, self.sorted_group, self.num_groups, dtype)
 
     @classmethod
     def from_keys(cls, token_keys: torch.Tensor) -> "RouteGroups":
@@ -296,8 +301,8 @@ class TokenDispatch:
     offsets: torch.Tensor
     decision: GateDecision
     dropped_fraction: torch.Tensor
-    order: torch.Tensor | None = None
-    inverse_order: torch.Tensor | None = None
+    order: torch.Tensor
+    inverse_order: torch.Tensor
     _one_hot: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -305,13 +310,8 @@ class TokenDispatch:
         return self.decision.expert_index.shape[1]
 
     def expert_one_hot(self, dtype: torch.dtype) -> torch.Tensor:
-        """`[N*k, E]` one-hot of each sorted assignment's expert (for expert biases); cached per dtype in
-        eager mode only, like `RouteGroups.sorted_one_hot`."""
-        if torch.compiler.is_compiling():
-            return one_hot_rows(self.expert_index, self.offsets.shape[0], dtype)
-        if dtype not in self._one_hot:
-            self._one_hot[dtype] = one_hot_rows(self.expert_index, self.offsets.shape[0], dtype)
-        return self._one_hot[dtype]
+        """`[N*k, E]` one-hot of each sorted assignment's expert (for expert biases)."""
+        return cached_one_hot(self._one_hot, self.expert_index, self.offsets.shape[0], dtype)
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float | None) -> int | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -117,6 +118,7 @@ class TaskContext:
     seed: int = 0
     workers: int = 0  # threads decoding/resizing images (0 = in the calling thread)
     _cache: dict = field(default_factory=dict, repr=False)
+    _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def map(self, function, items: list) -> list:
         """`[function(x) for x in items]`, on `workers` threads when set (PIL releases the GIL)."""
@@ -173,16 +175,9 @@ class TaskContext:
         prefetch thread and an evaluation) can fail with "Already borrowed"."""
         from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import clean_text
 
-        if "tokenizer_lock" not in self._cache:
-            import threading
-
-            self._cache.setdefault("tokenizer_lock", threading.Lock())
-        with self._cache["tokenizer_lock"]:
-            return self._tokenize(texts, clean_text)
-
-    def _tokenize(self, texts, clean_text):
-        return self.tokenizer([clean_text(t) for t in texts], padding=True, truncation=True,
-                              max_length=self.max_text_length, return_tensors="pt")
+        with self._tokenizer_lock:
+            return self.tokenizer([clean_text(t) for t in texts], padding=True, truncation=True,
+                                  max_length=self.max_text_length, return_tensors="pt")
 
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
         """`[N, C, H, W]`; chunks of the list are processed on the worker threads."""
