@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import time
+import traceback
 
 import torch
 
@@ -56,14 +57,16 @@ def naive_moe_linear_forward(self: UniPerceiverMoELinear, x: torch.Tensor, dispa
 
 @contextlib.contextmanager
 def naive_experts():
-    """Swap every MoE linear for the naive loop; layers then need no sorted rows (see `unsorted_layers`)."""
-    original = UniPerceiverMoELinear.forward
+    """Swap every MoE linear for the naive loop; layers then need no sorted rows (see `unsorted_layers`).
+    The per-step merge then skips the weights (the loop reads the experts): it decides the gates only."""
+    original_forward, original_merge = UniPerceiverMoELinear.forward, UniPerceiverMoELinear.merged_parameters
     UniPerceiverMoELinear.forward = naive_moe_linear_forward
+    UniPerceiverMoELinear.merged_parameters = lambda self, gates, dtype=None: (gates[:, :0], gates[:, :0])  # empty
     try:
         with unsorted_layers():
             yield
     finally:
-        UniPerceiverMoELinear.forward = original
+        UniPerceiverMoELinear.forward, UniPerceiverMoELinear.merged_parameters = original_forward, original_merge
 
 
 def make_config(size: str, routing: str, experts: int, top_k: int, image_size: int) -> UniPerceiverMoEConfig:
@@ -287,6 +290,7 @@ def main(argv=None):
                     rate, peak = measure(model, inputs, tokens, device, dtype, args.warmup, args.steps, train)
             except Exception as error:  # a variant that cannot run here is reported, not fatal
                 print(f"  {'train' if train else 'infer'} {name}: FAILED {type(error).__name__}: {str(error)[:300]}", flush=True)
+                traceback.print_exc(limit=-6)  # the innermost frames, on stderr
                 return
             rows.append({"size": size, "phase": "train" if train else "infer", "model": name,
                          "compiled": compile_it, "tokens_per_s": rate, "peak_gib": peak})

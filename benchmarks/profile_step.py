@@ -81,6 +81,11 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="compile the encoder (static shapes)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     parser.add_argument("--compile-per-layer", action="store_true", help="compile each layer, not the whole encoder")
+    parser.add_argument("--sort", default="device",
+                        help="comma list of tables: ops by their own GPU time (device), by their own host time (cpu)")
+    parser.add_argument("--python", action="store_true",
+                        help="also list Python functions by inclusive host time (where host time is spent)")
+    parser.add_argument("--shapes", action="store_true", help="split ops by input shapes")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -95,17 +100,32 @@ def main(argv=None):
     synchronize()
     wall_ms = (time.perf_counter() - start) / 5 * 1e3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=args.shapes, with_stack=args.python) as prof:
         for _ in range(2):
             step()
         synchronize()
     events = prof.key_averages()
-    # kernels only (op rows repeat their kernels' time)
-    device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+    # kernels only: op rows repeat their kernels' time, and GPU-side annotations ("## Call CompiledFxGraph",
+    # the compiled graphs' ranges) span kernels already counted (earlier logs counted them twice)
+    device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA
+                    and not getattr(e, "is_user_annotation", False) and not e.key.startswith("## "))
     print(f"per step: wall {wall_ms:.1f} ms (unprofiled, mean of 5); GPU kernel time {device_us / 2e3:.1f} ms; "
           f"host CPU time {events.self_cpu_time_total / 2e3:.1f} ms (profiled)")
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(events.table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
+    if args.compile:
+        counters = torch._dynamo.utils.counters
+        print(f"compiled: {counters['stats']['unique_graphs']} graphs, {sum(counters['graph_break'].values())} graph breaks "
+              f"{dict(counters['graph_break'])}")
+    table_events = prof.key_averages(group_by_input_shape=True) if args.shapes else events
+    for order in args.sort.split(","):
+        key = "self_cuda_time_total" if device.type == "cuda" and order == "device" else "self_cpu_time_total"
+        print(f"ops by {key} (2 steps):")
+        print(table_events.table(sort_by=key, row_limit=args.rows, max_name_column_width=60,
+                                 max_shapes_column_width=70))
+    if args.python:
+        functions = sorted((e for e in events if ".py(" in e.key), key=lambda e: -e.cpu_time_total)
+        print("Python functions by inclusive host time per step (ms), calls per step:")
+        for e in functions[: args.rows]:
+            print(f"{e.cpu_time_total / 2e3:9.2f} {e.count / 2:7.0f}  {e.key[-110:]}")
     if args.trace:
         prof.export_chrome_trace(args.trace)
 

@@ -25,16 +25,19 @@ from transformers.utils import ModelOutput
 
 from .configuration_uniperceiver_moe import MODALITIES, UniPerceiverMoEConfig
 from .routing import (
+    FoldedRouter,
     GateDecision,
     MergedDispatch,
+    MergedExperts,
     RouteGroups,
     TokenDispatch,
     build_router,
     build_token_dispatch,
     check_id_range,
     expert_capacity,
-    folded_route_index,
     load_balancing_loss,
+    route_key_signature,
+    route_rows,
     router_z_loss,
     select_top_k,
 )
@@ -146,19 +149,25 @@ def drop_path_scales(max_rate: float, num_layers: int, batch: int, device, train
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on `x` runs in: the autocast dtype inside autocast, else `x.dtype`."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+    return matmul_dtype(x.device, x.dtype)
+
+
+def matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a matmul of `dtype` tensors on `device` runs in: the autocast dtype inside autocast."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
 
 
 def grouped_linear(
     x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None = None,
-    row_one_hot: torch.Tensor | None = None,
+    row_group: torch.Tensor | None = None, row_one_hot: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows of `x_sorted` `[M, in]` come in contiguous groups; group g uses `weight[g]` `[out, in]`.
 
-    offsets: `[G]` int32 cumulative group ends. bias: `[G, out]`, added through `row_one_hot` `[M, G]`
-    (a GEMM whose backward is a GEMM, not a scatter). Runs in the dtype of `compute_dtype(x_sorted)`:
+    offsets: `[G]` int32 cumulative group ends. bias: `[G, out]`, with `row_group` `[M]` (each row's
+    group) and `row_one_hot` `[M, G']` (its one-hot, G' >= G zero-padded columns); see `_AddRowBias`.
+    Runs in the dtype of `compute_dtype(x_sorted)`:
     one grouped GEMM (`torch.nn.functional.grouped_mm`) where the kernel exists for this device/dtype,
     otherwise one GEMM per group. Returns `[M, out]`.
     """
@@ -172,8 +181,33 @@ def grouped_linear(
         starts = [0] + ends[:-1]
         out = torch.cat([x_sorted[s:e] @ weight[g].t() for g, (s, e) in enumerate(zip(starts, ends))])
     if bias is not None:
-        out = torch.addmm(out, row_one_hot.to(dtype), bias.to(dtype))
+        out = _AddRowBias.apply(out, bias.to(dtype), row_group, row_one_hot.to(dtype))
     return out
+
+
+class _AddRowBias(torch.autograd.Function):
+    """`out + bias[row_group]` for rows `[M, out]` and a per-group bias `[G, out]`.
+
+    Forward: one addmm with the rows' zero-padded one-hot `[M, G']` and the bias padded to G' rows in
+    eager mode (K = G' keeps the operands aligned; with the one-hot sliced to K = G cuBLAS picked an
+    sm75 kernel, 117 us for B's fc1 on an H100; the padded form was not profiled separately); a
+    gather-add inside a compiled graph, where the compiler fuses it into the next elementwise op (the
+    activation, the residual add). Backward: the bias gradient is one GEMM with the transposed one-hot
+    (no scatter-add; with the padding the compiled step's profile shows no sm75 kernel).
+    """
+
+    @staticmethod
+    def forward(ctx, out, bias, row_group, row_one_hot):
+        ctx.save_for_backward(row_one_hot)
+        ctx.num_groups = bias.shape[0]
+        if torch.compiler.is_compiling():
+            return out + bias.index_select(0, row_group)
+        return torch.addmm(out, row_one_hot, F.pad(bias, (0, 0, 0, row_one_hot.shape[1] - bias.shape[0])))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (row_one_hot,) = ctx.saved_tensors
+        return grad, (row_one_hot.t() @ grad)[: ctx.num_groups], None, None
 
 
 class _MergeExperts(torch.autograd.Function):
@@ -381,7 +415,8 @@ class RoutingState:
     """Per-forward routing inputs shared by every MoE layer (built once by the encoder).
 
     groups: route-key partition of the N = B*L tokens (data-independent routings).
-    folded_index: `[G]` rows of the folded route table (re-parameterised models).
+    merged: the merged experts for a table of route keys covering `groups.keys` (data-independent routings);
+    merged_rows: `[G]` row of each group in `merged.keys`, None when that table is `groups.keys` itself.
     token_mask: `[N]` bool real tokens; sequence_index: `[N]` the sequence of each token.
     """
 
@@ -389,7 +424,8 @@ class RoutingState:
     sequence_index: torch.Tensor
     batch_size: int
     groups: RouteGroups | None = None
-    folded_index: torch.Tensor | None = None
+    merged: MergedExperts | None = None
+    merged_rows: torch.Tensor | None = None
     prefix_cache: "PrefixCache | None" = None
     sorted_rows: "SortedRows | None" = None  # set when the batch has several route groups
 
@@ -438,22 +474,23 @@ class UniPerceiverMoELinear(nn.Module):
     """One linear projection with E experts stored as a single 3-D parameter.
 
     weight: `[E, out, in]`, bias: `[E, out]`. `forward(x [N, in], dispatch) -> [N, out]`:
-    * [`MergedDispatch`] (modality/task/attribute/folded): per route group W_g = sum_e gate[g,e] W_e
-      (one float32 GEMM over the experts), then one grouped GEMM over the group-sorted rows; a plain
-      GEMM when the batch has one group. Rows are permuted here unless the layer already keeps them
-      sorted (`dispatch.rows_sorted`). At inference (`dispatch.cache_key`) the merged weights are kept
-      in the compute dtype and reused while the route keys and parameters are unchanged.
+    * [`MergedDispatch`] (modality/task/attribute/folded): per route group W_g = sum_e gate[g,e] W_e,
+      then one grouped GEMM over the group-sorted rows; a plain GEMM when the batch has one group. The
+      model merges every linear once per step for all the passes of that step ([`MergedExperts`],
+      built by `UniPerceiverMoEEncoder.merge_experts`, cached at inference); a dispatch without them
+      merges here (one float32 GEMM over the experts). Rows are permuted here unless the layer already
+      keeps them sorted (`dispatch.rows_sorted`).
     * [`TokenDispatch`] (token/context): the expert-sorted assignments in one grouped GEMM, scaled by
       their gate weights and summed back per token, dispatch and combine both by gathers.
     No Python loop over experts.
     """
 
-    def __init__(self, in_features: int, out_features: int, num_experts: int):
+    def __init__(self, in_features: int, out_features: int, num_experts: int, name: str = ""):
         super().__init__()
         self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
+        self.name = name  # "{layer}.{projection}": its entry in `MergedExperts.weights`
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(num_experts, out_features))
-        self._merged_cache: tuple | None = None  # (key, weight [G, out, in], bias [G, out]); never saved
 
     def merged_parameters(self, gates: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """gates `[G, E]` -> merged weight `[G, out, in]` and bias `[G, out]`, summed in float32
@@ -464,21 +501,6 @@ class UniPerceiverMoELinear(nn.Module):
             weight = _MergeExperts.apply(gates, experts, dtype).view(-1, self.out_features, self.in_features)
             return weight, (gates @ self.bias.float()).to(dtype)
 
-    def merged_for(self, dispatch: MergedDispatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Merged weight and bias for this batch's groups in `dtype`, from the inference cache when valid."""
-        key = None
-        if dispatch.cache_key is None:
-            if not torch.compiler.is_compiling():
-                self._merged_cache = None  # training: free what an evaluation left behind
-        else:
-            key = (dispatch.cache_key, dtype, self.weight.data_ptr(), self.weight._version, self.bias._version)
-            if self._merged_cache is not None and self._merged_cache[0] == key:
-                return self._merged_cache[1], self._merged_cache[2]
-        weight, bias = self.merged_parameters(dispatch.gates, dtype)
-        if key is not None:
-            self._merged_cache = (key, weight, bias)
-        return weight, bias
-
     def forward(self, x: torch.Tensor, dispatch: MergedDispatch | TokenDispatch) -> torch.Tensor:
         if isinstance(dispatch, MergedDispatch):
             return self._forward_merged(x, dispatch)
@@ -486,18 +508,21 @@ class UniPerceiverMoELinear(nn.Module):
 
     def _forward_merged(self, x: torch.Tensor, dispatch: MergedDispatch) -> torch.Tensor:
         dtype = compute_dtype(x)
-        weight, bias = self.merged_for(dispatch, dtype)
+        merged = dispatch.merged_parameters(self.name)
+        weight, bias = self.merged_parameters(dispatch.gates, dtype) if merged is None else merged
+        weight, bias = weight.to(dtype), bias.to(dtype)
         groups = dispatch.groups
         if groups.num_groups == 1:
             return F.linear(x.to(dtype), weight.squeeze(0), bias.squeeze(0))
         x_sorted = x if dispatch.rows_sorted else permute_rows(x, groups.order, groups.inverse_order)
-        out_sorted = grouped_linear(x_sorted, weight, groups.offsets, bias, groups.sorted_one_hot(dtype))
+        out_sorted = grouped_linear(x_sorted, weight, groups.offsets, bias, groups.sorted_group, groups.sorted_one_hot(dtype))
         return out_sorted if dispatch.rows_sorted else permute_rows(out_sorted, groups.inverse_order, groups.order)
 
     def _forward_tokens(self, x: torch.Tensor, dispatch: TokenDispatch) -> torch.Tensor:
         dtype = compute_dtype(x)
         x_sorted = _DispatchTokens.apply(x.to(dtype), dispatch.token_index, dispatch.inverse_order, dispatch.top_k)
-        out_sorted = grouped_linear(x_sorted, self.weight, dispatch.offsets, self.bias, dispatch.expert_one_hot(dtype))
+        out_sorted = grouped_linear(x_sorted, self.weight, dispatch.offsets, self.bias, dispatch.expert_index,
+                                    dispatch.expert_one_hot(dtype))
         out_sorted = out_sorted * dispatch.weight.to(out_sorted.dtype)[:, None]
         per_slot = permute_rows(out_sorted, dispatch.inverse_order, dispatch.order)
         return per_slot.view(dispatch.top_k, x.shape[0], self.out_features).sum(0)
@@ -509,21 +534,34 @@ class UniPerceiverMoEGate(nn.Module):
     def __init__(self, config: UniPerceiverMoEConfig, layer_idx: int, role: str):
         super().__init__()
         self.config, self.layer_idx, self.role = config, layer_idx, role
+        self.name = f"{layer_idx}.{role}"  # its entry in `MergedExperts.gates`
         self.router = build_router(config, role)
+
+    @property
+    def num_choices(self) -> int:
+        """Experts (or, in a folded model, folded routes) the gate chooses among."""
+        return self.router.num_routes if isinstance(self.router, FoldedRouter) else self.config.moe_num_experts
+
+    def decide(self, route_input: torch.Tensor) -> GateDecision:
+        """Data-independent decision for K route keys (`[K]` ids, `[K, A]` attribute vectors, or `[K]` rows
+        of the folded route table in a folded model)."""
+        if isinstance(self.router, FoldedRouter):
+            return self.router(route_input)
+        cfg = self.config
+        return select_top_k(self.router(route_input), cfg.moe_top_k, cfg.router_noise_std, self.training)
 
     def forward(self, hidden: torch.Tensor, state: RoutingState, rows_sorted: bool = False
                 ) -> tuple[MergedDispatch | TokenDispatch, torch.Tensor]:
         """hidden: `[N, d]` normalised block input. Returns (dispatch, weighted aux loss scalar).
         rows_sorted: the layer holds its rows in route-group order (data-independent routings)."""
         cfg = self.config
-        if state.folded_index is not None or cfg.is_data_independent_routing:
-            if state.folded_index is not None:
-                decision = self.router(state.folded_index)
-                gates = decision.dense_weights(self.router.num_routes)
-            else:
-                decision = select_top_k(self.router(state.groups.keys), cfg.moe_top_k, cfg.router_noise_std, self.training)
-                gates = decision.dense_weights(cfg.moe_num_experts)
-            dispatch = MergedDispatch(gates, state.groups, decision, rows_sorted, self._merge_cache_key(state))
+        if state.merged is not None:  # data-independent: decided once per step in `merge_experts`
+            decision, gates = state.merged.decisions[self.name], state.merged.gates[self.name]
+            if state.merged_rows is not None:
+                rows = state.merged_rows
+                decision = GateDecision(*(t.index_select(0, rows) for t in (decision.logits, decision.expert_index, decision.expert_weight)))
+                gates = gates.index_select(0, rows)
+            dispatch = MergedDispatch(gates, state.groups, decision, rows_sorted, state.merged, state.merged_rows)
             return dispatch, hidden.new_zeros((), dtype=torch.float32)
         if cfg.moe_routing == "context":
             mask = state.token_mask.to(hidden.dtype)[:, None]
@@ -541,21 +579,12 @@ class UniPerceiverMoEGate(nn.Module):
         aux = aux + cfg.moe_z_loss_coef * router_z_loss(decision, state.token_mask)
         return dispatch, aux
 
-    def _merge_cache_key(self, state: RoutingState) -> tuple | None:
-        """At inference (eval mode, no grad) merged weights may be reused while the route keys and the
-        router's parameters are unchanged; this names both. None in training, and inside a compiled
-        graph (there the merge is part of the graph: no host reads, no state kept between calls)."""
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return None
-        router_state = tuple((p.data_ptr(), p._version) for p in self.router.parameters())
-        return (state.groups.signature(), router_state, self.config.moe_top_k)
-
 
 def make_projection(config: UniPerceiverMoEConfig, layer_idx: int, name: str, in_features: int, out_features: int):
     """A dense `nn.Linear`, or an expert linear if `name` is an MoE projection of this layer."""
     if config.uses_moe(layer_idx, name):
         experts = len(config.folded_routes) if config.folded_routes is not None else config.moe_num_experts
-        return UniPerceiverMoELinear(in_features, out_features, experts)
+        return UniPerceiverMoELinear(in_features, out_features, experts, name=f"{layer_idx}.{name}")
     return nn.Linear(in_features, out_features)
 
 
@@ -712,6 +741,13 @@ class UniPerceiverMoELayer(GradientCheckpointingLayer):
         self.attn_gate = UniPerceiverMoEGate(config, layer_idx, "attn") if attn_moe else None
         self.ffn_gate = UniPerceiverMoEGate(config, layer_idx, "ffn") if ffn_moe else None
 
+    def gated_linears(self) -> list[tuple[UniPerceiverMoEGate, list[UniPerceiverMoELinear]]]:
+        """Each gate of this layer with the expert linears it routes (none for a dense layer). Found by
+        walking the blocks, so adapters that wrap the attention or MLP module keep them visible."""
+        blocks = [(self.attn_gate, self.attention), (self.ffn_gate, self.mlp)]
+        return [(gate, [m for m in block.modules() if isinstance(m, UniPerceiverMoELinear)]) for gate, block in blocks
+                if gate is not None]
+
     def _gate(self, gate, normed: torch.Tensor, state: RoutingState, decisions: list, aux: list, rows_sorted: bool):
         if gate is None:
             return None
@@ -774,6 +810,34 @@ class UniPerceiverMoEEncoder(nn.Module):
         self.layers = nn.ModuleList(UniPerceiverMoELayer(config, i) for i in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
 
+    def merge_experts(self, key_tables: list[torch.Tensor], dtype: torch.dtype) -> list[MergedExperts]:
+        """Gate decisions and merged weights of every data-independent MoE linear, for one or more tables
+        of route keys (each `[K_i]` ids or `[K_i, A]` attribute vectors), in `dtype`.
+
+        The tables are merged together, one GEMM over the experts per linear, and returned split into one
+        [`MergedExperts`] per table (views), so each encoder pass gets exactly its own groups' weights. A
+        folded model looks the keys up in its route table (a ValueError names keys it was not folded for).
+        """
+        keys = torch.cat(key_tables)
+        sizes = [table.shape[0] for table in key_tables]
+        route_input = keys
+        if self.config.folded_routes is not None:
+            table = torch.tensor(self.config.folded_routes, device=keys.device, dtype=keys.dtype)
+            route_input = route_rows(keys, table, "folded into this model")
+        merged = [MergedExperts(table) for table in key_tables]
+        for layer in self.layers:
+            for gate, linears in layer.gated_linears():
+                decision = gate.decide(route_input)
+                gates = decision.dense_weights(gate.num_choices)
+                for part, logits, index, weight, dense in zip(merged, *(t.split(sizes) for t in (
+                        decision.logits, decision.expert_index, decision.expert_weight, gates))):
+                    part.decisions[gate.name], part.gates[gate.name] = GateDecision(logits, index, weight), dense
+                for linear in linears:
+                    weight, bias = linear.merged_parameters(gates, dtype)
+                    for part, w, b in zip(merged, weight.split(sizes), bias.split(sizes)):
+                        part.weights[linear.name] = (w, b)
+        return merged
+
     def forward(self, hidden, attention_mask, state, output_attentions=False, output_hidden_states=False):
         all_hidden = (hidden,) if output_hidden_states else None
         all_attn = () if output_attentions else None
@@ -803,7 +867,8 @@ class UniPerceiverMoEPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def compile_encoder(self, per_layer: bool = False, **compile_kwargs) -> None:
-        """`torch.compile` the encoder in place; embeddings, routing and heads stay eager.
+        """`torch.compile` the encoder in place (its layers and `merge_experts`, the per-step expert merge);
+        embeddings, route grouping and heads stay eager.
 
         per_layer=False compiles the whole layer stack as one region (one graph per input shape and grad
         mode; compiles slower, runs with the least host overhead). per_layer=True compiles each layer
@@ -815,6 +880,8 @@ class UniPerceiverMoEPreTrainedModel(PreTrainedModel):
         encoder = self.base_model.encoder
         for module in encoder.layers if per_layer else [encoder]:
             module.compile(**compile_kwargs)
+        if "merge_experts" not in vars(encoder):  # not compiled yet
+            encoder.merge_experts = torch.compile(encoder.merge_experts, **compile_kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -838,6 +905,17 @@ class UniPerceiverMoEPreTrainedModel(PreTrainedModel):
 
 
 # =============================================================================================== base model
+def _clone_merged(merged: MergedExperts) -> MergedExperts:
+    """A copy of `merged` that owns its tensors (kept across calls by the inference merge cache)."""
+    return MergedExperts(
+        merged.keys.clone(),
+        {name: GateDecision(*(t.clone() for t in (d.logits, d.expert_index, d.expert_weight)))
+         for name, d in merged.decisions.items()},
+        {name: g.clone() for name, g in merged.gates.items()},
+        {name: (w.clone(), b.clone()) for name, (w, b) in merged.weights.items()},
+    )
+
+
 def _route_keys_per_token(values: torch.Tensor, batch: int, length: int, name: str, trailing: tuple[int, ...]):
     """Broadcast `[B, *trailing]` (per sequence) or check `[B, L, *trailing]` (per token)."""
     if values.shape == (batch, *trailing):
@@ -858,6 +936,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         super().__init__(config)
         self.embeddings = UniPerceiverMoEEmbeddings(config)
         self.encoder = UniPerceiverMoEEncoder(config)
+        self._merge_cache: tuple | None = None  # (key, MergedExperts) of the last inference forward; never saved
         self.post_init()
 
     def get_input_embeddings(self):
@@ -880,7 +959,45 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         check_id_range(modality_ids, self.config.num_modalities, "modality")
         return _route_keys_per_token(modality_ids.long(), batch, length, "modality_ids", ())
 
-    def _routing_state(self, modality_ids, attribute_vectors, task_ids, sequence_mask) -> RoutingState:
+    def route_key_table(self, modality_ids=None, attribute_vectors=None, task_ids=None) -> torch.Tensor | None:
+        """The distinct route keys in some route inputs (`[K]` ids or `[K, A]` attribute vectors), for
+        `merged_experts`; None for routings that need no merge. Modality routing takes every modality."""
+        routing = self.config.moe_routing
+        if not self.config.is_data_independent_routing:
+            return None
+        if routing == "attribute":
+            if attribute_vectors is None:
+                raise ValueError("moe_routing='attribute' needs attribute_vectors (built by the task registry)")
+            return torch.unique(attribute_vectors.float().reshape(-1, self.config.attribute_dim), dim=0)
+        if routing == "task":
+            if task_ids is None:
+                raise ValueError("moe_routing='task' needs task_ids")
+            check_id_range(task_ids, self.config.num_tasks, "task")
+            return torch.unique(task_ids.long().reshape(-1))
+        device = self.embeddings.word_embeddings.weight.device
+        return torch.arange(self.config.num_modalities, device=device)
+
+    def merged_experts(self, key_tables: list[torch.Tensor], dtype: torch.dtype) -> list[MergedExperts]:
+        """`encoder.merge_experts(key_tables, dtype)`: every data-independent MoE linear merged, in one go,
+        for each table of route keys (one table per encoder pass that will use it). At inference (eval
+        mode, no grad) the result is reused while the keys, the dtype and the routers' and experts'
+        parameters are unchanged (in-place updates bump a parameter's version)."""
+        if self.training or torch.is_grad_enabled():
+            self._merge_cache = None  # free what an evaluation left behind
+            return self.encoder.merge_experts(key_tables, dtype)
+        versions = tuple((p.data_ptr(), p._version) for layer in self.encoder.layers
+                         for gate, linears in layer.gated_linears() for m in (gate, *linears) for p in m.parameters())
+        key = (tuple(route_key_signature(table) for table in key_tables), dtype, versions)
+        if self._merge_cache is None or self._merge_cache[0] != key:
+            self._merge_cache = None  # free the old merge before building the new one
+            merged = self.encoder.merge_experts(key_tables, dtype)
+            if "merge_experts" in vars(self.encoder):  # compiled: under CUDA graphs its outputs live in the
+                merged = [_clone_merged(m) for m in merged]  # graph pool, overwritten by the next replay
+            self._merge_cache = (key, merged)
+        return self._merge_cache[1]
+
+    def _routing_state(self, modality_ids, attribute_vectors, task_ids, sequence_mask, dtype,
+                       merged_experts: MergedExperts | None = None) -> RoutingState:
         batch, length = sequence_mask.shape
         device = sequence_mask.device
         state = RoutingState(
@@ -895,9 +1012,13 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         if state.groups.num_groups > 1:
             row_sample = state.sequence_index.index_select(0, state.groups.order)
             state.sorted_rows = SortedRows(state.groups, batch, length, row_sample)
-        if self.config.folded_routes is not None:
-            table = torch.tensor(self.config.folded_routes, device=device, dtype=keys.dtype)
-            state.folded_index = folded_route_index(state.groups, table)
+        if merged_experts is None:
+            state.merged = self.merged_experts([state.groups.keys], dtype)[0]
+            return state
+        state.merged = merged_experts
+        table, keys = merged_experts.keys, state.groups.keys
+        if not (table.shape == keys.shape and bool((table == keys.to(table.dtype)).all())):  # else: the same table
+            state.merged_rows = route_rows(keys, table, "in merged_experts.keys")
         return state
 
     @staticmethod
@@ -924,6 +1045,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         prefix_cache: PrefixCache | None = None,
+        merged_experts: MergedExperts | None = None,
         **kwargs,
     ) -> UniPerceiverMoEModelOutput | tuple:
         r"""
@@ -936,6 +1058,8 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
             routing). modality_ids: `[B, L]`, derived from the inputs when None (modality routing).
         prefix_cache: a [`PrefixCache`] to record (with `pixel_values` only) or to read (with `input_ids` only
             and `caption_mode`: the text tokens then attend to the cached SPE + image states).
+        merged_experts: experts merged beforehand (one entry of `merged_experts([route_key_table(...)], dtype)`)
+            for a table of route keys that covers this batch's: the forwards of one step can share one merge.
         """
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
@@ -979,7 +1103,8 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
             allowed = key_mask if allowed is None else allowed & key_mask
         additive_mask = self._attention_mask(allowed, hidden.dtype)
 
-        state = self._routing_state(modality_ids, attribute_vectors, task_ids, sequence_mask)
+        state = self._routing_state(modality_ids, attribute_vectors, task_ids, sequence_mask, compute_dtype(hidden),
+                                    merged_experts)
         state.prefix_cache = prefix_cache
         hidden, all_hidden, all_attn, routing = self.encoder(
             hidden, additive_mask, state, output_attentions, output_hidden_states
@@ -1065,11 +1190,37 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         self.post_init()
 
     def encode_targets(self, input_ids=None, pixel_values=None, attention_mask=None, attribute_vectors=None,
-                       task_ids=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       task_ids=None, merged_experts: MergedExperts | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Candidate features `[C, d]` (unit vectors) and the router aux loss."""
         out = self.uniperceiver(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                attribute_vectors=attribute_vectors, task_ids=task_ids)
+                                attribute_vectors=attribute_vectors, task_ids=task_ids, merged_experts=merged_experts)
         return self.target_head(out.pooler_output), out.aux_loss
+
+    def merge_for_step(self, attribute_vectors=None, task_ids=None, target_attribute_vectors=None, target_task_ids=None
+                       ) -> tuple[MergedExperts | None, MergedExperts | None]:
+        """One expert merge for both encoder passes of a step, inputs and candidates: each expert is read
+        once per step and its gradient comes back through one merge backward. Returns the merged experts
+        of the input pass and of the candidate pass; (None, None) where the routing needs no merge or a
+        route input is missing or malformed (each encoder pass then merges alone or raises its own error)."""
+        model, config = self.uniperceiver, self.config
+        if not config.is_data_independent_routing:
+            return None, None
+        dtype = matmul_dtype(self.device, self.dtype)
+        if config.moe_routing == "attribute":
+            pair = (attribute_vectors, target_attribute_vectors)
+            if any(v is None or v.dim() not in (2, 3) or v.shape[-1] != config.attribute_dim for v in pair):
+                return None, None
+            tables = [model.route_key_table(attribute_vectors=v) for v in pair]
+        elif config.moe_routing == "task":
+            if task_ids is None or target_task_ids is None:
+                return None, None
+            tables = [model.route_key_table(task_ids=ids) for ids in (task_ids, target_task_ids)]
+        else:  # modality: one table of every modality, shared (each pass picks its rows)
+            merged = model.merged_experts([model.route_key_table()], dtype)[0]
+            return merged, merged
+        inputs, targets = model.merged_experts(tables, dtype)
+        return inputs, targets
 
     @staticmethod
     def gather_queries(out: UniPerceiverMoEModelOutput, query_positions: torch.Tensor | None, caption_mode: bool,
@@ -1113,11 +1264,17 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         r"""
         labels: `[B]` or `[B, Q]` candidate indices (-100 = ignore).
         symmetric_loss: add the target->input direction (retrieval with in-batch candidates, labels = arange).
+        With data-independent routing and candidates to encode, the experts are merged once for both
+        passes (`merge_for_step`).
         """
+        merged_inputs = merged_targets = None
+        if target_features is None and (target_input_ids is not None or target_pixel_values is not None):
+            merged_inputs, merged_targets = self.merge_for_step(attribute_vectors, task_ids, target_attribute_vectors,
+                                                                target_task_ids)
         out = self.uniperceiver(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
             position_ids=position_ids, caption_mode=caption_mode, attribute_vectors=attribute_vectors,
-            task_ids=task_ids, output_router_logits=output_router_logits,
+            task_ids=task_ids, output_router_logits=output_router_logits, merged_experts=merged_inputs,
         )
         num_words = input_ids.shape[1] if input_ids is not None else 0
         queries, valid = self.gather_queries(out, query_positions, caption_mode, num_words)
@@ -1127,7 +1284,8 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
             if target_input_ids is None and target_pixel_values is None:
                 raise ValueError("give candidate targets: target_input_ids / target_pixel_values or target_features")
             target_features, target_aux = self.encode_targets(
-                target_input_ids, target_pixel_values, target_attention_mask, target_attribute_vectors, target_task_ids
+                target_input_ids, target_pixel_values, target_attention_mask, target_attribute_vectors, target_task_ids,
+                merged_targets,
             )
             if target_aux is not None:
                 aux_loss = target_aux if aux_loss is None else aux_loss + target_aux

@@ -110,13 +110,20 @@ def test_grouped_gemm_equals_one_gemm_per_group(grouped_mm, monkeypatch):
     if not grouped_mm:  # the per-group fallback used where grouped_mm has no kernel (e.g. CUDA fp32)
         monkeypatch.setattr(modeling, "_grouped_mm_supported", lambda x: False)
     x = torch.randn(11, 8)
-    weight = torch.randn(3, 5, 8)
+    weight = torch.randn(3, 8, 8)  # widths keep grouped_mm's 16-byte stride rule, in the backward too
     offsets = torch.tensor([4, 4, 11], dtype=torch.int32)  # an empty middle group
     rows = torch.tensor([0] * 4 + [2] * 7)
-    bias = torch.randn(3, 5)
-    got = grouped_linear(x, weight, offsets, bias, one_hot_rows(rows, 3, torch.float32))
+    bias = torch.randn(3, 8)
+    x.requires_grad_(True)
+    bias.requires_grad_(True)
+    got = grouped_linear(x, weight, offsets, bias, rows, one_hot_rows(rows, 3, torch.float32))
     expected = torch.cat([x[:4] @ weight[0].t() + bias[0], x[4:] @ weight[2].t() + bias[2]])
     torch.testing.assert_close(got, expected)
+    upstream = torch.randn_like(got)
+    grads = torch.autograd.grad((got * upstream).sum(), (x, bias))
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (x, bias))
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_token_dispatch_equals_a_per_expert_loop():

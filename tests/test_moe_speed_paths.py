@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.bench_moe import unsorted_layers
-from modeling_uniperceiver_moe import UniPerceiverMoEModel
+from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception, UniPerceiverMoEModel
 from modeling_uniperceiver_moe.modeling_uniperceiver_moe import UniPerceiverMoELinear
 from tests.conftest import make_batch, tiny_config
 
@@ -67,8 +67,58 @@ def test_inference_reuses_merged_weights_until_a_parameter_changes(monkeypatch):
         assert calls["merge"] > merges
     fresh = model(**batch).last_hidden_state  # with grad enabled nothing is cached: merged from scratch
     torch.testing.assert_close(updated, fresh.detach())
-    assert expert._merged_cache is None  # a forward with grad frees what inference cached
+    assert model._merge_cache is None  # a forward with grad frees what inference cached
     assert not torch.equal(updated, first)
+
+
+def _generic_batch(config):
+    """Inputs and candidates of one step: inputs in two route groups, candidates in a third."""
+    batch = _attribute_batch()
+    targets = torch.randint(0, 49408, (4, 3), generator=torch.Generator().manual_seed(2))
+    return dict(batch, target_input_ids=targets, target_attribute_vectors=torch.tensor([[0.0, 1, 0, 1, 0, 1, 1, 0]]).expand(4, 8),
+                target_task_ids=torch.tensor([3, 3, 1, 3]), labels=torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("routing", ["attribute", "task", "modality"])
+def test_one_merge_per_step_serves_inputs_and_candidates(routing, monkeypatch):
+    """A step with candidates merges each expert linear once over the route keys of both passes; outputs
+    and gradients equal those of one merge per pass (no router noise: the decisions are then identical)."""
+    config = tiny_config(routing, moe_router_noise_std=0.0, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    model = UniPerceiverMoEForGenericPerception(config).train()
+    batch = _generic_batch(config)
+    calls = collections.Counter()
+    original = UniPerceiverMoELinear.merged_parameters
+
+    def counting(self, *args, **kwargs):
+        calls[self.name] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(UniPerceiverMoELinear, "merged_parameters", counting)
+
+    def step():
+        out = model(**batch)
+        return out.loss, torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
+
+    shared_loss, shared_grads = step()
+    experts = [m for m in model.modules() if isinstance(m, UniPerceiverMoELinear)]
+    assert experts and all(calls[m.name] == 1 for m in experts), calls
+    calls.clear()
+    monkeypatch.setattr(UniPerceiverMoEForGenericPerception, "merge_for_step", lambda self, *a, **k: (None, None))
+    separate_loss, separate_grads = step()
+    assert all(calls[m.name] == 2 for m in experts), calls
+    torch.testing.assert_close(shared_loss, separate_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(shared_grads, separate_grads):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_merge_names_route_keys_it_does_not_cover():
+    model = UniPerceiverMoEModel(tiny_config("task")).train()
+    batch = make_batch()
+    merged = model.merged_experts([model.route_key_table(task_ids=torch.tensor([0, 1]))], torch.float32)[0]
+    with pytest.raises(ValueError, match=r"route keys \[2\] were not in merged_experts.keys"):
+        model(**batch, merged_experts=merged)  # the batch's task ids are 0, 1, 2
 
 
 class _CountHostReads(TorchDispatchMode):
@@ -101,25 +151,31 @@ def test_expert_layers_add_no_host_synchronisation():
         assert _host_reads(routing) == dense, routing
 
 
-@pytest.mark.parametrize("routing", ["attribute", "token"])
-def test_compiled_encoder_is_one_graph_and_matches_eager(routing):
-    """`compile_encoder` traces the whole layer stack without a graph break (fullgraph=True raises on one),
-    including sorted rows, drop path and the grouped GEMM, and computes what eager computes (outputs and
-    gradients, the latter to bf16 rounding). bf16 autocast: the CPU grouped GEMM is traced in bf16 only.
+@pytest.mark.parametrize("routing, step", [("attribute", False), ("token", False), ("attribute", True)])
+def test_compiled_encoder_is_one_graph_and_matches_eager(routing, step):
+    """`compile_encoder` traces the whole layer stack (and the expert merge) without a graph break
+    (fullgraph=True raises on one), including sorted rows, drop path and the grouped GEMM, and computes
+    what eager computes (outputs and gradients, the latter to bf16 rounding). `step`: a whole
+    GenericPerception step, whose two encoder passes share one merge (split views of it).
+    bf16 autocast: the CPU grouped GEMM is traced in bf16 only.
     torch 2.11 broke the graph at a dict cache on a routing dataclass that torch 2.13 traces, so on the CPU
     stack this guards the structure, not every version's tracer (the GPU benchmark prints graph breaks)."""
     torch._dynamo.reset()
     config = tiny_config(routing, drop_path_rate=0.2, num_hidden_layers=3)
     batch = _attribute_batch()
 
+    if step:
+        batch = _generic_batch(config)
+
     def run(compiled):
         torch.manual_seed(0)
-        model = UniPerceiverMoEModel(config).train()
+        model = (UniPerceiverMoEForGenericPerception if step else UniPerceiverMoEModel)(config).train()
         if compiled:
             model.compile_encoder(fullgraph=True, dynamic=False, backend="aot_eager")
         torch.manual_seed(1)  # same drop-path draws and router noise
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(**batch).last_hidden_state
+            out = model(**batch)
+        out = out.loss if step else out.last_hidden_state
         grads = torch.autograd.grad(out.float().square().sum(), list(model.parameters()), allow_unused=True)
         return out, grads
 
@@ -146,3 +202,22 @@ def test_drop_path_scales_follow_the_linear_schedule():
         kept = scales[layer] > 0
         assert torch.allclose(scales[layer][kept], torch.tensor(1 / (1 - rate)))
         assert abs((~kept).float().mean().item() - rate) < 0.01
+
+
+def test_compiled_inference_caches_its_own_copy_of_the_merge():
+    """With a compiled merge (CUDA graphs keep outputs in a pool that the next replay overwrites) the
+    inference cache holds clones; cached forwards still equal eager ones."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = UniPerceiverMoEModel(tiny_config("attribute")).eval()
+    batch = _attribute_batch()
+    with torch.no_grad():
+        eager = model(**batch).last_hidden_state
+        model.compile_encoder(backend="eager")
+        first = model(**batch).last_hidden_state
+        (merged,) = model._merge_cache[1]
+        second = model(**batch).last_hidden_state
+        assert model._merge_cache[1][0] is merged  # reused, not merged again
+    torch.testing.assert_close(first, eager)
+    torch.testing.assert_close(second, eager)
+    torch._dynamo.reset()
