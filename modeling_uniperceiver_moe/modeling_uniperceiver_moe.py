@@ -1008,17 +1008,16 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         if self.config.moe_routing == "none" or not self.config.is_data_independent_routing:
             return state
         keys = self._route_keys(modality_ids, attribute_vectors, task_ids, batch, length)
-        state.groups = RouteGroups.from_keys(keys.reshape(batch * length, *keys.shape[2:]))
+        keys = keys.reshape(batch * length, *keys.shape[2:])
+        if merged_experts is None:
+            state.groups = RouteGroups.from_keys(keys)
+            state.merged = self.merged_experts([state.groups.keys], dtype)[0]
+        else:  # grouped by the merge's key table: no second torch.unique over the tokens
+            state.groups, state.merged_rows = RouteGroups.within_table(keys, merged_experts.keys, "in merged_experts.keys")
+            state.merged = merged_experts
         if state.groups.num_groups > 1:
             row_sample = state.sequence_index.index_select(0, state.groups.order)
             state.sorted_rows = SortedRows(state.groups, batch, length, row_sample)
-        if merged_experts is None:
-            state.merged = self.merged_experts([state.groups.keys], dtype)[0]
-            return state
-        state.merged = merged_experts
-        table, keys = merged_experts.keys, state.groups.keys
-        if not (table.shape == keys.shape and bool((table == keys.to(table.dtype)).all())):  # else: the same table
-            state.merged_rows = route_rows(keys, table, "in merged_experts.keys")
         return state
 
     @staticmethod
@@ -1219,8 +1218,7 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         else:  # modality: one table of every modality, shared (each pass picks its rows)
             merged = model.merged_experts([model.route_key_table()], dtype)[0]
             return merged, merged
-        inputs, targets = model.merged_experts(tables, dtype)
-        return inputs, targets
+        return tuple(model.merged_experts(tables, dtype))
 
     @staticmethod
     def gather_queries(out: UniPerceiverMoEModelOutput, query_positions: torch.Tensor | None, caption_mode: bool,

@@ -232,6 +232,34 @@ class RouteGroups:
     def from_keys(cls, token_keys: torch.Tensor) -> "RouteGroups":
         """token_keys: `[N]` ids or `[N, A]` attribute vectors."""
         keys, token_group = torch.unique(token_keys, dim=0, return_inverse=True)
+        return cls._from_token_groups(keys, token_group)
+
+    @classmethod
+    def within_table(cls, token_keys: torch.Tensor, table: torch.Tensor, what: str
+                     ) -> tuple["RouteGroups", torch.Tensor | None]:
+        """Group tokens by a known table of distinct route keys (e.g. the keys experts were merged for)
+        instead of another `torch.unique`: one `[N, K]` comparison and one small host read.
+
+        Returns the groups, whose keys are the table rows the tokens use (in table order), and those rows'
+        indices in the table, or None when the tokens use every row. A token key missing from the table
+        raises a ValueError (`what` names the table in it).
+        """
+        match = key_match(token_keys, table)  # [N, K]
+        found, used = match.any(-1), match.any(0)
+        host = torch.cat([found.all()[None], used]).tolist()
+        if not host[0]:
+            missing = torch.unique(token_keys.to(table.dtype)[~found], dim=0).tolist()
+            raise ValueError(f"route keys {missing} were not {what}; it serves only {table.tolist()}")
+        token_row = match.float().argmax(-1)
+        if all(host[1:]):
+            return cls._from_token_groups(table, token_row), None
+        rows = torch.tensor([i for i, u in enumerate(host[1:]) if u], device=table.device)
+        renumber = torch.cumsum(used.long(), 0) - 1  # table row -> group among the used rows
+        return cls._from_token_groups(table.index_select(0, rows), renumber.index_select(0, token_row)), rows
+
+    @classmethod
+    def _from_token_groups(cls, keys: torch.Tensor, token_group: torch.Tensor) -> "RouteGroups":
+        """keys `[G, ...]`, token_group `[N]` long in [0, G) -> the sorted order, its inverse and offsets."""
         order = torch.argsort(token_group, stable=True)
         counts = torch.bincount(token_group, minlength=keys.shape[0])
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
@@ -251,15 +279,19 @@ def route_rows(keys: torch.Tensor, table: torch.Tensor, what: str) -> torch.Tens
     keys: `[G]` ids or `[G, A]` attribute vectors; table: `[R]` or `[R, A]`. Returns `[G]` long.
     what: how the error names the table (e.g. "folded into this model").
     """
-    keys = keys.to(table.dtype)
-    if keys.dim() == 1:
-        match = keys[:, None] == table[None, :]
-    else:
-        match = (keys[:, None, :] == table[None, :, :]).all(-1)
+    match = key_match(keys, table)
     found = match.any(-1)
     if not bool(found.all()):
-        raise ValueError(f"route keys {keys[~found].tolist()} were not {what}; it serves only {table.tolist()}")
+        raise ValueError(f"route keys {keys.to(table.dtype)[~found].tolist()} were not {what}; it serves only {table.tolist()}")
     return match.float().argmax(-1)
+
+
+def key_match(keys: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """`[M, R]` bool: key m equals table row r. keys `[M]` ids or `[M, A]` vectors, table `[R]` or `[R, A]`."""
+    keys = keys.to(table.dtype)
+    if keys.dim() == 1:
+        return keys[:, None] == table[None, :]
+    return (keys[:, None, :] == table[None, :, :]).all(-1)
 
 
 # --------------------------------------------------------------------------------------------- dispatch

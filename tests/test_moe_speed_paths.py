@@ -221,3 +221,23 @@ def test_compiled_inference_caches_its_own_copy_of_the_merge():
     torch.testing.assert_close(first, eager)
     torch.testing.assert_close(second, eager)
     torch._dynamo.reset()
+
+
+def test_grouping_within_a_merge_table_equals_grouping_from_scratch():
+    """`RouteGroups.within_table` (tokens grouped by the key table experts were merged for, no second
+    torch.unique) gives the groups `from_keys` gives; with unused table rows it keeps only the used ones."""
+    from modeling_uniperceiver_moe.routing import RouteGroups
+
+    tokens = torch.tensor([[0.0, 1], [1, 0], [0, 1], [1, 1], [1, 0]])
+    plain = RouteGroups.from_keys(tokens)
+    grouped, rows = RouteGroups.within_table(tokens, plain.keys, "in the table")
+    assert rows is None
+    for name in ("keys", "token_group", "order", "inverse_order", "sorted_group", "offsets"):
+        assert torch.equal(getattr(grouped, name), getattr(plain, name)), name
+    table = torch.tensor([[0.0, 0], [0, 1], [1, 0], [1, 1], [2, 2]])  # rows 0 and 4 unused
+    grouped, rows = RouteGroups.within_table(tokens, table, "in the table")
+    assert rows.tolist() == [1, 2, 3]
+    for name in ("keys", "token_group", "offsets"):
+        assert torch.equal(getattr(grouped, name), getattr(plain, name)), name
+    with pytest.raises(ValueError, match=r"route keys \[\[3.0, 3.0\]\] were not in the table"):
+        RouteGroups.within_table(torch.tensor([[3.0, 3]]), table, "in the table")
