@@ -6,7 +6,8 @@
 Prints: the measured bf16 matmul ceiling; a microbenchmark of the MoE linear alone against a dense
 linear of equal active FLOPs (TFLOP/s); then per size, training step (forward + backward + fused
 AdamW) tokens/s and peak memory for dense, each routing, a naive per-expert loop (Mixtral-style) of
-the same MoE linear and the per-projection-permutation ablation (`attribute-unsorted`); inference
+the same MoE linear and the ablations `attribute-unsorted` (a permutation per expert projection, not
+per layer) and `attribute-unique` (route keys found by a row sort, as before the fourth session); inference
 tokens/s for dense, token/context/attribute routing and the folded (re-parameterised) export. Ratios
 are to dense of the same size, phase and compilation, in the same process. `--json PATH` writes all.
 """
@@ -138,6 +139,25 @@ def unsorted_layers():
         yield
     finally:
         UniPerceiverMoEModel._routing_state = original
+
+
+@contextlib.contextmanager
+def sorted_route_keys():
+    """Ablation (`attribute-unique`): route keys found by `torch.unique` (a sort over whole rows) instead
+    of integer codes, and the cached inference merge not marked as fixed-address CUDA-graph input. (The
+    passes still take their groups from the table's reading, as the default path does.)"""
+    from modeling_uniperceiver_moe import modeling_uniperceiver_moe as modeling, routing
+
+    def unique_keys(token_keys, num_ids=None, return_groups=False, name="route"):
+        return torch.unique(token_keys, dim=0, return_inverse=return_groups)
+
+    originals = routing.distinct_route_keys, modeling.distinct_route_keys, modeling._mark_static_addresses
+    routing.distinct_route_keys = modeling.distinct_route_keys = unique_keys
+    modeling._mark_static_addresses = lambda merged: None
+    try:
+        yield
+    finally:
+        routing.distinct_route_keys, modeling.distinct_route_keys, modeling._mark_static_addresses = originals
 
 
 def measure(model, inputs, tokens, device, dtype, warmup, steps, train: bool):
@@ -304,8 +324,9 @@ def main(argv=None):
         variants = list(dict.fromkeys(args.routings.split(",") + args.infer_routings.split(",")))
         for variant in [v for _ in range(args.repeats) for v in variants]:  # repeats interleave variants
             routing = variant.split("-")[0]
-            flags = set(variant.split("-")[1:])  # naive / unsorted / folded
-            context = naive_experts if "naive" in flags else unsorted_layers if "unsorted" in flags else contextlib.nullcontext
+            flags = set(variant.split("-")[1:])  # naive / unsorted / unique / folded
+            context = (naive_experts if "naive" in flags else unsorted_layers if "unsorted" in flags
+                       else sorted_route_keys if "unique" in flags else contextlib.nullcontext)
             for compile_it in (False, True) if variant in compiled else (False,):
                 torch.manual_seed(0)
                 model = UniPerceiverMoEForGenericPerception(make_config(size, routing, args.experts, 2, args.image_size)).to(device)

@@ -3,6 +3,7 @@
     python -m benchmarks.profile_step --size b --routing attribute --batch 64
     python -m benchmarks.profile_step --size b --linear merged      # or: token, dense
     python -m benchmarks.profile_step --size b --routing attribute --compile   # compiled layers
+    python -m benchmarks.profile_step --size b --routing attribute --infer     # an inference forward
 
 Prints the wall time and the summed GPU kernel time per step first (GPU time well below wall time
 means the step is host-bound), then the ops sorted by their own device time.
@@ -22,10 +23,17 @@ from modeling_uniperceiver_moe.routing import MergedDispatch, RouteGroups, build
 
 def model_step(args, device, dtype):
     config = make_config(args.size, args.routing, 8, 2, args.image_size)
-    model = UniPerceiverMoEForGenericPerception(config).to(device).train()
+    model = UniPerceiverMoEForGenericPerception(config).to(device).train(not args.infer)
     if args.compile:
         compile_encoder(model, args.compile_mode, args.compile_per_layer)
     inputs, _ = make_inputs(config, args.batch, 20, device, dtype)
+    if args.infer:
+        @torch.no_grad()
+        def infer():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                model(**inputs)
+
+        return infer
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
     def step():
@@ -78,6 +86,7 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--trace", default=None)
+    parser.add_argument("--infer", action="store_true", help="profile an inference forward (eval, no grad) instead")
     parser.add_argument("--compile", action="store_true", help="compile the encoder (static shapes)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     parser.add_argument("--compile-per-layer", action="store_true", help="compile each layer, not the whole encoder")

@@ -19,7 +19,7 @@ Two families of routing:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
@@ -126,7 +126,7 @@ class IdRouter(nn.Module):
 
 def check_id_range(ids: torch.Tensor, limit: int, name: str) -> None:
     """Raise a ValueError if route ids fall outside [0, limit)."""
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= limit):
+    if ids.numel() and bool(((ids < 0) | (ids >= limit)).any()):  # one host read
         raise ValueError(f"{name} ids must lie in [0, {limit}), got {ids.unique().tolist()}")
 
 
@@ -229,10 +229,11 @@ class RouteGroups:
         return cached_one_hot(self._one_hot, self.sorted_group, self.num_groups, dtype)
 
     @classmethod
-    def from_keys(cls, token_keys: torch.Tensor) -> "RouteGroups":
-        """token_keys: `[N]` ids or `[N, A]` attribute vectors."""
-        keys, token_group = torch.unique(token_keys, dim=0, return_inverse=True)
-        return cls._from_token_groups(keys, token_group)
+    def from_keys(cls, token_keys: torch.Tensor, num_ids: int | None = None) -> "RouteGroups":
+        """token_keys: `[N]` ids (below `num_ids` when given) or `[N, A]` attribute vectors; the groups
+        follow `distinct_route_keys`."""
+        keys, token_group = distinct_route_keys(token_keys, num_ids, return_groups=True)
+        return cls.from_token_groups(keys, token_group)
 
     @classmethod
     def within_table(cls, token_keys: torch.Tensor, table: torch.Tensor, what: str
@@ -252,23 +253,79 @@ class RouteGroups:
             raise ValueError(f"route keys {missing} were not {what}; it serves only {table.tolist()}")
         token_row = match.float().argmax(-1)
         if all(host[1:]):
-            return cls._from_token_groups(table, token_row), None
+            return cls.from_token_groups(table, token_row), None
         rows = torch.tensor([i for i, u in enumerate(host[1:]) if u], device=table.device)
         renumber = torch.cumsum(used.long(), 0) - 1  # table row -> group among the used rows
-        return cls._from_token_groups(table.index_select(0, rows), renumber.index_select(0, token_row)), rows
+        return cls.from_token_groups(table.index_select(0, rows), renumber.index_select(0, token_row)), rows
 
     @classmethod
-    def _from_token_groups(cls, keys: torch.Tensor, token_group: torch.Tensor) -> "RouteGroups":
+    def from_token_groups(cls, keys: torch.Tensor, token_group: torch.Tensor) -> "RouteGroups":
         """keys `[G, ...]`, token_group `[N]` long in [0, G) -> the sorted order, its inverse and offsets."""
         order = torch.argsort(token_group, stable=True)
-        counts = torch.bincount(token_group, minlength=keys.shape[0])
+        # scatter_add, not bincount: bincount reads its maximum back to the host on CUDA
+        counts = torch.zeros(keys.shape[0], dtype=torch.long, device=token_group.device).scatter_add_(
+            0, token_group, torch.ones_like(token_group))
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         sorted_group = token_group.index_select(0, order)
         return cls(keys, token_group, order, inverse, sorted_group, torch.cumsum(counts, 0).to(torch.int32))
 
 
+MAX_CODED_ATTRIBUTES = 10  # 0/1 attribute vectors up to this width are grouped by integer code
+
+
+def distinct_route_keys(token_keys: torch.Tensor, num_ids: int | None = None, return_groups: bool = False,
+                        name: str = "route"):
+    """The distinct route keys of N tokens, ordered as `torch.unique(token_keys, dim=0)` orders them.
+
+    token_keys: `[N]` integer ids or `[N, A]` attribute vectors. Returns keys `[G]` / `[G, A]` (same dtype),
+    and with `return_groups` also each token's key index `[N]` long.
+
+    Ids with a known bound `num_ids`, and attribute vectors whose entries are all 0 or 1 (A <=
+    `MAX_CODED_ATTRIBUTES`, the first entry most significant), are read as integer codes: a presence
+    vector over the codes, one small host read, no sort. (`torch.unique(dim=0)` sorts whole rows: 0.43 ms
+    for 15k tokens of 8 attributes on an H100, against 0.22 ms for a unique over codes.) Other keys go
+    through `torch.unique`. An id outside [0, num_ids) raises a ValueError (`name` names the ids).
+    """
+    integer = not (token_keys.is_floating_point() or token_keys.is_complex())
+    if token_keys.dim() == 1 and integer and num_ids is not None:
+        inside = (token_keys >= 0) & (token_keys < num_ids)
+        codes, num_codes, valid = torch.where(inside, token_keys.long(), num_ids), num_ids, None
+    elif token_keys.dim() == 2 and 0 < token_keys.shape[1] <= MAX_CODED_ATTRIBUTES:
+        width = token_keys.shape[1]
+        place = 2 ** torch.arange(width - 1, -1, -1, device=token_keys.device)  # first entry most significant
+        codes = ((token_keys > 0).long() * place).sum(-1)
+        num_codes, valid = 2**width, ((token_keys == 0) | (token_keys == 1)).all()
+    else:
+        return torch.unique(token_keys, dim=0, return_inverse=return_groups)
+    present = torch.zeros(num_codes + 1, dtype=torch.int32, device=token_keys.device).index_fill_(0, codes, 1)
+    if valid is not None:  # the last slot flags entries other than 0/1 (read with the presence: one transfer)
+        present[num_codes] = (~valid).int()
+    host = present.tolist()
+    if host[num_codes]:
+        if valid is None:
+            bad = torch.unique(token_keys[~inside]).tolist()
+            raise ValueError(f"{name} ids must lie in [0, {num_ids}), got {bad}")
+        return torch.unique(token_keys, dim=0, return_inverse=return_groups)  # not 0/1 vectors: sort the rows
+    used = torch.tensor([c for c in range(num_codes) if host[c]], dtype=torch.long)  # built on the host
+    if valid is None:
+        keys = used.to(token_keys.dtype)
+    else:
+        keys = ((used[:, None] >> torch.arange(token_keys.shape[1] - 1, -1, -1)) & 1).to(token_keys.dtype)
+    signature = route_key_signature(keys)
+    keys = keys.to(token_keys.device)
+    keys._route_key_signature = signature  # the merge cache's key without reading the table back
+    if not return_groups:
+        return keys
+    rank = torch.cumsum(present[:num_codes], 0) - 1  # code -> index among the used codes
+    return keys, rank.long().index_select(0, codes)
+
+
 def route_key_signature(keys: torch.Tensor) -> bytes:
-    """Route keys as bytes (one small device-to-host copy): part of a cache key for merged weights."""
+    """Route keys as bytes: part of a cache key for merged weights. One small device-to-host copy, unless
+    `distinct_route_keys` built the keys on the host and kept their signature."""
+    known = getattr(keys, "_route_key_signature", None)
+    if known is not None:
+        return known
     keys = keys.detach().cpu()
     return str(keys.dtype).encode() + str(tuple(keys.shape)).encode() + keys.numpy().tobytes()
 
@@ -306,13 +363,20 @@ class MergedExperts:
     keys: `[K]` ids or `[K, A]` attribute vectors (the route table). decisions: gate name
     (`"{layer}.attn"`, `"{layer}.ffn"`) -> [`GateDecision`] over the K keys. gates: gate name -> `[K, E]`
     float32. weights: linear name (`"{layer}.{projection}"`) -> (weight `[K, out, in]`, bias `[K, out]`)
-    in the compute dtype.
+    in the compute dtype. token_group: see `for_batch` (None in the shared, cached merge).
     """
 
     keys: torch.Tensor
     decisions: dict = field(default_factory=dict)
     gates: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
+    token_group: torch.Tensor | None = None
+
+    def for_batch(self, token_group: torch.Tensor | None) -> "MergedExperts":
+        """A shallow copy that also carries `token_group`: the row in `keys` of each route input (`[B]`
+        per sequence or `[B*L]` per token) of the batch these keys were read from. The encoder pass of
+        that batch then takes its route groups from it, with no key matching and no host read."""
+        return replace(self, token_group=token_group)
 
 
 @dataclass
@@ -468,5 +532,6 @@ __all__ = [
     "load_balancing_loss",
     "router_z_loss",
     "route_rows",
+    "distinct_route_keys",
     "route_key_signature",
 ]

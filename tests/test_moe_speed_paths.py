@@ -95,6 +95,11 @@ def test_one_merge_per_step_serves_inputs_and_candidates(routing, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(UniPerceiverMoELinear, "merged_parameters", counting)
+    from modeling_uniperceiver_moe.routing import RouteGroups
+
+    matched = []
+    within_table = RouteGroups.within_table.__func__
+    monkeypatch.setattr(RouteGroups, "within_table", classmethod(lambda cls, *a: matched.append(1) or within_table(cls, *a)))
 
     def step():
         out = model(**batch)
@@ -103,6 +108,9 @@ def test_one_merge_per_step_serves_inputs_and_candidates(routing, monkeypatch):
     shared_loss, shared_grads = step()
     experts = [m for m in model.modules() if isinstance(m, UniPerceiverMoELinear)]
     assert experts and all(calls[m.name] == 1 for m in experts), calls
+    # attribute/task passes take their groups from the table's own reading (`for_batch`); modality's
+    # shared all-modality table is matched per pass
+    assert len(matched) == (2 if routing == "modality" else 0)
     calls.clear()
     monkeypatch.setattr(UniPerceiverMoEForGenericPerception, "merge_for_step", lambda self, *a, **k: (None, None))
     separate_loss, separate_grads = step()
@@ -241,3 +249,45 @@ def test_grouping_within_a_merge_table_equals_grouping_from_scratch():
         assert torch.equal(getattr(grouped, name), getattr(plain, name)), name
     with pytest.raises(ValueError, match=r"route keys \[\[3.0, 3.0\]\] were not in the table"):
         RouteGroups.within_table(torch.tensor([[3.0, 3]]), table, "in the table")
+
+
+@pytest.mark.parametrize("width, values", [(1, "bits"), (8, "bits"), (10, "bits"), (11, "bits"), (4, "reals"), (0, "ids")])
+def test_distinct_route_keys_equal_torch_unique(width, values):
+    """Keys read as integer codes (ids with a bound, 0/1 vectors up to MAX_CODED_ATTRIBUTES wide) come out
+    exactly as `torch.unique(dim=0, return_inverse=True)` gives them; wider or non-0/1 vectors fall back
+    to it."""
+    from modeling_uniperceiver_moe.routing import distinct_route_keys, route_key_signature
+
+    g = torch.Generator().manual_seed(width)
+    if values == "ids":
+        keys = torch.tensor([4, 0, 4, 2, 2, 0, 4])
+        found = distinct_route_keys(keys, num_ids=6, return_groups=True)
+    else:
+        keys = (torch.rand(400, width, generator=g) < 0.3).float() if values == "bits" else torch.rand(40, width, generator=g)
+        found = distinct_route_keys(keys, return_groups=True)
+    expected = torch.unique(keys, dim=0, return_inverse=True)
+    assert found[0].dtype == keys.dtype
+    assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
+    assert torch.equal(distinct_route_keys(keys, num_ids=6 if values == "ids" else None), expected[0])
+    # the signature kept from the host-side reading equals the one read back from the table
+    assert route_key_signature(found[0]) == route_key_signature(found[0].clone())
+
+
+def test_distinct_route_keys_name_out_of_range_ids():
+    from modeling_uniperceiver_moe.routing import distinct_route_keys
+
+    with pytest.raises(ValueError, match=r"task ids must lie in \[0, 3\), got \[-1, 7\]"):
+        distinct_route_keys(torch.tensor([0, 7, -1, 2]), num_ids=3, name="task")
+    model = UniPerceiverMoEModel(tiny_config("task")).train()
+    with pytest.raises(ValueError, match=r"task ids must lie in \[0, 4\), got \[5\]"):
+        model.route_key_table(task_ids=torch.tensor([0, 5]))
+
+
+def test_inference_merge_cache_keeps_static_addresses():
+    """The cached merge is marked as fixed-address graph input, so CUDA graphs replay without copying it."""
+    model = UniPerceiverMoEModel(tiny_config("task")).eval()
+    with torch.no_grad():
+        merged = model.merged_experts([model.route_key_table(task_ids=torch.tensor([0, 1]))], torch.float32)[0]
+        assert model.merged_experts([model.route_key_table(task_ids=torch.tensor([1, 0]))], torch.float32)[0] is merged
+    tensors = [t for pair in merged.weights.values() for t in pair] + list(merged.gates.values())
+    assert tensors and all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in tensors)

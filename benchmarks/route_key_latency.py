@@ -1,0 +1,50 @@
+"""Host latency of reading a batch's route-key table: integer codes (`distinct_route_keys`) against
+`torch.unique(dim=0)`, with the GPU idle and with ~4 ms of GPU work queued (the call then waits for it).
+
+    python -m benchmarks.route_key_latency      # GPU; log: docs/logs/route_key_latency_h100.log
+
+Median of 25 calls of `route_key_table(attribute_vectors, return_groups=True)` on bench_moe's B batch
+(16,448 tokens, 8 attributes).
+"""
+
+import time
+
+import torch
+
+from benchmarks.bench_moe import make_config, make_inputs
+from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
+from modeling_uniperceiver_moe import modeling_uniperceiver_moe as modeling
+
+
+def unique_rows(keys, num_ids=None, return_groups=False, name="route"):
+    return torch.unique(keys, dim=0, return_inverse=return_groups)
+
+
+def main() -> None:
+    config = make_config("b", "attribute", 8, 2, 224)
+    model = UniPerceiverMoEForGenericPerception(config).cuda()
+    inputs, _ = make_inputs(config, 64, 20, torch.device("cuda"), torch.bfloat16)
+    vectors = inputs["attribute_vectors"]
+    big = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    codes = modeling.distinct_route_keys
+    try:
+        for name, fn in (("codes", codes), ("unique", unique_rows)):
+            modeling.distinct_route_keys = fn
+            for busy in (False, True):
+                times = []
+                for _ in range(30):
+                    torch.cuda.synchronize()
+                    if busy:
+                        for _ in range(3):
+                            big @ big
+                    start = time.perf_counter()
+                    model.uniperceiver.route_key_table(attribute_vectors=vectors, return_groups=True)
+                    times.append(time.perf_counter() - start)
+                times = sorted(times[5:])
+                print(f"{name:6s} gpu {'busy' if busy else 'idle'}: median {times[len(times) // 2] * 1e6:8.0f} us")
+    finally:
+        modeling.distinct_route_keys = codes
+
+
+if __name__ == "__main__":
+    main()
