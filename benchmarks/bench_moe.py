@@ -7,7 +7,8 @@ Prints: the measured bf16 matmul ceiling; a microbenchmark of the MoE linear alo
 linear of equal active FLOPs (TFLOP/s); then per size, training step (forward + backward + fused
 AdamW) tokens/s and peak memory for dense, each routing, a naive per-expert loop (Mixtral-style) of
 the same MoE linear and the ablations `attribute-unsorted` (a permutation per expert projection, not
-per layer) and `attribute-unique` (route keys found by a row sort, as before the fourth session); inference
+per layer), `attribute-unique` (route keys found by a row sort) and `attribute-unfused` (the expert merge as
+GEMMs, not the fused Triton kernels), both as before the fourth session; inference
 tokens/s for dense, token/context/attribute routing and the folded (re-parameterised) export. Ratios
 are to dense of the same size, phase and compilation, in the same process. `--json PATH` writes all.
 """
@@ -158,6 +159,19 @@ def sorted_route_keys():
         yield
     finally:
         routing.distinct_route_keys, modeling.distinct_route_keys, modeling._mark_static_addresses = originals
+
+
+@contextlib.contextmanager
+def unfused_merge():
+    """Ablation (`attribute-unfused`): the expert merge as float32 GEMMs and casts instead of the fused
+    Triton kernels (the path before the fourth session; CPU always takes it)."""
+    from modeling_uniperceiver_moe import merge_kernels
+
+    enabled, merge_kernels.ENABLED = merge_kernels.ENABLED, False
+    try:
+        yield
+    finally:
+        merge_kernels.ENABLED = enabled
 
 
 def measure(model, inputs, tokens, device, dtype, warmup, steps, train: bool):
@@ -324,9 +338,10 @@ def main(argv=None):
         variants = list(dict.fromkeys(args.routings.split(",") + args.infer_routings.split(",")))
         for variant in [v for _ in range(args.repeats) for v in variants]:  # repeats interleave variants
             routing = variant.split("-")[0]
-            flags = set(variant.split("-")[1:])  # naive / unsorted / unique / folded
+            flags = set(variant.split("-")[1:])  # naive / unsorted / unique / unfused / folded
             context = (naive_experts if "naive" in flags else unsorted_layers if "unsorted" in flags
-                       else sorted_route_keys if "unique" in flags else contextlib.nullcontext)
+                       else sorted_route_keys if "unique" in flags else unfused_merge if "unfused" in flags
+                       else contextlib.nullcontext)
             for compile_it in (False, True) if variant in compiled else (False,):
                 torch.manual_seed(0)
                 model = UniPerceiverMoEForGenericPerception(make_config(size, routing, args.experts, 2, args.image_size)).to(device)

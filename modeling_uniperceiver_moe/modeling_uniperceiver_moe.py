@@ -24,6 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_uniperceiver_moe import MODALITIES, UniPerceiverMoEConfig
+from . import merge_kernels
 from .routing import (
     FoldedRouter,
     GateDecision,
@@ -214,19 +215,27 @@ class _AddRowBias(torch.autograd.Function):
 class _MergeExperts(torch.autograd.Function):
     """`W_g = sum_e gates[g, e] W_e` for G route groups, returned in the compute dtype.
 
-    gates `[G, E]` float32, experts `[E, P]` float32 (P = out * in) -> `[G, P]` in `dtype`. The gate
-    gradient is a reduction over P (millions); as one GEMM with K = P cuBLAS picked a 32x32-tile fp32
-    kernel that took 0.29 ms for B's fc1 on an H100, so it runs as a batched GEMM over P-chunks.
+    gates `[G, E]` float32, experts `[E, P]` float32 (P = out * in) -> `[G, P]` in `dtype`. On CUDA both
+    directions are one fused Triton kernel each (`merge_kernels`: one read of the experts per direction,
+    the result written in `dtype` directly). Elsewhere: a float32 GEMM and a cast; the gate gradient, a
+    reduction over P (millions), runs as a batched GEMM over P-chunks (as one GEMM with K = P cuBLAS
+    picked a 32x32-tile fp32 kernel that took 0.29 ms for B's fc1 on an H100).
     """
 
     @staticmethod
     def forward(ctx, gates, experts, dtype):
         ctx.save_for_backward(gates, experts)
-        return (gates @ experts).to(dtype)
+        fused = merge_kernels.merge_forward(gates, experts, dtype)
+        return (gates @ experts).to(dtype) if fused is None else fused
 
     @staticmethod
     def backward(ctx, grad):
         gates, experts = ctx.saved_tensors
+        fused = merge_kernels.merge_backward(grad, gates, experts)
+        if fused is not None:
+            grad_gates, grad_experts = fused
+            return (grad_gates if ctx.needs_input_grad[0] else None,
+                    grad_experts if ctx.needs_input_grad[1] else None, None)
         grad = grad.to(experts.dtype).contiguous()
         grad_experts = gates.t() @ grad if ctx.needs_input_grad[1] else None
         grad_gates = _chunked_row_products(grad, experts) if ctx.needs_input_grad[0] else None
