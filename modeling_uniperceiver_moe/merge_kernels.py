@@ -11,7 +11,7 @@ one GEMM for the expert gradient and a chunked batched GEMM plus a reduction for
   gradient `[E, P]` (float32) and per-block partial gate gradients `[blocks, G, E]`, summed afterwards.
 
 `merge_forward` / `merge_backward` return None where the kernels do not apply (no Triton, not CUDA, not
-float32 experts), and the caller falls back to the GEMM path. Both are registered with
+float32 experts, or offsets beyond int32), and the caller falls back to the GEMM path. Both are registered with
 `torch.library.triton_op`, so `torch.compile` sees them as operators.
 """
 
@@ -29,8 +29,10 @@ except ImportError:  # pragma: no cover - depends on the install
 ENABLED = True  # benchmarks switch this off to time the GEMM path side by side
 
 
-def available(experts: torch.Tensor) -> bool:
-    return ENABLED and triton is not None and experts.is_cuda and experts.dtype == torch.float32
+def available(experts: torch.Tensor, num_groups: int) -> bool:
+    """The kernels apply: Triton present, float32 experts `[E, P]` on CUDA, offsets that fit in int32."""
+    fits = max(experts.shape[0], num_groups) * experts.shape[1] < 2**31
+    return ENABLED and triton is not None and experts.is_cuda and experts.dtype == torch.float32 and fits
 
 
 def _padded(n: int) -> int:
@@ -105,7 +107,7 @@ if triton is not None:
 
 def merge_forward(gates: torch.Tensor, experts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """gates `[G, E]` float32, experts `[E, P]` float32 contiguous -> `[G, P]` in `dtype`, or None."""
-    if not available(experts):
+    if not available(experts, gates.shape[0]):
         return None
     return torch.ops.uniperceiver_moe.merge_forward(gates.contiguous(), experts.contiguous(), dtype)
 
@@ -113,6 +115,6 @@ def merge_forward(gates: torch.Tensor, experts: torch.Tensor, dtype: torch.dtype
 def merge_backward(grad: torch.Tensor, gates: torch.Tensor, experts: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """grad `[G, P]` (any float dtype) -> (gate gradient `[G, E]`, expert gradient `[E, P]`), float32, or None."""
-    if not available(experts):
+    if not available(experts, gates.shape[0]):
         return None
     return torch.ops.uniperceiver_moe.merge_backward(grad.contiguous(), gates.contiguous(), experts.contiguous())
