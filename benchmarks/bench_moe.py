@@ -161,17 +161,12 @@ def sorted_route_keys():
         routing.distinct_route_keys, modeling.distinct_route_keys, modeling._mark_static_addresses = originals
 
 
-@contextlib.contextmanager
 def unfused_merge():
     """Ablation (`attribute-unfused`): the expert merge as float32 GEMMs and casts instead of the fused
     Triton kernels (the path before the fourth session; CPU always takes it)."""
     from modeling_uniperceiver_moe import merge_kernels
 
-    enabled, merge_kernels.ENABLED = merge_kernels.ENABLED, False
-    try:
-        yield
-    finally:
-        merge_kernels.ENABLED = enabled
+    return merge_kernels.disabled()
 
 
 def measure(model, inputs, tokens, device, dtype, warmup, steps, train: bool):

@@ -11,13 +11,10 @@ import time
 
 import torch
 
-from benchmarks.bench_moe import make_config, make_inputs
+import contextlib
+
+from benchmarks.bench_moe import make_config, make_inputs, sorted_route_keys
 from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
-from modeling_uniperceiver_moe import modeling_uniperceiver_moe as modeling
-
-
-def unique_rows(keys, num_ids=None, return_groups=False, name="route"):
-    return torch.unique(keys, dim=0, return_inverse=return_groups)
 
 
 def main() -> None:
@@ -26,10 +23,8 @@ def main() -> None:
     inputs, _ = make_inputs(config, 64, 20, torch.device("cuda"), torch.bfloat16)
     vectors = inputs["attribute_vectors"]
     big = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    codes = modeling.distinct_route_keys
-    try:
-        for name, fn in (("codes", codes), ("unique", unique_rows)):
-            modeling.distinct_route_keys = fn
+    for name, context in (("codes", contextlib.nullcontext), ("unique", sorted_route_keys)):
+        with context():
             for busy in (False, True):
                 times = []
                 for _ in range(30):
@@ -42,8 +37,6 @@ def main() -> None:
                     times.append(time.perf_counter() - start)
                 times = sorted(times[5:])
                 print(f"{name:6s} gpu {'busy' if busy else 'idle'}: median {times[len(times) // 2] * 1e6:8.0f} us")
-    finally:
-        modeling.distinct_route_keys = codes
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ float32 experts, or offsets beyond int32), and the caller falls back to the GEMM
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 try:  # Triton ships with CUDA builds of torch; CPU builds have none
@@ -26,7 +28,18 @@ try:  # Triton ships with CUDA builds of torch; CPU builds have none
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-ENABLED = True  # benchmarks switch this off to time the GEMM path side by side
+ENABLED = True  # `disabled()` switches it off (benchmarks and tests compare with the GEMM path)
+
+
+@contextlib.contextmanager
+def disabled():
+    """Inside this block the merge takes the GEMM path even where the kernels apply."""
+    global ENABLED
+    previous, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = previous
 
 
 def available(experts: torch.Tensor, num_groups: int) -> bool:

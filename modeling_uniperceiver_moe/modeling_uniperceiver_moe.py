@@ -966,7 +966,9 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
-    def _route_keys(self, modality_ids, attribute_vectors, task_ids, batch, length):
+    def _route_keys(self, modality_ids, attribute_vectors, task_ids, batch, length, check_ids: bool = True):
+        """Each token's route key, `[B, L]` ids or `[B, L, A]` vectors. check_ids: range-check the ids here
+        (callers that group the keys with `distinct_route_keys`, which checks them too, skip it)."""
         routing = self.config.moe_routing
         if routing == "attribute":
             if attribute_vectors is None:
@@ -975,9 +977,11 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         if routing == "task":
             if task_ids is None:
                 raise ValueError("moe_routing='task' needs task_ids")
-            check_id_range(task_ids, self.config.num_tasks, "task")
+            if check_ids:
+                check_id_range(task_ids, self.config.num_tasks, "task")
             return _route_keys_per_token(task_ids.long(), batch, length, "task_ids", ())
-        check_id_range(modality_ids, self.config.num_modalities, "modality")
+        if check_ids:
+            check_id_range(modality_ids, self.config.num_modalities, "modality")
         return _route_keys_per_token(modality_ids.long(), batch, length, "modality_ids", ())
 
     def route_key_table(self, modality_ids=None, attribute_vectors=None, task_ids=None, return_groups: bool = False):
@@ -1032,17 +1036,22 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         )
         if self.config.moe_routing == "none" or not self.config.is_data_independent_routing:
             return state
-        keys = self._route_keys(modality_ids, attribute_vectors, task_ids, batch, length)
+        token_group = None if merged_experts is None else merged_experts.token_group
+        if token_group is not None and token_group.numel() == batch:  # per-sequence route inputs
+            token_group = token_group.repeat_interleave(length)
+        if token_group is not None and token_group.numel() != batch * length:
+            token_group = None
+        # ids are range-checked once: by `distinct_route_keys` (no merge given, or the table behind
+        # `token_group`), else here before they are matched against the given table
+        keys = self._route_keys(modality_ids, attribute_vectors, task_ids, batch, length,
+                                check_ids=merged_experts is not None and token_group is None)
         keys = keys.reshape(batch * length, *keys.shape[2:])
         if merged_experts is None:
             num_ids = {"task": self.config.num_tasks, "modality": self.config.num_modalities}.get(self.config.moe_routing)
-            state.groups = RouteGroups.from_keys(keys, num_ids)
+            state.groups = RouteGroups.from_keys(keys, num_ids, self.config.moe_routing)
             state.merged = self.merged_experts([state.groups.keys], dtype)[0]
         else:  # grouped by the merge's key table: no second torch.unique over the tokens
-            token_group = merged_experts.token_group
-            if token_group is not None and token_group.numel() == batch:  # per-sequence route inputs
-                token_group = token_group.repeat_interleave(length)
-            if token_group is not None and token_group.numel() == batch * length:  # read when the table was made
+            if token_group is not None:  # read when the table was made
                 state.groups = RouteGroups.from_token_groups(merged_experts.keys, token_group)
             else:
                 state.groups, state.merged_rows = RouteGroups.within_table(keys, merged_experts.keys,

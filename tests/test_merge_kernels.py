@@ -1,5 +1,7 @@
 """The fused CUDA merge kernels equal the GEMM path they replace (skipped without a CUDA device and Triton)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -11,15 +13,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or merge_kernels.t
 
 
 def _merge(gates, experts, dtype, fused: bool):
-    enabled = merge_kernels.ENABLED
-    merge_kernels.ENABLED = fused
-    try:
+    with contextlib.nullcontext() if fused else merge_kernels.disabled():
         out = _MergeExperts.apply(gates, experts, dtype)
         grad_out = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out).to(out.dtype)
         grad_gates, grad_experts = torch.autograd.grad(out, (gates, experts), grad_out)
         return out, grad_gates, grad_experts
-    finally:
-        merge_kernels.ENABLED = enabled
 
 
 @pytest.mark.parametrize("groups, experts, length, dtype", [(4, 8, 768 * 3072, torch.bfloat16), (3, 8, 1000, torch.float32),

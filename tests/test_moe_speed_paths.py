@@ -153,9 +153,10 @@ def _host_reads(routing: str) -> int:
 
 def test_expert_layers_add_no_host_synchronisation():
     """Input validation reads a few values back (ids in range); the expert layers themselves add none.
-    (Modality/task routing also range-check their ids once per forward, so they are not compared.)"""
+    Task ids are range-checked by the route grouping's own host read, not by a second one. (Modality
+    routing range-checks its ids once per forward, so it is not compared.)"""
     dense = _host_reads("none")
-    for routing in ("token", "context", "attribute"):
+    for routing in ("token", "context", "attribute", "task"):
         assert _host_reads(routing) == dense, routing
 
 
