@@ -8,7 +8,9 @@ linear of equal active FLOPs (TFLOP/s); then per size, training step (forward + 
 AdamW) tokens/s and peak memory for dense, each routing, a naive per-expert loop (Mixtral-style) of
 the same MoE linear and the ablations `attribute-unsorted` (a permutation per expert projection, not
 per layer), `attribute-unique` (route keys found by a row sort) and `attribute-unfused` (the expert merge as
-GEMMs, not the fused Triton kernels), both as before the fourth session; inference
+GEMMs, not the fused Triton kernels), both as before the fourth session, and `token-argsort` (token
+dispatch by a comparison sort, as before the fifth session); `-top1` picks one expert instead of two
+(`token-top1-unsorted`: without the top-1 MLP kept in expert order); inference
 tokens/s for dense, token/context/attribute routing and the folded (re-parameterised) export. Ratios
 are to dense of the same size, phase and compilation, in the same process. `--json PATH` writes all.
 """
@@ -31,7 +33,8 @@ from modeling_uniperceiver_moe import (
     fold_experts,
 )
 from modeling_uniperceiver_moe import UniPerceiverMoEModel
-from modeling_uniperceiver_moe.routing import MergedDispatch, RouteGroups, build_token_dispatch, select_top_k
+from modeling_uniperceiver_moe.modeling_uniperceiver_moe import UniPerceiverMoEMLP
+from modeling_uniperceiver_moe.routing import MergedDispatch, RouteGroups, TokenDispatch, build_token_dispatch, select_top_k
 
 CAPTION_IMAGE = TokenAttributes.from_bits("11011000")
 CAPTION_TEXT = TokenAttributes.from_bits("11010101")
@@ -71,6 +74,42 @@ def naive_experts():
         UniPerceiverMoELinear.forward, UniPerceiverMoELinear.merged_parameters = original_forward, original_merge
 
 
+def argsort_token_dispatch(decision, num_experts: int, capacity: int | None) -> TokenDispatch:
+    """Reference for `routing.build_token_dispatch` (its version before the fifth session): the same
+    dispatch found by a stable comparison sort of the assignments' experts."""
+    num_tokens, top_k = decision.expert_index.shape
+    flat_expert = decision.expert_index.t().reshape(-1)
+    flat_weight = decision.expert_weight.t().reshape(-1)
+    order = torch.argsort(flat_expert, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_expert.device).scatter_add_(
+        0, flat_expert, torch.ones_like(flat_expert))
+    offsets = torch.cumsum(counts, 0)
+    sorted_expert = flat_expert.index_select(0, order)
+    sorted_weight = flat_weight.index_select(0, order)
+    dropped = flat_weight.new_zeros(())
+    if capacity is not None:
+        rank = torch.arange(order.numel(), device=order.device) - (offsets - counts).index_select(0, sorted_expert)
+        keep = rank < capacity
+        sorted_weight = torch.where(keep, sorted_weight, torch.zeros_like(sorted_weight))
+        dropped = 1.0 - keep.float().mean()
+    inverse_order = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return TokenDispatch(order % num_tokens, sorted_expert, sorted_weight, offsets.to(torch.int32), decision,
+                         dropped, order, inverse_order)
+
+
+@contextlib.contextmanager
+def argsort_dispatch():
+    """Ablation (`token-argsort`): token dispatch by a stable argsort instead of the counting sort."""
+    from modeling_uniperceiver_moe import modeling_uniperceiver_moe as modeling
+
+    original = modeling.build_token_dispatch
+    modeling.build_token_dispatch = argsort_token_dispatch
+    try:
+        yield
+    finally:
+        modeling.build_token_dispatch = original
+
+
 def make_config(size: str, routing: str, experts: int, top_k: int, image_size: int) -> UniPerceiverMoEConfig:
     if size == "tiny":
         return UniPerceiverMoEConfig(model_size=None, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -79,13 +118,22 @@ def make_config(size: str, routing: str, experts: int, top_k: int, image_size: i
                                  moe_num_experts=experts, moe_top_k=top_k)
 
 
-def make_inputs(config, batch: int, words: int, device, dtype):
-    """A mixed batch: half image classification (one attribute), half captioning (image + text attributes).
-
-    Captioning sequences are `[SPE] image words placeholders`; class-name candidates are short texts.
+def make_inputs(config, batch: int, words: int, device, dtype, kind: str = "mixed"):
+    """kind "mixed": half image classification (one attribute), half captioning (image + text attributes);
+    captioning sequences are `[SPE] image words placeholders`. kind "classification": one task, every
+    sequence `[SPE] image` with one attribute (each encoder pass then has a single route group).
+    Either way 256 class-name candidates (short texts, their own attribute) are encoded in a second pass.
     """
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(batch, 3, config.image_size, config.image_size, generator=g).to(device, dtype)
+    if kind == "classification":
+        vision = 1 + (config.image_size // config.patch_size) ** 2
+        inputs = dict(pixel_values=pixels, attribute_vectors=CLASS_INPUT.to_tensor().expand(batch, vision, 8).to(device),
+                      task_ids=torch.zeros(batch, dtype=torch.long, device=device), labels=torch.arange(batch, device=device) % 256,
+                      task_family="image_classification")
+        return _with_candidates(inputs, g, device), batch * vision + 256 * (1 + 4)
+    if kind != "mixed":
+        raise ValueError(f"unknown input kind {kind!r}: use 'mixed' or 'classification'")
     ids = torch.randint(0, 49408, (batch, words), generator=g).to(device)
     vision = (config.image_size // config.patch_size) ** 2
     length = 1 + vision + 2 * words
@@ -94,12 +142,16 @@ def make_inputs(config, batch: int, words: int, device, dtype):
     attrs[:, 1 + vision :] = CAPTION_TEXT.to_tensor()
     attrs[: batch // 2] = CLASS_INPUT.to_tensor()
     inputs = dict(pixel_values=pixels, input_ids=ids, caption_mode=True, attribute_vectors=attrs.to(device),
-                  task_ids=(torch.arange(batch) % 2).to(device), query_positions=None)
+                  task_ids=(torch.arange(batch) % 2).to(device), query_positions=None, labels=ids % 256,
+                  task_family="captioning")
+    return _with_candidates(inputs, g, device), batch * length + 256 * (1 + 4)
+
+
+def _with_candidates(inputs: dict, g: torch.Generator, device) -> dict:
+    """Add 256 candidate texts of 4 tokens (CANDIDATE attribute, task 0) to `inputs`."""
     candidates = torch.randint(0, 49408, (256, 4), generator=g).to(device)
-    inputs.update(target_input_ids=candidates, target_attribute_vectors=torch.tensor([CANDIDATE.to_list()], device=device).expand(256, 8),
-                  target_task_ids=torch.zeros(256, dtype=torch.long, device=device),
-                  labels=ids % 256, task_family="captioning")
-    return inputs, batch * length + 256 * (1 + 4)
+    return dict(inputs, target_input_ids=candidates, target_task_ids=torch.zeros(256, dtype=torch.long, device=device),
+                target_attribute_vectors=torch.tensor([CANDIDATE.to_list()], device=device).expand(256, 8))
 
 
 def synchronize(device):
@@ -127,7 +179,8 @@ def compile_encoder(model, mode: str | None = None, per_layer: bool = False) -> 
 
 @contextlib.contextmanager
 def unsorted_layers():
-    """Ablation / naive reference: layers permute rows per expert projection instead of once per layer."""
+    """Ablation / naive reference: rows are permuted per expert projection, not once per layer
+    (data-independent routings) or once per MLP (top-1 token routing, `UniPerceiverMoEMLP.keeps_expert_order`)."""
     original = UniPerceiverMoEModel._routing_state
 
     def routing_state(self, *args):
@@ -136,10 +189,12 @@ def unsorted_layers():
         return state
 
     UniPerceiverMoEModel._routing_state = routing_state
+    UniPerceiverMoEMLP.expert_order = False
     try:
         yield
     finally:
         UniPerceiverMoEModel._routing_state = original
+        UniPerceiverMoEMLP.expert_order = True
 
 
 @contextlib.contextmanager
@@ -274,6 +329,8 @@ def main(argv=None):
     parser.add_argument("--words", type=int, default=20)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--inputs", default="mixed", choices=["mixed", "classification"],
+                        help="mixed classification + captioning batch, or one-task image classification (see make_inputs)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
@@ -300,8 +357,9 @@ def main(argv=None):
         print(f"{dtype} matmul ceiling (one square GEMM): {ceiling:.1f} TFLOP/s")
     for size in args.sizes.split(","):
         base_config = make_config(size, "none", args.experts, 2, args.image_size)
-        inputs, tokens = make_inputs(base_config, args.batch, args.words, device, dtype)
-        print(f"\ndevice={report['device']} dtype={dtype} size={size} batch={args.batch} tokens/step={tokens}", flush=True)
+        inputs, tokens = make_inputs(base_config, args.batch, args.words, device, dtype, args.inputs)
+        print(f"\ndevice={report['device']} dtype={dtype} size={size} inputs={args.inputs} batch={args.batch} "
+              f"tokens/step={tokens}", flush=True)
         if args.micro:
             micro = linear_microbenchmark(make_config(size, "token", args.experts, 2, args.image_size), tokens,
                                           device, dtype, args.warmup, args.steps)
@@ -333,13 +391,14 @@ def main(argv=None):
         variants = list(dict.fromkeys(args.routings.split(",") + args.infer_routings.split(",")))
         for variant in [v for _ in range(args.repeats) for v in variants]:  # repeats interleave variants
             routing = variant.split("-")[0]
-            flags = set(variant.split("-")[1:])  # naive / unsorted / unique / unfused / folded
+            flags = set(variant.split("-")[1:])  # top1 / naive / unsorted / unique / unfused / argsort / folded
+            top_k = 1 if "top1" in flags else 2
             context = (naive_experts if "naive" in flags else unsorted_layers if "unsorted" in flags
                        else sorted_route_keys if "unique" in flags else unfused_merge if "unfused" in flags
-                       else contextlib.nullcontext)
+                       else argsort_dispatch if "argsort" in flags else contextlib.nullcontext)
             for compile_it in (False, True) if variant in compiled else (False,):
                 torch.manual_seed(0)
-                model = UniPerceiverMoEForGenericPerception(make_config(size, routing, args.experts, 2, args.image_size)).to(device)
+                model = UniPerceiverMoEForGenericPerception(make_config(size, routing, args.experts, top_k, args.image_size)).to(device)
                 if "folded" in flags:
                     routes = torch.stack([a.to_tensor() for a in (CLASS_INPUT, CAPTION_IMAGE, CAPTION_TEXT, CANDIDATE)])
                     model = fold_experts(model, routes.to(device)).to(device)

@@ -4,6 +4,7 @@
     python -m benchmarks.profile_step --size b --linear merged      # or: token, dense
     python -m benchmarks.profile_step --size b --routing attribute --compile   # compiled layers
     python -m benchmarks.profile_step --size b --routing attribute --infer     # an inference forward
+    python -m benchmarks.profile_step --size b --routing token --top-k 1       # top-1 token routing
 
 Prints the wall time and the summed GPU kernel time per step first (GPU time well below wall time
 means the step is host-bound), then the ops sorted by their own device time.
@@ -22,11 +23,11 @@ from modeling_uniperceiver_moe.routing import MergedDispatch, RouteGroups, build
 
 
 def model_step(args, device, dtype):
-    config = make_config(args.size, args.routing, 8, 2, args.image_size)
+    config = make_config(args.size, args.routing, 8, args.top_k, args.image_size)
     model = UniPerceiverMoEForGenericPerception(config).to(device).train(not args.infer)
     if args.compile:
         compile_encoder(model, args.compile_mode, args.compile_per_layer)
-    inputs, _ = make_inputs(config, args.batch, 20, device, dtype)
+    inputs, _ = make_inputs(config, args.batch, 20, device, dtype, args.inputs)
     if args.infer:
         @torch.no_grad()
         def infer():
@@ -83,6 +84,8 @@ def main(argv=None):
     parser.add_argument("--routing", default="attribute")
     parser.add_argument("--linear", default=None, choices=[None, "dense", "merged", "token"])
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token (or per route key)")
+    parser.add_argument("--inputs", default="mixed", choices=["mixed", "classification"], help="see bench_moe.make_inputs")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--trace", default=None)

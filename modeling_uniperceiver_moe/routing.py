@@ -457,31 +457,35 @@ def build_token_dispatch(decision: GateDecision, num_experts: int, capacity: int
     """Sort the (token, expert) assignments by expert; drop those past an expert's capacity.
 
     Priority inside an expert: first-choice assignments of all tokens first, then second choices
-    (GShard), each in token order. No host synchronisation.
+    (GShard), each in token order. A counting sort, no comparison sort: each slot's rank inside its
+    expert is a running count over an `[E, N*k]` expert indicator (E is small), and its sorted position
+    is its expert's start plus that rank; the same stable order as `argsort(expert, stable=True)`
+    (`benchmarks.bench_moe.argsort_token_dispatch` keeps that version as the reference). On an H100
+    the 12 stable sorts had taken ~0.9 ms of a graphed top-1 inference step of B; with the counting
+    sort the step's GPU time fell from 16.7 to 15.8 ms. No host synchronisation.
     """
     num_tokens, top_k = decision.expert_index.shape
     # choice-major flattening gives first choices priority over second choices
     flat_expert = decision.expert_index.t().reshape(-1)
     flat_weight = decision.expert_weight.t().reshape(-1)
-    flat_token = torch.arange(num_tokens, device=flat_expert.device).repeat(top_k)
-    order = torch.argsort(flat_expert, stable=True)  # stable: priority order survives inside an expert
-    # scatter_add, not bincount: bincount reads its maximum back to the host on CUDA
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_expert.device).scatter_add_(
-        0, flat_expert, torch.ones_like(flat_expert))
+    slots = torch.arange(flat_expert.numel(), device=flat_expert.device)
+    experts = torch.arange(num_experts, device=flat_expert.device)
+    running = (experts[:, None] == flat_expert[None, :]).cumsum(1)  # [E, N*k]: slots so far per expert
+    counts = running[:, -1] if flat_expert.numel() else torch.zeros_like(experts)
+    rank = running.gather(0, flat_expert[None, :]).squeeze(0) - 1  # place of each slot inside its expert
     offsets = torch.cumsum(counts, 0)
+    inverse_order = (offsets - counts).index_select(0, flat_expert) + rank  # slot -> sorted position
+    order = torch.empty_like(inverse_order).scatter_(0, inverse_order, slots)
     sorted_expert = flat_expert.index_select(0, order)
     sorted_weight = flat_weight.index_select(0, order)  # carries the router gradient
     if capacity is not None:
-        # rank of each assignment inside its expert, read off the sorted order (no [M, E] cumsum)
-        rank = torch.arange(order.numel(), device=order.device) - (offsets - counts).index_select(0, sorted_expert)
-        keep = rank < capacity
+        keep = (rank < capacity).index_select(0, order)
         sorted_weight = torch.where(keep, sorted_weight, torch.zeros_like(sorted_weight))
-        dropped = 1.0 - keep.float().mean()
+        dropped = 1.0 - keep.float().mean() if keep.numel() else flat_weight.new_zeros(())  # 0, not NaN, when empty
     else:
         dropped = flat_weight.new_zeros(())
-    inverse_order = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     return TokenDispatch(
-        token_index=flat_token.index_select(0, order),
+        token_index=order % num_tokens,
         expert_index=sorted_expert,
         weight=sorted_weight,
         offsets=offsets.to(torch.int32),

@@ -36,3 +36,19 @@ def test_quickstart_job(tmp_path):
     assert report["reload_bit_identical"] is True
     assert report["folded_max_abs_diff"] < 1e-5
     assert (tmp_path / "folded" / "model.safetensors").exists() and (tmp_path / "report.json").exists()
+
+
+def test_benchmark_top1_variants_and_one_task_inputs(monkeypatch):
+    from modeling_uniperceiver_moe import modeling_uniperceiver_moe as modeling
+
+    rows = bench_main(["--size", "tiny", "--batch", "2", "--image-size", "32", "--words", "3", "--steps", "1",
+                       "--warmup", "0", "--routings", "none,token-top1,context-top1-unsorted", "--infer-routings", "none,token-top1"])
+    assert {(r["phase"], r["model"]) for r in rows} == {("train", "none"), ("infer", "none"), ("train", "token-top1"),
+                                                       ("infer", "token-top1"), ("train", "context-top1-unsorted")}
+    grouped = []
+    original = modeling.grouped_linear
+    monkeypatch.setattr(modeling, "grouped_linear", lambda *a, **k: grouped.append(1) or original(*a, **k))
+    rows = bench_main(["--size", "tiny", "--batch", "2", "--image-size", "32", "--steps", "1", "--warmup", "0",
+                       "--inputs", "classification", "--routings", "attribute", "--infer-routings", "none,attribute"])
+    assert {(r["phase"], r["model"]) for r in rows} == {("train", "attribute"), ("infer", "none"), ("infer", "attribute")}
+    assert not grouped  # one task: every pass is a single route group, run as plain GEMMs with the merged weights

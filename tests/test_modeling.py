@@ -151,6 +151,25 @@ def test_capacity_drops_late_assignments_first_choices_win():
     assert dispatch.dropped_fraction.item() == pytest.approx(4 / 12)
 
 
+@pytest.mark.parametrize("tokens,top_k,experts,capacity", [(50, 2, 4, None), (50, 2, 4, 20), (37, 1, 8, 3), (1, 2, 3, None), (0, 1, 4, 2)])
+def test_counting_sort_dispatch_equals_a_stable_argsort(tokens, top_k, experts, capacity):
+    from benchmarks.bench_moe import argsort_token_dispatch
+
+    logits = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(tokens))
+    logits[: tokens // 2, 0] += 4  # crowd expert 0 so a capacity drops some
+    weight, index = logits.softmax(-1).topk(top_k, dim=-1)
+    decision = GateDecision(logits, index, weight / weight.sum(-1, keepdim=True))
+    ours, reference = build_token_dispatch(decision, experts, capacity), argsort_token_dispatch(decision, experts, capacity)
+    for name in ("token_index", "expert_index", "weight", "offsets", "order", "inverse_order"):
+        assert torch.equal(getattr(ours, name), getattr(reference, name)), name
+    if tokens:
+        assert torch.equal(ours.dropped_fraction, reference.dropped_fraction)
+    else:  # the argsort version divided 0 by 0
+        assert ours.dropped_fraction == 0
+    if capacity is not None and tokens > 10:
+        assert ours.dropped_fraction > 0
+
+
 def test_balance_loss_is_one_for_a_uniform_router_and_higher_when_collapsed():
     uniform = torch.zeros(8, 4)
     index = torch.arange(8)[:, None] % 4

@@ -8,7 +8,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.bench_moe import unsorted_layers
 from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception, UniPerceiverMoEModel
-from modeling_uniperceiver_moe.modeling_uniperceiver_moe import UniPerceiverMoELinear
+from modeling_uniperceiver_moe import modeling_uniperceiver_moe as modeling
+from modeling_uniperceiver_moe.modeling_uniperceiver_moe import UniPerceiverMoELinear, UniPerceiverMoEMLP
 from tests.conftest import make_batch, tiny_config
 
 
@@ -41,6 +42,44 @@ def test_sorted_layers_equal_per_projection_permutation(routing):
     for a, b in zip(sorted_grads, plain_grads):
         if a is not None or b is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("routing,capacity", [("token", None), ("token", 0.5), ("context", None)])
+def test_top1_mlp_in_expert_order_equals_per_projection_dispatch(routing, capacity, monkeypatch):
+    """Top-1 token routing keeps the MLP's hidden rows in expert order (two row permutations fewer): same
+    outputs and gradients, bit for bit, as combining fc1's rows and dispatching them again; also with
+    assignments dropped by a capacity."""
+    torch.manual_seed(0)
+    config = tiny_config(routing, moe_top_k=1, drop_path_rate=0.0, moe_capacity_factor=capacity)
+    model = UniPerceiverMoEModel(config).train()
+    batch = make_batch()
+    calls, dropped = collections.Counter(), []
+    combine, build = modeling.combine_assignments, modeling.build_token_dispatch
+
+    def counting_combine(*args):
+        calls["ordered" if UniPerceiverMoEMLP.expert_order else "plain"] += 1
+        return combine(*args)
+
+    def recording_build(*args):
+        dispatch = build(*args)
+        dropped.append(float(dispatch.dropped_fraction))
+        return dispatch
+
+    monkeypatch.setattr(modeling, "combine_assignments", counting_combine)
+    monkeypatch.setattr(modeling, "build_token_dispatch", recording_build)
+    torch.manual_seed(1)
+    ordered = model(**batch)
+    ordered_grads = torch.autograd.grad(ordered.last_hidden_state.square().sum() + ordered.aux_loss, list(model.parameters()))
+    with unsorted_layers():
+        torch.manual_seed(1)
+        plain = model(**batch)
+        plain_grads = torch.autograd.grad(plain.last_hidden_state.square().sum() + plain.aux_loss, list(model.parameters()))
+    layers = config.num_hidden_layers
+    assert calls == {"ordered": 3 * layers, "plain": 4 * layers}  # qkv, out, then one combine per MLP instead of two
+    assert (max(dropped) > 0) == (capacity is not None)
+    assert torch.equal(ordered.last_hidden_state, plain.last_hidden_state)
+    for a, b in zip(ordered_grads, plain_grads):
+        assert torch.equal(a, b)
 
 
 def test_inference_reuses_merged_weights_until_a_parameter_changes(monkeypatch):
