@@ -340,6 +340,9 @@ def main(argv=None):
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     parser.add_argument("--compile-per-layer", action="store_true", help="compile each layer instead of the whole encoder")
     parser.add_argument("--micro", action="store_true", help="also run the MoE-linear microbenchmark")
+    parser.add_argument("--bf16-inference-weights", action="store_true",
+                        help="inference with the model cast to bf16 (as `from_pretrained(..., dtype=torch.bfloat16)`), "
+                             "dense and MoE alike, so no float32 -> bf16 weight casts per forward; training keeps float32 (CUDA only)")
     parser.add_argument("--repeats", type=int, default=1, help="measure every variant this many times (interleaved); report medians")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -405,6 +408,8 @@ def main(argv=None):
                 elif variant in args.routings.split(","):
                     run(variant, model, True, context, compile_it)
                 if variant in args.infer_routings.split(","):
+                    if args.bf16_inference_weights and device.type == "cuda":
+                        model = model.to(torch.bfloat16)
                     run(variant, model, False, context, compile_it)
                 del model
                 if device.type == "cuda":

@@ -25,6 +25,8 @@ from modeling_uniperceiver_moe.routing import MergedDispatch, RouteGroups, build
 def model_step(args, device, dtype):
     config = make_config(args.size, args.routing, 8, args.top_k, args.image_size)
     model = UniPerceiverMoEForGenericPerception(config).to(device).train(not args.infer)
+    if args.infer and args.bf16_weights:
+        model = model.to(torch.bfloat16)
     if args.compile:
         compile_encoder(model, args.compile_mode, args.compile_per_layer)
     inputs, _ = make_inputs(config, args.batch, 20, device, dtype, args.inputs)
@@ -90,6 +92,7 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--trace", default=None)
     parser.add_argument("--infer", action="store_true", help="profile an inference forward (eval, no grad) instead")
+    parser.add_argument("--bf16-weights", action="store_true", help="with --infer: the model cast to bf16 (no weight casts)")
     parser.add_argument("--compile", action="store_true", help="compile the encoder (static shapes)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     parser.add_argument("--compile-per-layer", action="store_true", help="compile each layer, not the whole encoder")

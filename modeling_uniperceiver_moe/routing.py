@@ -105,7 +105,8 @@ class AttributeRouter(nn.Module):
 
     def forward(self, keys: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=keys.device.type, enabled=False):
-            h = self.norm(F.linear(keys.float(), self.embed.weight.float(), self.embed.bias.float()))
+            h = F.linear(keys.float(), self.embed.weight.float(), self.embed.bias.float())
+            h = F.layer_norm(h, self.norm.normalized_shape, self.norm.weight.float(), self.norm.bias.float(), self.norm.eps)
             return F.linear(h, self.gate.weight.float())
 
 

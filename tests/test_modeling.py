@@ -430,3 +430,19 @@ def test_merged_path_outputs_and_all_gradients_equal_the_reference():
     theirs = torch.autograd.grad((ref * upstream).sum(), (x, gates, layer.weight, layer.bias))
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("routing", ["none", "token", "context", "modality", "task", "attribute"])
+def test_a_bfloat16_model_runs_inference_close_to_float32(routing):
+    """As after `from_pretrained(..., dtype=torch.bfloat16)`: the float32 routers cast their bf16
+    parameters themselves (the attribute router's LayerNorm used to fail on mixed dtypes)."""
+    torch.manual_seed(0)
+    model = UniPerceiverMoEModel(tiny_config(routing)).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        reference = model(**batch).last_hidden_state
+        batch["pixel_values"] = batch["pixel_values"].bfloat16()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.to(torch.bfloat16)(**batch).last_hidden_state
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
