@@ -471,7 +471,8 @@ def build_token_dispatch(decision: GateDecision, num_experts: int, capacity: int
     flat_weight = decision.expert_weight.t().reshape(-1)
     slots = torch.arange(flat_expert.numel(), device=flat_expert.device)
     experts = torch.arange(num_experts, device=flat_expert.device)
-    running = (experts[:, None] == flat_expert[None, :]).cumsum(1)  # [E, N*k]: slots so far per expert
+    # [E, N*k] int64 (E * N*k * 8 bytes: 2 MiB for B's 16k tokens, E=8, top-2): slots so far per expert
+    running = (experts[:, None] == flat_expert[None, :]).cumsum(1)
     counts = running[:, -1] if flat_expert.numel() else torch.zeros_like(experts)
     rank = running.gather(0, flat_expert[None, :]).squeeze(0) - 1  # place of each slot inside its expert
     offsets = torch.cumsum(counts, 0)
