@@ -8,8 +8,8 @@ linear of equal active FLOPs (TFLOP/s); then per size, training step (forward + 
 AdamW) tokens/s and peak memory for dense, each routing, a naive per-expert loop (Mixtral-style) of
 the same MoE linear and the ablations `attribute-unsorted` (a permutation per expert projection, not
 per layer), `attribute-unique` (route keys found by a row sort) and `attribute-unfused` (the expert merge as
-GEMMs, not the fused Triton kernels), both as before the fourth session, and `token-argsort` (token
-dispatch by a comparison sort, as before the fifth session); `-top1` picks one expert instead of two
+GEMMs, not the fused Triton kernels), both as before the fourth session, and `token-argsort` (rows put in
+expert or route-group order by a comparison sort, as before the fifth session); `-top1` picks one expert instead of two
 (`token-top1-unsorted`: without the top-1 MLP kept in expert order); inference
 tokens/s for dense, token/context/attribute routing and the folded (re-parameterised) export. Ratios
 are to dense of the same size, phase and compilation, in the same process. `--json PATH` writes all.
@@ -34,7 +34,7 @@ from modeling_uniperceiver_moe import (
 )
 from modeling_uniperceiver_moe import UniPerceiverMoEModel
 from modeling_uniperceiver_moe.modeling_uniperceiver_moe import UniPerceiverMoEMLP
-from modeling_uniperceiver_moe.routing import MergedDispatch, RouteGroups, TokenDispatch, build_token_dispatch, select_top_k
+from modeling_uniperceiver_moe.routing import MergedDispatch, RouteGroups, build_token_dispatch, select_top_k
 
 CAPTION_IMAGE = TokenAttributes.from_bits("11011000")
 CAPTION_TEXT = TokenAttributes.from_bits("11010101")
@@ -74,40 +74,18 @@ def naive_experts():
         UniPerceiverMoELinear.forward, UniPerceiverMoELinear.merged_parameters = original_forward, original_merge
 
 
-def argsort_token_dispatch(decision, num_experts: int, capacity: int | None) -> TokenDispatch:
-    """Reference for `routing.build_token_dispatch` (its version before the fifth session): the same
-    dispatch found by a stable comparison sort of the assignments' experts."""
-    num_tokens, top_k = decision.expert_index.shape
-    flat_expert = decision.expert_index.t().reshape(-1)
-    flat_weight = decision.expert_weight.t().reshape(-1)
-    order = torch.argsort(flat_expert, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_expert.device).scatter_add_(
-        0, flat_expert, torch.ones_like(flat_expert))
-    offsets = torch.cumsum(counts, 0)
-    sorted_expert = flat_expert.index_select(0, order)
-    sorted_weight = flat_weight.index_select(0, order)
-    dropped = flat_weight.new_zeros(())
-    if capacity is not None:
-        rank = torch.arange(order.numel(), device=order.device) - (offsets - counts).index_select(0, sorted_expert)
-        keep = rank < capacity
-        sorted_weight = torch.where(keep, sorted_weight, torch.zeros_like(sorted_weight))
-        dropped = 1.0 - keep.float().mean()
-    inverse_order = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return TokenDispatch(order % num_tokens, sorted_expert, sorted_weight, offsets.to(torch.int32), decision,
-                         dropped, order, inverse_order)
-
-
 @contextlib.contextmanager
 def argsort_dispatch():
-    """Ablation (`token-argsort`): token dispatch by a stable argsort instead of the counting sort."""
-    from modeling_uniperceiver_moe import modeling_uniperceiver_moe as modeling
+    """Ablation (`token-argsort`): rows put in group/expert order by a stable argsort instead of the
+    counting sort (`routing.stable_group_order`, as before the fifth session)."""
+    from modeling_uniperceiver_moe import routing
 
-    original = modeling.build_token_dispatch
-    modeling.build_token_dispatch = argsort_token_dispatch
+    original = routing.MAX_COUNTING_SORT_GROUPS
+    routing.MAX_COUNTING_SORT_GROUPS = -1
     try:
         yield
     finally:
-        modeling.build_token_dispatch = original
+        routing.MAX_COUNTING_SORT_GROUPS = original
 
 
 def make_config(size: str, routing: str, experts: int, top_k: int, image_size: int) -> UniPerceiverMoEConfig:

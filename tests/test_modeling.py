@@ -16,7 +16,9 @@ from modeling_uniperceiver_moe.routing import (
     MergedDispatch,
     one_hot_rows,
     RouteGroups,
+    TokenDispatch,
     build_token_dispatch,
+    stable_group_order,
     load_balancing_loss,
 )
 from tests.conftest import ROUTINGS, make_batch, tiny_config
@@ -151,15 +153,59 @@ def test_capacity_drops_late_assignments_first_choices_win():
     assert dispatch.dropped_fraction.item() == pytest.approx(4 / 12)
 
 
+@pytest.mark.parametrize("rows,groups", [(200, 3), (200, 64), (200, 65), (0, 4), (1, 1)])
+def test_stable_group_order_equals_a_stable_argsort(rows, groups, monkeypatch):
+    """Counting sort up to MAX_COUNTING_SORT_GROUPS (64), comparison sort above (and under the benchmark's
+    `-argsort` ablation): both the stable order."""
+    from benchmarks.bench_moe import argsort_dispatch
+
+    group = torch.randint(0, groups, (rows,), generator=torch.Generator().manual_seed(groups))
+    expected = torch.argsort(group, stable=True)
+    sorts = []
+    argsort = torch.argsort
+    monkeypatch.setattr(torch, "argsort", lambda *a, **k: sorts.append(1) or argsort(*a, **k))
+    order, inverse, counts = stable_group_order(group, groups)
+    assert len(sorts) == (groups > 64)
+    with argsort_dispatch():
+        ablated = stable_group_order(group, groups)
+    assert len(sorts) == (groups > 64) + 1
+    for result in (order, inverse, counts), ablated:
+        assert torch.equal(result[0], expected)
+        assert torch.equal(result[1][expected], torch.arange(rows))
+        assert torch.equal(result[2], torch.bincount(group, minlength=groups))
+
+
+def _argsort_token_dispatch(decision, num_experts: int, capacity: int | None) -> TokenDispatch:
+    """Reference: `routing.build_token_dispatch` as it was before the counting sort (fifth performance
+    session), the dispatch found by a stable comparison sort of the assignments' experts."""
+    num_tokens, top_k = decision.expert_index.shape
+    flat_expert = decision.expert_index.t().reshape(-1)
+    flat_weight = decision.expert_weight.t().reshape(-1)
+    order = torch.argsort(flat_expert, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_expert.device).scatter_add_(
+        0, flat_expert, torch.ones_like(flat_expert))
+    offsets = torch.cumsum(counts, 0)
+    sorted_expert = flat_expert.index_select(0, order)
+    sorted_weight = flat_weight.index_select(0, order)
+    dropped = flat_weight.new_zeros(())
+    if capacity is not None:
+        rank = torch.arange(order.numel(), device=order.device) - (offsets - counts).index_select(0, sorted_expert)
+        keep = rank < capacity
+        sorted_weight = torch.where(keep, sorted_weight, torch.zeros_like(sorted_weight))
+        dropped = 1.0 - keep.float().mean()
+    inverse_order = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return TokenDispatch(order % num_tokens, sorted_expert, sorted_weight, offsets.to(torch.int32), decision,
+                         dropped, order, inverse_order)
+
+
+
 @pytest.mark.parametrize("tokens,top_k,experts,capacity", [(50, 2, 4, None), (50, 2, 4, 20), (37, 1, 8, 3), (1, 2, 3, None), (0, 1, 4, 2)])
 def test_counting_sort_dispatch_equals_a_stable_argsort(tokens, top_k, experts, capacity):
-    from benchmarks.bench_moe import argsort_token_dispatch
-
     logits = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(tokens))
     logits[: tokens // 2, 0] += 4  # crowd expert 0 so a capacity drops some
     weight, index = logits.softmax(-1).topk(top_k, dim=-1)
     decision = GateDecision(logits, index, weight / weight.sum(-1, keepdim=True))
-    ours, reference = build_token_dispatch(decision, experts, capacity), argsort_token_dispatch(decision, experts, capacity)
+    ours, reference = build_token_dispatch(decision, experts, capacity), _argsort_token_dispatch(decision, experts, capacity)
     for name in ("token_index", "expert_index", "weight", "offsets", "order", "inverse_order"):
         assert torch.equal(getattr(ours, name), getattr(reference, name)), name
     if tokens:
