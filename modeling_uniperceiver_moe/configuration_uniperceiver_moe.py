@@ -60,7 +60,9 @@ class UniPerceiverMoEConfig(PretrainedConfig):
     Conditional MoE
         moe_routing (`str`, defaults to `"none"`): one of `"none"` (dense), `"token"`, `"context"`,
             `"modality"`, `"task"`, `"attribute"`.
-        moe_num_experts (`int`, defaults to 8). moe_top_k (`int`, defaults to 2).
+        moe_num_experts (`int`, defaults to 8). moe_top_k (`int`, defaults to 2): experts per token (or
+            route key). With 2 or more the chosen weights are renormalised to sum to 1 (the reference); with 1
+            the weight is the chosen expert's softmax probability (Switch), so the router still learns.
         moe_layers (`str` or `list[int]`, defaults to `"every_other"`): `"all"`, `"every_other"` (layers
             1, 3, 5, ... counted from 0) or an explicit list of layer indices. The reference's "odd" location is
             layers 0, 2, 4, ... counted from 0 (odd counted from 1): pass that list to match it exactly (the

@@ -68,7 +68,8 @@ class GateDecision:
 
     logits: `[M, E]` float32 raw gate logits (before noise).
     expert_index: `[M, k]` long, chosen experts.
-    expert_weight: `[M, k]` float32, renormalised softmax weights of the chosen experts.
+    expert_weight: `[M, k]` float32, the chosen experts' softmax weights, renormalised to sum to 1 when
+        k > 1; with k = 1 the chosen expert's probability itself (see `select_top_k`).
     """
 
     logits: torch.Tensor
@@ -82,12 +83,19 @@ class GateDecision:
 
 
 def select_top_k(logits: torch.Tensor, top_k: int, noise_std: float, training: bool) -> GateDecision:
-    """Noisy (training only) softmax gate, keep the top-k experts and renormalise their weights."""
+    """Noisy (training only) softmax gate that keeps the top-k experts.
+
+    With k > 1 the k weights are renormalised to sum to 1 (GShard, the reference's top-2). With k = 1 the
+    weight is the chosen expert's probability (Switch Transformer): renormalised it would be exactly 1 and
+    the router would get no gradient from the task loss (data-independent routers, which have no
+    auxiliary loss, would never learn).
+    """
     logits = logits.float()
     noisy = logits + torch.randn_like(logits) * noise_std if training and noise_std > 0 else logits
     probs = noisy.softmax(dim=-1)
     weight, index = probs.topk(top_k, dim=-1)
-    weight = weight / weight.sum(dim=-1, keepdim=True)
+    if top_k > 1:
+        weight = weight / weight.sum(dim=-1, keepdim=True)
     return GateDecision(logits=logits, expert_index=index, expert_weight=weight)
 
 

@@ -20,6 +20,7 @@ from modeling_uniperceiver_moe.routing import (
     build_token_dispatch,
     stable_group_order,
     load_balancing_loss,
+    select_top_k,
 )
 from tests.conftest import ROUTINGS, make_batch, tiny_config
 
@@ -492,3 +493,21 @@ def test_a_bfloat16_model_runs_inference_close_to_float32(routing):
             out = model.to(torch.bfloat16)(**batch).last_hidden_state
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("routing", ["attribute", "token"])
+def test_top1_router_learns_from_the_task_loss(routing):
+    """Top-1 keeps the chosen expert's probability as its weight (Switch): renormalised it would be 1 and
+    the router would get no gradient from the task loss (attribute routing has no auxiliary loss)."""
+    config = tiny_config(routing, moe_router_noise_std=0.0, moe_top_k=1, moe_aux_loss_coef=0.0, moe_z_loss_coef=0.0)
+    model = UniPerceiverMoEModel(config).train()
+    out = model(**make_batch(), output_router_logits=True)
+    probs = out.router_logits[0].softmax(-1)
+    (out.last_hidden_state ** 2).sum().backward()
+    gate = model.encoder.layers[0].attn_gate.router
+    grads = [p.grad for p in gate.parameters() if p.grad is not None]
+    assert grads and max(g.abs().max().item() for g in grads) > 1e-4
+    # the weight is the winner's probability, strictly below 1 for a non-degenerate router
+    decision = select_top_k(out.router_logits[0].reshape(-1, config.moe_num_experts), 1, 0.0, False)
+    torch.testing.assert_close(decision.expert_weight[:, 0], probs.reshape(-1, config.moe_num_experts).max(-1).values)
+    assert bool((decision.expert_weight < 1).all())
