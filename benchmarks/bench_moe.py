@@ -317,6 +317,7 @@ def main(argv=None):
     parser.add_argument("--compile", default="", help="routings (and 'attribute-folded') also run with the encoder compiled (see --compile-mode, --compile-per-layer)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     parser.add_argument("--compile-per-layer", action="store_true", help="compile each layer instead of the whole encoder")
+    parser.add_argument("--compiled-only", action="store_true", help="variants listed in --compile run compiled only (no eager run)")
     parser.add_argument("--micro", action="store_true", help="also run the MoE-linear microbenchmark")
     parser.add_argument("--bf16-inference-weights", action="store_true",
                         help="inference with the model cast to bf16 (as `from_pretrained(..., dtype=torch.bfloat16)`), "
@@ -377,7 +378,8 @@ def main(argv=None):
             context = (naive_experts if "naive" in flags else unsorted_layers if "unsorted" in flags
                        else sorted_route_keys if "unique" in flags else unfused_merge if "unfused" in flags
                        else argsort_dispatch if "argsort" in flags else contextlib.nullcontext)
-            for compile_it in (False, True) if variant in compiled else (False,):
+            modes = ((True,) if args.compiled_only else (False, True)) if variant in compiled else (False,)
+            for compile_it in modes:
                 torch.manual_seed(0)
                 model = UniPerceiverMoEForGenericPerception(make_config(size, routing, args.experts, top_k, args.image_size)).to(device)
                 if "folded" in flags:

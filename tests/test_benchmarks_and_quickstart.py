@@ -52,3 +52,18 @@ def test_benchmark_top1_variants_and_one_task_inputs(monkeypatch):
                        "--inputs", "classification", "--routings", "attribute", "--infer-routings", "none,attribute"])
     assert {(r["phase"], r["model"]) for r in rows} == {("train", "attribute"), ("infer", "none"), ("infer", "attribute")}
     assert not grouped  # one task: every pass is a single route group, run as plain GEMMs with the merged weights
+
+
+def test_benchmark_compiled_only_skips_the_eager_runs(monkeypatch):
+    from benchmarks import bench_moe
+
+    compiled = []
+    monkeypatch.setattr(bench_moe, "compile_encoder", lambda model, *a, **k: compiled.append(model))  # no real compile
+    args = ["--size", "tiny", "--batch", "2", "--image-size", "32", "--words", "3", "--steps", "1", "--warmup", "0",
+            "--routings", "none,token", "--infer-routings", "none", "--compile", "none"]
+    rows = bench_main(args + ["--compiled-only"])
+    assert {(r["phase"], r["model"], r["compiled"]) for r in rows} == {
+        ("train", "none", True), ("infer", "none", True), ("train", "token", False)}
+    assert len(compiled) == 2
+    rows = bench_main(args)  # without the flag each compiled variant also runs eager
+    assert {(r["phase"], r["model"], r["compiled"]) for r in rows} >= {("train", "none", False), ("train", "none", True)}
