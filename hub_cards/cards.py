@@ -392,7 +392,7 @@ def routing_rows(config) -> list[list]:
     layers = config.moe_layer_indices()
     rows += [
         ["`moe_num_experts`", config.moe_num_experts, "experts per MoE projection"],
-        ["`moe_top_k`", config.moe_top_k, "experts combined per token (renormalised softmax weights)"],
+        ["`moe_top_k`", config.moe_top_k, "experts combined per token (softmax weights, renormalised when more than one)"],
         ["`moe_layers`", f"`{config.moe_layers}`",
          f"MoE in layers {layers} of {config.num_hidden_layers} (counted from 0)"],
         ["`moe_projections`", ", ".join(config.moe_projections),
