@@ -166,13 +166,14 @@ def unsorted_layers():
         state.sorted_rows = None
         return state
 
+    expert_order = UniPerceiverMoEMLP.expert_order
     UniPerceiverMoEModel._routing_state = routing_state
     UniPerceiverMoEMLP.expert_order = False
     try:
         yield
     finally:
         UniPerceiverMoEModel._routing_state = original
-        UniPerceiverMoEMLP.expert_order = True
+        UniPerceiverMoEMLP.expert_order = expert_order
 
 
 @contextlib.contextmanager

@@ -7,11 +7,10 @@ Median of 25 calls of `route_key_table(attribute_vectors, return_groups=True)` o
 (16,448 tokens, 8 attributes).
 """
 
+import contextlib
 import time
 
 import torch
-
-import contextlib
 
 from benchmarks.bench_moe import make_config, make_inputs, sorted_route_keys
 from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
