@@ -96,12 +96,24 @@ def make_config(size: str, routing: str, experts: int, top_k: int, image_size: i
                                  moe_num_experts=experts, moe_top_k=top_k)
 
 
-def make_inputs(config, batch: int, words: int, device, dtype, kind: str = "mixed"):
+ROUTE_INPUTS = ("attribute_vectors", "task_ids", "target_attribute_vectors", "target_task_ids")
+
+
+def make_inputs(config, batch: int, words: int, device, dtype, kind: str = "mixed", host_route_keys: bool = False):
     """kind "mixed": half image classification (one attribute), half captioning (image + text attributes);
     captioning sequences are `[SPE] image words placeholders`. kind "classification": one task, every
     sequence `[SPE] image` with one attribute (each encoder pass then has a single route group).
     Either way 256 class-name candidates (short texts, their own attribute) are encoded in a second pass.
+    host_route_keys: the route inputs (`ROUTE_INPUTS`) stay on the CPU, as the task registry builds them
+    (the model then reads them without waiting for the GPU); everything else goes to `device`.
     """
+    inputs, tokens = _make_inputs(config, batch, words, device, dtype, kind)
+    if host_route_keys:
+        inputs = {k: v.cpu() if k in ROUTE_INPUTS else v for k, v in inputs.items()}
+    return inputs, tokens
+
+
+def _make_inputs(config, batch: int, words: int, device, dtype, kind: str):
     g = torch.Generator().manual_seed(0)
     pixels = torch.randn(batch, 3, config.image_size, config.image_size, generator=g).to(device, dtype)
     if kind == "classification":
@@ -186,13 +198,16 @@ def sorted_route_keys():
     def unique_keys(token_keys, num_ids=None, return_groups=False, name="route"):
         return torch.unique(token_keys, dim=0, return_inverse=return_groups)
 
-    originals = routing.distinct_route_keys, modeling.distinct_route_keys, modeling._mark_static_addresses
-    routing.distinct_route_keys = modeling.distinct_route_keys = unique_keys
+    def unique_tables(all_token_keys, num_ids=None, return_groups=False, name="route"):
+        return [unique_keys(token_keys, return_groups=return_groups) for token_keys in all_token_keys]
+
+    originals = routing.distinct_route_keys, modeling.distinct_route_key_tables, modeling._mark_static_addresses
+    routing.distinct_route_keys, modeling.distinct_route_key_tables = unique_keys, unique_tables
     modeling._mark_static_addresses = lambda merged: None
     try:
         yield
     finally:
-        routing.distinct_route_keys, modeling.distinct_route_keys, modeling._mark_static_addresses = originals
+        routing.distinct_route_keys, modeling.distinct_route_key_tables, modeling._mark_static_addresses = originals
 
 
 def unfused_merge():
@@ -310,6 +325,8 @@ def main(argv=None):
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--inputs", default="mixed", choices=["mixed", "classification"],
                         help="mixed classification + captioning batch, or one-task image classification (see make_inputs)")
+    parser.add_argument("--host-route-keys", action="store_true",
+                        help="keep the route inputs (attribute vectors, task ids) on the CPU (see make_inputs)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
@@ -340,9 +357,9 @@ def main(argv=None):
         print(f"{dtype} matmul ceiling (one square GEMM): {ceiling:.1f} TFLOP/s")
     for size in args.sizes.split(","):
         base_config = make_config(size, "none", args.experts, 2, args.image_size)
-        inputs, tokens = make_inputs(base_config, args.batch, args.words, device, dtype, args.inputs)
+        inputs, tokens = make_inputs(base_config, args.batch, args.words, device, dtype, args.inputs, args.host_route_keys)
         print(f"\ndevice={report['device']} dtype={dtype} size={size} inputs={args.inputs} batch={args.batch} "
-              f"tokens/step={tokens}", flush=True)
+              f"tokens/step={tokens} route keys on the {'host' if args.host_route_keys else 'device'}", flush=True)
         if args.micro:
             micro = linear_microbenchmark(make_config(size, "token", args.experts, 2, args.image_size), tokens,
                                           device, dtype, args.warmup, args.steps)
@@ -371,7 +388,7 @@ def main(argv=None):
                 graphs = f"  (so far: {counters['stats']['unique_graphs']} graphs, {sum(counters['graph_break'].values())} graph breaks)"
             print(f"  {rows[-1]['phase']:5s} {label:26s} {rate:12.0f} tok/s  peak {peak:6.2f} GiB{graphs}", flush=True)
 
-        variants = list(dict.fromkeys(args.routings.split(",") + args.infer_routings.split(",")))
+        variants = [v for v in dict.fromkeys(args.routings.split(",") + args.infer_routings.split(",")) if v]
         for variant in [v for _ in range(args.repeats) for v in variants]:  # repeats interleave variants
             routing = variant.split("-")[0]
             flags = set(variant.split("-")[1:])  # top1 / naive / unsorted / unique / unfused / argsort / folded

@@ -29,7 +29,7 @@ def model_step(args, device, dtype):
         model = model.to(torch.bfloat16)
     if args.compile:
         compile_encoder(model, args.compile_mode, args.compile_per_layer)
-    inputs, _ = make_inputs(config, args.batch, 20, device, dtype, args.inputs)
+    inputs, _ = make_inputs(config, args.batch, 20, device, dtype, args.inputs, args.host_route_keys)
     if args.infer:
         @torch.no_grad()
         def infer():
@@ -88,6 +88,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=2, help="experts per token (or per route key)")
     parser.add_argument("--inputs", default="mixed", choices=["mixed", "classification"], help="see bench_moe.make_inputs")
+    parser.add_argument("--host-route-keys", action="store_true", help="route inputs stay on the CPU (see make_inputs)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--trace", default=None)

@@ -268,11 +268,14 @@ class RouteGroups:
         return cached_one_hot(self._one_hot, self.sorted_group, self.num_groups, dtype)
 
     @classmethod
-    def from_keys(cls, token_keys: torch.Tensor, num_ids: int | None = None, name: str = "route") -> "RouteGroups":
+    def from_keys(cls, token_keys: torch.Tensor, num_ids: int | None = None, name: str = "route",
+                  device: torch.device | None = None) -> "RouteGroups":
         """token_keys: `[N]` ids (below `num_ids` when given; `name` names them in the range error) or
-        `[N, A]` attribute vectors; the groups follow `distinct_route_keys`."""
+        `[N, A]` attribute vectors; the groups follow `distinct_route_keys`. The keys are read where they
+        are and the groups built on `device` (default: the keys' device; see `to_device`)."""
         keys, token_group = distinct_route_keys(token_keys, num_ids, return_groups=True, name=name)
-        return cls.from_token_groups(keys, token_group)
+        device = token_keys.device if device is None else device
+        return cls.from_token_groups(to_device(keys, device), to_device(token_group, device))
 
     @classmethod
     def within_table(cls, token_keys: torch.Tensor, table: torch.Tensor, what: str
@@ -298,7 +301,13 @@ class RouteGroups:
 
     @classmethod
     def from_token_groups(cls, keys: torch.Tensor, token_group: torch.Tensor) -> "RouteGroups":
-        """keys `[G, ...]`, token_group `[N]` long in [0, G) -> the sorted order, its inverse and offsets."""
+        """keys `[G, ...]`, token_group `[N]` long in [0, G) -> the sorted order, its inverse and offsets.
+
+        With one group (a one-task batch) the rows are already in order: no sort is launched."""
+        if keys.shape[0] == 1:
+            rows = torch.arange(token_group.numel(), device=token_group.device)
+            offsets = torch.full((1,), token_group.numel(), dtype=torch.int32, device=token_group.device)
+            return cls(keys, token_group, rows, rows, token_group, offsets)
         order, inverse, counts = stable_group_order(token_group, keys.shape[0])
         sorted_group = token_group.index_select(0, order)
         return cls(keys, token_group, order, inverse, sorted_group, torch.cumsum(counts, 0).to(torch.int32))
@@ -320,37 +329,101 @@ def distinct_route_keys(token_keys: torch.Tensor, num_ids: int | None = None, re
     us of GPU time per call for the 16k tokens of a B step on an H100, plus its merge-sort kernels.) Other
     keys go through `torch.unique`. An id outside [0, num_ids) raises a ValueError (`name` names the ids).
     """
+    return distinct_route_key_tables([token_keys], num_ids, return_groups, name)[0]
+
+
+def distinct_route_key_tables(all_token_keys: list[torch.Tensor], num_ids: int | None = None,
+                              return_groups: bool = False, name: str = "route") -> list:
+    """`distinct_route_keys` of several route inputs (e.g. the inputs and the candidates of a step) with
+    one host read for all of them: each read of the GPU waits for everything queued before it."""
+    coded = [_route_key_presence(token_keys, num_ids) for token_keys in all_token_keys]
+    presences = [found[1] for found in coded if found is not None]
+    host = torch.cat(presences).tolist() if presences else []
+    tables = []
+    for token_keys, found in zip(all_token_keys, coded):
+        if found is None:
+            tables.append(torch.unique(token_keys, dim=0, return_inverse=return_groups))
+            continue
+        codes, present = found
+        read, host = host[: present.numel()], host[present.numel():]
+        tables.append(_table_from_presence(token_keys, codes, present, read, num_ids, return_groups, name))
+    return tables
+
+
+def _route_key_presence(token_keys: torch.Tensor, num_ids: int | None):
+    """(codes `[N]` long, presence `[C + 1]` long) of route keys read as integer codes, or None when they
+    are not (see `distinct_route_keys`). The last presence slot counts entries that are no valid code.
+
+    Few kernels on purpose (each is a launch on the host's critical path at the start of a step): ids
+    outside [0, num_ids) land in the flag slot through a clamp and a remainder; 0/1 vectors are one
+    matrix-vector product with the place values, checked by counting the entries where x - x*x != 0."""
     integer = not (token_keys.is_floating_point() or token_keys.is_complex())
     if token_keys.dim() == 1 and integer and num_ids is not None:
-        inside = (token_keys >= 0) & (token_keys < num_ids)
-        codes, num_codes, valid = torch.where(inside, token_keys.long(), num_ids), num_ids, None
+        codes = token_keys.long().clamp(-1, num_ids).remainder_(num_ids + 1)  # -1 and num_ids -> num_ids
+        num_codes, invalid = num_ids, None
     elif token_keys.dim() == 2 and 0 < token_keys.shape[1] <= MAX_CODED_ATTRIBUTES:
-        width = token_keys.shape[1]
-        place = 2 ** torch.arange(width - 1, -1, -1, device=token_keys.device)  # first entry most significant
-        codes = ((token_keys > 0).long() * place).sum(-1)
-        num_codes, valid = 2**width, ((token_keys == 0) | (token_keys == 1)).all()
+        keys = token_keys.float()
+        num_codes = 2 ** keys.shape[1]
+        codes = (keys @ _place_values(keys.shape[1], keys.device)).long().clamp_(0, num_codes - 1)
+        invalid = torch.count_nonzero(torch.addcmul(keys, keys, keys, value=-1))  # 0 exactly for 0/1 entries
     else:
-        return torch.unique(token_keys, dim=0, return_inverse=return_groups)
-    present = torch.zeros(num_codes + 1, dtype=torch.int32, device=token_keys.device).index_fill_(0, codes, 1)
-    if valid is not None:  # the last slot flags entries other than 0/1 (read with the presence: one transfer)
-        present[num_codes] = (~valid).int()
-    host = present.tolist()
+        return None
+    present = torch.zeros(num_codes + 1, dtype=torch.long, device=token_keys.device).index_fill_(0, codes, 1)
+    if invalid is not None:  # read with the presence: one transfer
+        present[num_codes] = invalid
+    return codes, present
+
+
+_PLACE_VALUES: dict = {}
+
+
+def _place_values(width: int, device: torch.device) -> torch.Tensor:
+    """`[width]` float32 place values of a 0/1 vector read as a binary number, first entry most significant
+    (kept per device: built and copied once)."""
+    key = (width, str(device))
+    if key not in _PLACE_VALUES:
+        _PLACE_VALUES[key] = to_device(2.0 ** torch.arange(width - 1, -1, -1), device)
+    return _PLACE_VALUES[key]
+
+
+def _table_from_presence(token_keys, codes, present, host: list[int], num_ids, return_groups: bool, name: str):
+    """The table (and groups) of `distinct_route_keys` from the presence read to the host (`host`)."""
+    num_codes = len(host) - 1
     if host[num_codes]:
-        if valid is None:
+        if token_keys.dim() == 1:  # ids outside [0, num_ids)
             check_id_range(token_keys, num_ids, name)  # raises, naming the ids
         return torch.unique(token_keys, dim=0, return_inverse=return_groups)  # not 0/1 vectors: sort the rows
-    used = torch.tensor([c for c in range(num_codes) if host[c]], dtype=torch.long)  # built on the host
-    if valid is None:
-        keys = used.to(token_keys.dtype)
-    else:
-        keys = ((used[:, None] >> torch.arange(token_keys.shape[1] - 1, -1, -1)) & 1).to(token_keys.dtype)
-    signature = route_key_signature(keys)
-    keys = keys.to(token_keys.device)
-    keys._route_key_signature = signature  # the merge cache's key without reading the table back
+    used = [code for code, seen in enumerate(host[:num_codes]) if seen]
+    if token_keys.dim() != 1:  # codes back to 0/1 vectors, first entry most significant
+        width = token_keys.shape[1]
+        used = [[(code >> (width - 1 - i)) & 1 for i in range(width)] for code in used]
+    keys = torch.tensor(used, dtype=token_keys.dtype)  # built on the host
+    keys._route_key_signature = route_key_signature(keys)  # the merge cache's key without reading the table back
+    keys = to_device(keys, token_keys.device)
     if not return_groups:
         return keys
     rank = torch.cumsum(present[:num_codes], 0) - 1  # code -> index among the used codes
-    return keys, rank.long().index_select(0, codes)
+    return keys, rank.index_select(0, codes)
+
+
+def to_device(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """`tensor` on `device`; a host tensor goes to a CUDA device through pinned memory without blocking.
+
+    A plain host-to-device copy makes the host wait for the whole queue of the GPU (PyTorch synchronises
+    after a copy from pageable memory): at the start of an inference step that is the previous step's
+    tail, which the host would otherwise spend preparing this one. Route tables are small, so pinning
+    them costs microseconds. A signature kept by `distinct_route_keys` travels with the table.
+    """
+    if tensor is None or tensor.device == torch.device(device):
+        return tensor
+    signature = getattr(tensor, "_route_key_signature", None)
+    if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
+        moved = tensor.pin_memory().to(device, non_blocking=True)
+    else:
+        moved = tensor.to(device)
+    if signature is not None:
+        moved._route_key_signature = signature
+    return moved
 
 
 def route_key_signature(keys: torch.Tensor) -> bytes:
@@ -459,6 +532,8 @@ class TokenDispatch:
     weight: `[N*k]` float32, its gate weight; 0 where the assignment was dropped by the capacity.
     offsets: `[E]` int32, cumulative assignments per expert (dropped ones included).
     order / inverse_order: `[N*k]` long, sorted position -> slot and slot -> sorted position.
+    experts: the expert linears' parameters cast to the compute dtype once and cached by the model at
+        inference (`UniPerceiverMoEModel.cast_experts`); None: each linear casts its own.
     """
 
     token_index: torch.Tensor
@@ -469,6 +544,7 @@ class TokenDispatch:
     dropped_fraction: torch.Tensor
     order: torch.Tensor
     inverse_order: torch.Tensor
+    experts: dict | None = None  # linear name -> (weight `[E, out, in]`, bias `[E, out]`) already in the compute dtype
     _one_hot: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -567,5 +643,7 @@ __all__ = [
     "router_z_loss",
     "route_rows",
     "distinct_route_keys",
+    "distinct_route_key_tables",
     "route_key_signature",
+    "to_device",
 ]

@@ -331,3 +331,143 @@ def test_inference_merge_cache_keeps_static_addresses():
         assert model.merged_experts([model.route_key_table(task_ids=torch.tensor([1, 0]))], torch.float32)[0] is merged
     tensors = [t for pair in merged.weights.values() for t in pair] + list(merged.gates.values())
     assert tensors and all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in tensors)
+
+
+def test_merge_cache_sees_replaced_parameters_and_modules(monkeypatch):
+    """The inference merge cache keeps its list of router/expert parameters between forwards (no walk over
+    the modules per step) and still re-merges after a parameter or a router is replaced, not only after
+    in-place updates."""
+    torch.manual_seed(0)
+    model = UniPerceiverMoEModel(tiny_config("attribute")).eval()
+    batch = _attribute_batch()
+    walks = collections.Counter()
+    gated_linears = modeling.UniPerceiverMoELayer.gated_linears
+    monkeypatch.setattr(modeling.UniPerceiverMoELayer, "gated_linears",
+                        lambda self: walks.update(["walk"]) or gated_linears(self))
+    with torch.no_grad():
+        first = model(**batch).last_hidden_state
+        walked = walks["walk"]
+        assert torch.equal(model(**batch).last_hidden_state, first)
+        assert walks["walk"] == walked  # the cached forward walked nothing
+        expert = next(m for m in model.modules() if isinstance(m, UniPerceiverMoELinear))
+        expert.weight = torch.nn.Parameter(expert.weight + 1.0)  # a new parameter object, version 0
+        replaced = model(**batch).last_hidden_state
+        assert not torch.equal(replaced, first)
+        gate = next(m for m in model.modules() if isinstance(m, modeling.UniPerceiverMoEGate))
+        gate.router = modeling.build_router(model.config, gate.role)  # a new router module
+        rerouted = model(**batch).last_hidden_state
+        assert not torch.equal(rerouted, replaced)
+    torch.testing.assert_close(rerouted, model(**batch).last_hidden_state.detach())  # equals a fresh merge
+
+
+def test_one_route_group_skips_the_sort():
+    """A batch in one route group (one task) gets the identity order without a sort, as the sort gives it."""
+    from modeling_uniperceiver_moe.routing import RouteGroups, stable_group_order
+
+    keys = torch.tensor([[1.0, 0, 1]])
+    groups = RouteGroups.from_token_groups(keys, torch.zeros(7, dtype=torch.long))
+    order, inverse, counts = stable_group_order(torch.zeros(7, dtype=torch.long), 1)
+    assert torch.equal(groups.order, order) and torch.equal(groups.inverse_order, inverse)
+    assert torch.equal(groups.offsets, torch.cumsum(counts, 0).int()) and groups.offsets.dtype == torch.int32
+    assert torch.equal(groups.sorted_group, torch.zeros(7, dtype=torch.long))
+
+
+def test_route_tables_keep_their_signature_when_moved():
+    """`to_device` carries the signature `distinct_route_keys` read on the host (the merge cache's key), so
+    the cache never reads a moved table back; a tensor already on the device is returned as is."""
+    from modeling_uniperceiver_moe.routing import distinct_route_keys, to_device
+
+    keys = distinct_route_keys(torch.tensor([[0.0, 1], [1, 1], [0, 1]]))
+    assert to_device(keys, keys.device) is keys
+    moved = to_device(keys, torch.device("meta"))
+    assert moved.device.type == "meta" and moved._route_key_signature == keys._route_key_signature
+    assert to_device(None, torch.device("meta")) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host route keys on a CUDA model")
+@pytest.mark.parametrize("routing", ["attribute", "task"])
+def test_host_route_keys_equal_device_keys_without_waiting_for_the_gpu(routing):
+    """Route inputs left on the CPU give the outputs device route inputs give, and the step's expert merge
+    (`merge_for_step`) then never makes the host wait for the GPU."""
+    torch.manual_seed(0)
+    model = UniPerceiverMoEForGenericPerception(tiny_config(routing)).cuda().eval()
+    batch = _attribute_batch()
+    batch.update(task_ids=torch.tensor([0, 1, 1]), target_input_ids=batch["input_ids"][:, :3],
+                 target_task_ids=torch.tensor([2, 2, 2]), target_attribute_vectors=torch.tensor([[0.0, 1, 1, 0, 0, 1, 1, 0]] * 3))
+    route_inputs = ("attribute_vectors", "task_ids", "target_attribute_vectors", "target_task_ids")
+    on_device = {k: v.cuda() for k, v in batch.items()}
+    on_host = {k: v if k in route_inputs else v.cuda() for k, v in batch.items()}
+    with torch.no_grad():
+        expected = model(**on_device).logits
+        assert torch.equal(model(**on_host).logits, expected)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            merged = model.merge_for_step(*(on_host[k] for k in route_inputs))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(m is not None for m in merged)
+
+
+@pytest.mark.parametrize("routing", ["attribute", "task"])
+def test_step_merge_reads_both_route_tables_at_once(routing, monkeypatch):
+    """`merge_for_step` reads the inputs' and the candidates' route tables in one host read (each read
+    waits for the GPU), and they equal the tables read one by one; the `attribute-unique` ablation of the
+    benchmark really goes through `torch.unique`."""
+    from benchmarks.bench_moe import sorted_route_keys
+
+    model = UniPerceiverMoEForGenericPerception(tiny_config(routing)).eval()
+    inputs = torch.tensor([[1.0, 0, 0, 1, 1, 0, 0, 0], [1, 1, 0, 1, 0, 1, 0, 1]])[:, None].expand(2, 6, 8)
+    targets = torch.tensor([[1.0, 1, 0, 1, 0, 1, 1, 0]] * 3)
+    route_inputs = (inputs, torch.tensor([2, 0]), targets, torch.tensor([3, 3, 3]))
+    reads = collections.Counter()
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.update(["read"]) or tolist(self))
+    with torch.no_grad():
+        merged = model.merge_for_step(*route_inputs)
+    assert reads["read"] == 1
+    separate = [model.uniperceiver.route_key_table(**{("attribute_vectors" if routing == "attribute" else "task_ids"): v},
+                                                   return_groups=True) for v in route_inputs[(0 if routing == "attribute" else 1)::2]]
+    for entry, (table, groups) in zip(merged, separate):
+        assert torch.equal(entry.keys, table) and torch.equal(entry.token_group, groups)
+    unique = torch.unique
+    monkeypatch.setattr(torch, "unique", lambda *a, **k: reads.update(["unique"]) or unique(*a, **k))
+    with sorted_route_keys(), torch.no_grad():
+        model.train()  # no cache
+        model.merge_for_step(*route_inputs)
+    assert reads["unique"] == 2
+
+
+@pytest.mark.parametrize("routing", ["token", "context"])
+def test_token_routing_inference_casts_the_experts_once(routing, monkeypatch):
+    """Under bf16 autocast a token/context-routed inference forward takes its experts from a cached bf16 copy
+    (`cast_experts`): the same outputs, bit for bit, as each linear casting its own float32 experts; the
+    copy is reused while the parameters are unchanged and redone after an in-place update."""
+    torch.manual_seed(0)
+    model = UniPerceiverMoEModel(tiny_config(routing)).eval()
+    batch = make_batch()
+    casts = collections.Counter()
+    original = UniPerceiverMoEModel.cast_experts
+
+    def counting(self, dtype):
+        found = original(self, dtype)
+        casts["cached" if found is not None else "none"] += 1
+        return found
+
+    monkeypatch.setattr(UniPerceiverMoEModel, "cast_experts", counting)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cached = model(**batch).last_hidden_state
+        copy = model._cast_cache[1]
+        assert copy and all(w.dtype == torch.bfloat16 for pair in copy.values() for w in pair)
+        assert torch.equal(model(**batch).last_hidden_state, cached) and model._cast_cache[1] is copy
+        monkeypatch.setattr(UniPerceiverMoEModel, "cast_experts", lambda self, dtype: None)
+        assert torch.equal(model(**batch).last_hidden_state, cached)  # each linear casting its own experts
+        monkeypatch.setattr(UniPerceiverMoEModel, "cast_experts", counting)
+        expert = next(m for m in model.modules() if isinstance(m, UniPerceiverMoELinear))
+        expert.weight.mul_(2.0)
+        updated = model(**batch).last_hidden_state
+        assert model._cast_cache[1] is not copy and not torch.equal(updated, cached)
+    assert casts["cached"] == 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**batch)  # grad enabled: no copy kept
+    assert model._cast_cache is None
