@@ -9,7 +9,8 @@ AdamW) tokens/s and peak memory for dense, each routing, a naive per-expert loop
 the same MoE linear and the ablations `attribute-unsorted` (a permutation per expert projection, not
 per layer), `attribute-unique` (route keys found by a row sort) and `attribute-unfused` (the expert merge as
 GEMMs, not the fused Triton kernels), both as before the fourth session, and `token-argsort` (rows put in
-expert or route-group order by a comparison sort, as before the fifth session); `-top1` picks one expert instead of two
+expert or route-group order by a comparison sort, as before the fifth session), `token-topk` (compiled
+gates' top-k by `torch.topk`, as before the seventh session); `-top1` picks one expert instead of two
 (`token-top1-unsorted`: without the top-1 MLP kept in expert order); inference
 tokens/s for dense, token/context/attribute routing and the folded (re-parameterised) export. Ratios
 are to dense of the same size, phase and compilation, in the same process. `--json PATH` writes all.
@@ -210,6 +211,19 @@ def sorted_route_keys():
         routing.distinct_route_keys, modeling.distinct_route_key_tables, modeling._mark_static_addresses = originals
 
 
+@contextlib.contextmanager
+def torch_topk_gates():
+    """Ablation (`token-topk`): compiled token/context gates pick their experts with `torch.topk`, as before
+    the seventh session, instead of max-reductions (`routing.TOP_K_BY_MAX_WHEN_COMPILED`)."""
+    from modeling_uniperceiver_moe import routing
+
+    original, routing.TOP_K_BY_MAX_WHEN_COMPILED = routing.TOP_K_BY_MAX_WHEN_COMPILED, False
+    try:
+        yield
+    finally:
+        routing.TOP_K_BY_MAX_WHEN_COMPILED = original
+
+
 def unfused_merge():
     """Ablation (`attribute-unfused`): the expert merge as float32 GEMMs and casts instead of the fused
     Triton kernels (the path before the fourth session; CPU always takes it)."""
@@ -391,11 +405,12 @@ def main(argv=None):
         variants = [v for v in dict.fromkeys(args.routings.split(",") + args.infer_routings.split(",")) if v]
         for variant in [v for _ in range(args.repeats) for v in variants]:  # repeats interleave variants
             routing = variant.split("-")[0]
-            flags = set(variant.split("-")[1:])  # top1 / naive / unsorted / unique / unfused / argsort / folded
+            flags = set(variant.split("-")[1:])  # top1 / naive / unsorted / unique / unfused / argsort / topk / folded
             top_k = 1 if "top1" in flags else 2
             context = (naive_experts if "naive" in flags else unsorted_layers if "unsorted" in flags
                        else sorted_route_keys if "unique" in flags else unfused_merge if "unfused" in flags
-                       else argsort_dispatch if "argsort" in flags else contextlib.nullcontext)
+                       else argsort_dispatch if "argsort" in flags else torch_topk_gates if "topk" in flags
+                       else contextlib.nullcontext)
             modes = ((True,) if args.compiled_only else (False, True)) if variant in compiled else (False,)
             for compile_it in modes:
                 torch.manual_seed(0)

@@ -82,6 +82,24 @@ class GateDecision:
         return dense.scatter(1, self.expert_index, self.expert_weight)
 
 
+TOP_K_BY_MAX_WHEN_COMPILED = True  # inside torch.compile: top-k as max-reductions (see top_k_by_max)
+
+
+def top_k_by_max(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`probs.topk(top_k, dim=-1)` over a few experts as `top_k` max-reductions, each masking the expert it
+    found, which the compiler fuses with the softmax around them. (`torch.topk` launches a radix select
+    and a bitonic sort per gate: 0.6 ms of a graphed B inference step with token top-2 routing on an H100;
+    with this, no top-k kernel is left in that step's profile.) Equal values and indices; among exactly
+    equal probabilities the lowest expert index comes first."""
+    values, indices = [], []
+    for _ in range(top_k):
+        value, index = probs.max(dim=-1, keepdim=True)
+        values.append(value)
+        indices.append(index)
+        probs = probs.scatter(-1, index, float("-inf"))
+    return torch.cat(values, -1), torch.cat(indices, -1)
+
+
 def select_top_k(logits: torch.Tensor, top_k: int, noise_std: float, training: bool) -> GateDecision:
     """Noisy (training only) softmax gate that keeps the top-k experts.
 
@@ -93,7 +111,10 @@ def select_top_k(logits: torch.Tensor, top_k: int, noise_std: float, training: b
     logits = logits.float()
     noisy = logits + torch.randn_like(logits) * noise_std if training and noise_std > 0 else logits
     probs = noisy.softmax(dim=-1)
-    weight, index = probs.topk(top_k, dim=-1)
+    if TOP_K_BY_MAX_WHEN_COMPILED and torch.compiler.is_compiling():
+        weight, index = top_k_by_max(probs, top_k)
+    else:
+        weight, index = probs.topk(top_k, dim=-1)
     if top_k > 1:
         weight = weight / weight.sum(dim=-1, keepdim=True)
     return GateDecision(logits=logits, expert_index=index, expert_weight=weight)
@@ -152,6 +173,8 @@ class HiddenStateRouter(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=hidden.device.type, enabled=False):
+            # (as a fused multiply-and-sum reduction inside a compiled graph this took 1.0 ms of a graphed B
+            # inference step on an H100, against 0.47 ms for cuBLAS's float32 GEMM: kept as a GEMM)
             return F.linear(hidden.float(), self.gate.weight.float())
 
 

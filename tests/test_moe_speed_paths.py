@@ -199,7 +199,7 @@ def test_expert_layers_add_no_host_synchronisation():
         assert _host_reads(routing) == dense, routing
 
 
-@pytest.mark.parametrize("routing, step", [("attribute", False), ("token", False), ("attribute", True)])
+@pytest.mark.parametrize("routing, step", [("attribute", False), ("token", False), ("context", False), ("attribute", True)])
 def test_compiled_encoder_is_one_graph_and_matches_eager(routing, step):
     """`compile_encoder` traces the whole layer stack (and the expert merge) without a graph break
     (fullgraph=True raises on one), including sorted rows, drop path and the grouped GEMM, and computes
@@ -471,3 +471,22 @@ def test_token_routing_inference_casts_the_experts_once(routing, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(**batch)  # grad enabled: no copy kept
     assert model._cast_cache is None
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_top_k_by_max_equals_topk(top_k):
+    """The compiled gates' top-k (`top_k_by_max`, max-reductions) gives `torch.topk`'s values and experts,
+    and the same gradient; exact ties go to the lowest expert index."""
+    from modeling_uniperceiver_moe.routing import top_k_by_max
+
+    g = torch.Generator().manual_seed(top_k)
+    probs = torch.rand(500, 8, generator=g).softmax(-1).requires_grad_()
+    values, index = top_k_by_max(probs, top_k)
+    expected_values, expected_index = probs.topk(top_k, dim=-1)
+    assert torch.equal(values, expected_values) and torch.equal(index, expected_index)
+    upstream = torch.rand(500, top_k, generator=g)
+    grad = torch.autograd.grad((values * upstream).sum(), probs)[0]
+    expected_grad = torch.autograd.grad((expected_values * upstream).sum(), probs)[0]
+    assert torch.equal(grad, expected_grad)
+    tied = torch.tensor([[0.25, 0.25, 0.25, 0.25]])
+    assert top_k_by_max(tied, top_k)[1].tolist() == [list(range(top_k))]
