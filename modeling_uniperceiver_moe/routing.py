@@ -420,7 +420,7 @@ def _table_from_presence(token_keys, codes, present, host: list[int], num_ids, r
     if token_keys.dim() != 1:  # codes back to 0/1 vectors, first entry most significant
         width = token_keys.shape[1]
         used = [[(code >> (width - 1 - i)) & 1 for i in range(width)] for code in used]
-    keys = torch.tensor(used, dtype=token_keys.dtype)  # built on the host
+    keys = torch.tensor(used, dtype=token_keys.dtype).reshape(-1, *token_keys.shape[1:])  # built on the host
     keys._route_key_signature = route_key_signature(keys)  # the merge cache's key without reading the table back
     keys = to_device(keys, token_keys.device)
     if not return_groups:
