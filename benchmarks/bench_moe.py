@@ -23,6 +23,7 @@ import contextlib
 import json
 import time
 import traceback
+from unittest import mock
 
 import torch
 
@@ -75,18 +76,12 @@ def naive_experts():
         UniPerceiverMoELinear.forward, UniPerceiverMoELinear.merged_parameters = original_forward, original_merge
 
 
-@contextlib.contextmanager
 def argsort_dispatch():
     """Ablation (`token-argsort`): rows put in group/expert order by a stable argsort instead of the
     counting sort (`routing.stable_group_order`, as before the fifth session)."""
     from modeling_uniperceiver_moe import routing
 
-    original = routing.MAX_COUNTING_SORT_GROUPS
-    routing.MAX_COUNTING_SORT_GROUPS = -1
-    try:
-        yield
-    finally:
-        routing.MAX_COUNTING_SORT_GROUPS = original
+    return mock.patch.object(routing, "MAX_COUNTING_SORT_GROUPS", -1)
 
 
 def make_config(size: str, routing: str, experts: int, top_k: int, image_size: int) -> UniPerceiverMoEConfig:
@@ -211,17 +206,12 @@ def sorted_route_keys():
         routing.distinct_route_keys, modeling.distinct_route_key_tables, modeling._mark_static_addresses = originals
 
 
-@contextlib.contextmanager
 def torch_topk_gates():
     """Ablation (`token-topk`): compiled token/context gates pick their experts with `torch.topk`, as before
     the seventh session, instead of max-reductions (`routing.TOP_K_BY_MAX_WHEN_COMPILED`)."""
     from modeling_uniperceiver_moe import routing
 
-    original, routing.TOP_K_BY_MAX_WHEN_COMPILED = routing.TOP_K_BY_MAX_WHEN_COMPILED, False
-    try:
-        yield
-    finally:
-        routing.TOP_K_BY_MAX_WHEN_COMPILED = original
+    return mock.patch.object(routing, "TOP_K_BY_MAX_WHEN_COMPILED", False)
 
 
 def unfused_merge():

@@ -969,6 +969,11 @@ def _mark_static_addresses(merged: MergedExperts) -> None:
     new cache entry moves them, the graphs are re-recorded, not recompiled."""
     tensors = [merged.keys, *merged.gates.values(), *(t for pair in merged.weights.values() for t in pair)]
     tensors += [t for d in merged.decisions.values() for t in (d.logits, d.expert_index, d.expert_weight)]
+    _mark_static(tensors)
+
+
+def _mark_static(tensors) -> None:
+    """Mark inference-cache tensors as fixed-address compiler inputs (see `_mark_static_addresses`)."""
     for tensor in tensors:
         torch._dynamo.mark_static_address(tensor, guard=False)
 
@@ -1078,8 +1083,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         if self.training or torch.is_grad_enabled():
             self._merge_cache = None  # free what an evaluation left behind
             return self.encoder.merge_experts(key_tables, dtype)
-        versions = tuple((p.data_ptr(), p._version) for p in self._merged_parameters())
-        key = (tuple(route_key_signature(table) for table in key_tables), dtype, versions)
+        key = (tuple(route_key_signature(table) for table in key_tables), dtype, self._parameter_versions())
         if self._merge_cache is None or self._merge_cache[0] != key:
             self._merge_cache = None  # free the old merge before building the new one
             merged = self.encoder.merge_experts(key_tables, dtype)
@@ -1098,19 +1102,16 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         2 bytes per expert parameter in bf16 (0.68 GB for B with 8 experts); a forward in training mode or
         with grad frees it. None where there is nothing to cast (training, grad enabled, data-independent
         routing, or weights already in `dtype`)."""
-        routing = self.config.moe_routing
-        linears = self._gated_modules()[1] if routing in ("token", "context") else []
-        if (self.training or torch.is_grad_enabled() or not linears
-                or all(m.weight.dtype == dtype and m.bias.dtype == dtype for m in linears)):
+        inference = not (self.training or torch.is_grad_enabled())
+        linears = self._gated_modules()[1] if inference and self.config.moe_routing in ("token", "context") else []
+        if all(m.weight.dtype == dtype and m.bias.dtype == dtype for m in linears):  # also: no linears
             self._cast_cache = None
             return None
-        key = (dtype, tuple((p.data_ptr(), p._version) for p in self._merged_parameters()))
+        key = (dtype, self._parameter_versions())
         if self._cast_cache is None or self._cast_cache[0] != key:
             self._cast_cache = None  # free the old copies first
             weights = {m.name: (m.weight.detach().to(dtype), m.bias.detach().to(dtype)) for m in linears}
-            for pair in weights.values():
-                for tensor in pair:
-                    torch._dynamo.mark_static_address(tensor, guard=False)
+            _mark_static(t for pair in weights.values() for t in pair)
             self._cast_cache = (key, weights)
         return self._cast_cache[1]
 
@@ -1125,11 +1126,11 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
             self._merge_slots = (_MODULE_TREE_VERSION[0], slots, [m for _, linears in gated for m in linears])
         return self._merge_slots[1], self._merge_slots[2]
 
-    def _merged_parameters(self) -> list[torch.Tensor]:
-        """The router and expert parameters the merge reads (the inference caches' dependencies), each read
-        from its module's slot (`_gated_modules`), so one replaced in place is seen too."""
+    def _parameter_versions(self) -> tuple:
+        """(address, version) of every router and expert parameter: the inference caches' dependency key.
+        Each parameter is read from its module's slot (`_gated_modules`), so one replaced is seen too."""
         parameters = (m._parameters[name] for m, name in self._gated_modules()[0])
-        return [p for p in parameters if p is not None]
+        return tuple((p.data_ptr(), p._version) for p in parameters if p is not None)
 
     def _routing_state(self, modality_ids, attribute_vectors, task_ids, sequence_mask, dtype,
                        merged_experts: MergedExperts | None = None) -> RoutingState:

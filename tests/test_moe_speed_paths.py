@@ -360,12 +360,15 @@ def test_merge_cache_sees_replaced_parameters_and_modules(monkeypatch):
     torch.testing.assert_close(rerouted, model(**batch).last_hidden_state.detach())  # equals a fresh merge
 
 
-def test_one_route_group_skips_the_sort():
+def test_one_route_group_skips_the_sort(monkeypatch):
     """A batch in one route group (one task) gets the identity order without a sort, as the sort gives it."""
+    from modeling_uniperceiver_moe import routing
     from modeling_uniperceiver_moe.routing import RouteGroups, stable_group_order
 
     keys = torch.tensor([[1.0, 0, 1]])
-    groups = RouteGroups.from_token_groups(keys, torch.zeros(7, dtype=torch.long))
+    with monkeypatch.context() as patched:
+        patched.setattr(routing, "stable_group_order", lambda *a: pytest.fail("sorted a single route group"))
+        groups = RouteGroups.from_token_groups(keys, torch.zeros(7, dtype=torch.long))
     order, inverse, counts = stable_group_order(torch.zeros(7, dtype=torch.long), 1)
     assert torch.equal(groups.order, order) and torch.equal(groups.inverse_order, inverse)
     assert torch.equal(groups.offsets, torch.cumsum(counts, 0).int()) and groups.offsets.dtype == torch.int32
