@@ -10,7 +10,8 @@ the same MoE linear and the ablations `attribute-unsorted` (a permutation per ex
 per layer), `attribute-unique` (route keys found by a row sort) and `attribute-unfused` (the expert merge as
 GEMMs, not the fused Triton kernels), both as before the fourth session, and `token-argsort` (rows put in
 expert or route-group order by a comparison sort, as before the fifth session), `token-topk` (compiled
-gates' top-k by `torch.topk`, as before the seventh session); `-top1` picks one expert instead of two
+gates' top-k by `torch.topk`, as before the seventh session), `token-passcast` (each encoder pass casts
+its own experts, as before the eighth session); `-top1` picks one expert instead of two
 (`token-top1-unsorted`: without the top-1 MLP kept in expert order); inference
 tokens/s for dense, token/context/attribute routing and the folded (re-parameterised) export. Ratios
 are to dense of the same size, phase and compilation, in the same process. `--json PATH` writes all.
@@ -214,6 +215,15 @@ def torch_topk_gates():
     return mock.patch.object(routing, "TOP_K_BY_MAX_WHEN_COMPILED", False)
 
 
+def per_pass_casts():
+    """Ablation (`token-passcast`): every encoder pass casts its own float32 experts to bf16 (and, in
+    training, casts their gradients back), as before the eighth session in training and before the seventh
+    at inference, instead of one kept cast per parameter update (`modeling.SHARE_EXPERT_CASTS`)."""
+    from modeling_uniperceiver_moe import modeling_uniperceiver_moe as modeling
+
+    return mock.patch.object(modeling, "SHARE_EXPERT_CASTS", False)
+
+
 def unfused_merge():
     """Ablation (`attribute-unfused`): the expert merge as float32 GEMMs and casts instead of the fused
     Triton kernels (the path before the fourth session; CPU always takes it)."""
@@ -395,12 +405,12 @@ def main(argv=None):
         variants = [v for v in dict.fromkeys(args.routings.split(",") + args.infer_routings.split(",")) if v]
         for variant in [v for _ in range(args.repeats) for v in variants]:  # repeats interleave variants
             routing = variant.split("-")[0]
-            flags = set(variant.split("-")[1:])  # top1 / naive / unsorted / unique / unfused / argsort / topk / folded
+            flags = set(variant.split("-")[1:])  # top1 / naive / unsorted / unique / unfused / argsort / topk / passcast / folded
             top_k = 1 if "top1" in flags else 2
             context = (naive_experts if "naive" in flags else unsorted_layers if "unsorted" in flags
                        else sorted_route_keys if "unique" in flags else unfused_merge if "unfused" in flags
                        else argsort_dispatch if "argsort" in flags else torch_topk_gates if "topk" in flags
-                       else contextlib.nullcontext)
+                       else per_pass_casts if "passcast" in flags else contextlib.nullcontext)
             modes = ((True,) if args.compiled_only else (False, True)) if variant in compiled else (False,)
             for compile_it in modes:
                 torch.manual_seed(0)

@@ -243,6 +243,27 @@ class _MergeExperts(torch.autograd.Function):
         return grad_gates, grad_experts, None
 
 
+class _CastInto(torch.autograd.Function):
+    """`source` cast to `buffer`'s dtype, written into `buffer` (a tensor kept between calls, so its address
+    stays fixed) and returned as `buffer`; the gradient goes back to `source` in `source`'s dtype.
+
+    Used by `UniPerceiverMoEModel.cast_experts`: every forward of a training step shares one cast of the
+    float32 experts, and autograd sums the compute-dtype gradients of all their uses before the one
+    cast back (as autocast's weight-cast cache does for dense weights in eager mode).
+    """
+
+    @staticmethod
+    def forward(ctx, source, buffer):
+        ctx.source_dtype = source.dtype
+        buffer.copy_(source)
+        ctx.mark_dirty(buffer)
+        return buffer
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.source_dtype), None
+
+
 def _chunked_row_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`a @ b.T` for short, very long rows: a `[G, P]`, b `[E, P]` -> `[G, E]`, as a bmm over P-chunks."""
     length = a.shape[1]
@@ -453,7 +474,7 @@ class RoutingState:
     merged_rows: torch.Tensor | None = None
     prefix_cache: "PrefixCache | None" = None
     sorted_rows: "SortedRows | None" = None  # set when the batch has several route groups
-    expert_weights: dict | None = None  # token/context routing at inference: `UniPerceiverMoEModel.cast_experts`
+    expert_weights: dict | None = None  # token/context routing: `UniPerceiverMoEModel.cast_experts`
 
 
 @dataclass
@@ -978,6 +999,8 @@ def _mark_static(tensors) -> None:
         torch._dynamo.mark_static_address(tensor, guard=False)
 
 
+SHARE_EXPERT_CASTS = True  # token/context routing: experts cast once into kept buffers (see `cast_experts`)
+
 _MODULE_TREE_VERSION = [0]  # bumped whenever any module or parameter is registered in this process
 
 
@@ -1013,7 +1036,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         self.encoder = UniPerceiverMoEEncoder(config)
         self._merge_cache: tuple | None = None  # (key, MergedExperts) of the last inference forward; never saved
         self._merge_slots: tuple | None = None  # see `_gated_modules`
-        self._cast_cache: tuple | None = None  # (key, cast expert weights) of the last token-routed inference forward
+        self._cast_cache: tuple | None = None  # (key, cast expert weights) of the last token-routed forward
         self.post_init()
 
     def get_input_embeddings(self):
@@ -1095,25 +1118,42 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         return self._merge_cache[1]
 
     def cast_experts(self, dtype: torch.dtype) -> dict | None:
-        """Token/context routing at inference (eval mode, no grad): every expert linear's weight and bias in
-        `dtype`, cast once and reused while the parameters are unchanged (the inference merge cache's rule).
-        Without it each forward casts all E float32 experts of every projection to bf16 under autocast
-        (about 2 GB read and 1 GB written per encoder pass of B with 8 experts). The copy costs memory:
-        2 bytes per expert parameter in bf16 (0.68 GB for B with 8 experts); a forward in training mode or
-        with grad frees it. None where there is nothing to cast (training, grad enabled, data-independent
-        routing, or weights already in `dtype`)."""
-        inference = not (self.training or torch.is_grad_enabled())
-        linears = self._gated_modules()[1] if inference and self.config.moe_routing in ("token", "context") else []
+        """Token/context routing: every expert linear's weight and bias in `dtype` (the autocast dtype), cast
+        once into buffers kept by the model and reused while the parameters are unchanged (the inference
+        merge cache's rule: same addresses and versions), for inference and training alike.
+
+        Without it each encoder pass casts all E float32 experts of every projection (about 2 GB read and
+        1 GB written per pass of B with 8 experts) and, in training, casts their gradients back per pass.
+        With grad enabled the cast is differentiable (`_CastInto`): the passes of a step (inputs and
+        candidates) share one cast, autograd sums their compute-dtype gradients, and one cast back per
+        expert linear reaches the float32 parameters. The buffers cost 2 bytes per expert parameter in
+        bf16 (0.68 GB for B with 8 experts) and keep their addresses (CUDA graphs need no input copies).
+        A parameter changed in place between a forward and its backward makes that backward fail
+        (the buffers' version check), as it would for any tensor changed after autograd saved it.
+        None where there is nothing to cast (data-independent routing, weights already in `dtype`, or
+        `SHARE_EXPERT_CASTS` off)."""
+        token_routed = SHARE_EXPERT_CASTS and self.config.moe_routing in ("token", "context")
+        linears = self._gated_modules()[1] if token_routed else []
         if all(m.weight.dtype == dtype and m.bias.dtype == dtype for m in linears):  # also: no linears
             self._cast_cache = None
             return None
-        key = (dtype, self._parameter_versions())
-        if self._cast_cache is None or self._cast_cache[0] != key:
-            self._cast_cache = None  # free the old copies first
-            weights = {m.name: (m.weight.detach().to(dtype), m.bias.detach().to(dtype)) for m in linears}
-            _mark_static(t for pair in weights.values() for t in pair)
-            self._cast_cache = (key, weights)
-        return self._cast_cache[1]
+        grad = torch.is_grad_enabled()
+        key = (dtype, grad, self._parameter_versions())
+        if self._cast_cache is not None and self._cast_cache[0] == key:
+            return self._cast_cache[1]
+        buffers = self._cast_cache[1] if self._cast_cache is not None else {}
+        weights = {}
+        for m in linears:
+            old = buffers.get(m.name)
+            pair = []
+            for source, buffer in zip((m.weight, m.bias), old or (None, None)):
+                if buffer is None or buffer.shape != source.shape or buffer.dtype != dtype or buffer.device != source.device:
+                    buffer = torch.empty(source.shape, dtype=dtype, device=source.device)
+                    _mark_static([buffer])
+                pair.append(_CastInto.apply(source, buffer) if grad else _CastInto.apply(source.detach(), buffer))
+            weights[m.name] = tuple(pair)
+        self._cast_cache = (key, weights)
+        return weights
 
     def _gated_modules(self) -> tuple[list[tuple[nn.Module, str]], list[UniPerceiverMoELinear]]:
         """([(module, parameter name)] of every gate and expert linear, [the expert linears]), found by a walk

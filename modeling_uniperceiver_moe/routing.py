@@ -555,8 +555,8 @@ class TokenDispatch:
     weight: `[N*k]` float32, its gate weight; 0 where the assignment was dropped by the capacity.
     offsets: `[E]` int32, cumulative assignments per expert (dropped ones included).
     order / inverse_order: `[N*k]` long, sorted position -> slot and slot -> sorted position.
-    experts: the expert linears' parameters cast to the compute dtype once and cached by the model at
-        inference (`UniPerceiverMoEModel.cast_experts`); None: each linear casts its own.
+    experts: the expert linears' parameters cast to the compute dtype once per parameter update and kept
+        by the model (`UniPerceiverMoEModel.cast_experts`); None: each linear casts its own.
     """
 
     token_index: torch.Tensor

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.bench_moe import unsorted_layers
+from benchmarks.bench_moe import per_pass_casts, unsorted_layers
 from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception, UniPerceiverMoEModel
 from modeling_uniperceiver_moe import modeling_uniperceiver_moe as modeling
 from modeling_uniperceiver_moe.modeling_uniperceiver_moe import UniPerceiverMoELinear, UniPerceiverMoEMLP
@@ -199,12 +199,14 @@ def test_expert_layers_add_no_host_synchronisation():
         assert _host_reads(routing) == dense, routing
 
 
-@pytest.mark.parametrize("routing, step", [("attribute", False), ("token", False), ("context", False), ("attribute", True)])
+@pytest.mark.parametrize("routing, step", [("attribute", False), ("token", False), ("context", False), ("attribute", True),
+                                           ("token", True)])
 def test_compiled_encoder_is_one_graph_and_matches_eager(routing, step):
     """`compile_encoder` traces the whole layer stack (and the expert merge) without a graph break
     (fullgraph=True raises on one), including sorted rows, drop path and the grouped GEMM, and computes
     what eager computes (outputs and gradients, the latter to bf16 rounding). `step`: a whole
-    GenericPerception step, whose two encoder passes share one merge (split views of it).
+    GenericPerception step, whose two encoder passes share one merge (split views of it) or, with token
+    routing, one cast of the experts (`cast_experts`).
     bf16 autocast: the CPU grouped GEMM is traced in bf16 only.
     torch 2.11 broke the graph at a dict cache on a routing dataclass that torch 2.13 traces, so on the CPU
     stack this guards the structure, not every version's tracer (the GPU benchmark prints graph breaks)."""
@@ -441,39 +443,149 @@ def test_step_merge_reads_both_route_tables_at_once(routing, monkeypatch):
     assert reads["unique"] == 2
 
 
+def _expert_linears(model) -> list[UniPerceiverMoELinear]:
+    return [m for m in model.modules() if isinstance(m, UniPerceiverMoELinear)]
+
+
 @pytest.mark.parametrize("routing", ["token", "context"])
 def test_token_routing_inference_casts_the_experts_once(routing, monkeypatch):
-    """Under bf16 autocast a token/context-routed inference forward takes its experts from a cached bf16 copy
-    (`cast_experts`): the same outputs, bit for bit, as each linear casting its own float32 experts; the
-    copy is reused while the parameters are unchanged and redone after an in-place update."""
+    """Under bf16 autocast a token/context-routed inference forward takes its experts from bf16 buffers kept
+    by the model (`cast_experts`): the same outputs, bit for bit, as each linear casting its own float32
+    experts; the buffers are reused while the parameters are unchanged and re-filled in place after an
+    in-place update."""
     torch.manual_seed(0)
     model = UniPerceiverMoEModel(tiny_config(routing)).eval()
     batch = make_batch()
-    casts = collections.Counter()
-    original = UniPerceiverMoEModel.cast_experts
-
-    def counting(self, dtype):
-        found = original(self, dtype)
-        casts["cached" if found is not None else "none"] += 1
-        return found
-
-    monkeypatch.setattr(UniPerceiverMoEModel, "cast_experts", counting)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         cached = model(**batch).last_hidden_state
         copy = model._cast_cache[1]
         assert copy and all(w.dtype == torch.bfloat16 for pair in copy.values() for w in pair)
+        addresses = [w.data_ptr() for pair in copy.values() for w in pair]
         assert torch.equal(model(**batch).last_hidden_state, cached) and model._cast_cache[1] is copy
-        monkeypatch.setattr(UniPerceiverMoEModel, "cast_experts", lambda self, dtype: None)
-        assert torch.equal(model(**batch).last_hidden_state, cached)  # each linear casting its own experts
-        monkeypatch.setattr(UniPerceiverMoEModel, "cast_experts", counting)
-        expert = next(m for m in model.modules() if isinstance(m, UniPerceiverMoELinear))
+        expert = _expert_linears(model)[0]
         expert.weight.mul_(2.0)
         updated = model(**batch).last_hidden_state
-        assert model._cast_cache[1] is not copy and not torch.equal(updated, cached)
-    assert casts["cached"] == 3
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(**batch)  # grad enabled: no copy kept
+        weights = model._cast_cache[1]
+        assert weights is not copy and not torch.equal(updated, cached)
+        assert [w.data_ptr() for pair in weights.values() for w in pair] == addresses  # same buffers, new values
+        assert torch.equal(weights[expert.name][0], expert.weight.to(torch.bfloat16))
+        with monkeypatch.context() as patched:
+            patched.setattr(modeling, "SHARE_EXPERT_CASTS", False)
+            assert torch.equal(model(**batch).last_hidden_state, updated)  # each linear casting its own experts
+    model.float()  # nothing to cast without autocast: the buffers are freed
+    with torch.no_grad():
+        model(**batch)
     assert model._cast_cache is None
+
+
+class _CountCasts:
+    """Counts `_CastInto` forwards and backwards (one each per expert weight and bias when shared)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = collections.Counter()
+        forward, backward = modeling._CastInto.forward, modeling._CastInto.backward
+
+        def counted(name, fn):
+            return staticmethod(lambda *a: self.calls.update([name]) or fn(*a))
+
+        monkeypatch.setattr(modeling._CastInto, "forward", counted("forward", forward))
+        monkeypatch.setattr(modeling._CastInto, "backward", counted("backward", backward))
+
+
+def _token_step_grads(model, batch):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
+    return out.loss.detach(), dict(zip([n for n, _ in model.named_parameters()], grads))
+
+
+@pytest.mark.parametrize("routing", ["token", "context"])
+def test_training_step_shares_one_expert_cast_between_its_passes(routing, monkeypatch):
+    """A bf16 training step with candidates (two encoder passes) casts each expert weight and bias once and
+    casts its gradient back once (not once per pass). The loss and every gradient but the experts' are
+    bit-identical to casting per pass; the experts' gradients differ only by the bf16 sum of the two passes'
+    gradients, taken before the cast back (autocast's rule for dense weights in eager mode). With one
+    pass (`target_features` given) the experts' gradients are bit-identical too."""
+    config = tiny_config(routing, moe_router_noise_std=0.0, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    model = UniPerceiverMoEForGenericPerception(config).train()
+    batch = _generic_batch(config)
+    counter = _CountCasts(monkeypatch)
+    shared_loss, shared = _token_step_grads(model, batch)
+    tensors = 2 * len(_expert_linears(model))
+    assert counter.calls == {"forward": tensors, "backward": tensors}
+    with per_pass_casts():  # the benchmark's ablation
+        per_pass_loss, per_pass = _token_step_grads(model, batch)
+    assert counter.calls == {"forward": tensors, "backward": tensors}  # the per-pass path does not use it
+    assert torch.equal(shared_loss, per_pass_loss)
+    experts = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, UniPerceiverMoELinear) for p in ("weight", "bias")}
+    for name, grad in shared.items():
+        if name in experts:
+            torch.testing.assert_close(grad, per_pass[name], rtol=2**-7, atol=1e-6)
+        elif grad is not None or per_pass[name] is not None:
+            assert torch.equal(grad, per_pass[name]), name
+
+    one_pass = {k: v for k, v in batch.items() if not k.startswith("target_")}
+    one_pass["target_features"] = torch.randn(3, config.hidden_size, generator=torch.Generator().manual_seed(3))
+    _, shared = _token_step_grads(model, one_pass)
+    with per_pass_casts():
+        _, per_pass = _token_step_grads(model, one_pass)
+    for name in experts:
+        assert torch.equal(shared[name], per_pass[name]), name
+
+
+def test_shared_expert_cast_follows_optimizer_steps_and_gradient_accumulation(monkeypatch):
+    """Across steps the kept cast is re-filled after every optimizer step (never stale) and reused between
+    the forwards of an accumulation window; two forwards before one backward also work. Training with it
+    follows training that casts per pass."""
+    config = tiny_config("token", moe_router_noise_std=0.0, drop_path_rate=0.0)
+    batch = _generic_batch(config)
+
+    def train(share: bool) -> tuple[list[float], UniPerceiverMoEForGenericPerception, collections.Counter]:
+        torch.manual_seed(0)
+        model = UniPerceiverMoEForGenericPerception(config).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        counter = _CountCasts(monkeypatch)
+        losses = []
+        with monkeypatch.context() as patched:
+            patched.setattr(modeling, "SHARE_EXPERT_CASTS", share)
+            for step in range(3):
+                for _ in range(2):  # accumulate two micro-batches, then step
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        loss = model(**batch).loss
+                    loss.backward()
+                    losses.append(loss.item())
+                if share:
+                    expert = _expert_linears(model)[0]
+                    assert torch.equal(model.uniperceiver._cast_cache[1][expert.name][0], expert.weight.to(torch.bfloat16))
+                optimizer.step()
+                optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # two forwards, one backward
+                (model(**batch).loss + model(**batch).loss).backward()
+        return losses, model, counter.calls
+
+    shared_losses, shared_model, calls = train(True)
+    per_pass_losses, per_pass_model, _ = train(False)
+    tensors = 2 * len(_expert_linears(shared_model))
+    assert calls["forward"] == 4 * tensors  # once per optimizer step (3) + once for the final two forwards
+    torch.testing.assert_close(shared_losses, per_pass_losses, rtol=1e-2, atol=1e-3)
+    for a, b in zip(shared_model.parameters(), per_pass_model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=2**-6, atol=1e-5)
+
+
+def test_in_place_update_between_forward_and_backward_is_an_error():
+    """A parameter changed in place after a forward re-fills the kept cast at the next forward; the first
+    forward's backward then fails loudly (autograd's version check) instead of using the new values."""
+    torch.manual_seed(0)
+    model = UniPerceiverMoEModel(tiny_config("token")).train()
+    batch = make_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = model(**batch).last_hidden_state
+        with torch.no_grad():
+            _expert_linears(model)[0].weight.add_(1.0)
+        model(**batch)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.float().sum().backward()
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
