@@ -1001,6 +1001,23 @@ def _mark_static(tensors) -> None:
 
 SHARE_EXPERT_CASTS = True  # token/context routing: experts cast once into kept buffers (see `cast_experts`)
 
+class _ForwardCache:
+    """One (key, value) kept by the model between forwards (merged or cast experts). Copies and pickles of
+    the model start with it empty: its key names the source's parameter addresses, so a copy could never
+    hit it, and in training it holds tensors with autograd history, which `copy.deepcopy` refuses."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self):
+        self.entry: tuple | None = None
+
+    def __deepcopy__(self, memo) -> "_ForwardCache":
+        return _ForwardCache()
+
+    def __reduce__(self):
+        return (_ForwardCache, ())
+
+
 _MODULE_TREE_VERSION = [0]  # bumped whenever any module or parameter is registered in this process
 
 
@@ -1034,9 +1051,9 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         super().__init__(config)
         self.embeddings = UniPerceiverMoEEmbeddings(config)
         self.encoder = UniPerceiverMoEEncoder(config)
-        self._merge_cache: tuple | None = None  # (key, MergedExperts) of the last inference forward; never saved
+        self._merge_cache = _ForwardCache()  # (key, MergedExperts) of the last inference forward; never saved
         self._merge_slots: tuple | None = None  # see `_gated_modules`
-        self._cast_cache: tuple | None = None  # (key, cast expert weights) of the last token-routed forward
+        self._cast_cache = _ForwardCache()  # (key, cast expert weights) of the last token-routed forward
         self.post_init()
 
     def get_input_embeddings(self):
@@ -1104,18 +1121,18 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         mode, no grad) the result is reused while the keys, the dtype and the routers' and experts'
         parameters are unchanged (in-place updates bump a parameter's version)."""
         if self.training or torch.is_grad_enabled():
-            self._merge_cache = None  # free what an evaluation left behind
+            self._merge_cache.entry = None  # free what an evaluation left behind
             return self.encoder.merge_experts(key_tables, dtype)
         key = (tuple(route_key_signature(table) for table in key_tables), dtype, self._parameter_versions())
-        if self._merge_cache is None or self._merge_cache[0] != key:
-            self._merge_cache = None  # free the old merge before building the new one
+        if self._merge_cache.entry is None or self._merge_cache.entry[0] != key:
+            self._merge_cache.entry = None  # free the old merge before building the new one
             merged = self.encoder.merge_experts(key_tables, dtype)
             if "merge_experts" in vars(self.encoder):  # compiled: under CUDA graphs its outputs live in the
                 merged = [_clone_merged(m) for m in merged]  # graph pool, overwritten by the next replay
             for entry in merged:
                 _mark_static_addresses(entry)
-            self._merge_cache = (key, merged)
-        return self._merge_cache[1]
+            self._merge_cache.entry = (key, merged)
+        return self._merge_cache.entry[1]
 
     def cast_experts(self, dtype: torch.dtype) -> dict | None:
         """Token/context routing: every expert linear's weight and bias in `dtype` (the autocast dtype), cast
@@ -1135,13 +1152,14 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         token_routed = SHARE_EXPERT_CASTS and self.config.moe_routing in ("token", "context")
         linears = self._gated_modules()[1] if token_routed else []
         if all(m.weight.dtype == dtype and m.bias.dtype == dtype for m in linears):  # also: no linears
-            self._cast_cache = None
+            self._cast_cache.entry = None
             return None
         grad = torch.is_grad_enabled()
         key = (dtype, grad, self._parameter_versions())
-        if self._cast_cache is not None and self._cast_cache[0] == key:
-            return self._cast_cache[1]
-        buffers = self._cast_cache[1] if self._cast_cache is not None else {}
+        cached = self._cast_cache.entry
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        buffers = cached[1] if cached is not None else {}
         weights = {}
         for m in linears:
             old = buffers.get(m.name)
@@ -1152,7 +1170,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
                     _mark_static([buffer])
                 pair.append(_CastInto.apply(source, buffer) if grad else _CastInto.apply(source.detach(), buffer))
             weights[m.name] = tuple(pair)
-        self._cast_cache = (key, weights)
+        self._cast_cache.entry = (key, weights)
         return weights
 
     def _gated_modules(self) -> tuple[list[tuple[nn.Module, str]], list[UniPerceiverMoELinear]]:

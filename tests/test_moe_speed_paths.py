@@ -106,7 +106,7 @@ def test_inference_reuses_merged_weights_until_a_parameter_changes(monkeypatch):
         assert calls["merge"] > merges
     fresh = model(**batch).last_hidden_state  # with grad enabled nothing is cached: merged from scratch
     torch.testing.assert_close(updated, fresh.detach())
-    assert model._merge_cache is None  # a forward with grad frees what inference cached
+    assert model._merge_cache.entry is None  # a forward with grad frees what inference cached
     assert not torch.equal(updated, first)
 
 
@@ -265,9 +265,9 @@ def test_compiled_inference_caches_its_own_copy_of_the_merge():
         eager = model(**batch).last_hidden_state
         model.compile_encoder(backend="eager")
         first = model(**batch).last_hidden_state
-        (merged,) = model._merge_cache[1]
+        (merged,) = model._merge_cache.entry[1]
         second = model(**batch).last_hidden_state
-        assert model._merge_cache[1][0] is merged  # reused, not merged again
+        assert model._merge_cache.entry[1][0] is merged  # reused, not merged again
     torch.testing.assert_close(first, eager)
     torch.testing.assert_close(second, eager)
     torch._dynamo.reset()
@@ -458,14 +458,14 @@ def test_token_routing_inference_casts_the_experts_once(routing, monkeypatch):
     batch = make_batch()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         cached = model(**batch).last_hidden_state
-        copy = model._cast_cache[1]
+        copy = model._cast_cache.entry[1]
         assert copy and all(w.dtype == torch.bfloat16 for pair in copy.values() for w in pair)
         addresses = [w.data_ptr() for pair in copy.values() for w in pair]
-        assert torch.equal(model(**batch).last_hidden_state, cached) and model._cast_cache[1] is copy
+        assert torch.equal(model(**batch).last_hidden_state, cached) and model._cast_cache.entry[1] is copy
         expert = _expert_linears(model)[0]
         expert.weight.mul_(2.0)
         updated = model(**batch).last_hidden_state
-        weights = model._cast_cache[1]
+        weights = model._cast_cache.entry[1]
         assert weights is not copy and not torch.equal(updated, cached)
         assert [w.data_ptr() for pair in weights.values() for w in pair] == addresses  # same buffers, new values
         assert torch.equal(weights[expert.name][0], expert.weight.to(torch.bfloat16))
@@ -475,7 +475,7 @@ def test_token_routing_inference_casts_the_experts_once(routing, monkeypatch):
     model.float()  # nothing to cast without autocast: the buffers are freed
     with torch.no_grad():
         model(**batch)
-    assert model._cast_cache is None
+    assert model._cast_cache.entry is None
 
 
 class _CountCasts:
@@ -557,7 +557,7 @@ def test_shared_expert_cast_follows_optimizer_steps_and_gradient_accumulation(mo
                     losses.append(loss.item())
                 if share:
                     expert = _expert_linears(model)[0]
-                    assert torch.equal(model.uniperceiver._cast_cache[1][expert.name][0], expert.weight.to(torch.bfloat16))
+                    assert torch.equal(model.uniperceiver._cast_cache.entry[1][expert.name][0], expert.weight.to(torch.bfloat16))
                 optimizer.step()
                 optimizer.zero_grad()
             with torch.autocast("cpu", dtype=torch.bfloat16):  # two forwards, one backward
@@ -571,6 +571,37 @@ def test_shared_expert_cast_follows_optimizer_steps_and_gradient_accumulation(mo
     torch.testing.assert_close(shared_losses, per_pass_losses, rtol=1e-2, atol=1e-3)
     for a, b in zip(shared_model.parameters(), per_pass_model.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=2**-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("routing", ["token", "attribute"])
+def test_models_with_filled_caches_copy_and_pickle(routing):
+    """After a training forward (token routing: a cast with autograd history) or an inference forward
+    (attribute routing: a cached merge), `copy.deepcopy` and pickling work; the copy starts with empty
+    caches and computes what the source computes."""
+    import copy
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    model = UniPerceiverMoEModel(tiny_config(routing, moe_router_noise_std=0.0, drop_path_rate=0.0))
+    batch = make_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if routing == "token":
+            model.train()(**batch)
+            assert model._cast_cache.entry is not None
+        else:
+            with torch.no_grad():
+                model.eval()(**batch)
+            assert model._merge_cache.entry is not None
+        clone = copy.deepcopy(model)
+        unpickled = pickle.loads(pickle.dumps(model))
+        torch.save(model, io.BytesIO())
+        assert clone._cast_cache.entry is None and clone._merge_cache.entry is None
+        assert unpickled._cast_cache.entry is None and unpickled._merge_cache.entry is None
+        with torch.no_grad():
+            expected = model.eval()(**batch).last_hidden_state
+            for other in (clone, unpickled):
+                assert torch.equal(other.eval()(**batch).last_hidden_state, expected)
 
 
 def test_in_place_update_between_forward_and_backward_is_an_error():
