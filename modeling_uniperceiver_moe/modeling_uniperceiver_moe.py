@@ -1053,7 +1053,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         self.encoder = UniPerceiverMoEEncoder(config)
         self._merge_cache = _ForwardCache()  # (key, MergedExperts) of the last inference forward; never saved
         self._merge_slots: tuple | None = None  # see `_gated_modules`
-        self._cast_cache = _ForwardCache()  # (key, cast expert weights) of the last token-routed forward
+        self._cast_cache = _ForwardCache()  # (key, grad pattern, cast expert weights) of the last cast
         self.post_init()
 
     def get_input_embeddings(self):
@@ -1145,21 +1145,25 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         candidates) share one cast, autograd sums their compute-dtype gradients, and one cast back per
         expert linear reaches the float32 parameters. The buffers cost 2 bytes per expert parameter in
         bf16 (0.68 GB for B with 8 experts) and keep their addresses (CUDA graphs need no input copies).
-        A parameter changed in place between a forward and its backward makes that backward fail
-        (the buffers' version check), as it would for any tensor changed after autograd saved it.
-        None where there is nothing to cast (data-independent routing, weights already in `dtype`, or
-        `SHARE_EXPERT_CASTS` off)."""
+        A forward without grad reuses any current cast (it builds no graph, so a backward still pending
+        keeps its buffers untouched); a forward with grad reuses only a cast made with grad for the same
+        `requires_grad` pattern (freezing or unfreezing experts re-casts, so gradients reach exactly the
+        trainable ones). A parameter changed in place between a forward and its backward makes that
+        backward fail (the buffers' version check), as it would for any tensor changed after autograd
+        saved it. None where there is nothing to cast (data-independent routing, weights already in
+        `dtype`, or `SHARE_EXPERT_CASTS` off)."""
         token_routed = SHARE_EXPERT_CASTS and self.config.moe_routing in ("token", "context")
         linears = self._gated_modules()[1] if token_routed else []
         if all(m.weight.dtype == dtype and m.bias.dtype == dtype for m in linears):  # also: no linears
             self._cast_cache.entry = None
             return None
-        grad = torch.is_grad_enabled()
-        key = (dtype, grad, self._parameter_versions())
+        # None: cast without grad; else which expert tensors the cast carries gradients to
+        tracked = tuple(t.requires_grad for m in linears for t in (m.weight, m.bias)) if torch.is_grad_enabled() else None
+        key = (dtype, self._parameter_versions())
         cached = self._cast_cache.entry
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        buffers = cached[1] if cached is not None else {}
+        if cached is not None and cached[0] == key and (tracked is None or cached[1] == tracked):
+            return cached[2]
+        buffers = cached[2] if cached is not None else {}
         weights = {}
         for m in linears:
             old = buffers.get(m.name)
@@ -1168,9 +1172,9 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
                 if buffer is None or buffer.shape != source.shape or buffer.dtype != dtype or buffer.device != source.device:
                     buffer = torch.empty(source.shape, dtype=dtype, device=source.device)
                     _mark_static([buffer])
-                pair.append(_CastInto.apply(source, buffer) if grad else _CastInto.apply(source.detach(), buffer))
+                pair.append(_CastInto.apply(source, buffer))
             weights[m.name] = tuple(pair)
-        self._cast_cache.entry = (key, weights)
+        self._cast_cache.entry = (key, tracked, weights)
         return weights
 
     def _gated_modules(self) -> tuple[list[tuple[nn.Module, str]], list[UniPerceiverMoELinear]]:

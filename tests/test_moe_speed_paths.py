@@ -458,14 +458,14 @@ def test_token_routing_inference_casts_the_experts_once(routing, monkeypatch):
     batch = make_batch()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         cached = model(**batch).last_hidden_state
-        copy = model._cast_cache.entry[1]
+        copy = model._cast_cache.entry[2]
         assert copy and all(w.dtype == torch.bfloat16 for pair in copy.values() for w in pair)
         addresses = [w.data_ptr() for pair in copy.values() for w in pair]
-        assert torch.equal(model(**batch).last_hidden_state, cached) and model._cast_cache.entry[1] is copy
+        assert torch.equal(model(**batch).last_hidden_state, cached) and model._cast_cache.entry[2] is copy
         expert = _expert_linears(model)[0]
         expert.weight.mul_(2.0)
         updated = model(**batch).last_hidden_state
-        weights = model._cast_cache.entry[1]
+        weights = model._cast_cache.entry[2]
         assert weights is not copy and not torch.equal(updated, cached)
         assert [w.data_ptr() for pair in weights.values() for w in pair] == addresses  # same buffers, new values
         assert torch.equal(weights[expert.name][0], expert.weight.to(torch.bfloat16))
@@ -557,7 +557,7 @@ def test_shared_expert_cast_follows_optimizer_steps_and_gradient_accumulation(mo
                     losses.append(loss.item())
                 if share:
                     expert = _expert_linears(model)[0]
-                    assert torch.equal(model.uniperceiver._cast_cache.entry[1][expert.name][0], expert.weight.to(torch.bfloat16))
+                    assert torch.equal(model.uniperceiver._cast_cache.entry[2][expert.name][0], expert.weight.to(torch.bfloat16))
                 optimizer.step()
                 optimizer.zero_grad()
             with torch.autocast("cpu", dtype=torch.bfloat16):  # two forwards, one backward
@@ -602,6 +602,37 @@ def test_models_with_filled_caches_copy_and_pickle(routing):
             expected = model.eval()(**batch).last_hidden_state
             for other in (clone, unpickled):
                 assert torch.equal(other.eval()(**batch).last_hidden_state, expected)
+
+
+def test_kept_cast_serves_no_grad_forwards_and_follows_freezing(monkeypatch):
+    """A forward without grad between a forward with grad and its backward reuses the kept cast (no re-fill,
+    so the pending backward works and gives the same gradients). Freezing or unfreezing experts between
+    forwards re-casts: gradients reach exactly the trainable experts."""
+    torch.manual_seed(0)
+    model = UniPerceiverMoEModel(tiny_config("token", moe_router_noise_std=0.0, drop_path_rate=0.0)).train()
+    batch = make_batch()
+    experts = _expert_linears(model)
+    counter = _CountCasts(monkeypatch)
+
+    def loss():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**batch).last_hidden_state.float().square().sum()
+
+    expected = torch.autograd.grad(loss(), [experts[0].weight])[0]
+    first = loss()
+    with torch.no_grad():
+        loss()
+    assert torch.equal(torch.autograd.grad(first, [experts[0].weight])[0], expected)
+    assert counter.calls["forward"] == 2 * len(experts)  # one cast served all three forwards
+
+    experts[0].requires_grad_(False)
+    loss().backward()
+    assert experts[0].weight.grad is None and experts[1].weight.grad is not None
+    model.zero_grad(set_to_none=True)
+    experts[0].requires_grad_(True)
+    loss().backward()
+    assert torch.equal(experts[0].weight.grad, expected)
+    assert counter.calls["forward"] == 3 * 2 * len(experts)  # re-cast after freezing and after unfreezing
 
 
 def test_in_place_update_between_forward_and_backward_is_an_error():
