@@ -1001,6 +1001,7 @@ def _mark_static(tensors) -> None:
 
 SHARE_EXPERT_CASTS = True  # token/context routing: experts cast once into kept buffers (see `cast_experts`)
 
+
 class _ForwardCache:
     """One (key, value) kept by the model between forwards (merged or cast experts). Copies and pickles of
     the model start with it empty: its key names the source's parameter addresses, so a copy could never
@@ -1123,6 +1124,10 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         if self.training or torch.is_grad_enabled():
             self._merge_cache.entry = None  # free what an evaluation left behind
             return self.encoder.merge_experts(key_tables, dtype)
+        return self._cached_merge(key_tables, dtype)
+
+    @torch.compiler.disable  # host-side cache bookkeeping: under `torch.compile(model)` it runs eagerly
+    def _cached_merge(self, key_tables: list[torch.Tensor], dtype: torch.dtype) -> list[MergedExperts]:
         key = (tuple(route_key_signature(table) for table in key_tables), dtype, self._parameter_versions())
         if self._merge_cache.entry is None or self._merge_cache.entry[0] != key:
             self._merge_cache.entry = None  # free the old merge before building the new one
@@ -1134,6 +1139,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
             self._merge_cache.entry = (key, merged)
         return self._merge_cache.entry[1]
 
+    @torch.compiler.disable  # host-side cache bookkeeping: under `torch.compile(model)` it runs eagerly
     def cast_experts(self, dtype: torch.dtype) -> dict | None:
         """Token/context routing: every expert linear's weight and bias in `dtype` (the autocast dtype), cast
         once into buffers kept by the model and reused while the parameters are unchanged (the inference

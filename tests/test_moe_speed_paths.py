@@ -239,6 +239,28 @@ def test_compiled_encoder_is_one_graph_and_matches_eager(routing, step):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("routing", ["token", "attribute"])
+def test_whole_model_compiles_with_its_caches(routing):
+    """`torch.compile(model)` (the whole model, as transformers users do; not `compile_encoder`) runs a
+    training forward and backward and then inference, twice, computing what eager computes. The caches'
+    bookkeeping (kept expert casts, the inference merge with its fixed-address marks) runs outside the
+    traced graph; before, tracing it failed on `mark_static_address`."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = UniPerceiverMoEModel(tiny_config(routing, moe_router_noise_std=0.0, drop_path_rate=0.0))
+    batch = _attribute_batch()
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = compiled.train()(**batch).last_hidden_state
+            expected = model(**batch).last_hidden_state
+        out.float().square().sum().backward()
+        torch.testing.assert_close(out, expected)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(compiled.eval()(**batch).last_hidden_state, model.eval()(**batch).last_hidden_state)
+    torch._dynamo.reset()
+
+
 def test_drop_path_scales_follow_the_linear_schedule():
     from modeling_uniperceiver_moe.modeling_uniperceiver_moe import drop_path_scales
 
