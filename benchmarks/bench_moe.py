@@ -232,6 +232,11 @@ def unfused_merge():
     return merge_kernels.disabled()
 
 
+# variant flag -> the context it runs in (the naive reference or an ablation; the first listed flag wins)
+ABLATIONS = {"naive": naive_experts, "unsorted": unsorted_layers, "unique": sorted_route_keys, "unfused": unfused_merge,
+             "argsort": argsort_dispatch, "topk": torch_topk_gates, "passcast": per_pass_casts}
+
+
 def measure(model, inputs, tokens, device, dtype, warmup, steps, train: bool):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -407,10 +412,7 @@ def main(argv=None):
             routing = variant.split("-")[0]
             flags = set(variant.split("-")[1:])  # top1 / naive / unsorted / unique / unfused / argsort / topk / passcast / folded
             top_k = 1 if "top1" in flags else 2
-            context = (naive_experts if "naive" in flags else unsorted_layers if "unsorted" in flags
-                       else sorted_route_keys if "unique" in flags else unfused_merge if "unfused" in flags
-                       else argsort_dispatch if "argsort" in flags else torch_topk_gates if "topk" in flags
-                       else per_pass_casts if "passcast" in flags else contextlib.nullcontext)
+            context = next((ABLATIONS[flag] for flag in ABLATIONS if flag in flags), contextlib.nullcontext)
             modes = ((True,) if args.compiled_only else (False, True)) if variant in compiled else (False,)
             for compile_it in modes:
                 torch.manual_seed(0)

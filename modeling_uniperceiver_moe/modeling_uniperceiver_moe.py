@@ -1002,6 +1002,15 @@ def _mark_static(tensors) -> None:
 SHARE_EXPERT_CASTS = True  # token/context routing: experts cast once into kept buffers (see `cast_experts`)
 
 
+def _cast_buffer(source: torch.Tensor, dtype: torch.dtype, kept: torch.Tensor | None) -> torch.Tensor:
+    """`kept` if it can hold `source` in `dtype` (same shape and device), else a new fixed-address buffer."""
+    if kept is not None and kept.shape == source.shape and kept.dtype == dtype and kept.device == source.device:
+        return kept
+    buffer = torch.empty(source.shape, dtype=dtype, device=source.device)
+    _mark_static([buffer])
+    return buffer
+
+
 class _ForwardCache:
     """One (key, value) kept by the model between forwards (merged or cast experts). Copies and pickles of
     the model start with it empty: its key names the source's parameter addresses, so a copy could never
@@ -1169,17 +1178,10 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         cached = self._cast_cache.entry
         if cached is not None and cached[0] == key and (tracked is None or cached[1] == tracked):
             return cached[2]
-        buffers = cached[2] if cached is not None else {}
-        weights = {}
-        for m in linears:
-            old = buffers.get(m.name)
-            pair = []
-            for source, buffer in zip((m.weight, m.bias), old or (None, None)):
-                if buffer is None or buffer.shape != source.shape or buffer.dtype != dtype or buffer.device != source.device:
-                    buffer = torch.empty(source.shape, dtype=dtype, device=source.device)
-                    _mark_static([buffer])
-                pair.append(_CastInto.apply(source, buffer))
-            weights[m.name] = tuple(pair)
+        kept = cached[2] if cached is not None else {}
+        weights = {m.name: tuple(_CastInto.apply(source, _cast_buffer(source, dtype, buffer))
+                                 for source, buffer in zip((m.weight, m.bias), kept.get(m.name, (None, None))))
+                   for m in linears}
         self._cast_cache.entry = (key, tracked, weights)
         return weights
 
