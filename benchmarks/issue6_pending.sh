@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU measurements the performance issue still waits for, split into parts that each fit one
+# device-tool call (10 minutes; B training variants compile for ~2-2.5 minutes each under CUDA graphs).
+#
+#   bash benchmarks/issue6_pending.sh 1   # one expert cast per step vs one per pass, token top-2 training
+#   bash benchmarks/issue6_pending.sh 2   # the same for token top-1 training
+#   bash benchmarks/issue6_pending.sh 3   # training profiles: token top-2, token top-1, dense (GPU time per step)
+#
+# Logs (and the bench's JSON) go to $OUT, or ./issue6_logs without it. Each part ends with the bench's
+# table of ratios to dense measured in that run. DRY=1 runs the same commands at the tiny size on the
+# CPU without compiling, which checks the flags and variant names, not the speed.
+set -o pipefail
+PART=${1:?usage: issue6_pending.sh 1|2|3}
+LOGS=${OUT:-issue6_logs}; mkdir -p "$LOGS"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# lines the compile and the profiler repeat many times; the full output stays in the log
+NOISE='Extern Choice|select_algorithm|UserWarning|warn_once|This call|File "/opt|return x|warnings.warn|lru_cache|^$'
+
+if [ -n "$DRY" ]; then
+  SIZE=(--sizes tiny --batch 2 --image-size 32 --steps 1 --warmup 0)
+  PROFILE_SIZE=(--size tiny --batch 2 --image-size 32)
+  compiled() { :; }
+else
+  SIZE=(--sizes b --repeats 2)
+  PROFILE_SIZE=(--size b)
+  compiled() { echo --compile "$1" --compiled-only --compile-mode reduce-overhead; }
+fi
+
+bench() {  # bench NAME ROUTINGS: training only, every routing compiled with CUDA graphs (eager with DRY)
+  python -m benchmarks.bench_moe "${SIZE[@]}" --routings "$2" --infer-routings "" $(compiled "$2") \
+    --json "$LOGS/$1.json" 2>&1 | tee "$LOGS/$1.log" | grep --line-buffered -Ev "$NOISE"
+}
+
+profile() {  # profile NAME ARGS...: a training step under torch.profiler
+  local name=$1; shift
+  local flags=(); [ -z "$DRY" ] && flags=(--compile --compile-mode reduce-overhead)
+  python -m benchmarks.profile_step "${PROFILE_SIZE[@]}" "$@" "${flags[@]}" 2>&1 | tee "$LOGS/$name.log" \
+    | grep --line-buffered -Ev "$NOISE" | head -30
+}
+
+case $PART in
+  1) bench shared_cast_top2 none,token,token-passcast ;;
+  2) bench shared_cast_top1 none,token-top1,token-top1-passcast ;;
+  3) profile profile_token_top2_train --routing token
+     profile profile_token_top1_train --routing token --top-k 1
+     profile profile_none_train --routing none ;;
+  *) echo "unknown part '$PART': use 1, 2 or 3" >&2; exit 2 ;;
+esac
