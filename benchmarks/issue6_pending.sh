@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The GPU measurements the performance issue still waits for, split into parts that each fit one
-# device-tool call (10 minutes; B training variants compile for ~2-2.5 minutes each under CUDA graphs).
+# device-tool call (10 minutes at most; each B training variant took 100-150 s to compile under CUDA
+# graphs in earlier sessions).
 #
 #   bash benchmarks/issue6_pending.sh 1   # one expert cast per step vs one per pass, token top-2 training
 #   bash benchmarks/issue6_pending.sh 2   # the same for token top-1 training
 #   bash benchmarks/issue6_pending.sh 3   # training profiles: token top-2, token top-1, dense (GPU time per step)
 #
-# Logs (and the bench's JSON) go to $OUT, or ./issue6_logs without it. Each part ends with the bench's
-# table of ratios to dense measured in that run. DRY=1 runs the same commands at the tiny size on the
-# CPU without compiling, which checks the flags and variant names, not the speed.
+# Logs (and the bench's JSON) go to $OUT, or ./issue6_logs without it. Parts 1 and 2 end with the
+# bench's table of ratios to dense measured in that run; part 3 prints each profile's summary.
+# DRY=1 runs the same commands at the tiny size on the CPU without compiling, which checks the flags
+# and variant names, not the speed.
 set -o pipefail
 PART=${1:?usage: issue6_pending.sh 1|2|3}
 LOGS=${OUT:-issue6_logs}; mkdir -p "$LOGS"
@@ -29,13 +31,14 @@ fi
 bench() {  # bench NAME ROUTINGS: training only, every routing compiled with CUDA graphs (eager with DRY)
   python -m benchmarks.bench_moe "${SIZE[@]}" --routings "$2" --infer-routings "" $(compiled "$2") \
     --json "$LOGS/$1.json" 2>&1 | tee "$LOGS/$1.log" | grep --line-buffered -Ev "$NOISE"
+  echo "exit ${PIPESTATUS[0]} for $1"
 }
 
 profile() {  # profile NAME ARGS...: a training step under torch.profiler
   local name=$1; shift
   local flags=(); [ -z "$DRY" ] && flags=(--compile --compile-mode reduce-overhead)
-  python -m benchmarks.profile_step "${PROFILE_SIZE[@]}" "$@" "${flags[@]}" 2>&1 | tee "$LOGS/$name.log" \
-    | grep --line-buffered -Ev "$NOISE" | head -30
+  python -m benchmarks.profile_step "${PROFILE_SIZE[@]}" "$@" "${flags[@]}" > "$LOGS/$name.log" 2>&1
+  echo "exit $? for $name"; grep -Ev "$NOISE" "$LOGS/$name.log" | head -30  # the summary and the top ops
 }
 
 case $PART in
