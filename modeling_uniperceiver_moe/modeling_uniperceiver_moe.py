@@ -1003,9 +1003,14 @@ SHARE_EXPERT_CASTS = True  # token/context routing: experts cast once into kept 
 
 
 def _cast_buffer(source: torch.Tensor, dtype: torch.dtype, kept: torch.Tensor | None) -> torch.Tensor:
-    """`kept` if it can hold `source` in `dtype` (same shape and device), else a new fixed-address buffer."""
+    """`kept` if it can hold `source` in `dtype` (same shape and device), else a new fixed-address buffer.
+
+    `kept` is detached in place first (same tensor object, so its fixed-address mark stays): it still
+    carries the autograd node of its last cast, and the next cast would otherwise link to it, growing a
+    chain of one node per parameter update that every backward walks. A backward still pending keeps its
+    own reference to that node."""
     if kept is not None and kept.shape == source.shape and kept.dtype == dtype and kept.device == source.device:
-        return kept
+        return kept.detach_()
     buffer = torch.empty(source.shape, dtype=dtype, device=source.device)
     _mark_static([buffer])
     return buffer

@@ -595,6 +595,26 @@ def test_shared_expert_cast_follows_optimizer_steps_and_gradient_accumulation(mo
         torch.testing.assert_close(a.grad, b.grad, rtol=2**-6, atol=1e-5)
 
 
+def test_kept_cast_history_does_not_grow_across_steps():
+    """Each re-fill of the kept cast starts a fresh autograd history: its node leads to the float32
+    parameter only, never to the previous update's cast (a chain that grew by one node per step, per
+    expert tensor, and that every backward walked), and the buffers keep their fixed-address mark."""
+    torch.manual_seed(0)
+    model = UniPerceiverMoEModel(tiny_config("token", moe_router_noise_std=0.0, drop_path_rate=0.0)).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = make_batch()
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(**batch).last_hidden_state.float().square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        for expert in _expert_linears(model):
+            for cast, parameter in zip(model._cast_cache.entry[2][expert.name], (expert.weight, expert.bias)):
+                (accumulate, _), (previous, _) = cast.grad_fn.next_functions
+                assert accumulate.variable is parameter and previous is None
+                assert getattr(cast, "_dynamo_static_input_type", None) == "unguarded"
+
+
 @pytest.mark.parametrize("routing", ["token", "attribute"])
 def test_models_with_filled_caches_copy_and_pickle(routing):
     """After a training forward (token routing: a cast with autograd history) or an inference forward
