@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
-from .configuration_uniperceiver_moe import MOE_ROUTINGS, SIZE_PRESETS, UniPerceiverMoEConfig
+from .configuration_uniperceiver_moe import MOE_ROUTINGS, REFERENCE_INIT, SIZE_PRESETS, UniPerceiverMoEConfig
 from .modeling_uniperceiver_moe import (
     GenericPerceptionOutput,
     UniPerceiverMoEForGenericPerception,
@@ -36,4 +36,5 @@ __all__ = [
     "fold_experts",
     "MOE_ROUTINGS",
     "SIZE_PRESETS",
+    "REFERENCE_INIT",
 ]

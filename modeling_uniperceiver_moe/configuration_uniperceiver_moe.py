@@ -18,6 +18,10 @@ MOE_ROUTINGS = ("none", "token", "context", "modality", "task", "attribute")
 DATA_INDEPENDENT_ROUTINGS = ("modality", "task", "attribute")
 MOE_PROJECTIONS = ("attn_qkv", "attn_out", "ffn_fc1", "ffn_fc2")
 MODALITIES = ("text", "image", "video")
+INITIALIZER_SCHEMES = ("fan_in", "fixed")
+# The reference's initialisation (BERT init, LayerScale 1e-3), made for its huge-batch, long schedule
+# (`training/configs/reference_b.yaml`); the defaults learn from scratch at small scale.
+REFERENCE_INIT = {"layer_scale_init": 1e-3, "initializer_scheme": "fixed", "initializer_range": 0.02}
 DEFAULT_TASK_FAMILIES = (
     "image_classification",
     "video_classification",
@@ -43,10 +47,18 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         intermediate_size (`int`): FFN width (defaults to `4 * hidden_size`).
         hidden_act (`str`, defaults to `"gelu"`): FFN activation.
         layer_norm_eps (`float`, defaults to 1e-5).
-        layer_scale_init (`float`, defaults to 1e-3): LayerScale init on both residual branches; 0 disables it.
+        layer_scale_init (`float`, defaults to 1.0): LayerScale init on both residual branches; 0 disables it.
+            The reference's 1e-3 (`REFERENCE_INIT`) suits its huge-batch, long schedule; from scratch at small
+            scale it leaves the SPE output input-independent for hundreds of steps (docs/results.md).
         drop_path_rate (`float`): stochastic depth of the last layer (linearly increasing from 0).
         hidden_dropout_prob / attention_dropout (`float`, default 0).
-        initializer_range (`float`, defaults to 0.02): std of the truncated-normal init.
+        initializer_scheme (`str`, defaults to `"fan_in"`): how the weights of the encoder's and heads' linear
+            projections (and the patch embedding) are drawn: `"fan_in"`, truncated normal with std
+            `1 / sqrt(fan_in)` (each projection keeps the scale of its input, so every token's input reaches
+            the SPE output at init); `"fixed"`, std `initializer_range` for every weight (the reference's
+            BERT init). Embeddings and router weights always use `initializer_range`.
+        initializer_range (`float`, defaults to 0.02): std of the truncated-normal init of embeddings and
+            routers (and of every weight under `initializer_scheme="fixed"`).
 
     Inputs
         vocab_size (`int`, defaults to 49411): CLIP BPE (49,408) plus `[MASK]`, `[GEN]`, `[SPE]`.
@@ -107,10 +119,11 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         intermediate_size: int | None = None,
         hidden_act: str = "gelu",
         layer_norm_eps: float = 1e-5,
-        layer_scale_init: float = 1e-3,
+        layer_scale_init: float = 1.0,
         drop_path_rate: float | None = None,
         hidden_dropout_prob: float = 0.0,
         attention_dropout: float = 0.0,
+        initializer_scheme: str = "fan_in",
         initializer_range: float = 0.02,
         vocab_size: int = 49411,
         mask_token_id: int = 49408,
@@ -171,6 +184,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         self.drop_path_rate = 0.0 if drop_path_rate is None else drop_path_rate
         self.hidden_dropout_prob = hidden_dropout_prob
         self.attention_dropout = attention_dropout
+        self.initializer_scheme = initializer_scheme
         self.initializer_range = initializer_range
         self.vocab_size = vocab_size
         self.mask_token_id = mask_token_id
@@ -249,6 +263,10 @@ class UniPerceiverMoEConfig(PretrainedConfig):
             fail("hidden_size", f"must be a multiple of 4 (2-D sin-cos positions), got {self.hidden_size}")
         if self.image_size % self.patch_size:
             fail("image_size", f"{self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.initializer_scheme not in INITIALIZER_SCHEMES:
+            fail("initializer_scheme", f"must be one of {INITIALIZER_SCHEMES}, got {self.initializer_scheme!r}")
+        if self.layer_scale_init < 0:
+            fail("layer_scale_init", f"must be >= 0 (0 disables LayerScale), got {self.layer_scale_init}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             fail("drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}")
         if self.moe_routing not in MOE_ROUTINGS:
@@ -289,4 +307,4 @@ class UniPerceiverMoEConfig(PretrainedConfig):
                 fail("folded_routes", "must list at least one route")
 
 
-__all__ = ["UniPerceiverMoEConfig", "SIZE_PRESETS", "MOE_ROUTINGS", "MODALITIES"]
+__all__ = ["UniPerceiverMoEConfig", "SIZE_PRESETS", "MOE_ROUTINGS", "MODALITIES", "REFERENCE_INIT"]

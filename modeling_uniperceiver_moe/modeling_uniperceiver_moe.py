@@ -31,6 +31,7 @@ from .routing import (
     MergedDispatch,
     MergedExperts,
     RouteGroups,
+    RouterLinear,
     TokenDispatch,
     build_router,
     build_token_dispatch,
@@ -950,15 +951,27 @@ class UniPerceiverMoEPreTrainedModel(PreTrainedModel):
         if "merge_experts" not in vars(encoder):  # not compiled yet
             encoder.merge_experts = torch.compile(encoder.merge_experts, **compile_kwargs)
 
+    def projection_std(self, fan_in: int) -> float:
+        """Init std of a projection weight with `fan_in` inputs: `1 / sqrt(fan_in)` under the "fan_in"
+        scheme (a unit-variance input gives a unit-variance output), else `initializer_range`."""
+        if self.config.initializer_scheme == "fan_in":
+            return fan_in ** -0.5
+        return self.config.initializer_range
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if isinstance(module, RouterLinear):  # near-uniform gates under either scheme
             init.trunc_normal_(module.weight, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            fan_in = module.weight[0].numel()  # in_features, or in_channels * kernel area
+            init.trunc_normal_(module.weight, std=self.projection_std(fan_in))
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, UniPerceiverMoELinear):
-            init.trunc_normal_(module.weight, std=std)
+            init.trunc_normal_(module.weight, std=self.projection_std(module.in_features))
             init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, std=std)

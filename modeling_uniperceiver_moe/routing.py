@@ -120,6 +120,11 @@ def select_top_k(logits: torch.Tensor, top_k: int, noise_std: float, training: b
     return GateDecision(logits=logits, expert_index=index, expert_weight=weight)
 
 
+class RouterLinear(nn.Linear):
+    """A router's projection. The model draws it with std `initializer_range` under every initializer
+    scheme, so a new gate is near-uniform over the experts."""
+
+
 class AttributeRouter(nn.Module):
     """Attribute gate of the reference: Linear(A -> d), LayerNorm, Linear(d -> E, no bias), in float32.
 
@@ -128,9 +133,9 @@ class AttributeRouter(nn.Module):
 
     def __init__(self, attribute_dim: int, hidden_size: int, num_experts: int, eps: float):
         super().__init__()
-        self.embed = nn.Linear(attribute_dim, hidden_size)
+        self.embed = RouterLinear(attribute_dim, hidden_size)
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.gate = RouterLinear(hidden_size, num_experts, bias=False)
 
     def forward(self, keys: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=keys.device.type, enabled=False):
@@ -169,7 +174,7 @@ class HiddenStateRouter(nn.Module):
 
     def __init__(self, hidden_size: int, num_experts: int):
         super().__init__()
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.gate = RouterLinear(hidden_size, num_experts, bias=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=hidden.device.type, enabled=False):

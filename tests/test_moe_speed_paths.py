@@ -156,8 +156,8 @@ def test_one_merge_per_step_serves_inputs_and_candidates(routing, monkeypatch):
     assert all(calls[m.name] == 2 for m in experts), calls
     torch.testing.assert_close(shared_loss, separate_loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(shared_grads, separate_grads):
-        if a is not None or b is not None:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        if a is not None or b is not None:  # float32 sums over the merged tables in another order
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_shared_merge_names_route_keys_it_does_not_cover():
@@ -234,8 +234,9 @@ def test_compiled_encoder_is_one_graph_and_matches_eager(routing, step):
     assert sum(g is not None for g in eager_grads) > 10
     for a, b in zip(compiled_grads, eager_grads):
         assert (a is None) == (b is None)
-        if a is not None:  # bf16 backward: the traced graph may round in another order
-            torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2 * b.abs().max().item() + 1e-6)
+        if a is not None:  # bf16 backward: the traced graph may round in another order, so single elements
+            # that cancel can differ by more than bf16's step; the whole gradient agrees to bf16 rounding
+            assert float((a - b).float().norm()) <= 2e-2 * float(b.float().norm()) + 1e-6
     torch._dynamo.reset()
 
 
@@ -558,41 +559,60 @@ def test_training_step_shares_one_expert_cast_between_its_passes(routing, monkey
 
 def test_shared_expert_cast_follows_optimizer_steps_and_gradient_accumulation(monkeypatch):
     """Across steps the kept cast is re-filled after every optimizer step (never stale) and reused between
-    the forwards of an accumulation window; two forwards before one backward also work. Training with it
-    follows training that casts per pass."""
+    the forwards of an accumulation window; two forwards before one backward also work. At every step, from
+    the same weights, its accumulated gradients equal those of casting per pass (a stale cast would give
+    the previous step's gradients). The two paths are compared step by step rather than as two whole runs:
+    bf16 training drifts apart from a 1e-6 change of the weights within three steps, whatever the casting."""
     config = tiny_config("token", moe_router_noise_std=0.0, drop_path_rate=0.0)
     batch = _generic_batch(config)
+    torch.manual_seed(0)
+    model = UniPerceiverMoEForGenericPerception(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    counter = _CountCasts(monkeypatch)
+    experts = {id(p) for m in _expert_linears(model) for p in (m.weight, m.bias)}
 
-    def train(share: bool) -> tuple[list[float], UniPerceiverMoEForGenericPerception, collections.Counter]:
-        torch.manual_seed(0)
-        model = UniPerceiverMoEForGenericPerception(config).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        counter = _CountCasts(monkeypatch)
+    def window(share: bool) -> tuple[list[float], list[torch.Tensor]]:
+        """Two accumulated micro-batches: their losses and the accumulated gradients (then cleared)."""
         losses = []
         with monkeypatch.context() as patched:
             patched.setattr(modeling, "SHARE_EXPERT_CASTS", share)
-            for step in range(3):
-                for _ in range(2):  # accumulate two micro-batches, then step
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
-                        loss = model(**batch).loss
-                    loss.backward()
-                    losses.append(loss.item())
-                if share:
-                    expert = _expert_linears(model)[0]
-                    assert torch.equal(model.uniperceiver._cast_cache.entry[2][expert.name][0], expert.weight.to(torch.bfloat16))
-                optimizer.step()
-                optimizer.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16):  # two forwards, one backward
-                (model(**batch).loss + model(**batch).loss).backward()
-        return losses, model, counter.calls
+            for _ in range(2):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = model(**batch).loss
+                loss.backward()
+                losses.append(loss.item())
+            if share:
+                expert = _expert_linears(model)[0]
+                assert torch.equal(model.uniperceiver._cast_cache.entry[2][expert.name][0], expert.weight.to(torch.bfloat16))
+        grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        optimizer.zero_grad()
+        return losses, grads
 
-    shared_losses, shared_model, calls = train(True)
-    per_pass_losses, per_pass_model, _ = train(False)
-    tensors = 2 * len(_expert_linears(shared_model))
-    assert calls["forward"] == 4 * tensors  # once per optimizer step (3) + once for the final two forwards
-    torch.testing.assert_close(shared_losses, per_pass_losses, rtol=1e-2, atol=1e-3)
-    for a, b in zip(shared_model.parameters(), per_pass_model.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=2**-6, atol=1e-5)
+    for step in range(3):
+        per_pass_losses, per_pass = window(False)
+        shared_losses, shared = window(True)
+        assert shared_losses == per_pass_losses, step
+        for parameter, a, b in zip(model.parameters(), shared, per_pass):
+            assert (a is None) == (b is None)
+            if a is None:
+                continue
+            if id(parameter) in experts:  # the bf16 sum of the two passes' gradients before the cast back
+                torch.testing.assert_close(a, b, rtol=2**-6, atol=1e-3 * b.abs().max().item())
+            else:
+                assert torch.equal(a, b), step
+        for parameter, grad in zip(model.parameters(), shared):
+            parameter.grad = grad
+        optimizer.step()
+        optimizer.zero_grad()
+    tensors = 2 * len(_expert_linears(model))
+    shared_forwards = counter.calls["forward"]
+    with monkeypatch.context() as patched:
+        patched.setattr(modeling, "SHARE_EXPERT_CASTS", True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # two forwards, one backward
+            (model(**batch).loss + model(**batch).loss).backward()
+    assert shared_forwards == 3 * tensors  # once per optimizer step's window
+    assert counter.calls["forward"] == 4 * tensors  # and once for the final two forwards
+    assert all(p.grad is not None for p in model.parameters() if id(p) in experts)
 
 
 def test_kept_cast_history_does_not_grow_across_steps():

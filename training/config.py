@@ -24,6 +24,8 @@ class DataConfig:
     build: bool = True  # build the slice from the Debian packages if it is missing
     shuffle_block: int = 256  # rows shuffled together (resumable block shuffle)
     on_bad_sample: str = "skip"  # skip | error
+    augment: bool = False  # image/video classification inputs in training: random crop and mirror (tasks.augment_frames);
+    # measured to cost accuracy within 2,000 steps (docs/results.md), meant for long schedules
     max_text_length: int = 32
     vocabulary_size: int = 1024  # MLM/caption candidates: the most frequent BPE tokens of the slice
     eval_samples: int = 128  # per task, from the test split
@@ -89,8 +91,23 @@ CHOICES = {
 }
 
 
+def _yaml_11_value(value: Any, default: Any, choices: tuple | None) -> Any:
+    """Undo what YAML 1.1 does to values a user means literally: `no`/`off` parsed as false where a word is
+    expected (`mixed_precision: no`), and exponents without a dot (`3e-4`) left as strings where a number is."""
+    if choices is not None and isinstance(value, bool):
+        word = {False: "no", True: "yes"}[value]
+        return word if word in choices else value
+    if isinstance(default, float) and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
     where = f"{section}.{name}"
+    value = _yaml_11_value(value, default, CHOICES.get((section, name)))
     if (section, name) in CHOICES and value not in CHOICES[(section, name)]:
         raise ConfigError(f"{where} must be one of {CHOICES[(section, name)]}, got {value!r}")
     if isinstance(default, bool) and not isinstance(value, bool) and value is not None:

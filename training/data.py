@@ -148,7 +148,7 @@ class MultiTaskLoader:
     """
 
     def __init__(self, entries: list[TaskEntry], ctx: TaskContext, seed: int, world_size: int = 1,
-                 on_bad_sample: str = "skip"):
+                 on_bad_sample: str = "skip", augment: bool = False):
         if not entries:
             raise ValueError("no tasks to train on")
         if on_bad_sample not in ("skip", "error"):
@@ -166,6 +166,7 @@ class MultiTaskLoader:
         self.names = [e.task.name for e in entries]
         self.probabilities = weights / weights.sum()
         self.ctx, self.seed, self.world_size, self.on_bad_sample = ctx, seed, world_size, on_bad_sample
+        self.augment = augment
         self.skipped: list[tuple[str, str, str]] = []
 
     def task_for_step(self, step: int) -> str:
@@ -177,7 +178,7 @@ class MultiTaskLoader:
         local = entry.batch_size // self.world_size
         rows = entry.stream.take(local)
         for _ in range(100):
-            built = build_batch(entry.task, rows, self.ctx, entry.stream.epoch)
+            built = build_batch(entry.task, rows, self.ctx, entry.stream.epoch, augment=self.augment)
             if not built.skipped:
                 built.data_state = self.state_dict()  # the position right after this batch (for checkpoints)
                 return built

@@ -31,6 +31,7 @@ def evaluate_task(model, task: Task, rows: list[dict], ctx: TaskContext, device,
                 return _evaluate_retrieval(model, task, rows, ctx, device, batch_size)
             correct = total = 0
             loss_sum = 0.0
+            predicted = set()
             for part in _chunks(rows, batch_size):
                 batch = build_batch(task, part, ctx, epoch=0).to(device)
                 if batch.num_samples == 0:
@@ -39,11 +40,14 @@ def evaluate_task(model, task: Task, rows: list[dict], ctx: TaskContext, device,
                 logits = out.logits.reshape(-1, out.logits.shape[-1]).float()
                 labels = batch.labels.reshape(-1)
                 keep = labels != -100
-                correct += int((logits.argmax(-1)[keep] == labels[keep]).sum())
+                guesses = logits.argmax(-1)[keep]
+                predicted.update(guesses.tolist())
+                correct += int((guesses == labels[keep]).sum())
                 total += int(keep.sum())
                 loss_sum += float(F.cross_entropy(logits[keep], labels[keep], reduction="sum"))
             key = "accuracy" if "classification" in task.family else "token_accuracy"
-            return {key: correct / max(total, 1), "loss": loss_sum / max(total, 1), "evaluated": total}
+            return {key: correct / max(total, 1), "loss": loss_sum / max(total, 1), "evaluated": total,
+                    "distinct_predictions": len(predicted)}
     finally:
         model.train(was_training)
 
@@ -67,6 +71,7 @@ def _evaluate_retrieval(model, task, rows, ctx, device, batch_size) -> dict:
         rank = (scores >= scores.gather(1, truth[:, None])).sum(1) - 1
         for k in (1, 5):
             metrics[f"{name}_R@{k}"] = float((rank < k).float().mean())
+    metrics["distinct_predictions"] = len(set(similarity.argmax(1).tolist()))  # distinct top-1 texts (i2t)
     metrics["loss"] = float(F.cross_entropy(similarity * model.logit_scales(task.family).float(), truth))
     return metrics
 
@@ -75,6 +80,36 @@ def evaluate_all(model, tasks: dict[str, Task], eval_rows: dict[str, list[dict]]
                  autocast_dtype=None) -> dict[str, dict]:
     return {name: evaluate_task(model, task, eval_rows[name], ctx, device, autocast_dtype=autocast_dtype)
             for name, task in tasks.items() if eval_rows.get(name)}
+
+
+def trivial_baseline(task: Task, train_rows: list[dict], eval_rows: list[dict], ctx: TaskContext,
+                     batch_size: int = 256) -> dict:
+    """What a model that ignores its input scores on the headline metric of `task`.
+
+    Classification, MLM and captioning: always answer the candidate that is most frequent among the
+    training labels (majority class; most frequent masked or next word); its score is that candidate's
+    share of the evaluated labels. Retrieval: chance recall@1, 1 / the evaluated pool. Returns
+    `{"metric", "value", "answer"}` (answer: the candidate index, None for retrieval).
+    """
+    if task.family == "retrieval":
+        pool = sum(build_batch(task, part, ctx, epoch=0).num_samples for part in _chunks(eval_rows, batch_size))
+        return {"metric": "i2t_R@1", "value": 1.0 / max(pool, 1), "answer": None}
+
+    num_candidates = len(ctx.vocabulary) if task.family in ("mlm", "captioning") else len(ctx.label_names[task.name])
+
+    def label_counts(rows: list[dict]) -> torch.Tensor:
+        """`[num_candidates]` how often each candidate is the right answer in `rows`."""
+        counts = torch.zeros(num_candidates, dtype=torch.long)
+        for part in _chunks(rows, batch_size):
+            labels = build_batch(task, part, ctx, epoch=0).labels.reshape(-1)
+            counts += torch.bincount(labels[labels != -100], minlength=num_candidates)
+        return counts
+
+    answer = int(label_counts(train_rows).argmax())
+    evaluated = label_counts(eval_rows)
+    hits = int(evaluated[answer])
+    metric = "accuracy" if "classification" in task.family else "token_accuracy"
+    return {"metric": metric, "value": hits / max(int(evaluated.sum()), 1), "answer": answer}
 
 
 def headline(task: Task, metrics: dict) -> tuple[str, float]:

@@ -18,8 +18,10 @@ def chance_level(trainer, name: str, metrics: dict) -> float:
     return 1.0 / len(trainer.ctx.label_names[name])
 
 
-def plot_losses(history: list[dict], path: str) -> bool:
-    """Training loss per task against steps (moving average of the per-step losses)."""
+def plot_curves(history: list[dict], tasks: dict, baselines: dict, path: str) -> bool:
+    """Two panels: training loss per task (moving average of the per-step losses) and each task's held-out
+    headline metric at every evaluation, with its trivial baseline as a dashed line of the same colour.
+    The legend sits outside the axes so that it hides no curve."""
     try:
         import matplotlib
 
@@ -27,26 +29,41 @@ def plot_losses(history: list[dict], path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    from .evaluation import headline
+
     per_task: dict[str, list[tuple[int, float]]] = {}
+    held_out: dict[str, list[tuple[int, float]]] = {}
     for row in history:
         if "task" in row and "loss" in row:
             per_task.setdefault(row["task"], []).append((row["step"], row["loss"]))
+        for name, task in tasks.items():
+            prefix = f"eval/{name}/"
+            metrics = {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)}
+            if metrics:
+                held_out.setdefault(name, []).append((row["step"], headline(task, metrics)[1]))
     if not per_task:
         return False
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
+    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(sorted(tasks))}
     for task, points in sorted(per_task.items()):
-        steps = [s for s, _ in points]
-        losses = [l for _, l in points]
+        steps, losses = zip(*points)
         window = max(1, len(losses) // 20)
         smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
                   for i in range(len(losses))]
-        ax.plot(steps, smooth, label=task)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (moving average)")
-    ax.set_title("multi-task pre-training")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+        loss_ax.plot(steps, smooth, color=colours[task], label=task)
+    loss_ax.set(xlabel="optimizer step", ylabel="training loss (moving average)", title="training loss")
+    for task, points in sorted(held_out.items()):
+        steps, values = zip(*points)
+        metric_ax.plot(steps, values, "o-", color=colours[task])
+        if task in baselines:
+            metric_ax.axhline(baselines[task]["value"], color=colours[task], linestyle="--", linewidth=1)
+    metric_ax.set(xlabel="optimizer step", ylabel="held-out accuracy (retrieval: i2t R@1)",
+                  title="held-out metric (dashed: trivial baseline)", ylim=(0, 1))
+    for ax in (loss_ax, metric_ax):
+        ax.grid(alpha=0.3)
+    handles, labels = loss_ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.84, 0.5), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -54,11 +71,13 @@ def plot_losses(history: list[dict], path: str) -> bool:
 
 def write_report(trainer, results: dict) -> dict:
     out = trainer.config.output_dir
+    baselines = getattr(trainer, "baselines", {})
     rows = []
     for name, metrics in results.items():
         key, value = headline(trainer.tasks[name], metrics)
         rows.append({"task": name, "family": trainer.tasks[name].family, "metric": key, "value": value,
-                     "chance": chance_level(trainer, name, metrics), "eval_loss": metrics["loss"],
+                     "trivial_baseline": baselines[name]["value"], "chance": chance_level(trainer, name, metrics),
+                     "distinct_predictions": metrics["distinct_predictions"], "eval_loss": metrics["loss"],
                      "evaluated": metrics["evaluated"]})
     throughput = [h["tokens_per_second"] for h in trainer.history if "tokens_per_second" in h]
     report = {
@@ -76,16 +95,20 @@ def write_report(trainer, results: dict) -> dict:
     }
     with open(os.path.join(out, "report.json"), "w") as handle:
         json.dump(report, handle, indent=1)
-    plotted = plot_losses(trainer.history, os.path.join(out, "loss_curves.png"))
+    plotted = plot_curves(trainer.history, trainer.tasks, baselines, os.path.join(out, "loss_curves.png"))
     lines = [
         "# Pre-training report", "",
         f"{report['steps']} optimizer steps, {report['processes']} process(es) on {report['device']}, "
         f"routing `{report['routing']}`, {report['parameters']:,} parameters, data slice `{report['data_slice']}`, "
         f"median {report['median_tokens_per_second'] or 0:,.0f} tokens/s.", "",
-        "| task | family | metric | value | chance | eval loss | evaluated |", "|---|---|---|---|---|---|---|",
+        "Trivial baseline: always the answer most frequent in training (majority class, most frequent masked or "
+        "next word); retrieval: chance recall@1. Distinct: how many different answers the model gave.", "",
+        "| task | family | metric | value | trivial baseline | chance | distinct | eval loss | evaluated |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(f"| {row['task']} | {row['family']} | {row['metric']} | {row['value']:.3f} | {row['chance']:.3f} "
+        lines.append(f"| {row['task']} | {row['family']} | {row['metric']} | {row['value']:.3f} "
+                     f"| {row['trivial_baseline']:.3f} | {row['chance']:.3f} | {row['distinct_predictions']} "
                      f"| {row['eval_loss']:.3f} | {row['evaluated']} |")
     if plotted:
         lines += ["", "![loss curves](loss_curves.png)"]

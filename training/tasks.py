@@ -278,8 +278,25 @@ def route_inputs(task: Task, batch: int, attributes: torch.Tensor, target_attrib
     return out
 
 
+def augment_frames(frames: list[Image.Image], rng: np.random.Generator, min_side: float = 0.85) -> list[Image.Image]:
+    """Training-time augmentation of one image or clip (the same for every frame of a clip): a crop of
+    `min_side`..100% of each side at a random place, then a horizontal mirror with probability 1/2. The
+    processor resizes the crop to the model's image size."""
+    width, height = frames[0].size
+    crop_w = max(1, int(round(width * rng.uniform(min_side, 1.0))))
+    crop_h = max(1, int(round(height * rng.uniform(min_side, 1.0))))
+    left, top = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
+    mirror = bool(rng.random() < 0.5)
+    out = []
+    for frame in frames:
+        frame = frame.crop((left, top, left + crop_w, top + crop_h))
+        out.append(frame.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else frame)
+    return out
+
+
 # --------------------------------------------------------------------------------------------- builders
-def build_classification(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, video: bool) -> TaskBatch:
+def build_classification(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, video: bool,
+                         augment: bool = False) -> TaskBatch:
     names = ctx.label_names.get(task.name) or []
     visuals, labels, skipped = [], [], []
     if video:
@@ -307,6 +324,9 @@ def build_classification(task: Task, samples: list[dict], ctx: TaskContext, epoc
         except MalformedSample as error:
             skipped.append((sample_name(sample), str(error)))
             continue
+        if augment:
+            frames = augment_frames(visual if video else [visual], sample_rng(ctx, task, sample, epoch))
+            visual = frames if video else frames[0]
         visuals.append(visual)
         labels.append(label)
     if video:
@@ -460,18 +480,23 @@ def build_retrieval(task: Task, samples: list[dict], ctx: TaskContext, epoch: in
 
 
 FAMILY_BUILDERS: dict[str, Callable[..., TaskBatch]] = {
-    "image_classification": lambda t, s, c, e: build_classification(t, s, c, e, video=False),
-    "video_classification": lambda t, s, c, e: build_classification(t, s, c, e, video=True),
+    "image_classification": lambda t, s, c, e, **kw: build_classification(t, s, c, e, video=False, **kw),
+    "video_classification": lambda t, s, c, e, **kw: build_classification(t, s, c, e, video=True, **kw),
     "text_classification": build_text_classification,
     "mlm": build_mlm,
     "captioning": build_captioning,
     "retrieval": build_retrieval,
 }
 TOKEN_LEVEL_FAMILIES = ("mlm", "captioning", "text_classification")
+AUGMENTED_FAMILIES = ("image_classification", "video_classification")  # `augment_frames` in training
 
 
-def build_batch(task: Task, samples: list[dict], ctx: TaskContext, epoch: int) -> TaskBatch:
-    """Samples (raw rows of the task's source) -> a `TaskBatch`; malformed samples are listed in `skipped`."""
+def build_batch(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, augment: bool = False) -> TaskBatch:
+    """Samples (raw rows of the task's source) -> a `TaskBatch`; malformed samples are listed in `skipped`.
+    augment: training batches of `AUGMENTED_FAMILIES` get `augment_frames`, drawn per (seed, task, epoch,
+    sample) so that resumption and any process layout see the same crops."""
+    if augment and task.family in AUGMENTED_FAMILIES:
+        return FAMILY_BUILDERS[task.family](task, samples, ctx, epoch, augment=True)
     return FAMILY_BUILDERS[task.family](task, samples, ctx, epoch)
 
 

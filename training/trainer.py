@@ -28,11 +28,12 @@ from modeling_uniperceiver_moe import UniPerceiverMoEConfig, UniPerceiverMoEForG
 
 from .config import ConfigError, PretrainConfig
 from .data import MultiTaskLoader, Prefetcher, StreamSpec, TaskEntry, TaskStream, read_rows
-from .evaluation import evaluate_all, headline
+from .evaluation import evaluate_all, trivial_baseline
 from .tasks import TaskContext, get_task, task_loss
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step_"
+BASELINE_TRAIN_ROWS = 2000  # training rows whose most frequent answer is the trivial baseline
 NO_DECAY_KEYWORDS = ("norm", "bias", "embedding", "gate", "router", "scale", "log_scale")
 
 
@@ -158,7 +159,8 @@ class Pretrainer:
             spec = task_stream_spec(name, task_config, self.data_dir, self.manifest, "train")
             stream = TaskStream(name, spec, config.seed, config.data.shuffle_block, acc.process_index, acc.num_processes)
             entries.append(TaskEntry(self.tasks[name], task_config.weight, task_config.batch_size, stream))
-        self.loader = MultiTaskLoader(entries, self.ctx, config.seed, acc.num_processes, config.data.on_bad_sample)
+        self.loader = MultiTaskLoader(entries, self.ctx, config.seed, acc.num_processes, config.data.on_bad_sample,
+                                      augment=config.data.augment)
 
         model = UniPerceiverMoEForGenericPerception(self.model_config)
         if config.train.gradient_checkpointing:
@@ -282,15 +284,31 @@ class Pretrainer:
         acc = self.accelerator
         results = {}
         if acc.is_main_process:
-            if not hasattr(self, "_eval_rows"):
-                self._eval_rows = {}
-                for name, task_config in self.config.tasks.items():
-                    spec = task_stream_spec(name, task_config, self.data_dir, self.manifest, "test")
-                    self._eval_rows[name] = read_rows(spec, self.config.data.eval_samples)
+            if not hasattr(self, "baselines"):
+                self.baselines = self.trivial_baselines()
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.train.mixed_precision)
-            results = evaluate_all(acc.unwrap_model(self.model), self.tasks, self._eval_rows, self.ctx, acc.device, dtype)
+            results = evaluate_all(acc.unwrap_model(self.model), self.tasks, self.eval_rows(), self.ctx, acc.device, dtype)
         acc.wait_for_everyone()
         return results
+
+    def eval_rows(self) -> dict[str, list[dict]]:
+        """Per task, the held-out rows every evaluation uses (the first `data.eval_samples` of its test split)."""
+        if not hasattr(self, "_eval_rows"):
+            self._eval_rows = {}
+            for name, task_config in self.config.tasks.items():
+                spec = task_stream_spec(name, task_config, self.data_dir, self.manifest, "test")
+                self._eval_rows[name] = read_rows(spec, self.config.data.eval_samples)
+        return self._eval_rows
+
+    def trivial_baselines(self) -> dict[str, dict]:
+        """Per task, what ignoring the input scores on the evaluated rows (`evaluation.trivial_baseline`),
+        the answer taken from the first `BASELINE_TRAIN_ROWS` training rows."""
+        baselines = {}
+        for name, task_config in self.config.tasks.items():
+            train_rows = read_rows(task_stream_spec(name, task_config, self.data_dir, self.manifest, "train"),
+                                   BASELINE_TRAIN_ROWS)
+            baselines[name] = trivial_baseline(self.tasks[name], train_rows, self.eval_rows()[name], self.ctx)
+        return baselines
 
     def log(self, values: dict) -> None:
         acc = self.accelerator

@@ -1,0 +1,267 @@
+"""Plain baselines, trained and measured in the same run as the model, side by side.
+
+    python -m training.baselines [--config training/configs/<name>.yaml] [--set section.field=value ...]
+                                 [--skip-model]
+
+For every image classification task a `ViTForImageClassification`, and for every text classification task a
+`BertForSequenceClassification`, built from a transformers config of the model's width, depth, heads, MLP
+width, image and patch size (a linear head on the first token, nothing pre-trained). Each is trained on the
+same stream of rows as the model sees for that task (same seed, shuffle, batch size and augmentation), for
+as many optimizer steps as the task gets in the run (the steps on which the multi-task sampler draws it),
+with the same AdamW parameter groups, warmup + cosine schedule, gradient clipping and mixed precision, and
+evaluated on the same held-out rows. Every task also gets its trivial baseline (`evaluation.trivial_baseline`).
+Then the Uni-Perceiver model is trained with the config (`--skip-model` reuses `<output_dir>/report.json`).
+
+Writes `<output_dir>/baselines/` (`baselines.json`, `comparison.md`, `comparison.png`) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+PLAIN_FAMILIES = ("image_classification", "text_classification")
+
+
+# --------------------------------------------------------------------------------------------- plain models
+def plain_model(family: str, model_config, num_labels: int) -> torch.nn.Module:
+    """A transformers classifier with the same shape as the Uni-Perceiver encoder, randomly initialised."""
+    shape = dict(hidden_size=model_config.hidden_size, num_hidden_layers=model_config.num_hidden_layers,
+                 num_attention_heads=model_config.num_attention_heads,
+                 intermediate_size=model_config.intermediate_size, hidden_act="gelu",
+                 layer_norm_eps=model_config.layer_norm_eps, num_labels=num_labels)
+    if family == "image_classification":
+        from transformers import ViTConfig, ViTForImageClassification
+
+        return ViTForImageClassification(ViTConfig(image_size=model_config.image_size, patch_size=model_config.patch_size,
+                                                   num_channels=model_config.num_channels, **shape))
+    if family == "text_classification":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        return BertForSequenceClassification(BertConfig(vocab_size=model_config.vocab_size,
+                                                        max_position_embeddings=model_config.max_position_embeddings,
+                                                        pad_token_id=model_config.pad_token_id, **shape))
+    raise ValueError(f"no plain baseline for the {family} family")
+
+
+def plain_inputs(batch, device) -> dict:
+    """A `TaskBatch` of a classification family -> the plain model's keyword arguments (labels included)."""
+    inputs = batch.inputs
+    labels = batch.labels.reshape(-1).to(device)
+    if "pixel_values" in inputs:
+        return {"pixel_values": inputs["pixel_values"].to(device), "labels": labels}
+    return {"input_ids": inputs["input_ids"].to(device), "attention_mask": inputs["attention_mask"].to(device),
+            "labels": labels}
+
+
+@torch.no_grad()
+def plain_accuracy(model, task, rows: list[dict], ctx, device, autocast_dtype, batch_size: int = 64) -> dict:
+    from .tasks import build_batch
+
+    model.eval()
+    correct = total = 0
+    predicted = set()
+    for start in range(0, len(rows), batch_size):
+        batch = build_batch(task, rows[start:start + batch_size], ctx, epoch=0)
+        if batch.num_samples == 0:
+            continue
+        inputs = plain_inputs(batch, device)
+        labels = inputs.pop("labels")
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            guesses = model(**inputs).logits.argmax(-1)
+        predicted.update(guesses.tolist())
+        correct += int((guesses == labels).sum())
+        total += len(labels)
+    model.train()
+    return {"accuracy": correct / max(total, 1), "evaluated": total, "distinct_predictions": len(predicted)}
+
+
+def train_plain(trainer, name: str, steps: int, device) -> dict:
+    """Train the plain baseline of task `name` for `steps` optimizer steps the way `trainer` trains the model."""
+    from .data import MultiTaskLoader, TaskEntry, TaskStream
+    from .trainer import cosine_with_warmup, parameter_groups, task_stream_spec
+
+    config, task = trainer.config, trainer.tasks[name]
+    task_config = config.tasks[name]
+    torch.manual_seed(config.seed)
+    model = plain_model(task.family, trainer.model_config, len(trainer.ctx.label_names[name])).to(device)
+    spec = task_stream_spec(name, task_config, trainer.data_dir, trainer.manifest, "train")
+    stream = TaskStream(name, spec, config.seed, config.data.shuffle_block)
+    loader = MultiTaskLoader([TaskEntry(task, 1.0, task_config.batch_size, stream)], trainer.ctx, config.seed,
+                             on_bad_sample=config.data.on_bad_sample, augment=config.data.augment)
+    optim = config.optim
+    optimizer = torch.optim.AdamW(parameter_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
+                                  eps=optim.eps, fused=device.type == "cuda")
+    warmup = min(config.train.warmup_steps, steps)
+    scheduler = cosine_with_warmup(optimizer, warmup, steps, config.train.min_lr_ratio)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.mixed_precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    eval_rows = trainer.eval_rows()[name]
+    curve, started = [], time.perf_counter()
+    model.train()
+    for step in tqdm(range(steps), desc=f"plain {name}", dynamic_ncols=True):
+        inputs = plain_inputs(loader.batch(step), device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = model(**inputs).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        every = config.train.eval_every
+        if every and (step + 1) % every == 0 and step + 1 < steps:
+            curve.append({"step": step + 1, **plain_accuracy(model, task, eval_rows, trainer.ctx, device, dtype)})
+    final = plain_accuracy(model, task, eval_rows, trainer.ctx, device, dtype)
+    curve.append({"step": steps, **final})
+    kind = "ViTForImageClassification" if task.family == "image_classification" else "BertForSequenceClassification"
+    return {"model": kind, "steps": steps, "parameters": sum(p.numel() for p in model.parameters()),
+            "seconds": time.perf_counter() - started, **final, "curve": curve}
+
+
+# --------------------------------------------------------------------------------------------- comparison
+def task_steps(trainer) -> dict[str, int]:
+    """Optimizer steps on which the run's sampler draws each task (one task per step)."""
+    counts = dict.fromkeys(trainer.tasks, 0)
+    accum = trainer.config.train.grad_accum
+    for micro_step in range(trainer.config.train.max_steps * accum):
+        counts[trainer.loader.task_for_step(micro_step)] += 1
+    return {name: count // accum for name, count in counts.items()}
+
+
+def model_curves(history: list[dict], tasks: dict) -> dict[str, list[tuple[int, float]]]:
+    from .evaluation import headline
+
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for row in history:
+        for name, task in tasks.items():
+            prefix = f"eval/{name}/"
+            metrics = {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)}
+            if metrics:
+                curves.setdefault(name, []).append((row["step"], headline(task, metrics)[1]))
+    return curves
+
+
+def comparison_rows(tasks: dict, model_report: dict, plain: dict, trivial: dict) -> list[dict]:
+    ours = {row["task"]: row for row in model_report["tasks"]}
+    rows = []
+    for name, task in tasks.items():
+        mine = ours.get(name, {})
+        base = plain.get(name)
+        value = mine.get("value")
+        rows.append({
+            "task": name, "metric": trivial[name]["metric"], "model": value,
+            "model_distinct": mine.get("distinct_predictions"),
+            "plain": None if base is None else base["accuracy"],
+            "plain_model": None if base is None else base["model"],
+            "plain_steps": None if base is None else base["steps"],
+            "model_vs_plain": None if base is None or value is None or not base["accuracy"] else value / base["accuracy"],
+            "trivial": trivial[name]["value"],
+        })
+    return rows
+
+
+def format_table(rows: list[dict], steps: int) -> str:
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    lines = [f"Model trained {steps} steps; each plain baseline the steps its task got (column steps).", "",
+             "| task | metric | this model | distinct answers | plain baseline | steps | model / plain | trivial baseline |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        plain = "-" if r["plain"] is None else f"{r['plain']:.3f} ({r['plain_model']})"
+        lines.append(f"| {r['task']} | {r['metric']} | {fmt(r['model'])} | {r['model_distinct'] or '-'} | {plain} "
+                     f"| {r['plain_steps'] or '-'} | {fmt(r['model_vs_plain'])} | {fmt(r['trivial'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(curves: dict, plain: dict, rows: list[dict], path: str) -> bool:
+    """Held-out headline metric against steps: the model (solid), its plain baseline (dotted), the trivial
+    baseline (dashed), one colour per task; the legend outside the axes."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    for i, row in enumerate(rows):
+        colour = plt.cm.tab10(i % 10)
+        name = row["task"]
+        if curves.get(name):
+            steps, values = zip(*curves[name])
+            ax.plot(steps, values, "o-", color=colour, label=f"{name}: this model")
+        if name in plain:
+            points = [(p["step"], p["accuracy"]) for p in plain[name]["curve"]]
+            steps, values = zip(*points)
+            ax.plot(steps, values, "s:", color=colour, label=f"{name}: {plain[name]['model']}")
+        ax.axhline(row["trivial"], color=colour, linestyle="--", linewidth=1, label=f"{name}: trivial baseline")
+    ax.set(xlabel="optimizer step (the plain baselines: steps of their task)", ylabel="held-out metric",
+           ylim=(0, 1), title="model vs plain and trivial baselines")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .pretrain import DEFAULT_CONFIG
+
+    parser.add_argument("--config", default=DEFAULT_CONFIG)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--skip-model", action="store_true",
+                        help="do not train the model; compare with <output_dir>/report.json of an earlier run")
+    args = parser.parse_args(argv)
+
+    from .config import ConfigError, load_config
+    from .trainer import Pretrainer
+
+    try:
+        config = load_config(args.config, args.overrides)
+        report_path = os.path.join(config.output_dir, "report.json")
+        if args.skip_model and not os.path.exists(report_path):
+            raise ConfigError(f"--skip-model needs {report_path} from an earlier run of this config")
+        trainer = Pretrainer(config)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    device = trainer.accelerator.device
+    steps = task_steps(trainer)
+    trivial = trainer.trivial_baselines()
+    plain = {name: train_plain(trainer, name, steps[name], device)
+             for name, task in trainer.tasks.items() if task.family in PLAIN_FAMILIES and steps[name] > 0}
+    if args.skip_model:
+        with open(report_path) as handle:
+            model_report = json.load(handle)
+        history = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
+    else:
+        trainer.train()
+        with open(report_path) as handle:
+            model_report = json.load(handle)
+        history = trainer.history
+    rows = comparison_rows(trainer.tasks, model_report, plain, trivial)
+    out = os.path.join(config.output_dir, "baselines")
+    os.makedirs(out, exist_ok=True)
+    table = format_table(rows, config.train.max_steps)
+    result = {"config": config.to_dict(), "rows": rows, "plain": plain, "trivial": trivial}
+    with open(os.path.join(out, "baselines.json"), "w") as handle:
+        json.dump(result, handle, indent=1)
+    with open(os.path.join(out, "comparison.md"), "w") as handle:
+        handle.write("# Model vs baselines\n\n" + table)
+    plot_comparison(model_curves(history, trainer.tasks), plain, rows, os.path.join(out, "comparison.png"))
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
