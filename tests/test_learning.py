@@ -139,3 +139,31 @@ def _png() -> bytes:
     buffer = io.BytesIO()
     Image.new("L", (28, 28), 128).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_baselines_script_trains_plain_models_the_same_way(tiny_cache, tmp_path):
+    """`training.baselines`: each plain model gets exactly the steps its task got in the run, and the
+    comparison lists the model, the plain model and the trivial baseline of every task."""
+    import yaml
+
+    from training import baselines
+
+    config = learning_config(tiny_cache, str(tmp_path / "run"))
+    config["train"].update(max_steps=6, eval_every=3)
+    config["tasks"] = {"fashion_mnist_classification": {"batch_size": 8}, "austen_mlm": {"batch_size": 8},
+                       "wordnet_lexname_classification": {"batch_size": 8}, "emoji_retrieval": {"batch_size": 8}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = baselines.main(["--config", str(path)])
+    rows = {row["task"]: row for row in result["rows"]}
+    assert set(rows) == set(config["tasks"])
+    assert {name: p["model"] for name, p in result["plain"].items()} == {
+        "fashion_mnist_classification": "ViTForImageClassification", "austen_mlm": "BertForMaskedLM",
+        "wordnet_lexname_classification": "BertForSequenceClassification"}
+    steps = {name: p["steps"] for name, p in result["plain"].items()}
+    drawn = [json.loads(line)["task"] for line in open(tmp_path / "run" / "metrics.jsonl") if '"task"' in line]
+    assert steps == {name: drawn.count(name) for name in steps}
+    assert rows["emoji_retrieval"]["plain"] is None and rows["emoji_retrieval"]["trivial"] > 0
+    assert (tmp_path / "run" / "baselines" / "comparison.md").read_text().count("|") > 20
+    again = baselines.main(["--config", str(path), "--skip-model"])  # compares with the run already there
+    assert again["rows"][0]["model"] == result["rows"][0]["model"]

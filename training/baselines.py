@@ -3,9 +3,10 @@
     python -m training.baselines [--config training/configs/<name>.yaml] [--set section.field=value ...]
                                  [--skip-model]
 
-For every image classification task a `ViTForImageClassification`, and for every text classification task a
-`BertForSequenceClassification`, built from a transformers config of the model's width, depth, heads, MLP
-width, image and patch size (a linear head on the first token, nothing pre-trained). Each is trained on the
+For every image classification task a `ViTForImageClassification`, for every text classification task a
+`BertForSequenceClassification` and for every MLM task a `BertForMaskedLM` (scored over the same candidate
+words), built from a transformers config of the model's width, depth, heads, MLP width, image and patch size
+(nothing pre-trained). Each is trained on the
 same stream of rows as the model sees for that task (same seed, shuffle, batch size and augmentation), for
 as many optimizer steps as the task gets in the run (the steps on which the multi-task sampler draws it),
 with the same AdamW parameter groups, warmup + cosine schedule, gradient clipping and mixed precision, and
@@ -26,38 +27,57 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-PLAIN_FAMILIES = ("image_classification", "text_classification")
+PLAIN_FAMILIES = ("image_classification", "text_classification", "mlm")
+PLAIN_NAMES = {"image_classification": "ViTForImageClassification",
+               "text_classification": "BertForSequenceClassification", "mlm": "BertForMaskedLM"}
 
 
 # --------------------------------------------------------------------------------------------- plain models
-def plain_model(family: str, model_config, num_labels: int) -> torch.nn.Module:
-    """A transformers classifier with the same shape as the Uni-Perceiver encoder, randomly initialised."""
-    shape = dict(hidden_size=model_config.hidden_size, num_hidden_layers=model_config.num_hidden_layers,
-                 num_attention_heads=model_config.num_attention_heads,
-                 intermediate_size=model_config.intermediate_size, hidden_act="gelu",
-                 layer_norm_eps=model_config.layer_norm_eps, num_labels=num_labels)
-    if family == "image_classification":
-        from transformers import ViTConfig, ViTForImageClassification
+class PlainBaseline(torch.nn.Module):
+    """A transformers model with the Uni-Perceiver encoder's shape, randomly initialised, scored on the same
+    candidates as the model: `forward(batch) -> (logits [N, K], labels [N])` over the N answers of a
+    `TaskBatch` (one per sample for classification, one per masked word for MLM).
 
-        return ViTForImageClassification(ViTConfig(image_size=model_config.image_size, patch_size=model_config.patch_size,
-                                                   num_channels=model_config.num_channels, **shape))
-    if family == "text_classification":
-        from transformers import BertConfig, BertForSequenceClassification
+    image_classification: `ViTForImageClassification` (linear head on [CLS]); text_classification:
+    `BertForSequenceClassification`; mlm: `BertForMaskedLM`, its output restricted to the run's candidate
+    vocabulary at the masked positions.
+    """
 
-        return BertForSequenceClassification(BertConfig(vocab_size=model_config.vocab_size,
-                                                        max_position_embeddings=model_config.max_position_embeddings,
-                                                        pad_token_id=model_config.pad_token_id, **shape))
-    raise ValueError(f"no plain baseline for the {family} family")
+    def __init__(self, family: str, model_config, num_labels: int, vocabulary: torch.Tensor | None = None):
+        super().__init__()
+        from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, ViTConfig, ViTForImageClassification
 
+        self.family = family
+        shape = dict(hidden_size=model_config.hidden_size, num_hidden_layers=model_config.num_hidden_layers,
+                     num_attention_heads=model_config.num_attention_heads,
+                     intermediate_size=model_config.intermediate_size, hidden_act="gelu",
+                     layer_norm_eps=model_config.layer_norm_eps)
+        text = dict(vocab_size=model_config.vocab_size, max_position_embeddings=model_config.max_position_embeddings,
+                    pad_token_id=model_config.pad_token_id, **shape)
+        if family == "image_classification":
+            self.model = ViTForImageClassification(ViTConfig(
+                image_size=model_config.image_size, patch_size=model_config.patch_size,
+                num_channels=model_config.num_channels, num_labels=num_labels, **shape))
+        elif family == "text_classification":
+            self.model = BertForSequenceClassification(BertConfig(num_labels=num_labels, **text))
+        elif family == "mlm":
+            self.model = BertForMaskedLM(BertConfig(**text))
+            self.register_buffer("vocabulary", vocabulary.clone(), persistent=False)
+        else:
+            raise ValueError(f"no plain baseline for the {family} family")
 
-def plain_inputs(batch, device) -> dict:
-    """A `TaskBatch` of a classification family -> the plain model's keyword arguments (labels included)."""
-    inputs = batch.inputs
-    labels = batch.labels.reshape(-1).to(device)
-    if "pixel_values" in inputs:
-        return {"pixel_values": inputs["pixel_values"].to(device), "labels": labels}
-    return {"input_ids": inputs["input_ids"].to(device), "attention_mask": inputs["attention_mask"].to(device),
-            "labels": labels}
+    def forward(self, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, labels = batch.inputs, batch.labels.to(device)
+        if self.family == "image_classification":
+            return self.model(pixel_values=inputs["pixel_values"].to(device)).logits, labels.reshape(-1)
+        text = {"input_ids": inputs["input_ids"].to(device), "attention_mask": inputs["attention_mask"].to(device)}
+        if self.family == "text_classification":
+            return self.model(**text).logits, labels.reshape(-1)
+        queries = inputs["query_positions"].to(device)
+        keep = queries >= 0
+        hidden = self.model(**text).logits  # [B, T, V]
+        rows = torch.arange(len(queries), device=device)[:, None].expand_as(queries)[keep]
+        return hidden[rows, queries[keep]][:, self.vocabulary], labels[keep]
 
 
 @torch.no_grad()
@@ -71,13 +91,13 @@ def plain_accuracy(model, task, rows: list[dict], ctx, device, autocast_dtype, b
         batch = build_batch(task, rows[start:start + batch_size], ctx, epoch=0)
         if batch.num_samples == 0:
             continue
-        inputs = plain_inputs(batch, device)
-        labels = inputs.pop("labels")
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            guesses = model(**inputs).logits.argmax(-1)
+            logits, labels = model(batch, device)
+        keep = labels != -100
+        guesses = logits.argmax(-1)[keep]
         predicted.update(guesses.tolist())
-        correct += int((guesses == labels).sum())
-        total += len(labels)
+        correct += int((guesses == labels[keep]).sum())
+        total += int(keep.sum())
     model.train()
     return {"accuracy": correct / max(total, 1), "evaluated": total, "distinct_predictions": len(predicted)}
 
@@ -90,7 +110,8 @@ def train_plain(trainer, name: str, steps: int, device) -> dict:
     config, task = trainer.config, trainer.tasks[name]
     task_config = config.tasks[name]
     torch.manual_seed(config.seed)
-    model = plain_model(task.family, trainer.model_config, len(trainer.ctx.label_names[name])).to(device)
+    num_labels = len(trainer.ctx.label_names.get(name) or []) or None
+    model = PlainBaseline(task.family, trainer.model_config, num_labels, trainer.ctx.vocabulary).to(device)
     spec = task_stream_spec(name, task_config, trainer.data_dir, trainer.manifest, "train")
     stream = TaskStream(name, spec, config.seed, config.data.shuffle_block)
     loader = MultiTaskLoader([TaskEntry(task, 1.0, task_config.batch_size, stream)], trainer.ctx, config.seed,
@@ -106,9 +127,9 @@ def train_plain(trainer, name: str, steps: int, device) -> dict:
     curve, started = [], time.perf_counter()
     model.train()
     for step in tqdm(range(steps), desc=f"plain {name}", dynamic_ncols=True):
-        inputs = plain_inputs(loader.batch(step), device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = model(**inputs).loss
+            logits, labels = model(loader.batch(step), device)
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         if optim.grad_clip > 0:
@@ -122,8 +143,7 @@ def train_plain(trainer, name: str, steps: int, device) -> dict:
             curve.append({"step": step + 1, **plain_accuracy(model, task, eval_rows, trainer.ctx, device, dtype)})
     final = plain_accuracy(model, task, eval_rows, trainer.ctx, device, dtype)
     curve.append({"step": steps, **final})
-    kind = "ViTForImageClassification" if task.family == "image_classification" else "BertForSequenceClassification"
-    return {"model": kind, "steps": steps, "parameters": sum(p.numel() for p in model.parameters()),
+    return {"model": PLAIN_NAMES[task.family], "steps": steps, "parameters": sum(p.numel() for p in model.parameters()),
             "seconds": time.perf_counter() - started, **final, "curve": curve}
 
 
