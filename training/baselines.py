@@ -75,9 +75,10 @@ class PlainBaseline(torch.nn.Module):
             return self.model(**text).logits, labels.reshape(-1)
         queries = inputs["query_positions"].to(device)
         keep = queries >= 0
-        hidden = self.model(**text).logits  # [B, T, V]
+        hidden = self.model.bert(**text).last_hidden_state  # [B, T, d]
         rows = torch.arange(len(queries), device=device)[:, None].expand_as(queries)[keep]
-        return hidden[rows, queries[keep]][:, self.vocabulary], labels[keep]
+        # the MLM head on the masked positions only (not on every token of the 49k-word output layer)
+        return self.model.cls(hidden[rows, queries[keep]])[:, self.vocabulary], labels[keep]
 
 
 @torch.no_grad()
