@@ -406,3 +406,54 @@ def test_a_task_can_stream_any_parquet_with_a_column_mapping(tmp_path, tiny_cach
     bad = TaskConfig(source={"files": path, "columns": {"caption": "text"}})
     with pytest.raises(ValueError, match="columns \\['caption'\\] not found"):
         TaskStream("austen_mlm", task_stream_spec("austen_mlm", bad, "x", {}, "train"), 0, 2).take(1)
+
+
+def test_config_reads_yaml_11_values_as_meant():
+    """`mixed_precision: no` (YAML 1.1 reads false) and `lr: 3e-4` (a string without a dot) are taken as the
+    user meant them, in files and in --set overrides; a real non-number still names the field."""
+    from training.config import apply_overrides
+
+    raw = yaml.safe_load("optim: {lr: 3e-4, weight_decay: 1e-2}\ntrain: {mixed_precision: no}\ntasks: {austen_mlm: {}}")
+    config = parse_config(raw)
+    assert (config.optim.lr, config.optim.weight_decay, config.train.mixed_precision) == (3e-4, 1e-2, "no")
+    config = parse_config(apply_overrides({"tasks": {"austen_mlm": {}}}, ["train.mixed_precision=no", "optim.lr=5e-4"]))
+    assert (config.optim.lr, config.train.mixed_precision) == (5e-4, "no")
+    with pytest.raises(ConfigError, match="optim.lr must be a number"):
+        parse_config(apply_overrides({"tasks": {"austen_mlm": {}}}, ["optim.lr=fast"]))
+    with pytest.raises(ConfigError, match="data.augment must be true/false"):
+        parse_config(apply_overrides({"tasks": {"austen_mlm": {}}}, ["data.augment=sometimes"]))
+
+
+def test_augmentation_is_drawn_per_sample_and_only_in_training():
+    """A clip gets one crop and mirror for all its frames; the draw depends on (seed, task, epoch, sample) only,
+    so a resumed run or another process layout sees the same pixels; evaluation batches are never augmented."""
+    from PIL import Image
+
+    from modeling_uniperceiver_moe import UniPerceiverMoEProcessor
+    from training.tasks import augment_frames, sample_rng
+
+    from conftest import tiny_config
+
+    config = tiny_config("attribute", image_size=16)
+    processor = UniPerceiverMoEProcessor.build(image_size=16)
+    task = get_task("fashion_mnist_classification")
+    ctx = TaskContext(processor.tokenizer, processor.image_processor, config,
+                      label_names={task.name: [str(i) for i in range(10)]})
+    gradient = Image.fromarray((torch.arange(28 * 28).reshape(28, 28) % 251).to(torch.uint8).numpy(), mode="L")
+    buffer = io.BytesIO()
+    gradient.save(buffer, format="PNG")
+    rows = [{"key": f"k{i}", "image": buffer.getvalue(), "label": i % 10} for i in range(6)]
+    plain = build_batch(task, rows, ctx, epoch=0).inputs["pixel_values"]
+    first = build_batch(task, rows, ctx, epoch=0, augment=True).inputs["pixel_values"]
+    again = build_batch(task, rows[::-1], ctx, epoch=0, augment=True).inputs["pixel_values"]
+    later = build_batch(task, rows, ctx, epoch=1, augment=True).inputs["pixel_values"]
+    assert torch.equal(first, again.flip(0))  # per sample, not per position in the batch
+    assert not torch.equal(first, plain) and not torch.equal(first, later)
+    pairs = [dict(row, caption="a grey square") for row in rows]  # other families ignore the flag
+    retrieval = get_task("emoji_retrieval")
+    assert torch.equal(build_batch(retrieval, pairs, ctx, epoch=0, augment=True).inputs["pixel_values"],
+                       build_batch(retrieval, pairs, ctx, epoch=0).inputs["pixel_values"])
+    frames = [gradient.convert("RGB"), gradient.convert("RGB").transpose(Image.Transpose.ROTATE_180)]
+    out = augment_frames(frames, sample_rng(ctx, task, rows[0], 0))
+    assert out[0].size == out[1].size
+    assert out[1].tobytes() == augment_frames([frames[1]], sample_rng(ctx, task, rows[0], 0))[0].tobytes()
