@@ -416,7 +416,7 @@ def infer_config(reference_sd: dict[str, torch.Tensor], **overrides):
     LayerScale presence. Not stored, so defaulted: attention heads (the paper's for the width), top-k (2),
     LayerNorm eps (1e-5, torch's default that the reference uses).
     """
-    from modeling_uniperceiver_moe import UniPerceiverMoEConfig
+    from modeling_uniperceiver_moe import REFERENCE_INIT, UniPerceiverMoEConfig
 
     def shape(key):
         if key not in reference_sd:
@@ -450,9 +450,11 @@ def infer_config(reference_sd: dict[str, torch.Tensor], **overrides):
         max_position_embeddings=shape("token_embed.embeddings_pos.position_embeddings.weight")[0],
         num_frames=shape("video_embed.embeddings_st_pos.temporal_pos_embed.weight")[0],
         patch_size=conv[-1], num_channels=conv[1],
-        layer_scale_init=1e-3 if f"{LAYER_PREFIX.format(i=0)}gamma_1" in reference_sd else 0.0,
+        **REFERENCE_INIT,  # the reference's initialisation (only what the checkpoint lacks is drawn with it)
         drop_path_rate=0.0, layer_norm_eps=1e-5,
     )
+    if f"{LAYER_PREFIX.format(i=0)}gamma_1" not in reference_sd:
+        values["layer_scale_init"] = 0.0
     if SPATIAL_POSITIONS in reference_sd:
         values["image_size"] = math.isqrt(shape(SPATIAL_POSITIONS)[0]) * conv[-1]
     if moe_layers:
