@@ -205,6 +205,7 @@ class Measurement:
     source: str | None
     chance: float | None = None
     evaluated: int | None = None
+    trivial_baseline: float | None = None  # what always giving the most frequent training answer scores
 
 
 @dataclass
@@ -257,6 +258,7 @@ def parse_pretraining_report(data: dict, path: Path) -> Results:
             task=row["task"], family=row.get("family", family), metric=row["metric"], value=row["value"],
             source=source, chance=row.get("chance") if is_number(row.get("chance")) else None,
             evaluated=row.get("evaluated"),
+            trivial_baseline=row.get("trivial_baseline") if is_number(row.get("trivial_baseline")) else None,
         ))
     info = {k: data.get(k) for k in ("steps", "processes", "device", "mixed_precision", "routing", "parameters",
                                      "data_slice", "median_tokens_per_second", "skipped_samples")}
@@ -550,16 +552,19 @@ def evaluation_section(results: Results | None, kind: str) -> str:
                 "card's `model-index`.".format(results.path.name))
     elif results.origin == "pretraining":
         head = (f"Held-out test split of each task's data source (up to {max((m.evaluated or 0) for m in results.measurements)} "
-                f"samples per task), read from `{results.path.name}`; `chance` is what guessing scores. These "
-                f"numbers are in the card's `model-index`.")
+                f"samples per task), read from `{results.path.name}`; `chance` is what guessing scores, `trivial "
+                f"baseline` what always giving the most frequent training answer scores (majority class, most "
+                f"frequent word; chance recall for retrieval). These numbers are in the card's `model-index`.")
     else:
         head = (f"Held-out test split of `{results.info.get('task')}` ({results.info.get('eval_samples')} samples), "
                 f"read from `{results.path.name}`: `zero-shot` is the frozen base model without the adapter, "
                 f"`prompt-tuned` the base model with this adapter (the latter is in the card's `model-index`).")
     if results.origin == "pretraining":
-        rows = [[m.task, m.family or "", metric_name(m.family, m.metric), format_value(m.value), format_value(m.chance),
-                 m.evaluated if m.evaluated is not None else ""] for m in results.measurements]
-        return head + "\n\n" + markdown_table(["task", "family", "metric", "value", "chance", "evaluated"], rows)
+        rows = [[m.task, m.family or "", metric_name(m.family, m.metric), format_value(m.value),
+                 format_value(m.trivial_baseline), format_value(m.chance), m.evaluated if m.evaluated is not None else ""]
+                for m in results.measurements]
+        return head + "\n\n" + markdown_table(
+            ["task", "family", "metric", "value", "trivial baseline", "chance", "evaluated"], rows)
     before = {m.metric: m.value for m in results.baseline}
     rows = [[m.task, metric_name(m.family, m.metric), format_value(before.get(m.metric)), format_value(m.value)]
             for m in results.measurements]

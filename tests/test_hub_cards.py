@@ -37,7 +37,7 @@ REPORT = {
     "parameters": 0, "data_slice": "tiny", "median_tokens_per_second": 1234.5, "skipped_samples": 0,
     "tasks": [
         {"task": "fashion_mnist_classification", "family": "image_classification", "metric": "accuracy",
-         "value": 0.3125, "chance": 0.1, "eval_loss": 2.1, "evaluated": 32},
+         "value": 0.3125, "trivial_baseline": 0.125, "chance": 0.1, "eval_loss": 2.1, "evaluated": 32},
         {"task": "austen_mlm", "family": "mlm", "metric": "token_accuracy", "value": 0.0546875,
          "chance": 0.0009765625, "eval_loss": 6.0, "evaluated": 64},
         {"task": "emoji_retrieval", "family": "retrieval", "metric": "i2t_R@1", "value": 0.0625,
@@ -293,6 +293,9 @@ def test_model_card_metadata_has_licence_tags_sources_and_measured_numbers(artef
     assert "| `moe_layers` | `all` | MoE in layers [0, 1] of 2 (counted from 0) |" in text
     assert "| `moe_num_experts` | 4 |" in text and "| `moe_top_k` | 2 |" in text
     assert "12 optimizer steps" in text and "data slice `tiny`" in text
+    # each task beside its trivial baseline (empty where the report has none)
+    assert "| trivial baseline | chance |" in text
+    assert "| fashion_mnist_classification | image_classification | accuracy | 0.3125 | 0.1250 | 0.1000 | 32 |" in text
 
 
 def test_adapter_card_metadata_names_the_base_model_and_the_tuned_numbers(artefacts):
