@@ -9,15 +9,10 @@ import os
 import pytest
 import torch
 
+from benchmarks.init_signal import mean_pairwise_cosine
 from conftest import IMAGE_INPUT, TEXT_INPUT, tiny_config
 from modeling_uniperceiver_moe import REFERENCE_INIT, UniPerceiverMoEForGenericPerception
 from modeling_uniperceiver_moe.routing import RouterLinear
-
-
-def mean_pairwise_cosine(x: torch.Tensor) -> float:
-    x = torch.nn.functional.normalize(x.float(), dim=-1)
-    n = len(x)
-    return float(((x @ x.t()).sum() - n) / (n * n - n))
 
 
 @torch.no_grad()

@@ -81,26 +81,14 @@ class PlainBaseline(torch.nn.Module):
         return self.model.cls(hidden[rows, queries[keep]])[:, self.vocabulary], labels[keep]
 
 
-@torch.no_grad()
-def plain_accuracy(model, task, rows: list[dict], ctx, device, autocast_dtype, batch_size: int = 64) -> dict:
-    from .tasks import build_batch
+def plain_accuracy(model, task, rows: list[dict], ctx, device, autocast_dtype) -> dict:
+    """The plain model on the held-out rows, through the model's evaluation (`evaluation.evaluate_task`)."""
+    from .evaluation import evaluate_task, headline
 
-    model.eval()
-    correct = total = 0
-    predicted = set()
-    for start in range(0, len(rows), batch_size):
-        batch = build_batch(task, rows[start:start + batch_size], ctx, epoch=0)
-        if batch.num_samples == 0:
-            continue
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits, labels = model(batch, device)
-        keep = labels != -100
-        guesses = logits.argmax(-1)[keep]
-        predicted.update(guesses.tolist())
-        correct += int((guesses == labels[keep]).sum())
-        total += int(keep.sum())
-    model.train()
-    return {"accuracy": correct / max(total, 1), "evaluated": total, "distinct_predictions": len(predicted)}
+    metrics = evaluate_task(model, task, rows, ctx, device, autocast_dtype=autocast_dtype,
+                            answers=lambda batch: model(batch, device))
+    return {"accuracy": headline(task, metrics)[1], "evaluated": metrics["evaluated"],
+            "distinct_predictions": metrics["distinct_predictions"]}
 
 
 def train_plain(trainer, name: str, steps: int, device) -> dict:
@@ -156,19 +144,6 @@ def task_steps(trainer) -> dict[str, int]:
     for micro_step in range(trainer.config.train.max_steps * accum):
         counts[trainer.loader.task_for_step(micro_step)] += 1
     return {name: count // accum for name, count in counts.items()}
-
-
-def model_curves(history: list[dict], tasks: dict) -> dict[str, list[tuple[int, float]]]:
-    from .evaluation import headline
-
-    curves: dict[str, list[tuple[int, float]]] = {}
-    for row in history:
-        for name, task in tasks.items():
-            prefix = f"eval/{name}/"
-            metrics = {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)}
-            if metrics:
-                curves.setdefault(name, []).append((row["step"], headline(task, metrics)[1]))
-    return curves
 
 
 def comparison_rows(tasks: dict, model_report: dict, plain: dict, trivial: dict) -> list[dict]:
@@ -245,6 +220,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     from .config import ConfigError, load_config
+    from .report import held_out_curves
     from .trainer import Pretrainer
 
     try:
@@ -264,7 +240,8 @@ def main(argv=None) -> dict:
     if args.skip_model:
         with open(report_path) as handle:
             model_report = json.load(handle)
-        history = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
+        with open(os.path.join(config.output_dir, "metrics.jsonl")) as handle:
+            history = [json.loads(line) for line in handle]
     else:
         trainer.train()
         with open(report_path) as handle:
@@ -279,7 +256,7 @@ def main(argv=None) -> dict:
         json.dump(result, handle, indent=1)
     with open(os.path.join(out, "comparison.md"), "w") as handle:
         handle.write("# Model vs baselines\n\n" + table)
-    plot_comparison(model_curves(history, trainer.tasks), plain, rows, os.path.join(out, "comparison.png"))
+    plot_comparison(held_out_curves(history, trainer.tasks), plain, rows, os.path.join(out, "comparison.png"))
     print(table)
     return result
 

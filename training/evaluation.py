@@ -20,8 +20,16 @@ def _chunks(rows: list[dict], size: int):
 
 @torch.no_grad()
 def evaluate_task(model, task: Task, rows: list[dict], ctx: TaskContext, device, batch_size: int = 64,
-                  autocast_dtype=None) -> dict:
-    """Metrics of one task on `rows` (raw rows of its test split). `model` is the unwrapped model."""
+                  autocast_dtype=None, answers=None) -> dict:
+    """Metrics of one task on `rows` (raw rows of its test split). `model` is the unwrapped model.
+
+    answers: `(TaskBatch on device) -> (logits [N, K], labels [N])` over the batch's N answers and K candidates;
+    by default the model's own candidate logits. Another module scored on the same candidates (the plain
+    baselines of `training.baselines`) passes its own."""
+    if answers is None:
+        def answers(batch):
+            out = model(**batch.inputs, task_family=task.family)
+            return out.logits.reshape(-1, out.logits.shape[-1]), batch.labels.reshape(-1)
     was_training = model.training
     model.eval()
     try:
@@ -36,9 +44,8 @@ def evaluate_task(model, task: Task, rows: list[dict], ctx: TaskContext, device,
                 batch = build_batch(task, part, ctx, epoch=0).to(device)
                 if batch.num_samples == 0:
                     continue
-                out = model(**batch.inputs, task_family=task.family)
-                logits = out.logits.reshape(-1, out.logits.shape[-1]).float()
-                labels = batch.labels.reshape(-1)
+                logits, labels = answers(batch)
+                logits = logits.float()
                 keep = labels != -100
                 guesses = logits.argmax(-1)[keep]
                 predicted.update(guesses.tolist())

@@ -18,6 +18,18 @@ def chance_level(trainer, name: str, metrics: dict) -> float:
     return 1.0 / len(trainer.ctx.label_names[name])
 
 
+def held_out_curves(history: list[dict], tasks: dict) -> dict[str, list[tuple[int, float]]]:
+    """Per task, (step, headline metric) of every evaluation logged in `history` (`eval/<task>/<metric>` keys)."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for row in history:
+        for name, task in tasks.items():
+            prefix = f"eval/{name}/"
+            metrics = {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)}
+            if metrics:
+                curves.setdefault(name, []).append((row["step"], headline(task, metrics)[1]))
+    return curves
+
+
 def plot_curves(history: list[dict], tasks: dict, baselines: dict, path: str) -> bool:
     """Two panels: training loss per task (moving average of the per-step losses) and each task's held-out
     headline metric at every evaluation, with its trivial baseline as a dashed line of the same colour.
@@ -29,18 +41,11 @@ def plot_curves(history: list[dict], tasks: dict, baselines: dict, path: str) ->
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    from .evaluation import headline
-
     per_task: dict[str, list[tuple[int, float]]] = {}
-    held_out: dict[str, list[tuple[int, float]]] = {}
     for row in history:
         if "task" in row and "loss" in row:
             per_task.setdefault(row["task"], []).append((row["step"], row["loss"]))
-        for name, task in tasks.items():
-            prefix = f"eval/{name}/"
-            metrics = {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)}
-            if metrics:
-                held_out.setdefault(name, []).append((row["step"], headline(task, metrics)[1]))
+    held_out = held_out_curves(history, tasks)
     if not per_task:
         return False
     fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
