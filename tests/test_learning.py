@@ -136,7 +136,7 @@ def _png() -> bytes:
     return buffer.getvalue()
 
 
-def test_baselines_script_trains_plain_models_the_same_way(tiny_cache, tmp_path):
+def test_baselines_script_trains_plain_models_the_same_way(tiny_cache, tmp_path, capsys):
     """`training.baselines`: each plain model gets exactly the steps its task got in the run, and the
     comparison lists the model, the plain model and the trivial baseline of every task."""
     import yaml
@@ -162,3 +162,35 @@ def test_baselines_script_trains_plain_models_the_same_way(tiny_cache, tmp_path)
     assert (tmp_path / "run" / "baselines" / "comparison.md").read_text().count("|") > 20
     again = baselines.main(["--config", str(path), "--skip-model"])  # compares with the run already there
     assert again["rows"][0]["model"] == result["rows"][0]["model"]
+
+    # the plain baselines alone in another directory, then compared with the run without training anything
+    alone = baselines.main(["--config", str(path), "--plain-only", "--set", f"output_dir={tmp_path / 'plain'}"])
+    assert all(row["model"] is None for row in alone["rows"])
+    assert {n: p["accuracy"] for n, p in alone["plain"].items()} == {n: p["accuracy"] for n, p in result["plain"].items()}
+    combined = baselines.main(["--config", str(path), "--skip-model", "--plain-from", str(tmp_path / "plain")])
+    assert combined["rows"] == result["rows"]
+    with pytest.raises(SystemExit):  # baselines trained with another learning rate are refused
+        baselines.main(["--config", str(path), "--skip-model", "--plain-from", str(tmp_path / "plain"),
+                        "--set", "optim.lr=1.0e-2"])
+    assert "different settings (optim.lr)" in capsys.readouterr().err
+
+
+def test_candidate_spread_reports_the_word_features_of_a_new_and_a_saved_model(tiny_cache, tmp_path):
+    """`benchmarks.candidate_spread`: the pairwise cosine of the MLM candidate words' features, for a new
+    model and for a saved one; the saved copy of the same weights gives the same numbers."""
+    import yaml
+
+    from benchmarks import candidate_spread
+    from training.config import parse_config
+    from training.trainer import Pretrainer
+
+    config = learning_config(tiny_cache, str(tmp_path / "run"))
+    config["tasks"] = {"austen_mlm": {"batch_size": 4}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    Pretrainer(parse_config(config)).model.save_pretrained(tmp_path / "saved")
+    rows = candidate_spread.main(["--config", str(path), "--model", str(tmp_path / "saved")])
+    assert len(rows) == 2
+    assert -1.0 < rows[0]["mean_cosine"] < 0.99 and rows[0]["std_cosine"] > 0  # distinct words, distinct features
+    assert rows[1]["mean_cosine"] == pytest.approx(rows[0]["mean_cosine"], abs=1e-6)  # same seed, same weights
+    assert rows[0]["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-4)

@@ -167,6 +167,23 @@ def test_mlm_masks_whole_words_deterministically(tiny_cache, context):
         assert sum(masked) >= 1
 
 
+def test_mask_probability_sets_how_many_words_mlm_masks(tiny_cache, context, tmp_path):
+    """`data.mask_probability` reaches the task context: 0.5 masks far more words than the default 0.15."""
+    import dataclasses
+
+    ctx, manifest = context
+    task = get_task("austen_mlm")
+    rows = rows_of(tiny_cache, manifest, "austen_mlm")
+    masked = {p: int((build_batch(task, rows, dataclasses.replace(ctx, mask_probability=p), epoch=0)
+                      .inputs["input_ids"] == ctx.model_config.mask_token_id).sum()) for p in (0.15, 0.5)}
+    assert masked[0.5] > 2 * masked[0.15]
+    raw = run_config(tiny_cache, str(tmp_path))
+    raw["data"]["mask_probability"] = 0.5
+    from training.trainer import Pretrainer
+
+    assert Pretrainer(parse_config(raw)).ctx.mask_probability == 0.5
+
+
 def test_adding_a_task_is_one_entry(tiny_cache, context):
     ctx, manifest = context
     name = "kjv_text_mlm_copy"
@@ -271,6 +288,7 @@ def test_config_errors_name_the_field(tmp_path, tiny_cache):
         (lambda c: c["data"].update(shuffle_block="big"), "data.shuffle_block must be a number"),
         (lambda c: c.update(optimiser={}), "unknown section"),
         (lambda c: c["tasks"]["austen_mlm"].update(batch_sise=3), "tasks.austen_mlm.batch_sise"),
+        (lambda c: c["data"].update(mask_probability=1.5), r"data.mask_probability must be in \(0, 1\)"),
     ):
         raw = json.loads(json.dumps(base))
         mutate(raw)

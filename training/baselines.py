@@ -1,7 +1,7 @@
 """Plain baselines, trained and measured in the same run as the model, side by side.
 
     python -m training.baselines [--config training/configs/<name>.yaml] [--set section.field=value ...]
-                                 [--skip-model]
+                                 [--skip-model] [--plain-only] [--plain-from DIR]
 
 For every image classification task a `ViTForImageClassification`, for every text classification task a
 `BertForSequenceClassification` and for every MLM task a `BertForMaskedLM` (scored over the same candidate
@@ -12,6 +12,11 @@ as many optimizer steps as the task gets in the run (the steps on which the mult
 with the same AdamW parameter groups, warmup + cosine schedule, gradient clipping and mixed precision, and
 evaluated on the same held-out rows. Every task also gets its trivial baseline (`evaluation.trivial_baseline`).
 Then the Uni-Perceiver model is trained with the config (`--skip-model` reuses `<output_dir>/report.json`).
+
+To train the model and its baselines side by side in two processes: `python -m training.pretrain` in one,
+`python -m training.baselines --plain-only --set output_dir=<other dir>` in the other (the plain and trivial
+baselines only), then `python -m training.baselines --skip-model --plain-from <other dir>` compares them
+without training anything.
 
 Writes `<output_dir>/baselines/` (`baselines.json`, `comparison.md`, `comparison.png`) and prints the table.
 """
@@ -137,6 +142,43 @@ def train_plain(trainer, name: str, steps: int, device) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- comparison
+# Settings that change what a plain baseline is trained on; an earlier run's baselines are reused only
+# when these agree (the output directory, logging and evaluation cadence may differ).
+PLAIN_RUN_KEYS = ("seed", "data", "optim", "tasks")
+PLAIN_RUN_MODEL_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                        "image_size", "patch_size", "num_channels", "max_position_embeddings", "model_size")
+PLAIN_RUN_TRAIN_KEYS = ("max_steps", "warmup_steps", "min_lr_ratio", "grad_accum", "mixed_precision")
+
+
+def plain_run_signature(config: dict) -> dict:
+    """The parts of a run config (`config.to_dict()`) its plain baselines depend on, as JSON values (tuples
+    as lists), so that a config read back from `baselines.json` compares equal."""
+    config = json.loads(json.dumps(config))
+    return {**{key: config.get(key) for key in PLAIN_RUN_KEYS},
+            "model": {key: config.get("model", {}).get(key) for key in PLAIN_RUN_MODEL_KEYS},
+            "train": {key: config.get("train", {}).get(key) for key in PLAIN_RUN_TRAIN_KEYS}}
+
+
+def load_plain_run(directory: str, config) -> dict:
+    """The plain baselines of an earlier `--plain-only` run in `directory`, after checking it trained them
+    the way `config` would (raises `ConfigError` naming the first setting that differs)."""
+    from .config import ConfigError
+
+    path = os.path.join(directory, "baselines", "baselines.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"--plain-from: {path} does not exist (run --plain-only with output_dir={directory})")
+    with open(path) as handle:
+        earlier = json.load(handle)
+    mine, theirs = plain_run_signature(config.to_dict()), plain_run_signature(earlier["config"])
+    for section in mine:
+        if mine[section] != theirs[section]:
+            keys = mine[section].keys() if isinstance(mine[section], dict) else [None]
+            differing = [k for k in keys if k is None or mine[section].get(k) != (theirs[section] or {}).get(k)]
+            where = ", ".join(f"{section}.{k}" if k else section for k in differing) or section
+            raise ConfigError(f"--plain-from: the baselines in {path} were trained with different settings ({where})")
+    return earlier["plain"]
+
+
 def task_steps(trainer) -> dict[str, int]:
     """Optimizer steps on which the run's sampler draws each task (one task per step)."""
     counts = dict.fromkeys(trainer.tasks, 0)
@@ -217,7 +259,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     parser.add_argument("--skip-model", action="store_true",
                         help="do not train the model; compare with <output_dir>/report.json of an earlier run")
+    parser.add_argument("--plain-only", action="store_true",
+                        help="train and score the plain and trivial baselines only (no model, no comparison)")
+    parser.add_argument("--plain-from", metavar="DIR",
+                        help="reuse the plain baselines of an earlier --plain-only run of the same config in DIR")
     args = parser.parse_args(argv)
+    if args.plain_only and (args.skip_model or args.plain_from):
+        parser.error("--plain-only trains the plain baselines; it takes neither --skip-model nor --plain-from")
 
     from .config import ConfigError, load_config
     from .report import held_out_curves
@@ -228,6 +276,7 @@ def main(argv=None) -> dict:
         report_path = os.path.join(config.output_dir, "report.json")
         if args.skip_model and not os.path.exists(report_path):
             raise ConfigError(f"--skip-model needs {report_path} from an earlier run of this config")
+        earlier_plain = load_plain_run(args.plain_from, config) if args.plain_from else None
         trainer = Pretrainer(config)
     except (ConfigError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -235,9 +284,14 @@ def main(argv=None) -> dict:
     device = trainer.accelerator.device
     steps = task_steps(trainer)
     trivial = trainer.trivial_baselines()
-    plain = {name: train_plain(trainer, name, steps[name], device)
-             for name, task in trainer.tasks.items() if task.family in PLAIN_FAMILIES and steps[name] > 0}
-    if args.skip_model:
+    if earlier_plain is not None:
+        plain = earlier_plain
+    else:
+        plain = {name: train_plain(trainer, name, steps[name], device)
+                 for name, task in trainer.tasks.items() if task.family in PLAIN_FAMILIES and steps[name] > 0}
+    if args.plain_only:
+        model_report, history = {"tasks": []}, []
+    elif args.skip_model:
         with open(report_path) as handle:
             model_report = json.load(handle)
         with open(os.path.join(config.output_dir, "metrics.jsonl")) as handle:

@@ -27,6 +27,7 @@ class DataConfig:
     augment: bool = False  # image/video classification inputs in training: random crop and mirror (tasks.augment_frames);
     # measured to cost accuracy within 2,000 steps (docs/results.md), meant for long schedules
     max_text_length: int = 32
+    mask_probability: float = 0.15  # MLM: share of the words masked (whole words), in training and evaluation
     vocabulary_size: int = 1024  # MLM/caption candidates: the most frequent BPE tokens of the slice
     eval_samples: int = 128  # per task, from the test split
     prefetch: int = 2  # batches built ahead in a background thread (0 = none)
@@ -166,6 +167,8 @@ def parse_config(raw: dict) -> PretrainConfig:
         raise ConfigError("train.max_steps must be >= 1")
     if config.train.grad_accum < 1:
         raise ConfigError("train.grad_accum must be >= 1")
+    if not 0.0 < config.data.mask_probability < 1.0:
+        raise ConfigError(f"data.mask_probability must be in (0, 1), got {config.data.mask_probability}")
     return config
 
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Several runs of one config side by side on one GPU machine (device tool; they are host-bound, each decodes
+# its own data, so they share one GPU well). Carry .whl and the data slice the config reads.
+#   CONFIG=training/configs/<name>.yaml bash benchmarks/sweep_gpu.sh "name|--set a=b --set c=d" "name2|..." ...
+# CONFIG defaults to training/configs/fashion_mnist_ti.yaml. A run named "plain+<rest>" also trains its plain
+# baselines (training.baselines --plain-only) in a second process beside the model, then compares the two
+# (training.baselines --skip-model --plain-from); other runs train the model only. RUN_LIMIT (seconds, default
+# 500) bounds each process. Prints each run's held-out curve (and its plain baseline's) and packs every run's
+# metrics, report and comparison into $OUT/sweep.tar.gz.
+set -o pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=3
+CONFIG=${CONFIG:-training/configs/fashion_mnist_ti.yaml}
+SWEEP=/tmp/sweep
+mkdir -p $SWEEP
+side_by_side() {  # name, then --set arguments: the model and its plain baselines at once, then the comparison
+  local name=$1; shift
+  timeout ${RUN_LIMIT:-500} python3 -m training.pretrain --config $CONFIG --set output_dir=$SWEEP/$name "$@" \
+    > $SWEEP/$name.log 2>&1 &
+  timeout ${RUN_LIMIT:-500} python3 -m training.baselines --plain-only --config $CONFIG \
+    --set output_dir=$SWEEP/$name.plain "$@" > $SWEEP/$name.plain.log 2>&1 &
+  wait
+  python3 -m training.baselines --skip-model --plain-from $SWEEP/$name.plain --config $CONFIG \
+    --set output_dir=$SWEEP/$name "$@" >> $SWEEP/$name.log 2>&1
+}
+for spec in "$@"; do
+  name=${spec%%|*}; read -r -a args <<< "${spec#*|}"
+  [[ $spec == *"|"* ]] || args=()
+  if [[ $name == plain+* ]]; then
+    side_by_side "$name" "${args[@]}" &
+  else
+    timeout ${RUN_LIMIT:-500} python3 -m training.pretrain --config $CONFIG --set output_dir=$SWEEP/$name \
+      "${args[@]}" > $SWEEP/$name.log 2>&1 &
+  fi
+done
+wait
+python3 - "$SWEEP" <<'PY'
+import glob, json, os, sys
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "*", "metrics.jsonl"))):
+    run = os.path.basename(os.path.dirname(path))
+    rows = [json.loads(line) for line in open(path)]
+    speed = sorted(r["steps_per_second"] for r in rows if "steps_per_second" in r)
+    print(f"{run}  (median {speed[len(speed) // 2] if speed else 0:.1f} steps/s)")
+    curves = {}
+    for r in rows:
+        for key, value in r.items():
+            if key.startswith("eval/") and key.count("/") == 2 and key.rsplit("/", 1)[1] in (
+                    "accuracy", "token_accuracy", "i2t_R@1"):
+                curves.setdefault(key[5:], []).append(f"{r['step']}:{value:.4f}")
+    for key, points in curves.items():
+        print(f"  {key:52s} {' '.join(points)}")
+    plain = os.path.join(os.path.dirname(path), "baselines", "baselines.json")
+    for task, result in (json.load(open(plain))["plain"] if os.path.exists(plain) else {}).items():
+        points = " ".join(f"{p['step']}:{p['accuracy']:.4f}" for p in result["curve"])
+        print(f"  {task + ' ' + result['model']:52s} {points}")
+    comparison = os.path.join(os.path.dirname(path), "baselines", "comparison.md")
+    if os.path.exists(comparison):
+        print(open(comparison).read())
+PY
+for f in $SWEEP/*.log; do tr '\r' '\n' < $f | grep -v "it/s" > $f.clean; mv $f.clean $f; done
+tar czf $OUT/sweep.tar.gz -C $SWEEP --exclude='*.safetensors' --exclude=checkpoints --exclude=final .
