@@ -166,6 +166,7 @@ def test_baselines_script_trains_plain_models_the_same_way(tiny_cache, tmp_path,
     # the plain baselines alone in another directory, then compared with the run without training anything
     alone = baselines.main(["--config", str(path), "--plain-only", "--set", f"output_dir={tmp_path / 'plain'}"])
     assert all(row["model"] is None for row in alone["rows"])
+    assert "Baselines only" in (tmp_path / "plain" / "baselines" / "comparison.md").read_text()
     assert {n: p["accuracy"] for n, p in alone["plain"].items()} == {n: p["accuracy"] for n, p in result["plain"].items()}
     combined = baselines.main(["--config", str(path), "--skip-model", "--plain-from", str(tmp_path / "plain")])
     assert combined["rows"] == result["rows"]

@@ -207,9 +207,12 @@ def comparison_rows(tasks: dict, model_report: dict, plain: dict, trivial: dict)
     return rows
 
 
-def format_table(rows: list[dict], steps: int) -> str:
+def format_table(rows: list[dict], steps: int, model_trained: bool = True) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
-    lines = [f"Model trained {steps} steps; each plain baseline the steps its task got (column steps).", "",
+    first = (f"Model trained {steps} steps; each plain baseline the steps its task got (column steps)."
+             if model_trained else
+             f"Baselines only (--plain-only): each plain baseline trained the steps its task gets in a {steps}-step run.")
+    lines = [first, "",
              "| task | metric | this model | distinct answers | plain baseline | steps | model / plain | trivial baseline |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -304,7 +307,7 @@ def main(argv=None) -> dict:
     rows = comparison_rows(trainer.tasks, model_report, plain, trivial)
     out = os.path.join(config.output_dir, "baselines")
     os.makedirs(out, exist_ok=True)
-    table = format_table(rows, config.train.max_steps)
+    table = format_table(rows, config.train.max_steps, model_trained=not args.plain_only)
     result = {"config": config.to_dict(), "rows": rows, "plain": plain, "trivial": trivial}
     with open(os.path.join(out, "baselines.json"), "w") as handle:
         json.dump(result, handle, indent=1)
