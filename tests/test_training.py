@@ -63,6 +63,12 @@ def step_losses(output_dir: str) -> dict[int, float]:
     return losses
 
 
+def step_rates(output_dir: str) -> dict[int, float]:
+    """Per-step learning rates of metrics.jsonl (the last record of a step wins)."""
+    with open(os.path.join(output_dir, "metrics.jsonl")) as handle:
+        return {row["step"]: row["lr"] for row in map(json.loads, handle) if "lr" in row and "task" in row}
+
+
 # --------------------------------------------------------------------------------------------- data builder
 def test_builder_is_deterministic_and_documents_each_source(tmp_path):
     first = build_data.build_slice("tiny", str(tmp_path / "a"), ["wordnet", "fashion_mnist"], progress=False)
@@ -323,6 +329,7 @@ def test_killed_run_resumes_with_the_same_losses(tiny_cache, tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in range(1, 7):
         assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
+    assert step_rates(straight) == step_rates(crashed)  # the schedule continues where it stopped
     report = json.load(open(os.path.join(straight, "report.json")))
     assert {t["task"] for t in report["tasks"]} == set(TEST_TASKS)
     from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
@@ -359,6 +366,48 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_cache, tmp_path):
     assert failed.returncode != 0
     assert "checkpoint" in failed.stderr and "cannot be loaded" in failed.stderr
     assert os.path.exists(os.path.join(out, "final", "model.safetensors"))  # nothing already written is lost
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls open(path, "w"): a file appearing at `path` means the pickle was executed."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_never_executes_a_pickle_planted_in_a_checkpoint(tiny_cache, tmp_path):
+    """No checkpoint file is unpickled unsafely: checkpoints hold no scheduler pickle (the schedule is rebuilt
+    from the step); a planted `custom_checkpoint_0.pkl` is refused by name, a planted `random_states_0.pkl`
+    is not executed, and a planted `optimizer.bin` is refused with a clear error instead of run."""
+    import pickle
+
+    out = str(tmp_path / "run")
+    config = run_config(tiny_cache, out, max_steps=2, save_every=2)
+    assert launch(config, str(tmp_path / "c.yaml")).returncode == 0
+    checkpoint = os.path.join(out, "checkpoints", "step_0000002")
+    assert not [f for f in os.listdir(checkpoint) if f.startswith("custom_checkpoint")]
+    marker = tmp_path / "executed"
+    payload = pickle.dumps(_RunsCodeWhenUnpickled(str(marker)))
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl"):
+        with open(os.path.join(checkpoint, name), "wb") as handle:
+            handle.write(payload)
+    config["train"]["max_steps"] = 4
+    refused = launch(config, str(tmp_path / "c.yaml"))
+    assert refused.returncode != 0 and "holds custom_checkpoint_0.pkl" in refused.stderr
+    assert not marker.exists()
+    os.remove(os.path.join(checkpoint, "custom_checkpoint_0.pkl"))  # as the message says
+    resumed = launch(config, str(tmp_path / "c.yaml"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and not marker.exists()
+    with open(os.path.join(out, "checkpoints", "step_0000004", "optimizer.bin"), "wb") as handle:
+        handle.write(payload)
+    config["train"]["max_steps"] = 6
+    refused = launch(config, str(tmp_path / "c.yaml"))
+    assert refused.returncode != 0 and "cannot be loaded" in refused.stderr
+    assert not marker.exists()
 
 
 def test_two_processes_give_the_losses_of_one(tiny_cache, tmp_path):

@@ -73,6 +73,16 @@ def cosine_with_warmup(optimizer, warmup: int, total: int, min_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put `scheduler` where it is after `step` optimizer steps: a LambdaLR's state is a pure function of the
+    step, so checkpoints store no scheduler file (nothing to unpickle on resume)."""
+    rates = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler.last_epoch = step
+    scheduler._last_lr = rates  # what get_last_lr() returns
+
+
 def list_checkpoints(output_dir: str) -> list[str]:
     root = os.path.join(output_dir, "checkpoints")
     if not os.path.isdir(root):
@@ -173,11 +183,11 @@ class Pretrainer:
         optimizer = torch.optim.AdamW(parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr,
                                       betas=config.optim.betas, eps=config.optim.eps, fused=fused)
         # The scheduler is stepped by hand once per optimizer step (not prepared: accelerate would step it
-        # once per process), and checkpointed through register_for_checkpointing.
+        # once per process). It is not checkpointed: resume() rebuilds it from the step (restore_schedule),
+        # so no pickled scheduler state is ever loaded.
         self.scheduler = cosine_with_warmup(optimizer, config.train.warmup_steps, config.train.max_steps,
                                             config.train.min_lr_ratio)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        acc.register_for_checkpointing(self.scheduler)
         self.step = 0  # optimizer steps done
         self.micro_step = 0
         self.data_state = None  # loader position after the last consumed batch
@@ -242,6 +252,11 @@ class Pretrainer:
                 raise RuntimeError(f"checkpoint {path} was written by {state['num_processes']} process(es), this run has "
                                    f"{acc.num_processes}: the data positions cannot be mapped (set train.resume: none "
                                    f"to start over, or resume with the same number of processes)")
+            planted = sorted(f for f in os.listdir(path) if f.startswith("custom_checkpoint_") and f.endswith(".pkl"))
+            if planted:  # accelerate would unpickle these with weights_only=False; this trainer writes none
+                raise RuntimeError(f"checkpoint {path} holds {', '.join(planted)}: pickled objects this trainer "
+                                   f"never writes or loads (the learning-rate schedule is rebuilt from the step). "
+                                   f"Delete {'them' if len(planted) > 1 else 'it'} to resume from this checkpoint")
             acc.load_state(path)
             with open(os.path.join(path, f"data_state_{acc.process_index}.json")) as handle:
                 self.loader.load_state_dict(json.load(handle))
@@ -251,6 +266,7 @@ class Pretrainer:
             raise RuntimeError(f"checkpoint {path} cannot be loaded ({type(error).__name__}: {error}); delete it or "
                                f"point train.resume at another checkpoint") from error
         self.step, self.micro_step = state["step"], state["micro_step"]
+        restore_schedule(self.scheduler, self.step)
         self.history = state.get("history", [])
         return path
 
