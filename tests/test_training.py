@@ -295,6 +295,8 @@ def test_config_errors_name_the_field(tmp_path, tiny_cache):
         (lambda c: c.update(optimiser={}), "unknown section"),
         (lambda c: c["tasks"]["austen_mlm"].update(batch_sise=3), "tasks.austen_mlm.batch_sise"),
         (lambda c: c["data"].update(mask_probability=1.5), r"data.mask_probability must be in \(0, 1\)"),
+        (lambda c: c["optim"].update(lr=float("inf")), "optim.lr must be a finite number"),
+        (lambda c: c["tasks"]["austen_mlm"].update(loss_weight=float("nan")), "tasks.austen_mlm.loss_weight must be a finite"),
     ):
         raw = json.loads(json.dumps(base))
         mutate(raw)
@@ -408,6 +410,24 @@ def test_resume_never_executes_a_pickle_planted_in_a_checkpoint(tiny_cache, tmp_
     refused = launch(config, str(tmp_path / "c.yaml"))
     assert refused.returncode != 0 and "cannot be loaded" in refused.stderr
     assert not marker.exists()
+
+
+def test_diverging_run_stops_with_an_error_and_keeps_its_checkpoints(tiny_cache, tmp_path):
+    """A learning rate of 1e30 makes the gradients non-finite within a few steps: the run stops before
+    applying that step, exits non-zero naming the step and the last good checkpoint, and writes no final/."""
+    out = str(tmp_path / "run")
+    config = run_config(tiny_cache, out, max_steps=6, save_every=1)
+    config["optim"]["lr"] = 1e30
+    failed = launch(config, str(tmp_path / "c.yaml"))
+    assert failed.returncode == 3, failed.stderr[-3000:]
+    assert "gradient norm of step" in failed.stderr and "last good checkpoint" in failed.stderr
+    assert not os.path.exists(os.path.join(out, "final"))
+    kept = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    assert kept and kept[-1] in failed.stderr
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(out, "checkpoints", kept[-1], "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
 
 
 def test_two_processes_give_the_losses_of_one(tiny_cache, tmp_path):

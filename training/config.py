@@ -7,6 +7,7 @@ Every unknown section or field, and every bad value, raises `ConfigError` naming
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +110,8 @@ def _yaml_11_value(value: Any, default: Any, choices: tuple | None) -> Any:
 def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
     where = f"{section}.{name}"
     value = _yaml_11_value(value, default, CHOICES.get((section, name)))
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
     if (section, name) in CHOICES and value not in CHOICES[(section, name)]:
         raise ConfigError(f"{where} must be one of {CHOICES[(section, name)]}, got {value!r}")
     if isinstance(default, bool) and not isinstance(value, bool) and value is not None:

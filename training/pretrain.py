@@ -31,6 +31,7 @@ def main(argv=None) -> dict:
     from .config import ConfigError, load_config
     from .data import EmptyDatasetError
     from .tasks import MalformedSample
+    from .trainer import NonFiniteTraining
 
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     try:
@@ -42,6 +43,9 @@ def main(argv=None) -> dict:
     except (ConfigError, EmptyDatasetError, MalformedSample, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except NonFiniteTraining as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(3) from None
     if trainer.accelerator.is_main_process:
         with open(os.path.join(config.output_dir, "report.md")) as handle:
             print(handle.read())

@@ -73,6 +73,10 @@ def cosine_with_warmup(optimizer, warmup: int, total: int, min_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class NonFiniteTraining(RuntimeError):
+    """A step produced a non-finite loss or gradient norm; training stopped before applying it."""
+
+
 def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
     """Put `scheduler` where it is after `step` optimizer steps: a LambdaLR's state is a pure function of the
     step, so checkpoints store no scheduler file (nothing to unpickle on resume)."""
@@ -286,6 +290,9 @@ class Pretrainer:
             if synced:
                 clip = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
                 grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), clip))
+                if not math.isfinite(grad_norm):  # the same on every process (computed after the all-reduce)
+                    raise NonFiniteTraining(f"the gradient norm of step {self.step + 1} ({batch.task.name}) is "
+                                            f"{grad_norm} (loss {loss.item()})")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         # tokens through the encoder: the input sequences and (with their SPE) the candidate targets
@@ -355,7 +362,15 @@ class Pretrainer:
         tokens, window_start = 0, time.perf_counter()
         stopped_early = False
         while self.step < cfg.max_steps:
-            result = self.train_step(self.micro_step)
+            try:
+                result = self.train_step(self.micro_step)
+            except NonFiniteTraining as error:
+                progress.close()
+                self.prefetcher.close()
+                kept = list_checkpoints(self.config.output_dir)
+                raise NonFiniteTraining(
+                    f"{error}: training stopped without applying it; nothing more was saved (last good "
+                    f"checkpoint: {kept[-1] if kept else 'none'}). Lower optim.lr or check the task's data") from None
             self.micro_step += 1
             window.setdefault(result["task"], []).append(result["loss"])
             tokens += result["tokens"] * acc.num_processes
