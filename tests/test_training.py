@@ -296,6 +296,8 @@ def test_config_errors_name_the_field(tmp_path, tiny_cache):
         (lambda c: c["tasks"]["austen_mlm"].update(batch_sise=3), "tasks.austen_mlm.batch_sise"),
         (lambda c: c["data"].update(mask_probability=1.5), r"data.mask_probability must be in \(0, 1\)"),
         (lambda c: c["optim"].update(lr=float("inf")), "optim.lr must be a finite number"),
+        (lambda c: c.update(output_dir=None), "output_dir must be a folder path"),
+        (lambda c: c.update(output_dir=" "), "output_dir must be a folder path"),
         (lambda c: c["tasks"]["austen_mlm"].update(loss_weight=float("nan")), "tasks.austen_mlm.loss_weight must be a finite"),
     ):
         raw = json.loads(json.dumps(base))
@@ -428,6 +430,20 @@ def test_diverging_run_stops_with_an_error_and_keeps_its_checkpoints(tiny_cache,
 
     weights = load_file(os.path.join(out, "checkpoints", kept[-1], "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_time_limit_says_why_it_stopped_and_resumes(tiny_cache, tmp_path):
+    out = str(tmp_path / "run")
+    config = run_config(tiny_cache, out, max_steps=6, save_every=0)
+    config["train"]["max_minutes"] = 1e-6  # out of time after the first step
+    stopped = launch(config, str(tmp_path / "c.yaml"))
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "stopping at step 1 of 6: train.max_minutes" in stopped.stdout
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_0000001"]
+    config["train"]["max_minutes"] = None
+    resumed = launch(config, str(tmp_path / "c.yaml"))
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout
+    assert sorted(step_losses(out)) == [1, 2, 3, 4, 5, 6]
 
 
 def test_two_processes_give_the_losses_of_one(tiny_cache, tmp_path):

@@ -150,8 +150,11 @@ def parse_config(raw: dict) -> PretrainConfig:
     unknown = sorted(set(raw) - top)
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; known: {sorted(top)}")
+    output_dir = raw.get("output_dir", PretrainConfig.output_dir)
+    if not isinstance(output_dir, str) or not output_dir.strip():
+        raise ConfigError(f"output_dir must be a folder path, got {output_dir!r}")
     config = PretrainConfig(
-        output_dir=str(raw.get("output_dir", PretrainConfig.output_dir)),
+        output_dir=output_dir,
         seed=_coerce("", "seed", raw.get("seed", 0), 0),
         model=dict(raw.get("model") or {}),
         **{name: _section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()},

@@ -400,6 +400,9 @@ class Pretrainer:
                 self.save_checkpoint()
             if out_of_time:
                 stopped_early = True
+                if acc.is_main_process:
+                    tqdm.write(f"stopping at step {self.step} of {cfg.max_steps}: train.max_minutes={cfg.max_minutes} "
+                               f"reached; checkpoint saved, run the same command again to continue")
                 break
         progress.close()
         self.prefetcher.close()
