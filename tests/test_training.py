@@ -297,6 +297,7 @@ def test_config_errors_name_the_field(tmp_path, tiny_cache):
         (lambda c: c["data"].update(mask_probability=1.5), r"data.mask_probability must be in \(0, 1\)"),
         (lambda c: c["optim"].update(lr=float("inf")), "optim.lr must be a finite number"),
         (lambda c: c.update(output_dir=None), "output_dir must be a folder path"),
+        (lambda c: c["train"].update(keep_checkpoints=0), "train.keep_checkpoints must be >= 1"),
         (lambda c: c.update(output_dir=" "), "output_dir must be a folder path"),
         (lambda c: c["tasks"]["austen_mlm"].update(loss_weight=float("nan")), "tasks.austen_mlm.loss_weight must be a finite"),
     ):
@@ -444,6 +445,29 @@ def test_time_limit_says_why_it_stopped_and_resumes(tiny_cache, tmp_path):
     resumed = launch(config, str(tmp_path / "c.yaml"))
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout
     assert sorted(step_losses(out)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_starting_over_moves_the_earlier_run_aside(tiny_cache, tmp_path):
+    """train.resume=none into a folder holding a run: the earlier run moves to previous-run-1/ whole, the
+    new run's checkpoints, metrics and final/ are its own, and a later default run resumes the new one."""
+    out = str(tmp_path / "run")
+    config = run_config(tiny_cache, out, max_steps=3, save_every=1)
+    assert launch(config, str(tmp_path / "c.yaml")).returncode == 0
+    first_losses = step_losses(out)
+    config = run_config(tiny_cache, out, max_steps=2, save_every=1)
+    config["train"]["resume"] = "none"
+    again = launch(config, str(tmp_path / "c.yaml"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "was moved to" in again.stdout
+    earlier = os.path.join(out, "previous-run-1")
+    assert sorted(os.listdir(os.path.join(earlier, "checkpoints"))) == ["step_0000002", "step_0000003"]
+    assert step_losses(earlier) == first_losses and os.path.exists(os.path.join(earlier, "final"))
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_0000001", "step_0000002"]
+    assert sorted(step_losses(out)) == [1, 2]
+    config["train"]["resume"] = "auto"
+    config["train"]["max_steps"] = 3
+    resumed = launch(config, str(tmp_path / "c.yaml"))
+    assert "resumed from" in resumed.stdout and "step_0000002" in resumed.stdout
 
 
 def test_two_processes_give_the_losses_of_one(tiny_cache, tmp_path):

@@ -173,6 +173,8 @@ def parse_config(raw: dict) -> PretrainConfig:
         raise ConfigError("train.max_steps must be >= 1")
     if config.train.grad_accum < 1:
         raise ConfigError("train.grad_accum must be >= 1")
+    if config.train.keep_checkpoints < 1:
+        raise ConfigError(f"train.keep_checkpoints must be >= 1 (resuming needs the newest), got {config.train.keep_checkpoints}")
     if not 0.0 < config.data.mask_probability < 1.0:
         raise ConfigError(f"data.mask_probability must be in (0, 1), got {config.data.mask_probability}")
     return config

@@ -7,7 +7,7 @@ With no arguments it uses `training/configs/tiny_cpu.yaml`: builds the small dat
 packages if missing, pre-trains for a few minutes, evaluates every task and writes `final/` (model +
 processor), `report.md`/`report.json`, `loss_curves.png`, `metrics.jsonl`, TensorBoard logs and
 resumable checkpoints under `outputs/pretrain-tiny`. Running it again resumes from the last checkpoint
-(`--set train.resume=none` starts over).
+(`--set train.resume=none` starts over, moving the earlier run to `<output_dir>/previous-run-<n>/`).
 """
 
 from __future__ import annotations

@@ -87,6 +87,27 @@ def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) ->
     scheduler._last_lr = rates  # what get_last_lr() returns
 
 
+# What a run writes into its output_dir (pretrain and training.baselines); starting over moves these aside.
+RUN_ARTEFACTS = ("checkpoints", "final", "logs", "metrics.jsonl", "report.json", "report.md", "loss_curves.png",
+                 "baselines")
+
+
+def set_aside_previous_run(output_dir: str) -> str | None:
+    """Move an earlier run's artefacts in `output_dir` into `output_dir/previous-run-<n>/` (the first free n)
+    so that a run started over never mixes with it; returns that folder, or None when there was no run."""
+    found = [name for name in RUN_ARTEFACTS if os.path.exists(os.path.join(output_dir, name))]
+    if not found:
+        return None
+    n = 1
+    while os.path.exists(os.path.join(output_dir, f"previous-run-{n}")):
+        n += 1
+    target = os.path.join(output_dir, f"previous-run-{n}")
+    os.makedirs(target)
+    for name in found:
+        os.replace(os.path.join(output_dir, name), os.path.join(target, name))
+    return target
+
+
 def list_checkpoints(output_dir: str) -> list[str]:
     root = os.path.join(output_dir, "checkpoints")
     if not os.path.isdir(root):
@@ -237,7 +258,13 @@ class Pretrainer:
 
     def resume(self) -> str | None:
         choice = self.config.train.resume
-        if choice == "none":
+        if choice == "none":  # start over: an earlier run in output_dir is moved aside, never mixed in
+            acc = self.accelerator
+            if acc.is_main_process:
+                moved = set_aside_previous_run(self.config.output_dir)
+                if moved:
+                    print(f"train.resume=none: the earlier run in {self.config.output_dir} was moved to {moved}")
+            acc.wait_for_everyone()
             return None
         if choice == "auto":
             found = list_checkpoints(self.config.output_dir)
