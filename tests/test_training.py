@@ -470,6 +470,26 @@ def test_starting_over_moves_the_earlier_run_aside(tiny_cache, tmp_path):
     assert "resumed from" in resumed.stdout and "step_0000002" in resumed.stdout
 
 
+def test_resume_with_other_settings_is_refused_with_a_diff_unless_asked(tiny_cache, tmp_path):
+    """A checkpoint resumed with another lr is refused, the message listing each changed setting; with
+    train.resume_with_changes the new lr is the one used (the logged rates of steps 3-4 double)."""
+    out = str(tmp_path / "run")
+    config = run_config(tiny_cache, out, max_steps=4, save_every=2)
+    crashed = launch(config, str(tmp_path / "c.yaml"), env_extra={"UNIPERCEIVER_TEST_CRASH_AT_STEP": "3"})
+    assert crashed.returncode == 17
+    before = step_rates(out)[3]
+    config["optim"]["lr"] *= 2
+    config["train"]["eval_every"] = 1  # reporting settings may change freely
+    refused = launch(config, str(tmp_path / "c.yaml"))
+    assert refused.returncode == 2
+    assert "was trained with other settings" in refused.stderr and "optim.lr: 0.003 -> 0.006" in refused.stderr
+    assert "eval_every" not in refused.stderr
+    config["train"]["resume_with_changes"] = True
+    resumed = launch(config, str(tmp_path / "c.yaml"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert step_rates(out)[3] == pytest.approx(2 * before, rel=1e-9)
+
+
 def test_two_processes_give_the_losses_of_one(tiny_cache, tmp_path):
     one = str(tmp_path / "one")
     two = str(tmp_path / "two")

@@ -57,6 +57,7 @@ class TrainConfig:
     save_every: int = 200
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (latest checkpoint of output_dir) | none | a checkpoint path
+    resume_with_changes: bool = False  # resume although settings differ from the checkpoint's (the new ones win)
     tracker: str | None = "tensorboard"  # any tracker accelerate supports, or None
     max_minutes: float | None = None  # stop (with a checkpoint) after this wall time
     gradient_checkpointing: bool = False

@@ -108,6 +108,33 @@ def set_aside_previous_run(output_dir: str) -> str | None:
     return target
 
 
+# Settings a resumed run may change without train.resume_with_changes: how long it runs, how it reports and
+# where it reads from, not what it trains.
+RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
+                     "train.keep_checkpoints", "train.resume", "train.resume_with_changes", "train.tracker",
+                     "train.max_minutes", "data.prefetch", "data.workers", "data.eval_samples", "data.build",
+                     "data.cache_dir")
+
+
+def flat_settings(config: dict, prefix: str = "") -> dict:
+    """`{"optim.lr": 0.001, "tasks.austen_mlm.weight": 1.0, ...}` from a nested config dict (JSON values)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict, requested: dict) -> list[str]:
+    """`setting: checkpoint value -> requested value` for every setting that differs between a checkpoint's
+    config and the requested one, except those in RESUMABLE_CHANGES."""
+    saved, requested = (flat_settings(json.loads(json.dumps(c))) for c in (saved, requested))
+    return [f"{key}: {saved.get(key)!r} -> {requested.get(key)!r}" for key in sorted(set(saved) | set(requested))
+            if saved.get(key) != requested.get(key) and key not in RESUMABLE_CHANGES]
+
+
 def list_checkpoints(output_dir: str) -> list[str]:
     root = os.path.join(output_dir, "checkpoints")
     if not os.path.isdir(root):
@@ -279,6 +306,12 @@ class Pretrainer:
         try:
             with open(os.path.join(path, "trainer_state.json")) as handle:
                 state = json.load(handle)
+            changes = config_changes(state.get("config", {}), self.config.to_dict())
+            if changes and not self.config.train.resume_with_changes:
+                raise ConfigError(
+                    f"checkpoint {path} was trained with other settings:\n  " + "\n  ".join(changes) + "\nResume "
+                    f"with the checkpoint's settings, start over with train.resume=none, or continue with the new "
+                    f"ones with train.resume_with_changes=true")
             if state["num_processes"] != acc.num_processes:
                 raise RuntimeError(f"checkpoint {path} was written by {state['num_processes']} process(es), this run has "
                                    f"{acc.num_processes}: the data positions cannot be mapped (set train.resume: none "
@@ -288,10 +321,13 @@ class Pretrainer:
                 raise RuntimeError(f"checkpoint {path} holds {', '.join(planted)}: pickled objects this trainer "
                                    f"never writes or loads (the learning-rate schedule is rebuilt from the step). "
                                    f"Delete {'them' if len(planted) > 1 else 'it'} to resume from this checkpoint")
+            requested = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
             acc.load_state(path)
+            for group, settings in zip(self.optimizer.param_groups, requested):
+                group.update(settings)  # the optimizer's hyperparameters are the config's, not the checkpoint's
             with open(os.path.join(path, f"data_state_{acc.process_index}.json")) as handle:
                 self.loader.load_state_dict(json.load(handle))
-        except RuntimeError:
+        except (RuntimeError, ConfigError):
             raise
         except Exception as error:  # corrupt or truncated files
             raise RuntimeError(f"checkpoint {path} cannot be loaded ({type(error).__name__}: {error}); delete it or "
