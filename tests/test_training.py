@@ -470,6 +470,19 @@ def test_starting_over_moves_the_earlier_run_aside(tiny_cache, tmp_path):
     assert "resumed from" in resumed.stdout and "step_0000002" in resumed.stdout
 
 
+def test_config_changes_lists_what_a_resume_would_change():
+    from training.trainer import config_changes
+
+    saved = {"seed": 0, "optim": {"lr": 0.001, "betas": [0.9, 0.95]}, "data": {"slice": "small"},
+             "train": {"max_steps": 10}, "tasks": {"austen_mlm": {"weight": 1.0}}}
+    requested = {"seed": 0, "optim": {"lr": 0.001, "betas": (0.9, 0.95)}, "data": {"slice": "small", "augment": False},
+                 "train": {"max_steps": 20}, "tasks": {"austen_mlm": {"weight": 1.0}, "kjv_mlm": {"weight": 0.5}}}
+    # a tuple equals its JSON list, max_steps may change, a field newer than the checkpoint is no change,
+    # a task added is one
+    assert config_changes(saved, requested) == ["tasks.kjv_mlm.weight: None -> 0.5"]
+    assert config_changes(saved, {**requested, "seed": 1})[0] == "seed: 0 -> 1"
+
+
 def test_resume_with_other_settings_is_refused_with_a_diff_unless_asked(tiny_cache, tmp_path):
     """A checkpoint resumed with another lr is refused, the message listing each changed setting; with
     train.resume_with_changes the new lr is the one used (the logged rates of steps 3-4 double)."""

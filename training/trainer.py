@@ -131,8 +131,10 @@ def config_changes(saved: dict, requested: dict) -> list[str]:
     """`setting: checkpoint value -> requested value` for every setting that differs between a checkpoint's
     config and the requested one, except those in RESUMABLE_CHANGES."""
     saved, requested = (flat_settings(json.loads(json.dumps(c))) for c in (saved, requested))
+    newer = [key for key in requested if key not in saved and key.split(".")[0] in ("data", "optim", "train")]
+    # a data/optim/train field the checkpoint's config lacks was added after it was written: not a change
     return [f"{key}: {saved.get(key)!r} -> {requested.get(key)!r}" for key in sorted(set(saved) | set(requested))
-            if saved.get(key) != requested.get(key) and key not in RESUMABLE_CHANGES]
+            if saved.get(key) != requested.get(key) and key not in RESUMABLE_CHANGES and key not in newer]
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
