@@ -37,6 +37,7 @@ def main(argv=None) -> list[dict]:
 
     from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
     from training.config import load_config
+    from training.tasks import build_batch
     from training.trainer import Pretrainer
 
     config = load_config(args.config, ["train.tracker=null", "output_dir=outputs/candidate-spread", *args.overrides])
@@ -44,11 +45,8 @@ def main(argv=None) -> list[dict]:
     name = next((n for n, t in trainer.tasks.items() if t.family == "mlm"), None)
     if name is None:
         raise SystemExit(f"error: {args.config} has no MLM task")
-    inputs = trainer.loader.batch(0).inputs if trainer.loader.task_for_step(0) == name else None
-    step = 0
-    while inputs is None:  # the first batch of the MLM task carries the candidates and their route inputs
-        step += 1
-        inputs = trainer.loader.batch(step).inputs if trainer.loader.task_for_step(step) == name else None
+    # one MLM batch of held-out rows carries the candidates and their route inputs
+    inputs = build_batch(trainer.tasks[name], trainer.eval_rows()[name][:4], trainer.ctx, epoch=0).inputs
     models = [("new model (" + config.model.get("initializer_scheme", "fan_in") + " init)", trainer.model)]
     models += [(path, UniPerceiverMoEForGenericPerception.from_pretrained(path)) for path in args.model]
     rows = []

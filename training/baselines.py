@@ -144,38 +144,28 @@ def train_plain(trainer, name: str, steps: int, device) -> dict:
 # --------------------------------------------------------------------------------------------- comparison
 # Settings that change what a plain baseline is trained on; an earlier run's baselines are reused only
 # when these agree (the output directory, logging and evaluation cadence may differ).
-PLAIN_RUN_KEYS = ("seed", "data", "optim", "tasks")
-PLAIN_RUN_MODEL_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                        "image_size", "patch_size", "num_channels", "max_position_embeddings", "model_size")
-PLAIN_RUN_TRAIN_KEYS = ("max_steps", "warmup_steps", "min_lr_ratio", "grad_accum", "mixed_precision")
-
-
-def plain_run_signature(config: dict) -> dict:
-    """The parts of a run config (`config.to_dict()`) its plain baselines depend on, as JSON values (tuples
-    as lists), so that a config read back from `baselines.json` compares equal."""
-    config = json.loads(json.dumps(config))
-    return {**{key: config.get(key) for key in PLAIN_RUN_KEYS},
-            "model": {key: config.get("model", {}).get(key) for key in PLAIN_RUN_MODEL_KEYS},
-            "train": {key: config.get("train", {}).get(key) for key in PLAIN_RUN_TRAIN_KEYS}}
+PLAIN_RUN_SECTIONS = ("seed", "data", "optim", "tasks")
+PLAIN_RUN_SETTINGS = tuple(f"model.{key}" for key in (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size", "patch_size",
+    "num_channels", "max_position_embeddings", "model_size")) + tuple(f"train.{key}" for key in (
+    "max_steps", "warmup_steps", "min_lr_ratio", "grad_accum", "mixed_precision"))
 
 
 def load_plain_run(directory: str, config) -> dict:
     """The plain baselines of an earlier `--plain-only` run in `directory`, after checking it trained them
-    the way `config` would (raises `ConfigError` naming the first setting that differs)."""
-    from .config import ConfigError
+    the way `config` would (raises `ConfigError` naming the settings that differ)."""
+    from .config import ConfigError, changed_settings
 
     path = os.path.join(directory, "baselines", "baselines.json")
     if not os.path.exists(path):
         raise ConfigError(f"--plain-from: {path} does not exist (run --plain-only with output_dir={directory})")
     with open(path) as handle:
         earlier = json.load(handle)
-    mine, theirs = plain_run_signature(config.to_dict()), plain_run_signature(earlier["config"])
-    for section in mine:
-        if mine[section] != theirs[section]:
-            keys = mine[section].keys() if isinstance(mine[section], dict) else [None]
-            differing = [k for k in keys if k is None or mine[section].get(k) != (theirs[section] or {}).get(k)]
-            where = ", ".join(f"{section}.{k}" if k else section for k in differing) or section
-            raise ConfigError(f"--plain-from: the baselines in {path} were trained with different settings ({where})")
+    differing = [key for key in changed_settings(earlier["config"], config.to_dict())
+                 if key.split(".")[0] in PLAIN_RUN_SECTIONS or key in PLAIN_RUN_SETTINGS]
+    if differing:
+        raise ConfigError(f"--plain-from: the baselines in {path} were trained with different settings "
+                          f"({', '.join(differing)})")
     return earlier["plain"]
 
 

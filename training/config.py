@@ -7,6 +7,7 @@ Every unknown section or field, and every bad value, raises `ConfigError` naming
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,27 @@ CHOICES = {
     ("data", "on_bad_sample"): ("skip", "error"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
 }
+
+
+def flat_settings(config: dict, prefix: str = "") -> dict:
+    """`{"optim.lr": 0.001, "tasks.austen_mlm.weight": 1.0, ...}` from a nested config dict (JSON values)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_settings(saved: dict, requested: dict) -> dict[str, tuple[Any, Any]]:
+    """`{setting: (saved value, requested value)}` for every setting that differs between two run configs
+    (`PretrainConfig.to_dict()`, or one read back from JSON: tuples compare equal to lists). A data / optim /
+    train field that `saved` lacks was added to the code after it was written and is not a change."""
+    saved, requested = (flat_settings(json.loads(json.dumps(c))) for c in (saved, requested))
+    return {key: (saved.get(key), requested.get(key)) for key in sorted(set(saved) | set(requested))
+            if saved.get(key) != requested.get(key)
+            and not (key not in saved and key.split(".")[0] in ("data", "optim", "train"))}
 
 
 def _yaml_11_value(value: Any, default: Any, choices: tuple | None) -> Any:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from modeling_uniperceiver_moe import UniPerceiverMoEConfig, UniPerceiverMoEForGenericPerception, UniPerceiverMoEProcessor
 
-from .config import ConfigError, PretrainConfig
+from .config import ConfigError, PretrainConfig, changed_settings
 from .data import MultiTaskLoader, Prefetcher, StreamSpec, TaskEntry, TaskStream, read_rows
 from .evaluation import evaluate_all, trivial_baseline
 from .tasks import TaskContext, get_task, task_loss
@@ -116,25 +116,11 @@ RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.log_every", "train.
                      "data.cache_dir")
 
 
-def flat_settings(config: dict, prefix: str = "") -> dict:
-    """`{"optim.lr": 0.001, "tasks.austen_mlm.weight": 1.0, ...}` from a nested config dict (JSON values)."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            flat.update(flat_settings(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_changes(saved: dict, requested: dict) -> list[str]:
     """`setting: checkpoint value -> requested value` for every setting that differs between a checkpoint's
-    config and the requested one, except those in RESUMABLE_CHANGES."""
-    saved, requested = (flat_settings(json.loads(json.dumps(c))) for c in (saved, requested))
-    newer = [key for key in requested if key not in saved and key.split(".")[0] in ("data", "optim", "train")]
-    # a data/optim/train field the checkpoint's config lacks was added after it was written: not a change
-    return [f"{key}: {saved.get(key)!r} -> {requested.get(key)!r}" for key in sorted(set(saved) | set(requested))
-            if saved.get(key) != requested.get(key) and key not in RESUMABLE_CHANGES and key not in newer]
+    config and the requested one (`config.changed_settings`), except those in RESUMABLE_CHANGES."""
+    return [f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed_settings(saved, requested).items()
+            if key not in RESUMABLE_CHANGES]
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
