@@ -254,9 +254,15 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         def fail(field: str, message: str):
             raise ValueError(f"UniPerceiverMoEConfig.{field}: {message}")
 
-        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-            if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
-                fail(field, f"must be a positive int, got {getattr(self, field)!r}")
+        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                      "max_position_embeddings", "image_size", "patch_size", "num_channels", "num_frames"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                fail(field, f"must be a positive int, got {value!r}")
+        from transformers.activations import ACT2FN
+
+        if self.hidden_act not in ACT2FN:
+            fail("hidden_act", f"unknown activation {self.hidden_act!r}; known: {sorted(ACT2FN)}")
         if self.hidden_size % self.num_attention_heads:
             fail("num_attention_heads", f"{self.num_attention_heads} does not divide hidden_size={self.hidden_size}")
         if self.hidden_size % 4:

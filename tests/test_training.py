@@ -317,6 +317,44 @@ def test_config_errors_name_the_field(tmp_path, tiny_cache):
     assert load_config(os.path.join(REPO, "training", "configs", "tiny_cpu.yaml")).model["moe_routing"] == "attribute"
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.patch_size=0", "patch_size: must be a positive int, got 0"),
+    ("model.hidden_act=foo", "hidden_act: unknown activation 'foo'"),
+    ("tasks.austen_mlm.loss_weight=abc", "tasks.austen_mlm.loss_weight must be a number"),
+    ("data.vocabulary_size=0", "data.vocabulary_size must be >= 1"),
+    ("data.eval_samples=0", "data.eval_samples must be >= 1"),
+    ("train.log_every=0", "train.log_every must be >= 1"),
+    ("model=[1, 2]", "section 'model' must be a mapping"),
+    ("tasks=[austen_mlm]", "section 'tasks' must be a mapping"),
+    ("data.max_text_length=41", "data.max_text_length=41 exceeds model.max_position_embeddings=40"),
+    ("model.attribute_dim=4", "model.attribute_dim=4, but the tasks' token attributes have 8 entries"),
+    ("model.moe_routing=task", None),  # the task ids of TEST_TASKS fit the default num_tasks
+])
+def test_type_and_cross_field_errors_are_config_errors(override, message, tiny_cache, tmp_path):
+    """Each of these used to be accepted and crash mid-run (or divide by zero); now parsing and the
+    model/task cross-checks refuse them, naming the field, before any work starts."""
+    from training.config import apply_overrides
+    from training.trainer import build_model_config
+
+    def build():
+        return build_model_config(parse_config(apply_overrides(run_config(tiny_cache, str(tmp_path)), [override])))
+
+    if message is None:
+        build()
+        return
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        build()
+
+
+def test_a_vocabulary_larger_than_the_slice_is_refused_before_training(tiny_cache, tmp_path):
+    out = tmp_path / "run"
+    config = run_config(tiny_cache, str(out))
+    config["data"]["vocabulary_size"] = 10**6
+    failed = launch(config, str(tmp_path / "c.yaml"))
+    assert failed.returncode == 2 and "data.vocabulary_size=1000000, but the data slice" in failed.stderr
+    assert not os.path.exists(out / "checkpoints") and not os.path.exists(out / "metrics.jsonl")
+
+
 # --------------------------------------------------------------------------------------------- trainer runs
 def test_killed_run_resumes_with_the_same_losses(tiny_cache, tmp_path):
     straight = str(tmp_path / "straight")

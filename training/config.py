@@ -130,8 +130,16 @@ def _yaml_11_value(value: Any, default: Any, choices: tuple | None) -> Any:
     return value
 
 
-def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
-    where = f"{section}.{name}"
+# Counts that must be at least 1 (0 would divide by zero, evaluate nothing or keep nothing).
+AT_LEAST_ONE = {"data.shuffle_block", "data.max_text_length", "data.vocabulary_size", "data.eval_samples",
+                "train.max_steps", "train.grad_accum", "train.log_every", "train.keep_checkpoints", "batch_size"}
+
+
+def _coerce(section: str, name: str, value: Any, default: Any, annotation: str = "") -> Any:
+    """Check one field's value against its default's type (or, for a None default, its annotation)."""
+    where = f"{section}.{name}" if section else name
+    if default is None and value is not None and "float" in annotation:
+        default = 0.0  # an optional number: checked as a number when given
     value = _yaml_11_value(value, default, CHOICES.get((section, name)))
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where} must be a finite number, got {value!r}")
@@ -146,6 +154,8 @@ def _coerce(section: str, name: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         if value < 0:
             raise ConfigError(f"{where} must be >= 0, got {value!r}")
+        if value < 1 and (where in AT_LEAST_ONE or name in AT_LEAST_ONE):
+            raise ConfigError(f"{where} must be >= 1, got {value!r}")
     if isinstance(default, tuple):
         if not isinstance(value, (list, tuple)) or len(value) != len(default):
             raise ConfigError(f"{where} must be a list of {len(default)} numbers, got {value!r}")
@@ -158,11 +168,11 @@ def _section(section: str, cls, values: dict | None):
     if not isinstance(values, dict):
         raise ConfigError(f"section {section!r} must be a mapping, got {values!r}")
     defaults = cls()
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(annotations))
     if unknown:
-        raise ConfigError(f"unknown field(s) {', '.join(f'{section}.{u}' for u in unknown)}; known: {sorted(known)}")
-    return cls(**{k: _coerce(section, k, v, getattr(defaults, k)) for k, v in values.items()})
+        raise ConfigError(f"unknown field(s) {', '.join(f'{section}.{u}' for u in unknown)}; known: {sorted(annotations)}")
+    return cls(**{k: _coerce(section, k, v, getattr(defaults, k), annotations[k]) for k, v in values.items()})
 
 
 def parse_config(raw: dict) -> PretrainConfig:
@@ -176,28 +186,24 @@ def parse_config(raw: dict) -> PretrainConfig:
     output_dir = raw.get("output_dir", PretrainConfig.output_dir)
     if not isinstance(output_dir, str) or not output_dir.strip():
         raise ConfigError(f"output_dir must be a folder path, got {output_dir!r}")
+    model = raw.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"section 'model' must be a mapping of UniPerceiverMoEConfig fields, got {model!r}")
+    tasks = raw.get("tasks") or {}
+    if not isinstance(tasks, dict):
+        raise ConfigError(f"section 'tasks' must be a mapping of task name to settings, got {tasks!r}")
     config = PretrainConfig(
         output_dir=output_dir,
         seed=_coerce("", "seed", raw.get("seed", 0), 0),
-        model=dict(raw.get("model") or {}),
+        model=dict(model),
         **{name: _section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()},
     )
-    tasks = raw.get("tasks") or {}
     if not tasks:
         raise ConfigError(f"tasks: list at least one task; registered: {sorted(TASKS)}")
     for name, values in tasks.items():
         if name not in TASKS:
             raise ConfigError(f"tasks.{name}: unknown task; registered tasks: {sorted(TASKS)}")
-        task_config = _section(f"tasks.{name}", TaskConfig, values)
-        if task_config.batch_size < 1:
-            raise ConfigError(f"tasks.{name}.batch_size must be >= 1")
-        config.tasks[name] = task_config
-    if config.train.max_steps < 1:
-        raise ConfigError("train.max_steps must be >= 1")
-    if config.train.grad_accum < 1:
-        raise ConfigError("train.grad_accum must be >= 1")
-    if config.train.keep_checkpoints < 1:
-        raise ConfigError(f"train.keep_checkpoints must be >= 1 (resuming needs the newest), got {config.train.keep_checkpoints}")
+        config.tasks[name] = _section(f"tasks.{name}", TaskConfig, values)
     if not 0.0 < config.data.mask_probability < 1.0:
         raise ConfigError(f"data.mask_probability must be in (0, 1), got {config.data.mask_probability}")
     return config

@@ -44,9 +44,32 @@ def build_model_config(config: PretrainConfig) -> UniPerceiverMoEConfig:
     if unknown:
         raise ConfigError(f"model: unknown UniPerceiverMoEConfig field(s) {unknown}")
     try:
-        return UniPerceiverMoEConfig(**config.model)
-    except ValueError as error:
+        model_config = UniPerceiverMoEConfig(**config.model)
+    except (ValueError, TypeError) as error:
         raise ConfigError(f"model: {error}") from None
+    check_model_fits_tasks(config, model_config)
+    return model_config
+
+
+def check_model_fits_tasks(config: PretrainConfig, model_config: UniPerceiverMoEConfig) -> None:
+    """Cross-field checks between the model and what the tasks feed it, before any work starts: text no longer
+    than the learned positions, attribute vectors as wide as the model's router expects, task ids in range."""
+    from dataclasses import fields
+
+    from modeling_uniperceiver_moe.routing import TokenAttributes
+
+    if config.data.max_text_length > model_config.max_position_embeddings:
+        raise ConfigError(f"data.max_text_length={config.data.max_text_length} exceeds model.max_position_embeddings="
+                          f"{model_config.max_position_embeddings}: lower the first or raise the second")
+    width = len(fields(TokenAttributes))
+    if model_config.moe_routing == "attribute" and model_config.attribute_dim != width:
+        raise ConfigError(f"model.attribute_dim={model_config.attribute_dim}, but the tasks' token attributes have "
+                          f"{width} entries (training/tasks.py ATTRIBUTES): set model.attribute_dim={width}")
+    if model_config.moe_routing == "task":
+        top = max(get_task(name).task_id for name in config.tasks)
+        if top >= model_config.num_tasks:
+            raise ConfigError(f"model.num_tasks={model_config.num_tasks} is too small for task id {top} of this task set: "
+                              f"set model.num_tasks >= {top + 1}")
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -239,6 +262,10 @@ class Pretrainer:
             source = self.manifest["sources"].get(task.source, {})
             if source.get("label_names"):
                 label_names[name] = source["label_names"]
+        available = len(self.manifest["vocabulary"])
+        if self.config.data.vocabulary_size > available:
+            raise ConfigError(f"data.vocabulary_size={self.config.data.vocabulary_size}, but the data slice "
+                              f"{self.data_dir} has a vocabulary of {available} tokens: set it <= {available}")
         vocabulary = torch.tensor(self.manifest["vocabulary"][: self.config.data.vocabulary_size], dtype=torch.long)
         return TaskContext(self.processor.tokenizer, self.processor.image_processor, self.model_config,
                            label_names=label_names, vocabulary=vocabulary,
