@@ -7,8 +7,9 @@
         --base-model user/uniperceiver-moe-ti --revision image-route
     python -m hub_cards.push outputs/pretrain-tiny/final --repo-id user/x --dry-run staged/   # uploads nothing
 
-Steps: copy the folder into a staging folder (hidden files and an existing README.md are left out), write the
-card as README.md (`hub_cards.cards`), then `create_repo(exist_ok=True)`, `create_branch` when `--revision`
+Steps: copy the checkpoint's own files into a staging folder (an allow-list per kind: config, safetensors
+weights, processor files; never pickles, subfolders, other files or an existing README.md, and never a link
+out of the folder), write the card as README.md (`hub_cards.cards`), then `create_repo(exist_ok=True)`, `create_branch` when `--revision`
 names a branch other than main, and `upload_folder(revision=...)` of the staging folder: one commit. For an
 adapter the staged `adapter_config.json` records the base model's Hub id as `base_model_name_or_path`.
 `--dry-run OUT_DIR` writes the staging folder to OUT_DIR (byte for byte what would be uploaded) and stops.
@@ -27,9 +28,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .cards import KINDS, CheckpointError, render_card
+from .cards import KINDS, CheckpointError, detect_kind, render_card
 
-SKIPPED_NAMES = {"README.md", "__pycache__", ".git", ".cache", ".DS_Store"}
+# What a checkpoint of each kind may upload (top-level files only; glob patterns). Anything else in the
+# folder (pickles such as *.bin / *.pt / *.pkl, tokens, notes, subfolders, an existing README.md) stays behind.
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json", "processor_config.json", "preprocessor_config.json")
+ALLOWED_FILES = {
+    "model": ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+              "model.safetensors.index.json", *PROCESSOR_FILES),
+    "adapter": ("adapter_config.json", "adapter_model.safetensors", *PROCESSOR_FILES),
+}
+ALLOWED_FILES["folded"] = ALLOWED_FILES["model"]
 
 
 class PushError(RuntimeError):
@@ -37,16 +47,35 @@ class PushError(RuntimeError):
 
 
 # ============================================================================================ staging
-def staged_files(folder: Path) -> list[Path]:
-    """Files of the checkpoint folder that are uploaded (relative paths; hidden entries and README.md skipped)."""
-    files = []
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if any(part in SKIPPED_NAMES or part.startswith(".") for part in relative.parts):
+def staged_files(folder: Path, kind: str) -> tuple[list[Path], list[str]]:
+    """(files uploaded, entries left out) of a checkpoint folder of `kind`: the top-level files that match
+    ALLOWED_FILES[kind]. A symbolic link is never followed out of the folder: an allowed name that links
+    outside it raises a PushError; links inside it are uploaded as the file they point to."""
+    from fnmatch import fnmatchcase
+
+    root = folder.resolve()
+    files, left_out = [], []
+    for path in sorted(folder.iterdir()):
+        allowed = path.name != "README.md" and any(fnmatchcase(path.name, p) for p in ALLOWED_FILES[kind])
+        if not allowed or path.is_dir():
+            left_out.append(path.name + ("/" if path.is_dir() else ""))
             continue
+        if path.is_symlink() and root not in path.resolve().parents:
+            raise PushError(f"{path} is a link to {path.resolve()}, outside the checkpoint folder: links are not "
+                            f"followed out of the folder; copy the file in (cp -L) if it belongs to the checkpoint")
         if path.is_file():
-            files.append(relative)
-    return files
+            files.append(Path(path.name))
+    return files, left_out
+
+
+def check_repo_id(repo_id: str) -> None:
+    """`name` or `namespace/name` as the Hub accepts it; raises a PushError otherwise."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise PushError(f"--repo-id {repo_id!r} is not a Hub repository id: {error}") from None
 
 
 def record_base_model(adapter_config: Path, base_model: str) -> None:
@@ -61,13 +90,17 @@ def stage(folder: str | Path, out_dir: str | Path, repo_id: str, kind: str | Non
           results: str | None = None, base_model: str | None = None, revision: str | None = None) -> Path:
     """Write the folder exactly as it will be uploaded into `out_dir` (which must not exist or be empty)."""
     folder, out_dir = Path(folder), Path(out_dir)
+    check_repo_id(repo_id)
     card = render_card(folder, repo_id, kind=kind, results=results, base_model=base_model, revision=revision)
+    files, left_out = staged_files(folder, kind or detect_kind(folder))
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise PushError(f"staging folder {out_dir} already exists and is not empty; give a new or empty folder")
     if out_dir.resolve() == folder.resolve() or folder.resolve() in out_dir.resolve().parents:
         raise PushError(f"staging folder {out_dir} must lie outside the checkpoint folder {folder}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for relative in staged_files(folder):
+    if left_out:
+        print(f"not uploaded (not part of a {kind or detect_kind(folder)} checkpoint): {', '.join(left_out)}")
+    for relative in files:
         target = out_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(folder / relative, target)
@@ -148,6 +181,7 @@ def main(argv=None) -> dict:
             files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
             print(f"dry run: wrote {len(files)} files to {out} (nothing uploaded): {', '.join(files)}")
             return {"dry_run": str(out), "files": files}
+        check_repo_id(args.repo_id)
         require_token()  # fail before any work when pushing is impossible
         with tempfile.TemporaryDirectory(prefix="hub_cards_") as tmp:
             staging = stage(args.folder, Path(tmp) / "staging", args.repo_id, args.kind, args.results,

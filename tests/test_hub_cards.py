@@ -592,3 +592,31 @@ def test_converter_cli_writes_a_loadable_checkpoint(reference, tmp_path):
         conv.main([str(tmp_path / "raw.pt"), str(tmp_path / "out2")])
     with pytest.raises(SystemExit, match="reference checkpoint not found"):
         conv.main([str(tmp_path / "nope.pth"), str(tmp_path / "out3")])
+
+
+def test_push_uploads_only_the_checkpoint_s_own_files_and_follows_no_link_out(artefacts, tmp_path):
+    """A pickle, a token linked in from outside, notes and subfolders stay behind; a weight file that links
+    out of the folder is refused; a malformed repo id is refused before anything is written."""
+    import shutil
+
+    folder = tmp_path / "final"
+    shutil.copytree(artefacts["model"], folder)
+    secret = write(tmp_path / "home" / "token", "hf_secret")
+    (folder / "token").symlink_to(secret)
+    (folder / "optimizer.bin").write_bytes(b"\x80\x04pickle")
+    write(folder / "notes.txt", "draft")
+    write(folder / "checkpoints" / "step_1" / "random_states_0.pkl", "x")
+    out = tmp_path / "staged"
+    push_main([str(folder), "--repo-id", MODEL_REPO, "--dry-run", str(out)])
+    staged = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert staged == sorted(["README.md", *(p.name for p in artefacts["model"].iterdir() if p.name != "README.md")])
+    assert not any(b"hf_secret" in p.read_bytes() for p in out.rglob("*") if p.is_file())
+    (folder / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (folder / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(SystemExit, match="model.safetensors is a link to .* outside the checkpoint folder"):
+        push_main([str(folder), "--repo-id", MODEL_REPO, "--dry-run", str(tmp_path / "staged2")])
+    for bad in ("user/x y", "a/b/c", "../etc"):
+        with pytest.raises(SystemExit, match="is not a Hub repository id"):
+            push_main([str(artefacts["model"]), "--repo-id", bad, "--dry-run", str(tmp_path / "staged3")])
+    assert not (tmp_path / "staged2").exists() and not (tmp_path / "staged3").exists()
+

@@ -373,6 +373,9 @@ def test_killed_run_resumes_with_the_same_losses(tiny_cache, tmp_path):
     for step in range(1, 7):
         assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
     assert step_rates(straight) == step_rates(crashed)  # the schedule continues where it stopped
+    with open(os.path.join(crashed, "metrics.jsonl")) as handle:  # step 5, trained twice, is logged once
+        logged = [row["step"] for row in map(json.loads, handle) if "task" in row]
+    assert logged == [1, 2, 3, 4, 5, 6]
     report = json.load(open(os.path.join(straight, "report.json")))
     assert {t["task"] for t in report["tasks"]} == set(TEST_TASKS)
     from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
@@ -397,18 +400,152 @@ def test_compiled_encoder_trains_like_eager(tiny_cache, tmp_path):
         assert runs[True][step] == pytest.approx(runs[False][step], rel=1e-3), step
 
 
-def test_corrupt_checkpoint_is_a_clear_error(tiny_cache, tmp_path):
+def test_corrupt_checkpoint_files_are_named_and_the_previous_checkpoint_offered(tiny_cache, tmp_path):
+    """Every checkpoint carries the sha256 of its files: a truncated optimizer.bin or a flipped bit in the
+    weights is refused before loading, naming the file and the newest earlier checkpoint that verifies; a
+    checkpoint without checksums still names the file that cannot be read; a missing RNG state is a loud
+    warning (the run continues, not bit-exact); nothing already written is lost."""
     out = str(tmp_path / "run")
-    config = run_config(tiny_cache, out, max_steps=2, save_every=2)
+    config = run_config(tiny_cache, out, max_steps=6, save_every=2, keep_checkpoints=3)
     assert launch(config, str(tmp_path / "c.yaml")).returncode == 0
-    weights = os.path.join(out, "checkpoints", "step_0000002", "model.safetensors")
-    with open(weights, "r+b") as handle:
+    step = {n: os.path.join(out, "checkpoints", f"step_000000{n}") for n in (2, 4, 6)}
+    assert "model.safetensors" in json.load(open(os.path.join(step[6], "checksums.json")))
+    with open(os.path.join(step[6], "optimizer.bin"), "r+b") as handle:
         handle.truncate(100)
-    config["train"]["max_steps"] = 4
+    config["train"]["max_steps"] = 8
+    refused = launch(config, str(tmp_path / "c.yaml"))
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert f"checkpoint {step[6]} cannot be used: optimizer.bin does not match its checksum" in refused.stderr
+    assert f"--set train.resume={step[4]}" in refused.stderr
+    os.remove(os.path.join(step[6], "checksums.json"))  # as a checkpoint of an older version
+    refused = launch(config, str(tmp_path / "c.yaml"))
+    assert refused.returncode == 2 and "optimizer.bin (" in refused.stderr and "cannot be read" in refused.stderr
+    assert "has no checksums.json" in refused.stderr
+    with open(os.path.join(step[2], "model.safetensors"), "r+b") as handle:
+        handle.seek(-8, os.SEEK_END)
+        byte = handle.read(1)
+        handle.seek(-8, os.SEEK_END)
+        handle.write(bytes([byte[0] ^ 1]))  # one bit of one weight: safetensors alone would load it silently
+    config["train"]["resume"] = step[2]
+    refused = launch(config, str(tmp_path / "c.yaml"))
+    assert refused.returncode == 2 and "model.safetensors does not match its checksum" in refused.stderr
+    assert "start over with --set train.resume=none" in refused.stderr  # no earlier checkpoint verifies
+    os.remove(os.path.join(step[4], "random_states_0.pkl"))
+    config["train"]["resume"] = step[4]
+    resumed = launch(config, str(tmp_path / "c.yaml"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "WARNING: random_states_0.pkl of checkpoint" in resumed.stderr and "is missing" in resumed.stderr
+    assert os.path.exists(os.path.join(out, "final", "model.safetensors"))
+
+    from training.checkpoints import CheckpointError, check_weight_shapes
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(step[4], "model.safetensors"), framework="pt") as handle:
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    check_weight_shapes(step[4], shapes)
+    wider = dict(shapes, **{key: (shape[0] + 1, *shape[1:]) for key, shape in shapes.items() if "word_embeddings" in key})
+    with pytest.raises(CheckpointError, match="model.safetensors does not fit this model .*word_embeddings"):
+        check_weight_shapes(step[4], wider)
+
+
+def test_a_corrupt_data_shard_is_named_before_training(tiny_cache, tmp_path):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(os.path.join(tiny_cache, "tiny"), cache / "tiny")
+    shard = next((cache / "tiny" / "wordnet").glob("test-*.parquet"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "run"
+    failed = launch(run_config(str(cache), str(out)), str(tmp_path / "c.yaml"))
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert f"data file {shard} of source 'wordnet' does not match the sha256" in failed.stderr
+    assert "--sources wordnet --force" in failed.stderr and not os.path.exists(out / "checkpoints")
+
+
+def test_building_some_sources_keeps_the_slice_s_others(tmp_path):
+    """Building one source into an existing slice (as prompt tuning does) adds it and keeps the others: the
+    result is the slice built with both at once, byte for byte."""
+    together = build_data.build_slice("tiny", str(tmp_path / "a"), ["wordnet", "austen"], progress=False)
+    build_data.build_slice("tiny", str(tmp_path / "b"), ["wordnet"], progress=False)
+    apart = build_data.build_slice("tiny", str(tmp_path / "b"), ["austen"], progress=False)
+    a = json.load(open(os.path.join(together, "manifest.json")))
+    b = json.load(open(os.path.join(apart, "manifest.json")))
+    assert list(b["sources"]) == ["austen", "wordnet"] and a == b
+    build_data.build_slice("tiny", str(tmp_path / "b"), ["austen"], progress=False, force=True)
+    assert json.load(open(os.path.join(apart, "manifest.json"))) == a  # a forced rebuild of one keeps the other
+
+
+def test_ctrl_c_says_which_checkpoint_a_rerun_continues_from(tiny_cache, tmp_path):
+    out = str(tmp_path / "run")
+    config = run_config(tiny_cache, out, max_steps=6, save_every=2)
+    stopped = launch(config, str(tmp_path / "c.yaml"), env_extra={"UNIPERCEIVER_TEST_INTERRUPT_AT_STEP": "3"})
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "interrupted at step 3 of 6" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert f"Last checkpoint: {os.path.join(out, 'checkpoints', 'step_0000002')}" in stopped.stderr
+
+
+def test_resume_reads_the_whole_log_back_and_drops_what_is_trained_again(tmp_path):
+    """The report's history is the run's whole metrics.jsonl (not the last 1,000 entries), cut back to the
+    checkpoint so the steps trained again after it appear once."""
+    from types import SimpleNamespace
+
+    from training.trainer import Pretrainer
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_0001500").mkdir(parents=True)
+    lines = [json.dumps({"step": step, "loss": 1.0}) + "\n" for step in range(1, 1501)]
+    kept = "".join(lines).encode()
+    (out / "metrics.jsonl").write_bytes(kept + b'{"step": 1501, "loss": 9.0}\n')
+    fake = SimpleNamespace(config=SimpleNamespace(output_dir=str(out)),
+                           accelerator=SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None))
+    history = Pretrainer._history_until(fake, str(out / "checkpoints" / "step_0001500"), {"metrics_bytes": len(kept)})
+    assert [row["step"] for row in history] == list(range(1, 1501))
+    assert (out / "metrics.jsonl").read_bytes() == kept
+
+
+def test_a_full_disk_is_named_and_the_partial_checkpoint_removed(tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from types import SimpleNamespace
+
+    from training.trainer import Pretrainer
+
+    staging = tmp_path / "checkpoints" / "step_0000004.tmp"
+    staging.mkdir(parents=True)
+    fake = SimpleNamespace(config=SimpleNamespace(output_dir=str(tmp_path)))
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1024))
+    error = Pretrainer._save_failed(fake, str(staging), RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"))
+    assert f"no space left on the device holding {staging.parent}" in str(error) and not staging.exists()
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    staging.mkdir()
+    error = Pretrainer._save_failed(fake, str(staging), OSError(errno.ENOSPC, "No space left on device"))
+    assert "no space left on the device" in str(error) and "last complete checkpoint is none" in str(error)
+
+
+def test_an_empty_test_split_is_an_error_not_a_missing_report_row(tiny_cache, tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict({"key": ["a", "b"], "text": ["one two three four", "five six seven"]}).to_parquet(
+        str(tmp_path / "train.parquet"))
+    Dataset.from_dict({"key": [], "text": []}).to_parquet(str(tmp_path / "test.parquet"))
+    out = tmp_path / "run"
+    config = run_config(tiny_cache, str(out), max_steps=1)
+    config["tasks"] = {"austen_mlm": {"batch_size": 2, "source": {"files": str(tmp_path / "train.parquet"),
+                                                                  "eval": {"files": str(tmp_path / "test.parquet")}}}}
     failed = launch(config, str(tmp_path / "c.yaml"))
-    assert failed.returncode != 0
-    assert "checkpoint" in failed.stderr and "cannot be loaded" in failed.stderr
-    assert os.path.exists(os.path.join(out, "final", "model.safetensors"))  # nothing already written is lost
+    assert failed.returncode == 2 and "task 'austen_mlm': its test split" in failed.stderr, failed.stderr[-2000:]
+
+
+def test_a_launch_whose_processes_did_not_join_is_refused(monkeypatch):
+    from training.trainer import LaunchMismatch, check_world_size
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LaunchMismatch, match=r"started 2 processes .* joined 1 .* `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu"):
+        check_world_size(1, "cpu")
+    check_world_size(2, "cpu")
 
 
 class _RunsCodeWhenUnpickled:
@@ -424,7 +561,8 @@ class _RunsCodeWhenUnpickled:
 def test_resume_never_executes_a_pickle_planted_in_a_checkpoint(tiny_cache, tmp_path):
     """No checkpoint file is unpickled unsafely: checkpoints hold no scheduler pickle (the schedule is rebuilt
     from the step); a planted `custom_checkpoint_0.pkl` is refused by name, a planted `random_states_0.pkl`
-    is not executed, and a planted `optimizer.bin` is refused with a clear error instead of run."""
+    is not executed, and a planted `optimizer.bin` is refused by its checksum, or without one by the
+    weights-only loader, instead of run."""
     import pickle
 
     out = str(tmp_path / "run")
@@ -449,7 +587,10 @@ def test_resume_never_executes_a_pickle_planted_in_a_checkpoint(tiny_cache, tmp_
         handle.write(payload)
     config["train"]["max_steps"] = 6
     refused = launch(config, str(tmp_path / "c.yaml"))
-    assert refused.returncode != 0 and "cannot be loaded" in refused.stderr
+    assert refused.returncode == 2 and "cannot be used: optimizer.bin does not match its checksum" in refused.stderr
+    os.remove(os.path.join(out, "checkpoints", "step_0000004", "checksums.json"))  # loaded without the check
+    refused = launch(config, str(tmp_path / "c.yaml"))
+    assert refused.returncode == 2 and "optimizer.bin (UnpicklingError" in refused.stderr
     assert not marker.exists()
 
 

@@ -6,7 +6,8 @@ Layout: `<cache-dir>/<slice>/<source>/<split>-<i>-of-<n>.parquet` and `<cache-di
 (rows, files with sha256, label names, licence and how each source was made). The output is a pure
 function of the installed packages and the slice: records are ordered by a keyed hash, so two builds give
 byte-identical files. `--install` apt-installs missing packages (needs root). A slice that is already
-complete (manifest present, files matching) is not rebuilt unless `--force`.
+complete (manifest present, files there) is not rebuilt unless `--force`. `--sources` builds (or rebuilds)
+only those sources and keeps the slice's others; the vocabulary is counted over all of them.
 """
 
 from __future__ import annotations
@@ -147,6 +148,10 @@ def build_slice(slice_name: str, cache_dir: str, sources: list[str] | None = Non
     os.makedirs(staging)
     manifest = {"format_version": FORMAT_VERSION, "slice": slice_name, "sources": {}}
     texts: list[str] = []
+    kept = keep_other_sources(target, staging, names)  # building some sources never drops the others
+    for name, entry in kept.items():
+        manifest["sources"][name] = entry
+        texts += training_texts(staging, entry)
     for name in tqdm(names, desc=f"build {slice_name}", disable=not progress):
         source = SOURCES[name]
         selected = select_records(name, SLICES[slice_name][name], progress)
@@ -163,6 +168,7 @@ def build_slice(slice_name: str, cache_dir: str, sources: list[str] | None = Non
             if split == "train":
                 texts += [r[f] for r in rows for f in ("text", "caption") if f in r]
         manifest["sources"][name] = entry
+    manifest["sources"] = {name: manifest["sources"][name] for name in SOURCES if name in manifest["sources"]}
     manifest["vocabulary"] = token_vocabulary(texts, VOCABULARY_SIZE)
     with open(os.path.join(staging, MANIFEST), "w") as handle:
         json.dump(manifest, handle, indent=1)
@@ -170,6 +176,70 @@ def build_slice(slice_name: str, cache_dir: str, sources: list[str] | None = Non
         shutil.rmtree(target)
     os.replace(staging, target)
     return target
+
+
+def keep_other_sources(target: str, staging: str, names: list[str]) -> dict[str, dict]:
+    """Copy the sources of an existing slice at `target` that are not being (re)built into `staging`
+    (hard links where possible); returns their manifest entries. Nothing is kept from a slice whose
+    manifest is missing, unreadable or of another format, or whose files are missing."""
+    path = os.path.join(target, MANIFEST)
+    try:
+        with open(path) as handle:
+            existing = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    if existing.get("format_version") != FORMAT_VERSION:
+        return {}
+    kept = {}
+    for name, entry in existing.get("sources", {}).items():
+        files = [f["path"] for split in entry["splits"].values() for f in split["files"]]
+        if name in names or name not in SOURCES or not all(os.path.exists(os.path.join(target, f)) for f in files):
+            continue
+
+        def link_or_copy(source: str, destination: str) -> None:
+            try:
+                os.link(source, destination)
+            except OSError:
+                shutil.copy2(source, destination)
+
+        shutil.copytree(os.path.join(target, name), os.path.join(staging, name), copy_function=link_or_copy)
+        kept[name] = entry
+    return kept
+
+
+def training_texts(directory: str, entry: dict) -> list[str]:
+    """The texts and captions of a built source's train split (what the vocabulary is counted from)."""
+    import pyarrow.parquet as pq
+
+    texts = []
+    for f in entry["splits"].get("train", {}).get("files", []):
+        table = pq.read_table(os.path.join(directory, f["path"]))
+        columns = [c for c in ("text", "caption") if c in table.column_names]
+        for row in zip(*(table.column(c).to_pylist() for c in columns)):
+            texts += row
+    return texts
+
+
+class CorruptData(ValueError):
+    """A data file of a slice is missing or differs from the sha256 its manifest records."""
+
+
+def verify_slice(directory: str, manifest: dict, names: list[str]) -> None:
+    """Check every file of the sources `names` against the manifest's sha256 (a bit flip or a truncated shard
+    would otherwise surface mid-run as a parquet error); raises CorruptData naming the file and the fix."""
+    for name in names:
+        for split in manifest["sources"][name]["splits"].values():
+            for f in split["files"]:
+                path = os.path.join(directory, f["path"])
+                if not os.path.exists(path):
+                    problem = "is missing"
+                elif sha256_file(path) != f["sha256"]:
+                    problem = "does not match the sha256 in its manifest (corrupt or changed)"
+                else:
+                    continue
+                raise CorruptData(f"data file {path} of source {name!r} {problem}: rebuild it with `python -m "
+                                  f"training.build_data --slice {manifest['slice']} --sources {name} --force "
+                                  f"--cache-dir {os.path.dirname(os.path.normpath(directory))}`")
 
 
 def slice_is_complete(directory: str, names: list[str]) -> bool:

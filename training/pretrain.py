@@ -28,10 +28,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    from .build_data import CorruptData
+    from .checkpoints import CheckpointError
     from .config import ConfigError, load_config
     from .data import EmptyDatasetError
     from .tasks import MalformedSample
-    from .trainer import NonFiniteTraining
+    from .trainer import LaunchMismatch, NonFiniteTraining, TrainingInterrupted
 
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     try:
@@ -40,12 +42,19 @@ def main(argv=None) -> dict:
 
         trainer = Pretrainer(config)
         results = trainer.train()
-    except (ConfigError, EmptyDatasetError, MalformedSample, FileNotFoundError) as error:
+    except (ConfigError, CorruptData, EmptyDatasetError, MalformedSample, FileNotFoundError, CheckpointError,
+            LaunchMismatch) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except NonFiniteTraining as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(3) from None
+    except TrainingInterrupted as error:
+        print(f"\n{error}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:  # before training started or while evaluating / writing final/
+        print("\ninterrupted (outside the training steps); checkpoints already written are kept", file=sys.stderr)
+        raise SystemExit(130) from None
     if trainer.accelerator.is_main_process:
         with open(os.path.join(config.output_dir, "report.md")) as handle:
             print(handle.read())

@@ -6,9 +6,9 @@ weights, periodic per-task evaluation, tqdm, tracker logs (TensorBoard by defaul
 `save_state` checkpoints with each process's data position (exact resumption), and `save_pretrained` of
 the final model with its processor and a report.
 
-Checkpoints: `<output_dir>/checkpoints/step_<N>/` (accelerate state + `data_state_<rank>.json` +
-`trainer_state.json`), written to a temporary folder and renamed when complete, so a crash never leaves a
-half-written checkpoint that `resume: auto` would pick.
+Checkpoints: `<output_dir>/checkpoints/step_<N>/` (training/checkpoints.py lists the files), written to a
+temporary folder and renamed when complete, so a crash never leaves a half-written checkpoint that
+`resume: auto` would pick; each carries the sha256 of its files, checked before a resume.
 """
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ from tqdm.auto import tqdm
 
 from modeling_uniperceiver_moe import UniPerceiverMoEConfig, UniPerceiverMoEForGenericPerception, UniPerceiverMoEProcessor
 
-from .config import ConfigError, PretrainConfig, changed_settings
-from .data import MultiTaskLoader, Prefetcher, StreamSpec, TaskEntry, TaskStream, read_rows
+from .checkpoints import (CHECKPOINT_PREFIX, TRAINER_STATE, CheckpointError, config_changes, first_unreadable_file,
+                          list_checkpoints, restore_schedule, set_aside_previous_run, unusable, verify_checkpoint,
+                          write_checksums)
+from .config import ConfigError, PretrainConfig
+from .data import EmptyDatasetError, MultiTaskLoader, Prefetcher, StreamSpec, TaskEntry, TaskStream, read_rows
 from .evaluation import evaluate_all, trivial_baseline
 from .tasks import TaskContext, get_task, task_loss
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_PREFIX = "step_"
 BASELINE_TRAIN_ROWS = 1000  # training rows whose most frequent answer is the trivial baseline
 NO_DECAY_KEYWORDS = ("norm", "bias", "embedding", "gate", "router", "scale", "log_scale")
 
@@ -100,64 +102,27 @@ class NonFiniteTraining(RuntimeError):
     """A step produced a non-finite loss or gradient norm; training stopped before applying it."""
 
 
-def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
-    """Put `scheduler` where it is after `step` optimizer steps: a LambdaLR's state is a pure function of the
-    step, so checkpoints store no scheduler file (nothing to unpickle on resume)."""
-    rates = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, rate in zip(scheduler.optimizer.param_groups, rates):
-        group["lr"] = rate
-    scheduler.last_epoch = step
-    scheduler._last_lr = rates  # what get_last_lr() returns
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C (SIGINT) stopped training; the message names the checkpoint a rerun continues from."""
 
 
-# What a run writes into its output_dir (pretrain and training.baselines); starting over moves these aside.
-RUN_ARTEFACTS = ("checkpoints", "final", "logs", "metrics.jsonl", "report.json", "report.md", "loss_curves.png",
-                 "baselines")
+class LaunchMismatch(RuntimeError):
+    """The launcher started more processes than accelerate joined into one run."""
 
 
-def set_aside_previous_run(output_dir: str) -> str | None:
-    """Move an earlier run's artefacts in `output_dir` into `output_dir/previous-run-<n>/` (the first free n)
-    so that a run started over never mixes with it; returns that folder, or None when there was no run."""
-    found = [name for name in RUN_ARTEFACTS if os.path.exists(os.path.join(output_dir, name))]
-    if not found:
-        return None
-    n = 1
-    while os.path.exists(os.path.join(output_dir, f"previous-run-{n}")):
-        n += 1
-    target = os.path.join(output_dir, f"previous-run-{n}")
-    os.makedirs(target)
-    for name in found:
-        os.replace(os.path.join(output_dir, name), os.path.join(target, name))
-    return target
-
-
-# Settings a resumed run may change without train.resume_with_changes: how long it runs, how it reports and
-# where it reads from, not what it trains.
-RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
-                     "train.keep_checkpoints", "train.resume", "train.resume_with_changes", "train.tracker",
-                     "train.max_minutes", "data.prefetch", "data.workers", "data.eval_samples", "data.build",
-                     "data.cache_dir")
-
-
-def config_changes(saved: dict, requested: dict) -> list[str]:
-    """`setting: checkpoint value -> requested value` for every setting that differs between a checkpoint's
-    config and the requested one (`config.changed_settings`), except those in RESUMABLE_CHANGES."""
-    return [f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed_settings(saved, requested).items()
-            if key not in RESUMABLE_CHANGES]
-
-
-def list_checkpoints(output_dir: str) -> list[str]:
-    root = os.path.join(output_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    found = [os.path.join(root, d) for d in os.listdir(root)
-             if d.startswith(CHECKPOINT_PREFIX) and d[len(CHECKPOINT_PREFIX):].isdigit()
-             and os.path.exists(os.path.join(root, d, "trainer_state.json"))]
-    return sorted(found, key=lambda p: int(os.path.basename(p)[len(CHECKPOINT_PREFIX):]))
+def check_world_size(joined: int, device_type: str) -> None:
+    """Refuse a launch whose processes did not join one run: `accelerate launch --multi_gpu` on a machine
+    without GPUs starts WORLD_SIZE processes that each train alone, writing the same output folder."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != joined:
+        hint = (" On a machine without GPUs launch N CPU processes with `ACCELERATE_USE_CPU=1 accelerate launch "
+                "--multi_gpu --num_processes N -m training.pretrain ...`" if device_type == "cpu" else "")
+        raise LaunchMismatch(f"the launcher started {launched} processes (WORLD_SIZE={launched}) but accelerate "
+                             f"joined {joined} into this run, so each would train alone.{hint}")
 
 
 def slice_manifest(config: PretrainConfig, is_main: bool) -> tuple[str, dict]:
-    from .build_data import MANIFEST, build_slice, slice_is_complete
+    from .build_data import MANIFEST, build_slice, slice_is_complete, verify_slice
 
     directory = os.path.join(config.data.cache_dir, config.data.slice)
     needed = sorted({get_task(n).source for n, t in config.tasks.items() if t.source is None})
@@ -168,7 +133,9 @@ def slice_manifest(config: PretrainConfig, is_main: bool) -> tuple[str, dict]:
         if is_main:
             build_slice(config.data.slice, config.data.cache_dir, None)
     with open(os.path.join(directory, MANIFEST)) as handle:
-        return directory, json.load(handle)
+        manifest = json.load(handle)
+    verify_slice(directory, manifest, needed)
+    return directory, manifest
 
 
 def task_stream_spec(name: str, task_config, directory: str, manifest: dict, split: str) -> StreamSpec:
@@ -220,6 +187,7 @@ class Pretrainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         acc = self.accelerator
+        check_world_size(acc.num_processes, acc.device.type)
         set_seed(config.seed)  # identical initial weights in every process
         self.model_config = build_model_config(config)
         with acc.main_process_first():
@@ -274,6 +242,9 @@ class Pretrainer:
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> str:
+        """Write `checkpoints/step_<N>/` (see training/checkpoints.py) through a staging folder renamed when
+        complete; keep the newest `train.keep_checkpoints`. A failed write (a full disk) removes the staging
+        folder and raises CheckpointError naming the folder; earlier checkpoints are untouched."""
         acc = self.accelerator
         root = os.path.join(self.config.output_dir, "checkpoints")
         final = os.path.join(root, f"{CHECKPOINT_PREFIX}{self.step:07d}")
@@ -282,26 +253,51 @@ class Pretrainer:
             shutil.rmtree(staging, ignore_errors=True)
             os.makedirs(staging, exist_ok=True)
         acc.wait_for_everyone()
-        acc.save_state(staging)
-        with open(os.path.join(staging, f"data_state_{acc.process_index}.json"), "w") as handle:
-            json.dump(self.data_state if self.data_state is not None else self.loader.state_dict(), handle)
-        acc.wait_for_everyone()
+        try:
+            acc.save_state(staging)
+            with open(os.path.join(staging, f"data_state_{acc.process_index}.json"), "w") as handle:
+                json.dump(self.data_state if self.data_state is not None else self.loader.state_dict(), handle)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                metrics = os.path.join(self.config.output_dir, "metrics.jsonl")
+                state = {"step": self.step, "micro_step": self.micro_step, "num_processes": acc.num_processes,
+                         "config": self.config.to_dict(),
+                         "metrics_bytes": os.path.getsize(metrics) if os.path.exists(metrics) else 0}
+                with open(os.path.join(staging, TRAINER_STATE), "w") as handle:
+                    json.dump(state, handle)
+                write_checksums(staging)
+        except (OSError, RuntimeError) as error:
+            raise self._save_failed(staging, error) from None
         if acc.is_main_process:
-            state = {"step": self.step, "micro_step": self.micro_step, "num_processes": acc.num_processes,
-                     "config": self.config.to_dict(), "history": self.history[-1000:]}
-            with open(os.path.join(staging, "trainer_state.json"), "w") as handle:
-                json.dump(state, handle)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)
-            for old in list_checkpoints(self.config.output_dir)[: -self.config.train.keep_checkpoints or None]:
+            for old in list_checkpoints(self.config.output_dir)[: -self.config.train.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
 
+    def _save_failed(self, staging: str, error: Exception) -> CheckpointError:
+        """The error to raise when writing `staging` failed: says when the disk is full (torch reports that as
+        "unexpected pos"), removes the partial folder, names the last complete checkpoint."""
+        import errno
+
+        free = shutil.disk_usage(os.path.dirname(staging)).free
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = list_checkpoints(self.config.output_dir)
+        if getattr(error, "errno", None) == errno.ENOSPC or free < 64 * 2**20:
+            what = f"no space left on the device holding {os.path.dirname(staging)} ({free / 2**20:.0f} MiB free)"
+        else:
+            what = f"{type(error).__name__}: {error}"
+        return CheckpointError(f"writing checkpoint {os.path.basename(staging[:-4])} failed: {what}. The partial "
+                               f"folder was removed; the last complete checkpoint is {kept[-1] if kept else 'none'}")
+
     def resume(self) -> str | None:
+        """Continue from `train.resume` (auto: the newest checkpoint of output_dir), after checking the
+        checkpoint's files (`checkpoints.verify_checkpoint`) and its config against this run's; `none` moves
+        an earlier run aside. Returns the checkpoint resumed from, or None."""
         choice = self.config.train.resume
+        acc = self.accelerator
         if choice == "none":  # start over: an earlier run in output_dir is moved aside, never mixed in
-            acc = self.accelerator
             if acc.is_main_process:
                 moved = set_aside_previous_run(self.config.output_dir)
                 if moved:
@@ -315,42 +311,63 @@ class Pretrainer:
             path = found[-1]
         else:
             path = choice
-            if not os.path.exists(os.path.join(path, "trainer_state.json")):
-                raise FileNotFoundError(f"train.resume={path!r} is not a checkpoint (no trainer_state.json)")
-        acc = self.accelerator
+            if not os.path.exists(os.path.join(path, TRAINER_STATE)):
+                raise FileNotFoundError(f"train.resume={path!r} is not a checkpoint (no {TRAINER_STATE})")
         try:
-            with open(os.path.join(path, "trainer_state.json")) as handle:
+            with open(os.path.join(path, TRAINER_STATE)) as handle:
                 state = json.load(handle)
-            changes = config_changes(state.get("config", {}), self.config.to_dict())
-            if changes and not self.config.train.resume_with_changes:
-                raise ConfigError(
-                    f"checkpoint {path} was trained with other settings:\n  " + "\n  ".join(changes) + "\nResume "
-                    f"with the checkpoint's settings, start over with train.resume=none, or continue with the new "
-                    f"ones with train.resume_with_changes=true")
-            if state["num_processes"] != acc.num_processes:
-                raise RuntimeError(f"checkpoint {path} was written by {state['num_processes']} process(es), this run has "
-                                   f"{acc.num_processes}: the data positions cannot be mapped (set train.resume: none "
-                                   f"to start over, or resume with the same number of processes)")
-            planted = sorted(f for f in os.listdir(path) if f.startswith("custom_checkpoint_") and f.endswith(".pkl"))
-            if planted:  # accelerate would unpickle these with weights_only=False; this trainer writes none
-                raise RuntimeError(f"checkpoint {path} holds {', '.join(planted)}: pickled objects this trainer "
-                                   f"never writes or loads (the learning-rate schedule is rebuilt from the step). "
-                                   f"Delete {'them' if len(planted) > 1 else 'it'} to resume from this checkpoint")
-            requested = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        except (OSError, ValueError) as error:
+            raise unusable(path, f"{TRAINER_STATE} cannot be read ({error})") from None
+        changes = config_changes(state.get("config", {}), self.config.to_dict())
+        if changes and not self.config.train.resume_with_changes:
+            raise ConfigError(
+                f"checkpoint {path} was trained with other settings:\n  " + "\n  ".join(changes) + "\nResume "
+                f"with the checkpoint's settings, start over with train.resume=none, or continue with the new "
+                f"ones with train.resume_with_changes=true")
+        if state["num_processes"] != acc.num_processes:
+            raise CheckpointError(f"checkpoint {path} was written by {state['num_processes']} process(es), this run "
+                                  f"has {acc.num_processes}: the data positions cannot be mapped (set train.resume: "
+                                  f"none to start over, or resume with the same number of processes)")
+        planted = sorted(f for f in os.listdir(path) if f.startswith("custom_checkpoint_") and f.endswith(".pkl"))
+        if planted:  # accelerate would unpickle these with weights_only=False; this trainer writes none
+            raise CheckpointError(f"checkpoint {path} holds {', '.join(planted)}: pickled objects this trainer "
+                                  f"never writes or loads (the learning-rate schedule is rebuilt from the step). "
+                                  f"Delete {'them' if len(planted) > 1 else 'it'} to resume from this checkpoint")
+        verify_checkpoint(path, acc.process_index, {k: tuple(v.shape) for k, v in self.model.state_dict().items()})
+        requested = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        try:
             acc.load_state(path)
-            for group, settings in zip(self.optimizer.param_groups, requested):
-                group.update(settings)  # the optimizer's hyperparameters are the config's, not the checkpoint's
             with open(os.path.join(path, f"data_state_{acc.process_index}.json")) as handle:
                 self.loader.load_state_dict(json.load(handle))
-        except (RuntimeError, ConfigError):
-            raise
-        except Exception as error:  # corrupt or truncated files
-            raise RuntimeError(f"checkpoint {path} cannot be loaded ({type(error).__name__}: {error}); delete it or "
-                               f"point train.resume at another checkpoint") from error
+        except Exception as error:  # files without checksums (older checkpoints), or ones that do not fit
+            culprit = first_unreadable_file(path, acc.process_index)
+            raise unusable(path, f"{culprit} cannot be read" if culprit else
+                           f"its files do not load into this run ({type(error).__name__}: {str(error)[:500]})") from None
+        for group, settings in zip(self.optimizer.param_groups, requested):
+            group.update(settings)  # the optimizer's hyperparameters are the config's, not the checkpoint's
         self.step, self.micro_step = state["step"], state["micro_step"]
         restore_schedule(self.scheduler, self.step)
-        self.history = state.get("history", [])
+        self.history = self._history_until(path, state)
         return path
+
+    def _history_until(self, path: str, state: dict) -> list[dict]:
+        """The log of the run that wrote checkpoint `path`, up to it: its `metrics.jsonl` read to the length it
+        had when the checkpoint was written. Resuming in the same output_dir also cuts the file back to that
+        length, so the steps trained again after the checkpoint are logged once."""
+        if "metrics_bytes" not in state:
+            return state.get("history", [])  # a checkpoint written before metrics_bytes existed
+        metrics = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "metrics.jsonl")
+        if not os.path.exists(metrics):
+            return []
+        same_run = os.path.samefile(metrics, os.path.join(self.config.output_dir, "metrics.jsonl")) if os.path.exists(
+            os.path.join(self.config.output_dir, "metrics.jsonl")) else False
+        if same_run and self.accelerator.is_main_process and os.path.getsize(metrics) > state["metrics_bytes"]:
+            with open(metrics, "r+b") as handle:
+                handle.truncate(state["metrics_bytes"])
+        self.accelerator.wait_for_everyone()
+        with open(metrics, "rb") as handle:
+            text = handle.read(state["metrics_bytes"]).decode()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     # ----------------------------------------------------------------------------------------- loop
     def train_step(self, step_index: int) -> dict:
@@ -399,6 +416,9 @@ class Pretrainer:
             for name, task_config in self.config.tasks.items():
                 spec = task_stream_spec(name, task_config, self.data_dir, self.manifest, "test")
                 self._eval_rows[name] = read_rows(spec, self.config.data.eval_samples)
+                if not self._eval_rows[name]:
+                    raise EmptyDatasetError(f"task {name!r}: its test split ({spec.describe()}) has no rows to "
+                                            f"evaluate on")
         return self._eval_rows
 
     def trivial_baselines(self) -> dict[str, dict]:
@@ -431,24 +451,45 @@ class Pretrainer:
                                                   "routing": self.model_config.moe_routing, "lr": self.config.optim.lr})
         if resumed and acc.is_main_process:
             print(f"resumed from {resumed} at step {self.step}")
-        crash_at = int(os.environ.get("UNIPERCEIVER_TEST_CRASH_AT_STEP", "0"))  # tests: simulate a kill
-        start_time = time.perf_counter()
+        self.eval_rows()  # an empty test split is an error now, not a task missing from the report
         progress = tqdm(total=cfg.max_steps, initial=self.step, desc="pretrain", disable=not acc.is_main_process,
                         dynamic_ncols=True)
         self.prefetcher = Prefetcher(self.loader, self.micro_step, depth=self.config.data.prefetch)
-        window: dict[str, list[float]] = {}
-        tokens, window_start = 0, time.perf_counter()
-        stopped_early = False
-        while self.step < cfg.max_steps:
-            try:
-                result = self.train_step(self.micro_step)
-            except NonFiniteTraining as error:
-                progress.close()
-                self.prefetcher.close()
-                kept = list_checkpoints(self.config.output_dir)
+        try:
+            stopped_early = self._train_steps(progress)
+        except (NonFiniteTraining, KeyboardInterrupt) as error:
+            progress.close()
+            self.prefetcher.close()
+            kept = list_checkpoints(self.config.output_dir)
+            last = kept[-1] if kept else "none"
+            if isinstance(error, NonFiniteTraining):
                 raise NonFiniteTraining(
                     f"{error}: training stopped without applying it; nothing more was saved (last good "
-                    f"checkpoint: {kept[-1] if kept else 'none'}). Lower optim.lr or check the task's data") from None
+                    f"checkpoint: {last}). Lower optim.lr or check the task's data") from None
+            raise TrainingInterrupted(
+                f"interrupted at step {self.step} of {cfg.max_steps}; the steps since the last checkpoint were not "
+                f"saved. Last checkpoint: {last}; run the same command again to continue from it") from None
+        progress.close()
+        self.prefetcher.close()
+        final_eval = self.evaluate()
+        self.log_eval(final_eval)
+        if not stopped_early and (not cfg.save_every or self.step % cfg.save_every):
+            self.save_checkpoint()
+        self.save_final(final_eval)
+        acc.end_training()
+        return final_eval
+
+    def _train_steps(self, progress) -> bool:
+        """Train until `train.max_steps`, logging, evaluating and saving on the way; True when
+        `train.max_minutes` stopped it first."""
+        acc, cfg = self.accelerator, self.config.train
+        crash_at = int(os.environ.get("UNIPERCEIVER_TEST_CRASH_AT_STEP", "0"))  # tests: simulate a kill
+        interrupt_at = int(os.environ.get("UNIPERCEIVER_TEST_INTERRUPT_AT_STEP", "0"))  # tests: a Ctrl-C
+        start_time = time.perf_counter()
+        window: dict[str, list[float]] = {}
+        tokens, window_start = 0, time.perf_counter()
+        while self.step < cfg.max_steps:
+            result = self.train_step(self.micro_step)
             self.micro_step += 1
             window.setdefault(result["task"], []).append(result["loss"])
             tokens += result["tokens"] * acc.num_processes
@@ -461,6 +502,11 @@ class Pretrainer:
                       "lr": self.scheduler.get_last_lr()[0], "grad_norm": result["grad_norm"]})
             if crash_at and self.step == crash_at:
                 os._exit(17)
+            if interrupt_at and self.step == interrupt_at:
+                import signal
+
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the signal handler raises KeyboardInterrupt here
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 elapsed = time.perf_counter() - window_start
                 summary = {"step": self.step, "tokens_per_second": tokens / max(elapsed, 1e-9),
@@ -477,20 +523,11 @@ class Pretrainer:
             if (cfg.save_every and self.step % cfg.save_every == 0) or out_of_time:
                 self.save_checkpoint()
             if out_of_time:
-                stopped_early = True
                 if acc.is_main_process:
                     tqdm.write(f"stopping at step {self.step} of {cfg.max_steps}: train.max_minutes={cfg.max_minutes} "
                                f"reached; checkpoint saved, run the same command again to continue")
-                break
-        progress.close()
-        self.prefetcher.close()
-        final_eval = self.evaluate()
-        self.log_eval(final_eval)
-        if not stopped_early and (not cfg.save_every or self.step % cfg.save_every):
-            self.save_checkpoint()
-        self.save_final(final_eval)
-        acc.end_training()
-        return final_eval
+                return True
+        return False
 
     def log_eval(self, results: dict) -> None:
         flat = {"step": self.step}
