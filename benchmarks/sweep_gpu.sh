@@ -34,28 +34,6 @@ for spec in "$@"; do
   fi
 done
 wait
-python3 - "$SWEEP" <<'PY'
-import glob, json, os, sys
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "*", "metrics.jsonl"))):
-    run = os.path.basename(os.path.dirname(path))
-    rows = [json.loads(line) for line in open(path)]
-    speed = sorted(r["steps_per_second"] for r in rows if "steps_per_second" in r)
-    print(f"{run}  (median {speed[len(speed) // 2] if speed else 0:.1f} steps/s)")
-    curves = {}
-    for r in rows:
-        for key, value in r.items():
-            if key.startswith("eval/") and key.count("/") == 2 and key.rsplit("/", 1)[1] in (
-                    "accuracy", "token_accuracy", "i2t_R@1"):
-                curves.setdefault(key[5:], []).append(f"{r['step']}:{value:.4f}")
-    for key, points in curves.items():
-        print(f"  {key:52s} {' '.join(points)}")
-    plain = os.path.join(os.path.dirname(path), "baselines", "baselines.json")
-    for task, result in (json.load(open(plain))["plain"] if os.path.exists(plain) else {}).items():
-        points = " ".join(f"{p['step']}:{p['accuracy']:.4f}" for p in result["curve"])
-        print(f"  {task + ' ' + result['model']:52s} {points}")
-    comparison = os.path.join(os.path.dirname(path), "baselines", "comparison.md")
-    if os.path.exists(comparison):
-        print(open(comparison).read())
-PY
+python3 -m benchmarks.sweep_summary $SWEEP
 for f in $SWEEP/*.log; do tr '\r' '\n' < $f | grep -v "it/s" > $f.clean; mv $f.clean $f; done
 tar czf $OUT/sweep.tar.gz -C $SWEEP --exclude='*.safetensors' --exclude=checkpoints --exclude=final .

@@ -67,3 +67,30 @@ def test_benchmark_compiled_only_skips_the_eager_runs(monkeypatch):
     assert len(compiled) == 2
     rows = bench_main(args)  # without the flag each compiled variant also runs eager
     assert {(r["phase"], r["model"], r["compiled"]) for r in rows} >= {("train", "none", False), ("train", "none", True)}
+
+
+def test_sweep_summary_reads_each_run_s_curves_speed_and_plain_baselines(tmp_path, capsys):
+    """What sweep_gpu.sh prints and docs/logs keep: held-out headline metrics per step, the median speed and
+    the plain baselines' curves; a run found in two sweep folders is read from the last one."""
+    from benchmarks.sweep_summary import main as summary_main
+
+    for folder, accuracy in (("first", 0.5), ("second", 0.625)):
+        run = tmp_path / folder / "ti"
+        (run / "baselines").mkdir(parents=True)
+        rows = [{"step": 1, "steps_per_second": 2.0}, {"step": 2, "steps_per_second": 4.0},
+                {"step": 3, "steps_per_second": 3.0},
+                {"step": 3, "eval/fashion_mnist_classification/accuracy": accuracy,
+                 "eval/fashion_mnist_classification/distinct_answers": 7}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "baselines" / "baselines.json").write_text(json.dumps(
+            {"plain": {"fashion_mnist_classification": {"model": "ViTForImageClassification",
+                                                       "curve": [{"step": 3, "accuracy": 0.25}]}}}))
+    out = tmp_path / "summary.json"
+    summary_main([str(tmp_path / "first"), str(tmp_path / "second"), "--json", str(out), "--command", "c"])
+    written = json.loads(out.read_text())
+    assert written["command"] == "c" and len(written["runs"]) == 1
+    (run,) = written["runs"]
+    assert run["held_out"] == {"fashion_mnist_classification/accuracy": {"3": 0.625}}
+    assert run["median_steps_per_second"] == 3.0
+    assert run["plain"]["fashion_mnist_classification"]["curve"] == {"3": 0.25}
+    assert "3:0.6250" in capsys.readouterr().out

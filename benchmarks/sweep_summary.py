@@ -1,0 +1,84 @@
+"""Summarise the runs of `benchmarks/sweep_gpu.sh`: each run's held-out curve per task, its speed, and the
+plain baselines trained beside it.
+
+    python -m benchmarks.sweep_summary SWEEP_DIR [SWEEP_DIR ...] [--json OUT.json --command "..."]
+
+Prints one block per run (what sweep_gpu.sh shows at the end of a call); `--json` also writes
+`{"command", "runs": [{"run", "held_out": {task: {step: value}}, "median_steps_per_second", "plain"}]}`
+for docs/logs. A run found in several folders (a warm machine keeps earlier calls' runs) is read once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+HEADLINE = ("accuracy", "token_accuracy", "i2t_R@1")
+
+
+def summarise_run(run_dir: str) -> dict:
+    """One run's `{"run", "held_out", "median_steps_per_second", "plain"}` from its metrics.jsonl and
+    (when its plain baselines were trained beside it) baselines/baselines.json."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    speeds = sorted(r["steps_per_second"] for r in rows if "steps_per_second" in r)
+    held_out: dict[str, dict[int, float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "eval" and parts[2] in HEADLINE:
+                held_out.setdefault(f"{parts[1]}/{parts[2]}", {})[row["step"]] = round(value, 4)
+    plain_path = os.path.join(run_dir, "baselines", "baselines.json")
+    plain = {}
+    if os.path.exists(plain_path):
+        with open(plain_path) as handle:
+            for task, result in json.load(handle)["plain"].items():
+                plain[task] = {"model": result["model"],
+                               "curve": {p["step"]: round(p["accuracy"], 4) for p in result["curve"]}}
+    return {"run": os.path.basename(run_dir), "held_out": held_out,
+            "median_steps_per_second": round(speeds[len(speeds) // 2], 2) if speeds else None, "plain": plain}
+
+
+def find_runs(folders: list[str]) -> list[str]:
+    """Run folders (those holding metrics.jsonl) of the sweep folders, each name once (the last folder wins)."""
+    runs = {}
+    for folder in folders:
+        for path in sorted(glob.glob(os.path.join(folder, "*", "metrics.jsonl"))):
+            runs[os.path.basename(os.path.dirname(path))] = os.path.dirname(path)
+    return [runs[name] for name in sorted(runs)]
+
+
+def format_run(summary: dict) -> str:
+    speed = summary["median_steps_per_second"] or 0
+    lines = [f"{summary['run']}  (median {speed:.1f} steps/s)"]
+    for key, curve in summary["held_out"].items():
+        lines.append(f"  {key:52s} {' '.join(f'{step}:{value:.4f}' for step, value in curve.items())}")
+    for task, result in summary["plain"].items():
+        points = " ".join(f"{step}:{value:.4f}" for step, value in result["curve"].items())
+        lines.append(f"  {task + ' ' + result['model']:52s} {points}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+")
+    parser.add_argument("--json", default=None, help="also write the summary here")
+    parser.add_argument("--command", default="", help="the command that made the runs (stored in --json)")
+    args = parser.parse_args(argv)
+    runs = []
+    for path in find_runs(args.folders):
+        runs.append(summarise_run(path))
+        print(format_run(runs[-1]))
+        comparison = os.path.join(path, "baselines", "comparison.md")
+        if os.path.exists(comparison):
+            print(open(comparison).read())
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"command": args.command, "runs": runs}, handle, indent=1)
+    return runs
+
+
+if __name__ == "__main__":
+    main()
