@@ -610,6 +610,15 @@ def test_diverging_run_stops_with_an_error_and_keeps_its_checkpoints(tiny_cache,
 
     weights = load_file(os.path.join(out, "checkpoints", kept[-1], "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+    skipping = str(tmp_path / "skip")  # train.on_non_finite=skip: steps are dropped, 10 in a row at most
+    config = run_config(tiny_cache, skipping, max_steps=16, save_every=0, on_non_finite="skip")
+    config["optim"]["lr"] = 1e30
+    failed = launch(config, str(tmp_path / "s.yaml"))
+    assert failed.returncode == 3, failed.stderr[-3000:]
+    assert "not applied (train.on_non_finite=skip)" in failed.stdout + failed.stderr
+    assert "was not finite in 11 steps in a row" in failed.stderr
+    with open(os.path.join(skipping, "metrics.jsonl")) as handle:
+        assert sum(1 for row in map(json.loads, handle) if row.get("skipped")) == 10
 
 
 def test_time_limit_says_why_it_stopped_and_resumes(tiny_cache, tmp_path):

@@ -61,6 +61,8 @@ class TrainConfig:
     resume_with_changes: bool = False  # resume although settings differ from the checkpoint's (the new ones win)
     tracker: str | None = "tensorboard"  # any tracker accelerate supports, or None
     max_minutes: float | None = None  # stop (with a checkpoint) after this wall time
+    on_non_finite: str = "stop"  # a step whose gradient norm is not finite is never applied; stop the run, or
+    # skip it and go on (stopping after 10 in a row). fp16 always skips: its loss scaler overflows by design
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the encoder (model.compile_encoder); one graph per batch shape
 
@@ -92,6 +94,7 @@ CHOICES = {
     ("data", "slice"): ("tiny", "small", "full"),
     ("data", "on_bad_sample"): ("skip", "error"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
+    ("train", "on_non_finite"): ("stop", "skip"),
 }
 
 

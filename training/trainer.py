@@ -36,6 +36,7 @@ from .tasks import TaskContext, get_task, task_loss
 
 logger = logging.getLogger(__name__)
 BASELINE_TRAIN_ROWS = 1000  # training rows whose most frequent answer is the trivial baseline
+MAX_SKIPPED_IN_A_ROW = 10  # train.on_non_finite=skip (and fp16) stops after this many non-finite steps in a row
 NO_DECAY_KEYWORDS = ("norm", "bias", "embedding", "gate", "router", "scale", "log_scale")
 
 
@@ -385,10 +386,12 @@ class Pretrainer:
             if synced:
                 clip = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
                 grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), clip))
-                if not math.isfinite(grad_norm):  # the same on every process (computed after the all-reduce)
-                    raise NonFiniteTraining(f"the gradient norm of step {self.step + 1} ({batch.task.name}) is "
-                                            f"{grad_norm} (loss {loss.item()})")
-            self.optimizer.step()
+            skipped = synced and not math.isfinite(grad_norm)  # the same on every process (after the all-reduce)
+            if skipped and not self.skips_non_finite:
+                raise NonFiniteTraining(f"the gradient norm of step {self.step + 1} ({batch.task.name}) is "
+                                        f"{grad_norm} (loss {loss.item()})")
+            if not skipped or self.config.train.mixed_precision == "fp16":
+                self.optimizer.step()  # fp16: the loss scaler skips the update itself and lowers its scale
             self.optimizer.zero_grad(set_to_none=True)
         # tokens through the encoder: the input sequences and (with their SPE) the candidate targets
         tokens = int(output.input_outputs.sequence_mask.sum())
@@ -396,7 +399,11 @@ class Pretrainer:
             mask = batch.inputs["target_attention_mask"]
             tokens += int(mask.sum()) + mask.shape[0]
         return {"task": batch.task.name, "loss": acc.reduce(loss.detach(), "mean").item(), "tokens": tokens,
-                "synced": synced, "grad_norm": grad_norm}
+                "synced": synced, "grad_norm": grad_norm, "skipped": skipped}
+
+    @property
+    def skips_non_finite(self) -> bool:
+        return self.config.train.on_non_finite == "skip" or self.config.train.mixed_precision == "fp16"
 
     def evaluate(self) -> dict:
         acc = self.accelerator
@@ -488,9 +495,20 @@ class Pretrainer:
         start_time = time.perf_counter()
         window: dict[str, list[float]] = {}
         tokens, window_start = 0, time.perf_counter()
+        skipped_in_a_row = 0
         while self.step < cfg.max_steps:
             result = self.train_step(self.micro_step)
             self.micro_step += 1
+            if result["skipped"]:
+                skipped_in_a_row += 1
+                if skipped_in_a_row > MAX_SKIPPED_IN_A_ROW:
+                    raise NonFiniteTraining(f"the gradient norm was not finite in {skipped_in_a_row} steps in a row "
+                                            f"(the last: step {self.step + 1}, {result['task']})")
+                if acc.is_main_process and cfg.mixed_precision != "fp16":
+                    tqdm.write(f"step {self.step + 1} ({result['task']}): gradient norm {result['grad_norm']}, "
+                               f"not applied (train.on_non_finite=skip)")
+            elif result["synced"]:
+                skipped_in_a_row = 0
             window.setdefault(result["task"], []).append(result["loss"])
             tokens += result["tokens"] * acc.num_processes
             if not result["synced"]:
@@ -499,7 +517,8 @@ class Pretrainer:
             self.step += 1
             progress.update(1)
             self.log({"step": self.step, "micro_step": self.micro_step, "task": result["task"], "loss": result["loss"],
-                      "lr": self.scheduler.get_last_lr()[0], "grad_norm": result["grad_norm"]})
+                      "lr": self.scheduler.get_last_lr()[0], "grad_norm": result["grad_norm"],
+                      **({"skipped": True} if result["skipped"] else {})})
             if crash_at and self.step == crash_at:
                 os._exit(17)
             if interrupt_at and self.step == interrupt_at:
