@@ -89,6 +89,9 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         moe_eval_capacity_factor (`float`, *optional*): the same at evaluation; `None` drops nothing.
         moe_aux_loss_coef (`float`, defaults to 0.01): Switch/GShard load-balancing loss weight (token/context).
         moe_z_loss_coef (`float`, defaults to 1e-3): router z-loss weight (token/context).
+        output_router_logits (`bool`, defaults to `False`): the default of `forward(output_router_logits=...)`.
+        The standard MoE names `num_experts` / `num_local_experts`, `num_experts_per_tok` and
+        `router_aux_loss_coef` read and set `moe_num_experts`, `moe_top_k` and `moe_aux_loss_coef`.
         attribute_dim (`int`, defaults to 8): width of the per-token attribute vector (attribute routing).
         num_tasks (`int`, defaults to 16): task ids available to task routing.
         num_modalities (`int`, defaults to 3): modality ids (0 text, 1 image, 2 video).
@@ -109,6 +112,9 @@ class UniPerceiverMoEConfig(PretrainedConfig):
     ```"""
 
     model_type = "uniperceiver_moe"
+    # the names transformers' MoE models (Mixtral, Qwen3-MoE) use, read and written through to ours
+    attribute_map = {"num_experts": "moe_num_experts", "num_local_experts": "moe_num_experts",
+                     "num_experts_per_tok": "moe_top_k", "router_aux_loss_coef": "moe_aux_loss_coef"}
 
     def __init__(
         self,
@@ -155,6 +161,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         logit_scale_init: float = 2.6592600369644043,
         logit_scale_max: float = 100.0,
         label_smoothing: float = 0.1,
+        output_router_logits: bool = False,
         **kwargs,
     ):
         if model_size is not None:
@@ -213,6 +220,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         self.logit_scale_init = logit_scale_init
         self.logit_scale_max = logit_scale_max
         self.label_smoothing = label_smoothing
+        self.output_router_logits = output_router_logits
         super().__init__(
             bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs
         )

@@ -60,7 +60,7 @@ class UniPerceiverMoEModelOutput(ModelOutput):
     """
     last_hidden_state: `[B, L, d]` encoder output (sequence layout in the module docstring).
     pooler_output: `[B, d]` the SPE token's output, the sequence representation.
-    sequence_mask: `[B, L]` bool, True for real (non-padding) tokens.
+    sequence_mask: `[B, L]` long, 1 for real (non-padding) tokens (the convention of `attention_mask`).
     text_start: index of the first text token in the sequence (1 + number of vision tokens).
     hidden_states / attentions: per layer, when asked.
     router_logits: per MoE gate decision, `[B, L, E]` float32 gate logits of every token (when asked).
@@ -70,7 +70,7 @@ class UniPerceiverMoEModelOutput(ModelOutput):
 
     last_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
-    sequence_mask: torch.BoolTensor | None = None
+    sequence_mask: torch.LongTensor | None = None
     text_start: int | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
@@ -89,6 +89,10 @@ class GenericPerceptionOutput(ModelOutput):
     aux_loss: scalar router auxiliary loss of both encodings.
     logit_scale: scalar, the task family's temperature used for `logits` (losses computed outside the
         model, e.g. over features gathered across processes, reuse it so it stays in the autograd graph).
+    input_outputs: the encoder output of the input pass.
+    hidden_states / attentions: per layer, of the input pass (when asked).
+    target_hidden_states / target_attentions: per layer, of the candidate pass (when asked and the
+        candidates were encoded here, not given as `target_features`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -98,6 +102,10 @@ class GenericPerceptionOutput(ModelOutput):
     aux_loss: torch.FloatTensor | None = None
     input_outputs: UniPerceiverMoEModelOutput | None = None
     logit_scale: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    target_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    target_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 # =============================================================================================== helpers
@@ -408,14 +416,17 @@ class UniPerceiverMoEEmbeddings(nn.Module):
         tokens = tokens.reshape(batch, frames * grid_h * grid_w, -1)
         return tokens + self.modality_embeddings.weight[modality], modality
 
-    def embed_text(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids, position_ids: `[B, T]` -> `[B, T, d]`."""
+    def embed_text(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor,
+                   inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, position_ids: `[B, T]` (or word embeddings `inputs_embeds` `[B, T, d]` in place of the
+        ids) -> `[B, T, d]`."""
         if position_ids.max() >= self.config.max_position_embeddings:
             raise ValueError(
                 f"text positions reach {int(position_ids.max())}, max_position_embeddings={self.config.max_position_embeddings}"
             )
+        words = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         return (
-            self.word_embeddings(input_ids)
+            words
             + self.position_embeddings(position_ids)
             + self.modality_embeddings.weight[TEXT]
         )
@@ -427,24 +438,28 @@ class UniPerceiverMoEEmbeddings(nn.Module):
         position_ids: torch.Tensor | None,
         caption_mode: bool,
         include_spe: bool = True,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Returns (embeddings `[B, L, d]`, token modality ids `[B, L]`, text_start).
-        include_spe=False leaves out the SPE token (its state is in a cached prefix)."""
+        include_spe=False leaves out the SPE token (its state is in a cached prefix). inputs_embeds: `[B, T, d]`
+        word embeddings in place of `input_ids`."""
         parts, modality_parts = [], []
         primary = TEXT
         if pixel_values is not None:
             vision, primary = self.embed_vision(pixel_values)
             parts.append(vision)
             modality_parts.append(torch.full(vision.shape[:2], primary, device=vision.device))
-        if input_ids is not None:
-            batch, length = input_ids.shape
+        if input_ids is not None or inputs_embeds is not None:
+            batch, length = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+            device = (input_ids if inputs_embeds is None else inputs_embeds).device
             if position_ids is None:
-                position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
-            parts.append(self.embed_text(input_ids, position_ids))
+                position_ids = torch.arange(length, device=device).expand(batch, length)
+            parts.append(self.embed_text(input_ids, position_ids, inputs_embeds))
             if caption_mode:  # placeholders q_i: SPE token at the position of w_i
-                parts.append(self.embed_text(torch.full_like(input_ids, self.config.spe_token_id), position_ids))
+                spe_ids = torch.full((batch, length), self.config.spe_token_id, dtype=torch.long, device=device)
+                parts.append(self.embed_text(spe_ids, position_ids))
             text_len = length * (2 if caption_mode else 1)
-            modality_parts.append(torch.full((batch, text_len), TEXT, device=input_ids.device))
+            modality_parts.append(torch.full((batch, text_len), TEXT, device=device))
         batch = parts[0].shape[0]
         if include_spe:
             spe = self.word_embeddings.weight[self.config.spe_token_id].expand(batch, 1, -1)
@@ -932,7 +947,34 @@ class UniPerceiverMoEPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["UniPerceiverMoELayer", "UniPerceiverMoEEmbeddings"]
     _supports_sdpa = True
-    _supports_attention_backend = True
+    # the gates are computed in float32 whatever the model's dtype: store them so under fp16 and bf16 alike
+    _keep_in_fp32_modules = ["router"]
+    _keep_in_fp32_modules_strict = ["router"]
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, *args, **kwargs):
+        """As `PreTrainedModel.resize_token_embeddings`, refusing sizes that would drop the special tokens
+        ([MASK], [GEN], [SPE] are the last ids and every forward uses [SPE])."""
+        specials = (self.config.mask_token_id, self.config.gen_token_id, self.config.spe_token_id)
+        if new_num_tokens is not None and new_num_tokens <= max(specials):
+            raise ValueError(f"resize_token_embeddings({new_num_tokens}) would drop the special tokens "
+                             f"(ids {specials}, [SPE] is used by every forward): keep at least {max(specials) + 1}")
+        return super().resize_token_embeddings(new_num_tokens, *args, **kwargs)
+
+    def checkpoint_activations(self, **kwargs) -> None:
+        """Turn on activation (gradient) checkpointing of the encoder layers through the name this
+        transformers has: `activation_checkpointing_enable` (5.24+), else `gradient_checkpointing_enable`.
+        kwargs go to that method (their names differ between the two)."""
+        enable = getattr(self, "activation_checkpointing_enable", None) or self.gradient_checkpointing_enable
+        enable(**kwargs)
+
+    def config_flags(self, output_attentions, output_hidden_states, output_router_logits, return_dict
+                     ) -> tuple[bool, bool, bool, bool]:
+        """The forward flags, each `None` taking the config's value (as in every transformers model)."""
+        config = self.config
+        return (bool(config.output_attentions if output_attentions is None else output_attentions),
+                bool(config.output_hidden_states if output_hidden_states is None else output_hidden_states),
+                bool(config.output_router_logits if output_router_logits is None else output_router_logits),
+                bool(config.return_dict if return_dict is None else return_dict))
 
     def compile_encoder(self, per_layer: bool = False, **compile_kwargs) -> None:
         """`torch.compile` the encoder in place (its layers and `merge_experts`, the per-step expert merge);
@@ -1285,6 +1327,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         return_dict: bool | None = None,
         prefix_cache: PrefixCache | None = None,
         merged_experts: MergedExperts | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
         **kwargs,
     ) -> UniPerceiverMoEModelOutput | tuple:
         r"""
@@ -1299,32 +1342,39 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
             and `caption_mode`: the text tokens then attend to the cached SPE + image states).
         merged_experts: experts merged beforehand (one entry of `merged_experts([route_key_table(...)], dtype)`)
             for a table of route keys that covers this batch's: the forwards of one step can share one merge.
+        inputs_embeds: `[B, T, d]` word embeddings in place of `input_ids` (text positions and the text
+            modality embedding are still added by the model).
         """
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
-        if input_ids is None and pixel_values is None:
-            raise ValueError("give input_ids, pixel_values or both")
-        if caption_mode and input_ids is None:
+        if input_ids is not None and inputs_embeds is not None:
+            raise ValueError("give input_ids or inputs_embeds, not both")
+        text = input_ids if inputs_embeds is None else inputs_embeds
+        text_shape = None if text is None else tuple(text.shape[:2])
+        if text is None and pixel_values is None:
+            raise ValueError("give input_ids (or inputs_embeds), pixel_values or both")
+        if caption_mode and text is None:
             raise ValueError("caption_mode needs input_ids (the words to teacher-force)")
-        if input_ids is not None and pixel_values is not None and input_ids.shape[0] != pixel_values.shape[0]:
-            raise ValueError(f"batch sizes differ: input_ids {input_ids.shape[0]}, pixel_values {pixel_values.shape[0]}")
-        if attention_mask is not None and (input_ids is None or attention_mask.shape != input_ids.shape):
-            raise ValueError(
-                f"attention_mask must match input_ids {None if input_ids is None else tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
-            )
+        if text is not None and pixel_values is not None and text.shape[0] != pixel_values.shape[0]:
+            raise ValueError(f"batch sizes differ: input_ids {text.shape[0]}, pixel_values {pixel_values.shape[0]}")
+        if attention_mask is not None and (text is None or tuple(attention_mask.shape) != text_shape):
+            raise ValueError(f"attention_mask must match input_ids {text_shape}, got {tuple(attention_mask.shape)}")
+        if inputs_embeds is not None and inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"inputs_embeds must be [B, T, hidden_size={self.config.hidden_size}], "
+                             f"got {tuple(inputs_embeds.shape)}")
         if input_ids is not None and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
             raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size})")
-        output_attentions = bool(output_attentions)
-        output_hidden_states = bool(output_hidden_states)
-        output_router_logits = bool(output_router_logits)
+        output_attentions, output_hidden_states, output_router_logits, return_dict = self.config_flags(
+            output_attentions, output_hidden_states, output_router_logits, return_dict)
 
         reading_cache = prefix_cache is not None and not prefix_cache.recording
         if reading_cache and (pixel_values is not None or not caption_mode or not prefix_cache.key_values):
             raise ValueError("a filled prefix_cache is read by a caption_mode forward with input_ids only")
-        if prefix_cache is not None and prefix_cache.recording and (input_ids is not None or prefix_cache.key_values):
+        if prefix_cache is not None and prefix_cache.recording and (text is not None or prefix_cache.key_values):
             raise ValueError("recording a prefix_cache needs an empty cache and pixel_values only")
         hidden, derived_modality, text_start = self.embeddings(
-            input_ids, pixel_values, position_ids, caption_mode, include_spe=not reading_cache
+            input_ids, pixel_values, position_ids, caption_mode, include_spe=not reading_cache,
+            inputs_embeds=inputs_embeds,
         )
         batch, length, _ = hidden.shape
         modality_ids = derived_modality if modality_ids is None else modality_ids
@@ -1336,7 +1386,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
             sequence_mask[:, text_start:] = text_mask
         allowed = None
         if caption_mode:
-            allowed = caption_attention_pattern(text_start, input_ids.shape[1], hidden.device).expand(batch, -1, -1)
+            allowed = caption_attention_pattern(text_start, text_shape[1], hidden.device).expand(batch, -1, -1)
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             key_mask = sequence_mask[:, None, :].expand(batch, length, length)
             allowed = key_mask if allowed is None else allowed & key_mask
@@ -1357,7 +1407,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         output = UniPerceiverMoEModelOutput(
             last_hidden_state=hidden,
             pooler_output=hidden[:, 0],
-            sequence_mask=sequence_mask,
+            sequence_mask=sequence_mask.long(),
             text_start=text_start,
             hidden_states=all_hidden,
             attentions=all_attn,
@@ -1365,7 +1415,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
             router_indices=router_indices,
             aux_loss=aux_loss,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if return_dict else output.to_tuple()
 
     @staticmethod
     def _per_token(values: torch.Tensor, state: RoutingState, batch: int, length: int) -> torch.Tensor:
@@ -1429,12 +1479,16 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         self.post_init()
 
     def encode_targets(self, input_ids=None, pixel_values=None, attention_mask=None, attribute_vectors=None,
-                       task_ids=None, merged_experts: MergedExperts | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Candidate features `[C, d]` (unit vectors) and the router aux loss."""
+                       task_ids=None, merged_experts: MergedExperts | None = None, output_attentions: bool = False,
+                       output_hidden_states: bool = False, return_outputs: bool = False):
+        """Candidate features `[C, d]` (unit vectors) and the router aux loss (and, with `return_outputs`, the
+        encoder output of the candidate pass)."""
         out = self.uniperceiver(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                attribute_vectors=attribute_vectors, task_ids=task_ids, merged_experts=merged_experts)
-        return self.target_head(out.pooler_output), out.aux_loss
+                                attribute_vectors=attribute_vectors, task_ids=task_ids, merged_experts=merged_experts,
+                                output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                return_dict=True)
+        features = self.target_head(out.pooler_output)
+        return (features, out.aux_loss, out) if return_outputs else (features, out.aux_loss)
 
     def merge_for_step(self, attribute_vectors=None, task_ids=None, target_attribute_vectors=None, target_task_ids=None
                        ) -> tuple[MergedExperts | None, MergedExperts | None]:
@@ -1498,6 +1552,8 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         labels: torch.LongTensor | None = None,
         task_family: str | int = 0,
         symmetric_loss: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
     ) -> GenericPerceptionOutput | tuple:
@@ -1505,8 +1561,11 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         labels: `[B]` or `[B, Q]` candidate indices (-100 = ignore).
         symmetric_loss: add the target->input direction (retrieval with in-batch candidates, labels = arange).
         With data-independent routing and candidates to encode, the experts are merged once for both
-        passes (`merge_for_step`).
+        passes (`merge_for_step`). output_attentions / output_hidden_states apply to both passes
+        (`attentions` / `hidden_states` of the inputs, `target_attentions` / `target_hidden_states`).
         """
+        output_attentions, output_hidden_states, output_router_logits, return_dict = self.config_flags(
+            output_attentions, output_hidden_states, output_router_logits, return_dict)
         merged_inputs = merged_targets = None
         if target_features is None and (target_input_ids is not None or target_pixel_values is not None):
             merged_inputs, merged_targets = self.merge_for_step(attribute_vectors, task_ids, target_attribute_vectors,
@@ -1515,17 +1574,19 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
             position_ids=position_ids, caption_mode=caption_mode, attribute_vectors=attribute_vectors,
             task_ids=task_ids, output_router_logits=output_router_logits, merged_experts=merged_inputs,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
         )
         num_words = input_ids.shape[1] if input_ids is not None else 0
         queries, valid = self.gather_queries(out, query_positions, caption_mode, num_words)
         input_features = self.input_head(queries)
         aux_loss = out.aux_loss
+        target_out = None
         if target_features is None:
             if target_input_ids is None and target_pixel_values is None:
                 raise ValueError("give candidate targets: target_input_ids / target_pixel_values or target_features")
-            target_features, target_aux = self.encode_targets(
+            target_features, target_aux, target_out = self.encode_targets(
                 target_input_ids, target_pixel_values, target_attention_mask, target_attribute_vectors, target_task_ids,
-                merged_targets,
+                merged_targets, output_attentions, output_hidden_states, return_outputs=True,
             )
             if target_aux is not None:
                 aux_loss = target_aux if aux_loss is None else aux_loss + target_aux
@@ -1541,8 +1602,11 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         output = GenericPerceptionOutput(
             loss=loss, logits=logits, input_features=input_features, target_features=target_features,
             aux_loss=aux_loss, input_outputs=out, logit_scale=logit_scale,
+            hidden_states=out.hidden_states, attentions=out.attentions,
+            target_hidden_states=None if target_out is None else target_out.hidden_states,
+            target_attentions=None if target_out is None else target_out.attentions,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if return_dict else output.to_tuple()
 
     def candidate_loss(self, logits, labels, valid, symmetric: bool) -> torch.Tensor:
         """Label-smoothed cross-entropy over candidates; `symmetric` averages both directions (retrieval)."""

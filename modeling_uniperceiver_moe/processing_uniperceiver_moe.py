@@ -36,10 +36,10 @@ class UniPerceiverMoEProcessor(ProcessorMixin):
 
     `processor(text=..., images=..., videos=...)` returns a `BatchFeature` with `input_ids`,
     `attention_mask` (text), and `pixel_values`: `[B, C, H, W]` for images, `[B, F, C, H, W]` for videos
-    (each video a list of F frames; all videos of a batch must have the same F).
+    (each video a list of F frames; all videos of a batch must have the same F). `decode` / `batch_decode`
+    are `ProcessorMixin`'s (the tokenizer's); the sub-processors are the `__init__` arguments.
     """
 
-    attributes = ["image_processor", "tokenizer"]
     image_processor_class = "CLIPImageProcessor"
     tokenizer_class = "CLIPTokenizer"
 
@@ -77,12 +77,6 @@ class UniPerceiverMoEProcessor(ProcessorMixin):
             pixels = self.image_processor(frames, return_tensors="pt")["pixel_values"]
             data["pixel_values"] = pixels.reshape(len(videos), lengths.pop(), *pixels.shape[1:])
         return BatchFeature(data=data, tensor_type=None)
-
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
 
 
 __all__ = ["UniPerceiverMoEProcessor", "build_image_processor"]

@@ -368,7 +368,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(routing):
         torch.manual_seed(0)
         model = UniPerceiverMoEForGenericPerception(config).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()  # works on transformers 5.17 and 5.23
+            model.checkpoint_activations()
         calls = []
         model.uniperceiver.encoder.layers[0].mlp.register_forward_hook(lambda *args: calls.append(1))
         torch.manual_seed(1)  # same router noise and drop-path draws

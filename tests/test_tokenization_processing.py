@@ -35,6 +35,15 @@ def test_processor_round_trip_with_auto_processor(processor, tmp_path):
     assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["input_ids"], b["input_ids"])
     assert a["pixel_values"].shape == (2, 3, 32, 32)
     assert a["attention_mask"].tolist()[1][-1] == 0  # padded
+    assert loaded.decode(a["input_ids"][1], skip_special_tokens=True).strip() == "a dog"
+    assert loaded.batch_decode(a["input_ids"], skip_special_tokens=True)[0].strip() == "a red shoe"
+
+
+def test_processor_carries_no_transformers_4_leftovers():
+    """transformers 5 finds the sub-processors from `__init__` and forwards decode / batch_decode itself:
+    an `attributes` list would be ignored and a second decode is dead code."""
+    assert not {"attributes", "decode", "batch_decode"} & set(vars(UniPerceiverMoEProcessor))
+    assert UniPerceiverMoEProcessor.get_attributes() == ["image_processor", "tokenizer"]
 
 
 def test_processor_video_and_html_cleaning(processor):

@@ -206,7 +206,7 @@ class Pretrainer:
 
         model = UniPerceiverMoEForGenericPerception(self.model_config)
         if config.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.checkpoint_activations()
         if config.train.compile:
             # one graph per (batch shape, train/eval) of each task; the default limit of 8 is too few for a mixture
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
