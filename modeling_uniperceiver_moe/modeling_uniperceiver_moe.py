@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import torch
@@ -185,7 +185,7 @@ def grouped_linear(
     """
     dtype = compute_dtype(x_sorted)
     x_sorted, weight = x_sorted.to(dtype), weight.to(dtype)
-    if _grouped_mm_supported(x_sorted):
+    if _grouped_mm_supported(x_sorted, weight.shape[1]):
         out = F.grouped_mm(x_sorted, weight.transpose(1, 2), offs=offsets)
         out = _ContiguousGrad.apply(out)
     else:
@@ -341,10 +341,13 @@ def combine_assignments(out_sorted: torch.Tensor, dispatch: TokenDispatch) -> to
     return per_slot.view(dispatch.top_k, -1, out_sorted.shape[-1]).sum(0)
 
 
-def _grouped_mm_supported(x: torch.Tensor) -> bool:
-    """grouped_mm runs on CPU, and on CUDA for bf16 on Hopper or newer."""
+def _grouped_mm_supported(x: torch.Tensor, out_features: int) -> bool:
+    """grouped_mm runs on CPU, and on CUDA for bf16 on Hopper or newer, for rows (`[M, in]` inputs, `[M, out]`
+    outputs and their gradients) whose byte strides are multiples of 16."""
     if not hasattr(F, "grouped_mm"):
         return False
+    if (x.shape[-1] * x.element_size()) % 16 or (out_features * x.element_size()) % 16:
+        return False  # e.g. intermediate_size 37 in float32, hidden_size 36 in bfloat16
     if x.device.type == "cpu":  # eager CPU has float32 kernels; the compiler's shape function wants bf16
         return x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
     return x.device.type == "cuda" and x.dtype == torch.bfloat16 and _cuda_major(x.device.index) >= 9
@@ -840,9 +843,12 @@ class UniPerceiverMoELayer(GradientCheckpointingLayer):
         return dispatch
 
     def forward(self, hidden: torch.Tensor, attention_mask, state: RoutingState, output_attentions: bool = False,
-                drop_path_scale: torch.Tensor | None = None):
-        """hidden: `[B, L, d]`. Returns (hidden, attention weights or None, LayerRouting).
+                *merged_tensors: torch.Tensor, drop_path_scale: torch.Tensor | None = None):
+        """hidden: `[B, L, d]`. Returns (hidden, attention weights or None, weighted router aux loss, gate
+        decisions). The aux loss is an output of its own, so activation checkpointing differentiates it.
 
+        merged_tensors: this layer's merged experts (`MergedExperts.layer_tensors`), passed as arguments so
+        that activation checkpointing (reentrant or not) treats them as inputs.
         drop_path_scale: `[2, B]` per-sample scales of the attention and MLP branches (stochastic depth,
         drawn by the encoder with `drop_path_scales`), or None.
         When the batch has several route groups and this layer has experts, the layer works on flat rows
@@ -850,6 +856,8 @@ class UniPerceiverMoELayer(GradientCheckpointingLayer):
         projection; only the attention core sees the `[B, L]` layout.
         """
         decisions, aux = [], []
+        if merged_tensors:
+            state = replace(state, merged=state.merged.with_layer_tensors(self.layer_idx, merged_tensors))
         batch, length, width = hidden.shape
         rows = state.sorted_rows if (self.attn_gate is not None or self.ffn_gate is not None) else None
         if rows is not None:
@@ -877,7 +885,7 @@ class UniPerceiverMoELayer(GradientCheckpointingLayer):
         if rows is not None:
             hidden = rows.to_natural(hidden).view(batch, length, width)
         aux_loss = torch.stack(aux).sum() if aux else hidden.new_zeros((), dtype=torch.float32)
-        return hidden, weights, LayerRouting(decisions, aux_loss)
+        return hidden, weights, aux_loss, decisions
 
     @staticmethod
     def _drop_path(branch: torch.Tensor, scale: torch.Tensor | None, which: int) -> torch.Tensor:
@@ -928,9 +936,11 @@ class UniPerceiverMoEEncoder(nn.Module):
         scales = drop_path_scales(self.config.drop_path_rate, len(self.layers), hidden.shape[0], hidden.device,
                                   self.training)
         for i, layer in enumerate(self.layers):
-            hidden, weights, layer_routing = layer(hidden, attention_mask, state, output_attentions,
-                                                   drop_path_scale=None if scales is None else scales[i])
-            routing.append(layer_routing)
+            merged_tensors = state.merged.layer_tensors(i) if state.merged is not None else ()
+            hidden, weights, aux_loss, decisions = layer(hidden, attention_mask, state, output_attentions,
+                                                         *merged_tensors,
+                                                         drop_path_scale=None if scales is None else scales[i])
+            routing.append(LayerRouting(decisions, aux_loss))
             if output_hidden_states:
                 all_hidden += (hidden,)
             if output_attentions:
@@ -960,12 +970,17 @@ class UniPerceiverMoEPreTrainedModel(PreTrainedModel):
                              f"(ids {specials}, [SPE] is used by every forward): keep at least {max(specials) + 1}")
         return super().resize_token_embeddings(new_num_tokens, *args, **kwargs)
 
-    def checkpoint_activations(self, **kwargs) -> None:
+    def checkpoint_activations(self, use_reentrant: bool | None = None) -> None:
         """Turn on activation (gradient) checkpointing of the encoder layers through the name this
         transformers has: `activation_checkpointing_enable` (5.24+), else `gradient_checkpointing_enable`.
-        kwargs go to that method (their names differ between the two)."""
-        enable = getattr(self, "activation_checkpointing_enable", None) or self.gradient_checkpointing_enable
-        enable(**kwargs)
+        Both torch modes (`use_reentrant` True or False; None = transformers' default) give the gradients
+        of a run without checkpointing: the merged experts enter each layer as arguments and the router
+        aux loss leaves it as an output."""
+        options = None if use_reentrant is None else {"use_reentrant": use_reentrant}
+        if hasattr(self, "activation_checkpointing_enable"):
+            self.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
     def config_flags(self, output_attentions, output_hidden_states, output_router_logits, return_dict
                      ) -> tuple[bool, bool, bool, bool]:

@@ -512,6 +512,32 @@ class MergedExperts:
     weights: dict = field(default_factory=dict)
     token_group: torch.Tensor | None = None
 
+    def layer_tensors(self, layer_idx: int) -> tuple[torch.Tensor, ...]:
+        """Every tensor of layer `layer_idx`'s gates and linears, flat, in a fixed order (gate decisions and
+        gate matrices by gate name, then weight and bias by linear name). An activation-checkpointed layer
+        takes them as explicit inputs (`with_layer_tensors`), so its backward stops at them and the merge
+        behind them is differentiated once, by the outer backward."""
+        prefix = f"{layer_idx}."
+        tensors = []
+        for name in sorted(n for n in self.gates if n.startswith(prefix)):
+            decision = self.decisions[name]
+            tensors += [decision.logits, decision.expert_index, decision.expert_weight, self.gates[name]]
+        for name in sorted(n for n in self.weights if n.startswith(prefix)):
+            tensors += list(self.weights[name])
+        return tuple(tensors)
+
+    def with_layer_tensors(self, layer_idx: int, tensors: tuple[torch.Tensor, ...]) -> "MergedExperts":
+        """A shallow copy whose entries of layer `layer_idx` are `tensors` (in `layer_tensors` order)."""
+        prefix = f"{layer_idx}."
+        decisions, gates, weights = dict(self.decisions), dict(self.gates), dict(self.weights)
+        rest = iter(tensors)
+        for name in sorted(n for n in self.gates if n.startswith(prefix)):
+            decisions[name] = GateDecision(next(rest), next(rest), next(rest))
+            gates[name] = next(rest)
+        for name in sorted(n for n in self.weights if n.startswith(prefix)):
+            weights[name] = (next(rest), next(rest))
+        return replace(self, decisions=decisions, gates=gates, weights=weights)
+
     def for_batch(self, token_group: torch.Tensor | None) -> "MergedExperts":
         """A shallow copy that also carries `token_group`: the row in `keys` of each route input (`[B]`
         per sequence or `[B*L]` per token) of the batch these keys were read from. The encoder pass of
