@@ -34,9 +34,12 @@ from .cards import KINDS, CheckpointError, detect_kind, render_card
 # folder (pickles such as *.bin / *.pt / *.pkl, tokens, notes, subfolders, an existing README.md) stays behind.
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "processor_config.json", "preprocessor_config.json")
+# The package's modules that save_pretrained copies beside the weights (loading with trust_remote_code).
+CODE_FILES = ("configuration_uniperceiver_moe.py", "modeling_uniperceiver_moe.py", "routing.py", "merge_kernels.py",
+              "processing_uniperceiver_moe.py", "tokenization_uniperceiver_moe.py")
 ALLOWED_FILES = {
     "model": ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
-              "model.safetensors.index.json", *PROCESSOR_FILES),
+              "model.safetensors.index.json", *PROCESSOR_FILES, *CODE_FILES),
     "adapter": ("adapter_config.json", "adapter_model.safetensors", *PROCESSOR_FILES),
 }
 ALLOWED_FILES["folded"] = ALLOWED_FILES["model"]

@@ -20,6 +20,12 @@ from .tokenization_uniperceiver_moe import build_uniperceiver_tokenizer
 AutoConfig.register(UniPerceiverMoEConfig.model_type, UniPerceiverMoEConfig, exist_ok=True)
 AutoModel.register(UniPerceiverMoEConfig, UniPerceiverMoEModel, exist_ok=True)
 AutoProcessor.register(UniPerceiverMoEConfig, UniPerceiverMoEProcessor, exist_ok=True)
+# save_pretrained then writes an `auto_map` and copies the code files beside the weights, so a checkpoint
+# loads with `trust_remote_code=True` where this package is not installed (AutoModelForPreTraining: the head).
+UniPerceiverMoEConfig.register_for_auto_class()
+UniPerceiverMoEModel.register_for_auto_class("AutoModel")
+UniPerceiverMoEForGenericPerception.register_for_auto_class("AutoModelForPreTraining")
+UniPerceiverMoEProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "UniPerceiverMoEConfig",

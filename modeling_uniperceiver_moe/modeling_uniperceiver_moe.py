@@ -24,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_uniperceiver_moe import MODALITIES, UniPerceiverMoEConfig
-from . import merge_kernels
+from .merge_kernels import merge_backward, merge_forward
 from .routing import (
     FoldedRouter,
     GateDecision,
@@ -235,13 +235,13 @@ class _MergeExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gates, experts, dtype):
         ctx.save_for_backward(gates, experts)
-        fused = merge_kernels.merge_forward(gates, experts, dtype)
+        fused = merge_forward(gates, experts, dtype)
         return (gates @ experts).to(dtype) if fused is None else fused
 
     @staticmethod
     def backward(ctx, grad):
         gates, experts = ctx.saved_tensors
-        fused = merge_kernels.merge_backward(grad, gates, experts)
+        fused = merge_backward(grad, gates, experts)
         if fused is not None:
             grad_gates, grad_experts = fused
             return (grad_gates if ctx.needs_input_grad[0] else None,
@@ -960,6 +960,15 @@ class UniPerceiverMoEPreTrainedModel(PreTrainedModel):
     # the gates are computed in float32 whatever the model's dtype: store them so under fp16 and bf16 alike
     _keep_in_fp32_modules = ["router"]
     _keep_in_fp32_modules_strict = ["router"]
+    # Where `trust_remote_code` finds each class in a saved folder (save_pretrained copies the code files):
+    # the encoder and the head both load from a checkpoint of either.
+    REMOTE_CODE_MAP = {"AutoConfig": "configuration_uniperceiver_moe.UniPerceiverMoEConfig",
+                       "AutoModel": "modeling_uniperceiver_moe.UniPerceiverMoEModel",
+                       "AutoModelForPreTraining": "modeling_uniperceiver_moe.UniPerceiverMoEForGenericPerception"}
+
+    def __init__(self, config: UniPerceiverMoEConfig, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
+        self.config.auto_map = {**self.REMOTE_CODE_MAP, **(getattr(self.config, "auto_map", None) or {})}
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, *args, **kwargs):
         """As `PreTrainedModel.resize_token_embeddings`, refusing sizes that would drop the special tokens

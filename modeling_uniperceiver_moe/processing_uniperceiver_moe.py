@@ -40,9 +40,6 @@ class UniPerceiverMoEProcessor(ProcessorMixin):
     are `ProcessorMixin`'s (the tokenizer's); the sub-processors are the `__init__` arguments.
     """
 
-    image_processor_class = "CLIPImageProcessor"
-    tokenizer_class = "CLIPTokenizer"
-
     def __init__(self, image_processor=None, tokenizer=None, **kwargs):
         super().__init__(image_processor, tokenizer, **kwargs)
 

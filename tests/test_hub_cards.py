@@ -223,6 +223,48 @@ def test_pushed_model_loads_from_the_hub_with_identical_outputs(hub_session, art
         assert torch.equal(outputs[key], expected[key]), key
 
 
+# Runs in a process that cannot import this package: everything comes from the Hub's copy of the code.
+REMOTE_CODE_SESSION = r'''
+import json, os, sys
+sys.modules["modeling_uniperceiver_moe"] = None  # importing the package now raises ImportError
+import torch
+torch.set_num_threads(1)  # as the expected outputs were computed
+from transformers import AutoModel, AutoModelForPreTraining, AutoProcessor
+
+work, repo = sys.argv[1], sys.argv[2]
+inputs = torch.load(os.path.join(work, "inputs.pt"))
+encoder_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "attribute_vectors")}
+with torch.no_grad():
+    head = AutoModelForPreTraining.from_pretrained(repo, trust_remote_code=True).eval()
+    encoder = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()
+    outputs = {"main_logits": head(**inputs).logits, "main_encoder": encoder(**encoder_inputs).last_hidden_state}
+processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+outputs["input_ids"] = processor(text=["a red shoe"])["input_ids"]
+outputs["modules"] = [type(head).__module__, type(encoder).__module__, type(processor).__module__]
+torch.save(outputs, os.path.join(work, "remote_outputs.pt"))
+'''
+
+
+def test_pushed_model_loads_with_remote_code_where_the_package_is_not_installed(hub_session, artefacts, fake_hub,
+                                                                                tmp_path):
+    """save_pretrained writes an auto_map and copies the code files, push uploads them, and a process that
+    cannot import the package loads the head, the encoder and the processor from the Hub with
+    trust_remote_code, with outputs equal to the local models'."""
+    assert {"modeling_uniperceiver_moe.py", "routing.py", "merge_kernels.py"} <= set(fake_hub.files(MODEL_REPO, "main"))
+    (tmp_path / "inputs.pt").write_bytes((artefacts["root"] / "inputs.pt").read_bytes())
+    (tmp_path / "session.py").write_text(REMOTE_CODE_SESSION)
+    env = hub_env(fake_hub, tmp_path / "hf_home", fake_hub.token)
+    env["PYTHONPATH"] = ""  # not even the repository's folder
+    run = subprocess.run([sys.executable, str(tmp_path / "session.py"), str(tmp_path), MODEL_REPO], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-6000:]
+    outputs = torch.load(tmp_path / "remote_outputs.pt")
+    assert all(module.startswith("transformers_modules.") for module in outputs["modules"]), outputs["modules"]
+    for key in ("main_logits", "main_encoder"):
+        assert torch.equal(outputs[key], artefacts["expected"][key]), key
+    assert outputs["input_ids"].tolist() == [[49406, 320, 736, 7342, 49407]]
+
+
 def test_push_to_a_branch_lands_on_that_branch_only(hub_session, artefacts, fake_hub):
     assert torch.equal(hub_session["outputs"]["dev_logits"], artefacts["expected"]["dev_logits"])
     repo = fake_hub.hub.repos[MODEL_REPO]
