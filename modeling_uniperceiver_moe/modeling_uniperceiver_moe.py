@@ -414,10 +414,16 @@ class UniPerceiverMoEEmbeddings(nn.Module):
         grid_h, grid_w = patches.shape[-2:]
         patches = patches.flatten(2).transpose(1, 2).reshape(batch, frames, grid_h * grid_w, -1)
         spatial = sincos_2d_position_embedding(grid_h, grid_w, cfg.hidden_size, patches.device).to(patches.dtype)
-        temporal = self.temporal_embeddings.weight[:frames, None, :]
+        # embeddings are looked up by calling their modules (never by reading `.weight`), so offloading hooks
+        # that load a module's weights when it is called see every use
+        temporal = self.temporal_embeddings(torch.arange(frames, device=patches.device))[:, None, :]
         tokens = patches + spatial[None, None] + temporal[None]
         tokens = tokens.reshape(batch, frames * grid_h * grid_w, -1)
-        return tokens + self.modality_embeddings.weight[modality], modality
+        return tokens + self.modality_embedding(modality, tokens.device), modality
+
+    def modality_embedding(self, modality: int, device) -> torch.Tensor:
+        """`[d]` the embedding of modality id `modality`."""
+        return self.modality_embeddings(torch.full((), modality, device=device))  # a fill, no host copy
 
     def embed_text(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor,
                    inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -431,7 +437,7 @@ class UniPerceiverMoEEmbeddings(nn.Module):
         return (
             words
             + self.position_embeddings(position_ids)
-            + self.modality_embeddings.weight[TEXT]
+            + self.modality_embedding(TEXT, position_ids.device)
         )
 
     def forward(
@@ -465,7 +471,8 @@ class UniPerceiverMoEEmbeddings(nn.Module):
             modality_parts.append(torch.full((batch, text_len), TEXT, device=device))
         batch = parts[0].shape[0]
         if include_spe:
-            spe = self.word_embeddings.weight[self.config.spe_token_id].expand(batch, 1, -1)
+            spe = self.word_embeddings(torch.full((1, 1), self.config.spe_token_id, device=parts[0].device))
+            spe = spe.expand(batch, 1, -1)
             parts = [spe.to(parts[0].dtype)] + parts
             modality_parts = [torch.full((batch, 1), primary, device=parts[0].device)] + modality_parts
         embeddings = torch.cat(parts, dim=1)
@@ -567,7 +574,12 @@ class UniPerceiverMoELinear(nn.Module):
             weight = _MergeExperts.apply(gates, experts, dtype).view(-1, self.out_features, self.in_features)
             return weight, (gates @ self.bias.float()).to(dtype)
 
-    def forward(self, x: torch.Tensor, dispatch: MergedDispatch | TokenDispatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dispatch: MergedDispatch | TokenDispatch, rows_in_expert_order: bool = False
+                ) -> torch.Tensor:
+        """x: `[N, in]` tokens -> `[N, out]`; with `rows_in_expert_order` (token routing), x is `[N*k, in]`
+        rows already in expert order (`expert_rows`) and so is the result."""
+        if rows_in_expert_order:
+            return self.expert_rows(x, dispatch)
         if isinstance(dispatch, MergedDispatch):
             return self._forward_merged(x, dispatch)
         return self._forward_tokens(x, dispatch)
@@ -625,6 +637,15 @@ class UniPerceiverMoEGate(nn.Module):
         """hidden: `[N, d]` normalised block input. Returns (dispatch, weighted aux loss scalar).
         rows_sorted: the layer holds its rows in route-group order (data-independent routings)."""
         cfg = self.config
+        if state.merged is not None and self.name not in state.merged.gates:  # offloaded: decide here
+            keys = state.merged.keys
+            if cfg.folded_routes is not None:
+                keys = route_rows(keys, torch.tensor(cfg.folded_routes, device=keys.device, dtype=keys.dtype),
+                                  "folded into this model")
+            decision = self.decide(keys)
+            gates = decision.dense_weights(self.num_choices)
+            return MergedDispatch(gates, state.groups, decision, rows_sorted, None, None), hidden.new_zeros(
+                (), dtype=torch.float32)
         if state.merged is not None:  # data-independent: decided once per step in `merge_experts`
             decision, gates = state.merged.decisions[self.name], state.merged.gates[self.name]
             if state.merged_rows is not None:
@@ -772,8 +793,8 @@ class UniPerceiverMoEMLP(nn.Module):
 
     def forward(self, hidden: torch.Tensor, dispatch) -> torch.Tensor:
         if self.keeps_expert_order(dispatch):
-            rows = self.fc1.expert_rows(dispatch_assignments(hidden.reshape(-1, hidden.shape[-1]), dispatch), dispatch)
-            rows = self.fc2.expert_rows(self.dropout(self.act(rows)), dispatch)
+            rows = self.fc1(dispatch_assignments(hidden.reshape(-1, hidden.shape[-1]), dispatch), dispatch, True)
+            rows = self.fc2(self.dropout(self.act(rows)), dispatch, True)
             return combine_assignments(rows, dispatch).reshape(*hidden.shape[:-1], -1)
         hidden = self.act(apply_projection(self.fc1, hidden, dispatch))
         return apply_projection(self.fc2, self.dropout(hidden), dispatch)
@@ -1188,11 +1209,27 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         route_input = {"attribute": attribute_vectors, "task": task_ids}.get(routing)
         return self.route_key_tables([route_input], return_groups)[0]
 
+    def execution_device(self) -> torch.device:
+        """The device the forward computes on: the word embeddings' device, or, when accelerate offloads them
+        (their weight then waits on the meta device), the device its hook runs them on."""
+        embeddings = self.embeddings.word_embeddings
+        if embeddings.weight.device.type != "meta":
+            return embeddings.weight.device
+        device = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+        return torch.device("cpu") if device is None else torch.device(device)
+
+    def experts_offloaded(self) -> bool:
+        """True when accelerate keeps router or expert weights offloaded (on the meta device between calls):
+        the encoder then neither merges nor casts experts ahead of the layers; each gate decides and each
+        expert linear merges inside its own call, when its weights are loaded."""
+        return any(m._parameters[name] is not None and m._parameters[name].device.type == "meta"
+                   for m, name in self._gated_modules()[0])
+
     def route_key_tables(self, route_inputs: list[torch.Tensor | None], return_groups: bool = False) -> list:
         """`route_key_table` of several route inputs of this model's routing (attribute vectors, or task ids),
         e.g. the inputs and the candidates of a step, read from the GPU in one go (each read waits for all
         the work queued before it)."""
-        routing, device = self.config.moe_routing, self.embeddings.word_embeddings.weight.device
+        routing, device = self.config.moe_routing, self.execution_device()
         if routing == "modality":
             table = torch.arange(self.config.num_modalities, device=device)
             return [(table, None) if return_groups else table for _ in route_inputs]
@@ -1297,9 +1334,12 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         )
         if self.config.moe_routing == "none":
             return state
+        offloaded = self.experts_offloaded()
         if not self.config.is_data_independent_routing:
-            state.expert_weights = self.cast_experts(dtype)
+            state.expert_weights = None if offloaded else self.cast_experts(dtype)
             return state
+        if offloaded:
+            merged_experts = None
         token_group = None if merged_experts is None else merged_experts.token_group
         if token_group is not None and token_group.numel() == batch:  # per-sequence route inputs
             token_group = token_group.repeat_interleave(length)
@@ -1313,7 +1353,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         if merged_experts is None:  # grouped where the keys are (host keys: no wait for the GPU), used here
             num_ids = {"task": self.config.num_tasks, "modality": self.config.num_modalities}.get(self.config.moe_routing)
             state.groups = RouteGroups.from_keys(keys, num_ids, self.config.moe_routing, device=device)
-            state.merged = self.merged_experts([state.groups.keys], dtype)[0]
+            state.merged = MergedExperts(state.groups.keys) if offloaded else self.merged_experts([state.groups.keys], dtype)[0]
         else:  # grouped by the merge's key table: no second torch.unique over the tokens
             if token_group is not None:  # read when the table was made
                 state.groups = RouteGroups.from_token_groups(merged_experts.keys, token_group)
@@ -1523,8 +1563,10 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         model, config = self.uniperceiver, self.config
         if not config.is_data_independent_routing:
             return None, None
-        weight = model.embeddings.word_embeddings.weight  # the model's device and dtype (no walk over parameters)
-        dtype = matmul_dtype(weight.device, weight.dtype)
+        if model.experts_offloaded():
+            return None, None
+        weight = model.embeddings.word_embeddings.weight  # the model's dtype (no walk over parameters)
+        dtype = matmul_dtype(model.execution_device(), weight.dtype)
         if config.moe_routing == "attribute":
             pair = (attribute_vectors, target_attribute_vectors)
             if any(v is None or v.dim() not in (2, 3) or v.shape[-1] != config.attribute_dim for v in pair):

@@ -195,3 +195,45 @@ def test_moe_layers_of_widths_grouped_gemm_cannot_stride_run_and_train(routing, 
         modeling._grouped_mm_supported = supported
     assert torch.isfinite(logits).all() and torch.equal(logits, reference_logits)
     assert all(torch.equal(a, b) for a, b in zip(grads, reference_grads))
+
+
+# ------------------------------------------------------------------------------------------ offloading
+LAYERS_ON_DISK = {"uniperceiver.embeddings": "cpu", "uniperceiver.encoder.layers.0": "disk",
+                  "uniperceiver.encoder.layers.1": "disk", "input_head": "cpu", "target_head": "cpu",
+                  "logit_scales": "cpu"}
+
+
+def offloaded(path, how: str):
+    """The saved model at `path` with accelerate offloading its weights: to disk (all of it, or the layers),
+    or to a CPU state dict (`accelerate.cpu_offload`); the parameters then wait on the meta device."""
+    if how == "cpu":
+        from accelerate import cpu_offload
+
+        model = UniPerceiverMoEForGenericPerception.from_pretrained(path)
+        cpu_offload(model, execution_device="cpu")
+        return model.eval()
+    device_map = {"": "disk"} if how == "disk" else LAYERS_ON_DISK
+    return UniPerceiverMoEForGenericPerception.from_pretrained(path, device_map=device_map,
+                                                              offload_folder=str(path / "offload")).eval()
+
+
+@pytest.mark.parametrize("how", ["disk", "layers_on_disk", "cpu"])
+@pytest.mark.parametrize("routing, overrides", [("none", {}), ("attribute", {}), ("token", {}),
+                                                ("token", {"moe_top_k": 1}), ("task", {}), ("context", {})])
+def test_offloaded_model_gives_the_in_memory_outputs(routing, overrides, how, tmp_path):
+    """Every embedding, router and expert weight is read by calling its module, and with offloaded experts
+    each gate decides and each expert linear merges inside its own call: no meta tensors, no unloaded gate
+    weights. The encoder's states are equal; the head's logits equal up to float rounding (the in-memory head
+    merges the experts of both passes in one GEMM, the offloaded one per pass)."""
+    model = build(UniPerceiverMoEForGenericPerception, routing, **overrides)
+    model.save_pretrained(tmp_path)
+    batch = head_batch()
+    encoder_inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "attribute_vectors",
+                                            "task_ids")}
+    with torch.no_grad():
+        expected_states = model.uniperceiver(**encoder_inputs).last_hidden_state
+        expected_logits = model(**batch).logits
+        offloaded_model = offloaded(tmp_path, how)
+        assert any(p.device.type == "meta" for p in offloaded_model.parameters())
+        assert torch.equal(offloaded_model.uniperceiver(**encoder_inputs).last_hidden_state, expected_states)
+        torch.testing.assert_close(offloaded_model(**batch).logits, expected_logits, rtol=1e-5, atol=1e-5)
