@@ -1222,8 +1222,11 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         """True when accelerate keeps router or expert weights offloaded (on the meta device between calls):
         the encoder then neither merges nor casts experts ahead of the layers; each gate decides and each
         expert linear merges inside its own call, when its weights are loaded."""
-        return any(m._parameters[name] is not None and m._parameters[name].device.type == "meta"
-                   for m, name in self._gated_modules()[0])
+        for module, name in self._gated_modules()[0]:  # a plain loop over `is_meta`: ~17 us for B's 120 slots
+            parameter = module._parameters[name]
+            if parameter is not None and parameter.is_meta:
+                return True
+        return False
 
     def route_key_tables(self, route_inputs: list[torch.Tensor | None], return_groups: bool = False) -> list:
         """`route_key_table` of several route inputs of this model's routing (attribute vectors, or task ids),
