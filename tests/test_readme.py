@@ -1,0 +1,28 @@
+"""Every ```python block of README.md runs as pasted, in a fresh process and an empty folder."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_python_blocks() -> list[str]:
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
+        return re.findall(r"```python\n(.*?)```", handle.read(), flags=re.S)
+
+
+def test_readme_has_python_snippets():
+    assert len(readme_python_blocks()) >= 2
+
+
+@pytest.mark.parametrize("index", range(len(readme_python_blocks())))
+def test_readme_python_snippet_runs_as_pasted(index, tmp_path):
+    code = readme_python_blocks()[index]
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="2", TRANSFORMERS_VERBOSITY="error")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, f"README snippet {index} failed:\n{code}\n{run.stderr[-3000:]}"
