@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# The GPU measurements the performance issue still waits for, split into parts that each fit one
+# GPU measurements of the expert cast (once per step vs once per pass) and training profiles, in parts that each fit one
 # device-tool call (10 minutes at most; each B training variant took 100-150 s to compile under CUDA
-# graphs in earlier sessions).
+# graphs when measured).
 #
-#   bash benchmarks/issue6_pending.sh 1   # one expert cast per step vs one per pass, token top-2 training
-#   bash benchmarks/issue6_pending.sh 2   # the same for token top-1 training
-#   bash benchmarks/issue6_pending.sh 3   # training profiles: token top-2, token top-1, dense (GPU time per step)
+#   bash benchmarks/expert_cast_gpu.sh 1   # one expert cast per step vs one per pass, token top-2 training
+#   bash benchmarks/expert_cast_gpu.sh 2   # the same for token top-1 training
+#   bash benchmarks/expert_cast_gpu.sh 3   # training profiles: token top-2, token top-1, dense (GPU time per step)
 #
-# Logs (and the bench's JSON) go to $OUT, or ./issue6_logs without it. Parts 1 and 2 end with the
+# Logs (and the bench's JSON) go to $OUT, or ./expert_cast_logs without it. Parts 1 and 2 end with the
 # bench's table of ratios to dense measured in that run; part 3 prints each profile's summary.
 # DRY=1 runs the same commands at the tiny size on the CPU without compiling, which checks the flags
 # and variant names, not the speed.
 set -o pipefail
-PART=${1:?usage: issue6_pending.sh 1|2|3}
-LOGS=${OUT:-issue6_logs}; mkdir -p "$LOGS"
+PART=${1:?usage: expert_cast_gpu.sh 1|2|3}
+LOGS=${OUT:-expert_cast_logs}; mkdir -p "$LOGS"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # lines the compile and the profiler repeat many times; the full output stays in the log
 NOISE='Extern Choice|select_algorithm|UserWarning|warn_once|This call|File "/opt|return x|warnings.warn|lru_cache|^$'
