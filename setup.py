@@ -1,5 +1,19 @@
 from setuptools import find_packages, setup
 
+# `pip install uniperceiver-moe` is what loading and running the model needs; the rest comes as extras.
+EXTRAS = {
+    # training/: Accelerate trainer, streamed datasets, YAML configs, curves and TensorBoard logs
+    "train": ["accelerate>=1.0", "datasets>=4.0", "pyyaml", "matplotlib", "tensorboard"],
+    # training/build_data.py: R data of janeaustenr, the sample videos' decoder
+    "data": ["datasets>=4.0", "rdata", "av"],
+    # prompt_tuning/: the PEFT adapter (it registers into PEFT internals) and the offline evaluate metrics
+    "prompt": ["peft>=0.21,<0.22", "evaluate>=0.4", "sacrebleu", "accelerate>=1.0", "datasets>=4.0"],
+    # hub_cards/: cards, push and the reference converter (the fake Hub server in tests reads YAML)
+    "hub": ["peft>=0.21,<0.22", "pyyaml"],
+}
+EXTRAS["all"] = sorted({requirement for group in EXTRAS.values() for requirement in group})
+EXTRAS["test"] = EXTRAS["all"] + ["pytest>=8"]
+
 setup(
     name="uniperceiver-moe",
     version="0.1.0",
@@ -9,22 +23,11 @@ setup(
     install_requires=[
         "torch>=2.10",
         "transformers>=5.0",
-        "accelerate>=1.0",
         "safetensors>=0.4",
         "huggingface-hub>=1.0",
-        "datasets>=4.0",
-        "peft>=0.21,<0.22",  # prompt_tuning/adapter.py registers into PEFT internals
-        "evaluate>=0.4",
-        "ftfy",
+        "ftfy",  # the tokenizer's text repair, as open_clip's
         "pillow",
-        "pyyaml",
         "tqdm",
-        "matplotlib",
-        "tensorboard",
-        # data recipes (training/build_data.py): R data of janeaustenr, the sample videos' decoder
-        "rdata",
-        "av",
-        "sacrebleu",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require=EXTRAS,
 )

@@ -237,3 +237,22 @@ def test_offloaded_model_gives_the_in_memory_outputs(routing, overrides, how, tm
         assert any(p.device.type == "meta" for p in offloaded_model.parameters())
         assert torch.equal(offloaded_model.uniperceiver(**encoder_inputs).last_hidden_state, expected_states)
         torch.testing.assert_close(offloaded_model(**batch).logits, expected_logits, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ dependencies
+def test_the_model_needs_none_of_the_training_data_or_tuning_dependencies():
+    """`pip install uniperceiver-moe` (no extras) is enough to load and run the model: importing it pulls in
+    none of the packages the extras bring ([train], [data], [prompt], [hub])."""
+    import subprocess
+    import sys
+
+    heavy = ("datasets", "peft", "matplotlib", "tensorboard", "evaluate", "av", "rdata", "sacrebleu")
+    code = ("import sys, modeling_uniperceiver_moe\n"
+            "from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception, UniPerceiverMoEProcessor\n"
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr[-2000:]
+    import importlib.metadata
+
+    core = [r for r in importlib.metadata.requires("uniperceiver-moe") if "extra ==" not in r]
+    assert not [r for r in core if r.split(">")[0].split("<")[0].split("=")[0].strip() in heavy], core
