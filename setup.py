@@ -8,8 +8,8 @@ EXTRAS = {
     "data": ["datasets>=4.0", "rdata", "av"],
     # prompt_tuning/: the PEFT adapter (it registers into PEFT internals) and the offline evaluate metrics
     "prompt": ["peft>=0.21,<0.22", "evaluate>=0.4", "sacrebleu", "accelerate>=1.0", "datasets>=4.0"],
-    # hub_cards/: cards, push and the reference converter (the fake Hub server in tests reads YAML)
-    "hub": ["peft>=0.21,<0.22", "pyyaml"],
+    # hub_cards/: cards, push and the reference converter
+    "hub": ["peft>=0.21,<0.22"],
 }
 EXTRAS["all"] = sorted({requirement for group in EXTRAS.values() for requirement in group})
 EXTRAS["test"] = EXTRAS["all"] + ["pytest>=8"]

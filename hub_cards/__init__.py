@@ -4,6 +4,7 @@
   (merged dense) export, built from the checkpoint folder and its measured results;
 * `hub_cards.push`: `python -m hub_cards.push <folder> --repo-id user/name ...` writes the card into a
   staging copy and uploads it (or only writes it, with `--dry-run`);
-* `hub_cards.convert_reference`: the reference implementation's checkpoints -> our layout;
-* `hub_cards.fake_hub`: a small in-memory Hub server for tests.
+* `hub_cards.convert_reference`: the reference implementation's checkpoints -> our layout.
+
+The in-memory Hub server the tests push to is `tests/fake_hub.py` (not part of the installed package).
 """

@@ -22,7 +22,7 @@ from peft import get_peft_model
 
 from hub_cards import convert_reference as conv
 from hub_cards.cards import python_snippets, render_card
-from hub_cards.fake_hub import FakeHubServer
+from tests.fake_hub import FakeHubServer
 from hub_cards.push import main as push_main
 from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception, UniPerceiverMoEProcessor, fold_experts
 from prompt_tuning.adapter import PEFT_TYPE, DeepPromptConfig

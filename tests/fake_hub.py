@@ -23,9 +23,9 @@ header is ignored and the whole file is sent, which clients handle). Every valid
 namespace. Errors carry the `X-Error-Code` header the client library maps to its exceptions
 (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`).
 
-    python -m hub_cards.fake_hub --port 8765      # serve until interrupted; prints the endpoint and token
+    python -m tests.fake_hub --port 8765      # from the repository root; serves until interrupted, prints the endpoint and token
 
-    from hub_cards.fake_hub import FakeHubServer
+    from tests.fake_hub import FakeHubServer
     with FakeHubServer() as server:                # random free port on 127.0.0.1
         ...  # in a process started with HF_ENDPOINT=server.url, HF_TOKEN=server.token, HF_HUB_DISABLE_XET=1
 """
