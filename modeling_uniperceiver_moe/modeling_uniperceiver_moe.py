@@ -610,6 +610,15 @@ class UniPerceiverMoELinear(nn.Module):
         return out_sorted * dispatch.weight.to(out_sorted.dtype)[:, None]
 
 
+def gate_route_input(config: UniPerceiverMoEConfig, keys: torch.Tensor) -> torch.Tensor:
+    """What a data-independent gate decides on for route keys `[K]` / `[K, A]`: the keys themselves, or in a
+    folded model their rows in the folded route table (a ValueError names keys it was not folded for)."""
+    if config.folded_routes is None:
+        return keys
+    table = torch.tensor(config.folded_routes, device=keys.device, dtype=keys.dtype)
+    return route_rows(keys, table, "folded into this model")
+
+
 class UniPerceiverMoEGate(nn.Module):
     """One gate decision of a layer (attention or FFN), shared by the projections of that block."""
 
@@ -638,11 +647,7 @@ class UniPerceiverMoEGate(nn.Module):
         rows_sorted: the layer holds its rows in route-group order (data-independent routings)."""
         cfg = self.config
         if state.merged is not None and self.name not in state.merged.gates:  # offloaded: decide here
-            keys = state.merged.keys
-            if cfg.folded_routes is not None:
-                keys = route_rows(keys, torch.tensor(cfg.folded_routes, device=keys.device, dtype=keys.dtype),
-                                  "folded into this model")
-            decision = self.decide(keys)
+            decision = self.decide(gate_route_input(cfg, state.merged.keys))
             gates = decision.dense_weights(self.num_choices)
             return MergedDispatch(gates, state.groups, decision, rows_sorted, None, None), hidden.new_zeros(
                 (), dtype=torch.float32)
@@ -932,10 +937,7 @@ class UniPerceiverMoEEncoder(nn.Module):
         """
         keys = torch.cat(key_tables)
         sizes = [table.shape[0] for table in key_tables]
-        route_input = keys
-        if self.config.folded_routes is not None:
-            table = torch.tensor(self.config.folded_routes, device=keys.device, dtype=keys.dtype)
-            route_input = route_rows(keys, table, "folded into this model")
+        route_input = gate_route_input(self.config, keys)
         merged = [MergedExperts(table) for table in key_tables]
         for layer in self.layers:
             for gate, linears in layer.gated_linears():
@@ -957,7 +959,9 @@ class UniPerceiverMoEEncoder(nn.Module):
         scales = drop_path_scales(self.config.drop_path_rate, len(self.layers), hidden.shape[0], hidden.device,
                                   self.training)
         for i, layer in enumerate(self.layers):
-            merged_tensors = state.merged.layer_tensors(i) if state.merged is not None else ()
+            # only a checkpointed layer needs its merged experts as arguments (its inputs); others read the state
+            checkpointed = layer.gradient_checkpointing and layer.training and torch.is_grad_enabled()
+            merged_tensors = state.merged.layer_tensors(i) if checkpointed and state.merged is not None else ()
             hidden, weights, aux_loss, decisions = layer(hidden, attention_mask, state, output_attentions,
                                                          *merged_tensors,
                                                          drop_path_scale=None if scales is None else scales[i])
@@ -1337,12 +1341,11 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         )
         if self.config.moe_routing == "none":
             return state
-        offloaded = self.experts_offloaded()
+        # merged experts come from `merge_for_step`, which gives none while experts are offloaded
+        offloaded = merged_experts is None and self.experts_offloaded()
         if not self.config.is_data_independent_routing:
             state.expert_weights = None if offloaded else self.cast_experts(dtype)
             return state
-        if offloaded:
-            merged_experts = None
         token_group = None if merged_experts is None else merged_experts.token_group
         if token_group is not None and token_group.numel() == batch:  # per-sequence route inputs
             token_group = token_group.repeat_interleave(length)

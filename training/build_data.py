@@ -178,6 +178,14 @@ def build_slice(slice_name: str, cache_dir: str, sources: list[str] | None = Non
     return target
 
 
+def link_or_copy(source: str, destination: str) -> None:
+    """A hard link where the filesystem allows one, else a copy."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
 def keep_other_sources(target: str, staging: str, names: list[str]) -> dict[str, dict]:
     """Copy the sources of an existing slice at `target` that are not being (re)built into `staging`
     (hard links where possible); returns their manifest entries. Nothing is kept from a slice whose
@@ -195,13 +203,6 @@ def keep_other_sources(target: str, staging: str, names: list[str]) -> dict[str,
         files = [f["path"] for split in entry["splits"].values() for f in split["files"]]
         if name in names or name not in SOURCES or not all(os.path.exists(os.path.join(target, f)) for f in files):
             continue
-
-        def link_or_copy(source: str, destination: str) -> None:
-            try:
-                os.link(source, destination)
-            except OSError:
-                shutil.copy2(source, destination)
-
         shutil.copytree(os.path.join(target, name), os.path.join(staging, name), copy_function=link_or_copy)
         kept[name] = entry
     return kept
