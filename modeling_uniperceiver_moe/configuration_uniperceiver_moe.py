@@ -19,9 +19,11 @@ DATA_INDEPENDENT_ROUTINGS = ("modality", "task", "attribute")
 MOE_PROJECTIONS = ("attn_qkv", "attn_out", "ffn_fc1", "ffn_fc2")
 MODALITIES = ("text", "image", "video")
 INITIALIZER_SCHEMES = ("fan_in", "fixed")
+TEXT_POSITION_INITS = ("normal", "sincos")
 # The reference's initialisation (BERT init, LayerScale 1e-3), made for its huge-batch, long schedule
 # (`training/configs/reference_b.yaml`); the defaults learn from scratch at small scale.
-REFERENCE_INIT = {"layer_scale_init": 1e-3, "initializer_scheme": "fixed", "initializer_range": 0.02}
+REFERENCE_INIT = {"layer_scale_init": 1e-3, "initializer_scheme": "fixed", "initializer_range": 0.02,
+                  "text_position_init": "normal"}
 DEFAULT_TASK_FAMILIES = (
     "image_classification",
     "video_classification",
@@ -64,6 +66,11 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         vocab_size (`int`, defaults to 49411): CLIP BPE (49,408) plus `[MASK]`, `[GEN]`, `[SPE]`.
         mask_token_id / gen_token_id / spe_token_id / bos_token_id / eos_token_id / pad_token_id (`int`).
         max_position_embeddings (`int`, defaults to 512): learned text positions.
+        text_position_init (`str`, defaults to `"sincos"`): how the learned text position table starts:
+            `"sincos"`, 1-D sin-cos positions scaled to the word embeddings' RMS `initializer_range`, so that
+            neighbouring positions start out similar (masked-language modelling leaves its most-frequent-word
+            plateau sooner, docs/results.md); `"normal"`, std `initializer_range` like every embedding (the
+            reference, `REFERENCE_INIT`).
         image_size (`int`, defaults to 224): the image side the processor produces; other sides that are a
             multiple of `patch_size` are accepted by the model (sin-cos positions are computed on the fly).
         patch_size (`int`, defaults to 16). num_channels (`int`, defaults to 3).
@@ -139,6 +146,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         eos_token_id: int = 49407,
         pad_token_id: int = 49407,
         max_position_embeddings: int = 512,
+        text_position_init: str = "sincos",
         image_size: int = 224,
         patch_size: int = 16,
         num_channels: int = 3,
@@ -198,6 +206,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         self.gen_token_id = gen_token_id
         self.spe_token_id = spe_token_id
         self.max_position_embeddings = max_position_embeddings
+        self.text_position_init = text_position_init
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_channels = num_channels
@@ -277,6 +286,8 @@ class UniPerceiverMoEConfig(PretrainedConfig):
             fail("hidden_size", f"must be a multiple of 4 (2-D sin-cos positions), got {self.hidden_size}")
         if self.image_size % self.patch_size:
             fail("image_size", f"{self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.text_position_init not in TEXT_POSITION_INITS:
+            fail("text_position_init", f"must be one of {TEXT_POSITION_INITS}, got {self.text_position_init!r}")
         if self.initializer_scheme not in INITIALIZER_SCHEMES:
             fail("initializer_scheme", f"must be one of {INITIALIZER_SCHEMES}, got {self.initializer_scheme!r}")
         if self.layer_scale_init < 0:

@@ -109,20 +109,23 @@ class GenericPerceptionOutput(ModelOutput):
 
 
 # =============================================================================================== helpers
+def sincos_1d_position_embedding(positions: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Sin-cos encoding `[N, dim]` (float64) of positions `[N]`: `dim / 2` frequencies 1 / base^(i / (dim / 2)),
+    sines in the first half, cosines in the second. `dim` must be even."""
+    half = dim // 2
+    omega = 1.0 / (base ** (torch.arange(half, dtype=torch.float64, device=positions.device) / half))
+    angles = positions.to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
 def sincos_2d_position_embedding(grid_h: int, grid_w: int, dim: int, device=None) -> torch.Tensor:
     """Fixed 2-D sin-cos positions `[grid_h * grid_w, dim]` (first half encodes rows, second half columns)."""
     if dim % 4:
         raise ValueError(f"hidden_size must be a multiple of 4 for 2-D sin-cos positions, got {dim}")
-    quarter = dim // 4
-    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter))
-    rows = torch.arange(grid_h, dtype=torch.float64, device=device)[:, None].expand(grid_h, grid_w).reshape(-1)
-    cols = torch.arange(grid_w, dtype=torch.float64, device=device)[None, :].expand(grid_h, grid_w).reshape(-1)
-
-    def encode(pos):
-        angles = pos[:, None] * omega[None, :]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+    rows = torch.arange(grid_h, device=device)[:, None].expand(grid_h, grid_w).reshape(-1)
+    cols = torch.arange(grid_w, device=device)[None, :].expand(grid_h, grid_w).reshape(-1)
+    return torch.cat([sincos_1d_position_embedding(rows, dim // 2),
+                      sincos_1d_position_embedding(cols, dim // 2)], dim=1).float()
 
 
 def caption_attention_pattern(num_prefix: int, num_words: int, device=None) -> torch.Tensor:
@@ -371,6 +374,11 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 # =============================================================================================== embeddings
+class UniPerceiverMoETextPositions(nn.Embedding):
+    """The learned text position table `[max_position_embeddings, d]`; its own class so that
+    `config.text_position_init` can start it from sin-cos positions."""
+
+
 class UniPerceiverMoEEmbeddings(nn.Module):
     """Modality tokenizers: CLIP-BPE text, per-frame patch embedding for images/video, and the SPE token.
 
@@ -383,7 +391,7 @@ class UniPerceiverMoEEmbeddings(nn.Module):
         self.config = config
         d = config.hidden_size
         self.word_embeddings = nn.Embedding(config.vocab_size, d)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, d)
+        self.position_embeddings = UniPerceiverMoETextPositions(config.max_position_embeddings, d)
         self.modality_embeddings = nn.Embedding(config.num_modalities, d)
         self.patch_embedding = nn.Conv2d(config.num_channels, d, config.patch_size, config.patch_size)
         self.temporal_embeddings = nn.Embedding(config.num_frames, d)
@@ -1064,6 +1072,14 @@ class UniPerceiverMoEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, UniPerceiverMoELinear):
             init.trunc_normal_(module.weight, std=self.projection_std(module.in_features))
             init.zeros_(module.bias)
+        elif isinstance(module, UniPerceiverMoETextPositions) and self.config.text_position_init == "sincos":
+            # the reference's text sin-cos base (twice the table length: the slowest frequency spans the table),
+            # entries of RMS 1/sqrt(2) scaled to the RMS `initializer_range` of the word embeddings
+            positions = torch.arange(module.num_embeddings, device=module.weight.device)
+            encoding = sincos_1d_position_embedding(positions, module.embedding_dim, base=2.0 * module.num_embeddings)
+            encoding = encoding * (std * math.sqrt(2.0))
+            init.copy_(module.weight, encoding.to(module.weight.dtype)) if hasattr(init, "copy_") else \
+                module.weight.data.copy_(encoding.to(module.weight.dtype))
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, std=std)
         elif isinstance(module, nn.LayerNorm):

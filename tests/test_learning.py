@@ -56,6 +56,46 @@ def test_fan_in_init_scales_projections_and_keeps_routers_near_uniform():
         tiny_config("attribute", initializer_scheme="xavier")
 
 
+def position_cosines(table: torch.Tensor) -> torch.Tensor:
+    unit = torch.nn.functional.normalize(table.float(), dim=1)
+    return unit @ unit.T
+
+
+def test_sincos_text_positions_start_similar_for_neighbours_and_survive_save_and_load(tmp_path):
+    """`text_position_init="sincos"` (the default) starts the learned text table from 1-D sin-cos positions of
+    the word embeddings' RMS: neighbours similar, distant positions less so; the reference's `"normal"` draws
+    independent rows. A saved table (here a trained-looking random one) is loaded as saved, not re-drawn."""
+    model = UniPerceiverMoEForGenericPerception(tiny_config("none"))
+    table = model.uniperceiver.embeddings.position_embeddings.weight.detach()
+    assert model.config.text_position_init == "sincos"
+    assert table.pow(2).mean().sqrt().item() == pytest.approx(model.config.initializer_range, rel=1e-5)
+    cosines = position_cosines(table)
+    assert cosines[10, 11] > 0.9 and cosines[10, 11] > cosines[10, 13] > cosines[10, 30]
+    reference = UniPerceiverMoEForGenericPerception(tiny_config("none", **REFERENCE_INIT))
+    assert position_cosines(reference.uniperceiver.embeddings.position_embeddings.weight.detach())[10, 11].abs() < 0.5
+
+    with torch.no_grad():
+        model.uniperceiver.embeddings.position_embeddings.weight.normal_()
+    model.save_pretrained(tmp_path)
+    loaded = UniPerceiverMoEForGenericPerception.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.uniperceiver.embeddings.position_embeddings.weight,
+                               model.uniperceiver.embeddings.position_embeddings.weight, rtol=0, atol=0)
+
+
+def test_vision_sincos_positions_are_the_2d_formula():
+    """The 2-D table is rows then columns, each `dim / 4` frequencies 1 / 10000^(i / (dim / 4)), sin then cos."""
+    from modeling_uniperceiver_moe.modeling_uniperceiver_moe import sincos_2d_position_embedding
+
+    table = sincos_2d_position_embedding(3, 5, 16)
+    row, col = 1, 4  # the token at row 1, column 4
+    omega = [1 / 10000 ** (i / 4) for i in range(4)]
+    expected = ([torch.sin(torch.tensor(row * w, dtype=torch.float64)) for w in omega]
+                + [torch.cos(torch.tensor(row * w, dtype=torch.float64)) for w in omega]
+                + [torch.sin(torch.tensor(col * w, dtype=torch.float64)) for w in omega]
+                + [torch.cos(torch.tensor(col * w, dtype=torch.float64)) for w in omega])
+    torch.testing.assert_close(table[row * 5 + col], torch.stack(expected).float())
+
+
 def learning_config(cache: str, output_dir: str, **model) -> dict:
     return {
         "output_dir": output_dir, "seed": 0,

@@ -324,6 +324,8 @@ def test_config_errors_name_the_field(tmp_path, tiny_cache):
     ("data.vocabulary_size=0", "data.vocabulary_size must be >= 1"),
     ("data.eval_samples=0", "data.eval_samples must be >= 1"),
     ("train.log_every=0", "train.log_every must be >= 1"),
+    ("train.max_minutes=0", "train.max_minutes must be > 0, or null for no limit"),
+    ("model.text_position_init=learned", "text_position_init: must be one of"),
     ("model=[1, 2]", "section 'model' must be a mapping"),
     ("tasks=[austen_mlm]", "section 'tasks' must be a mapping"),
     ("data.max_text_length=41", "data.max_text_length=41 exceeds model.max_position_embeddings=40"),

@@ -136,6 +136,8 @@ def _yaml_11_value(value: Any, default: Any, choices: tuple | None) -> Any:
 # Counts that must be at least 1 (0 would divide by zero, evaluate nothing or keep nothing).
 AT_LEAST_ONE = {"data.shuffle_block", "data.max_text_length", "data.vocabulary_size", "data.eval_samples",
                 "train.max_steps", "train.grad_accum", "train.log_every", "train.keep_checkpoints", "batch_size"}
+# Optional limits that are either null (no limit) or positive: 0 would stop a run before its first step.
+POSITIVE_OR_NULL = {"train.max_minutes"}
 
 
 def _coerce(section: str, name: str, value: Any, default: Any, annotation: str = "") -> Any:
@@ -159,6 +161,8 @@ def _coerce(section: str, name: str, value: Any, default: Any, annotation: str =
             raise ConfigError(f"{where} must be >= 0, got {value!r}")
         if value < 1 and (where in AT_LEAST_ONE or name in AT_LEAST_ONE):
             raise ConfigError(f"{where} must be >= 1, got {value!r}")
+        if value == 0 and where in POSITIVE_OR_NULL:
+            raise ConfigError(f"{where} must be > 0, or null for no limit, got {value!r}")
     if isinstance(default, tuple):
         if not isinstance(value, (list, tuple)) or len(value) != len(default):
             raise ConfigError(f"{where} must be a list of {len(default)} numbers, got {value!r}")
