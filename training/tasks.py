@@ -568,5 +568,9 @@ for _task in (
          input_attributes=ATTRIBUTES["retrieval_image"], target_attributes=ATTRIBUTES["retrieval_text_target"]),
     Task("wordnet_lexname_classification", "text_classification", "wordnet", 8, 1.0,
          input_attributes=ATTRIBUTES["text_input"], target_attributes=ATTRIBUTES["word_target"]),
+    # not in any pre-training config: a task the pre-trained model has never seen (its Unicode group from an
+    # emoji's image), for prompt tuning and zero-shot evaluation
+    Task("emoji_group_classification", "image_classification", "emoji", 9, 1.0,
+         input_attributes=ATTRIBUTES["classification_input"], target_attributes=ATTRIBUTES["class_name_target"]),
 ):
     register(_task)
