@@ -5,13 +5,12 @@
 
 Prints: the measured bf16 matmul ceiling; a microbenchmark of the MoE linear alone against a dense
 linear of equal active FLOPs (TFLOP/s); then per size, training step (forward + backward + fused
-AdamW) tokens/s and peak memory for dense, each routing, a naive per-expert loop (Mixtral-style) of
-the same MoE linear and the ablations `attribute-unsorted` (a permutation per expert projection, not
+AdamW) tokens/s and peak memory for dense, each routing, the naive reference (`-naive`: the eager
+experts implementation, a Python loop over route groups or experts) and the ablations `attribute-unsorted` (a permutation per expert projection, not
 per layer), `attribute-unique` (route keys found by a row sort) and `attribute-unfused` (the expert merge as
-GEMMs, not the fused Triton kernels), both as before the fourth session, and `token-argsort` (rows put in
-expert or route-group order by a comparison sort, as before the fifth session), `token-topk` (compiled
-gates' top-k by `torch.topk`, as before the seventh session), `token-passcast` (each encoder pass casts
-its own experts, as before the eighth session); `-top1` picks one expert instead of two
+GEMMs, not the fused Triton kernels), `token-argsort` (rows put in expert or route-group order by a
+comparison sort instead of the counting sort), `token-topk` (compiled gates' top-k by `torch.topk`),
+`token-passcast` (each encoder pass casts its own experts); `-top1` picks one expert instead of two
 (`token-top1-unsorted`: without the top-1 MLP kept in expert order); inference
 tokens/s for dense, token/context/attribute routing and the folded (re-parameterised) export. Ratios
 are to dense of the same size, phase and compilation, in the same process. `--json PATH` writes all.
@@ -45,41 +44,21 @@ CLASS_INPUT = TokenAttributes.from_bits("10011000")
 CANDIDATE = TokenAttributes.from_bits("11010110")
 
 
-def naive_moe_linear_forward(self: UniPerceiverMoELinear, x: torch.Tensor, dispatch) -> torch.Tensor:
-    """Reference: a Python loop over experts, each gathering its tokens (Mixtral-style). Same maths."""
-    if isinstance(dispatch, MergedDispatch):
-        groups = dispatch.groups
-        gates = dispatch.gates[groups.sorted_group if dispatch.rows_sorted else groups.token_group]  # [N, E]
-        token_expert = gates.nonzero(as_tuple=True)
-        tokens, experts, weights = token_expert[0], token_expert[1], gates[token_expert]
-    else:
-        tokens, experts, weights = dispatch.token_index, dispatch.expert_index, dispatch.weight
-    out = torch.zeros(x.shape[0], self.out_features, device=x.device, dtype=x.dtype)
-    for e in range(self.num_experts):
-        chosen = experts == e
-        idx = tokens[chosen]
-        y = torch.nn.functional.linear(x[idx], self.weight[e].to(x.dtype), self.bias[e].to(x.dtype))
-        out.index_add_(0, idx, y * weights[chosen].to(x.dtype)[:, None])
-    return out
-
-
 @contextlib.contextmanager
 def naive_experts():
-    """Swap every MoE linear for the naive loop; layers then need no sorted rows (see `unsorted_layers`).
-    The per-step merge then skips the weights (the loop reads the experts): it decides the gates only."""
-    original_forward, original_merge = UniPerceiverMoELinear.forward, UniPerceiverMoELinear.merged_parameters
-    UniPerceiverMoELinear.forward = naive_moe_linear_forward
-    UniPerceiverMoELinear.merged_parameters = lambda self, gates, dtype=None: (gates[:, :0], gates[:, :0])  # empty
-    try:
-        with unsorted_layers():
-            yield
-    finally:
-        UniPerceiverMoELinear.forward, UniPerceiverMoELinear.merged_parameters = original_forward, original_merge
+    """The naive reference: the model's eager experts implementation (a Python loop with one matmul per
+    route group, or per expert for token routing: `UniPerceiverMoELinear.eager_merged_forward` /
+    `eager_token_forward`), whatever the model's `experts_implementation`, and no rows kept sorted
+    (`unsorted_layers`)."""
+    from modeling_uniperceiver_moe import modeling_uniperceiver_moe as modeling
+
+    with mock.patch.object(modeling, "experts_implementation", lambda config: "eager"), unsorted_layers():
+        yield
 
 
 def argsort_dispatch():
     """Ablation (`token-argsort`): rows put in group/expert order by a stable argsort instead of the
-    counting sort (`routing.stable_group_order`, as before the fifth session)."""
+    counting sort (`routing.stable_group_order`)."""
     from modeling_uniperceiver_moe import routing
 
     return mock.patch.object(routing, "MAX_COUNTING_SORT_GROUPS", -1)
@@ -175,14 +154,9 @@ def unsorted_layers():
         state.sorted_rows = None
         return state
 
-    expert_order = UniPerceiverMoEMLP.expert_order
-    UniPerceiverMoEModel._routing_state = routing_state
-    UniPerceiverMoEMLP.expert_order = False
-    try:
+    with mock.patch.object(UniPerceiverMoEModel, "_routing_state", routing_state), \
+            mock.patch.object(UniPerceiverMoEMLP, "keeps_expert_order", lambda self, dispatch: False):
         yield
-    finally:
-        UniPerceiverMoEModel._routing_state = original
-        UniPerceiverMoEMLP.expert_order = expert_order
 
 
 @contextlib.contextmanager
@@ -208,8 +182,8 @@ def sorted_route_keys():
 
 
 def torch_topk_gates():
-    """Ablation (`token-topk`): compiled token/context gates pick their experts with `torch.topk`, as before
-    the seventh session, instead of max-reductions (`routing.TOP_K_BY_MAX_WHEN_COMPILED`)."""
+    """Ablation (`token-topk`): compiled token/context gates pick their experts with `torch.topk` instead of
+    max-reductions (`routing.TOP_K_BY_MAX_WHEN_COMPILED`)."""
     from modeling_uniperceiver_moe import routing
 
     return mock.patch.object(routing, "TOP_K_BY_MAX_WHEN_COMPILED", False)
@@ -217,16 +191,14 @@ def torch_topk_gates():
 
 def per_pass_casts():
     """Ablation (`token-passcast`): every encoder pass casts its own float32 experts to bf16 (and, in
-    training, casts their gradients back), as before the eighth session in training and before the seventh
-    at inference, instead of one kept cast per parameter update (`modeling.SHARE_EXPERT_CASTS`)."""
-    from modeling_uniperceiver_moe import modeling_uniperceiver_moe as modeling
-
-    return mock.patch.object(modeling, "SHARE_EXPERT_CASTS", False)
+    training, casts their gradients back) instead of one kept cast per parameter update
+    (`UniPerceiverMoEModel.cast_experts`)."""
+    return mock.patch.object(UniPerceiverMoEModel, "cast_experts", lambda self, dtype: None)
 
 
 def unfused_merge():
     """Ablation (`attribute-unfused`): the expert merge as float32 GEMMs and casts instead of the fused
-    Triton kernels (the path before the fourth session; CPU always takes it)."""
+    Triton kernels (the path CPU always takes)."""
     from modeling_uniperceiver_moe import merge_kernels
 
     return merge_kernels.disabled()

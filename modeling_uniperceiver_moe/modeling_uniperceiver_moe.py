@@ -1,7 +1,9 @@
 """PyTorch Uni-Perceiver-MoE: a shared multimodal encoder with conditional mixture-of-experts projections.
 
-Reading order: helpers, embeddings, MoE linear and gate, attention, MLP, layer, encoder,
-pre-trained base, base model, similarity head.
+Reading order: outputs, position helpers, embeddings, the MoE linear (its eager implementation states the
+maths) and its gate, attention, MLP, layer, encoder, pre-trained base, base model, similarity head. The
+faster implementation of the expert linears (`experts_implementation="grouped_mm"`, the default) lives in
+`moe_implementations.py`; routers, route grouping and dispatch bookkeeping in `routing.py`.
 
 Sequence layout of every forward pass (L tokens):
 `[SPE] vision tokens (frames x patches) text tokens [caption placeholders]`.
@@ -12,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_uniperceiver_moe import MODALITIES, UniPerceiverMoEConfig
-from .merge_kernels import merge_backward, merge_forward
+from . import moe_implementations
 from .routing import (
     FoldedRouter,
     GateDecision,
@@ -160,217 +161,6 @@ def drop_path_scales(max_rate: float, num_layers: int, batch: int, device, train
     keep = 1.0 - torch.arange(num_layers, device=device, dtype=torch.float32) * (max_rate / max(num_layers - 1, 1))
     keep = keep[:, None, None]
     return (torch.rand(num_layers, 2, batch, device=device) < keep).float() / keep
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul on `x` runs in: the autocast dtype inside autocast, else `x.dtype`."""
-    return matmul_dtype(x.device, x.dtype)
-
-
-def matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype a matmul of `dtype` tensors on `device` runs in: the autocast dtype inside autocast."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return dtype
-
-
-def grouped_linear(
-    x_sorted: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None = None,
-    row_group: torch.Tensor | None = None, row_one_hot: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Rows of `x_sorted` `[M, in]` come in contiguous groups; group g uses `weight[g]` `[out, in]`.
-
-    offsets: `[G]` int32 cumulative group ends. bias: `[G, out]`, with `row_group` `[M]` (each row's
-    group) and `row_one_hot` `[M, G']` (its one-hot, G' >= G zero-padded columns); see `_AddRowBias`.
-    Runs in the dtype of `compute_dtype(x_sorted)`:
-    one grouped GEMM (`torch.nn.functional.grouped_mm`) where the kernel exists for this device/dtype,
-    otherwise one GEMM per group. Returns `[M, out]`.
-    """
-    dtype = compute_dtype(x_sorted)
-    x_sorted, weight = x_sorted.to(dtype), weight.to(dtype)
-    if _grouped_mm_supported(x_sorted, weight.shape[1]):
-        out = F.grouped_mm(x_sorted, weight.transpose(1, 2), offs=offsets)
-        out = _ContiguousGrad.apply(out)
-    else:
-        ends = offsets.tolist()
-        starts = [0] + ends[:-1]
-        out = torch.cat([x_sorted[s:e] @ weight[g].t() for g, (s, e) in enumerate(zip(starts, ends))])
-    if bias is not None:
-        out = _AddRowBias.apply(out, bias.to(dtype), row_group, row_one_hot.to(dtype))
-    return out
-
-
-class _AddRowBias(torch.autograd.Function):
-    """`out + bias[row_group]` for rows `[M, out]` and a per-group bias `[G, out]`.
-
-    Forward: one addmm with the rows' zero-padded one-hot `[M, G']` and the bias padded to G' rows in
-    eager mode (K = G' keeps the operands aligned; with the one-hot sliced to K = G cuBLAS picked an
-    sm75 kernel, 117 us for B's fc1 on an H100; the padded form was not profiled separately); a
-    gather-add inside a compiled graph, where the compiler fuses it into the next elementwise op (the
-    activation, the residual add). Backward: the bias gradient is one GEMM with the transposed one-hot
-    (no scatter-add; with the padding the compiled step's profile shows no sm75 kernel).
-    """
-
-    @staticmethod
-    def forward(ctx, out, bias, row_group, row_one_hot):
-        ctx.save_for_backward(row_one_hot)
-        ctx.num_groups = bias.shape[0]
-        if torch.compiler.is_compiling():
-            return out + bias.index_select(0, row_group)
-        return torch.addmm(out, row_one_hot, F.pad(bias, (0, 0, 0, row_one_hot.shape[1] - bias.shape[0])))
-
-    @staticmethod
-    def backward(ctx, grad):
-        (row_one_hot,) = ctx.saved_tensors
-        return grad, (row_one_hot.t() @ grad)[: ctx.num_groups], None, None
-
-
-class _MergeExperts(torch.autograd.Function):
-    """`W_g = sum_e gates[g, e] W_e` for G route groups, returned in the compute dtype.
-
-    gates `[G, E]` float32, experts `[E, P]` float32 (P = out * in) -> `[G, P]` in `dtype`. On CUDA both
-    directions are one fused Triton kernel each (`merge_kernels`: one read of the experts per direction,
-    the result written in `dtype` directly). Elsewhere: a float32 GEMM and a cast; the gate gradient, a
-    reduction over P (millions), runs as a batched GEMM over P-chunks (as one GEMM with K = P cuBLAS
-    picked a 32x32-tile fp32 kernel that took 0.29 ms for B's fc1 on an H100).
-    """
-
-    @staticmethod
-    def forward(ctx, gates, experts, dtype):
-        ctx.save_for_backward(gates, experts)
-        fused = merge_forward(gates, experts, dtype)
-        return (gates @ experts).to(dtype) if fused is None else fused
-
-    @staticmethod
-    def backward(ctx, grad):
-        gates, experts = ctx.saved_tensors
-        fused = merge_backward(grad, gates, experts)
-        if fused is not None:
-            grad_gates, grad_experts = fused
-            return (grad_gates if ctx.needs_input_grad[0] else None,
-                    grad_experts if ctx.needs_input_grad[1] else None, None)
-        grad = grad.to(experts.dtype).contiguous()
-        grad_experts = gates.t() @ grad if ctx.needs_input_grad[1] else None
-        grad_gates = _chunked_row_products(grad, experts) if ctx.needs_input_grad[0] else None
-        return grad_gates, grad_experts, None
-
-
-class _CastInto(torch.autograd.Function):
-    """`source` cast to `buffer`'s dtype, written into `buffer` (a tensor kept between calls, so its address
-    stays fixed) and returned as `buffer`; the gradient goes back to `source` in `source`'s dtype.
-
-    Used by `UniPerceiverMoEModel.cast_experts`: every forward of a training step shares one cast of the
-    float32 experts, and autograd sums the compute-dtype gradients of all their uses before the one
-    cast back (as autocast's weight-cast cache does for dense weights in eager mode).
-    """
-
-    @staticmethod
-    def forward(ctx, source, buffer):
-        ctx.source_dtype = source.dtype
-        buffer.copy_(source)
-        ctx.mark_dirty(buffer)
-        return buffer
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.to(ctx.source_dtype), None
-
-
-def _chunked_row_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`a @ b.T` for short, very long rows: a `[G, P]`, b `[E, P]` -> `[G, E]`, as a bmm over P-chunks."""
-    length = a.shape[1]
-    chunks = next((c for c in (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2) if length % c == 0 and length // c >= 64), 1)
-    if chunks == 1:
-        return a @ b.t()
-    width = length // chunks
-    per_chunk = torch.bmm(a.view(a.shape[0], chunks, width).transpose(0, 1), b.view(b.shape[0], chunks, width).permute(1, 2, 0))
-    return per_chunk.sum(0)
-
-
-class _PermuteRows(torch.autograd.Function):
-    """`x[order]` for a permutation `order`, whose backward is the inverse gather.
-
-    Plain advanced indexing back-propagates through a deterministic index_put (sort + scatter), which
-    measured as 70% of a B-size training step on an H100; a permutation needs only a gather.
-    """
-
-    @staticmethod
-    def forward(ctx, x, order, inverse_order):
-        ctx.save_for_backward(inverse_order)
-        return x.index_select(0, order)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse_order,) = ctx.saved_tensors
-        return grad.index_select(0, inverse_order), None, None
-
-
-def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse_order: torch.Tensor) -> torch.Tensor:
-    """Rows of `x` `[N, ...]` in the order `order` (a permutation of 0..N-1)."""
-    return _PermuteRows.apply(x, order, inverse_order)
-
-
-class _DispatchTokens(torch.autograd.Function):
-    """`x[token_index]` for token-routed assignments (each token appears k times), backward by gathers.
-
-    The sorted assignments are a permutation of the k*N choice-major slots, so the gradient of token t
-    is the sum of its k slots: gather by `inverse_order`, view `[k, N, d]`, sum. No scatter-add.
-    """
-
-    @staticmethod
-    def forward(ctx, x, token_index, inverse_order, top_k):
-        ctx.save_for_backward(inverse_order)
-        ctx.top_k = top_k
-        return x.index_select(0, token_index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse_order,) = ctx.saved_tensors
-        per_slot = grad.index_select(0, inverse_order)
-        return per_slot.view(ctx.top_k, -1, grad.shape[-1]).sum(0), None, None, None
-
-
-def dispatch_assignments(x: torch.Tensor, dispatch: TokenDispatch) -> torch.Tensor:
-    """Token routing: rows `[N, d]` -> their N*k assignments in expert order `[N*k, d]`, in the compute dtype."""
-    return _DispatchTokens.apply(x.to(compute_dtype(x)), dispatch.token_index, dispatch.inverse_order, dispatch.top_k)
-
-
-def combine_assignments(out_sorted: torch.Tensor, dispatch: TokenDispatch) -> torch.Tensor:
-    """Token routing: gate-weighted expert outputs `[N*k, d]` in expert order -> `[N, d]`, each token's k
-    assignments summed (with top-1 only the permutation back)."""
-    per_slot = permute_rows(out_sorted, dispatch.inverse_order, dispatch.order)
-    if dispatch.top_k == 1:
-        return per_slot
-    return per_slot.view(dispatch.top_k, -1, out_sorted.shape[-1]).sum(0)
-
-
-def _grouped_mm_supported(x: torch.Tensor, out_features: int) -> bool:
-    """grouped_mm runs on CPU, and on CUDA for bf16 on Hopper or newer, for rows (`[M, in]` inputs, `[M, out]`
-    outputs and their gradients) whose byte strides are multiples of 16."""
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if (x.shape[-1] * x.element_size()) % 16 or (out_features * x.element_size()) % 16:
-        return False  # e.g. intermediate_size 37 in float32, hidden_size 36 in bfloat16
-    if x.device.type == "cpu":  # eager CPU has float32 kernels; the compiler's shape function wants bf16
-        return x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and _cuda_major(x.device.index) >= 9
-
-
-@lru_cache(maxsize=None)
-def _cuda_major(index: int | None) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous (grouped_mm's backward needs it)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
 
 
 # =============================================================================================== embeddings
@@ -523,10 +313,10 @@ class SortedRows:
     row_sample: torch.Tensor  # [N] the sequence of each sorted row (drop path)
 
     def to_sorted(self, x: torch.Tensor) -> torch.Tensor:
-        return permute_rows(x, self.groups.order, self.groups.inverse_order)
+        return moe_implementations.permute_rows(x, self.groups.order, self.groups.inverse_order)
 
     def to_natural(self, x: torch.Tensor) -> torch.Tensor:
-        return permute_rows(x, self.groups.inverse_order, self.groups.order)
+        return moe_implementations.permute_rows(x, self.groups.inverse_order, self.groups.order)
 
 
 @dataclass
@@ -551,71 +341,95 @@ class PrefixCache:
         return self.key_values[0][0].shape[2] if self.key_values else 0
 
 
+EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "eager")
+
+
+def experts_implementation(config: UniPerceiverMoEConfig) -> str:
+    """The implementation of the expert linears: `config._experts_implementation` as transformers sets it
+    (`from_pretrained(..., experts_implementation=...)`, `model.set_experts_implementation(...)`), else
+    `"grouped_mm"`."""
+    return getattr(config, "_experts_implementation", None) or "grouped_mm"
+
+
 class UniPerceiverMoELinear(nn.Module):
     """One linear projection with E experts stored as a single 3-D parameter.
 
     weight: `[E, out, in]`, bias: `[E, out]`. `forward(x [N, in], dispatch) -> [N, out]`:
-    * [`MergedDispatch`] (modality/task/attribute/folded): per route group W_g = sum_e gate[g,e] W_e,
-      then one grouped GEMM over the group-sorted rows; a plain GEMM when the batch has one group. The
-      model merges every linear once per step for all the passes of that step ([`MergedExperts`],
-      built by `UniPerceiverMoEEncoder.merge_experts`, cached at inference); a dispatch without them
-      merges here (one float32 GEMM over the experts). Rows are permuted here unless the layer already
-      keeps them sorted (`dispatch.rows_sorted`).
-    * [`TokenDispatch`] (token/context): the expert-sorted assignments in one grouped GEMM, scaled by
-      their gate weights and summed back per token, dispatch and combine both by gathers.
-    No Python loop over experts.
+    * [`MergedDispatch`] (modality / task / attribute routing, or a folded model): each route group g has
+      the merged weight `W_g = sum_e gate[g, e] W_e` (bias likewise) and every token goes through its
+      group's `W_g`. The model merges every linear once per step for all the passes of that step
+      ([`MergedExperts`], built by `UniPerceiverMoEEncoder.merge_experts`, cached at inference); a
+      dispatch without them merges here.
+    * [`TokenDispatch`] (token / context routing): each token goes through its top-k experts and their
+      outputs are summed with the gate weights; assignments past an expert's capacity carry weight 0.
+    `config._experts_implementation` picks how: `"eager"` (below: the maths, one matmul per route group or
+    expert) or `"grouped_mm"` (`moe_implementations`: one grouped GEMM, no loop; the default).
     """
 
-    def __init__(self, in_features: int, out_features: int, num_experts: int, name: str = ""):
+    def __init__(self, in_features: int, out_features: int, num_experts: int, name: str = "",
+                 config: UniPerceiverMoEConfig | None = None):
         super().__init__()
         self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
         self.name = name  # "{layer}.{projection}": its entry in `MergedExperts.weights`
+        self.config = config
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(num_experts, out_features))
 
+    @property
+    def implementation(self) -> str:
+        return "grouped_mm" if self.config is None else experts_implementation(self.config)
+
     def merged_parameters(self, gates: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """gates `[G, E]` -> merged weight `[G, out, in]` and bias `[G, out]`, summed in float32
-        (autocast off) and returned in `dtype`."""
+        """gates `[G, E]` -> merged weight `W_g = sum_e gates[g, e] W_e` `[G, out, in]` and bias `[G, out]`,
+        summed in float32 (autocast off) and returned in `dtype`."""
         with torch.autocast(device_type=gates.device.type, enabled=False):
             gates = gates.float()
             experts = self.weight.float().reshape(self.num_experts, -1)
-            weight = _MergeExperts.apply(gates, experts, dtype).view(-1, self.out_features, self.in_features)
-            return weight, (gates @ self.bias.float()).to(dtype)
+            if self.implementation == "eager":
+                weight = (gates @ experts).to(dtype)
+            else:
+                weight = moe_implementations.merge_experts(gates, experts, dtype)
+            return weight.view(-1, self.out_features, self.in_features), (gates @ self.bias.float()).to(dtype)
 
     def forward(self, x: torch.Tensor, dispatch: MergedDispatch | TokenDispatch, rows_in_expert_order: bool = False
                 ) -> torch.Tensor:
-        """x: `[N, in]` tokens -> `[N, out]`; with `rows_in_expert_order` (token routing), x is `[N*k, in]`
-        rows already in expert order (`expert_rows`) and so is the result."""
+        """x: `[N, in]` tokens -> `[N, out]`; with `rows_in_expert_order` (top-1 token routing under
+        `"grouped_mm"`, see `UniPerceiverMoEMLP`), x is `[N, in]` rows already in expert order and so is the
+        result."""
+        if self.implementation == "eager":
+            if isinstance(dispatch, MergedDispatch):
+                return self.eager_merged_forward(x, dispatch)
+            return self.eager_token_forward(x, dispatch)
         if rows_in_expert_order:
-            return self.expert_rows(x, dispatch)
+            return moe_implementations.expert_rows(self, x, dispatch)
         if isinstance(dispatch, MergedDispatch):
-            return self._forward_merged(x, dispatch)
-        return self._forward_tokens(x, dispatch)
+            return moe_implementations.merged_forward(self, x, dispatch)
+        return moe_implementations.token_forward(self, x, dispatch)
 
-    def _forward_merged(self, x: torch.Tensor, dispatch: MergedDispatch) -> torch.Tensor:
-        dtype = compute_dtype(x)
+    def eager_merged_forward(self, x: torch.Tensor, dispatch: MergedDispatch) -> torch.Tensor:
+        """x `[N, in]` -> `[N, out]`: the rows of route group g through `W_g`, one group at a time."""
+        dtype = moe_implementations.compute_dtype(x)
         merged = dispatch.merged_parameters(self.name)
         weight, bias = self.merged_parameters(dispatch.gates, dtype) if merged is None else merged
-        weight, bias = weight.to(dtype), bias.to(dtype)
         groups = dispatch.groups
-        if groups.num_groups == 1:
-            return F.linear(x.to(dtype), weight.squeeze(0), bias.squeeze(0))
-        x_sorted = x if dispatch.rows_sorted else permute_rows(x, groups.order, groups.inverse_order)
-        out_sorted = grouped_linear(x_sorted, weight, groups.offsets, bias, groups.sorted_group, groups.sorted_one_hot(dtype))
-        return out_sorted if dispatch.rows_sorted else permute_rows(out_sorted, groups.inverse_order, groups.order)
+        row_group = groups.sorted_group if dispatch.rows_sorted else groups.token_group
+        out = x.new_zeros(x.shape[0], self.out_features, dtype=dtype)
+        for g in range(groups.num_groups):
+            rows = (row_group == g).nonzero().squeeze(1)
+            out = out.index_copy(0, rows, F.linear(x[rows].to(dtype), weight[g].to(dtype), bias[g].to(dtype)))
+        return out
 
-    def _forward_tokens(self, x: torch.Tensor, dispatch: TokenDispatch) -> torch.Tensor:
-        return combine_assignments(self.expert_rows(dispatch_assignments(x, dispatch), dispatch), dispatch)
-
-    def expert_rows(self, x_sorted: torch.Tensor, dispatch: TokenDispatch) -> torch.Tensor:
-        """Token routing on rows already in expert order: x_sorted `[N*k, in]` (`dispatch_assignments`)
-        -> `[N*k, out]`, each row through its expert in one grouped GEMM and scaled by its gate weight."""
-        dtype = compute_dtype(x_sorted)
-        cast = dispatch.experts.get(self.name) if dispatch.experts is not None else None
-        weight, bias = (self.weight, self.bias) if cast is None else cast
-        out_sorted = grouped_linear(x_sorted, weight, dispatch.offsets, bias, dispatch.expert_index,
-                                    dispatch.expert_one_hot(dtype))
-        return out_sorted * dispatch.weight.to(out_sorted.dtype)[:, None]
+    def eager_token_forward(self, x: torch.Tensor, dispatch: TokenDispatch) -> torch.Tensor:
+        """x `[N, in]` -> `[N, out]`: for each expert e, the tokens assigned to it through `W_e`, scaled by
+        their gate weights and added to those tokens' outputs."""
+        dtype = moe_implementations.compute_dtype(x)
+        out = x.new_zeros(x.shape[0], self.out_features, dtype=dtype)
+        for e in range(self.num_experts):
+            slots = (dispatch.expert_index == e).nonzero().squeeze(1)
+            tokens = dispatch.token_index[slots]
+            expert_out = F.linear(x[tokens].to(dtype), self.weight[e].to(dtype), self.bias[e].to(dtype))
+            out = out.index_add(0, tokens, expert_out * dispatch.weight[slots, None].to(dtype))
+        return out
 
 
 def gate_route_input(config: UniPerceiverMoEConfig, keys: torch.Tensor) -> torch.Tensor:
@@ -689,7 +503,7 @@ def make_projection(config: UniPerceiverMoEConfig, layer_idx: int, name: str, in
     """A dense `nn.Linear`, or an expert linear if `name` is an MoE projection of this layer."""
     if config.uses_moe(layer_idx, name):
         experts = len(config.folded_routes) if config.folded_routes is not None else config.moe_num_experts
-        return UniPerceiverMoELinear(in_features, out_features, experts, name=f"{layer_idx}.{name}")
+        return UniPerceiverMoELinear(in_features, out_features, experts, name=f"{layer_idx}.{name}", config=config)
     return nn.Linear(in_features, out_features)
 
 
@@ -795,10 +609,9 @@ class UniPerceiverMoEAttention(nn.Module):
 
 
 class UniPerceiverMoEMLP(nn.Module):
-    expert_order = True  # see `keeps_expert_order`; the benchmark's `unsorted` ablation turns it off
-
     def __init__(self, config: UniPerceiverMoEConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.fc1 = make_projection(config, layer_idx, "ffn_fc1", config.hidden_size, config.intermediate_size)
         self.fc2 = make_projection(config, layer_idx, "ffn_fc2", config.intermediate_size, config.hidden_size)
         self.act = ACT2FN[config.hidden_act]
@@ -806,19 +619,21 @@ class UniPerceiverMoEMLP(nn.Module):
 
     def forward(self, hidden: torch.Tensor, dispatch) -> torch.Tensor:
         if self.keeps_expert_order(dispatch):
-            rows = self.fc1(dispatch_assignments(hidden.reshape(-1, hidden.shape[-1]), dispatch), dispatch, True)
-            rows = self.fc2(self.dropout(self.act(rows)), dispatch, True)
-            return combine_assignments(rows, dispatch).reshape(*hidden.shape[:-1], -1)
+            rows = moe_implementations.dispatch_assignments(hidden.reshape(-1, hidden.shape[-1]), dispatch)
+            rows = self.fc2(self.dropout(self.act(self.fc1(rows, dispatch, True))), dispatch, True)
+            return moe_implementations.combine_assignments(rows, dispatch).reshape(*hidden.shape[:-1], -1)
         hidden = self.act(apply_projection(self.fc1, hidden, dispatch))
         return apply_projection(self.fc2, self.dropout(hidden), dispatch)
 
     def keeps_expert_order(self, dispatch) -> bool:
-        """Top-1 token routing sends each token to the same single expert in fc1 and fc2, so the hidden
-        rows `[N, intermediate]` can stay in expert order between them: the same values as combining
-        fc1's rows back to tokens and dispatching them again, without those two row permutations. (Under
-        dropout the mask is drawn over the expert-ordered rows: same distribution, other draws.) Top-k > 1
-        sums k experts per token in between and takes the general path, as do wrapped projections."""
-        return (self.expert_order and isinstance(dispatch, TokenDispatch) and dispatch.top_k == 1
+        """Top-1 token routing sends each token to the same single expert in fc1 and fc2, so under
+        `"grouped_mm"` the hidden rows `[N, intermediate]` can stay in expert order between them: the same
+        values as combining fc1's rows back to tokens and dispatching them again, without those two row
+        permutations. (Under dropout the mask is drawn over the expert-ordered rows: same distribution,
+        other draws.) Top-k > 1 sums k experts per token in between and takes the general path, as do
+        wrapped projections and the eager implementation."""
+        return (isinstance(dispatch, TokenDispatch) and dispatch.top_k == 1
+                and experts_implementation(self.config) != "eager"
                 and isinstance(self.fc1, UniPerceiverMoELinear) and isinstance(self.fc2, UniPerceiverMoELinear))
 
 
@@ -1003,6 +818,21 @@ class UniPerceiverMoEPreTrainedModel(PreTrainedModel):
         super().__init__(config, *inputs, **kwargs)
         self.config.auto_map = {**self.REMOTE_CODE_MAP, **(getattr(self.config, "auto_map", None) or {})}
 
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        """Both implementations can be switched at any time (`set_experts_implementation`): every expert
+        linear reads `experts_implementation(config)` when it is called."""
+        return True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """transformers' check of `experts_implementation=...`: ours are `EXPERTS_IMPLEMENTATIONS`, default
+        `"grouped_mm"`."""
+        chosen = "grouped_mm" if requested_experts is None else requested_experts
+        if chosen not in EXPERTS_IMPLEMENTATIONS:
+            raise ValueError(f"experts_implementation={chosen!r} is not supported by {type(self).__name__}; "
+                             f"choose one of {EXPERTS_IMPLEMENTATIONS}")
+        return chosen
+
     def resize_token_embeddings(self, new_num_tokens: int | None = None, *args, **kwargs):
         """As `PreTrainedModel.resize_token_embeddings`, refusing sizes that would drop the special tokens
         ([MASK], [GEN], [SPE] are the last ids and every forward uses [SPE])."""
@@ -1119,9 +949,6 @@ def _mark_static(tensors) -> None:
         torch._dynamo.mark_static_address(tensor, guard=False)
 
 
-SHARE_EXPERT_CASTS = True  # token/context routing: experts cast once into kept buffers (see `cast_experts`)
-
-
 def _cast_buffer(source: torch.Tensor, dtype: torch.dtype, kept: torch.Tensor | None) -> torch.Tensor:
     """`kept` if it can hold `source` in `dtype` (same shape and device), else a new fixed-address buffer.
 
@@ -1153,17 +980,25 @@ class _ForwardCache:
         return (_ForwardCache, ())
 
 
-_MODULE_TREE_VERSION = [0]  # bumped whenever any module or parameter is registered in this process
-
-
-def _bump_module_tree_version(*_):
-    _MODULE_TREE_VERSION[0] += 1
-
-
-# Global registration hooks (one counter increment per registration, anywhere): the inference merge cache
-# re-walks the model for the parameters it depends on only after a module or parameter was (re)assigned.
-torch.nn.modules.module.register_module_module_registration_hook(_bump_module_tree_version)
-torch.nn.modules.module.register_module_parameter_registration_hook(_bump_module_tree_version)
+def module_links(root: nn.Module, targets: list[nn.Module]) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Every (parent, attribute name, child) link on the paths from `root` down to each of `targets` and
+    their submodules: the structure a cache of those modules depends on. If any `parent._modules[name]
+    is child` stops holding, a module on the way was replaced or wrapped (e.g. by an adapter)."""
+    names = {id(module): name for name, module in root.named_modules(remove_duplicate=False)}
+    links, seen = [], set()
+    for target in targets:
+        for module in target.modules():
+            path = names.get(id(module))
+            if not path:
+                continue
+            parent = root
+            for part in path.split("."):
+                child = parent._modules[part]
+                if (id(parent), part) not in seen:
+                    seen.add((id(parent), part))
+                    links.append((parent, part, child))
+                parent = child
+    return links
 
 
 def _route_keys_per_token(values: torch.Tensor, batch: int, length: int, name: str, trailing: tuple[int, ...]):
@@ -1279,6 +1114,35 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
             return self.encoder.merge_experts(key_tables, dtype)
         return self._cached_merge(key_tables, dtype)
 
+    def merge_for_step(self, attribute_vectors=None, task_ids=None, target_attribute_vectors=None, target_task_ids=None
+                       ) -> tuple[MergedExperts | None, MergedExperts | None]:
+        """One expert merge for both encoder passes of a step, inputs and candidates (the similarity head's
+        forward, or any caller that encodes two batches with the same parameters): each expert is read
+        once per step and its gradient comes back through one merge backward. Returns the merged experts
+        of the input pass and of the candidate pass; (None, None) where the routing needs no merge or a
+        route input is missing or malformed (each encoder pass then merges alone or raises its own error)."""
+        model, config = self, self.config
+        if not config.is_data_independent_routing:
+            return None, None
+        if model.experts_offloaded():
+            return None, None
+        weight = model.embeddings.word_embeddings.weight  # the model's dtype (no walk over parameters)
+        dtype = moe_implementations.matmul_dtype(model.execution_device(), weight.dtype)
+        if config.moe_routing == "attribute":
+            pair = (attribute_vectors, target_attribute_vectors)
+            if any(v is None or v.dim() not in (2, 3) or v.shape[-1] != config.attribute_dim for v in pair):
+                return None, None
+            found = model.route_key_tables(list(pair), return_groups=True)
+        elif config.moe_routing == "task":
+            if task_ids is None or target_task_ids is None:
+                return None, None
+            found = model.route_key_tables([task_ids, target_task_ids], return_groups=True)
+        else:  # modality: one table of every modality, shared (each pass picks its rows)
+            merged = model.merged_experts([model.route_key_table()], dtype)[0]
+            return merged, merged
+        merged = model.merged_experts([table for table, _ in found], dtype)
+        return tuple(m.for_batch(groups) for m, (_, groups) in zip(merged, found))  # each pass knows its groups
+
     @torch.compiler.disable  # host-side cache bookkeeping: under `torch.compile(model)` it runs eagerly
     def _cached_merge(self, key_tables: list[torch.Tensor], dtype: torch.dtype) -> list[MergedExperts]:
         key = (tuple(route_key_signature(table) for table in key_tables), dtype, self._parameter_versions())
@@ -1300,7 +1164,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
 
         Without it each encoder pass casts all E float32 experts of every projection (about 2 GB read and
         1 GB written per pass of B with 8 experts) and, in training, casts their gradients back per pass.
-        With grad enabled the cast is differentiable (`_CastInto`): the passes of a step (inputs and
+        With grad enabled the cast is differentiable (`moe_implementations.cast_into`): the passes of a step (inputs and
         candidates) share one cast, autograd sums their compute-dtype gradients, and one cast back per
         expert linear reaches the float32 parameters. The buffers cost 2 bytes per expert parameter in
         bf16 (0.68 GB for B with 8 experts) and keep their addresses (CUDA graphs need no input copies).
@@ -1310,8 +1174,9 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         trainable ones). A parameter changed in place between a forward and its backward makes that
         backward fail (the buffers' version check), as it would for any tensor changed after autograd
         saved it. None where there is nothing to cast (data-independent routing, weights already in
-        `dtype`, or `SHARE_EXPERT_CASTS` off)."""
-        token_routed = SHARE_EXPERT_CASTS and self.config.moe_routing in ("token", "context")
+        `dtype`, or the eager implementation, which reads the parameters themselves)."""
+        token_routed = (self.config.moe_routing in ("token", "context")
+                        and experts_implementation(self.config) != "eager")
         linears = self._gated_modules()[1] if token_routed else []
         if all(m.weight.dtype == dtype and m.bias.dtype == dtype for m in linears):  # also: no linears
             self._cast_cache.entry = None
@@ -1323,7 +1188,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         if cached is not None and cached[0] == key and (tracked is None or cached[1] == tracked):
             return cached[2]
         kept = cached[2] if cached is not None else {}
-        weights = {m.name: tuple(_CastInto.apply(source, _cast_buffer(source, dtype, buffer))
+        weights = {m.name: tuple(moe_implementations.cast_into(source, _cast_buffer(source, dtype, buffer))
                                  for source, buffer in zip((m.weight, m.bias), kept.get(m.name, (None, None))))
                    for m in linears}
         self._cast_cache.entry = (key, tracked, weights)
@@ -1331,14 +1196,19 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
 
     def _gated_modules(self) -> tuple[list[tuple[nn.Module, str]], list[UniPerceiverMoELinear]]:
         """([(module, parameter name)] of every gate and expert linear, [the expert linears]), found by a walk
-        over the layers (0.29 ms of host time per step for B on an H100 machine's CPU) that is kept and
-        redone only after a module or parameter was registered somewhere (`_MODULE_TREE_VERSION`)."""
-        if self._merge_slots is None or self._merge_slots[0] != _MODULE_TREE_VERSION[0]:
-            gated = [(gate, linears) for layer in self.encoder.layers for gate, linears in layer.gated_linears()]
-            slots = [(m, name) for gate, linears in gated for owner in (gate, *linears) for m in owner.modules()
-                     for name in m._parameters]
-            self._merge_slots = (_MODULE_TREE_VERSION[0], slots, [m for _, linears in gated for m in linears])
-        return self._merge_slots[1], self._merge_slots[2]
+        over the layers (host time the cached inference step of B would otherwise pay per call) that is kept while
+        every module on the way is still in place (`module_links`: a replaced or wrapped layer, block, gate,
+        router or linear is seen by one identity check per link)."""
+        kept, layers = self._merge_slots, self.encoder.layers
+        if (kept is None or len(layers) != kept[0]
+                or not all(parent._modules.get(name) is child for parent, name, child in kept[1])):
+            gated = [(gate, linears) for layer in layers for gate, linears in layer.gated_linears()]
+            owners = [owner for gate, linears in gated for owner in (gate, *linears)]
+            slots = [(m, name) for owner in owners for m in owner.modules() for name in m._parameters]
+            links = [(self, "encoder", self.encoder), (self.encoder, "layers", layers)]
+            links += [(layers, str(i), layer) for i, layer in enumerate(layers)] + module_links(layers, owners)
+            self._merge_slots = (len(layers), links, slots, [m for _, linears in gated for m in linears])
+        return self._merge_slots[2], self._merge_slots[3]
 
     def _parameter_versions(self) -> tuple:
         """(address, version) of every router and expert parameter: the inference caches' dependency key.
@@ -1478,7 +1348,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
             allowed = key_mask if allowed is None else allowed & key_mask
         additive_mask = self._attention_mask(allowed, hidden.dtype)
 
-        state = self._routing_state(modality_ids, attribute_vectors, task_ids, sequence_mask, compute_dtype(hidden),
+        state = self._routing_state(modality_ids, attribute_vectors, task_ids, sequence_mask, moe_implementations.compute_dtype(hidden),
                                     merged_experts)
         state.prefix_cache = prefix_cache
         hidden, all_hidden, all_attn, routing = self.encoder(
@@ -1576,34 +1446,6 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         features = self.target_head(out.pooler_output)
         return (features, out.aux_loss, out) if return_outputs else (features, out.aux_loss)
 
-    def merge_for_step(self, attribute_vectors=None, task_ids=None, target_attribute_vectors=None, target_task_ids=None
-                       ) -> tuple[MergedExperts | None, MergedExperts | None]:
-        """One expert merge for both encoder passes of a step, inputs and candidates: each expert is read
-        once per step and its gradient comes back through one merge backward. Returns the merged experts
-        of the input pass and of the candidate pass; (None, None) where the routing needs no merge or a
-        route input is missing or malformed (each encoder pass then merges alone or raises its own error)."""
-        model, config = self.uniperceiver, self.config
-        if not config.is_data_independent_routing:
-            return None, None
-        if model.experts_offloaded():
-            return None, None
-        weight = model.embeddings.word_embeddings.weight  # the model's dtype (no walk over parameters)
-        dtype = matmul_dtype(model.execution_device(), weight.dtype)
-        if config.moe_routing == "attribute":
-            pair = (attribute_vectors, target_attribute_vectors)
-            if any(v is None or v.dim() not in (2, 3) or v.shape[-1] != config.attribute_dim for v in pair):
-                return None, None
-            found = model.route_key_tables(list(pair), return_groups=True)
-        elif config.moe_routing == "task":
-            if task_ids is None or target_task_ids is None:
-                return None, None
-            found = model.route_key_tables([task_ids, target_task_ids], return_groups=True)
-        else:  # modality: one table of every modality, shared (each pass picks its rows)
-            merged = model.merged_experts([model.route_key_table()], dtype)[0]
-            return merged, merged
-        merged = model.merged_experts([table for table, _ in found], dtype)
-        return tuple(m.for_batch(groups) for m, (_, groups) in zip(merged, found))  # each pass knows its groups
-
     @staticmethod
     def gather_queries(out: UniPerceiverMoEModelOutput, query_positions: torch.Tensor | None, caption_mode: bool,
                        num_words: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -1649,15 +1491,15 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         labels: `[B]` or `[B, Q]` candidate indices (-100 = ignore).
         symmetric_loss: add the target->input direction (retrieval with in-batch candidates, labels = arange).
         With data-independent routing and candidates to encode, the experts are merged once for both
-        passes (`merge_for_step`). output_attentions / output_hidden_states apply to both passes
+        passes (`UniPerceiverMoEModel.merge_for_step`). output_attentions / output_hidden_states apply to both passes
         (`attentions` / `hidden_states` of the inputs, `target_attentions` / `target_hidden_states`).
         """
         output_attentions, output_hidden_states, output_router_logits, return_dict = self.config_flags(
             output_attentions, output_hidden_states, output_router_logits, return_dict)
         merged_inputs = merged_targets = None
         if target_features is None and (target_input_ids is not None or target_pixel_values is not None):
-            merged_inputs, merged_targets = self.merge_for_step(attribute_vectors, task_ids, target_attribute_vectors,
-                                                                target_task_ids)
+            merged_inputs, merged_targets = self.uniperceiver.merge_for_step(
+                attribute_vectors, task_ids, target_attribute_vectors, target_task_ids)
         out = self.uniperceiver(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
             position_ids=position_ids, caption_mode=caption_mode, attribute_vectors=attribute_vectors,

@@ -87,10 +87,9 @@ TOP_K_BY_MAX_WHEN_COMPILED = True  # inside torch.compile: top-k as max-reductio
 
 def top_k_by_max(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`probs.topk(top_k, dim=-1)` over a few experts as `top_k` max-reductions, each masking the expert it
-    found, which the compiler fuses with the softmax around them. (`torch.topk` launches a radix select
-    and a bitonic sort per gate: 0.6 ms of a graphed B inference step with token top-2 routing on an H100;
-    with this, no top-k kernel is left in that step's profile.) Equal values and indices; among exactly
-    equal probabilities the lowest expert index comes first."""
+    found, which the compiler fuses with the softmax around them (`torch.topk` launches a radix select
+    and a bitonic sort per gate; docs/benchmarks.md). Equal values and indices; among exactly equal
+    probabilities the lowest expert index comes first."""
     values, indices = [], []
     for _ in range(top_k):
         value, index = probs.max(dim=-1, keepdim=True)
@@ -188,8 +187,8 @@ class HiddenStateRouter(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            # (as a fused multiply-and-sum reduction inside a compiled graph this took 1.0 ms of a graphed B
-            # inference step on an H100, against 0.47 ms for cuBLAS's float32 GEMM: kept as a GEMM)
+            # a float32 GEMM: as a fused multiply-and-sum reduction inside a compiled graph it measured
+            # about twice as slow (docs/benchmarks.md)
             return self.gate(hidden)
 
 
@@ -232,7 +231,7 @@ def one_hot_rows(index: torch.Tensor, num_classes: int, dtype: torch.dtype) -> t
 
     C is `num_classes` rounded up to a multiple of 8; the extra columns are zero. The padding keeps the
     row stride 16-byte aligned, so cuBLAS runs GEMMs with it (and its transpose) on tensor-core kernels
-    (with 5 columns it fell back to an unaligned sm75 kernel: 2.8 ms of a B-size step on an H100).
+    (with an unaligned width it falls back to a slow non-tensor-core kernel).
     """
     classes = torch.arange(-(-num_classes // 8) * 8, device=index.device)
     return (index[:, None] == classes[None, :]).to(dtype)
@@ -258,9 +257,8 @@ def stable_group_order(group: torch.Tensor, num_groups: int) -> tuple[torch.Tens
     A counting sort: a running count over the `[num_groups, M]` group indicator gives each row its rank
     inside its group (int64, 8 bytes per group and row: 2 MiB for B's 16k tokens top-2 over 8 experts),
     and its sorted position is its group's start plus that rank. Beyond `MAX_COUNTING_SORT_GROUPS`
-    groups it falls back to `torch.argsort`. On an H100 the 12 stable sorts of token dispatch had taken
-    ~0.9 ms of a graphed top-1 inference step of B; with the counting sort the step's GPU time fell from
-    16.7 to 15.8 ms. No host synchronisation.
+    groups it falls back to `torch.argsort` (whose stable sorts cost more GPU time at these sizes:
+    docs/benchmarks.md). No host synchronisation.
 
     Returns order `[M]` (sorted position -> row), inverse_order `[M]` (row -> sorted position) and the
     rows per group `[num_groups]`, all long.
@@ -363,8 +361,7 @@ def distinct_route_keys(token_keys: torch.Tensor, num_ids: int | None = None, re
 
     Ids with a known bound `num_ids`, and attribute vectors whose entries are all 0 or 1 (A <=
     `MAX_CODED_ATTRIBUTES`, the first entry most significant), are read as integer codes: a presence
-    vector over the codes, one small host read, no sort. (`torch.unique(dim=0)` sorts whole rows: 284-308
-    us of GPU time per call for the 16k tokens of a B step on an H100, plus its merge-sort kernels.) Other
+    vector over the codes, one small host read, no sort (`torch.unique(dim=0)` sorts whole rows). Other
     keys go through `torch.unique`. An id outside [0, num_ids) raises a ValueError (`name` names the ids).
     """
     return distinct_route_key_tables([token_keys], num_ids, return_groups, name)[0]

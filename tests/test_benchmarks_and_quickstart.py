@@ -13,7 +13,7 @@ from tests.conftest import make_batch, tiny_config
 
 
 @pytest.mark.parametrize("routing", ["token", "context", "attribute", "task"])
-def test_naive_per_expert_loop_computes_the_same_model(routing):
+def test_benchmark_naive_reference_computes_the_same_model(routing):
     model = UniPerceiverMoEModel(tiny_config(routing)).eval()
     batch = make_batch()
     ours = model(**batch).last_hidden_state
@@ -39,15 +39,15 @@ def test_quickstart_job(tmp_path):
 
 
 def test_benchmark_top1_variants_and_one_task_inputs(monkeypatch):
-    from modeling_uniperceiver_moe import modeling_uniperceiver_moe as modeling
+    from modeling_uniperceiver_moe import moe_implementations
 
     rows = bench_main(["--size", "tiny", "--batch", "2", "--image-size", "32", "--words", "3", "--steps", "1",
                        "--warmup", "0", "--routings", "none,token-top1,context-top1-unsorted", "--infer-routings", "none,token-top1"])
     assert {(r["phase"], r["model"]) for r in rows} == {("train", "none"), ("infer", "none"), ("train", "token-top1"),
                                                        ("infer", "token-top1"), ("train", "context-top1-unsorted")}
     grouped = []
-    original = modeling.grouped_linear
-    monkeypatch.setattr(modeling, "grouped_linear", lambda *a, **k: grouped.append(1) or original(*a, **k))
+    original = moe_implementations.grouped_linear
+    monkeypatch.setattr(moe_implementations, "grouped_linear", lambda *a, **k: grouped.append(1) or original(*a, **k))
     rows = bench_main(["--size", "tiny", "--batch", "2", "--image-size", "32", "--steps", "1", "--warmup", "0",
                        "--inputs", "classification", "--routings", "attribute", "--infer-routings", "none,attribute"])
     assert {(r["phase"], r["model"]) for r in rows} == {("train", "attribute"), ("infer", "none"), ("infer", "attribute")}

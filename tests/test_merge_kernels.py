@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from modeling_uniperceiver_moe import merge_kernels
-from modeling_uniperceiver_moe.modeling_uniperceiver_moe import _MergeExperts
+from modeling_uniperceiver_moe.moe_implementations import _MergeExperts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or merge_kernels.triton is None,
                                 reason="needs a CUDA device and Triton")

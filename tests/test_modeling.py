@@ -10,7 +10,8 @@ from modeling_uniperceiver_moe import (
     caption_attention_pattern,
     fold_experts,
 )
-from modeling_uniperceiver_moe.modeling_uniperceiver_moe import UniPerceiverMoELinear, grouped_linear
+from modeling_uniperceiver_moe.modeling_uniperceiver_moe import UniPerceiverMoELinear
+from modeling_uniperceiver_moe.moe_implementations import grouped_linear
 from modeling_uniperceiver_moe.routing import (
     GateDecision,
     MergedDispatch,
@@ -71,6 +72,72 @@ def reference_moe_linear(layer, x, gates_per_token):
     return out
 
 
+def head_step_batch(seed=0) -> dict:
+    """Inputs in several route groups, four text candidates of their own route and labels (a training step
+    of the similarity head)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    batch = make_batch(seed=seed)
+    batch.update(target_input_ids=torch.randint(0, 49408, (4, 3), generator=g),
+                 target_attribute_vectors=torch.tensor([[0.0, 1, 0, 1, 0, 1, 1, 0]]).expand(4, 8),
+                 target_task_ids=torch.full((4,), 3), labels=torch.tensor([0, 2, 1]))
+    return batch
+
+
+@pytest.mark.parametrize("routing, top_k, capacity", [
+    ("token", 2, None), ("token", 1, 0.5), ("context", 2, None), ("context", 1, None),
+    ("modality", 2, None), ("task", 2, None), ("attribute", 2, None), ("attribute", 1, None), ("folded", 2, None)])
+def test_grouped_mm_experts_equal_the_eager_experts(routing, top_k, capacity):
+    """`experts_implementation="grouped_mm"` (grouped GEMMs, rows kept sorted, one merge per step, kept
+    casts, the top-1 MLP in expert order) computes what the eager loop states: the same loss, logits and
+    gradient of every parameter in a training step, and the same logits at inference (merge cache)."""
+    folded = routing == "folded"
+    config = tiny_config("attribute" if folded else routing, moe_top_k=top_k, moe_capacity_factor=capacity,
+                         moe_router_noise_std=0.0, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    model = UniPerceiverMoEForGenericPerception(config)
+    batch = head_step_batch()
+    if folded:
+        routes = torch.cat([batch["attribute_vectors"], batch["target_attribute_vectors"]]).unique(dim=0)
+        model = fold_experts(model, routes)
+    assert model.config._experts_implementation == "grouped_mm"  # the default
+    parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def step(implementation):
+        model.set_experts_implementation(implementation)
+        model.train()
+        out = model(**batch)
+        grads = torch.autograd.grad(out.loss, parameters, allow_unused=True)
+        model.eval()
+        with torch.no_grad():
+            model(**batch)  # fills the inference caches
+            logits = model(**batch).logits  # served from them
+        return out.loss.detach(), out.logits.detach(), grads, logits
+
+    fast, eager = step("grouped_mm"), step("eager")
+    torch.testing.assert_close(fast[0], eager[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast[1], eager[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast[2], eager[2]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast[3], eager[3], rtol=1e-5, atol=1e-5)
+
+
+def test_experts_implementation_is_chosen_like_transformers(tmp_path):
+    """`from_pretrained(..., experts_implementation=...)` and `set_experts_implementation` pick it; an unknown
+    one is refused by name."""
+    model = UniPerceiverMoEModel(tiny_config("token"))
+    model.save_pretrained(tmp_path)
+    eager = AutoModel.from_pretrained(tmp_path, experts_implementation="eager")
+    assert eager.config._experts_implementation == "eager"
+    linear = next(m for m in eager.modules() if isinstance(m, UniPerceiverMoELinear))
+    assert linear.implementation == "eager"
+    eager.set_experts_implementation("grouped_mm")
+    assert linear.implementation == "grouped_mm"
+    with pytest.raises(ValueError, match="experts_implementation='batched_mm' is not supported"):
+        eager.set_experts_implementation("batched_mm")
+
+
 def test_merged_experts_equal_unmerged_experts():
     layer = UniPerceiverMoELinear(16, 12, 4)
     torch.nn.init.normal_(layer.weight)
@@ -108,10 +175,10 @@ def test_expert_gradients_equal_the_per_expert_reference(path):
 
 @pytest.mark.parametrize("grouped_mm", [True, False])
 def test_grouped_gemm_equals_one_gemm_per_group(grouped_mm, monkeypatch):
-    import modeling_uniperceiver_moe.modeling_uniperceiver_moe as modeling
+    from modeling_uniperceiver_moe import moe_implementations
 
     if not grouped_mm:  # the per-group fallback used where grouped_mm has no kernel (e.g. CUDA fp32)
-        monkeypatch.setattr(modeling, "_grouped_mm_supported", lambda x, out_features: False)
+        monkeypatch.setattr(moe_implementations, "_grouped_mm_supported", lambda x, out_features: False)
     x = torch.randn(11, 8)
     weight = torch.randn(3, 8, 8)  # widths keep grouped_mm's 16-byte stride rule, in the backward too
     offsets = torch.tensor([4, 4, 11], dtype=torch.int32)  # an empty middle group
@@ -177,8 +244,8 @@ def test_stable_group_order_equals_a_stable_argsort(rows, groups, monkeypatch):
 
 
 def _argsort_token_dispatch(decision, num_experts: int, capacity: int | None) -> TokenDispatch:
-    """Reference: `routing.build_token_dispatch` as it was before the counting sort (fifth performance
-    session), the dispatch found by a stable comparison sort of the assignments' experts."""
+    """Reference: the dispatch found by a stable comparison sort of the assignments' experts (what
+    `routing.build_token_dispatch`'s counting sort must equal)."""
     num_tokens, top_k = decision.expert_index.shape
     flat_expert = decision.expert_index.t().reshape(-1)
     flat_weight = decision.expert_weight.t().reshape(-1)
@@ -456,7 +523,7 @@ def test_task_ids_out_of_range_and_unknown_family_raise():
 
 
 def test_expert_merge_backward_matches_autograd_including_gate_gradients():
-    from modeling_uniperceiver_moe.modeling_uniperceiver_moe import _chunked_row_products, _MergeExperts
+    from modeling_uniperceiver_moe.moe_implementations import _chunked_row_products, _MergeExperts
 
     gates = torch.rand(3, 5, dtype=torch.float64, requires_grad=True)
     experts = torch.randn(5, 256, dtype=torch.float64, requires_grad=True)  # 256 = 4 chunks of 64

@@ -1,6 +1,8 @@
 """Exactness of the speed paths of the MoE layers: sorted layers, inference merge cache, no host syncs."""
 
 import collections
+import contextlib
+import copy
 
 import pytest
 import torch
@@ -9,7 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmarks.bench_moe import per_pass_casts, unsorted_layers
 from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception, UniPerceiverMoEModel
 from modeling_uniperceiver_moe import modeling_uniperceiver_moe as modeling
-from modeling_uniperceiver_moe.modeling_uniperceiver_moe import UniPerceiverMoELinear, UniPerceiverMoEMLP
+from modeling_uniperceiver_moe import moe_implementations
+from modeling_uniperceiver_moe.modeling_uniperceiver_moe import UniPerceiverMoELinear
 from tests.conftest import make_batch, tiny_config
 
 
@@ -54,10 +57,11 @@ def test_top1_mlp_in_expert_order_equals_per_projection_dispatch(routing, capaci
     model = UniPerceiverMoEModel(config).train()
     batch = make_batch()
     calls, dropped = collections.Counter(), []
-    combine, build = modeling.combine_assignments, modeling.build_token_dispatch
+    combine, build = moe_implementations.combine_assignments, modeling.build_token_dispatch
+    mode = ["ordered"]
 
     def counting_combine(*args):
-        calls["ordered" if UniPerceiverMoEMLP.expert_order else "plain"] += 1
+        calls[mode[0]] += 1
         return combine(*args)
 
     def recording_build(*args):
@@ -65,11 +69,12 @@ def test_top1_mlp_in_expert_order_equals_per_projection_dispatch(routing, capaci
         dropped.append(float(dispatch.dropped_fraction))
         return dispatch
 
-    monkeypatch.setattr(modeling, "combine_assignments", counting_combine)
+    monkeypatch.setattr(moe_implementations, "combine_assignments", counting_combine)
     monkeypatch.setattr(modeling, "build_token_dispatch", recording_build)
     torch.manual_seed(1)
     ordered = model(**batch)
     ordered_grads = torch.autograd.grad(ordered.last_hidden_state.square().sum() + ordered.aux_loss, list(model.parameters()))
+    mode[0] = "plain"
     with unsorted_layers():
         torch.manual_seed(1)
         plain = model(**batch)
@@ -151,7 +156,7 @@ def test_one_merge_per_step_serves_inputs_and_candidates(routing, monkeypatch):
     # shared all-modality table is matched per pass
     assert len(matched) == (2 if routing == "modality" else 0)
     calls.clear()
-    monkeypatch.setattr(UniPerceiverMoEForGenericPerception, "merge_for_step", lambda self, *a, **k: (None, None))
+    monkeypatch.setattr(UniPerceiverMoEModel, "merge_for_step", lambda self, *a, **k: (None, None))
     separate_loss, separate_grads = step()
     assert all(calls[m.name] == 2 for m in experts), calls
     torch.testing.assert_close(shared_loss, separate_loss, rtol=1e-5, atol=1e-6)
@@ -382,7 +387,21 @@ def test_merge_cache_sees_replaced_parameters_and_modules(monkeypatch):
         gate.router = modeling.build_router(model.config, gate.role)  # a new router module
         rerouted = model(**batch).last_hidden_state
         assert not torch.equal(rerouted, replaced)
-    torch.testing.assert_close(rerouted, model(**batch).last_hidden_state.detach())  # equals a fresh merge
+        layer = model.encoder.layers[1]
+        layer.attention = copy.deepcopy(layer.attention)  # a whole block replaced by a copy ...
+        layer.attention.qkv.weight.mul_(0.5)  # ... whose experts then change in place (version 0 again)
+        reblocked = model(**batch).last_hidden_state
+        assert not torch.equal(reblocked, rerouted)
+    torch.testing.assert_close(reblocked, model(**batch).last_hidden_state.detach())  # equals a fresh merge
+
+
+def test_importing_the_package_installs_no_global_module_hooks():
+    import torch.nn.modules.module as torch_module
+
+    hooks = [*torch_module._global_module_registration_hooks.values(),
+             *torch_module._global_parameter_registration_hooks.values(),
+             *torch_module._global_buffer_registration_hooks.values()]
+    assert not [hook for hook in hooks if getattr(hook, "__module__", "").startswith("modeling_uniperceiver_moe")]
 
 
 def test_one_route_group_skips_the_sort(monkeypatch):
@@ -431,7 +450,7 @@ def test_host_route_keys_equal_device_keys_without_waiting_for_the_gpu(routing):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            merged = model.merge_for_step(*(on_host[k] for k in route_inputs))
+            merged = model.uniperceiver.merge_for_step(*(on_host[k] for k in route_inputs))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert all(m is not None for m in merged)
@@ -452,7 +471,7 @@ def test_step_merge_reads_both_route_tables_at_once(routing, monkeypatch):
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.update(["read"]) or tolist(self))
     with torch.no_grad():
-        merged = model.merge_for_step(*route_inputs)
+        merged = model.uniperceiver.merge_for_step(*route_inputs)
     assert reads["read"] == 1
     separate = [model.uniperceiver.route_key_table(**{("attribute_vectors" if routing == "attribute" else "task_ids"): v},
                                                    return_groups=True) for v in route_inputs[(0 if routing == "attribute" else 1)::2]]
@@ -462,7 +481,7 @@ def test_step_merge_reads_both_route_tables_at_once(routing, monkeypatch):
     monkeypatch.setattr(torch, "unique", lambda *a, **k: reads.update(["unique"]) or unique(*a, **k))
     with sorted_route_keys(), torch.no_grad():
         model.train()  # no cache
-        model.merge_for_step(*route_inputs)
+        model.uniperceiver.merge_for_step(*route_inputs)
     assert reads["unique"] == 2
 
 
@@ -492,8 +511,7 @@ def test_token_routing_inference_casts_the_experts_once(routing, monkeypatch):
         assert weights is not copy and not torch.equal(updated, cached)
         assert [w.data_ptr() for pair in weights.values() for w in pair] == addresses  # same buffers, new values
         assert torch.equal(weights[expert.name][0], expert.weight.to(torch.bfloat16))
-        with monkeypatch.context() as patched:
-            patched.setattr(modeling, "SHARE_EXPERT_CASTS", False)
+        with per_pass_casts():
             assert torch.equal(model(**batch).last_hidden_state, updated)  # each linear casting its own experts
     model.float()  # nothing to cast without autocast: the buffers are freed
     with torch.no_grad():
@@ -506,13 +524,13 @@ class _CountCasts:
 
     def __init__(self, monkeypatch):
         self.calls = collections.Counter()
-        forward, backward = modeling._CastInto.forward, modeling._CastInto.backward
+        forward, backward = moe_implementations._CastInto.forward, moe_implementations._CastInto.backward
 
         def counted(name, fn):
             return staticmethod(lambda *a: self.calls.update([name]) or fn(*a))
 
-        monkeypatch.setattr(modeling._CastInto, "forward", counted("forward", forward))
-        monkeypatch.setattr(modeling._CastInto, "backward", counted("backward", backward))
+        monkeypatch.setattr(moe_implementations._CastInto, "forward", counted("forward", forward))
+        monkeypatch.setattr(moe_implementations._CastInto, "backward", counted("backward", backward))
 
 
 def _token_step_grads(model, batch):
@@ -574,8 +592,7 @@ def test_shared_expert_cast_follows_optimizer_steps_and_gradient_accumulation(mo
     def window(share: bool) -> tuple[list[float], list[torch.Tensor]]:
         """Two accumulated micro-batches: their losses and the accumulated gradients (then cleared)."""
         losses = []
-        with monkeypatch.context() as patched:
-            patched.setattr(modeling, "SHARE_EXPERT_CASTS", share)
+        with contextlib.nullcontext() if share else per_pass_casts():
             for _ in range(2):
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     loss = model(**batch).loss
@@ -606,10 +623,8 @@ def test_shared_expert_cast_follows_optimizer_steps_and_gradient_accumulation(mo
         optimizer.zero_grad()
     tensors = 2 * len(_expert_linears(model))
     shared_forwards = counter.calls["forward"]
-    with monkeypatch.context() as patched:
-        patched.setattr(modeling, "SHARE_EXPERT_CASTS", True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # two forwards, one backward
-            (model(**batch).loss + model(**batch).loss).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # two forwards, one backward
+        (model(**batch).loss + model(**batch).loss).backward()
     assert shared_forwards == 3 * tensors  # once per optimizer step's window
     assert counter.calls["forward"] == 4 * tensors  # and once for the final two forwards
     assert all(p.grad is not None for p in model.parameters() if id(p) in experts)

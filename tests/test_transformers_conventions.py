@@ -174,7 +174,7 @@ def test_inputs_embeds_give_the_outputs_of_the_ids_they_embed(routing, caption_m
 def test_moe_layers_of_widths_grouped_gemm_cannot_stride_run_and_train(routing, dtype, widths):
     """grouped_mm needs rows of a multiple of 16 bytes; other widths take the per-expert path and give the
     same outputs and gradients as the model with grouped_mm switched off everywhere."""
-    import modeling_uniperceiver_moe.modeling_uniperceiver_moe as modeling
+    from modeling_uniperceiver_moe import moe_implementations
 
     model = build(UniPerceiverMoEForGenericPerception, routing, **widths).to(dtype)
     batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in head_batch().items()}
@@ -187,12 +187,12 @@ def test_moe_layers_of_widths_grouped_gemm_cannot_stride_run_and_train(routing, 
         return out.logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     logits, grads = run()
-    supported = modeling._grouped_mm_supported
-    modeling._grouped_mm_supported = lambda x, out_features: False
+    supported = moe_implementations._grouped_mm_supported
+    moe_implementations._grouped_mm_supported = lambda x, out_features: False
     try:
         reference_logits, reference_grads = run()
     finally:
-        modeling._grouped_mm_supported = supported
+        moe_implementations._grouped_mm_supported = supported
     assert torch.isfinite(logits).all() and torch.equal(logits, reference_logits)
     assert all(torch.equal(a, b) for a, b in zip(grads, reference_grads))
 
