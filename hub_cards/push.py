@@ -35,8 +35,8 @@ from .cards import KINDS, CheckpointError, detect_kind, render_card
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "processor_config.json", "preprocessor_config.json")
 # The package's modules that save_pretrained copies beside the weights (loading with trust_remote_code).
-CODE_FILES = ("configuration_uniperceiver_moe.py", "modeling_uniperceiver_moe.py", "routing.py", "merge_kernels.py",
-              "processing_uniperceiver_moe.py", "tokenization_uniperceiver_moe.py")
+CODE_FILES = ("configuration_uniperceiver_moe.py", "modeling_uniperceiver_moe.py", "routing.py", "moe_implementations.py",
+              "merge_kernels.py", "processing_uniperceiver_moe.py", "tokenization_uniperceiver_moe.py")
 ALLOWED_FILES = {
     "model": ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
               "model.safetensors.index.json", *PROCESSOR_FILES, *CODE_FILES),

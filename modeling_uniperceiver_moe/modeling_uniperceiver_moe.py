@@ -25,7 +25,18 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_uniperceiver_moe import MODALITIES, UniPerceiverMoEConfig
-from . import moe_implementations
+from .moe_implementations import (  # the fast experts implementation, `experts_implementation="grouped_mm"`
+    cast_into,
+    combine_assignments,
+    compute_dtype,
+    dispatch_assignments,
+    expert_rows,
+    matmul_dtype,
+    merge_experts,
+    merged_forward,
+    permute_rows,
+    token_forward,
+)
 from .routing import (
     FoldedRouter,
     GateDecision,
@@ -313,10 +324,10 @@ class SortedRows:
     row_sample: torch.Tensor  # [N] the sequence of each sorted row (drop path)
 
     def to_sorted(self, x: torch.Tensor) -> torch.Tensor:
-        return moe_implementations.permute_rows(x, self.groups.order, self.groups.inverse_order)
+        return permute_rows(x, self.groups.order, self.groups.inverse_order)
 
     def to_natural(self, x: torch.Tensor) -> torch.Tensor:
-        return moe_implementations.permute_rows(x, self.groups.inverse_order, self.groups.order)
+        return permute_rows(x, self.groups.inverse_order, self.groups.order)
 
 
 @dataclass
@@ -388,7 +399,7 @@ class UniPerceiverMoELinear(nn.Module):
             if self.implementation == "eager":
                 weight = (gates @ experts).to(dtype)
             else:
-                weight = moe_implementations.merge_experts(gates, experts, dtype)
+                weight = merge_experts(gates, experts, dtype)
             return weight.view(-1, self.out_features, self.in_features), (gates @ self.bias.float()).to(dtype)
 
     def forward(self, x: torch.Tensor, dispatch: MergedDispatch | TokenDispatch, rows_in_expert_order: bool = False
@@ -401,14 +412,14 @@ class UniPerceiverMoELinear(nn.Module):
                 return self.eager_merged_forward(x, dispatch)
             return self.eager_token_forward(x, dispatch)
         if rows_in_expert_order:
-            return moe_implementations.expert_rows(self, x, dispatch)
+            return expert_rows(self, x, dispatch)
         if isinstance(dispatch, MergedDispatch):
-            return moe_implementations.merged_forward(self, x, dispatch)
-        return moe_implementations.token_forward(self, x, dispatch)
+            return merged_forward(self, x, dispatch)
+        return token_forward(self, x, dispatch)
 
     def eager_merged_forward(self, x: torch.Tensor, dispatch: MergedDispatch) -> torch.Tensor:
         """x `[N, in]` -> `[N, out]`: the rows of route group g through `W_g`, one group at a time."""
-        dtype = moe_implementations.compute_dtype(x)
+        dtype = compute_dtype(x)
         merged = dispatch.merged_parameters(self.name)
         weight, bias = self.merged_parameters(dispatch.gates, dtype) if merged is None else merged
         groups = dispatch.groups
@@ -422,7 +433,7 @@ class UniPerceiverMoELinear(nn.Module):
     def eager_token_forward(self, x: torch.Tensor, dispatch: TokenDispatch) -> torch.Tensor:
         """x `[N, in]` -> `[N, out]`: for each expert e, the tokens assigned to it through `W_e`, scaled by
         their gate weights and added to those tokens' outputs."""
-        dtype = moe_implementations.compute_dtype(x)
+        dtype = compute_dtype(x)
         out = x.new_zeros(x.shape[0], self.out_features, dtype=dtype)
         for e in range(self.num_experts):
             slots = (dispatch.expert_index == e).nonzero().squeeze(1)
@@ -619,9 +630,9 @@ class UniPerceiverMoEMLP(nn.Module):
 
     def forward(self, hidden: torch.Tensor, dispatch) -> torch.Tensor:
         if self.keeps_expert_order(dispatch):
-            rows = moe_implementations.dispatch_assignments(hidden.reshape(-1, hidden.shape[-1]), dispatch)
+            rows = dispatch_assignments(hidden.reshape(-1, hidden.shape[-1]), dispatch)
             rows = self.fc2(self.dropout(self.act(self.fc1(rows, dispatch, True))), dispatch, True)
-            return moe_implementations.combine_assignments(rows, dispatch).reshape(*hidden.shape[:-1], -1)
+            return combine_assignments(rows, dispatch).reshape(*hidden.shape[:-1], -1)
         hidden = self.act(apply_projection(self.fc1, hidden, dispatch))
         return apply_projection(self.fc2, self.dropout(hidden), dispatch)
 
@@ -1127,7 +1138,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         if model.experts_offloaded():
             return None, None
         weight = model.embeddings.word_embeddings.weight  # the model's dtype (no walk over parameters)
-        dtype = moe_implementations.matmul_dtype(model.execution_device(), weight.dtype)
+        dtype = matmul_dtype(model.execution_device(), weight.dtype)
         if config.moe_routing == "attribute":
             pair = (attribute_vectors, target_attribute_vectors)
             if any(v is None or v.dim() not in (2, 3) or v.shape[-1] != config.attribute_dim for v in pair):
@@ -1164,7 +1175,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
 
         Without it each encoder pass casts all E float32 experts of every projection (about 2 GB read and
         1 GB written per pass of B with 8 experts) and, in training, casts their gradients back per pass.
-        With grad enabled the cast is differentiable (`moe_implementations.cast_into`): the passes of a step (inputs and
+        With grad enabled the cast is differentiable (`cast_into`): the passes of a step (inputs and
         candidates) share one cast, autograd sums their compute-dtype gradients, and one cast back per
         expert linear reaches the float32 parameters. The buffers cost 2 bytes per expert parameter in
         bf16 (0.68 GB for B with 8 experts) and keep their addresses (CUDA graphs need no input copies).
@@ -1188,7 +1199,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         if cached is not None and cached[0] == key and (tracked is None or cached[1] == tracked):
             return cached[2]
         kept = cached[2] if cached is not None else {}
-        weights = {m.name: tuple(moe_implementations.cast_into(source, _cast_buffer(source, dtype, buffer))
+        weights = {m.name: tuple(cast_into(source, _cast_buffer(source, dtype, buffer))
                                  for source, buffer in zip((m.weight, m.bias), kept.get(m.name, (None, None))))
                    for m in linears}
         self._cast_cache.entry = (key, tracked, weights)
@@ -1348,7 +1359,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
             allowed = key_mask if allowed is None else allowed & key_mask
         additive_mask = self._attention_mask(allowed, hidden.dtype)
 
-        state = self._routing_state(modality_ids, attribute_vectors, task_ids, sequence_mask, moe_implementations.compute_dtype(hidden),
+        state = self._routing_state(modality_ids, attribute_vectors, task_ids, sequence_mask, compute_dtype(hidden),
                                     merged_experts)
         state.prefix_cache = prefix_cache
         hidden, all_hidden, all_attn, routing = self.encoder(

@@ -250,7 +250,8 @@ def test_pushed_model_loads_with_remote_code_where_the_package_is_not_installed(
     """save_pretrained writes an auto_map and copies the code files, push uploads them, and a process that
     cannot import the package loads the head, the encoder and the processor from the Hub with
     trust_remote_code, with outputs equal to the local models'."""
-    assert {"modeling_uniperceiver_moe.py", "routing.py", "merge_kernels.py"} <= set(fake_hub.files(MODEL_REPO, "main"))
+    assert {"modeling_uniperceiver_moe.py", "routing.py", "moe_implementations.py", "merge_kernels.py"} <= set(
+        fake_hub.files(MODEL_REPO, "main"))
     (tmp_path / "inputs.pt").write_bytes((artefacts["root"] / "inputs.pt").read_bytes())
     (tmp_path / "session.py").write_text(REMOTE_CODE_SESSION)
     env = hub_env(fake_hub, tmp_path / "hf_home", fake_hub.token)
@@ -662,3 +663,18 @@ def test_push_uploads_only_the_checkpoint_s_own_files_and_follows_no_link_out(ar
             push_main([str(artefacts["model"]), "--repo-id", bad, "--dry-run", str(tmp_path / "staged3")])
     assert not (tmp_path / "staged2").exists() and not (tmp_path / "staged3").exists()
 
+
+
+def test_every_module_the_saved_code_imports_is_uploaded():
+    """save_pretrained copies the modeling and processing files and every module they import relatively;
+    the push's allow-list must name each, or a remote-code load fails on the missing import."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    from hub_cards.push import CODE_FILES
+
+    package = Path(REPO_ROOT) / "modeling_uniperceiver_moe"
+    entry_points = ["modeling_uniperceiver_moe.py", "processing_uniperceiver_moe.py", "configuration_uniperceiver_moe.py"]
+    needed = set(entry_points)
+    for name in entry_points:
+        needed |= {Path(f).name for f in get_relative_import_files(str(package / name))}
+    assert needed <= set(CODE_FILES), needed - set(CODE_FILES)

@@ -552,17 +552,28 @@ def test_merged_path_outputs_and_all_gradients_equal_the_reference():
 @pytest.mark.parametrize("routing", ["none", "token", "context", "modality", "task", "attribute"])
 def test_a_bfloat16_model_runs_inference_close_to_float32(routing):
     """As after `from_pretrained(..., dtype=torch.bfloat16)`: the float32 routers cast their bf16
-    parameters themselves (the attribute router's LayerNorm used to fail on mixed dtypes)."""
+    parameters themselves (the attribute router's LayerNorm used to fail on mixed dtypes). With token or
+    context routing a token whose top-k is a near-tie may choose another expert in bf16, which by design
+    changes its keys and values and so every token of its sequence: such sequences (few, asserted) are
+    left out of the comparison, every other sequence must agree."""
     torch.manual_seed(0)
     model = UniPerceiverMoEModel(tiny_config(routing)).eval()
     batch = make_batch()
     with torch.no_grad():
-        reference = model(**batch).last_hidden_state
+        reference = model(**batch, output_router_logits=True)
         batch["pixel_values"] = batch["pixel_values"].bfloat16()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model.to(torch.bfloat16)(**batch).last_hidden_state
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+            out = model.to(torch.bfloat16)(**batch, output_router_logits=True)
+    assert out.last_hidden_state.dtype == torch.bfloat16
+    close = torch.isclose(out.last_hidden_state.float(), reference.last_hidden_state, rtol=0.05, atol=0.05)
+    compared = torch.ones(close.shape[0], dtype=torch.bool)
+    if routing in ("token", "context"):
+        flips = torch.stack([(ours.sort(-1).values != theirs.sort(-1).values).any(-1)
+                             for ours, theirs in zip(out.router_indices, reference.router_indices)])  # [D, B, L]
+        assert flips.float().mean() <= 0.05, flips
+        compared = ~flips.any(0).any(-1)
+        assert compared.sum() >= 2, compared
+    assert close[compared].all()
 
 
 @pytest.mark.parametrize("routing", ["attribute", "token"])

@@ -69,7 +69,8 @@ def test_top1_mlp_in_expert_order_equals_per_projection_dispatch(routing, capaci
         dropped.append(float(dispatch.dropped_fraction))
         return dispatch
 
-    monkeypatch.setattr(moe_implementations, "combine_assignments", counting_combine)
+    monkeypatch.setattr(moe_implementations, "combine_assignments", counting_combine)  # per projection
+    monkeypatch.setattr(modeling, "combine_assignments", counting_combine)  # the MLP kept in expert order
     monkeypatch.setattr(modeling, "build_token_dispatch", recording_build)
     torch.manual_seed(1)
     ordered = model(**batch)
@@ -237,11 +238,16 @@ def test_compiled_encoder_is_one_graph_and_matches_eager(routing, step):
     (eager_out, eager_grads), (compiled_out, compiled_grads) = run(False), run(True)
     torch.testing.assert_close(compiled_out, eager_out)
     assert sum(g is not None for g in eager_grads) > 10
-    for a, b in zip(compiled_grads, eager_grads):
+    names = [name for name, _ in (UniPerceiverMoEForGenericPerception if step else UniPerceiverMoEModel)(
+        config).named_parameters()]
+    for name, a, b in zip(names, compiled_grads, eager_grads):
         assert (a is None) == (b is None)
         if a is not None:  # bf16 backward: the traced graph may round in another order, so single elements
-            # that cancel can differ by more than bf16's step; the whole gradient agrees to bf16 rounding
-            assert float((a - b).float().norm()) <= 2e-2 * float(b.float().norm()) + 1e-6
+            # that cancel can differ by more than bf16's step; the whole gradient agrees to bf16 rounding.
+            # A router's gradient is a reduction over every element of the merged weights it gates, in bf16
+            # here: its rounding is a few times larger
+            tolerance = 5e-2 if ".router." in name else 2e-2
+            assert float((a - b).float().norm()) <= tolerance * float(b.float().norm()) + 1e-6, name
     torch._dynamo.reset()
 
 

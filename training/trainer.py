@@ -524,6 +524,9 @@ class Pretrainer:
             if interrupt_at and self.step == interrupt_at:
                 import signal
 
+                # Python's Ctrl-C handler, as in a terminal, also where the launcher ignored SIGINT (a shell
+                # without job control starts background commands so)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(1)  # the signal handler raises KeyboardInterrupt here
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
