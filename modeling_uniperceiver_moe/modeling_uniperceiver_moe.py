@@ -918,9 +918,11 @@ class UniPerceiverMoEPreTrainedModel(PreTrainedModel):
             # entries of RMS 1/sqrt(2) scaled to the RMS `initializer_range` of the word embeddings
             positions = torch.arange(module.num_embeddings, device=module.weight.device)
             encoding = sincos_1d_position_embedding(positions, module.embedding_dim, base=2.0 * module.num_embeddings)
-            encoding = encoding * (std * math.sqrt(2.0))
-            init.copy_(module.weight, encoding.to(module.weight.dtype)) if hasattr(init, "copy_") else \
-                module.weight.data.copy_(encoding.to(module.weight.dtype))
+            encoding = (encoding * (std * math.sqrt(2.0))).to(module.weight.dtype)
+            if hasattr(init, "copy_"):  # transformers' version skips a table loaded from a checkpoint
+                init.copy_(module.weight, encoding)
+            else:
+                module.weight.data.copy_(encoding)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, std=std)
         elif isinstance(module, nn.LayerNorm):
