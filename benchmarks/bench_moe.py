@@ -183,10 +183,10 @@ def sorted_route_keys():
 
 def torch_topk_gates():
     """Ablation (`token-topk`): compiled token/context gates pick their experts with `torch.topk` instead of
-    max-reductions (`routing.TOP_K_BY_MAX_WHEN_COMPILED`)."""
+    max-reductions (`routing.top_k_by_max`)."""
     from modeling_uniperceiver_moe import routing
 
-    return mock.patch.object(routing, "TOP_K_BY_MAX_WHEN_COMPILED", False)
+    return mock.patch.object(routing, "top_k_by_max", lambda probs, top_k: probs.topk(top_k, dim=-1))
 
 
 def per_pass_casts():

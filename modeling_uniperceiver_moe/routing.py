@@ -82,9 +82,6 @@ class GateDecision:
         return dense.scatter(1, self.expert_index, self.expert_weight)
 
 
-TOP_K_BY_MAX_WHEN_COMPILED = True  # inside torch.compile: top-k as max-reductions (see top_k_by_max)
-
-
 def top_k_by_max(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`probs.topk(top_k, dim=-1)` over a few experts as `top_k` max-reductions, each masking the expert it
     found, which the compiler fuses with the softmax around them (`torch.topk` launches a radix select
@@ -110,7 +107,7 @@ def select_top_k(logits: torch.Tensor, top_k: int, noise_std: float, training: b
     logits = logits.float()
     noisy = logits + torch.randn_like(logits) * noise_std if training and noise_std > 0 else logits
     probs = noisy.softmax(dim=-1)
-    if TOP_K_BY_MAX_WHEN_COMPILED and torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # inside torch.compile: top-k as max-reductions
         weight, index = top_k_by_max(probs, top_k)
     else:
         weight, index = probs.topk(top_k, dim=-1)
