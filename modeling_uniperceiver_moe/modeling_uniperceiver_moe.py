@@ -1134,26 +1134,26 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         once per step and its gradient comes back through one merge backward. Returns the merged experts
         of the input pass and of the candidate pass; (None, None) where the routing needs no merge or a
         route input is missing or malformed (each encoder pass then merges alone or raises its own error)."""
-        model, config = self, self.config
+        config = self.config
         if not config.is_data_independent_routing:
             return None, None
-        if model.experts_offloaded():
+        if self.experts_offloaded():
             return None, None
-        weight = model.embeddings.word_embeddings.weight  # the model's dtype (no walk over parameters)
-        dtype = matmul_dtype(model.execution_device(), weight.dtype)
+        weight = self.embeddings.word_embeddings.weight  # the model's dtype (no walk over parameters)
+        dtype = matmul_dtype(self.execution_device(), weight.dtype)
         if config.moe_routing == "attribute":
             pair = (attribute_vectors, target_attribute_vectors)
             if any(v is None or v.dim() not in (2, 3) or v.shape[-1] != config.attribute_dim for v in pair):
                 return None, None
-            found = model.route_key_tables(list(pair), return_groups=True)
+            found = self.route_key_tables(list(pair), return_groups=True)
         elif config.moe_routing == "task":
             if task_ids is None or target_task_ids is None:
                 return None, None
-            found = model.route_key_tables([task_ids, target_task_ids], return_groups=True)
+            found = self.route_key_tables([task_ids, target_task_ids], return_groups=True)
         else:  # modality: one table of every modality, shared (each pass picks its rows)
-            merged = model.merged_experts([model.route_key_table()], dtype)[0]
+            merged = self.merged_experts([self.route_key_table()], dtype)[0]
             return merged, merged
-        merged = model.merged_experts([table for table, _ in found], dtype)
+        merged = self.merged_experts([table for table, _ in found], dtype)
         return tuple(m.for_batch(groups) for m, (_, groups) in zip(merged, found))  # each pass knows its groups
 
     @torch.compiler.disable  # host-side cache bookkeeping: under `torch.compile(model)` it runs eagerly
@@ -1218,8 +1218,10 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
             gated = [(gate, linears) for layer in layers for gate, linears in layer.gated_linears()]
             owners = [owner for gate, linears in gated for owner in (gate, *linears)]
             slots = [(m, name) for owner in owners for m in owner.modules() for name in m._parameters]
-            links = [(self, "encoder", self.encoder), (self.encoder, "layers", layers)]
-            links += [(layers, str(i), layer) for i, layer in enumerate(layers)] + module_links(layers, owners)
+            links = module_links(self, owners)  # from the model down to every gate and expert linear
+            linked = {(id(parent), name) for parent, name, _ in links}
+            links += [(layers, str(i), layer) for i, layer in enumerate(layers)  # dense layers too
+                      if (id(layers), str(i)) not in linked]
             self._merge_slots = (len(layers), links, slots, [m for _, linears in gated for m in linears])
         return self._merge_slots[2], self._merge_slots[3]
 
