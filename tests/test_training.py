@@ -284,6 +284,27 @@ def test_task_of_each_step_follows_the_weights(context):
         MultiTaskLoader(entries, ctx, seed=0, world_size=3)
 
 
+def test_adamw_is_fused_on_cpu_unless_the_config_says_otherwise():
+    from training.config import OptimConfig
+    from training.trainer import make_optimizer
+
+    model = torch.nn.Linear(4, 3)
+    cpu = torch.device("cpu")
+    assert make_optimizer(model, OptimConfig(), cpu).defaults["fused"] is True
+    assert not make_optimizer(model, OptimConfig(fused=False), cpu).defaults["fused"]
+    # the same update as the multi-tensor implementation, up to rounding
+    for parameter in model.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    twin = torch.nn.Linear(4, 3)
+    twin.load_state_dict(model.state_dict())
+    for parameter in twin.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    make_optimizer(model, OptimConfig(), cpu).step()
+    make_optimizer(twin, OptimConfig(fused=False), cpu).step()
+    for fused, multi_tensor in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(fused, multi_tensor)
+
+
 # --------------------------------------------------------------------------------------------- config
 def test_config_errors_name_the_field(tmp_path, tiny_cache):
     base = run_config(tiny_cache, str(tmp_path))

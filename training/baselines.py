@@ -99,7 +99,7 @@ def plain_accuracy(model, task, rows: list[dict], ctx, device, autocast_dtype) -
 def train_plain(trainer, name: str, steps: int, device) -> dict:
     """Train the plain baseline of task `name` for `steps` optimizer steps the way `trainer` trains the model."""
     from .data import MultiTaskLoader, TaskEntry, TaskStream
-    from .trainer import cosine_with_warmup, parameter_groups, task_stream_spec
+    from .trainer import cosine_with_warmup, make_optimizer, task_stream_spec
 
     config, task = trainer.config, trainer.tasks[name]
     task_config = config.tasks[name]
@@ -111,8 +111,7 @@ def train_plain(trainer, name: str, steps: int, device) -> dict:
     loader = MultiTaskLoader([TaskEntry(task, 1.0, task_config.batch_size, stream)], trainer.ctx, config.seed,
                              on_bad_sample=config.data.on_bad_sample, augment=config.data.augment)
     optim = config.optim
-    optimizer = torch.optim.AdamW(parameter_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
-                                  eps=optim.eps, fused=device.type == "cuda")
+    optimizer = make_optimizer(model, optim, device)
     warmup = min(config.train.warmup_steps, steps)
     scheduler = cosine_with_warmup(optimizer, warmup, steps, config.train.min_lr_ratio)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.mixed_precision)

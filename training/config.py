@@ -43,7 +43,7 @@ class OptimConfig:
     weight_decay: float = 0.2  # not on norms, biases, embeddings, gates, scales
     eps: float = 1e-8
     grad_clip: float = 0.1  # max grad norm (reference)
-    fused: bool | None = None  # torch's fused AdamW; None = on CUDA only
+    fused: bool | None = None  # torch's fused AdamW; None = on CUDA and CPU (trainer.make_optimizer)
 
 
 @dataclass

@@ -89,6 +89,18 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+
+
+def make_optimizer(model: torch.nn.Module, optim, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `parameter_groups`. `optim.fused` None picks torch's fused AdamW (one pass over each
+    parameter, its gradient and both moments) on the devices it serves, CUDA and CPU; on the main job's CPU
+    model it steps several times faster than the multi-tensor one (`python -m benchmarks.bench_optimizer`)."""
+    fused = optim.fused if optim.fused is not None else device.type in FUSED_ADAMW_DEVICES
+    return torch.optim.AdamW(parameter_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
+                             eps=optim.eps, fused=fused)
+
+
 def cosine_with_warmup(optimizer, warmup: int, total: int, min_ratio: float):
     def factor(step: int) -> float:
         if step < warmup:
@@ -211,9 +223,7 @@ class Pretrainer:
             # one graph per (batch shape, train/eval) of each task; the default limit of 8 is too few for a mixture
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             model.compile_encoder()
-        fused = config.optim.fused if config.optim.fused is not None else acc.device.type == "cuda"
-        optimizer = torch.optim.AdamW(parameter_groups(model, config.optim.weight_decay), lr=config.optim.lr,
-                                      betas=config.optim.betas, eps=config.optim.eps, fused=fused)
+        optimizer = make_optimizer(model, config.optim, acc.device)
         # The scheduler is stepped by hand once per optimizer step (not prepared: accelerate would step it
         # once per process). It is not checkpointed: resume() rebuilds it from the step (restore_schedule),
         # so no pickled scheduler state is ever loaded.
