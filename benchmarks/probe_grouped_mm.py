@@ -9,7 +9,6 @@ mean of 30 after 5 warm-up calls) a dense `F.linear` against `F.grouped_mm` with
   groups rounded to multiples of 128 rows;
 and forward + backward for the three groups. Then the cost of finding the distinct attribute vectors
 of 16,448 tokens: `torch.unique(dim=0)` against a unique over integer codes of the 0/1 vectors.
-Log: `docs/logs/probe_grouped_mm_h100.log`.
 """
 
 import torch

@@ -1,7 +1,7 @@
 """Host latency of reading a batch's route-key table: integer codes (`distinct_route_keys`) against
 `torch.unique(dim=0)`, with the GPU idle and with ~4 ms of GPU work queued (the call then waits for it).
 
-    python -m benchmarks.route_key_latency      # GPU; log: docs/logs/route_key_latency_h100.log
+    python -m benchmarks.route_key_latency      # GPU
 
 Median of 25 calls of `route_key_table(attribute_vectors, return_groups=True)` on bench_moe's B batch
 (16,448 tokens, 8 attributes).

@@ -26,3 +26,11 @@ def test_readme_python_snippet_runs_as_pasted(index, tmp_path):
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, f"README snippet {index} failed:\n{code}\n{run.stderr[-3000:]}"
+
+
+def test_readme_results_table_is_the_one_the_logs_give():
+    """README's results table is exactly what `python -m benchmarks.results_table` builds from docs/logs."""
+    from benchmarks import results_table
+
+    assert results_table.readme_table() == results_table.render(), (
+        "README.md's results table differs from the logs: run python -m benchmarks.results_table --write")

@@ -102,6 +102,12 @@ def make_optimizer(model: torch.nn.Module, optim, device: torch.device) -> torch
 
 
 def cosine_with_warmup(optimizer, warmup: int, total: int, min_ratio: float):
+    """Linear warmup to the peak over `warmup` steps, then a half cosine down to `min_ratio` of it at `total`.
+
+    transformers' `get_cosine_with_min_lr_schedule_with_warmup` is the same curve shifted by one warmup step:
+    its first update runs at learning rate 0. Here update s of the warmup runs at (s + 1) / warmup of the peak,
+    so no update is wasted."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)

@@ -1,0 +1,156 @@
+"""README's results table, rebuilt from the logs under `docs/logs/`.
+
+    python -m benchmarks.results_table            # print the table
+    python -m benchmarks.results_table --write    # replace the table in README.md between its markers
+
+Each row reads one or two logs that the runs wrote (the commands are in docs/results.md, docs/training.md
+and docs/benchmarks.md), so the README states only what those logs hold; `tests/test_readme.py` checks that
+README.md carries exactly this output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOGS = os.path.join(REPO, "docs", "logs")
+START, END = "<!-- results table: python -m benchmarks.results_table --write -->", "<!-- end of results table -->"
+SHORT = {"fashion_mnist_classification": "Fashion-MNIST", "video_clip_classification": "video",
+         "wordnet_lexname_classification": "WordNet", "emoji_captioning": "emoji captioning",
+         "openclipart_captioning": "openclipart captioning", "emoji_retrieval": "emoji retrieval",
+         "openclipart_retrieval": "openclipart retrieval", "austen_mlm": "Austen MLM", "kjv_mlm": "KJV MLM"}
+PLAIN = {"ViTForImageClassification": "plain ViT", "BertForMaskedLM": "plain BERT",
+         "BertForSequenceClassification": "plain BERT"}
+
+
+def load(name: str) -> dict:
+    with open(os.path.join(LOGS, name), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def main_job_row() -> tuple[str, str]:
+    report, baselines = load("learning/main_job_cpu_report.json"), load("learning/main_job_cpu_baselines.json")
+    rows = {row["task"]: row for row in baselines["rows"]}
+    parts = []
+    for task, row in rows.items():
+        plain = f"{PLAIN[row['plain_model']]} {row['plain']:.3f}; " if row["plain"] is not None else ""
+        parts.append(f"{SHORT[task]} {row['model']:.3f} ({plain}trivial {row['trivial']:.3f})")
+    what = (f"main job, CPU (2 cores): tiny attribute-MoE, {report['steps']} steps over {len(rows)} tasks, "
+            f"{report['median_tokens_per_second']:,.0f} tokens/s")
+    return what, "held-out: " + ", ".join(parts)
+
+
+def single_task_row() -> tuple[str, str]:
+    run = load("learning/fashion_mnist_ti56p4_h200_baselines.json")
+    row, config = run["rows"][0], run["config"]
+    what = (f"single-task Fashion-MNIST, Ti, 1 x H200, {config['train']['max_steps']:,} steps of "
+            f"{config['tasks']['fashion_mnist_classification']['batch_size']}")
+    return what, (f"test accuracy {row['model']:.3f} on {run['plain']['fashion_mnist_classification']['evaluated']:,} "
+                  f"images; plain `{row['plain_model']}` trained the same way {row['plain']:.3f} "
+                  f"({row['model_vs_plain']:.3f}x)")
+
+
+def multitask_row() -> tuple[str, str]:
+    runs = {run["run"]: run for run in load("learning/multitask_gpu_image_size_h200.json")["runs"]}
+
+    def final(run: dict) -> dict:
+        return {key.split("/")[0]: curve[max(curve, key=int)] for key, curve in run["held_out"].items()}
+
+    def describe(values: dict) -> str:
+        return ", ".join(f"{SHORT[task]} {value:.3f}" for task, value in values.items())
+
+    ti, b = final(runs["ti112"]), final(runs["plain+b112"])
+    plain = runs["plain+b112"]["plain"]["fashion_mnist_classification"]["curve"]
+    plain_b = plain[max(plain, key=int)]
+    return ("multi-task `gpu_b.yaml` (nine tasks), 1 x H200, 2,000 steps",
+            f"Ti: {describe(ti)}. B: {describe(b)}; the plain ViT-B beside it on Fashion-MNIST {plain_b:.3f} "
+            f"(docs/results.md has the trivial baselines)")
+
+
+def prompt_tuning_row() -> tuple[str, str]:
+    group = load("learning/prompt_tuning_emoji_group_classification-prompt.json")
+    caption = load("learning/prompt_tuning_emoji_captioning-prompt.json")
+    seen = load("learning/prompt_tuning_fashion_mnist_classification-prompt-eval1000.json")
+    return ("prompt tuning on 1% of a task (main-job model, CPU)",
+            f"emoji group from the image, a task not pre-trained on ({group['train_samples']} rows): accuracy "
+            f"{group['before']['accuracy']:.3f} -> {group['after']['accuracy']:.3f}; emoji captioning "
+            f"({caption['train_samples']} rows): BLEU-4 {caption['before']['bleu4']:.2f} -> "
+            f"{caption['after']['bleu4']:.2f}, CIDEr-D {caption['before']['cider']:.3f} -> {caption['after']['cider']:.3f}; "
+            f"Fashion-MNIST, already pre-trained on ({seen['train_samples']} rows): {seen['before']['accuracy']:.3f} -> "
+            f"{seen['after']['accuracy']:.3f} on {seen['eval_samples']:,} held-out images")
+
+
+def graphed_ratios(log_name: str) -> dict[tuple[str, str], float]:
+    """(phase, routing) -> time vs dense from the per-variant lines of a CUDA-graph `bench_moe` log."""
+    with open(os.path.join(LOGS, log_name), encoding="utf-8") as handle:
+        rates = {(m[1], m[2]): float(m[3]) for m in
+                 re.finditer(r"^\s+(train|infer) (\S+) \+compile\s+(\d+) tok/s", handle.read(), flags=re.M)}
+    return {key: rates[(key[0], "none")] / rate for key, rate in rates.items() if key[1] != "none"}
+
+
+def speed_row() -> tuple[str, str]:
+    eager = {(r["phase"], r["model"]): r["time_vs_dense"] for r in load("bench_b_eager_h200.json")["rows"]}
+    graphs = graphed_ratios("bench_b_graphs_h200.log")
+    graphs.update({(r["phase"], r["model"]): r["time_vs_dense"]
+                   for r in load("bench_b_graphs_token_h200.json")["rows"] if r["model"] != "none"})
+    implementations = {(r["size"], r["model"]): r["tokens_per_s"]
+                       for r in load("bench_experts_implementations_h200.json")["rows"] if r["phase"] == "train"}
+    fast = implementations[("b", "token")] / implementations[("b", "token-naive")]
+
+    def listing(ratios: dict, phase: str) -> str:
+        return ", ".join(f"{model} {value:.2f}x" for (p, model), value in ratios.items()
+                         if p == phase and model != "none")
+
+    return ("MoE step time vs dense, B, 1 x H200, bf16, same process",
+            f"training with CUDA graphs: {listing(graphs, 'train')}; inference: {listing(graphs, 'infer')}; "
+            f"eager training: {listing(eager, 'train')}; token routing {fast:.1f}x faster than the plain "
+            f"per-expert loop")
+
+
+def trainer_row() -> tuple[str, str]:
+    with open(os.path.join(LOGS, "train_b_ddp_h200.txt"), encoding="utf-8") as handle:
+        rates = {m[1]: int(m[2]) for m in re.finditer(r"^(b_\dgpu)\s+\d+\s+(\d+)", handle.read(), flags=re.M)}
+    return ("trainer, `gpu_b.yaml` (B attribute-MoE, bf16)",
+            f"{rates['b_1gpu']:,} tokens/s on 1 x H200, {rates['b_2gpu']:,} on 2 (DDP, "
+            f"{rates['b_2gpu'] / rates['b_1gpu']:.2f}x)")
+
+
+def render() -> str:
+    rows = [main_job_row(), single_task_row(), multitask_row(), prompt_tuning_row(), speed_row(), trainer_row()]
+    return "\n".join(["| what | measured |", "|---|---|"] + [f"| {what} | {measured} |" for what, measured in rows])
+
+
+def readme_table(path: str = os.path.join(REPO, "README.md")) -> str:
+    """The table README.md carries between its markers (stripped of the blank lines around it)."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if START not in text or END not in text:
+        raise SystemExit(f"error: {path} lacks the markers {START!r} and {END!r} around the table")
+    return text.split(START, 1)[1].split(END, 1)[0].strip()
+
+
+def write_readme(path: str = os.path.join(REPO, "README.md")) -> None:
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if START not in text or END not in text:
+        raise SystemExit(f"error: {path} lacks the markers {START!r} and {END!r} around the table")
+    before, rest = text.split(START, 1)
+    _, after = rest.split(END, 1)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(f"{before}{START}\n\n{render()}\n\n{END}{after}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help="replace the table in README.md")
+    args = parser.parse_args(argv)
+    if args.write:
+        write_readme()
+    print(render())
+
+
+if __name__ == "__main__":
+    main()
