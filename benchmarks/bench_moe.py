@@ -28,7 +28,6 @@ from unittest import mock
 import torch
 
 from modeling_uniperceiver_moe import (
-    TokenAttributes,
     UniPerceiverMoEConfig,
     UniPerceiverMoEForGenericPerception,
     UniPerceiverMoELinear,
@@ -37,11 +36,12 @@ from modeling_uniperceiver_moe import (
 from modeling_uniperceiver_moe import UniPerceiverMoEModel
 from modeling_uniperceiver_moe.modeling_uniperceiver_moe import UniPerceiverMoEMLP
 from modeling_uniperceiver_moe.routing import MergedDispatch, RouteGroups, build_token_dispatch, select_top_k
+from training.tasks import ATTRIBUTES  # the task registry's attribute vectors
 
-CAPTION_IMAGE = TokenAttributes.from_bits("11011000")
-CAPTION_TEXT = TokenAttributes.from_bits("11010101")
-CLASS_INPUT = TokenAttributes.from_bits("10011000")
-CANDIDATE = TokenAttributes.from_bits("11010110")
+CAPTION_IMAGE = ATTRIBUTES["caption_image"]
+CAPTION_TEXT = ATTRIBUTES["caption_text"]
+CLASS_INPUT = ATTRIBUTES["classification_input"]
+CANDIDATE = ATTRIBUTES["word_target"]
 
 
 @contextlib.contextmanager

@@ -159,6 +159,18 @@ def caption_attention_pattern(num_prefix: int, num_words: int, device=None) -> t
     return allowed
 
 
+def symmetric_cross_entropy(input_to_target: torch.Tensor, target_to_input: torch.Tensor, labels: torch.Tensor,
+                            label_smoothing: float = 0.0) -> torch.Tensor:
+    """Retrieval's loss: the mean of the input->target and the target->input cross-entropy.
+
+    input_to_target / target_to_input: `[B, P]` logits of the B local inputs over the P targets of the pool,
+    and of the B local targets over the P inputs of the pool (P = B in one process, the gathered batch across
+    processes in training); labels: `[B]` the pool position of each local pair."""
+    forward = F.cross_entropy(input_to_target, labels, label_smoothing=label_smoothing)
+    backward = F.cross_entropy(target_to_input, labels, label_smoothing=label_smoothing)
+    return (forward + backward) / 2
+
+
 def drop_path_scales(max_rate: float, num_layers: int, batch: int, device, training: bool) -> torch.Tensor | None:
     """Stochastic depth for every layer at once: `[num_layers, 2, B]` float32 per-sample scales of the
     attention and MLP residual branches of each layer: 0 (dropped) with the layer's rate, which grows
@@ -1563,12 +1575,11 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         if int(labels.max()) >= num_candidates:
             raise ValueError(f"a label is {int(labels.max())} but there are only {num_candidates} candidates")
         smoothing = self.config.label_smoothing
-        loss = F.cross_entropy(logits.reshape(-1, num_candidates), labels.reshape(-1), label_smoothing=smoothing)
         if symmetric:
             if logits.dim() != 2 or logits.shape[0] != num_candidates:
                 raise ValueError("symmetric_loss needs one query per input and as many candidates as inputs")
-            loss = (loss + F.cross_entropy(logits.t(), labels, label_smoothing=smoothing)) / 2
-        return loss
+            return symmetric_cross_entropy(logits, logits.t(), labels, smoothing)
+        return F.cross_entropy(logits.reshape(-1, num_candidates), labels.reshape(-1), label_smoothing=smoothing)
 
 
 __all__ = [
@@ -1579,5 +1590,6 @@ __all__ = [
     "UniPerceiverMoEModelOutput",
     "GenericPerceptionOutput",
     "caption_attention_pattern",
+    "symmetric_cross_entropy",
     "sincos_2d_position_embedding",
 ]

@@ -144,42 +144,29 @@ def load_split(data_dir: str, manifest: dict, source: str, split: str, limit: in
 
 # --------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_task(model, method: str, task, rows: list[dict], ctx, device, beam_size: int = 2,
-                  batch_size: int = 32) -> dict:
-    """Held-out metrics through the offline `evaluate` modules."""
+def downstream_metrics(model, task, rows: list[dict], ctx, device, beam_size: int = 2, batch_size: int = 32) -> dict:
+    """Held-out metrics through the offline `evaluate` modules. The model runs through pre-training's
+    evaluation loops (`training.evaluation`: candidate logits, retrieval similarities); captioning generates
+    with beam search and is scored by BLEU-4 and CIDEr-D."""
+    from training.evaluation import candidate_answers, retrieval_scores
     from training.tasks import build_batch
 
     from .generation import generate_captions
     from .metrics import load_metric
 
     model.eval()
-    collate = Collator(task, ctx)
-    chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     if task.family in CLASSIFICATION:
         metric = load_metric("accuracy")
-        for chunk in chunks:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
-            labels = batch.pop("labels")
-            out = model(**batch)
-            logits = out["logits"] if isinstance(out, dict) else out.logits
-            metric.add_batch(predictions=logits.reshape(-1, logits.shape[-1]).argmax(-1).tolist(),
-                             references=labels.reshape(-1).tolist())
+        for logits, labels in candidate_answers(model, task, rows, ctx, device, batch_size):
+            metric.add_batch(predictions=logits.argmax(-1).tolist(), references=labels.tolist())
         return metric.compute()
     if task.family == "retrieval":
-        images, texts = [], []
-        for chunk in chunks:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(chunk).items()}
-            batch.pop("labels")
-            batch.pop("symmetric_loss", None)
-            out = model(**batch)
-            images.append(out.input_features.float())
-            texts.append(out.target_features.float())
-        scores = torch.cat(images) @ torch.cat(texts).t()
+        scores = retrieval_scores(model, task, rows, ctx, device, batch_size)
         return load_metric("retrieval_recall").compute(predictions=scores.cpu().tolist(),
                                                        references=list(range(scores.shape[0])))
     if task.family == "captioning":
         predictions, references = [], []
-        for chunk in chunks:
+        for chunk in (rows[i:i + batch_size] for i in range(0, len(rows), batch_size)):
             built = build_batch(task, chunk, ctx, epoch=0)
             ids = generate_captions(model, built.inputs["pixel_values"].to(device), ctx.vocabulary,
                                     task_id=task.task_id, beam_size=beam_size)
@@ -265,9 +252,9 @@ def main(argv=None) -> dict:
         # otherwise perturb the baseline)
         if args.method == "prompt":
             with model.disable_adapter():
-                results["before"] = evaluate_task(model, args.method, task, eval_rows, ctx, device, args.beam_size)
+                results["before"] = downstream_metrics(model, task, eval_rows, ctx, device, args.beam_size)
         else:
-            results["before"] = evaluate_task(model, args.method, task, eval_rows, ctx, device, args.beam_size)
+            results["before"] = downstream_metrics(model, task, eval_rows, ctx, device, args.beam_size)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     results["trainable_parameters"] = trainable
     results["total_parameters"] = sum(p.numel() for p in model.parameters())
@@ -284,7 +271,7 @@ def main(argv=None) -> dict:
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=Rows(train_rows), data_collator=Collator(task, ctx))
     trainer.train()
-    results["after"] = evaluate_task(model, args.method, task, eval_rows, ctx, device, args.beam_size)
+    results["after"] = downstream_metrics(model, task, eval_rows, ctx, device, args.beam_size)
     results["train_loss"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
     os.makedirs(output_dir, exist_ok=True)

@@ -18,18 +18,66 @@ def _chunks(rows: list[dict], size: int):
         yield rows[start:start + size]
 
 
+def model_answers(model, task: Task):
+    """The default `answers` of `candidate_answers`: the model's own candidate logits `[N, K]` and the labels
+    `[N]` of a task batch (any model whose output has `"logits"`: this package's head, a PEFT wrapper of it,
+    a linear probe)."""
+
+    def answers(batch):
+        logits = model(**batch.inputs, task_family=task.family)["logits"]
+        return logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1)
+
+    return answers
+
+
+@torch.no_grad()
+def candidate_answers(model, task: Task, rows: list[dict], ctx: TaskContext, device, batch_size: int = 64,
+                      answers=None):
+    """Yields, per batch of `rows` (raw rows of a test split), the float logits `[n, K]` over the batch's K
+    candidates and the labels `[n]` of its n answers (positions without a label left out).
+
+    answers: `(TaskBatch on device) -> (logits [N, K], labels [N])`; by default `model_answers(model, task)`.
+    Another module scored on the same candidates (the plain baselines of `training.baselines`) passes its own."""
+    answers = answers or model_answers(model, task)
+    for part in _chunks(rows, batch_size):
+        batch = build_batch(task, part, ctx, epoch=0).to(device)
+        if batch.num_samples == 0:
+            continue
+        logits, labels = answers(batch)
+        keep = labels != -100
+        yield logits.float()[keep], labels[keep]
+
+
+@torch.no_grad()
+def retrieval_scores(model, task: Task, rows: list[dict], ctx: TaskContext, device, batch_size: int = 64
+                     ) -> torch.Tensor:
+    """`[N, N]` similarity of every evaluated image (rows) to every evaluated caption (columns); the caption
+    of image i is column i."""
+    images, texts = [], []
+    for part in _chunks(rows, batch_size):
+        batch = build_batch(task, part, ctx, epoch=0).to(device)
+        if batch.num_samples == 0:
+            continue
+        out = model(**batch.inputs, task_family=task.family)
+        images.append(out.input_features.float())
+        texts.append(out.target_features.float())
+    return torch.cat(images) @ torch.cat(texts).t()
+
+
+def recall_at_k(scores: torch.Tensor, truth: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
+    """scores `[Q, C]` of Q queries over C candidates, truth `[Q]` the index of each query's right candidate ->
+    {k: the share of queries whose right candidate ranks in the top k}. A candidate that scores as high as
+    the right one counts as ranked above it, so collapsed (constant) scores give chance-level recall, not a
+    perfect one."""
+    rank = (scores >= scores.gather(1, truth[:, None])).sum(1) - 1
+    return {k: float((rank < k).float().mean()) for k in ks}
+
+
 @torch.no_grad()
 def evaluate_task(model, task: Task, rows: list[dict], ctx: TaskContext, device, batch_size: int = 64,
                   autocast_dtype=None, answers=None) -> dict:
-    """Metrics of one task on `rows` (raw rows of its test split). `model` is the unwrapped model.
-
-    answers: `(TaskBatch on device) -> (logits [N, K], labels [N])` over the batch's N answers and K candidates;
-    by default the model's own candidate logits. Another module scored on the same candidates (the plain
-    baselines of `training.baselines`) passes its own."""
-    if answers is None:
-        def answers(batch):
-            out = model(**batch.inputs, task_family=task.family)
-            return out.logits.reshape(-1, out.logits.shape[-1]), batch.labels.reshape(-1)
+    """Metrics of one task on `rows` (raw rows of its test split). `model` is the unwrapped model; `answers`
+    as in `candidate_answers`."""
     was_training = model.training
     model.eval()
     try:
@@ -40,18 +88,12 @@ def evaluate_task(model, task: Task, rows: list[dict], ctx: TaskContext, device,
             correct = total = 0
             loss_sum = 0.0
             predicted = set()
-            for part in _chunks(rows, batch_size):
-                batch = build_batch(task, part, ctx, epoch=0).to(device)
-                if batch.num_samples == 0:
-                    continue
-                logits, labels = answers(batch)
-                logits = logits.float()
-                keep = labels != -100
-                guesses = logits.argmax(-1)[keep]
+            for logits, labels in candidate_answers(model, task, rows, ctx, device, batch_size, answers):
+                guesses = logits.argmax(-1)
                 predicted.update(guesses.tolist())
-                correct += int((guesses == labels[keep]).sum())
-                total += int(keep.sum())
-                loss_sum += float(F.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+                correct += int((guesses == labels).sum())
+                total += len(labels)
+                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             key = "accuracy" if "classification" in task.family else "token_accuracy"
             return {key: correct / max(total, 1), "loss": loss_sum / max(total, 1), "evaluated": total,
                     "distinct_predictions": len(predicted)}
@@ -60,24 +102,11 @@ def evaluate_task(model, task: Task, rows: list[dict], ctx: TaskContext, device,
 
 
 def _evaluate_retrieval(model, task, rows, ctx, device, batch_size) -> dict:
-    images, texts = [], []
-    for part in _chunks(rows, batch_size):
-        batch = build_batch(task, part, ctx, epoch=0).to(device)
-        if batch.num_samples == 0:
-            continue
-        out = model(**batch.inputs, task_family=task.family)
-        images.append(out.input_features.float())
-        texts.append(out.target_features.float())
-    images, texts = torch.cat(images), torch.cat(texts)
-    similarity = images @ texts.t()
-    truth = torch.arange(len(images), device=similarity.device)
-    metrics = {"evaluated": len(images)}
+    similarity = retrieval_scores(model, task, rows, ctx, device, batch_size)
+    truth = torch.arange(len(similarity), device=similarity.device)
+    metrics = {"evaluated": len(similarity)}
     for name, scores in (("i2t", similarity), ("t2i", similarity.t())):
-        # how many other candidates score at least as high as the true one (ties count against us, so
-        # collapsed features give chance-level recall, not a perfect one)
-        rank = (scores >= scores.gather(1, truth[:, None])).sum(1) - 1
-        for k in (1, 5):
-            metrics[f"{name}_R@{k}"] = float((rank < k).float().mean())
+        metrics.update({f"{name}_R@{k}": value for k, value in recall_at_k(scores, truth, (1, 5)).items()})
     metrics["distinct_predictions"] = len(set(similarity.argmax(1).tolist()))  # distinct top-1 texts (i2t)
     metrics["loss"] = float(F.cross_entropy(similarity * model.logit_scales(task.family).float(), truth))
     return metrics

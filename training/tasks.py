@@ -31,6 +31,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.nn import functional as F
 
+from modeling_uniperceiver_moe.modeling_uniperceiver_moe import symmetric_cross_entropy
 from modeling_uniperceiver_moe.routing import TokenAttributes
 
 
@@ -534,9 +535,8 @@ def task_loss(batch: TaskBatch, output, label_smoothing: float) -> torch.Tensor:
         texts, _ = gather_with_grad(output.target_features)
         scale = output.logit_scale
         local = torch.arange(output.input_features.shape[0], device=images.device) + image_offset
-        i2t = F.cross_entropy(scale * output.input_features @ texts.t(), local, label_smoothing=label_smoothing)
-        t2i = F.cross_entropy(scale * output.target_features.float() @ images.t(), local, label_smoothing=label_smoothing)
-        loss = (i2t + t2i) / 2
+        loss = symmetric_cross_entropy(scale * output.input_features @ texts.t(),
+                                       scale * output.target_features.float() @ images.t(), local, label_smoothing)
     else:
         logits = output.logits.reshape(-1, output.logits.shape[-1])
         labels = batch.labels.reshape(-1).to(logits.device)

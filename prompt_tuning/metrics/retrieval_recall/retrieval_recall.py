@@ -9,12 +9,13 @@ counts as ranked above it, so degenerate (constant) scores give chance-level rec
 import datasets
 import evaluate
 import numpy as np
+import torch
+
+from training.evaluation import recall_at_k  # the one ranking rule, shared with pre-training's evaluation
 
 
 def recall_at(scores: np.ndarray, truth: np.ndarray, ks) -> dict:
-    true_scores = scores[np.arange(len(truth)), truth]
-    rank = (scores >= true_scores[:, None]).sum(1) - 1
-    return {k: float((rank < k).mean()) for k in ks}
+    return recall_at_k(torch.from_numpy(scores), torch.from_numpy(truth).long(), ks)
 
 
 class RetrievalRecall(evaluate.Metric):
