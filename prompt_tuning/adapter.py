@@ -152,8 +152,11 @@ class DeepPromptModel(BaseTuner):
         if config.spe_bias:
             self.deep_prompt_spe_bias[adapter_name] = nn.Parameter(torch.zeros(width, device=device))
             if not getattr(model, "_deep_prompt_spe_hooked", False):
-                # The SPE embedding is row 0 of the input of the embeddings' LayerNorm: add the bias there.
-                model.uniperceiver.embeddings.layer_norm.register_forward_pre_hook(self._add_spe_bias)
+                # Every [SPE] token is looked up in the word embeddings (the leading SPE, the caption
+                # placeholders, a text-classification query), so the bias goes where that lookup returns
+                # the SPE id, as in the reference, whatever the token's position.
+                self._spe_token_id = model.config.spe_token_id
+                model.uniperceiver.embeddings.word_embeddings.register_forward_hook(self._add_spe_bias)
                 model._deep_prompt_spe_hooked = True
         if config.num_labels is not None:
             self.deep_prompt_label_weight[adapter_name] = nn.Parameter(torch.zeros(config.num_labels, width, device=device))
@@ -171,13 +174,14 @@ class DeepPromptModel(BaseTuner):
             model.encode_targets = encode_targets
             model._deep_prompt_targets_wrapped = True
 
-    def _add_spe_bias(self, module, args):
+    def _add_spe_bias(self, module, args, embeddings):
+        """Forward hook on the word embeddings: ids `[...]` -> embeddings `[..., d]` plus the bias where the id
+        is [SPE]."""
         name = self.active_adapters[0]
         if self._label_prompt_disabled or name not in self.deep_prompt_spe_bias:
             return None
-        embeddings = args[0]
-        spe = embeddings[:, :1] + self.deep_prompt_spe_bias[name].to(embeddings.dtype)
-        return (torch.cat([spe, embeddings[:, 1:]], dim=1), *args[1:])
+        is_spe = (args[0] == self._spe_token_id)[..., None].to(embeddings.dtype)
+        return embeddings + is_spe * self.deep_prompt_spe_bias[name].to(embeddings.dtype)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         super()._enable_adapter_layers(enabled)

@@ -128,6 +128,34 @@ def test_cached_prefix_forward_equals_the_full_caption_forward(routing):
         model(pixel_values=pixels, prefix_cache=cache)
 
 
+def test_spe_bias_reaches_every_spe_token_also_through_the_cached_prefix():
+    """The SPE bias is added where the token is [SPE] (the leading SPE and every caption placeholder), not at
+    position 0: the cached caption forward, whose position 0 is a word, still equals the full forward."""
+    model, _ = tuned()
+    bias = model.base_model.deep_prompt_spe_bias["default"]
+    with torch.no_grad():
+        bias.normal_(std=1.0)
+    net = model.get_base_model().eval().uniperceiver
+    pixels, ids = torch.randn(2, 3, 16, 16), torch.randint(0, 49000, (2, 5))
+    prefix, task = 1 + 4, torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        full = net(input_ids=ids, pixel_values=pixels, caption_mode=True, task_ids=task,
+                   attribute_vectors=caption_attributes(None, 2, prefix, 5)).last_hidden_state
+        cache = PrefixCache(recording=True)
+        net(pixel_values=pixels, prefix_cache=cache, task_ids=task,
+            attribute_vectors=ATTRIBUTES["caption_image"].to_tensor().expand(2, -1))
+        cached = net(input_ids=ids, caption_mode=True, prefix_cache=cache.select(torch.arange(2)), task_ids=task,
+                     attribute_vectors=ATTRIBUTES["caption_text"].to_tensor().expand(2, -1)).last_hidden_state
+        torch.testing.assert_close(cached, full[:, prefix:], rtol=1e-5, atol=1e-5)
+        # the bias moves the placeholders (SPE) and the leading SPE, not the words
+        embeddings = net.embeddings.word_embeddings
+        spe = torch.tensor([[model.config.spe_token_id, 320]])
+        with model.disable_adapter():
+            plain = embeddings(spe)
+        torch.testing.assert_close(embeddings(spe)[0, 0], plain[0, 0] + bias)
+        torch.testing.assert_close(embeddings(spe)[0, 1], plain[0, 1])
+
+
 def test_beam_search_with_one_beam_is_greedy_decoding_without_a_cache():
     torch.manual_seed(0)
     model = UniPerceiverMoEForGenericPerception(tiny_config("attribute")).eval()
