@@ -3,6 +3,10 @@
     python -m prompt_tuning.run_prompt_tuning --model outputs/pretrain-tiny/final \
         --task fashion_mnist_classification --data_fraction 0.01 [--method prompt|linear_probe|full] \
         [--output_dir outputs/prompt-tuning/<task>-<method>] [--max_steps N] [--learning_rate LR]
+    python -m prompt_tuning.run_prompt_tuning my_run.yaml     # the same options as a YAML (or JSON) file
+
+Options are the fields of `PromptTuningArguments`, parsed by transformers' `HfArgumentParser` as in its
+Trainer example scripts (`--data-fraction` works too).
 
 Methods: `prompt` (the paper's recipe: deep prompts, LayerNorms, SPE bias, label prompt; a PEFT adapter
 saved alone), `linear_probe` (a linear classifier on frozen SPE features; classification tasks) and
@@ -19,7 +23,9 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
@@ -183,26 +189,42 @@ def headline(results: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- main
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a pre-trained checkpoint folder (training/ writes final/)")
-    parser.add_argument("--task", required=True, help="a registered task (training/tasks.py)")
-    parser.add_argument("--data_fraction", type=float, default=0.01)
-    parser.add_argument("--method", default="prompt", choices=["prompt", "linear_probe", "full"])
-    parser.add_argument("--output_dir", default=None)
-    parser.add_argument("--data_cache", default="data_cache")
-    parser.add_argument("--slice", default="small")
-    parser.add_argument("--num_prompts", type=int, default=10)
-    parser.add_argument("--max_steps", type=int, default=None, help="default: the reference recipe of the family")
-    parser.add_argument("--learning_rate", type=float, default=None)
-    parser.add_argument("--warmup_steps", type=int, default=None)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--eval_samples", type=int, default=256)
-    parser.add_argument("--beam_size", type=int, default=2)
-    parser.add_argument("--vocabulary_size", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no_zero_shot", action="store_true", help="skip the evaluation before tuning")
-    return parser.parse_args(argv)
+@dataclass
+class PromptTuningArguments:
+    """The script's options, parsed by transformers' `HfArgumentParser`: flags `--data_fraction 0.01` (also
+    spelled `--data-fraction`), or a single `.yaml` / `.json` file holding them."""
+
+    model: str = field(metadata={"help": "a pre-trained checkpoint folder (training/ writes final/)"})
+    task: str = field(metadata={"help": "a registered task (training/tasks.py)"})
+    data_fraction: float = field(default=0.01, metadata={"help": "share of the training rows to tune on"})
+    method: str = field(default="prompt", metadata={"choices": ["prompt", "linear_probe", "full"],
+                                                    "help": "what is learned"})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "default: outputs/prompt-tuning/<task>-<method>"})
+    data_cache: str = field(default="data_cache", metadata={"help": "where the data slices live"})
+    slice: str = field(default="small", metadata={"help": "the data slice (training.build_data)"})
+    num_prompts: int = field(default=10, metadata={"help": "deep prompts per layer"})
+    max_steps: Optional[int] = field(default=None, metadata={"help": "default: the reference recipe of the family"})
+    learning_rate: Optional[float] = field(default=None, metadata={"help": "default: the reference recipe"})
+    warmup_steps: Optional[int] = field(default=None, metadata={"help": "default: the reference recipe"})
+    batch_size: int = field(default=32, metadata={"help": "training batch (capped at the number of rows)"})
+    eval_samples: int = field(default=256, metadata={"help": "held-out rows (the first ones of the test split)"})
+    beam_size: int = field(default=2, metadata={"help": "beam search width for captioning"})
+    vocabulary_size: int = field(default=1024, metadata={"help": "candidate words (captioning)"})
+    seed: int = field(default=0, metadata={"help": "sampling of the rows and initialisation"})
+    no_zero_shot: bool = field(default=False, metadata={"help": "skip the evaluation before tuning"})
+
+
+def parse_args(argv=None) -> PromptTuningArguments:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(PromptTuningArguments, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(argv[0])[0]
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])[0]
+    return parser.parse_args_into_dataclasses(args=argv)[0]
 
 
 def main(argv=None) -> dict:

@@ -255,6 +255,19 @@ def test_script_runs_end_to_end_on_the_tiny_real_data(task, method, metric, tiny
         assert results["train_samples"] >= 10  # at least one image per class
 
 
+def test_script_options_come_as_flags_in_either_spelling_or_as_a_yaml_file(tmp_path, capsys):
+    from prompt_tuning.run_prompt_tuning import parse_args
+
+    flags = parse_args(["--model", "ckpt", "--task", "emoji_captioning", "--data_fraction", "0.05", "--max-steps", "3"])
+    assert (flags.data_fraction, flags.max_steps, flags.method, flags.no_zero_shot) == (0.05, 3, "prompt", False)
+    options = tmp_path / "run.yaml"
+    options.write_text("model: ckpt\ntask: emoji_captioning\ndata_fraction: 0.05\nmax_steps: 3\n")
+    assert parse_args([str(options)]) == flags
+    with pytest.raises(SystemExit):
+        parse_args(["--task", "emoji_captioning"])
+    assert "--model" in capsys.readouterr().err  # argparse names the missing option
+
+
 def test_script_rejects_pre_training_only_tasks(tiny_checkpoint):
     with pytest.raises(SystemExit, match="MLM is a pre-training task"):
         run_prompt_tuning(["--model", tiny_checkpoint, "--task", "austen_mlm"])
