@@ -94,3 +94,11 @@ def test_sweep_summary_reads_each_run_s_curves_speed_and_plain_baselines(tmp_pat
     assert run["median_steps_per_second"] == 3.0
     assert run["plain"]["fashion_mnist_classification"]["curve"] == {"3": 0.25}
     assert "3:0.6250" in capsys.readouterr().out
+
+
+def test_optimizer_benchmark_times_fused_against_foreach_on_the_main_job_model(capsys):
+    from benchmarks.bench_optimizer import main as bench_optimizer
+
+    result = bench_optimizer(["--steps", "1", "--repeats", "1"])
+    assert set(result["ms_per_step"]) == {"foreach", "fused"} and result["ratio"] > 0
+    assert "fused is" in capsys.readouterr().out
