@@ -305,6 +305,17 @@ def test_adamw_is_fused_on_cpu_unless_the_config_says_otherwise():
         torch.testing.assert_close(fused, multi_tensor)
 
 
+def test_reference_recipe_puts_experts_in_the_reference_layers():
+    """The reference's MoE layers are 0, 2, 4, ... (its "odd" layers counted from 1); `every_other` is 1, 3, 5."""
+    from training.trainer import build_model_config
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(repo, "training", "configs", "reference_b.yaml")
+    reference = build_model_config(load_config(path, ["train.tracker=null"]))
+    assert reference.moe_layer_indices() == [0, 2, 4, 6, 8, 10]
+    assert reference.layer_scale_init == 1e-3 and reference.initializer_scheme == "fixed"
+
+
 # --------------------------------------------------------------------------------------------- config
 def test_config_errors_name_the_field(tmp_path, tiny_cache):
     base = run_config(tiny_cache, str(tmp_path))
