@@ -105,23 +105,31 @@ def test_target_prompts_are_used_only_for_targets():
 
 
 # --------------------------------------------------------------------------------------------- generation
+def cached_and_full_caption_states(net, pixels: torch.Tensor, ids: torch.Tensor):
+    """The word and placeholder states of a caption forward two ways: cached (image prefix recorded first,
+    then the words alone) and full (the whole sequence, sliced after the SPE + 4 patches). Returns (cached,
+    full, the filled cache)."""
+    batch, prefix = ids.shape[0], 1 + 4
+    task = torch.zeros(batch, dtype=torch.long)
+    with torch.no_grad():
+        full = net(input_ids=ids, pixel_values=pixels, caption_mode=True, task_ids=task,
+                   attribute_vectors=caption_attributes(None, batch, prefix, ids.shape[1])).last_hidden_state
+        cache = PrefixCache(recording=True)
+        net(pixel_values=pixels, prefix_cache=cache, task_ids=task,
+            attribute_vectors=ATTRIBUTES["caption_image"].to_tensor().expand(batch, -1))
+        cached = net(input_ids=ids, caption_mode=True, prefix_cache=cache.select(torch.arange(batch)), task_ids=task,
+                     attribute_vectors=ATTRIBUTES["caption_text"].to_tensor().expand(batch, -1)).last_hidden_state
+    return cached, full[:, prefix:], cache
+
+
 @pytest.mark.parametrize("routing", ["attribute", "token", "modality"])
 def test_cached_prefix_forward_equals_the_full_caption_forward(routing):
     model = UniPerceiverMoEForGenericPerception(tiny_config(routing)).eval().uniperceiver
     pixels, ids = torch.randn(2, 3, 16, 16), torch.randint(0, 49000, (2, 5))
-    prefix = 1 + 4
-    task = torch.zeros(2, dtype=torch.long)
-    with torch.no_grad():
-        full = model(input_ids=ids, pixel_values=pixels, caption_mode=True, task_ids=task,
-                     attribute_vectors=caption_attributes(None, 2, prefix, 5)).last_hidden_state
-        cache = PrefixCache(recording=True)
-        model(pixel_values=pixels, prefix_cache=cache, task_ids=task,
-              attribute_vectors=ATTRIBUTES["caption_image"].to_tensor().expand(2, -1))
-        words = model(input_ids=ids, caption_mode=True, prefix_cache=cache.select(torch.arange(2)), task_ids=task,
-                      attribute_vectors=ATTRIBUTES["caption_text"].to_tensor().expand(2, -1)).last_hidden_state
+    words, full, cache = cached_and_full_caption_states(model, pixels, ids)
     # the same function; the cached forward attends over [cached prefix, words] instead of the masked full
     # sequence, so its float32 sums run in another order
-    torch.testing.assert_close(words, full[:, prefix:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(words, full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="read by a caption_mode forward"):
         model(input_ids=ids, prefix_cache=cache.select(torch.arange(2)))  # not caption_mode
     with pytest.raises(ValueError, match="recording a prefix_cache needs an empty cache"):
@@ -136,20 +144,12 @@ def test_spe_bias_reaches_every_spe_token_also_through_the_cached_prefix():
     with torch.no_grad():
         bias.normal_(std=1.0)
     net = model.get_base_model().eval().uniperceiver
-    pixels, ids = torch.randn(2, 3, 16, 16), torch.randint(0, 49000, (2, 5))
-    prefix, task = 1 + 4, torch.zeros(2, dtype=torch.long)
+    cached, full, _ = cached_and_full_caption_states(net, torch.randn(2, 3, 16, 16), torch.randint(0, 49000, (2, 5)))
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    # the bias moves the placeholders (SPE) and the leading SPE, not the words
+    embeddings = net.embeddings.word_embeddings
+    spe = torch.tensor([[model.config.spe_token_id, 320]])
     with torch.no_grad():
-        full = net(input_ids=ids, pixel_values=pixels, caption_mode=True, task_ids=task,
-                   attribute_vectors=caption_attributes(None, 2, prefix, 5)).last_hidden_state
-        cache = PrefixCache(recording=True)
-        net(pixel_values=pixels, prefix_cache=cache, task_ids=task,
-            attribute_vectors=ATTRIBUTES["caption_image"].to_tensor().expand(2, -1))
-        cached = net(input_ids=ids, caption_mode=True, prefix_cache=cache.select(torch.arange(2)), task_ids=task,
-                     attribute_vectors=ATTRIBUTES["caption_text"].to_tensor().expand(2, -1)).last_hidden_state
-        torch.testing.assert_close(cached, full[:, prefix:], rtol=1e-5, atol=1e-5)
-        # the bias moves the placeholders (SPE) and the leading SPE, not the words
-        embeddings = net.embeddings.word_embeddings
-        spe = torch.tensor([[model.config.spe_token_id, 320]])
         with model.disable_adapter():
             plain = embeddings(spe)
         torch.testing.assert_close(embeddings(spe)[0, 0], plain[0, 0] + bias)
