@@ -4,8 +4,11 @@ plain baselines trained beside it.
     python -m benchmarks.sweep_summary SWEEP_DIR [SWEEP_DIR ...] [--json OUT.json --command "..."]
 
 Prints one block per run (what sweep_gpu.sh shows at the end of a call); `--json` also writes
-`{"command", "runs": [{"run", "held_out": {task: {step: value}}, "median_steps_per_second", "plain"}]}`
-for docs/logs. A run found in several folders (a warm machine keeps earlier calls' runs) is read once.
+`{"command", "runs": [{"run", "held_out": {task: {step: value}}, "distinct_answers": {task: {step: n}},
+"median_steps_per_second", "gradient_norms": {task: {"steps", "min", "median"}}, "plain"}]}` for
+docs/logs. The gradient norms are before clipping: a task whose minimum is above `optim.grad_clip` had
+every one of its steps clipped. A run found in several folders (a warm machine keeps earlier calls' runs)
+is read once.
 """
 
 from __future__ import annotations
@@ -18,18 +21,33 @@ import os
 HEADLINE = ("accuracy", "token_accuracy", "i2t_R@1")
 
 
+def gradient_norms_by_task(rows: list[dict]) -> dict[str, dict]:
+    """`{task: {"steps", "min", "median"}}` of the pre-clip gradient norms of the optimizer steps in `rows`
+    (metrics.jsonl lines; a step is logged with the task of its last micro-batch)."""
+    norms: dict[str, list[float]] = {}
+    for row in rows:
+        if "grad_norm" in row and "task" in row:
+            norms.setdefault(row["task"], []).append(float(row["grad_norm"]))
+    return {task: {"steps": len(values), "min": round(min(values), 3),
+                   "median": round(sorted(values)[len(values) // 2], 3)}
+            for task, values in sorted(norms.items())}
+
+
 def summarise_run(run_dir: str) -> dict:
-    """One run's `{"run", "held_out", "median_steps_per_second", "plain"}` from its metrics.jsonl and
-    (when its plain baselines were trained beside it) baselines/baselines.json."""
+    """One run's `{"run", "held_out", "distinct_answers", "median_steps_per_second", "gradient_norms", "plain"}` from its
+    metrics.jsonl and (when its plain baselines were trained beside it) baselines/baselines.json."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     speeds = sorted(r["steps_per_second"] for r in rows if "steps_per_second" in r)
     held_out: dict[str, dict[int, float]] = {}
+    distinct: dict[str, dict[int, int]] = {}
     for row in rows:
         for key, value in row.items():
             parts = key.split("/")
             if len(parts) == 3 and parts[0] == "eval" and parts[2] in HEADLINE:
                 held_out.setdefault(f"{parts[1]}/{parts[2]}", {})[row["step"]] = round(value, 4)
+            elif len(parts) == 3 and parts[0] == "eval" and parts[2] == "distinct_predictions":
+                distinct.setdefault(parts[1], {})[row["step"]] = int(value)
     plain_path = os.path.join(run_dir, "baselines", "baselines.json")
     plain = {}
     if os.path.exists(plain_path):
@@ -37,8 +55,9 @@ def summarise_run(run_dir: str) -> dict:
             for task, result in json.load(handle)["plain"].items():
                 plain[task] = {"model": result["model"],
                                "curve": {p["step"]: round(p["accuracy"], 4) for p in result["curve"]}}
-    return {"run": os.path.basename(run_dir), "held_out": held_out,
-            "median_steps_per_second": round(speeds[len(speeds) // 2], 2) if speeds else None, "plain": plain}
+    return {"run": os.path.basename(run_dir), "held_out": held_out, "distinct_answers": distinct,
+            "median_steps_per_second": round(speeds[len(speeds) // 2], 2) if speeds else None,
+            "gradient_norms": gradient_norms_by_task(rows), "plain": plain}
 
 
 def find_runs(folders: list[str]) -> list[str]:

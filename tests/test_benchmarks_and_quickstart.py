@@ -70,17 +70,20 @@ def test_benchmark_compiled_only_skips_the_eager_runs(monkeypatch):
 
 
 def test_sweep_summary_reads_each_run_s_curves_speed_and_plain_baselines(tmp_path, capsys):
-    """What sweep_gpu.sh prints and docs/logs keep: held-out headline metrics per step, the median speed and
-    the plain baselines' curves; a run found in two sweep folders is read from the last one."""
+    """What sweep_gpu.sh prints and docs/logs keep: held-out headline metrics per step, the median speed,
+    each task's pre-clip gradient norms and the plain baselines' curves; a run found in two sweep folders is
+    read from the last one."""
     from benchmarks.sweep_summary import main as summary_main
 
     for folder, accuracy in (("first", 0.5), ("second", 0.625)):
         run = tmp_path / folder / "ti"
         (run / "baselines").mkdir(parents=True)
-        rows = [{"step": 1, "steps_per_second": 2.0}, {"step": 2, "steps_per_second": 4.0},
+        rows = [{"step": 1, "task": "kjv_mlm", "grad_norm": 2.5}, {"step": 2, "task": "kjv_mlm", "grad_norm": 1.5},
+                {"step": 3, "task": "fashion_mnist_classification", "grad_norm": 0.25},
+                {"step": 1, "steps_per_second": 2.0}, {"step": 2, "steps_per_second": 4.0},
                 {"step": 3, "steps_per_second": 3.0},
                 {"step": 3, "eval/fashion_mnist_classification/accuracy": accuracy,
-                 "eval/fashion_mnist_classification/distinct_answers": 7}]
+                 "eval/fashion_mnist_classification/distinct_predictions": 7}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (run / "baselines" / "baselines.json").write_text(json.dumps(
             {"plain": {"fashion_mnist_classification": {"model": "ViTForImageClassification",
@@ -91,7 +94,10 @@ def test_sweep_summary_reads_each_run_s_curves_speed_and_plain_baselines(tmp_pat
     assert written["command"] == "c" and len(written["runs"]) == 1
     (run,) = written["runs"]
     assert run["held_out"] == {"fashion_mnist_classification/accuracy": {"3": 0.625}}
+    assert run["distinct_answers"] == {"fashion_mnist_classification": {"3": 7}}
     assert run["median_steps_per_second"] == 3.0
+    assert run["gradient_norms"] == {"fashion_mnist_classification": {"steps": 1, "min": 0.25, "median": 0.25},
+                                     "kjv_mlm": {"steps": 2, "min": 1.5, "median": 2.5}}
     assert run["plain"]["fashion_mnist_classification"]["curve"] == {"3": 0.25}
     assert "3:0.6250" in capsys.readouterr().out
 
