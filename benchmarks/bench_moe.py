@@ -18,11 +18,12 @@ are to dense of the same size, phase and compilation, in the same process. `--js
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import time
 import traceback
+from dataclasses import dataclass, field
+from typing import Optional
 from unittest import mock
 
 import torch
@@ -34,6 +35,7 @@ from modeling_uniperceiver_moe import (
     fold_experts,
 )
 from modeling_uniperceiver_moe import UniPerceiverMoEModel
+from modeling_uniperceiver_moe.command_line import parse_script_arguments
 from modeling_uniperceiver_moe.modeling_uniperceiver_moe import UniPerceiverMoEMLP
 from modeling_uniperceiver_moe.routing import MergedDispatch, RouteGroups, build_token_dispatch, select_top_k
 from training.tasks import ATTRIBUTES  # the task registry's attribute vectors
@@ -307,33 +309,40 @@ def linear_microbenchmark(config, tokens: int, device, dtype, warmup: int, steps
 
 
 # ------------------------------------------------------------------------------------------ main
+@dataclass
+class BenchMoEArguments:
+    sizes: str = field(default="b", metadata={"aliases": ["--size"], "help": "comma-separated: tiny, ti, s, b, l"})
+    batch: int = field(default=64, metadata={"help": "images per step"})
+    words: int = field(default=20, metadata={"help": "caption words per image"})
+    image_size: int = field(default=224, metadata={"help": "input resolution"})
+    experts: int = field(default=8, metadata={"help": "experts per MoE layer"})
+    inputs: str = field(default="mixed", metadata={
+        "choices": ["mixed", "classification"],
+        "help": "mixed classification + captioning batch, or one-task image classification (see make_inputs)"})
+    host_route_keys: bool = field(default=False, metadata={
+        "help": "keep the route inputs (attribute vectors, task ids) on the CPU (see make_inputs)"})
+    dtype: str = field(default="bf16", metadata={"choices": ["bf16", "fp32"], "help": "autocast dtype"})
+    warmup: int = field(default=3, metadata={"help": "untimed steps first"})
+    steps: int = field(default=10, metadata={"help": "timed steps"})
+    routings: str = field(default="none,token,context,modality,task,attribute,token-naive,attribute-naive,attribute-unsorted",
+                          metadata={"help": "training variants, comma-separated"})
+    infer_routings: str = field(default="none,token,context,attribute,attribute-folded",
+                                metadata={"help": "inference variants, comma-separated"})
+    compile: str = field(default="", metadata={
+        "help": "routings (and 'attribute-folded') also run with the encoder compiled (see --compile-mode, --compile-per-layer)"})
+    compile_mode: Optional[str] = field(default=None, metadata={"help": "torch.compile mode, e.g. reduce-overhead (CUDA graphs)"})
+    compile_per_layer: bool = field(default=False, metadata={"help": "compile each layer instead of the whole encoder"})
+    compiled_only: bool = field(default=False, metadata={"help": "variants listed in --compile run compiled only (no eager run)"})
+    micro: bool = field(default=False, metadata={"help": "also run the MoE-linear microbenchmark"})
+    bf16_inference_weights: bool = field(default=False, metadata={
+        "help": "inference with the model cast to bf16 (as `from_pretrained(..., dtype=torch.bfloat16)`), dense and MoE "
+                "alike, so no float32 -> bf16 weight casts per forward; training keeps float32 (CUDA only)"})
+    repeats: int = field(default=1, metadata={"help": "measure every variant this many times (interleaved); report medians"})
+    json: Optional[str] = field(default=None, metadata={"help": "also write the results here"})
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", "--size", default="b", help="comma-separated: tiny, ti, s, b, l")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--words", type=int, default=20)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--inputs", default="mixed", choices=["mixed", "classification"],
-                        help="mixed classification + captioning batch, or one-task image classification (see make_inputs)")
-    parser.add_argument("--host-route-keys", action="store_true",
-                        help="keep the route inputs (attribute vectors, task ids) on the CPU (see make_inputs)")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--routings", default="none,token,context,modality,task,attribute,token-naive,attribute-naive,attribute-unsorted")
-    parser.add_argument("--infer-routings", default="none,token,context,attribute,attribute-folded")
-    parser.add_argument("--compile", default="", help="routings (and 'attribute-folded') also run with the encoder compiled (see --compile-mode, --compile-per-layer)")
-    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
-    parser.add_argument("--compile-per-layer", action="store_true", help="compile each layer instead of the whole encoder")
-    parser.add_argument("--compiled-only", action="store_true", help="variants listed in --compile run compiled only (no eager run)")
-    parser.add_argument("--micro", action="store_true", help="also run the MoE-linear microbenchmark")
-    parser.add_argument("--bf16-inference-weights", action="store_true",
-                        help="inference with the model cast to bf16 (as `from_pretrained(..., dtype=torch.bfloat16)`), "
-                             "dense and MoE alike, so no float32 -> bf16 weight casts per forward; training keeps float32 (CUDA only)")
-    parser.add_argument("--repeats", type=int, default=1, help="measure every variant this many times (interleaved); report medians")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
+    args = parse_script_arguments(BenchMoEArguments, argv, prog="python -m benchmarks.bench_moe", description=__doc__)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if device.type == "cpu" and dtype == torch.bfloat16:

@@ -11,11 +11,13 @@ optimizer's passes over memory are a visible part of a CPU training step.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
+from dataclasses import dataclass, field
 
 import torch
+
+from modeling_uniperceiver_moe.command_line import parse_script_arguments
 
 
 def time_steps(optimizer: torch.optim.Optimizer, steps: int, device: torch.device) -> float:
@@ -31,13 +33,16 @@ def time_steps(optimizer: torch.optim.Optimizer, steps: int, device: torch.devic
     return (time.perf_counter() - start) / steps * 1000.0
 
 
+@dataclass
+class BenchOptimizerArguments:
+    config: str = field(default="training/configs/tiny_cpu.yaml", metadata={"help": "the run config of the model"})
+    device: str = field(default="cpu", metadata={"help": "where the model and optimizer live"})
+    steps: int = field(default=20, metadata={"help": "timed optimizer steps per measurement"})
+    repeats: int = field(default=3, metadata={"help": "measurements per optimizer, interleaved"})
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="training/configs/tiny_cpu.yaml")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
+    args = parse_script_arguments(BenchOptimizerArguments, argv, prog="python -m benchmarks.bench_optimizer", description=__doc__)
 
     from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
     from training.config import load_config

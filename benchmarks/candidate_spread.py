@@ -12,9 +12,11 @@ fraction of the logit scale.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 
 import torch
+
+from modeling_uniperceiver_moe.command_line import parse_script_arguments
 
 
 def candidate_cosines(model, inputs: dict) -> tuple[float, float]:
@@ -28,19 +30,24 @@ def candidate_cosines(model, inputs: dict) -> tuple[float, float]:
     return float(off_diagonal.mean()), float(off_diagonal.std())
 
 
+@dataclass
+class CandidateSpreadArguments:
+    config: str = field(default="training/configs/mlm_tiny.yaml", metadata={"help": "the run config of the models"})
+    model: list[str] = field(default_factory=list, metadata={
+        "action": "extend", "help": "trained model directories (a run's final/)"})
+    set: list[str] = field(default_factory=list, metadata={
+        "action": "extend", "metavar": "SECTION.FIELD=VALUE", "help": "config overrides, as training.pretrain's"})
+
+
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="training/configs/mlm_tiny.yaml")
-    parser.add_argument("--model", nargs="*", default=[], help="trained model directories (a run's final/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    args = parser.parse_args(argv)
+    args = parse_script_arguments(CandidateSpreadArguments, argv, prog="python -m benchmarks.candidate_spread", description=__doc__)
 
     from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
     from training.config import load_config
     from training.tasks import build_batch
     from training.trainer import Pretrainer
 
-    config = load_config(args.config, ["train.tracker=null", "output_dir=outputs/candidate-spread", *args.overrides])
+    config = load_config(args.config, ["train.tracker=null", "output_dir=outputs/candidate-spread", *args.set])
     trainer = Pretrainer(config)
     name = next((n for n, t in trainer.tasks.items() if t.family == "mlm"), None)
     if name is None:

@@ -6,25 +6,29 @@
 Also prints the host time to enqueue a step against its wall time (equal: the host is the bottleneck).
 """
 
-import argparse
 import collections
 import time
 import traceback
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 
 from benchmarks.bench_moe import compile_encoder, make_config, make_inputs
 from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
+from modeling_uniperceiver_moe.command_line import parse_script_arguments
+
+
+@dataclass
+class FindSyncsArguments:
+    size: str = field(default="b", metadata={"help": "model size preset"})
+    routing: str = field(default="attribute", metadata={"help": "moe_routing"})
+    batch: int = field(default=64, metadata={"help": "images per step"})
+    compile: bool = field(default=False, metadata={"help": "compile the encoder first"})
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="b")
-    parser.add_argument("--routing", default="attribute")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--compile", action="store_true", help="compile the encoder first")
-    args = parser.parse_args(argv)
+    args = parse_script_arguments(FindSyncsArguments, argv, prog="python -m benchmarks.find_syncs", description=__doc__)
     if not torch.cuda.is_available():
         raise SystemExit("find_syncs needs a CUDA device (host/device synchronisation does not exist on the CPU)")
     device = torch.device("cuda")

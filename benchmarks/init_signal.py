@@ -12,11 +12,13 @@ and the classification loss starts (and stays) at ln(#classes). Needs the small 
 
 from __future__ import annotations
 
-import argparse
 import os
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
+
+from modeling_uniperceiver_moe.command_line import parse_script_arguments
 
 SHAPES = {
     "tiny": dict(model_size=None, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=32,
@@ -56,12 +58,16 @@ def spe_outputs(shape: dict, scheme: str, layer_scale: float, images, class_name
     return image_spe, text_spe
 
 
+@dataclass
+class InitSignalArguments:
+    images: int = field(default=16, metadata={"help": "Fashion-MNIST test images fed through each new model"})
+    sizes: list[str] = field(default_factory=lambda: ["tiny", "ti"], metadata={
+        "choices": sorted(SHAPES), "help": "model shapes to measure"})
+    data: str = field(default=os.path.join("data_cache", "small"), metadata={"help": "the data slice folder"})
+
+
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--sizes", nargs="+", default=["tiny", "ti"], choices=sorted(SHAPES))
-    parser.add_argument("--data", default=os.path.join("data_cache", "small"))
-    args = parser.parse_args(argv)
+    args = parse_script_arguments(InitSignalArguments, argv, prog="python -m benchmarks.init_signal", description=__doc__)
 
     import json
 

@@ -11,8 +11,12 @@ and forward + backward for the three groups. Then the cost of finding the distin
 of 16,448 tokens: `torch.unique(dim=0)` against a unique over integer codes of the 0/1 vectors.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from modeling_uniperceiver_moe.command_line import parse_script_arguments
 
 
 def cuda_time_ms(fn, steps: int = 30, warmup: int = 5) -> float:
@@ -28,7 +32,13 @@ def cuda_time_ms(fn, steps: int = 30, warmup: int = 5) -> float:
     return start.elapsed_time(end) / steps
 
 
-def main() -> None:
+@dataclass
+class ProbeGroupedMmArguments:
+    """No options: the shapes are bench_moe's B batch."""
+
+
+def main(argv=None) -> None:
+    parse_script_arguments(ProbeGroupedMmArguments, argv, prog="python -m benchmarks.probe_grouped_mm", description=__doc__)
     device, bf16 = "cuda", torch.bfloat16
     rows = 64 * 238  # the input pass of bench_moe's B batch
     three = [1280, 6304, 7648]

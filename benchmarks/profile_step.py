@@ -10,8 +10,9 @@ Prints the wall time and the summed GPU kernel time per step first (GPU time wel
 means the step is host-bound), then the ops sorted by their own device time.
 """
 
-import argparse
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch.autograd import DeviceType
@@ -19,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench_moe import compile_encoder, make_config, make_inputs
 from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception, UniPerceiverMoELinear
+from modeling_uniperceiver_moe.command_line import parse_script_arguments
 from modeling_uniperceiver_moe.routing import MergedDispatch, RouteGroups, build_token_dispatch, select_top_k
 
 
@@ -80,29 +82,33 @@ def linear_step(args, device, dtype):
     return step
 
 
+@dataclass
+class ProfileStepArguments:
+    size: str = field(default="b", metadata={"help": "model size preset"})
+    routing: str = field(default="attribute", metadata={"help": "moe_routing"})
+    linear: Optional[str] = field(default=None, metadata={
+        "choices": ["dense", "merged", "token"], "help": "profile one MoE linear of this kind instead of a step"})
+    batch: int = field(default=64, metadata={"help": "images per step"})
+    top_k: int = field(default=2, metadata={"help": "experts per token (or per route key)"})
+    inputs: str = field(default="mixed", metadata={"choices": ["mixed", "classification"], "help": "see bench_moe.make_inputs"})
+    host_route_keys: bool = field(default=False, metadata={"help": "route inputs stay on the CPU (see make_inputs)"})
+    image_size: int = field(default=224, metadata={"help": "input resolution"})
+    rows: int = field(default=25, metadata={"help": "rows of each printed table"})
+    trace: Optional[str] = field(default=None, metadata={"help": "also write a Chrome trace here"})
+    infer: bool = field(default=False, metadata={"help": "profile an inference forward (eval, no grad) instead"})
+    bf16_weights: bool = field(default=False, metadata={"help": "with --infer: the model cast to bf16 (no weight casts)"})
+    compile: bool = field(default=False, metadata={"help": "compile the encoder (static shapes)"})
+    compile_mode: Optional[str] = field(default=None, metadata={"help": "torch.compile mode, e.g. reduce-overhead"})
+    compile_per_layer: bool = field(default=False, metadata={"help": "compile each layer, not the whole encoder"})
+    sort: str = field(default="device", metadata={
+        "help": "comma list of tables: ops by their own GPU time (device), by their own host time (cpu)"})
+    python: bool = field(default=False, metadata={
+        "help": "also list Python functions by inclusive host time (where host time is spent)"})
+    shapes: bool = field(default=False, metadata={"help": "split ops by input shapes"})
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--size", default="b")
-    parser.add_argument("--routing", default="attribute")
-    parser.add_argument("--linear", default=None, choices=[None, "dense", "merged", "token"])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--top-k", type=int, default=2, help="experts per token (or per route key)")
-    parser.add_argument("--inputs", default="mixed", choices=["mixed", "classification"], help="see bench_moe.make_inputs")
-    parser.add_argument("--host-route-keys", action="store_true", help="route inputs stay on the CPU (see make_inputs)")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--rows", type=int, default=25)
-    parser.add_argument("--trace", default=None)
-    parser.add_argument("--infer", action="store_true", help="profile an inference forward (eval, no grad) instead")
-    parser.add_argument("--bf16-weights", action="store_true", help="with --infer: the model cast to bf16 (no weight casts)")
-    parser.add_argument("--compile", action="store_true", help="compile the encoder (static shapes)")
-    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
-    parser.add_argument("--compile-per-layer", action="store_true", help="compile each layer, not the whole encoder")
-    parser.add_argument("--sort", default="device",
-                        help="comma list of tables: ops by their own GPU time (device), by their own host time (cpu)")
-    parser.add_argument("--python", action="store_true",
-                        help="also list Python functions by inclusive host time (where host time is spent)")
-    parser.add_argument("--shapes", action="store_true", help="split ops by input shapes")
-    args = parser.parse_args(argv)
+    args = parse_script_arguments(ProfileStepArguments, argv, prog="python -m benchmarks.profile_step", description=__doc__)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     step = linear_step(args, device, dtype) if args.linear else model_step(args, device, dtype)

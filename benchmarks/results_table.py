@@ -10,10 +10,12 @@ README.md carries exactly this output.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
+from dataclasses import dataclass, field
+
+from modeling_uniperceiver_moe.command_line import parse_script_arguments
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOGS = os.path.join(REPO, "docs", "logs")
@@ -143,10 +145,13 @@ def write_readme(path: str = os.path.join(REPO, "README.md")) -> None:
         handle.write(f"{before}{START}\n\n{render()}\n\n{END}{after}")
 
 
+@dataclass
+class ResultsTableArguments:
+    write: bool = field(default=False, metadata={"help": "replace the table in README.md"})
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", action="store_true", help="replace the table in README.md")
-    args = parser.parse_args(argv)
+    args = parse_script_arguments(ResultsTableArguments, argv, prog="python -m benchmarks.results_table", description=__doc__)
     if args.write:
         write_readme()
     print(render())

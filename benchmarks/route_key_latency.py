@@ -9,14 +9,22 @@ Median of 25 calls of `route_key_table(attribute_vectors, return_groups=True)` o
 
 import contextlib
 import time
+from dataclasses import dataclass
 
 import torch
 
 from benchmarks.bench_moe import make_config, make_inputs, sorted_route_keys
 from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
+from modeling_uniperceiver_moe.command_line import parse_script_arguments
 
 
-def main() -> None:
+@dataclass
+class RouteKeyLatencyArguments:
+    """No options: the shapes are bench_moe's B batch."""
+
+
+def main(argv=None) -> None:
+    parse_script_arguments(RouteKeyLatencyArguments, argv, prog="python -m benchmarks.route_key_latency", description=__doc__)
     config = make_config("b", "attribute", 8, 2, 224)
     model = UniPerceiverMoEForGenericPerception(config).cuda()
     inputs, _ = make_inputs(config, 64, 20, torch.device("cuda"), torch.bfloat16)

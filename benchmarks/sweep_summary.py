@@ -13,10 +13,13 @@ is read once.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from modeling_uniperceiver_moe.command_line import parse_script_arguments
 
 HEADLINE = ("accuracy", "token_accuracy", "i2t_R@1")
 
@@ -80,12 +83,15 @@ def format_run(summary: dict) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class SweepSummaryArguments:
+    folders: list[str] = field(metadata={"positional": True, "help": "sweep folders (each holds one folder per run)"})
+    json: Optional[str] = field(default=None, metadata={"help": "also write the summary here"})
+    command: str = field(default="", metadata={"help": "the command that made the runs (stored in --json)"})
+
+
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+")
-    parser.add_argument("--json", default=None, help="also write the summary here")
-    parser.add_argument("--command", default="", help="the command that made the runs (stored in --json)")
-    args = parser.parse_args(argv)
+    args = parse_script_arguments(SweepSummaryArguments, argv, prog="python -m benchmarks.sweep_summary", description=__doc__)
     runs = []
     for path in find_runs(args.folders):
         runs.append(summarise_run(path))

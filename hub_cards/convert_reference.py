@@ -64,13 +64,13 @@ Where the reference layout is ambiguous (the weights alone do not say):
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import math
 import os
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -531,20 +531,28 @@ def save_converted(reference: dict[str, torch.Tensor], out_dir: str | os.PathLik
     return model, report
 
 
+@dataclass
+class ConvertArguments:
+    checkpoint: str = field(metadata={"positional": True,
+                                      "help": "reference checkpoint: .pth / .bin (torch) or .safetensors"})
+    out_dir: str = field(metadata={"positional": True, "help": "output folder (save_pretrained layout)"})
+    config: Optional[str] = field(default=None, metadata={"help": "our config.json to convert into (default: inferred)"})
+    num_attention_heads: Optional[int] = field(default=None, metadata={
+        "help": "default: the preset of the hidden size (Ti, S, B, L)"})
+    top_k: Optional[int] = field(default=None, metadata={"help": "experts per token (not stored; default 2)"})
+    vision_type_embedding: bool = field(default=False, metadata={
+        "help": "the reference ran with VIDEO_EMBED.ADD_TYPE_EMBED=True"})
+    ignore_key: list[str] = field(default_factory=list, metadata={
+        "action": "extend", "metavar": "PATTERN",
+        "help": "fnmatch pattern of reference keys to leave out on purpose (repeatable)"})
+    no_processor: bool = field(default=False, metadata={"help": "do not write the processor files"})
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m hub_cards.convert_reference", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="reference checkpoint: .pth / .bin (torch) or .safetensors")
-    parser.add_argument("out_dir", help="output folder (save_pretrained layout)")
-    parser.add_argument("--config", default=None, help="our config.json to convert into (default: inferred)")
-    parser.add_argument("--num-attention-heads", type=int, default=None)
-    parser.add_argument("--top-k", type=int, default=None, help="experts per token (not stored; default 2)")
-    parser.add_argument("--vision-type-embedding", action="store_true",
-                        help="the reference ran with VIDEO_EMBED.ADD_TYPE_EMBED=True")
-    parser.add_argument("--ignore-key", action="append", default=[], metavar="PATTERN",
-                        help="fnmatch pattern of reference keys to leave out on purpose (repeatable)")
-    parser.add_argument("--no-processor", action="store_true", help="do not write the processor files")
-    args = parser.parse_args(argv)
+    from modeling_uniperceiver_moe.command_line import parse_script_arguments
+
+    args = parse_script_arguments(ConvertArguments, argv, prog="python -m hub_cards.convert_reference",
+                                  description=__doc__.split("\n\n")[0])
     try:
         reference = load_reference_checkpoint(args.checkpoint)
         if args.config:

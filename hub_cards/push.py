@@ -21,12 +21,13 @@ created; files already on the branch that the folder does not have are kept.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from .cards import KINDS, CheckpointError, detect_kind, render_card
 
@@ -156,22 +157,26 @@ def is_transport_error(error: BaseException) -> bool:
 
 
 # ============================================================================================ CLI
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m hub_cards.push", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", help="checkpoint folder: a model (config.json), a folded export or an adapter")
-    parser.add_argument("--repo-id", required=True, help="namespace/name on the Hub")
-    parser.add_argument("--revision", default=None, help="branch to push to (created from main if missing)")
-    parser.add_argument("--kind", choices=KINDS, default=None, help="default: detected from the folder")
-    parser.add_argument("--results", default=None,
-                        help="report.json (model) or results.json (adapter); default: the one next to the folder")
-    parser.add_argument("--base-model", default=None,
-                        help="Hub id of the base model (adapters, folded exports)")
-    parser.add_argument("--private", action="store_true", help="create the repository as private")
-    parser.add_argument("--commit-message", default=None)
-    parser.add_argument("--dry-run", metavar="OUT_DIR", default=None,
-                        help="write the folder as it would be uploaded to OUT_DIR and upload nothing")
-    return parser.parse_args(argv)
+@dataclass
+class PushArguments:
+    folder: str = field(metadata={"positional": True,
+                                  "help": "checkpoint folder: a model (config.json), a folded export or an adapter"})
+    repo_id: str = field(metadata={"help": "namespace/name on the Hub"})
+    revision: Optional[str] = field(default=None, metadata={"help": "branch to push to (created from main if missing)"})
+    kind: Optional[str] = field(default=None, metadata={"choices": KINDS, "help": "default: detected from the folder"})
+    results: Optional[str] = field(default=None, metadata={
+        "help": "report.json (model) or results.json (adapter); default: the one next to the folder"})
+    base_model: Optional[str] = field(default=None, metadata={"help": "Hub id of the base model (adapters, folded exports)"})
+    private: bool = field(default=False, metadata={"help": "create the repository as private"})
+    commit_message: Optional[str] = field(default=None, metadata={"help": "default: names the folder and this script"})
+    dry_run: Optional[str] = field(default=None, metadata={
+        "metavar": "OUT_DIR", "help": "write the folder as it would be uploaded to OUT_DIR and upload nothing"})
+
+
+def parse_args(argv=None) -> PushArguments:
+    from modeling_uniperceiver_moe.command_line import parse_script_arguments
+
+    return parse_script_arguments(PushArguments, argv, prog="python -m hub_cards.push", description=__doc__)
 
 
 def main(argv=None) -> dict:

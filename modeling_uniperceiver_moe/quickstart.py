@@ -8,16 +8,17 @@ Runs offline on CPU in about a minute. Writes the checkpoint, its processor, the
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image, ImageDraw
 from transformers import AutoConfig, AutoModel
 
-from . import TokenAttributes, UniPerceiverMoEProcessor, fold_experts
+from . import MOE_ROUTINGS, TokenAttributes, UniPerceiverMoEProcessor, fold_experts
+from .command_line import parse_script_arguments
 
 
 def sample_images(size: int) -> list[Image.Image]:
@@ -28,11 +29,15 @@ def sample_images(size: int) -> list[Image.Image]:
     return [disc, square]
 
 
+@dataclass
+class QuickstartArguments:
+    output_dir: str = field(default="outputs/quickstart", metadata={"help": "where the model and its exports go"})
+    routing: str = field(default="attribute", metadata={"choices": list(MOE_ROUTINGS), "help": "moe_routing of the model"})
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="outputs/quickstart")
-    parser.add_argument("--routing", default="attribute")
-    args = parser.parse_args(argv)
+    args = parse_script_arguments(QuickstartArguments, argv, prog="python -m modeling_uniperceiver_moe.quickstart",
+                                  description=__doc__)
     torch.manual_seed(0)
     report = {}
 

@@ -18,12 +18,10 @@ held-out metrics are measured before ("zero-shot") and after tuning and written 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -191,7 +189,7 @@ def headline(results: dict) -> dict:
 # --------------------------------------------------------------------------------------------- main
 @dataclass
 class PromptTuningArguments:
-    """The script's options, parsed by transformers' `HfArgumentParser`: flags `--data_fraction 0.01` (also
+    """The script's options (`modeling_uniperceiver_moe.command_line`): flags `--data_fraction 0.01` (also
     spelled `--data-fraction`), or a single `.yaml` / `.json` file holding them."""
 
     model: str = field(metadata={"help": "a pre-trained checkpoint folder (training/ writes final/)"})
@@ -215,16 +213,10 @@ class PromptTuningArguments:
 
 
 def parse_args(argv=None) -> PromptTuningArguments:
-    from transformers import HfArgumentParser
+    from modeling_uniperceiver_moe.command_line import parse_script_arguments
 
-    parser = HfArgumentParser(PromptTuningArguments, description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])[0]
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])[0]
-    return parser.parse_args_into_dataclasses(args=argv)[0]
+    return parse_script_arguments(PromptTuningArguments, argv, prog="python -m prompt_tuning.run_prompt_tuning",
+                                  description=__doc__)
 
 
 def main(argv=None) -> dict:

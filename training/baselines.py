@@ -23,14 +23,19 @@ Writes `<output_dir>/baselines/` (`baselines.json`, `comparison.md`, `comparison
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
+
+from modeling_uniperceiver_moe.command_line import parse_script_arguments
+
+from .config import RunArguments
 
 PLAIN_FAMILIES = ("image_classification", "text_classification", "mlm")
 PLAIN_NAMES = {"image_classification": "ViTForImageClassification",
@@ -243,28 +248,31 @@ def plot_comparison(curves: dict, plain: dict, rows: list[dict], path: str) -> b
     return True
 
 
+@dataclass
+class BaselinesArguments(RunArguments):
+    """`RunArguments` plus what to train: the model and its baselines, the baselines only, or neither."""
+
+    skip_model: bool = field(default=False, metadata={
+        "help": "do not train the model; compare with <output_dir>/report.json of an earlier run"})
+    plain_only: bool = field(default=False, metadata={
+        "help": "train and score the plain and trivial baselines only (no model, no comparison)"})
+    plain_from: Optional[str] = field(default=None, metadata={
+        "metavar": "DIR", "help": "reuse the plain baselines of an earlier --plain-only run of the same config in DIR"})
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .pretrain import DEFAULT_CONFIG
-
-    parser.add_argument("--config", default=DEFAULT_CONFIG)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--skip-model", action="store_true",
-                        help="do not train the model; compare with <output_dir>/report.json of an earlier run")
-    parser.add_argument("--plain-only", action="store_true",
-                        help="train and score the plain and trivial baselines only (no model, no comparison)")
-    parser.add_argument("--plain-from", metavar="DIR",
-                        help="reuse the plain baselines of an earlier --plain-only run of the same config in DIR")
-    args = parser.parse_args(argv)
+    args = parse_script_arguments(BaselinesArguments, argv, prog="python -m training.baselines", description=__doc__)
     if args.plain_only and (args.skip_model or args.plain_from):
-        parser.error("--plain-only trains the plain baselines; it takes neither --skip-model nor --plain-from")
+        print("error: --plain-only trains the plain baselines; it takes neither --skip-model nor --plain-from",
+              file=sys.stderr)
+        raise SystemExit(2)
 
-    from .config import ConfigError, load_config
+    from .config import ConfigError
     from .report import held_out_curves
     from .trainer import Pretrainer
 
     try:
-        config = load_config(args.config, args.overrides)
+        config = args.load()
         report_path = os.path.join(config.output_dir, "report.json")
         if args.skip_model and not os.path.exists(report_path):
             raise ConfigError(f"--skip-model needs {report_path} from an earlier run of this config")

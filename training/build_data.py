@@ -12,7 +12,6 @@ only those sources and keeps the slice's others; the vocabulary is counted over 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -20,6 +19,8 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
 
 from tqdm.auto import tqdm
 
@@ -282,14 +283,19 @@ def install_packages() -> None:
         subprocess.run(command, check=True)
 
 
+@dataclass
+class BuildDataArguments:
+    slice: str = field(default="small", metadata={"choices": sorted(SLICES), "help": "which slice to build"})
+    cache_dir: str = field(default="data_cache", metadata={"help": "where the slices are written"})
+    sources: Optional[list[str]] = field(default=None, metadata={"help": f"subset of {sorted(SOURCES)}"})
+    install: bool = field(default=False, metadata={"help": "apt-get install missing Debian packages first"})
+    force: bool = field(default=False, metadata={"help": "rebuild even if the slice is complete"})
+
+
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slice", default="small", choices=sorted(SLICES))
-    parser.add_argument("--cache-dir", default="data_cache")
-    parser.add_argument("--sources", nargs="*", default=None, help=f"subset of {sorted(SOURCES)}")
-    parser.add_argument("--install", action="store_true", help="apt-get install missing Debian packages first")
-    parser.add_argument("--force", action="store_true", help="rebuild even if the slice is complete")
-    args = parser.parse_args(argv)
+    from modeling_uniperceiver_moe.command_line import parse_script_arguments
+
+    args = parse_script_arguments(BuildDataArguments, argv, prog="python -m training.build_data", description=__doc__)
     if args.install:
         install_packages()
     try:

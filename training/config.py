@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -230,6 +231,27 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"--set {path}: {key} is not a section")
         node[keys[-1]] = yaml.safe_load(value)
     return raw
+
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "tiny_cpu.yaml")
+
+
+@dataclass
+class RunArguments:
+    """The command-line options of a pre-training run (`training.pretrain`, `training.baselines`), parsed
+    by `modeling_uniperceiver_moe.command_line` like every script's."""
+
+    config: str = field(default=DEFAULT_CONFIG, metadata={"help": "the run config, a YAML file of sections"})
+    set: list[str] = field(default_factory=list, metadata={
+        "action": "extend", "metavar": "SECTION.FIELD=VALUE",
+        "help": "override one config value (the value is read as YAML); repeatable"})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "shortcut for --set output_dir=..."})
+
+    def overrides(self) -> list[str]:
+        return list(self.set) + ([f"output_dir={self.output_dir}"] if self.output_dir else [])
+
+    def load(self) -> PretrainConfig:
+        return load_config(self.config, self.overrides())
 
 
 def load_config(path: str, overrides: list[str] | None = None) -> PretrainConfig:

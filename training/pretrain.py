@@ -12,32 +12,28 @@ resumable checkpoints under `outputs/pretrain-tiny`. Running it again resumes fr
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "tiny_cpu.yaml")
+from modeling_uniperceiver_moe.command_line import parse_script_arguments
+
+from .config import RunArguments
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_CONFIG)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--output-dir", default=None, help="shortcut for --set output_dir=...")
-    args = parser.parse_args(argv)
+    args = parse_script_arguments(RunArguments, argv, prog="python -m training.pretrain", description=__doc__)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from .build_data import CorruptData
     from .checkpoints import CheckpointError
-    from .config import ConfigError, load_config
+    from .config import ConfigError
     from .data import EmptyDatasetError
     from .tasks import MalformedSample
     from .trainer import LaunchMismatch, NonFiniteTraining, TrainingInterrupted
 
-    overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     try:
-        config = load_config(args.config, overrides)
+        config = args.load()
         from .trainer import Pretrainer
 
         trainer = Pretrainer(config)
