@@ -24,7 +24,7 @@ M = `uniperceiver.embeddings.`):
 | `video_embed.embeddings_norm.*` | (same LayerNorm) | checked equal to the token one (`MODEL.SHARE_LAYERNORM`, one module under two names) |
 | `video_embed.embeddings.{weight,bias}` (Conv2d) | `M patch_embedding.*` | copy |
 | `video_embed.embeddings_st_pos.temporal_pos_embed.weight` | `M temporal_embeddings.weight` | copy |
-| `video_embed.embeddings_st_pos.spatial_pos_embed.weight` | (none: ours are computed) | checked equal (atol 1e-3) to our fixed 2-D sin-cos table, which is what the reference stores with `MODEL.POSEMBEDFIX` (MAE init, frozen); learned positions cannot be placed |
+| `video_embed.embeddings_st_pos.spatial_pos_embed.weight` | (none: ours are computed) | checked equal (atol 1e-3) to our fixed 2-D sin-cos table at the `MODEL.POSEMBED_SCALE` read off the table (`vision_position_scale`; 160/224 in the reference's 224 px stage-2 configs), which is what the reference stores with `MODEL.POSEMBEDFIX` (MAE init, frozen); learned positions cannot be placed |
 | `R norm1.*`, `R norm2.*`, `R gamma_1`, `R gamma_2` | `O norm1.*`, `O norm2.*`, `O layer_scale1.gamma`, `O layer_scale2.gamma` | copy |
 | `R self_attn.qkv_proj.{weight,bias}` or `R self_attn.in_proj_{weight,bias}` | `O attention.qkv.*` | copy (dense layer; both reference layouts stack q, k, v with heads contiguous, as ours) |
 | `R self_attn.dense.*` or `R self_attn.out_proj.*` | `O attention.out_proj.*` | copy (dense layer) |
@@ -167,13 +167,23 @@ def first_present(candidates, available: set[str]):
 
 
 def spatial_sincos(config, rows: int) -> torch.Tensor:
-    """Our fixed 2-D sin-cos positions for a square grid of `rows` patches (what the reference stores frozen)."""
+    """Our fixed 2-D sin-cos positions for a square grid of `rows` patches at `config.vision_position_scale`
+    (what the reference stores frozen, at its `POSEMBED_SCALE`)."""
     from modeling_uniperceiver_moe.modeling_uniperceiver_moe import sincos_2d_position_embedding
 
     side = math.isqrt(rows)
     if side * side != rows:
         raise ConversionError(f"{SPATIAL_POSITIONS} has {rows} rows, not a square grid")
-    return sincos_2d_position_embedding(side, side, config.hidden_size)
+    return sincos_2d_position_embedding(side, side, config.hidden_size, scale=config.vision_position_scale)
+
+
+def position_scale_of(table: torch.Tensor) -> float:
+    """The reference's `POSEMBED_SCALE` read off its stored sin-cos table `[side * side, d]`: the entry of the
+    grid point one row down, at the fastest frequency (1), is sin(scale)."""
+    side = math.isqrt(table.shape[0])
+    value = float(table[side, 0].clamp(-1.0, 1.0)) if side > 1 else 0.0
+    scale = math.asin(value)
+    return round(scale, 6) if scale > 0 else 1.0
 
 
 def layer_plan(config, i: int, available: set[str]) -> list[Placement]:
@@ -411,8 +421,8 @@ def layer_modules(reference_keys) -> dict[int, dict[str, set[int]]]:
 def infer_config(reference_sd: dict[str, torch.Tensor], **overrides):
     """A `UniPerceiverMoEConfig` read off the reference tensors' names and shapes; `overrides` win.
 
-    Read: width, depth, FFN width, vocabulary, text positions, frames, patch size, channels, image size (from the
-    spatial position table), experts, MoE layers (an explicit list) and projections, attribute length,
+    Read: width, depth, FFN width, vocabulary, text positions, frames, patch size, channels, image size and
+    position scale (from the spatial position table), experts, MoE layers (an explicit list) and projections, attribute length,
     LayerScale presence. Not stored, so defaulted: attention heads (the paper's for the width), top-k (2),
     LayerNorm eps (1e-5, torch's default that the reference uses).
     """
@@ -457,6 +467,7 @@ def infer_config(reference_sd: dict[str, torch.Tensor], **overrides):
         values["layer_scale_init"] = 0.0
     if SPATIAL_POSITIONS in reference_sd:
         values["image_size"] = math.isqrt(shape(SPATIAL_POSITIONS)[0]) * conv[-1]
+        values["vision_position_scale"] = position_scale_of(reference_sd[SPATIAL_POSITIONS].float())
     if moe_layers:
         gate = f"{LAYER_PREFIX.format(i=moe_layers[0])}"
         gate_key = next((k for k in reference_sd if k.startswith(gate) and k.endswith("gate.tag_transform.0.weight")), None)
@@ -527,7 +538,8 @@ def save_converted(reference: dict[str, torch.Tensor], out_dir: str | os.PathLik
     model.load_state_dict(state, strict=True)
     model.save_pretrained(out_dir)
     if processor:
-        UniPerceiverMoEProcessor.build(image_size=config.image_size).save_pretrained(out_dir)
+        # the reference's evaluation transform: ImageNet statistics, short side 256/224 of the crop
+        UniPerceiverMoEProcessor.build(image_size=config.image_size, image_preprocessing="reference").save_pretrained(out_dir)
     return model, report
 
 

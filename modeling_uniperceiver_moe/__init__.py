@@ -2,7 +2,13 @@
 
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
-from .configuration_uniperceiver_moe import MOE_ROUTINGS, REFERENCE_INIT, SIZE_PRESETS, UniPerceiverMoEConfig
+from .configuration_uniperceiver_moe import (
+    MOE_ROUTINGS,
+    REFERENCE_INIT,
+    REFERENCE_LABEL_SMOOTHING,
+    SIZE_PRESETS,
+    UniPerceiverMoEConfig,
+)
 from .modeling_uniperceiver_moe import (
     GenericPerceptionOutput,
     UniPerceiverMoEForGenericPerception,
@@ -43,4 +49,5 @@ __all__ = [
     "MOE_ROUTINGS",
     "SIZE_PRESETS",
     "REFERENCE_INIT",
+    "REFERENCE_LABEL_SMOOTHING",
 ]

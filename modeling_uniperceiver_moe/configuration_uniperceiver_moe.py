@@ -20,6 +20,7 @@ MOE_PROJECTIONS = ("attn_qkv", "attn_out", "ffn_fc1", "ffn_fc2")
 MODALITIES = ("text", "image", "video")
 INITIALIZER_SCHEMES = ("fan_in", "fixed")
 TEXT_POSITION_INITS = ("normal", "sincos")
+DROP_PATH_SCHEDULES = ("linear", "fixed")
 # The reference's initialisation (BERT init, LayerScale 1e-3), made for its huge-batch, long schedule
 # (`training/configs/reference_b.yaml`); the defaults learn from scratch at small scale.
 REFERENCE_INIT = {"layer_scale_init": 1e-3, "initializer_scheme": "fixed", "initializer_range": 0.02,
@@ -32,6 +33,17 @@ DEFAULT_TASK_FAMILIES = (
     "retrieval",
     "text_classification",
 )
+# The reference's label smoothing per task family: its configs train video classification, retrieval and
+# text classification (GLUE) with a label-smoothed cross-entropy of 0.1, image classification on mixup
+# targets smoothed by 0.1, and MLM and captioning with a plain cross-entropy. A family not listed gets 0.
+REFERENCE_LABEL_SMOOTHING = {
+    "image_classification": 0.1,
+    "video_classification": 0.1,
+    "mlm": 0.0,
+    "captioning": 0.0,
+    "retrieval": 0.1,
+    "text_classification": 0.1,
+}
 
 
 class UniPerceiverMoEConfig(PretrainedConfig):
@@ -52,7 +64,11 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         layer_scale_init (`float`, defaults to 1.0): LayerScale init on both residual branches; 0 disables it.
             The reference's 1e-3 (`REFERENCE_INIT`) suits its huge-batch, long schedule; from scratch at small
             scale it leaves the SPE output input-independent for hundreds of steps (docs/results.md).
-        drop_path_rate (`float`): stochastic depth of the last layer (linearly increasing from 0).
+        drop_path_rate (`float`): stochastic depth: the rate of the last layer under the `"linear"` schedule,
+            of every layer under `"fixed"`.
+        drop_path_schedule (`str`, defaults to `"linear"`): `"linear"`, rates growing linearly from 0 at the
+            first layer to `drop_path_rate` at the last; `"fixed"`, `drop_path_rate` at every layer (the
+            reference's MoE configs, `DROP_PATH_PROB_FIXED`).
         hidden_dropout_prob / attention_dropout (`float`, default 0).
         initializer_scheme (`str`, defaults to `"fan_in"`): how the weights of the encoder's and heads' linear
             projections (and the patch embedding) are drawn: `"fan_in"`, truncated normal with std
@@ -71,6 +87,9 @@ class UniPerceiverMoEConfig(PretrainedConfig):
             neighbouring positions start out similar (masked-language modelling leaves its most-frequent-word
             plateau sooner, docs/results.md); `"normal"`, std `initializer_range` like every embedding (the
             reference, `REFERENCE_INIT`).
+        vision_position_scale (`float`, defaults to 1.0): the patch grid coordinates are multiplied by it
+            before the fixed 2-D sin-cos encoding (the reference's `POSEMBED_SCALE`: its 224 px stage-2,
+            zero-shot and prompt-tuning configs use 160/224, the positions of the 160 px stage 1).
         image_size (`int`, defaults to 224): the image side the processor produces; other sides that are a
             multiple of `patch_size` are accepted by the model (sin-cos positions are computed on the fly).
         patch_size (`int`, defaults to 16). num_channels (`int`, defaults to 3).
@@ -108,7 +127,10 @@ class UniPerceiverMoEConfig(PretrainedConfig):
     Head
         task_families (`list[str]`): one learnable temperature per family.
         logit_scale_init (`float`, defaults to ln(1/0.07)). logit_scale_max (`float`, defaults to 100).
-        label_smoothing (`float`, defaults to 0.1).
+        label_smoothing (`float` or `dict[str, float]`, *optional*): the loss's label smoothing. None (the
+            default): the reference's value per task family (`REFERENCE_LABEL_SMOOTHING`: 0.1 for
+            classification and retrieval, 0 for MLM and captioning); a float: that value for every family; a
+            dict: those families' values, the reference's for the others. `label_smoothing_for(family)` reads it.
 
     Example:
     ```python
@@ -134,6 +156,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         layer_norm_eps: float = 1e-5,
         layer_scale_init: float = 1.0,
         drop_path_rate: float | None = None,
+        drop_path_schedule: str = "linear",
         hidden_dropout_prob: float = 0.0,
         attention_dropout: float = 0.0,
         initializer_scheme: str = "fan_in",
@@ -147,6 +170,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         pad_token_id: int = 49407,
         max_position_embeddings: int = 512,
         text_position_init: str = "sincos",
+        vision_position_scale: float = 1.0,
         image_size: int = 224,
         patch_size: int = 16,
         num_channels: int = 3,
@@ -168,7 +192,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         task_families: list[str] | tuple[str, ...] = DEFAULT_TASK_FAMILIES,
         logit_scale_init: float = 2.6592600369644043,
         logit_scale_max: float = 100.0,
-        label_smoothing: float = 0.1,
+        label_smoothing: float | dict[str, float] | None = None,
         output_router_logits: bool = False,
         **kwargs,
     ):
@@ -197,6 +221,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.layer_scale_init = layer_scale_init
         self.drop_path_rate = 0.0 if drop_path_rate is None else drop_path_rate
+        self.drop_path_schedule = drop_path_schedule
         self.hidden_dropout_prob = hidden_dropout_prob
         self.attention_dropout = attention_dropout
         self.initializer_scheme = initializer_scheme
@@ -207,6 +232,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         self.spe_token_id = spe_token_id
         self.max_position_embeddings = max_position_embeddings
         self.text_position_init = text_position_init
+        self.vision_position_scale = vision_position_scale
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_channels = num_channels
@@ -251,6 +277,14 @@ class UniPerceiverMoEConfig(PretrainedConfig):
     def is_data_independent_routing(self) -> bool:
         return self.moe_routing in DATA_INDEPENDENT_ROUTINGS
 
+    def label_smoothing_for(self, task_family: str | int) -> float:
+        """The label smoothing of a task family (a name or an index into `task_families`)."""
+        if isinstance(self.label_smoothing, (int, float)):
+            return float(self.label_smoothing)
+        family = self.task_families[task_family] if isinstance(task_family, int) else task_family
+        values = {**REFERENCE_LABEL_SMOOTHING, **(self.label_smoothing or {})}
+        return float(values.get(family, 0.0))
+
     def moe_layer_indices(self) -> list[int]:
         """Indices of the encoder layers whose projections are MoE (empty for a dense model)."""
         if self.moe_routing == "none":
@@ -286,6 +320,9 @@ class UniPerceiverMoEConfig(PretrainedConfig):
             fail("hidden_size", f"must be a multiple of 4 (2-D sin-cos positions), got {self.hidden_size}")
         if self.image_size % self.patch_size:
             fail("image_size", f"{self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if isinstance(self.vision_position_scale, bool) or not isinstance(self.vision_position_scale, (int, float)) \
+                or not self.vision_position_scale > 0:
+            fail("vision_position_scale", f"must be a positive number, got {self.vision_position_scale!r}")
         if self.text_position_init not in TEXT_POSITION_INITS:
             fail("text_position_init", f"must be one of {TEXT_POSITION_INITS}, got {self.text_position_init!r}")
         if self.initializer_scheme not in INITIALIZER_SCHEMES:
@@ -294,6 +331,16 @@ class UniPerceiverMoEConfig(PretrainedConfig):
             fail("layer_scale_init", f"must be >= 0 (0 disables LayerScale), got {self.layer_scale_init}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             fail("drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}")
+        if self.drop_path_schedule not in DROP_PATH_SCHEDULES:
+            fail("drop_path_schedule", f"must be one of {DROP_PATH_SCHEDULES}, got {self.drop_path_schedule!r}")
+        smoothing = self.label_smoothing
+        if smoothing is not None and not isinstance(smoothing, dict):
+            smoothing = {family: smoothing for family in self.task_families}
+        for family, value in (smoothing or {}).items():
+            if family not in self.task_families:
+                fail("label_smoothing", f"unknown task family {family!r}; the families are {self.task_families}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                fail("label_smoothing", f"{family}: must be a number in [0, 1), got {value!r}")
         if self.moe_routing not in MOE_ROUTINGS:
             fail("moe_routing", f"must be one of {MOE_ROUTINGS}, got {self.moe_routing!r}")
         if self.moe_routing == "none":

@@ -130,12 +130,13 @@ def sincos_1d_position_embedding(positions: torch.Tensor, dim: int, base: float 
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def sincos_2d_position_embedding(grid_h: int, grid_w: int, dim: int, device=None) -> torch.Tensor:
-    """Fixed 2-D sin-cos positions `[grid_h * grid_w, dim]` (first half encodes rows, second half columns)."""
+def sincos_2d_position_embedding(grid_h: int, grid_w: int, dim: int, device=None, scale: float = 1.0) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions `[grid_h * grid_w, dim]` (first half encodes rows, second half columns) of
+    the patch coordinates times `scale` (`config.vision_position_scale`)."""
     if dim % 4:
         raise ValueError(f"hidden_size must be a multiple of 4 for 2-D sin-cos positions, got {dim}")
-    rows = torch.arange(grid_h, device=device)[:, None].expand(grid_h, grid_w).reshape(-1)
-    cols = torch.arange(grid_w, device=device)[None, :].expand(grid_h, grid_w).reshape(-1)
+    rows = torch.arange(grid_h, device=device)[:, None].expand(grid_h, grid_w).reshape(-1) * scale
+    cols = torch.arange(grid_w, device=device)[None, :].expand(grid_h, grid_w).reshape(-1) * scale
     return torch.cat([sincos_1d_position_embedding(rows, dim // 2),
                       sincos_1d_position_embedding(cols, dim // 2)], dim=1).float()
 
@@ -161,27 +162,33 @@ def caption_attention_pattern(num_prefix: int, num_words: int, device=None) -> t
 
 def symmetric_cross_entropy(input_to_target: torch.Tensor, target_to_input: torch.Tensor, labels: torch.Tensor,
                             label_smoothing: float = 0.0) -> torch.Tensor:
-    """Retrieval's loss: the mean of the input->target and the target->input cross-entropy.
+    """Retrieval's loss: the input->target plus the target->input cross-entropy (each a mean over the local
+    pairs), as the reference's two loss terms (i2t, t2i) that its retrieval loss weight then scales.
 
     input_to_target / target_to_input: `[B, P]` logits of the B local inputs over the P targets of the pool,
     and of the B local targets over the P inputs of the pool (P = B in one process, the gathered batch across
     processes in training); labels: `[B]` the pool position of each local pair."""
     forward = F.cross_entropy(input_to_target, labels, label_smoothing=label_smoothing)
     backward = F.cross_entropy(target_to_input, labels, label_smoothing=label_smoothing)
-    return (forward + backward) / 2
+    return forward + backward
 
 
-def drop_path_scales(max_rate: float, num_layers: int, batch: int, device, training: bool) -> torch.Tensor | None:
+def drop_path_scales(max_rate: float, num_layers: int, batch: int, device, training: bool,
+                     schedule: str = "linear") -> torch.Tensor | None:
     """Stochastic depth for every layer at once: `[num_layers, 2, B]` float32 per-sample scales of the
-    attention and MLP residual branches of each layer: 0 (dropped) with the layer's rate, which grows
-    linearly from 0 (first layer) to `max_rate` (last layer), else `1 / (1 - rate)`.
+    attention and MLP residual branches of each layer: 0 (dropped) with the layer's rate, else
+    `1 / (1 - rate)`. The rate grows linearly from 0 (first layer) to `max_rate` (last layer) under the
+    "linear" schedule and is `max_rate` at every layer under "fixed".
 
     Drawn once per forward by the encoder and passed to the layers as a tensor, so layers with
     different rates share one compiled graph. None when not training or `max_rate` is 0.
     """
     if not training or max_rate == 0.0:
         return None
-    keep = 1.0 - torch.arange(num_layers, device=device, dtype=torch.float32) * (max_rate / max(num_layers - 1, 1))
+    if schedule == "fixed":
+        keep = torch.full((num_layers,), 1.0 - max_rate, device=device, dtype=torch.float32)
+    else:
+        keep = 1.0 - torch.arange(num_layers, device=device, dtype=torch.float32) * (max_rate / max(num_layers - 1, 1))
     keep = keep[:, None, None]
     return (torch.rand(num_layers, 2, batch, device=device) < keep).float() / keep
 
@@ -234,7 +241,8 @@ class UniPerceiverMoEEmbeddings(nn.Module):
         patches = self.patch_embedding(pixel_values.reshape(batch * frames, channels, height, width).to(weight_dtype))
         grid_h, grid_w = patches.shape[-2:]
         patches = patches.flatten(2).transpose(1, 2).reshape(batch, frames, grid_h * grid_w, -1)
-        spatial = sincos_2d_position_embedding(grid_h, grid_w, cfg.hidden_size, patches.device).to(patches.dtype)
+        spatial = sincos_2d_position_embedding(grid_h, grid_w, cfg.hidden_size, patches.device,
+                                               cfg.vision_position_scale).to(patches.dtype)
         # embeddings are looked up by calling their modules (never by reading `.weight`), so offloading hooks
         # that load a module's weights when it is called see every use
         temporal = self.temporal_embeddings(torch.arange(frames, device=patches.device))[:, None, :]
@@ -803,7 +811,7 @@ class UniPerceiverMoEEncoder(nn.Module):
         all_attn = () if output_attentions else None
         routing = []
         scales = drop_path_scales(self.config.drop_path_rate, len(self.layers), hidden.shape[0], hidden.device,
-                                  self.training)
+                                  self.training, self.config.drop_path_schedule)
         for i, layer in enumerate(self.layers):
             # only a checkpointed layer needs its merged experts as arguments (its inputs); others read the state
             checkpointed = layer.gradient_checkpointing and layer.training and torch.is_grad_enabled()
@@ -1553,7 +1561,7 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         logits = logit_scale * input_features @ target_features.float().t()
         loss = None
         if labels is not None:
-            loss = self.candidate_loss(logits, labels, valid, symmetric_loss)
+            loss = self.candidate_loss(logits, labels, valid, symmetric_loss, task_family)
             if aux_loss is not None:
                 loss = loss + aux_loss
         output = GenericPerceptionOutput(
@@ -1565,8 +1573,9 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    def candidate_loss(self, logits, labels, valid, symmetric: bool) -> torch.Tensor:
-        """Label-smoothed cross-entropy over candidates; `symmetric` averages both directions (retrieval)."""
+    def candidate_loss(self, logits, labels, valid, symmetric: bool, task_family: str | int = 0) -> torch.Tensor:
+        """Cross-entropy over candidates, label-smoothed by `config.label_smoothing_for(task_family)`;
+        `symmetric` adds both directions (retrieval)."""
         if labels.shape != logits.shape[:-1]:
             raise ValueError(f"labels shape {tuple(labels.shape)} does not match the queries {tuple(logits.shape[:-1])}")
         if valid is not None:
@@ -1574,7 +1583,7 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         num_candidates = logits.shape[-1]
         if int(labels.max()) >= num_candidates:
             raise ValueError(f"a label is {int(labels.max())} but there are only {num_candidates} candidates")
-        smoothing = self.config.label_smoothing
+        smoothing = self.config.label_smoothing_for(task_family)
         if symmetric:
             if logits.dim() != 2 or logits.shape[0] != num_candidates:
                 raise ValueError("symmetric_loss needs one query per input and as many candidates as inputs")

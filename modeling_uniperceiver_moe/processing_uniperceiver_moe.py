@@ -18,15 +18,27 @@ from .tokenization_uniperceiver_moe import build_uniperceiver_tokenizer, clean_t
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+IMAGE_PREPROCESSING = ("clip", "reference")
 
 
-def build_image_processor(image_size: int = 224) -> CLIPImageProcessor:
-    """Resize the short side to `image_size`, centre-crop, scale to [0, 1], normalise with CLIP statistics."""
+def build_image_processor(image_size: int = 224, preprocessing: str = "clip") -> CLIPImageProcessor:
+    """Images -> `[B, 3, image_size, image_size]`: resize the short side, centre-crop, scale to [0, 1], normalise.
+
+    Bicubic resampling (the image processor's default). "clip": short side to `image_size` (a square image is
+    not cropped), CLIP statistics: what this package trains with. "reference": the reference's evaluation
+    transform, short side to `256 / 224 * image_size` then the centre crop, ImageNet statistics: what a
+    converted official checkpoint expects.
+    """
+    if preprocessing not in IMAGE_PREPROCESSING:
+        raise ValueError(f"image preprocessing must be one of {IMAGE_PREPROCESSING}, got {preprocessing!r}")
+    reference = preprocessing == "reference"
     return CLIPImageProcessor(
-        size={"shortest_edge": image_size},
+        size={"shortest_edge": int(256 / 224 * image_size) if reference else image_size},
         crop_size={"height": image_size, "width": image_size},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
+        image_mean=IMAGENET_MEAN if reference else CLIP_MEAN,
+        image_std=IMAGENET_STD if reference else CLIP_STD,
         do_convert_rgb=True,
     )
 
@@ -44,9 +56,13 @@ class UniPerceiverMoEProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, **kwargs)
 
     @classmethod
-    def build(cls, image_size: int = 224, model_max_length: int = 512) -> "UniPerceiverMoEProcessor":
-        """A processor made offline from the vocabulary open-clip-torch ships."""
-        return cls(build_image_processor(image_size), build_uniperceiver_tokenizer(model_max_length=model_max_length))
+    def build(cls, image_size: int = 224, model_max_length: int = 512,
+              image_preprocessing: str = "clip") -> "UniPerceiverMoEProcessor":
+        """A processor made offline from the vocabulary open-clip-torch ships; `image_preprocessing` is
+        "clip" (this package's training) or "reference" (a converted official checkpoint), see
+        `build_image_processor`."""
+        return cls(build_image_processor(image_size, image_preprocessing),
+                   build_uniperceiver_tokenizer(model_max_length=model_max_length))
 
     def __call__(self, text=None, images=None, videos=None, padding=True, truncation=True, max_length=None,
                  return_tensors="pt", **kwargs) -> BatchFeature:
@@ -76,4 +92,4 @@ class UniPerceiverMoEProcessor(ProcessorMixin):
         return BatchFeature(data=data, tensor_type=None)
 
 
-__all__ = ["UniPerceiverMoEProcessor", "build_image_processor"]
+__all__ = ["UniPerceiverMoEProcessor", "build_image_processor", "IMAGE_PREPROCESSING"]

@@ -205,7 +205,7 @@ class DeepPromptModel(BaseTuner):
             raise ValueError(f"the label prompt has {weight.shape[0]} classes, the task has {out.logits.shape[-1]} candidates")
         out.logits = out.logits + self.deep_prompt_label_scale[name] * F.linear(out.input_features, weight.float())
         if kwargs.get("labels") is not None:
-            loss = module.candidate_loss(out.logits, kwargs["labels"], None, kwargs.get("symmetric_loss", False))
+            loss = module.candidate_loss(out.logits, kwargs["labels"], None, kwargs.get("symmetric_loss", False), family)
             out.loss = loss if out.aux_loss is None else loss + out.aux_loss
         return out
 

@@ -182,6 +182,16 @@ def downstream_metrics(model, task, rows: list[dict], ctx, device, beam_size: in
     raise ValueError(f"no downstream evaluation for family {task.family!r}")
 
 
+def checkpoint_processor(folder: str, image_size: int):
+    """The processor saved with the checkpoint (a converted official one brings the reference's image
+    preprocessing), else this package's for the model's image size."""
+    from modeling_uniperceiver_moe import UniPerceiverMoEProcessor
+
+    if os.path.exists(os.path.join(folder, "processor_config.json")):
+        return UniPerceiverMoEProcessor.from_pretrained(folder)
+    return UniPerceiverMoEProcessor.build(image_size=image_size)
+
+
 def headline(results: dict) -> dict:
     return {k: v for k, v in results.items() if isinstance(v, float)}
 
@@ -223,7 +233,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception, UniPerceiverMoEProcessor
+    from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
     from training.build_data import MANIFEST, build_slice
     from training.tasks import TaskContext, get_task
 
@@ -243,7 +253,7 @@ def main(argv=None) -> dict:
     data_dir = build_slice(args.slice, args.data_cache, [task.source], progress=True)
     manifest = json.load(open(os.path.join(data_dir, MANIFEST)))
     label_names = manifest["sources"][task.source]["label_names"]
-    processor = UniPerceiverMoEProcessor.build(image_size=base.config.image_size)
+    processor = checkpoint_processor(args.model, base.config.image_size)
     vocabulary = list(manifest["vocabulary"][: args.vocabulary_size])
     if base.config.eos_token_id not in vocabulary:
         vocabulary.append(base.config.eos_token_id)  # captions must be able to end

@@ -42,6 +42,7 @@ def test_moe_layer_selection():
         ({"num_attention_heads": 3}, "num_attention_heads"),
         ({"image_size": 20}, "image_size"),
         ({"drop_path_rate": 1.5}, "drop_path_rate"),
+        ({"drop_path_schedule": "cosine"}, "drop_path_schedule"),
         ({"model_size": "xl"}, "model_size"),
         ({"hidden_size": 30, "num_attention_heads": 2}, "hidden_size"),
     ],

@@ -8,6 +8,7 @@ HF_HUB_DISABLE_XET=1 and a temporary HF_HOME; the tests then check what it repor
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -455,7 +456,7 @@ def test_dry_run_refuses_a_non_empty_output_folder(artefacts, tmp_path):
 
 # =============================================================================================== converter
 def reference_state_dict(depth=2, width=32, ffn=128, experts=4, vocab=49411, positions=32, frames=4, image=16,
-                         patch=8, attributes=8, seed=0) -> dict[str, torch.Tensor]:
+                         patch=8, attributes=8, seed=0, posembed_scale=1.0) -> dict[str, torch.Tensor]:
     """What the reference `MultiTaskTransformerEncoder` registers for an attribute-MoE config (the reference repository's MoE
     settings: UNIFY_QKV, LAYER_SCALE, SHARE_LAYERNORM, OUTPUT_PROJ, LEARN_TEMP, TAG_Transform without activation,
     TOKEN_EMBED.TYPE_VOCAB_SIZE=2, VIDEO_EMBED.TYPE_SIZE=1 with DIVIDE_ST_POS, MOE_EXPERT_LOCATION='odd' (layers
@@ -481,6 +482,8 @@ def reference_state_dict(depth=2, width=32, ffn=128, experts=4, vocab=49411, pos
     grid_w, grid_h = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
                                     indexing="ij")
     omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float32) / (width // 4))
+    if posembed_scale != 1.0:  # MODEL.POSEMBED_SCALE
+        grid_w, grid_h = grid_w * posembed_scale, grid_h * posembed_scale
     out_w, out_h = grid_w.flatten()[:, None] * omega, grid_h.flatten()[:, None] * omega
     sd[conv.SPATIAL_POSITIONS] = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
     add("video_embed.embeddings_st_pos.temporal_pos_embed.weight", frames, width)
@@ -599,6 +602,27 @@ def test_extra_and_missing_reference_keys_are_listed(reference):
         conv.convert_state_dict(missing, config)
 
 
+def test_a_position_table_at_the_stage_2_scale_converts_with_that_scale():
+    """The reference's 224 px stage-2 / zero-shot / prompt-tuning configs store positions at POSEMBED_SCALE =
+    160/224: the converter reads the scale off the table, checks the table against ours at that scale, and
+    the converted model computes those positions."""
+    from modeling_uniperceiver_moe.modeling_uniperceiver_moe import sincos_2d_position_embedding
+
+    sd = reference_state_dict(image=48, posembed_scale=160 / 224)
+    config = conv.infer_config(sd, num_attention_heads=2)
+    assert config.vision_position_scale == pytest.approx(160 / 224, abs=1e-6)
+    report = {}
+    conv.convert_state_dict(sd, config, report=report)
+    assert conv.SPATIAL_POSITIONS in report["checked"]
+    ours = sincos_2d_position_embedding(6, 6, 32, scale=config.vision_position_scale)
+    torch.testing.assert_close(ours, sd[conv.SPATIAL_POSITIONS], atol=1e-5, rtol=0)
+    unscaled = copy.deepcopy(config)
+    unscaled.vision_position_scale = 1.0
+    with pytest.raises(conv.ConversionError, match="fixed 2-D sin-cos spatial positions"):
+        conv.convert_state_dict(sd, unscaled)
+    assert conv.infer_config(reference_state_dict(image=48), num_attention_heads=2).vision_position_scale == 1.0
+
+
 def test_tensors_without_a_place_must_match_what_we_compute(reference):
     sd, config = reference
     learned = dict(sd, **{conv.SPATIAL_POSITIONS: sd[conv.SPATIAL_POSITIONS] + 0.1})
@@ -635,6 +659,20 @@ def test_converter_cli_writes_a_loadable_checkpoint(reference, tmp_path):
         conv.main([str(tmp_path / "raw.pt"), str(tmp_path / "out2")])
     with pytest.raises(SystemExit, match="reference checkpoint not found"):
         conv.main([str(tmp_path / "nope.pth"), str(tmp_path / "out3")])
+
+
+def test_a_converted_checkpoint_gets_the_reference_s_image_preprocessing(reference, tmp_path):
+    """ImageNet statistics and the 256/224 resize before the centre crop, which a fine-tuning or prompt-tuning
+    run of the converted folder then reads from it."""
+    from prompt_tuning.run_prompt_tuning import checkpoint_processor
+
+    sd, _ = reference
+    torch.save({"model": sd}, tmp_path / "reference.pth")
+    conv.main([str(tmp_path / "reference.pth"), str(tmp_path / "out"), "--num-attention-heads", "2"])
+    processor = checkpoint_processor(str(tmp_path / "out"), image_size=16)
+    assert list(processor.image_processor.image_mean) == [0.485, 0.456, 0.406]
+    assert list(processor.image_processor.image_std) == [0.229, 0.224, 0.225]
+    assert processor.image_processor.size["shortest_edge"] == int(256 / 224 * 16)
 
 
 def test_push_uploads_only_the_checkpoint_s_own_files_and_follows_no_link_out(artefacts, tmp_path):

@@ -592,3 +592,41 @@ def test_top1_router_learns_from_the_task_loss(routing):
     decision = select_top_k(out.router_logits[0].reshape(-1, config.moe_num_experts), 1, 0.0, False)
     torch.testing.assert_close(decision.expert_weight[:, 0], probs.reshape(-1, config.moe_num_experts).max(-1).values)
     assert bool((decision.expert_weight < 1).all())
+
+
+# ------------------------------------------------------------------------------------------ losses
+def test_label_smoothing_is_the_reference_s_per_task_family_unless_the_config_sets_it():
+    config = tiny_config()
+    assert [config.label_smoothing_for(f) for f in ("image_classification", "video_classification", "mlm",
+                                                     "captioning", "retrieval", "text_classification")] == \
+        [0.1, 0.1, 0.0, 0.0, 0.1, 0.1]
+    assert config.label_smoothing_for(config.task_families.index("mlm")) == 0.0  # a family index
+    assert tiny_config(label_smoothing=0.2).label_smoothing_for("mlm") == 0.2  # one value for every family
+    partly = tiny_config(label_smoothing={"captioning": 0.05})
+    assert (partly.label_smoothing_for("captioning"), partly.label_smoothing_for("retrieval")) == (0.05, 0.1)
+    with pytest.raises(ValueError, match=r"label_smoothing: unknown task family 'vqa'"):
+        tiny_config(label_smoothing={"vqa": 0.1})
+    with pytest.raises(ValueError, match=r"label_smoothing: mlm: must be a number in \[0, 1\)"):
+        tiny_config(label_smoothing={"mlm": 1.5})
+
+
+def test_losses_are_the_reference_s_plain_ce_for_words_and_both_retrieval_directions_summed():
+    """MLM and captioning: plain cross-entropy; classification: smoothed by 0.1; retrieval: the smoothed
+    input->target plus the smoothed target->input cross-entropy, as the reference's i2t and t2i terms."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = UniPerceiverMoEForGenericPerception(tiny_config(moe_router_noise_std=0.0)).eval()
+    batch = head_step_batch()
+    for family, smoothing in (("mlm", 0.0), ("captioning", 0.0), ("image_classification", 0.1)):
+        out = model(**batch, task_family=family)
+        expected = F.cross_entropy(out.logits, batch["labels"], label_smoothing=smoothing) + out.aux_loss
+        torch.testing.assert_close(out.loss, expected)
+    pairs = make_batch(batch=3)
+    pairs.update(target_input_ids=torch.randint(0, 49408, (3, 3)), labels=torch.arange(3),
+                 target_attribute_vectors=torch.tensor([[0.0, 1, 0, 1, 0, 1, 1, 0]]).expand(3, 8),
+                 target_task_ids=torch.full((3,), 3))
+    out = model(**pairs, task_family="retrieval", symmetric_loss=True)
+    expected = (F.cross_entropy(out.logits, pairs["labels"], label_smoothing=0.1)
+                + F.cross_entropy(out.logits.t(), pairs["labels"], label_smoothing=0.1) + out.aux_loss)
+    torch.testing.assert_close(out.loss, expected)

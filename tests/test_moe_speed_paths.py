@@ -271,7 +271,7 @@ def test_whole_model_compiles_with_its_caches(routing):
     torch._dynamo.reset()
 
 
-def test_drop_path_scales_follow_the_linear_schedule():
+def test_drop_path_scales_follow_the_linear_or_the_fixed_schedule():
     from modeling_uniperceiver_moe.modeling_uniperceiver_moe import drop_path_scales
 
     assert drop_path_scales(0.3, 4, 8, "cpu", training=False) is None
@@ -284,6 +284,11 @@ def test_drop_path_scales_follow_the_linear_schedule():
         kept = scales[layer] > 0
         assert torch.allclose(scales[layer][kept], torch.tensor(1 / (1 - rate)))
         assert abs((~kept).float().mean().item() - rate) < 0.01
+    fixed = drop_path_scales(0.3, 4, 20000, "cpu", training=True, schedule="fixed")  # the reference's MoE configs
+    for layer in range(4):
+        kept = fixed[layer] > 0
+        assert torch.allclose(fixed[layer][kept], torch.tensor(1 / 0.7))
+        assert abs((~kept).float().mean().item() - 0.3) < 0.01
 
 
 def test_compiled_inference_caches_its_own_copy_of_the_merge():

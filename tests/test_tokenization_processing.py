@@ -39,6 +39,25 @@ def test_processor_round_trip_with_auto_processor(processor, tmp_path):
     assert loaded.batch_decode(a["input_ids"], skip_special_tokens=True)[0].strip() == "a red shoe"
 
 
+def test_reference_image_preprocessing_is_the_reference_s_evaluation_transform():
+    """Short side to 256/224 of the crop, centre crop, ImageNet statistics; the default keeps a square image
+    whole and uses CLIP statistics."""
+    reference = UniPerceiverMoEProcessor.build(image_size=224, image_preprocessing="reference")
+    grey = Image.new("RGB", (300, 400), (128, 128, 128))
+    pixels = reference(images=[grey])["pixel_values"]
+    assert pixels.shape == (1, 3, 224, 224)
+    expected = [(128 / 255 - m) / s for m, s in zip([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
+    torch.testing.assert_close(pixels[0, :, 100, 100], torch.tensor(expected), atol=1e-3, rtol=0)
+    # a square with a 12-pixel border: the reference's 256/224 resize then crop cuts 14 pixels a side, ours none
+    framed = Image.new("RGB", (224, 224), (0, 0, 0))
+    framed.paste((255, 255, 255), (12, 12, 212, 212))
+    corner_reference = reference(images=[framed])["pixel_values"][0, 0, 0, 0]
+    corner_default = UniPerceiverMoEProcessor.build(image_size=224)(images=[framed])["pixel_values"][0, 0, 0, 0]
+    assert corner_reference > 0 > corner_default
+    with pytest.raises(ValueError, match="image preprocessing must be one of"):
+        UniPerceiverMoEProcessor.build(image_preprocessing="imagenet")
+
+
 def test_processor_carries_no_transformers_4_leftovers():
     """transformers 5 finds the sub-processors from `__init__` and forwards decode / batch_decode itself:
     an `attributes` list would be ignored and a second decode is dead code."""

@@ -306,14 +306,18 @@ def test_adamw_is_fused_on_cpu_unless_the_config_says_otherwise():
 
 
 def test_reference_recipe_puts_experts_in_the_reference_layers():
-    """The reference's MoE layers are 0, 2, 4, ... (its "odd" layers counted from 1); `every_other` is 1, 3, 5."""
+    """The reference's MoE layers are 0, 2, 4, ... (its "odd" layers counted from 1); `every_other` is 1, 3, 5.
+    Its stochastic depth is one rate at every layer; its images are preprocessed as its evaluation does."""
     from training.trainer import build_model_config
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.path.join(repo, "training", "configs", "reference_b.yaml")
-    reference = build_model_config(load_config(path, ["train.tracker=null"]))
+    run = load_config(path, ["train.tracker=null"])
+    reference = build_model_config(run)
+    assert run.data.image_preprocessing == "reference"  # ImageNet statistics, the 256/224 crop
     assert reference.moe_layer_indices() == [0, 2, 4, 6, 8, 10]
     assert reference.layer_scale_init == 1e-3 and reference.initializer_scheme == "fixed"
+    assert (reference.drop_path_rate, reference.drop_path_schedule) == (0.1, "fixed")  # DROP_PATH_PROB_FIXED
 
 
 # --------------------------------------------------------------------------------------------- config

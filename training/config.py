@@ -35,6 +35,8 @@ class DataConfig:
     eval_samples: int = 128  # per task, from the test split
     prefetch: int = 2  # batches built ahead in a background thread (0 = none)
     workers: int = 0  # threads decoding/resizing images inside a batch (0 = none; GPUs want ~8)
+    image_preprocessing: str = "clip"  # clip | reference (ImageNet statistics, the 256/224 crop), see
+    # modeling_uniperceiver_moe.processing_uniperceiver_moe.build_image_processor
 
 
 @dataclass
@@ -94,6 +96,7 @@ SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 CHOICES = {
     ("data", "slice"): ("tiny", "small", "full"),
     ("data", "on_bad_sample"): ("skip", "error"),
+    ("data", "image_preprocessing"): ("clip", "reference"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
     ("train", "on_non_finite"): ("stop", "skip"),
 }

@@ -211,7 +211,8 @@ class Pretrainer:
         self.model_config = build_model_config(config)
         with acc.main_process_first():
             self.data_dir, self.manifest = slice_manifest(config, acc.is_main_process)
-        self.processor = UniPerceiverMoEProcessor.build(image_size=self.model_config.image_size)
+        self.processor = UniPerceiverMoEProcessor.build(image_size=self.model_config.image_size,
+                                                        image_preprocessing=config.data.image_preprocessing)
         self.tasks = {name: get_task(name) for name in config.tasks}
         self.ctx = self._task_context()
         entries = []
@@ -396,7 +397,7 @@ class Pretrainer:
         loss_weight = task_config.loss_weight if task_config.loss_weight is not None else batch.task.loss_weight
         with acc.accumulate(self.model):
             output = self.model(**batch.inputs, task_family=batch.task.family)
-            loss = task_loss(batch, output, self.model_config.label_smoothing)
+            loss = task_loss(batch, output, self.model_config.label_smoothing_for(batch.task.family))
             acc.backward(loss * loss_weight)
             synced, grad_norm = acc.sync_gradients, None
             if synced:
