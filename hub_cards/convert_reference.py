@@ -34,7 +34,7 @@ M = `uniperceiver.embeddings.`):
 | `R linear1.gate.*` | `O ffn_gate.router.*` | copy, same rule |
 | `R self_attn.dense.gate.*` | (none) | dropped: the reference's output projection reuses the qkv gate's decision; its own gate is never evaluated |
 | `R linear2.gate.*` | (none) | dropped: with `MOE.FFN_SHARE_GATE_DECISION=True` (every MoE config of the reference repository) fc2 reuses fc1's decision |
-| `loss_prepare.ln_post.*`, `loss_prepare.proj.*` | `input_head.{norm,proj}.*` and `target_head.{norm,proj}.*` | copied to both: the reference has one output projection for inputs and targets |
+| `loss_prepare.ln_post.*`, `loss_prepare.proj.*` | `input_head.{norm,proj}.*` | the reference has one output projection for inputs and targets: the inferred config shares it (`share_projection_head=True`); a `--config` with two heads gets it copied into `target_head` too |
 | `loss_prepare.logit_scale_{img_cls, video_cls, text_mlm, caption, retrieve}` | `logit_scales.log_scale[family]` | image_classification, video_classification, mlm and text_classification (the reference GLUE configs use `logit_scale_text_mlm`), captioning, retrieval |
 | other `loss_prepare.logit_scale_*`, `loss_prepare.queue_*` | (none) | dropped: temperatures of task kinds we do not have; memory-bank buffers (training state) |
 
@@ -244,7 +244,7 @@ def build_plan(config, reference_keys, vision_type_embedding: bool = False, with
     for i in range(config.num_hidden_layers):
         placements += layer_plan(config, i, available)
     if with_heads:
-        for head in ("input_head", "target_head"):
+        for head in ("input_head",) if config.share_projection_head else ("input_head", "target_head"):
             placements += [Placement(f"{head}.{mine}.{p}", f"loss_prepare.{theirs}.{p}")
                            for mine, theirs in (("norm", "ln_post"), ("proj", "proj")) for p in ("weight", "bias")]
         for f, family in enumerate(config.task_families):
@@ -423,7 +423,8 @@ def infer_config(reference_sd: dict[str, torch.Tensor], **overrides):
 
     Read: width, depth, FFN width, vocabulary, text positions, frames, patch size, channels, image size and
     position scale (from the spatial position table), experts, MoE layers (an explicit list) and projections, attribute length,
-    LayerScale presence. Not stored, so defaulted: attention heads (the paper's for the width), top-k (2),
+    LayerScale presence. The reference's one output head: `share_projection_head=True`.
+    Not stored, so defaulted: attention heads (the paper's for the width), top-k (2),
     LayerNorm eps (1e-5, torch's default that the reference uses).
     """
     from modeling_uniperceiver_moe import REFERENCE_INIT, UniPerceiverMoEConfig
@@ -462,6 +463,7 @@ def infer_config(reference_sd: dict[str, torch.Tensor], **overrides):
         patch_size=conv[-1], num_channels=conv[1],
         **REFERENCE_INIT,  # the reference's initialisation (only what the checkpoint lacks is drawn with it)
         drop_path_rate=0.0, layer_norm_eps=1e-5,
+        share_projection_head=True,  # one ln_post + proj for inputs and candidates
     )
     if f"{LAYER_PREFIX.format(i=0)}gamma_1" not in reference_sd:
         values["layer_scale_init"] = 0.0

@@ -126,6 +126,9 @@ class UniPerceiverMoEConfig(PretrainedConfig):
 
     Head
         task_families (`list[str]`): one learnable temperature per family.
+        share_projection_head (`bool`, defaults to `False`): one LayerNorm + projection for the inputs and the
+            candidates, as the reference (`loss_prepare.ln_post` and `.proj`; converted checkpoints get
+            True); False gives the candidates a head of their own.
         logit_scale_init (`float`, defaults to ln(1/0.07)). logit_scale_max (`float`, defaults to 100).
         label_smoothing (`float` or `dict[str, float]`, *optional*): the loss's label smoothing. None (the
             default): the reference's value per task family (`REFERENCE_LABEL_SMOOTHING`: 0.1 for
@@ -190,6 +193,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         num_modalities: int = len(MODALITIES),
         folded_routes: list | None = None,
         task_families: list[str] | tuple[str, ...] = DEFAULT_TASK_FAMILIES,
+        share_projection_head: bool = False,
         logit_scale_init: float = 2.6592600369644043,
         logit_scale_max: float = 100.0,
         label_smoothing: float | dict[str, float] | None = None,
@@ -252,6 +256,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         self.num_modalities = num_modalities
         self.folded_routes = folded_routes
         self.task_families = list(task_families)
+        self.share_projection_head = share_projection_head
         self.logit_scale_init = logit_scale_init
         self.logit_scale_max = logit_scale_max
         self.label_smoothing = label_smoothing

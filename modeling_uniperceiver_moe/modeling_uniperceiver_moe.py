@@ -1465,9 +1465,15 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         super().__init__(config)
         self.uniperceiver = UniPerceiverMoEModel(config)
         self.input_head = UniPerceiverMoEProjectionHead(config)
-        self.target_head = UniPerceiverMoEProjectionHead(config)
+        # the candidates' head: its own, or the input head (`share_projection_head`, the reference's one head)
+        self.target_head = None if config.share_projection_head else UniPerceiverMoEProjectionHead(config)
         self.logit_scales = UniPerceiverMoELogitScales(config)
         self.post_init()
+
+    @property
+    def candidate_head(self) -> "UniPerceiverMoEProjectionHead":
+        """The head that projects candidate (target) features: `target_head`, or `input_head` when shared."""
+        return self.input_head if self.target_head is None else self.target_head
 
     def encode_targets(self, input_ids=None, pixel_values=None, attention_mask=None, attribute_vectors=None,
                        task_ids=None, merged_experts: MergedExperts | None = None, output_attentions: bool = False,
@@ -1478,7 +1484,7 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
                                 attribute_vectors=attribute_vectors, task_ids=task_ids, merged_experts=merged_experts,
                                 output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                                 return_dict=True)
-        features = self.target_head(out.pooler_output)
+        features = self.candidate_head(out.pooler_output)
         return (features, out.aux_loss, out) if return_outputs else (features, out.aux_loss)
 
     @staticmethod

@@ -568,9 +568,13 @@ def test_every_reference_tensor_lands_where_it_should(reference):
     assert torch.equal(ours[m + "patch_embedding.weight"], sd["video_embed.embeddings.weight"])
     assert torch.equal(ours[m + "temporal_embeddings.weight"], sd["video_embed.embeddings_st_pos.temporal_pos_embed.weight"])
     assert torch.equal(ours[m + "layer_norm.bias"], sd["token_embed.embeddings_norm.bias"])
-    for head in ("input_head", "target_head"):
-        assert torch.equal(ours[f"{head}.norm.weight"], sd["loss_prepare.ln_post.weight"])
-        assert torch.equal(ours[f"{head}.proj.weight"], sd["loss_prepare.proj.weight"])
+    assert config.share_projection_head and not any(key.startswith("target_head.") for key in ours)
+    assert torch.equal(ours["input_head.norm.weight"], sd["loss_prepare.ln_post.weight"])
+    assert torch.equal(ours["input_head.proj.weight"], sd["loss_prepare.proj.weight"])
+    two_heads = copy.deepcopy(config)  # a --config with a head per side gets the reference's head in both
+    two_heads.share_projection_head = False
+    separate = conv.convert_state_dict(sd, two_heads)
+    assert torch.equal(separate["target_head.proj.weight"], sd["loss_prepare.proj.weight"])
     scales = dict(zip(config.task_families, ours["logit_scales.log_scale"]))
     assert scales["image_classification"] == sd["loss_prepare.logit_scale_img_cls"]
     assert scales["retrieval"] == sd["loss_prepare.logit_scale_retrieve"]

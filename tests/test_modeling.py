@@ -630,3 +630,23 @@ def test_losses_are_the_reference_s_plain_ce_for_words_and_both_retrieval_direct
     expected = (F.cross_entropy(out.logits, pairs["labels"], label_smoothing=0.1)
                 + F.cross_entropy(out.logits.t(), pairs["labels"], label_smoothing=0.1) + out.aux_loss)
     torch.testing.assert_close(out.loss, expected)
+
+
+def test_a_shared_projection_head_projects_inputs_and_candidates_alike(tmp_path):
+    """`share_projection_head`: the reference's one ln_post + proj, no second head in the weights."""
+    torch.manual_seed(0)
+    model = UniPerceiverMoEForGenericPerception(tiny_config(share_projection_head=True, moe_router_noise_std=0.0)).eval()
+    assert model.target_head is None and model.candidate_head is model.input_head
+    assert not any(key.startswith("target_head.") for key in model.state_dict())
+    batch = head_step_batch()
+    with torch.no_grad():
+        features, _, out = model.encode_targets(input_ids=batch["target_input_ids"],
+                                                attribute_vectors=batch["target_attribute_vectors"],
+                                                task_ids=batch["target_task_ids"], return_outputs=True)
+        torch.testing.assert_close(features, model.input_head(out.pooler_output))
+        logits = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    loaded = UniPerceiverMoEForGenericPerception.from_pretrained(tmp_path).eval()
+    assert loaded.config.share_projection_head and loaded.target_head is None
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, logits)

@@ -92,6 +92,19 @@ def test_only_the_recipe_parameters_change_and_disabling_restores_the_base():
         assert torch.equal(model(**inputs, task_family="image_classification").logits, base_logits)
 
 
+def test_the_adapter_tunes_the_one_shared_head_of_a_reference_shaped_model():
+    """With `share_projection_head` (converted checkpoints) the head's LayerNorm is tuned once, for inputs and
+    candidates alike, as the reference's prompt tuning tunes its ln_post."""
+    torch.manual_seed(0)
+    base = UniPerceiverMoEForGenericPerception(tiny_config("attribute", share_projection_head=True)).eval()
+    model = get_peft_model(base, DeepPromptConfig(num_prompts=3))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_one_step(model, classification_inputs(), "image_classification")
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert any("input_head.norm.modules_to_save" in n for n in changed)
+    assert not any("target_head" in n for n, _ in model.named_parameters())
+
+
 def test_target_prompts_are_used_only_for_targets():
     model, _ = tuned(separate_target_prompts=True)
     inputs = classification_inputs()
