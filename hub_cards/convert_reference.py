@@ -58,8 +58,11 @@ Where the reference layout is ambiguous (the weights alone do not say):
 * Only the placement of every tensor is checked (tests use synthetic tensors with the reference's exact names
   and shapes). Whether our forward pass reproduces the reference's outputs was not checked: no reference
   checkpoint or runtime is available here (e.g. how the reference embeds the SPE token and text positions).
-* A raw DeepSpeed file (`{"module": ...}` with `encoder.*`/`deepspeed_moe.*` names) predates the reference's
-  own renaming (`tools/convertmoe.ipynb`) and is rejected; convert it with that notebook first.
+* A raw DeepSpeed file (`mp_rank_00_model_states.pt`: `{"module": ...}` with `encoder.*` / `deepspeed_moe.*`
+  names, as the released MoE checkpoints come) is first renamed to the layout above, as the reference's
+  `tools/convertmoe.ipynb` does (`DEEPSPEED_RENAMES`; `residual_scale` `[1, 1, d]` -> `gamma_{1,2}` `[d]`;
+  `visual_embed.*`, unused by the MoE models, dropped). The experts must be in that file, as in the
+  reference's checkpoints; experts saved to separate per-expert files are reported as missing keys.
 """
 
 from __future__ import annotations
@@ -74,6 +77,21 @@ from typing import Optional
 
 import torch
 
+# Raw DeepSpeed names -> the reference's own layout, applied in order to every key (substring renames).
+DEEPSPEED_RENAMES = (
+    ("encoder.", "fused_encoder."),
+    ("attention.self.qkv_proj", "self_attn.qkv_proj"),
+    ("deepspeed_moe.gate", "gate"),
+    ("deepspeed_moe.experts", "experts"),
+    ("attention.output.dense", "self_attn.dense"),
+    ("attention_output.residual_scale", "gamma_1"),
+    ("ffn.dense.", "linear1."),
+    ("ffn.dense2.", "linear2."),
+    ("ffn_output.residual_scale", "gamma_2"),
+    ("LayerNormModules.0.", "norm1."),
+    ("LayerNormModules.1.", "norm2."),
+    ("predictor.", "loss_prepare."),
+)
 LAYER_PREFIX = "fused_encoder.layers.{i}."
 OUR_LAYER_PREFIX = "uniperceiver.encoder.layers.{i}."
 OUR_EMBEDDINGS = "uniperceiver.embeddings."
@@ -489,6 +507,30 @@ def infer_config(reference_sd: dict[str, torch.Tensor], **overrides):
 
 
 # ============================================================================================ files
+def is_deepspeed_layout(state_dict: dict) -> bool:
+    return any(k.startswith(("encoder.", "predictor.")) or ".deepspeed_moe." in k for k in state_dict)
+
+
+def from_deepspeed_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A raw DeepSpeed module state dict renamed to the reference's own layout (`DEEPSPEED_RENAMES`),
+    LayerScale `residual_scale` `[1, 1, d]` squeezed to `[d]`, the unused `visual_embed.*` left out."""
+    renamed = {}
+    for key, value in state_dict.items():
+        if key.startswith("visual_embed"):
+            continue
+        if key.endswith("residual_scale"):
+            if value.dim() != 3 or value.shape[:2] != (1, 1):
+                raise ConversionError(f"{key} has shape {tuple(value.shape)}; a residual scale is [1, 1, d]")
+            value = value[0, 0]
+        for old, new in DEEPSPEED_RENAMES:
+            if old in key:
+                key = key.replace(old, new)
+        if key in renamed:
+            raise ConversionError(f"two DeepSpeed keys map onto {key}")
+        renamed[key] = value
+    return renamed
+
+
 def load_reference_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a .pth / .bin / .safetensors reference checkpoint into a flat {key: tensor} dict."""
     path = str(path)
@@ -503,11 +545,9 @@ def load_reference_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001  (pickle / zip errors of every kind)
             raise ConversionError(f"cannot read {path} as a torch checkpoint (weights only): {error}") from None
+    deepspeed = False
     if isinstance(data, dict) and "module" in data and isinstance(data["module"], dict):
-        if any(k.startswith(("encoder.", "predictor.")) or ".deepspeed_moe." in k for k in data["module"]):
-            raise ConversionError(f"{path} is a raw DeepSpeed file (keys encoder.* / deepspeed_moe.*); rename its keys "
-                                  f"with the reference's tools/convertmoe.ipynb first")
-        data = data["module"]
+        data, deepspeed = data["module"], is_deepspeed_layout(data["module"])
     for wrapper in ("model", "state_dict"):
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]
@@ -518,7 +558,7 @@ def load_reference_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor
         raise ConversionError(f"{path}: entries that are not tensors:" + listing(not_tensors))
     if all(k.startswith("module.") for k in data):  # DistributedDataParallel prefix
         data = {k[len("module."):]: v for k, v in data.items()}
-    return data
+    return from_deepspeed_layout(data) if deepspeed else data
 
 
 def convert_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, config=None, processor: bool = True,
@@ -548,7 +588,8 @@ def save_converted(reference: dict[str, torch.Tensor], out_dir: str | os.PathLik
 @dataclass
 class ConvertArguments:
     checkpoint: str = field(metadata={"positional": True,
-                                      "help": "reference checkpoint: .pth / .bin (torch) or .safetensors"})
+                                      "help": "reference checkpoint: .pth / .bin (torch), .safetensors, or a "
+                                              "DeepSpeed mp_rank_00_model_states.pt"})
     out_dir: str = field(metadata={"positional": True, "help": "output folder (save_pretrained layout)"})
     config: Optional[str] = field(default=None, metadata={"help": "our config.json to convert into (default: inferred)"})
     num_attention_heads: Optional[int] = field(default=None, metadata={

@@ -658,11 +658,45 @@ def test_converter_cli_writes_a_loadable_checkpoint(reference, tmp_path):
     expected = conv.convert_state_dict(sd, config)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
     assert loaded.config.moe_layers == [0] and loaded.config.num_attention_heads == 2
-    torch.save({"module": {"encoder.layers.0.ffn.dense.weight": torch.zeros(1)}}, tmp_path / "raw.pt")
-    with pytest.raises(SystemExit, match="raw DeepSpeed file"):
-        conv.main([str(tmp_path / "raw.pt"), str(tmp_path / "out2")])
     with pytest.raises(SystemExit, match="reference checkpoint not found"):
         conv.main([str(tmp_path / "nope.pth"), str(tmp_path / "out3")])
+
+
+def deepspeed_layout(reference_sd: dict) -> dict:
+    """The names a raw DeepSpeed `mp_rank_00_model_states.pt` module holds for the reference's tensors (its
+    tools/convertmoe.ipynb renames them the other way), residual scales as [1, 1, d], plus an unused
+    visual_embed."""
+    raw = {"visual_embed.patch_embed.weight": torch.zeros(4, 3)}
+    for key, value in reference_sd.items():
+        key = key.replace("fused_encoder.", "encoder.").replace("loss_prepare.", "predictor.")
+        key = key.replace("self_attn.qkv_proj", "attention.self.qkv_proj").replace("self_attn.dense", "attention.output.dense")
+        key = key.replace(".gate.", ".deepspeed_moe.gate.").replace(".experts.", ".deepspeed_moe.experts.")
+        key = key.replace("linear1.", "ffn.dense.").replace("linear2.", "ffn.dense2.")
+        key = key.replace("norm1.", "LayerNormModules.0.").replace("norm2.", "LayerNormModules.1.")
+        if key.endswith(("gamma_1", "gamma_2")):
+            key = key.replace("gamma_1", "attention_output.residual_scale").replace("gamma_2", "ffn_output.residual_scale")
+            value = value[None, None]
+        raw[key] = value
+    return raw
+
+
+def test_a_raw_deepspeed_file_converts_like_the_renamed_reference_checkpoint(reference, tmp_path):
+    """The released MoE checkpoints are DeepSpeed model-state files; they convert directly, to exactly the
+    weights the reference's renamed checkpoint gives."""
+    sd, config = reference
+    raw = deepspeed_layout(sd)
+    assert any(".deepspeed_moe.experts." in k for k in raw) and "encoder.layers.0.LayerNormModules.1.bias" in raw
+    torch.save({"module": raw, "global_steps": 89999}, tmp_path / "mp_rank_00_model_states.pt")
+    assert conv.load_reference_checkpoint(tmp_path / "mp_rank_00_model_states.pt").keys() == sd.keys()
+    conv.main([str(tmp_path / "mp_rank_00_model_states.pt"), str(tmp_path / "out"), "--num-attention-heads", "2",
+               "--no-processor"])
+    loaded = UniPerceiverMoEForGenericPerception.from_pretrained(tmp_path / "out")
+    expected = conv.convert_state_dict(sd, config)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
+    bad = dict(raw, **{"encoder.layers.0.attention_output.residual_scale": torch.zeros(2, 32)})
+    torch.save({"module": bad}, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit, match=r"residual_scale has shape \(2, 32\); a residual scale is \[1, 1, d\]"):
+        conv.main([str(tmp_path / "bad.pt"), str(tmp_path / "out2")])
 
 
 def test_a_converted_checkpoint_gets_the_reference_s_image_preprocessing(reference, tmp_path):
