@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -61,6 +62,13 @@ def step_losses(output_dir: str) -> dict[int, float]:
             if "loss" in row and "task" in row:
                 losses[row["step"]] = row["loss"]
     return losses
+
+
+def step_tasks(output_dir: str) -> dict[int, str]:
+    """Per-step task of metrics.jsonl (process 0's)."""
+    with open(os.path.join(output_dir, "metrics.jsonl")) as handle:
+        rows = [json.loads(line) for line in handle]
+    return {row["step"]: row["task"] for row in rows if "loss" in row and "task" in row}
 
 
 def step_rates(output_dir: str) -> dict[int, float]:
@@ -730,11 +738,15 @@ def test_resume_with_other_settings_is_refused_with_a_diff_unless_asked(tiny_cac
 
 
 def test_two_processes_give_the_losses_of_one(tiny_cache, tmp_path):
+    """`data.task_sampling: shared`: two processes on one task per step train exactly like one process.
+    `per_process` (the default, the reference's): process 0 runs the tasks one process would, process 1
+    draws its own, and a two-process run trains to the end."""
     one = str(tmp_path / "one")
     two = str(tmp_path / "two")
     config = run_config(tiny_cache, one, max_steps=4, save_every=0)
     assert launch(config, str(tmp_path / "one.yaml")).returncode == 0
     config = run_config(tiny_cache, two, max_steps=4, save_every=0)
+    config["data"]["task_sampling"] = "shared"
     result = launch(config, str(tmp_path / "two.yaml"), processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = step_losses(one), step_losses(two)
@@ -742,6 +754,82 @@ def test_two_processes_give_the_losses_of_one(tiny_cache, tmp_path):
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-4), (step, a[step], b[step])
     assert json.load(open(os.path.join(two, "report.json")))["processes"] == 2
+    mixed = str(tmp_path / "mixed")
+    config = run_config(tiny_cache, mixed, max_steps=4, save_every=0)
+    result = launch(config, str(tmp_path / "mixed.yaml"), processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert step_tasks(mixed) == step_tasks(one)  # process 0's draws (the ones logged)
+    assert all(math.isfinite(loss) for loss in step_losses(mixed).values())
+
+
+PER_PROCESS_STEP = """
+import os, sys, types
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
+from tests.conftest import make_batch, tiny_config
+from training.tasks import task_loss
+
+def task_batch(rank):  # rank 0: retrieval of 3 image-text pairs; rank 1: classification of 3 images over 4 names
+    g = torch.Generator().manual_seed(rank)
+    inputs = make_batch(batch=3, seed=rank)
+    candidates = 3 if rank == 0 else 4
+    inputs.update(target_input_ids=torch.randint(0, 49000, (candidates, 3), generator=g),
+                  target_attribute_vectors=torch.tensor([[1.0, 0, 0, 1, 0, 1, 1, 0]]).expand(candidates, 8),
+                  target_task_ids=torch.zeros(candidates, dtype=torch.long))
+    family = "retrieval" if rank == 0 else "image_classification"
+    labels = torch.arange(3) if rank == 0 else torch.tensor([[0], [3], [1]])
+    return inputs, types.SimpleNamespace(task=types.SimpleNamespace(family=family), labels=labels)
+
+def gradients(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+def step(model, rank, across):
+    inputs, batch = task_batch(rank)
+    output = model(**inputs, task_family=batch.task.family)
+    task_loss(batch, output, 0.1, across_processes=across).backward()
+
+torch.manual_seed(0)
+config = tiny_config("attribute", moe_router_noise_std=0.0)
+if "RANK" not in os.environ:  # one process: each task's gradient alone, averaged
+    grads = []
+    for rank in (0, 1):
+        torch.manual_seed(0)
+        model = UniPerceiverMoEForGenericPerception(config)
+        step(model, rank, True)
+        grads.append(gradients(model))
+    names = set(grads[0]) | set(grads[1])
+    zero = lambda n: torch.zeros_like((grads[0].get(n) if n in grads[0] else grads[1][n]))
+    torch.save({n: (grads[0].get(n, zero(n)) + grads[1].get(n, zero(n))) / 2 for n in names}, sys.argv[1])
+else:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = DistributedDataParallel(UniPerceiverMoEForGenericPerception(config), find_unused_parameters=True)
+    step(model, rank, False)
+    if rank == 0:
+        torch.save(gradients(model.module), sys.argv[1])
+    dist.destroy_process_group()
+"""
+
+
+def test_processes_on_different_tasks_average_each_task_s_gradient(tmp_path):
+    """`per_process` task sampling: in one step process 0 runs retrieval and process 1 classification; the
+    loss has no collective (each process's own mean, retrieval within the process), so DDP's averaged
+    gradient equals the mean of the two tasks' gradients computed alone."""
+    script = tmp_path / "step.py"
+    script.write_text(PER_PROCESS_STEP)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    alone = subprocess.run([sys.executable, str(script), str(tmp_path / "alone.pt")], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29534", str(script), str(tmp_path / "ddp.pt")], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    expected, averaged = torch.load(tmp_path / "alone.pt"), torch.load(tmp_path / "ddp.pt")
+    assert expected.keys() == averaged.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(averaged[name], value, atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("name", ["video_clip_classification", "emoji_captioning", "fashion_mnist_classification"])

@@ -35,6 +35,9 @@ class DataConfig:
     eval_samples: int = 128  # per task, from the test split
     prefetch: int = 2  # batches built ahead in a background thread (0 = none)
     workers: int = 0  # threads decoding/resizing images inside a batch (0 = none; GPUs want ~8)
+    task_sampling: str = "per_process"  # per_process (the reference: each process draws its own task per step,
+    # losses are per-process means, retrieval scores within the process) | shared (one task per step everywhere,
+    # losses normalised over the global batch, retrieval against every process's pairs). Equal with one process.
     image_preprocessing: str = "clip"  # clip | reference (ImageNet statistics, the 256/224 crop), see
     # modeling_uniperceiver_moe.processing_uniperceiver_moe.build_image_processor
 
@@ -97,6 +100,7 @@ CHOICES = {
     ("data", "slice"): ("tiny", "small", "full"),
     ("data", "on_bad_sample"): ("skip", "error"),
     ("data", "image_preprocessing"): ("clip", "reference"),
+    ("data", "task_sampling"): ("per_process", "shared"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
     ("train", "on_non_finite"): ("stop", "skip"),
 }

@@ -140,19 +140,27 @@ class TaskEntry:
     stream: TaskStream
 
 
-class MultiTaskLoader:
-    """One task per step, drawn by weight; builds `TaskBatch`es of `batch_size / world_size` rows.
+TASK_SAMPLINGS = ("per_process", "shared")
 
-    on_bad_sample: "skip" logs the malformed row (task, key, reason) and draws a replacement; "error"
-    raises `MalformedSample` naming them.
+
+class MultiTaskLoader:
+    """Draws each step's task by weight; builds `TaskBatch`es of `batch_size / world_size` rows.
+
+    task_sampling: "per_process" (the reference: process r draws its own task for step s, from a generator
+    seeded by (seed, s, r), so one step averages several tasks; process 0 draws what one process would) or
+    "shared" (every process runs the same task in a step). on_bad_sample: "skip" logs the malformed row
+    (task, key, reason) and draws a replacement; "error" raises `MalformedSample` naming them.
     """
 
     def __init__(self, entries: list[TaskEntry], ctx: TaskContext, seed: int, world_size: int = 1,
-                 on_bad_sample: str = "skip", augment: bool = False):
+                 on_bad_sample: str = "skip", augment: bool = False, rank: int = 0,
+                 task_sampling: str = "per_process"):
         if not entries:
             raise ValueError("no tasks to train on")
         if on_bad_sample not in ("skip", "error"):
             raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}")
+        if task_sampling not in TASK_SAMPLINGS:
+            raise ValueError(f"task_sampling must be one of {TASK_SAMPLINGS}, got {task_sampling!r}")
         for entry in entries:
             if entry.batch_size % world_size:
                 raise ValueError(f"task {entry.task.name!r}: batch_size {entry.batch_size} is not divisible by the "
@@ -166,11 +174,15 @@ class MultiTaskLoader:
         self.names = [e.task.name for e in entries]
         self.probabilities = weights / weights.sum()
         self.ctx, self.seed, self.world_size, self.on_bad_sample = ctx, seed, world_size, on_bad_sample
+        self.rank, self.task_sampling = rank, task_sampling
         self.augment = augment
         self.skipped: list[tuple[str, str, str]] = []
 
-    def task_for_step(self, step: int) -> str:
-        return self.names[int(np.random.default_rng([self.seed, step, 7]).choice(len(self.names), p=self.probabilities))]
+    def task_for_step(self, step: int, rank: int | None = None) -> str:
+        """The task this process (or process `rank`) runs at `step`: a pure function of (seed, step[, rank])."""
+        rank = self.rank if rank is None else rank
+        key = [self.seed, step, 7] + ([rank] if self.task_sampling == "per_process" and rank > 0 else [])
+        return self.names[int(np.random.default_rng(key).choice(len(self.names), p=self.probabilities))]
 
     def batch(self, step: int) -> TaskBatch:
         name = self.task_for_step(step)

@@ -524,15 +524,19 @@ def global_count(count: torch.Tensor) -> torch.Tensor:
     return count
 
 
-def task_loss(batch: TaskBatch, output, label_smoothing: float) -> torch.Tensor:
-    """Candidate cross-entropy of one task batch (+ the router aux loss), normalised over the global batch.
+def task_loss(batch: TaskBatch, output, label_smoothing: float, across_processes: bool = True) -> torch.Tensor:
+    """Candidate cross-entropy of one task batch (+ the router aux loss).
 
-    Each process returns sum(local losses) / (global count / world size): averaging the processes'
-    gradients (DDP) then gives exactly the gradient of the global mean.
+    across_processes (every process runs this task, `data.task_sampling: shared`): normalised over the
+    global batch, each process returning sum(local losses) / (global count / world size), and retrieval
+    scores each pair against every process's pairs; averaging the processes' gradients (DDP) then gives
+    exactly the gradient of the global mean. Otherwise (`per_process`, the reference) the mean over this
+    process's batch, with no collective: the other processes may be running other tasks.
     """
+    gather = gather_with_grad if across_processes else (lambda tensor: (tensor, 0))
     if batch.task.family == "retrieval":
-        images, image_offset = gather_with_grad(output.input_features)
-        texts, _ = gather_with_grad(output.target_features)
+        images, image_offset = gather(output.input_features)
+        texts, _ = gather(output.target_features)
         scale = output.logit_scale
         local = torch.arange(output.input_features.shape[0], device=images.device) + image_offset
         loss = symmetric_cross_entropy(scale * output.input_features @ texts.t(),
@@ -542,7 +546,7 @@ def task_loss(batch: TaskBatch, output, label_smoothing: float) -> torch.Tensor:
         labels = batch.labels.reshape(-1).to(logits.device)
         total = F.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=label_smoothing, reduction="sum")
         count = (labels != -100).sum().float()
-        loss = total / global_count(count).clamp(min=1.0)
+        loss = total / (global_count(count) if across_processes else count).clamp(min=1.0)
     if output.aux_loss is not None:
         loss = loss + output.aux_loss
     return loss

@@ -221,7 +221,8 @@ class Pretrainer:
             stream = TaskStream(name, spec, config.seed, config.data.shuffle_block, acc.process_index, acc.num_processes)
             entries.append(TaskEntry(self.tasks[name], task_config.weight, task_config.batch_size, stream))
         self.loader = MultiTaskLoader(entries, self.ctx, config.seed, acc.num_processes, config.data.on_bad_sample,
-                                      augment=config.data.augment)
+                                      augment=config.data.augment, rank=acc.process_index,
+                                      task_sampling=config.data.task_sampling)
 
         model = UniPerceiverMoEForGenericPerception(self.model_config)
         if config.train.gradient_checkpointing:
@@ -397,7 +398,8 @@ class Pretrainer:
         loss_weight = task_config.loss_weight if task_config.loss_weight is not None else batch.task.loss_weight
         with acc.accumulate(self.model):
             output = self.model(**batch.inputs, task_family=batch.task.family)
-            loss = task_loss(batch, output, self.model_config.label_smoothing_for(batch.task.family))
+            loss = task_loss(batch, output, self.model_config.label_smoothing_for(batch.task.family),
+                             across_processes=self.config.data.task_sampling == "shared")
             acc.backward(loss * loss_weight)
             synced, grad_norm = acc.sync_gradients, None
             if synced:
