@@ -118,8 +118,8 @@ def trainer_row() -> tuple[str, str]:
     with open(os.path.join(LOGS, "train_b_ddp_h200.txt"), encoding="utf-8") as handle:
         rates = {m[1]: int(m[2]) for m in re.finditer(r"^(b_\dgpu)\s+\d+\s+(\d+)", handle.read(), flags=re.M)}
     return ("trainer, `gpu_b.yaml` (B attribute-MoE, bf16)",
-            f"{rates['b_1gpu']:,} tokens/s on 1 x H200, {rates['b_2gpu']:,} on 2 (DDP, "
-            f"{rates['b_2gpu'] / rates['b_1gpu']:.2f}x)")
+            f"{rates['b_1gpu']:,} tokens/s on 1 x H200, {rates['b_2gpu']:,} on 2 (DDP, one task per step on "
+            f"both, {rates['b_2gpu'] / rates['b_1gpu']:.2f}x)")
 
 
 def render() -> str:
