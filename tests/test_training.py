@@ -171,7 +171,7 @@ def test_mlm_masks_whole_words_deterministically(tiny_cache, context):
     assert torch.equal(a.inputs["input_ids"], b.inputs["input_ids"])
     assert not torch.equal(a.inputs["input_ids"], build_batch(task, rows, ctx, epoch=1).inputs["input_ids"])
     word_end = ctx.word_end()
-    ids, mask_id = a.inputs["input_ids"], ctx.model_config.mask_token_id
+    ids, mask_id = a.inputs["input_ids"], ctx.model_config.spe_token_id  # evaluation batches: every word hidden
     for row in range(ids.shape[0]):
         masked = (ids[row] == mask_id).tolist()
         original = ctx.tokenize([rows[row]["text"]])["input_ids"][0]
@@ -179,6 +179,40 @@ def test_mlm_masks_whole_words_deterministically(tiny_cache, context):
             if masked[p] and not bool(word_end[original[p]]):
                 assert masked[p + 1]
         assert sum(masked) >= 1
+
+
+def test_mlm_training_batches_corrupt_the_chosen_words_as_the_reference(tiny_cache, context):
+    """data.mlm_corruption "reference" (the default): in training batches each chosen word becomes <|spe|>
+    80% of the time, random tokens 10%, stays 10%; evaluation batches hide every chosen word; "mask_token"
+    hides every chosen word with [MASK]. Labels and query positions are the chosen words either way."""
+    import dataclasses
+
+    ctx, manifest = context
+    task = get_task("austen_mlm")
+    rows = rows_of(tiny_cache, manifest, "austen_mlm", 200)
+    spe, mask = ctx.model_config.spe_token_id, ctx.model_config.mask_token_id
+    original = ctx.tokenize([row["text"] for row in rows])["input_ids"]
+    kinds = {"spe": 0, "random": 0, "kept": 0}
+    batches = {}
+    for training in (False, True):
+        for corruption in ("reference", "mask_token"):
+            batches[training, corruption] = build_batch(task, rows, dataclasses.replace(ctx, mlm_corruption=corruption),
+                                                        epoch=0, training=training)
+    train = batches[True, "reference"]
+    for row in range(len(rows)):
+        positions = [int(p) for p in train.inputs["query_positions"][row] if p >= 0]
+        for other in batches.values():
+            assert other.inputs["query_positions"][row].tolist() == train.inputs["query_positions"][row].tolist()
+            assert torch.equal(other.labels[row], train.labels[row])
+        assert all(batches[False, "reference"].inputs["input_ids"][row, p] == spe for p in positions)
+        assert all(batches[True, "mask_token"].inputs["input_ids"][row, p] == mask for p in positions)
+        for p in positions:
+            token = int(train.inputs["input_ids"][row, p])
+            kinds["spe" if token == spe else "kept" if token == int(original[row, p]) else "random"] += 1
+    total = sum(kinds.values())
+    assert total > 300
+    assert abs(kinds["spe"] / total - 0.8) < 0.06 and 0.04 < kinds["random"] / total < 0.16
+    assert 0.04 < kinds["kept"] / total < 0.16
 
 
 def test_mask_probability_sets_how_many_words_mlm_masks(tiny_cache, context, tmp_path):
@@ -189,7 +223,7 @@ def test_mask_probability_sets_how_many_words_mlm_masks(tiny_cache, context, tmp
     task = get_task("austen_mlm")
     rows = rows_of(tiny_cache, manifest, "austen_mlm")
     masked = {p: int((build_batch(task, rows, dataclasses.replace(ctx, mask_probability=p), epoch=0)
-                      .inputs["input_ids"] == ctx.model_config.mask_token_id).sum()) for p in (0.15, 0.5)}
+                      .inputs["input_ids"] == ctx.model_config.spe_token_id).sum()) for p in (0.15, 0.5)}
     assert masked[0.5] > 2 * masked[0.15]
     raw = run_config(tiny_cache, str(tmp_path))
     raw["data"]["mask_probability"] = 0.5

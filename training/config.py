@@ -31,6 +31,8 @@ class DataConfig:
     # measured to cost accuracy within 2,000 steps (docs/results.md), meant for long schedules
     max_text_length: int = 32
     mask_probability: float = 0.15  # MLM: share of the words masked (whole words), in training and evaluation
+    mlm_corruption: str = "reference"  # reference: the chosen words become <|spe|>, in training 80% of the time
+    # (10% random tokens, 10% unchanged), as the reference | mask_token: always [MASK]
     vocabulary_size: int = 1024  # MLM/caption candidates: the most frequent BPE tokens of the slice
     eval_samples: int = 128  # per task, from the test split
     prefetch: int = 2  # batches built ahead in a background thread (0 = none)
@@ -101,6 +103,7 @@ CHOICES = {
     ("data", "on_bad_sample"): ("skip", "error"),
     ("data", "image_preprocessing"): ("clip", "reference"),
     ("data", "task_sampling"): ("per_process", "shared"),
+    ("data", "mlm_corruption"): ("reference", "mask_token"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
     ("train", "on_non_finite"): ("stop", "skip"),
 }

@@ -190,7 +190,7 @@ class MultiTaskLoader:
         local = entry.batch_size // self.world_size
         rows = entry.stream.take(local)
         for _ in range(100):
-            built = build_batch(entry.task, rows, self.ctx, entry.stream.epoch, augment=self.augment)
+            built = build_batch(entry.task, rows, self.ctx, entry.stream.epoch, augment=self.augment, training=True)
             if not built.skipped:
                 built.data_state = self.state_dict()  # the position right after this batch (for checkpoints)
                 return built

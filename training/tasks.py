@@ -116,6 +116,7 @@ class TaskContext:
     vocabulary: torch.Tensor | None = None
     max_text_length: int = 32
     mask_probability: float = 0.15
+    mlm_corruption: str = "reference"  # how chosen MLM words are hidden: corrupt_masked_words
     seed: int = 0
     workers: int = 0  # threads decoding/resizing images (0 = in the calling thread)
     _cache: dict = field(default_factory=dict, repr=False)
@@ -383,24 +384,38 @@ def append_query_token(ids: torch.Tensor, mask: torch.Tensor, token: int, max_le
     return out, out_mask
 
 
-def whole_word_mask(ids: list[int], word_end: torch.Tensor, probability: float, rng: np.random.Generator) -> list[bool]:
-    """Choose `probability` of the words (at least one) of a `[bos] tokens [eos]` sequence; True = masked."""
+def masked_word_spans(ids: list[int], word_end: torch.Tensor, probability: float,
+                      rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Choose `probability` of the words (at least one) of a `[bos] tokens [eos]` sequence: the chosen words'
+    `(start, end)` token spans, in sequence order."""
     words, start = [], 1
     for position in range(1, len(ids) - 1):
         if bool(word_end[ids[position]]) or position == len(ids) - 2:
             words.append((start, position + 1))
             start = position + 1
-    masked = [False] * len(ids)
     if not words:
-        return masked
+        return []
     count = max(1, int(round(probability * len(words))))
-    for w in rng.choice(len(words), size=min(count, len(words)), replace=False):
-        for position in range(*words[w]):
-            masked[position] = True
-    return masked
+    chosen = rng.choice(len(words), size=min(count, len(words)), replace=False)
+    return [words[w] for w in sorted(chosen)]
 
 
-def build_mlm(task: Task, samples: list[dict], ctx: TaskContext, epoch: int) -> TaskBatch:
+def corrupt_masked_words(ids: torch.Tensor, spans: list[tuple[int, int]], mask_symbol: int, replace_some: bool,
+                         random_below: int, rng: np.random.Generator) -> None:
+    """Hide the chosen words of `ids` `[T]` in place: every token by `mask_symbol`, or with `replace_some` (the
+    reference's training corruption) per word 80% of the time by `mask_symbol`, 10% by random tokens (ids
+    below `random_below`) and 10% left as they are."""
+    for start, end in spans:
+        draw = rng.random() if replace_some else 0.0
+        if draw < 0.8:
+            ids[start:end] = mask_symbol
+        elif draw < 0.9:
+            ids[start:end] = torch.from_numpy(rng.integers(0, random_below, end - start))
+
+
+def build_mlm(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, training: bool = False) -> TaskBatch:
+    """Whole-word masked-language modelling. `ctx.mlm_corruption` "reference" hides the chosen words with
+    <|spe|> (80/10/10 in training batches, every token in evaluation), "mask_token" with [MASK] always."""
     texts, kept, skipped = [], [], []
     for sample in samples:
         try:
@@ -414,11 +429,15 @@ def build_mlm(task: Task, samples: list[dict], ctx: TaskContext, epoch: int) -> 
     queries, labels = [], []
     for row, sample in enumerate(kept):
         n = int(mask[row].sum())
-        chosen = whole_word_mask(ids[row, :n].tolist(), word_end, ctx.mask_probability, sample_rng(ctx, task, sample, epoch))
-        positions = [p for p, m in enumerate(chosen) if m]
+        rng = sample_rng(ctx, task, sample, epoch)
+        spans = masked_word_spans(ids[row, :n].tolist(), word_end, ctx.mask_probability, rng)
+        positions = [p for start, end in spans for p in range(start, end)]
         labels.append([int(vocab_index[ids[row, p]]) for p in positions])
         queries.append(positions)
-        ids[row, positions] = ctx.model_config.mask_token_id
+        reference = ctx.mlm_corruption == "reference"
+        symbol = ctx.model_config.spe_token_id if reference else ctx.model_config.mask_token_id
+        # random replacements are drawn from the CLIP BPE ids (those below [MASK]), as the reference's
+        corrupt_masked_words(ids[row], spans, symbol, reference and training, ctx.model_config.mask_token_id, rng)
     width = max((len(q) for q in queries), default=1) or 1
     query_positions = torch.full((len(kept), width), -1, dtype=torch.long)
     label_tensor = torch.full((len(kept), width), -100, dtype=torch.long)
@@ -492,12 +511,16 @@ TOKEN_LEVEL_FAMILIES = ("mlm", "captioning", "text_classification")
 AUGMENTED_FAMILIES = ("image_classification", "video_classification")  # `augment_frames` in training
 
 
-def build_batch(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, augment: bool = False) -> TaskBatch:
+def build_batch(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, augment: bool = False,
+                training: bool = False) -> TaskBatch:
     """Samples (raw rows of the task's source) -> a `TaskBatch`; malformed samples are listed in `skipped`.
     augment: training batches of `AUGMENTED_FAMILIES` get `augment_frames`, drawn per (seed, task, epoch,
-    sample) so that resumption and any process layout see the same crops."""
+    sample) so that resumption and any process layout see the same crops. training: a training batch (MLM
+    then corrupts as the reference trains, `build_mlm`)."""
     if augment and task.family in AUGMENTED_FAMILIES:
         return FAMILY_BUILDERS[task.family](task, samples, ctx, epoch, augment=True)
+    if training and task.family == "mlm":
+        return FAMILY_BUILDERS[task.family](task, samples, ctx, epoch, training=True)
     return FAMILY_BUILDERS[task.family](task, samples, ctx, epoch)
 
 

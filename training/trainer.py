@@ -257,7 +257,8 @@ class Pretrainer:
         return TaskContext(self.processor.tokenizer, self.processor.image_processor, self.model_config,
                            label_names=label_names, vocabulary=vocabulary,
                            max_text_length=self.config.data.max_text_length, seed=self.config.seed,
-                           workers=self.config.data.workers, mask_probability=self.config.data.mask_probability)
+                           workers=self.config.data.workers, mask_probability=self.config.data.mask_probability,
+                           mlm_corruption=self.config.data.mlm_corruption)
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> str:
