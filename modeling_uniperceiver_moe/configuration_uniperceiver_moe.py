@@ -87,6 +87,10 @@ class UniPerceiverMoEConfig(PretrainedConfig):
             neighbouring positions start out similar (masked-language modelling leaves its most-frequent-word
             plateau sooner, docs/results.md); `"normal"`, std `initializer_range` like every embedding (the
             reference, `REFERENCE_INIT`).
+        random_temporal_offset (`bool`, defaults to `False`): in training, the frames of a batch take the
+            temporal slots from a random first slot on (one draw per batch, within `num_frames`), so an image
+            or a short clip trains every slot; evaluation starts at slot 0. The reference does this
+            (`VIDEO_EMBED.POS_RANDOM`, on in its configs; converted checkpoints get True).
         vision_position_scale (`float`, defaults to 1.0): the patch grid coordinates are multiplied by it
             before the fixed 2-D sin-cos encoding (the reference's `POSEMBED_SCALE`: its 224 px stage-2,
             zero-shot and prompt-tuning configs use 160/224, the positions of the 160 px stage 1).
@@ -174,6 +178,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         max_position_embeddings: int = 512,
         text_position_init: str = "sincos",
         vision_position_scale: float = 1.0,
+        random_temporal_offset: bool = False,
         image_size: int = 224,
         patch_size: int = 16,
         num_channels: int = 3,
@@ -237,6 +242,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.text_position_init = text_position_init
         self.vision_position_scale = vision_position_scale
+        self.random_temporal_offset = random_temporal_offset
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_channels = num_channels

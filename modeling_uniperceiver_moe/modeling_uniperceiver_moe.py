@@ -245,7 +245,12 @@ class UniPerceiverMoEEmbeddings(nn.Module):
                                                cfg.vision_position_scale).to(patches.dtype)
         # embeddings are looked up by calling their modules (never by reading `.weight`), so offloading hooks
         # that load a module's weights when it is called see every use
-        temporal = self.temporal_embeddings(torch.arange(frames, device=patches.device))[:, None, :]
+        slots = torch.arange(frames, device=patches.device)
+        if self.training and cfg.random_temporal_offset and frames < cfg.num_frames:
+            # the reference's VIDEO_EMBED.POS_RANDOM: one random first slot per batch, so that an image or a short
+            # clip trains every temporal slot (evaluation starts at slot 0)
+            slots = slots + torch.randint(0, cfg.num_frames - frames + 1, (1,), device=patches.device)
+        temporal = self.temporal_embeddings(slots)[:, None, :]
         tokens = patches + spatial[None, None] + temporal[None]
         tokens = tokens.reshape(batch, frames * grid_h * grid_w, -1)
         return tokens + self.modality_embedding(modality, tokens.device), modality

@@ -650,3 +650,31 @@ def test_a_shared_projection_head_projects_inputs_and_candidates_alike(tmp_path)
     assert loaded.config.share_projection_head and loaded.target_head is None
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, logits)
+
+
+def test_a_random_first_temporal_slot_in_training_only_as_the_reference():
+    """`random_temporal_offset`: an image (one frame) takes a random temporal slot per training batch, the
+    same slot for the whole batch; evaluation and the default use slot 0."""
+    torch.manual_seed(0)
+    config = tiny_config(random_temporal_offset=True)
+    embeddings = UniPerceiverMoEModel(config).embeddings
+    slots = embeddings.temporal_embeddings.weight
+    pixels = torch.randn(2, 3, 16, 16)
+
+    embeddings.eval()
+    reference_tokens, _ = embeddings.embed_vision(pixels)
+    embeddings.train()
+    seen = set()
+    for _ in range(40):
+        tokens, _ = embeddings.embed_vision(pixels)
+        shift = tokens - reference_tokens  # slot f - slot 0, the same for every token of the batch
+        matches = [f for f in range(config.num_frames)
+                   if torch.allclose(shift, (slots[f] - slots[0]).expand_as(shift), atol=1e-6)]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert seen == set(range(config.num_frames))
+    embeddings.eval()
+    torch.testing.assert_close(embeddings.embed_vision(pixels)[0], reference_tokens)
+    default = UniPerceiverMoEModel(tiny_config()).embeddings.train()
+    default.load_state_dict(embeddings.state_dict())
+    torch.testing.assert_close(default.embed_vision(pixels)[0], reference_tokens)
