@@ -1,9 +1,9 @@
 """The one command-line convention of every script of this repository.
 
-A script declares its options as a dataclass and parses them with `parse_script_arguments`, which is
-transformers' `HfArgumentParser` plus three things:
+A script declares its options as a dataclass and parses them with `parse_script_arguments`: transformers'
+`HfArgumentParser`, which reads flags in either spelling (`--data_fraction 0.01` or `--data-fraction 0.01`),
+plus three things:
 
-* flags in either spelling, `--data_fraction 0.01` or `--data-fraction 0.01` (HfArgumentParser's own);
 * a single `.yaml` / `.yml` / `.json` argument holding the options instead of flags, read through the same
   parser, so a file is checked exactly like a command line (types, choices, required options, unknown
   names);
@@ -70,8 +70,8 @@ def option_file_to_argv(path: str, options: type, parser: argparse.ArgumentParse
                      f"the options are {', '.join(fields)}")
     positional, flags = [], []
     for name, field in fields.items():
-        if name not in values or values[name] is None:
-            continue
+        if name not in values or values[name] is None or values[name] == []:
+            continue  # the default
         value = values[name]
         words = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
         if field.metadata.get("positional"):

@@ -47,6 +47,9 @@ def test_an_options_file_gives_what_the_same_flags_give(tmp_path, suffix):
     from_flags = parse_script_arguments(ExampleArguments, ["ckpt", "--repo_id", "u/x", "--learning_rate", "0.5",
                                                            "--dry_run", "true", "--set", "a=1", "b=2"])
     assert from_file == from_flags
+    path.write_text("folder: ckpt\nrepo_id: u/x\nset: []\nlearning_rate: null\n" if suffix == ".yaml"
+                    else '{"folder": "ckpt", "repo_id": "u/x", "set": [], "learning_rate": null}')
+    assert parse_script_arguments(ExampleArguments, [str(path)]) == ExampleArguments(folder="ckpt", repo_id="u/x")
 
 
 @pytest.mark.parametrize("argv, contents, message", [
