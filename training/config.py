@@ -15,6 +15,11 @@ from typing import Any, Optional
 
 import yaml
 
+from modeling_uniperceiver_moe.processing_uniperceiver_moe import IMAGE_PREPROCESSING
+
+from .data import TASK_SAMPLINGS
+from .tasks import MLM_CORRUPTIONS
+
 
 class ConfigError(ValueError):
     pass
@@ -101,9 +106,9 @@ SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 CHOICES = {
     ("data", "slice"): ("tiny", "small", "full"),
     ("data", "on_bad_sample"): ("skip", "error"),
-    ("data", "image_preprocessing"): ("clip", "reference"),
-    ("data", "task_sampling"): ("per_process", "shared"),
-    ("data", "mlm_corruption"): ("reference", "mask_token"),
+    ("data", "image_preprocessing"): IMAGE_PREPROCESSING,
+    ("data", "task_sampling"): TASK_SAMPLINGS,
+    ("data", "mlm_corruption"): MLM_CORRUPTIONS,
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
     ("train", "on_non_finite"): ("stop", "skip"),
 }

@@ -400,6 +400,9 @@ def masked_word_spans(ids: list[int], word_end: torch.Tensor, probability: float
     return [words[w] for w in sorted(chosen)]
 
 
+MLM_CORRUPTIONS = ("reference", "mask_token")  # how `build_mlm` hides the chosen words
+
+
 def corrupt_masked_words(ids: torch.Tensor, spans: list[tuple[int, int]], mask_symbol: int, replace_some: bool,
                          random_below: int, rng: np.random.Generator) -> None:
     """Hide the chosen words of `ids` `[T]` in place: every token by `mask_symbol`, or with `replace_some` (the

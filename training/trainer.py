@@ -418,7 +418,11 @@ class Pretrainer:
         if "target_attention_mask" in batch.inputs:
             mask = batch.inputs["target_attention_mask"]
             tokens += int(mask.sum()) + mask.shape[0]
-        return {"task": batch.task.name, "loss": acc.reduce(loss.detach(), "mean").item(), "tokens": tokens,
+        # one task on every process: the step's loss is the mean over processes; otherwise (per_process) the
+        # processes ran different tasks, and the loss logged under this process's task is its own
+        shared = self.config.data.task_sampling == "shared"
+        logged = acc.reduce(loss.detach(), "mean") if shared else loss.detach()
+        return {"task": batch.task.name, "loss": logged.item(), "tokens": tokens,
                 "synced": synced, "grad_norm": grad_norm, "skipped": skipped}
 
     @property
