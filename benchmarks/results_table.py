@@ -56,7 +56,7 @@ def single_task_row() -> tuple[str, str]:
 
 
 def multitask_row() -> tuple[str, str]:
-    runs = {run["run"]: run for run in load("learning/multitask_gpu_reference_mlm_h200.json")["runs"]}
+    runs = {run["run"]: run for run in load("learning/multitask_gpu_text_distance_bias_h200.json")["runs"]}
     # the plain baselines of the same config (trained on their own task only, so the same for both runs)
     plain_runs = {run["run"]: run for run in load("learning/multitask_gpu_current_h200.json")["runs"]}
 
@@ -70,7 +70,7 @@ def multitask_row() -> tuple[str, str]:
         curve = run["plain"]["fashion_mnist_classification"]["curve"]
         return int(max(curve, key=int)), curve[max(curve, key=int)]
 
-    ti, b = runs["ti_lr2e-4_ref"], runs["b_ref"]
+    ti, b = runs["ti_alibi"], runs["b_alibi"]
     (steps, plain_ti), (_, plain_b) = plain_vit(plain_runs["plain+ti_lr2e-4"]), plain_vit(plain_runs["plain+b"])
     return ("multi-task `gpu_b.yaml` (nine tasks), 1 x H200, 2,000 steps",
             f"Ti (lr 2e-4): {describe(final(ti))}. B: {describe(final(b))}; a plain ViT of each shape given "

@@ -483,6 +483,7 @@ def infer_config(reference_sd: dict[str, torch.Tensor], **overrides):
         drop_path_rate=0.0, layer_norm_eps=1e-5,
         share_projection_head=True,  # one ln_post + proj for inputs and candidates
         random_temporal_offset=True,  # VIDEO_EMBED.POS_RANDOM (on by default in the reference)
+        text_distance_bias="none",  # the reference's attention has no bias between words
     )
     if f"{LAYER_PREFIX.format(i=0)}gamma_1" not in reference_sd:
         values["layer_scale_init"] = 0.0

@@ -20,6 +20,7 @@ MOE_PROJECTIONS = ("attn_qkv", "attn_out", "ffn_fc1", "ffn_fc2")
 MODALITIES = ("text", "image", "video")
 INITIALIZER_SCHEMES = ("fan_in", "fixed")
 TEXT_POSITION_INITS = ("normal", "sincos")
+TEXT_DISTANCE_BIASES = ("none", "alibi")
 DROP_PATH_SCHEDULES = ("linear", "fixed")
 # The reference's initialisation (BERT init, LayerScale 1e-3), made for its huge-batch, long schedule
 # (`training/configs/reference_b.yaml`); the defaults learn from scratch at small scale.
@@ -87,6 +88,12 @@ class UniPerceiverMoEConfig(PretrainedConfig):
             neighbouring positions start out similar (masked-language modelling leaves its most-frequent-word
             plateau sooner, docs/results.md); `"normal"`, std `initializer_range` like every embedding (the
             reference, `REFERENCE_INIT`).
+        text_distance_bias (`str`, defaults to `"alibi"`): `"alibi"` adds `-slope_h * |p_i - p_j|` to the
+            attention logits of head h between two text tokens at text positions p_i and p_j (ALiBi, Press et
+            al. 2022), 0 between any other pair. The first ceil(H/2) heads are local, slopes 1, 1/2, 1/4, ...;
+            the others get slope 0 and stay global. Word-level text attention so starts out local, and
+            masked-language modelling leaves its most-frequent-word plateau several times sooner from
+            scratch (docs/results.md). `"none"`: no bias, as in the reference (converted checkpoints get it).
         random_temporal_offset (`bool`, defaults to `False`): in training, the frames of a batch take the
             temporal slots from a random first slot on (one draw per batch, within `num_frames`), so an image
             or a short clip trains every slot; evaluation starts at slot 0. The reference does this
@@ -177,6 +184,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         pad_token_id: int = 49407,
         max_position_embeddings: int = 512,
         text_position_init: str = "sincos",
+        text_distance_bias: str = "alibi",
         vision_position_scale: float = 1.0,
         random_temporal_offset: bool = False,
         image_size: int = 224,
@@ -241,6 +249,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         self.spe_token_id = spe_token_id
         self.max_position_embeddings = max_position_embeddings
         self.text_position_init = text_position_init
+        self.text_distance_bias = text_distance_bias
         self.vision_position_scale = vision_position_scale
         self.random_temporal_offset = random_temporal_offset
         self.image_size = image_size
@@ -336,6 +345,8 @@ class UniPerceiverMoEConfig(PretrainedConfig):
             fail("vision_position_scale", f"must be a positive number, got {self.vision_position_scale!r}")
         if self.text_position_init not in TEXT_POSITION_INITS:
             fail("text_position_init", f"must be one of {TEXT_POSITION_INITS}, got {self.text_position_init!r}")
+        if self.text_distance_bias not in TEXT_DISTANCE_BIASES:
+            fail("text_distance_bias", f"must be one of {TEXT_DISTANCE_BIASES}, got {self.text_distance_bias!r}")
         if self.initializer_scheme not in INITIALIZER_SCHEMES:
             fail("initializer_scheme", f"must be one of {INITIALIZER_SCHEMES}, got {self.initializer_scheme!r}")
         if self.layer_scale_init < 0:

@@ -160,6 +160,27 @@ def caption_attention_pattern(num_prefix: int, num_words: int, device=None) -> t
     return allowed
 
 
+def text_distance_slopes(num_heads: int) -> torch.Tensor:
+    """`[H]` ALiBi slopes: 1, 1/2, 1/4, ... for the first ceil(H/2) heads (local ones: the first looks at its
+    nearest words), 0 for the others (global: a query word such as text classification's inner [SPE] still
+    reads the whole text through them)."""
+    head = torch.arange(num_heads, dtype=torch.float32)
+    return torch.where(head < (num_heads + 1) // 2, torch.exp2(-head), torch.zeros(()))
+
+
+def text_distance_bias(text_positions: torch.Tensor, num_heads: int, length: int, text_start: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias `[B, H, L, L]` (B may be 1): `-slope_h * |p_i - p_j|` between the text tokens
+    at sequence indices `text_start..L-1`, whose text positions are `text_positions` `[B, L - text_start]`;
+    0 wherever a query or a key is not text (SPE, patches, frames)."""
+    slopes = text_distance_slopes(num_heads).to(text_positions.device)
+    positions = text_positions.float()
+    distance = (positions[:, :, None] - positions[:, None, :]).abs()  # [B, T, T]
+    bias = torch.zeros(positions.shape[0], num_heads, length, length, dtype=dtype, device=positions.device)
+    bias[:, :, text_start:, text_start:] = (-slopes[None, :, None, None] * distance[:, None]).to(dtype)
+    return bias
+
+
 def symmetric_cross_entropy(input_to_target: torch.Tensor, target_to_input: torch.Tensor, labels: torch.Tensor,
                             label_smoothing: float = 0.0) -> torch.Tensor:
     """Retrieval's loss: the input->target plus the target->input cross-entropy (each a mean over the local
@@ -561,7 +582,8 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """query/key/value: `[B, H, L, Dh]`; attention_mask: additive `[B, 1, L, L]`. Returns (`[B, L, H, Dh]`, weights)."""
+    """query/key/value: `[B, H, L, Dh]`; attention_mask: additive `[B, 1 or H, L, L]`. Returns (`[B, L, H, Dh]`,
+    weights)."""
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
@@ -1387,6 +1409,14 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
             key_mask = sequence_mask[:, None, :].expand(batch, length, length)
             allowed = key_mask if allowed is None else allowed & key_mask
         additive_mask = self._attention_mask(allowed, hidden.dtype)
+        if self.config.text_distance_bias == "alibi" and text is not None:
+            text_positions = (position_ids if position_ids is not None
+                              else torch.arange(text_shape[1], device=hidden.device)[None])
+            if caption_mode:  # placeholder q_i sits at the position of w_i
+                text_positions = torch.cat([text_positions, text_positions], dim=1)
+            bias = text_distance_bias(text_positions, self.config.num_attention_heads, length, text_start,
+                                      hidden.dtype)
+            additive_mask = bias if additive_mask is None else additive_mask + bias
 
         state = self._routing_state(modality_ids, attribute_vectors, task_ids, sequence_mask, compute_dtype(hidden),
                                     merged_experts)

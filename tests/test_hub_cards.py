@@ -569,6 +569,7 @@ def test_every_reference_tensor_lands_where_it_should(reference):
     assert torch.equal(ours[m + "temporal_embeddings.weight"], sd["video_embed.embeddings_st_pos.temporal_pos_embed.weight"])
     assert torch.equal(ours[m + "layer_norm.bias"], sd["token_embed.embeddings_norm.bias"])
     assert config.share_projection_head and not any(key.startswith("target_head.") for key in ours)
+    assert config.text_distance_bias == "none"  # the reference's attention has no bias between words
     assert torch.equal(ours["input_head.norm.weight"], sd["loss_prepare.ln_post.weight"])
     assert torch.equal(ours["input_head.proj.weight"], sd["loss_prepare.proj.weight"])
     two_heads = copy.deepcopy(config)  # a --config with a head per side gets the reference's head in both
