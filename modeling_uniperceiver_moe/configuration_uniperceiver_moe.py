@@ -282,6 +282,14 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         self.validate_moe()
 
     # ------------------------------------------------------------------ derived views
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "UniPerceiverMoEConfig":
+        """As `PretrainedConfig.from_dict`; a saved config without `text_distance_bias` describes attention
+        without that bias, so it loads as `"none"` (the weights it holds were trained so), not as the default."""
+        if "text_distance_bias" not in config_dict:
+            config_dict = {**config_dict, "text_distance_bias": "none"}
+        return super().from_dict(config_dict, **kwargs)
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads

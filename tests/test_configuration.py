@@ -55,3 +55,19 @@ def test_invalid_configs_name_the_field(overrides, field):
 def test_folding_only_for_data_independent_routing():
     with pytest.raises(ValueError, match="folded_routes"):
         tiny_config(routing="token", folded_routes=[[0] * 8])
+
+
+def test_a_saved_config_without_text_distance_bias_loads_without_the_bias(tmp_path):
+    """A new config gets the default (local attention between words); a config.json that does not name the
+    option describes a model whose weights were trained without it."""
+    import json
+
+    config = UniPerceiverMoEConfig(model_size="ti")
+    assert config.text_distance_bias == "alibi"
+    config.save_pretrained(tmp_path)
+    assert UniPerceiverMoEConfig.from_pretrained(tmp_path).text_distance_bias == "alibi"
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["text_distance_bias"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert UniPerceiverMoEConfig.from_pretrained(tmp_path).text_distance_bias == "none"
+    assert UniPerceiverMoEConfig.from_pretrained(tmp_path, text_distance_bias="alibi").text_distance_bias == "alibi"
