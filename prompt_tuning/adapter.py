@@ -7,7 +7,8 @@ The recipe (notes section 4) freezes the pre-trained model, experts and gates in
 * all LayerNorms of the encoder and of both heads (not the routers' norms: gates stay frozen);
 * a bias on the SPE embedding;
 * for classification, a zero-initialised linear "label prompt" over the input features, added to the
-  similarity logits with a learnable weight (init 1) by a forward hook on the model.
+  similarity logits with a learnable weight (init 1) by a forward hook on the model;
+* optionally (`prompt_gate`), a zero-initialised gate per layer on what the prompts change.
 
 PEFT integration: `DeepPromptConfig` / `DeepPromptModel` are a `PeftConfig` / `BaseTuner` pair registered
 under the PEFT type `UNIPERCEIVER_DEEP_PROMPT` (see `register_with_peft`), so `get_peft_model`,
@@ -52,6 +53,10 @@ class DeepPromptConfig(PeftConfig):
     train_layer_norms: learn copies of every encoder/head LayerNorm (PEFT `modules_to_save`).
     spe_bias: learn a bias on the SPE token embedding.
     prompt_init_std: std of the prompts' normal init.
+    prompt_gate: learn a per-layer gate g `[d]`, zero at init, on what the prompts change: the attention
+        output becomes A(without prompts) + g * (A(with prompts) - A(without prompts)). The adapter then
+        starts as the frozen model exactly (fresh prompts otherwise take attention away from the real
+        tokens) and can grow into the plain prompt form (g = 1). Costs a second attention pass per layer.
     """
 
     num_prompts: int = field(default=10, metadata={"help": "key/value prompts per layer"})
@@ -60,6 +65,7 @@ class DeepPromptConfig(PeftConfig):
     train_layer_norms: bool = field(default=True, metadata={"help": "learn the LayerNorms"})
     spe_bias: bool = field(default=True, metadata={"help": "learn a bias on the SPE embedding"})
     prompt_init_std: float = field(default=0.02, metadata={"help": "init std of the prompts"})
+    prompt_gate: bool = field(default=False, metadata={"help": "zero-initialised gate on the prompts' effect"})
     target_modules: str | list[str] | None = field(default=None, metadata={"help": "set by the tuner"})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "set from train_layer_norms"})
 
@@ -78,7 +84,7 @@ class DeepPromptAttention(nn.Module, BaseTunerLayer):
     """Wraps an attention module; feeds it the active adapter's key/value prompts."""
 
     adapter_layer_names = ("deep_prompt_keys", "deep_prompt_values", "deep_prompt_target_keys",
-                           "deep_prompt_target_values")
+                           "deep_prompt_target_values", "deep_prompt_gates")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: DeepPromptConfig):
         super().__init__()
@@ -87,6 +93,7 @@ class DeepPromptAttention(nn.Module, BaseTunerLayer):
         self.deep_prompt_values = nn.ParameterDict()
         self.deep_prompt_target_keys = nn.ParameterDict()
         self.deep_prompt_target_values = nn.ParameterDict()
+        self.deep_prompt_gates = nn.ParameterDict()
         self._disable_adapters = False
         self.merged_adapters = []
         self.update_layer(adapter_name, config)
@@ -103,19 +110,31 @@ class DeepPromptAttention(nn.Module, BaseTunerLayer):
         if config.separate_target_prompts:
             self.deep_prompt_target_keys[adapter_name] = prompts()
             self.deep_prompt_target_values[adapter_name] = prompts()
+        if config.prompt_gate:
+            self.deep_prompt_gates[adapter_name] = nn.Parameter(torch.zeros(width, device=weight.device))
         self.set_adapter(adapter_name)
 
     def forward(self, hidden, attention_mask, dispatch, output_attentions: bool = False, key_value_prompts=None,
                 record_key_values=None, sorted_rows=None):
         prompts = list(key_value_prompts or [])
+        gate = None
         if not self.disable_adapters:
             name = self.active_adapters[0]
             if ENCODING_TARGETS.get() and name in self.deep_prompt_target_keys:
                 prompts.insert(0, (self.deep_prompt_target_keys[name], self.deep_prompt_target_values[name]))
             elif name in self.deep_prompt_keys and self.deep_prompt_keys[name].shape[0] > 0:
                 prompts.insert(0, (self.deep_prompt_keys[name], self.deep_prompt_values[name]))
-        return self.base_layer(hidden, attention_mask, dispatch, output_attentions, key_value_prompts=prompts or None,
-                               record_key_values=record_key_values, sorted_rows=sorted_rows)
+            if len(prompts) > len(key_value_prompts or []) and name in self.deep_prompt_gates:
+                gate = self.deep_prompt_gates[name]
+        out, weights = self.base_layer(hidden, attention_mask, dispatch, output_attentions,
+                                       key_value_prompts=prompts or None, record_key_values=record_key_values,
+                                       sorted_rows=sorted_rows)
+        if gate is None:
+            return out, weights
+        # the gated form: the frozen layer's output plus the gated change the prompts make to it
+        frozen, _ = self.base_layer(hidden, attention_mask, dispatch, False, key_value_prompts=key_value_prompts,
+                                    sorted_rows=sorted_rows)
+        return frozen + gate.to(out.dtype) * (out - frozen), weights
 
 
 class DeepPromptModel(BaseTuner):

@@ -88,14 +88,15 @@ class LinearProbe(nn.Module):
         return {"loss": loss, "logits": logits}
 
 
-def build_tuned_model(base, method: str, family: str, num_labels: int | None, num_prompts: int):
+def build_tuned_model(base, method: str, family: str, num_labels: int | None, num_prompts: int,
+                      prompt_gate: bool = False):
     if method == "prompt":
         from peft import get_peft_model
 
         from .adapter import DeepPromptConfig
 
         config = DeepPromptConfig(num_prompts=num_prompts, num_labels=num_labels if family in CLASSIFICATION else None,
-                                  separate_target_prompts=family == "retrieval")
+                                  separate_target_prompts=family == "retrieval", prompt_gate=prompt_gate)
         return get_peft_model(base, config)
     if method == "linear_probe":
         if family not in CLASSIFICATION:
@@ -211,6 +212,9 @@ class PromptTuningArguments:
     data_cache: str = field(default="data_cache", metadata={"help": "where the data slices live"})
     slice: str = field(default="small", metadata={"help": "the data slice (training.build_data)"})
     num_prompts: int = field(default=10, metadata={"help": "deep prompts per layer"})
+    prompt_gate: bool = field(default=False, metadata={
+        "help": "gate the prompts' effect by a zero-initialised scale per layer, so the adapter starts as the "
+                "frozen model (DeepPromptConfig.prompt_gate)"})
     max_steps: Optional[int] = field(default=None, metadata={"help": "default: the reference recipe of the family"})
     learning_rate: Optional[float] = field(default=None, metadata={"help": "default: the reference recipe"})
     warmup_steps: Optional[int] = field(default=None, metadata={"help": "default: the reference recipe"})
@@ -270,7 +274,9 @@ def main(argv=None) -> dict:
     results = {"task": args.task, "method": args.method, "train_samples": len(train_rows),
                "eval_samples": len(eval_rows), "data_fraction": args.data_fraction}
     num_labels = len(label_names) if label_names else None
-    model = build_tuned_model(base, args.method, family, num_labels, args.num_prompts).to(device)
+    model = build_tuned_model(base, args.method, family, num_labels, args.num_prompts, args.prompt_gate).to(device)
+    if args.prompt_gate:
+        results["prompt_gate"] = True
     if not args.no_zero_shot and args.method != "linear_probe":
         # zero-shot = the pre-trained model as it is (the adapter switched off: its random prompts would
         # otherwise perturb the baseline)

@@ -117,6 +117,40 @@ def test_target_prompts_are_used_only_for_targets():
     assert not torch.equal(before.target_features, after.target_features)
 
 
+def test_gated_prompts_start_as_the_frozen_model_and_learn():
+    """`prompt_gate`: with its zero gates the adapter's output is the frozen model's, bit for bit (fresh
+    prompts without the gate take attention from the real tokens); one step moves the gates, and the gated
+    form survives save and load and the cached caption forward."""
+    inputs = classification_inputs()
+    with torch.no_grad():
+        plain, _ = tuned(num_labels=4)
+        with plain.disable_adapter():
+            frozen = plain(**inputs, task_family="image_classification").logits
+        assert not torch.equal(plain(**inputs, task_family="image_classification").logits, frozen)
+        gated, _ = tuned(num_labels=4, prompt_gate=True)
+        assert torch.equal(gated(**inputs, task_family="image_classification").logits, frozen)
+    gates = gated.get_base_model().uniperceiver.encoder.layers[0].attention.deep_prompt_gates["default"]
+    train_one_step(gated, inputs, "image_classification")
+    assert gates.abs().sum() > 0
+    net = gated.get_base_model().eval().uniperceiver
+    cached, full, _ = cached_and_full_caption_states(net, torch.randn(2, 3, 16, 16), torch.randint(0, 49000, (2, 5)))
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_adapter_round_trip(tmp_path):
+    gated, _ = tuned(num_labels=4, prompt_gate=True)
+    inputs = classification_inputs()
+    train_one_step(gated, inputs, "image_classification")
+    with torch.no_grad():
+        expected = gated(**inputs, task_family="image_classification").logits
+    gated.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    base = UniPerceiverMoEForGenericPerception(tiny_config("attribute")).eval()
+    loaded = PeftModel.from_pretrained(base, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs, task_family="image_classification").logits, expected)
+
+
 # --------------------------------------------------------------------------------------------- generation
 def cached_and_full_caption_states(net, pixels: torch.Tensor, ids: torch.Tensor):
     """The word and placeholder states of a caption forward two ways: cached (image prefix recorded first,
