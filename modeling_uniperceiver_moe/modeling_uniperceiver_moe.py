@@ -160,12 +160,12 @@ def caption_attention_pattern(num_prefix: int, num_words: int, device=None) -> t
     return allowed
 
 
-def text_distance_slopes(num_heads: int) -> torch.Tensor:
+def text_distance_slopes(num_heads: int, device=None) -> torch.Tensor:
     """`[H]` ALiBi slopes: 1, 1/2, 1/4, ... for the first ceil(H/2) heads (local ones: the first looks at its
     nearest words), 0 for the others (global: a query word such as text classification's inner [SPE] still
     reads the whole text through them)."""
-    head = torch.arange(num_heads, dtype=torch.float32)
-    return torch.where(head < (num_heads + 1) // 2, torch.exp2(-head), torch.zeros(()))
+    head = torch.arange(num_heads, dtype=torch.float32, device=device)
+    return torch.exp2(-head).masked_fill(head >= (num_heads + 1) // 2, 0.0)
 
 
 def text_distance_bias(text_positions: torch.Tensor, num_heads: int, length: int, text_start: int,
@@ -173,7 +173,7 @@ def text_distance_bias(text_positions: torch.Tensor, num_heads: int, length: int
     """Additive attention bias `[B, H, L, L]` (B may be 1): `-slope_h * |p_i - p_j|` between the text tokens
     at sequence indices `text_start..L-1`, whose text positions are `text_positions` `[B, L - text_start]`;
     0 wherever a query or a key is not text (SPE, patches, frames)."""
-    slopes = text_distance_slopes(num_heads).to(text_positions.device)
+    slopes = text_distance_slopes(num_heads, text_positions.device)  # built where it is used: no host copy
     positions = text_positions.float()
     distance = (positions[:, :, None] - positions[:, None, :]).abs()  # [B, T, T]
     bias = torch.zeros(positions.shape[0], num_heads, length, length, dtype=dtype, device=positions.device)

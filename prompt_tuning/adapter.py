@@ -116,16 +116,16 @@ class DeepPromptAttention(nn.Module, BaseTunerLayer):
 
     def forward(self, hidden, attention_mask, dispatch, output_attentions: bool = False, key_value_prompts=None,
                 record_key_values=None, sorted_rows=None):
-        prompts = list(key_value_prompts or [])
-        gate = None
+        own, gate = None, None  # this adapter's (keys, values), and its gate when `prompt_gate`
         if not self.disable_adapters:
             name = self.active_adapters[0]
             if ENCODING_TARGETS.get() and name in self.deep_prompt_target_keys:
-                prompts.insert(0, (self.deep_prompt_target_keys[name], self.deep_prompt_target_values[name]))
+                own = (self.deep_prompt_target_keys[name], self.deep_prompt_target_values[name])
             elif name in self.deep_prompt_keys and self.deep_prompt_keys[name].shape[0] > 0:
-                prompts.insert(0, (self.deep_prompt_keys[name], self.deep_prompt_values[name]))
-            if len(prompts) > len(key_value_prompts or []) and name in self.deep_prompt_gates:
-                gate = self.deep_prompt_gates[name]
+                own = (self.deep_prompt_keys[name], self.deep_prompt_values[name])
+            if own is not None:
+                gate = self.deep_prompt_gates.get(name)
+        prompts = ([own] if own is not None else []) + list(key_value_prompts or [])
         out, weights = self.base_layer(hidden, attention_mask, dispatch, output_attentions,
                                        key_value_prompts=prompts or None, record_key_values=record_key_values,
                                        sorted_rows=sorted_rows)

@@ -429,6 +429,8 @@ def build_mlm(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, tra
     encoded = ctx.tokenize(texts)
     ids, mask = encoded["input_ids"].clone(), encoded["attention_mask"]
     vocab_index, word_end = ctx.vocabulary_index(), ctx.word_end()
+    reference = ctx.mlm_corruption == "reference"
+    symbol = ctx.model_config.spe_token_id if reference else ctx.model_config.mask_token_id
     queries, labels = [], []
     for row, sample in enumerate(kept):
         n = int(mask[row].sum())
@@ -437,9 +439,7 @@ def build_mlm(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, tra
         positions = [p for start, end in spans for p in range(start, end)]
         labels.append([int(vocab_index[ids[row, p]]) for p in positions])
         queries.append(positions)
-        reference = ctx.mlm_corruption == "reference"
-        symbol = ctx.model_config.spe_token_id if reference else ctx.model_config.mask_token_id
-        # random replacements are drawn from the CLIP BPE ids (those below [MASK]), as the reference's
+        # random replacements are drawn from the CLIP BPE ids (those below [MASK]), as in the reference
         corrupt_masked_words(ids[row], spans, symbol, reference and training, ctx.model_config.mask_token_id, rng)
     width = max((len(q) for q in queries), default=1) or 1
     query_positions = torch.full((len(kept), width), -1, dtype=torch.long)
@@ -520,11 +520,12 @@ def build_batch(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, a
     augment: training batches of `AUGMENTED_FAMILIES` get `augment_frames`, drawn per (seed, task, epoch,
     sample) so that resumption and any process layout see the same crops. training: a training batch (MLM
     then corrupts as the reference trains, `build_mlm`)."""
+    options = {}  # only the builders that take an option get it
     if augment and task.family in AUGMENTED_FAMILIES:
-        return FAMILY_BUILDERS[task.family](task, samples, ctx, epoch, augment=True)
+        options["augment"] = True
     if training and task.family == "mlm":
-        return FAMILY_BUILDERS[task.family](task, samples, ctx, epoch, training=True)
-    return FAMILY_BUILDERS[task.family](task, samples, ctx, epoch)
+        options["training"] = True
+    return FAMILY_BUILDERS[task.family](task, samples, ctx, epoch, **options)
 
 
 # --------------------------------------------------------------------------------------------- loss

@@ -342,8 +342,8 @@ class Pretrainer:
         if changes and not self.config.train.resume_with_changes:
             raise ConfigError(
                 f"checkpoint {path} was trained with other settings:\n  " + "\n  ".join(changes) + "\nResume "
-                f"with the checkpoint's settings, start over with train.resume=none, or continue with the new "
-                f"ones with train.resume_with_changes=true")
+                "with the checkpoint's settings, start over with train.resume=none, or continue with the new "
+                "ones with train.resume_with_changes=true")
         if state["num_processes"] != acc.num_processes:
             raise CheckpointError(f"checkpoint {path} was written by {state['num_processes']} process(es), this run "
                                   f"has {acc.num_processes}: the data positions cannot be mapped (set train.resume: "
@@ -397,10 +397,11 @@ class Pretrainer:
         batch = batch.to(acc.device)
         task_config = self.config.tasks[batch.task.name]
         loss_weight = task_config.loss_weight if task_config.loss_weight is not None else batch.task.loss_weight
+        shared = self.config.data.task_sampling == "shared"  # one task on every process this step
         with acc.accumulate(self.model):
             output = self.model(**batch.inputs, task_family=batch.task.family)
             loss = task_loss(batch, output, self.model_config.label_smoothing_for(batch.task.family),
-                             across_processes=self.config.data.task_sampling == "shared")
+                             across_processes=shared)
             acc.backward(loss * loss_weight)
             synced, grad_norm = acc.sync_gradients, None
             if synced:
@@ -420,7 +421,6 @@ class Pretrainer:
             tokens += int(mask.sum()) + mask.shape[0]
         # one task on every process: the step's loss is the mean over processes; otherwise (per_process) the
         # processes ran different tasks, and the loss logged under this process's task is its own
-        shared = self.config.data.task_sampling == "shared"
         logged = acc.reduce(loss.detach(), "mean") if shared else loss.detach()
         return {"task": batch.task.name, "loss": logged.item(), "tokens": tokens,
                 "synced": synced, "grad_norm": grad_norm, "skipped": skipped}
