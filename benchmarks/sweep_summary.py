@@ -5,8 +5,10 @@ plain baselines trained beside it.
 
 Prints one block per run (what sweep_gpu.sh shows at the end of a call); `--json` also writes
 `{"command", "runs": [{"run", "held_out": {task: {step: value}}, "distinct_answers": {task: {step: n}},
-"median_steps_per_second", "gradient_norms": {task: {"steps", "min", "median"}}, "plain"}]}` for
-docs/logs. The gradient norms are before clipping: a task whose minimum is above `optim.grad_clip` had
+"trivial_baseline": {task: value}, "median_steps_per_second", "gradient_norms": {task: {"steps", "min",
+"median"}}, "plain"}]}` for docs/logs. The trivial baselines (majority class, most frequent word, chance
+recall) come from the run's report.json, so a run that did not finish has none; they move with the seed,
+which draws the held-out rows. The gradient norms are before clipping: a task whose minimum is above `optim.grad_clip` had
 every one of its steps clipped. A run found in several folders (a warm machine keeps earlier calls' runs)
 is read once.
 """
@@ -37,8 +39,9 @@ def gradient_norms_by_task(rows: list[dict]) -> dict[str, dict]:
 
 
 def summarise_run(run_dir: str) -> dict:
-    """One run's `{"run", "held_out", "distinct_answers", "median_steps_per_second", "gradient_norms", "plain"}` from its
-    metrics.jsonl and (when its plain baselines were trained beside it) baselines/baselines.json."""
+    """One run's `{"run", "held_out", "distinct_answers", "trivial_baseline", "median_steps_per_second",
+    "gradient_norms", "plain"}` from its metrics.jsonl, its report.json (when the run finished) and (when its
+    plain baselines were trained beside it) baselines/baselines.json."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     speeds = sorted(r["steps_per_second"] for r in rows if "steps_per_second" in r)
@@ -58,8 +61,14 @@ def summarise_run(run_dir: str) -> dict:
             for task, result in json.load(handle)["plain"].items():
                 plain[task] = {"model": result["model"],
                                "curve": {p["step"]: round(p["accuracy"], 4) for p in result["curve"]}}
+    trivial = {}
+    report_path = os.path.join(run_dir, "report.json")
+    if os.path.exists(report_path):
+        with open(report_path) as handle:
+            trivial = {row["task"]: round(row["trivial_baseline"], 4) for row in json.load(handle)["tasks"]
+                       if row.get("trivial_baseline") is not None}
     return {"run": os.path.basename(run_dir), "held_out": held_out, "distinct_answers": distinct,
-            "median_steps_per_second": round(speeds[len(speeds) // 2], 2) if speeds else None,
+            "trivial_baseline": trivial, "median_steps_per_second": round(speeds[len(speeds) // 2], 2) if speeds else None,
             "gradient_norms": gradient_norms_by_task(rows), "plain": plain}
 
 
@@ -76,7 +85,9 @@ def format_run(summary: dict) -> str:
     speed = summary["median_steps_per_second"] or 0
     lines = [f"{summary['run']}  (median {speed:.1f} steps/s)"]
     for key, curve in summary["held_out"].items():
-        lines.append(f"  {key:52s} {' '.join(f'{step}:{value:.4f}' for step, value in curve.items())}")
+        trivial = summary.get("trivial_baseline", {}).get(key.split("/")[0])
+        note = "" if trivial is None else f"  (trivial {trivial:.4f})"
+        lines.append(f"  {key:52s} {' '.join(f'{step}:{value:.4f}' for step, value in curve.items())}{note}")
     for task, result in summary["plain"].items():
         points = " ".join(f"{step}:{value:.4f}" for step, value in result["curve"].items())
         lines.append(f"  {task + ' ' + result['model']:52s} {points}")

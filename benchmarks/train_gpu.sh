@@ -3,7 +3,7 @@
 # open-clip-torch wheels) and data_cache/small (python -m training.build_data --slice small).
 #   bash benchmarks/train_gpu.sh <steps> <processes> <size...>
 # TASK_SAMPLING (default shared: one task per step on every process, as docs/training.md's table) may be
-# per_process.
+# per_process. EXTRA (default empty) adds --set arguments to every run.
 # Writes each run's output dir and log under $OUT and prints a table of tokens/s.
 set -o pipefail
 STEPS=${1:-100}; NPROC=${2:-1}; shift 2; SIZES=${@:-ti b}
@@ -12,7 +12,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -c "import torch, transformers, accelerate, datasets, pyarrow; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'datasets', datasets.__version__, 'pyarrow', pyarrow.__version__, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name(0))" || exit 1
 for SIZE in $SIZES; do
   RUN=$OUT/${SIZE}_${NPROC}gpu
-  ARGS="--config training/configs/gpu_b.yaml --set model.model_size=$SIZE --set output_dir=$RUN --set train.max_steps=$STEPS --set train.warmup_steps=10 --set train.eval_every=0 --set train.save_every=0 --set data.eval_samples=128 --set train.tracker=null --set data.task_sampling=${TASK_SAMPLING:-shared}"
+  ARGS="--config training/configs/gpu_b.yaml --set model.model_size=$SIZE --set output_dir=$RUN --set train.max_steps=$STEPS --set train.warmup_steps=10 --set train.eval_every=0 --set train.save_every=0 --set data.eval_samples=128 --set train.tracker=null --set data.task_sampling=${TASK_SAMPLING:-shared} ${EXTRA:-}"
   if [ "$NPROC" = 1 ]; then
     python3 -m training.pretrain $ARGS > $RUN.log 2>&1
   else

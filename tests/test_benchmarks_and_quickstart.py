@@ -85,6 +85,8 @@ def test_sweep_summary_reads_each_run_s_curves_speed_and_plain_baselines(tmp_pat
                 {"step": 3, "eval/fashion_mnist_classification/accuracy": accuracy,
                  "eval/fashion_mnist_classification/distinct_predictions": 7}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "report.json").write_text(json.dumps({"tasks": [
+            {"task": "fashion_mnist_classification", "trivial_baseline": 0.1171875}]}))
         (run / "baselines" / "baselines.json").write_text(json.dumps(
             {"plain": {"fashion_mnist_classification": {"model": "ViTForImageClassification",
                                                        "curve": [{"step": 3, "accuracy": 0.25}]}}}))
@@ -95,11 +97,12 @@ def test_sweep_summary_reads_each_run_s_curves_speed_and_plain_baselines(tmp_pat
     (run,) = written["runs"]
     assert run["held_out"] == {"fashion_mnist_classification/accuracy": {"3": 0.625}}
     assert run["distinct_answers"] == {"fashion_mnist_classification": {"3": 7}}
+    assert run["trivial_baseline"] == {"fashion_mnist_classification": 0.1172}
     assert run["median_steps_per_second"] == 3.0
     assert run["gradient_norms"] == {"fashion_mnist_classification": {"steps": 1, "min": 0.25, "median": 0.25},
                                      "kjv_mlm": {"steps": 2, "min": 1.5, "median": 2.5}}
     assert run["plain"]["fashion_mnist_classification"]["curve"] == {"3": 0.25}
-    assert "3:0.6250" in capsys.readouterr().out
+    assert "3:0.6250  (trivial 0.1172)" in capsys.readouterr().out
 
 
 def test_optimizer_benchmark_times_fused_against_foreach_on_the_main_job_model(capsys):
