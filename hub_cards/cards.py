@@ -698,7 +698,8 @@ def folded_usage(ckpt: Checkpoint, repo_id: str, revision: str | None) -> str:
     elif config.moe_routing == "task":
         inputs = [pixels, f"out = model(pixel_values=pixel_values, task_ids=torch.tensor([{route}]))  # route 0: task {route}"]
     elif route == 0:  # modality 0: text
-        inputs = [f"input_ids = torch.tensor([[{config.bos_token_id}, 320, {config.eos_token_id}]])  # CLIP BPE ids",
+        ids = ([] if config.bos_token_id is None else [config.bos_token_id]) + [320, config.eos_token_id]
+        inputs = [f"input_ids = torch.tensor([{ids}])  # CLIP BPE ids",
                   "out = model(input_ids=input_ids)  # text: modality 0, this export's route 0"]
     elif route == 1:
         inputs = [pixels, "out = model(pixel_values=pixel_values)  # image: modality 1, this export's route 0"]

@@ -484,6 +484,7 @@ def infer_config(reference_sd: dict[str, torch.Tensor], **overrides):
         share_projection_head=True,  # one ln_post + proj for inputs and candidates
         random_temporal_offset=True,  # VIDEO_EMBED.POS_RANDOM (on by default in the reference)
         text_distance_bias="none",  # the reference's attention has no bias between words
+        bos_token_id=None,  # the reference's texts start with their first word (`text + " <|endoftext|>"`)
     )
     if f"{LAYER_PREFIX.format(i=0)}gamma_1" not in reference_sd:
         values["layer_scale_init"] = 0.0
@@ -582,8 +583,10 @@ def save_converted(reference: dict[str, torch.Tensor], out_dir: str | os.PathLik
     model.load_state_dict(state, strict=True)
     model.save_pretrained(out_dir)
     if processor:
-        # the reference's evaluation transform: ImageNet statistics, short side 256/224 of the crop
-        UniPerceiverMoEProcessor.build(image_size=config.image_size, image_preprocessing="reference").save_pretrained(out_dir)
+        # the reference's evaluation transform (ImageNet statistics, short side 256/224 of the crop), and texts
+        # with or without the start token as the config says (without: the reference's)
+        UniPerceiverMoEProcessor.build(image_size=config.image_size, image_preprocessing="reference",
+                                       add_bos_token=config.bos_token_id is not None).save_pretrained(out_dir)
     return model, report
 
 

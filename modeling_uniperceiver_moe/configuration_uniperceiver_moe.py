@@ -81,7 +81,11 @@ class UniPerceiverMoEConfig(PretrainedConfig):
 
     Inputs
         vocab_size (`int`, defaults to 49411): CLIP BPE (49,408) plus `[MASK]`, `[GEN]`, `[SPE]`.
-        mask_token_id / gen_token_id / spe_token_id / bos_token_id / eos_token_id / pad_token_id (`int`).
+        mask_token_id / gen_token_id / spe_token_id / eos_token_id / pad_token_id (`int`).
+        bos_token_id (`int` or `None`, defaults to 49406, CLIP's `<|startoftext|>`): the token every text starts
+            with (captions, class names, MLM sentences; caption generation starts from it). `None`: texts start
+            with their first word, as in the reference, and the first caption placeholder predicts the first
+            word from the image alone; converted official checkpoints get it.
         max_position_embeddings (`int`, defaults to 512): learned text positions.
         text_position_init (`str`, defaults to `"sincos"`): how the learned text position table starts:
             `"sincos"`, 1-D sin-cos positions scaled to the word embeddings' RMS `initializer_range`, so that
@@ -179,7 +183,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         mask_token_id: int = 49408,
         gen_token_id: int = 49409,
         spe_token_id: int = 49410,
-        bos_token_id: int = 49406,
+        bos_token_id: int | None = 49406,
         eos_token_id: int = 49407,
         pad_token_id: int = 49407,
         max_position_embeddings: int = 512,

@@ -14,7 +14,7 @@ if importlib.util.find_spec("torchvision") is None:  # the PIL backend, without 
 else:
     from transformers import CLIPImageProcessor
 
-from .tokenization_uniperceiver_moe import build_uniperceiver_tokenizer, clean_text
+from .tokenization_uniperceiver_moe import build_uniperceiver_tokenizer, encode_texts
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -50,19 +50,23 @@ class UniPerceiverMoEProcessor(ProcessorMixin):
     `attention_mask` (text), and `pixel_values`: `[B, C, H, W]` for images, `[B, F, C, H, W]` for videos
     (each video a list of F frames; all videos of a batch must have the same F). `decode` / `batch_decode`
     are `ProcessorMixin`'s (the tokenizer's); the sub-processors are the `__init__` arguments.
+    `add_bos_token` (saved with the processor): texts start with `<|startoftext|>` (this package's training) or,
+    when False, with their first word (the reference; a converted checkpoint's processor), matching the
+    model config's `bos_token_id` (None for the latter).
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+    def __init__(self, image_processor=None, tokenizer=None, add_bos_token: bool = True, **kwargs):
+        self.add_bos_token = add_bos_token
         super().__init__(image_processor, tokenizer, **kwargs)
 
     @classmethod
-    def build(cls, image_size: int = 224, model_max_length: int = 512,
-              image_preprocessing: str = "clip") -> "UniPerceiverMoEProcessor":
+    def build(cls, image_size: int = 224, model_max_length: int = 512, image_preprocessing: str = "clip",
+              add_bos_token: bool = True) -> "UniPerceiverMoEProcessor":
         """A processor made offline from the vocabulary open-clip-torch ships; `image_preprocessing` is
         "clip" (this package's training) or "reference" (a converted official checkpoint), see
-        `build_image_processor`."""
+        `build_image_processor`; `add_bos_token` False for the reference's texts."""
         return cls(build_image_processor(image_size, image_preprocessing),
-                   build_uniperceiver_tokenizer(model_max_length=model_max_length))
+                   build_uniperceiver_tokenizer(model_max_length=model_max_length), add_bos_token=add_bos_token)
 
     def __call__(self, text=None, images=None, videos=None, padding=True, truncation=True, max_length=None,
                  return_tensors="pt", **kwargs) -> BatchFeature:
@@ -75,10 +79,8 @@ class UniPerceiverMoEProcessor(ProcessorMixin):
             texts = [text] if isinstance(text, str) else list(text)
             if any(not isinstance(t, str) or not t.strip() for t in texts):
                 raise ValueError("every text must be a non-empty string")
-            encoded = self.tokenizer(
-                [clean_text(t) for t in texts], padding=padding, truncation=truncation, max_length=max_length,
-                return_tensors=return_tensors, **kwargs,
-            )
+            encoded = encode_texts(self.tokenizer, texts, self.add_bos_token, max_length=max_length, padding=padding,
+                                   truncation=truncation, return_tensors=return_tensors, **kwargs)
             data.update(encoded)
         if images is not None:
             data["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]

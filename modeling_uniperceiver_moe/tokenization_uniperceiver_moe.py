@@ -73,6 +73,23 @@ def clean_text(text: str) -> str:
     return " ".join(text.split()).strip()
 
 
+def encode_texts(tokenizer, texts: list[str], add_bos_token: bool = True, max_length: int | None = None,
+                 padding=True, truncation=True, return_tensors="pt", **kwargs):
+    """Cleaned `texts` -> the tokenizer's `BatchEncoding` (`input_ids`, `attention_mask` `[N, T]`), every text
+    ending with `<|endoftext|>`; `add_bos_token=False` drops the `<|startoftext|>` that CLIP's template puts
+    first (the reference's texts start with their first word). `max_length` counts the tokens kept either way.
+    """
+    texts = [clean_text(t) for t in texts]
+    if add_bos_token:
+        return tokenizer(texts, padding=padding, truncation=truncation, max_length=max_length,
+                         return_tensors=return_tensors, **kwargs)
+    encoded = tokenizer(texts, padding=padding, truncation=truncation,
+                        max_length=None if max_length is None else max_length + 1, return_tensors=return_tensors, **kwargs)
+    for key in ("input_ids", "attention_mask"):  # the template puts the start token first in every row
+        encoded[key] = encoded[key][:, 1:] if return_tensors else [row[1:] for row in encoded[key]]
+    return encoded
+
+
 def build_uniperceiver_tokenizer(bpe_path: str | None = None, model_max_length: int = 512) -> CLIPTokenizer:
     """A `CLIPTokenizer` over CLIP's 49,408 tokens plus `[MASK]`, `[GEN]`, `[SPE]` (ids 49408..49410)."""
     vocab, merges = load_clip_vocab_and_merges(bpe_path)

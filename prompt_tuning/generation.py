@@ -47,14 +47,17 @@ def generate_captions(model, pixel_values: torch.Tensor, vocabulary: torch.Tenso
     cache = PrefixCache(recording=True)
     net.uniperceiver(pixel_values=pixel_values, prefix_cache=cache, **route(ATTRIBUTES["caption_image"], batch))
 
-    sequences = torch.full((batch * beam_size, 1), bos, dtype=torch.long, device=device)
+    # the words so far: the start token, or none (the reference's texts: the first placeholder reads the image only)
+    sequences = torch.full((batch * beam_size, 0 if bos is None else 1), 0 if bos is None else bos, dtype=torch.long,
+                           device=device)
     scores = torch.full((batch, beam_size), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep one
     finished = torch.zeros(batch * beam_size, dtype=torch.bool, device=device)
     source = torch.arange(batch, device=device).repeat_interleave(beam_size)
     for _ in range(max_length):
         step_cache = cache.select(source)
-        words = torch.cat([sequences, torch.full_like(sequences[:, :1], config.mask_token_id)], 1)  # + slot to predict
+        slot = torch.full((sequences.shape[0], 1), config.mask_token_id, dtype=torch.long, device=device)
+        words = torch.cat([sequences, slot], 1)  # + the slot to predict
         length = words.shape[1]
         out = net.uniperceiver(input_ids=words, caption_mode=True, prefix_cache=step_cache,
                                **route(ATTRIBUTES["caption_text"], words.shape[0]))
@@ -79,6 +82,6 @@ def generate_captions(model, pixel_values: torch.Tensor, vocabulary: torch.Tenso
     chosen = sequences.reshape(batch, beam_size, -1)[torch.arange(batch, device=device), best]
     captions = []
     for row in chosen.tolist():
-        words = row[1:]
+        words = row[0 if bos is None else 1:]
         captions.append(words[: words.index(eos)] if eos in words else words)
     return captions

@@ -183,14 +183,20 @@ def downstream_metrics(model, task, rows: list[dict], ctx, device, beam_size: in
     raise ValueError(f"no downstream evaluation for family {task.family!r}")
 
 
-def checkpoint_processor(folder: str, image_size: int):
+def checkpoint_processor(folder: str, image_size: int, add_bos_token: bool = True):
     """The processor saved with the checkpoint (a converted official one brings the reference's image
-    preprocessing), else this package's for the model's image size."""
+    preprocessing and texts without the start token), else this package's for the model's image size.
+    add_bos_token: whether the model's texts start with the start token (its config's `bos_token_id`); a saved
+    processor that disagrees is refused."""
     from modeling_uniperceiver_moe import UniPerceiverMoEProcessor
 
-    if os.path.exists(os.path.join(folder, "processor_config.json")):
-        return UniPerceiverMoEProcessor.from_pretrained(folder)
-    return UniPerceiverMoEProcessor.build(image_size=image_size)
+    if not os.path.exists(os.path.join(folder, "processor_config.json")):
+        return UniPerceiverMoEProcessor.build(image_size=image_size, add_bos_token=add_bos_token)
+    processor = UniPerceiverMoEProcessor.from_pretrained(folder)
+    if processor.add_bos_token != add_bos_token:
+        raise ValueError(f"{folder}: the saved processor {'adds' if processor.add_bos_token else 'does not add'} the "
+                         f"start token to texts, but the model config's bos_token_id says the opposite")
+    return processor
 
 
 def headline(results: dict) -> dict:
@@ -257,7 +263,7 @@ def main(argv=None) -> dict:
     data_dir = build_slice(args.slice, args.data_cache, [task.source], progress=True)
     manifest = json.load(open(os.path.join(data_dir, MANIFEST)))
     label_names = manifest["sources"][task.source]["label_names"]
-    processor = checkpoint_processor(args.model, base.config.image_size)
+    processor = checkpoint_processor(args.model, base.config.image_size, base.config.bos_token_id is not None)
     vocabulary = list(manifest["vocabulary"][: args.vocabulary_size])
     if base.config.eos_token_id not in vocabulary:
         vocabulary.append(base.config.eos_token_id)  # captions must be able to end

@@ -570,6 +570,7 @@ def test_every_reference_tensor_lands_where_it_should(reference):
     assert torch.equal(ours[m + "layer_norm.bias"], sd["token_embed.embeddings_norm.bias"])
     assert config.share_projection_head and not any(key.startswith("target_head.") for key in ours)
     assert config.text_distance_bias == "none"  # the reference's attention has no bias between words
+    assert config.bos_token_id is None  # the reference's texts start with their first word
     assert torch.equal(ours["input_head.norm.weight"], sd["loss_prepare.ln_post.weight"])
     assert torch.equal(ours["input_head.proj.weight"], sd["loss_prepare.proj.weight"])
     two_heads = copy.deepcopy(config)  # a --config with a head per side gets the reference's head in both
@@ -701,17 +702,23 @@ def test_a_raw_deepspeed_file_converts_like_the_renamed_reference_checkpoint(ref
 
 
 def test_a_converted_checkpoint_gets_the_reference_s_image_preprocessing(reference, tmp_path):
-    """ImageNet statistics and the 256/224 resize before the centre crop, which a fine-tuning or prompt-tuning
-    run of the converted folder then reads from it."""
+    """ImageNet statistics and the 256/224 resize before the centre crop, and texts without the start token,
+    which a fine-tuning or prompt-tuning run of the converted folder then reads from it."""
     from prompt_tuning.run_prompt_tuning import checkpoint_processor
 
     sd, _ = reference
     torch.save({"model": sd}, tmp_path / "reference.pth")
     conv.main([str(tmp_path / "reference.pth"), str(tmp_path / "out"), "--num-attention-heads", "2"])
-    processor = checkpoint_processor(str(tmp_path / "out"), image_size=16)
+    processor = checkpoint_processor(str(tmp_path / "out"), image_size=16, add_bos_token=False)
     assert list(processor.image_processor.image_mean) == [0.485, 0.456, 0.406]
     assert list(processor.image_processor.image_std) == [0.229, 0.224, 0.225]
     assert processor.image_processor.size["shortest_edge"] == int(256 / 224 * 16)
+    assert processor(text=["a cat"])["input_ids"].tolist() == [[320, 2368, 49407]]  # `text + " <|endoftext|>"`
+    from modeling_uniperceiver_moe import UniPerceiverMoEConfig
+
+    assert UniPerceiverMoEConfig.from_pretrained(tmp_path / "out").bos_token_id is None
+    with pytest.raises(ValueError, match="start token"):  # a model whose texts start with it would be fed wrong texts
+        checkpoint_processor(str(tmp_path / "out"), image_size=16)
 
 
 def test_push_uploads_only_the_checkpoint_s_own_files_and_follows_no_link_out(artefacts, tmp_path):

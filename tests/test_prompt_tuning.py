@@ -203,10 +203,15 @@ def test_spe_bias_reaches_every_spe_token_also_through_the_cached_prefix():
         torch.testing.assert_close(embeddings(spe)[0, 1], plain[0, 1])
 
 
-def test_beam_search_with_one_beam_is_greedy_decoding_without_a_cache():
+@pytest.mark.parametrize("start_token", [True, False])
+def test_beam_search_with_one_beam_is_greedy_decoding_without_a_cache(start_token):
+    """Generation starts from the start token, or (`bos_token_id=None`, the reference's texts) from nothing:
+    the first placeholder then reads only the image, as the first caption label is trained."""
     torch.manual_seed(0)
-    model = UniPerceiverMoEForGenericPerception(tiny_config("attribute")).eval()
-    config = model.config
+    config = tiny_config("attribute")
+    if not start_token:
+        config.bos_token_id = None
+    model = UniPerceiverMoEForGenericPerception(config).eval()
     vocabulary = torch.tensor([320, 1125, 539, 2368, config.eos_token_id])
     pixels = torch.randn(2, 3, 16, 16)
     cached = generate_captions(model, pixels, vocabulary, beam_size=1, max_length=6)
@@ -215,7 +220,7 @@ def test_beam_search_with_one_beam_is_greedy_decoding_without_a_cache():
             input_ids=torch.stack([vocabulary, torch.full_like(vocabulary, config.eos_token_id)], 1),
             attribute_vectors=ATTRIBUTES["word_target"].to_tensor().expand(5, -1), task_ids=torch.zeros(5, dtype=torch.long))
         for row in range(2):
-            words, produced = [config.bos_token_id], []
+            words, produced = ([config.bos_token_id] if start_token else []), []
             for _ in range(6):
                 ids = torch.tensor([words + [config.mask_token_id]])
                 out = model.uniperceiver(input_ids=ids, pixel_values=pixels[row:row + 1], caption_mode=True,

@@ -23,6 +23,21 @@ def test_tokenizer_ids_match_open_clip_and_specials_follow_the_clip_vocabulary()
     assert tokenizer.eos_token_id == config.eos_token_id and tokenizer.bos_token_id == config.bos_token_id
 
 
+def test_a_processor_without_the_start_token_keeps_that_choice_through_save_and_load(tmp_path):
+    """`add_bos_token=False` (a converted checkpoint's processor): the reference's `text + " <|endoftext|>"`,
+    `max_length` counting the same tokens kept, padded with the end token, and the choice saved with it."""
+    reference = UniPerceiverMoEProcessor.build(image_size=32, add_bos_token=False)
+    UniPerceiverMoEConfig(image_size=32, patch_size=16, bos_token_id=None).save_pretrained(tmp_path)
+    reference.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert loaded.add_bos_token is False
+    ids = loaded(text=["a photo of a cat.", "dog"])["input_ids"].tolist()
+    assert ids == [[320, 1125, 539, 320, 2368, 269, 49407], [1929, 49407, 49407, 49407, 49407, 49407, 49407]]
+    assert loaded(text=["a photo of a cat."], max_length=4)["input_ids"].tolist() == [[320, 1125, 539, 49407]]
+    assert UniPerceiverMoEProcessor.build(image_size=32)(text=["a photo of a cat."], max_length=4)[
+        "input_ids"].tolist() == [[49406, 320, 1125, 49407]]
+
+
 def test_processor_round_trip_with_auto_processor(processor, tmp_path):
     UniPerceiverMoEConfig(image_size=32, patch_size=16).save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)

@@ -232,6 +232,59 @@ def test_mask_probability_sets_how_many_words_mlm_masks(tiny_cache, context, tmp
     assert Pretrainer(parse_config(raw)).ctx.mask_probability == 0.5
 
 
+@pytest.fixture(scope="module")
+def reference_text_context(context):
+    """The task context of a model whose texts have no start token (`bos_token_id=None`, the reference's)."""
+    import copy
+    import dataclasses
+
+    ctx, manifest = context
+    config = copy.deepcopy(ctx.model_config)
+    config.bos_token_id = None
+    return dataclasses.replace(ctx, model_config=config, _cache={}), manifest
+
+
+@pytest.mark.parametrize("name", ["emoji_captioning", "emoji_retrieval", "austen_mlm", "wordnet_lexname_classification",
+                                  "fashion_mnist_classification"])
+def test_without_a_start_token_texts_begin_with_their_first_word(name, tiny_cache, context, reference_text_context):
+    """With `bos_token_id=None` every text the batch builders make (inputs, class names, captions) is the one
+    made with the start token minus that token: the same words, then <|endoftext|>."""
+    (ctx, manifest), (reference, _) = context, reference_text_context
+    task, bos = get_task(name), ctx.model_config.bos_token_id
+    rows = rows_of(tiny_cache, manifest, name)
+    with_bos, without = build_batch(task, rows, ctx, epoch=0), build_batch(task, rows, reference, epoch=0)
+    for key in ("input_ids", "target_input_ids"):
+        if key not in without.inputs or (key == "target_input_ids" and task.family in ("mlm", "captioning")):
+            continue  # word targets are `w <|endoftext|>` either way
+        ids, mask = without.inputs[key], without.inputs[key.replace("input_ids", "attention_mask")]
+        assert not (ids == bos).any()
+        before, before_mask = with_bos.inputs[key], with_bos.inputs[key.replace("input_ids", "attention_mask")]
+        assert (before[:, 0] == bos).all()
+        if task.family != "mlm":  # MLM hides words at different positions; its spans are tested below
+            for row in range(ids.shape[0]):
+                assert ids[row][mask[row].bool()].tolist() == before[row][before_mask[row].bool()][1:].tolist()
+
+
+def test_without_a_start_token_the_first_word_is_predicted_and_can_be_masked(tiny_cache, reference_text_context):
+    """Captioning: the first placeholder predicts the first word (the reference's SPE_0, which sees only the
+    image); MLM: the first word may be chosen."""
+    import numpy as np
+
+    from training.tasks import masked_word_spans
+
+    ctx, manifest = reference_text_context
+    caption = build_batch(get_task("emoji_captioning"), rows_of(tiny_cache, manifest, "emoji_captioning"), ctx, epoch=0)
+    first_words = caption.inputs["input_ids"][:, 0]
+    assert torch.equal(caption.labels[:, 0], ctx.vocabulary_index()[first_words])
+    ends = torch.ones(49411, dtype=torch.bool)  # every token is a word
+    chosen = {span for seed in range(40)
+              for span in masked_word_spans([320, 1125, 539, 49407], ends, 0.34, np.random.default_rng(seed), first=0)}
+    assert chosen == {(0, 1), (1, 2), (2, 3)}
+    chosen = {span for seed in range(40)
+              for span in masked_word_spans([49406, 320, 1125, 49407], ends, 0.5, np.random.default_rng(seed))}
+    assert chosen == {(1, 2), (2, 3)}
+
+
 def test_adding_a_task_is_one_entry(tiny_cache, context):
     ctx, manifest = context
     name = "kjv_text_mlm_copy"
@@ -349,7 +402,8 @@ def test_adamw_is_fused_on_cpu_unless_the_config_says_otherwise():
 
 def test_reference_recipe_puts_experts_in_the_reference_layers():
     """The reference's MoE layers are 0, 2, 4, ... (its "odd" layers counted from 1); `every_other` is 1, 3, 5.
-    Its stochastic depth is one rate at every layer; its images are preprocessed as its evaluation does."""
+    Its stochastic depth is one rate at every layer; its images are preprocessed as its evaluation does; its texts
+    have no start token and no bias between words."""
     from training.trainer import build_model_config
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -360,6 +414,7 @@ def test_reference_recipe_puts_experts_in_the_reference_layers():
     assert reference.moe_layer_indices() == [0, 2, 4, 6, 8, 10]
     assert reference.layer_scale_init == 1e-3 and reference.initializer_scheme == "fixed"
     assert (reference.drop_path_rate, reference.drop_path_schedule) == (0.1, "fixed")  # DROP_PATH_PROB_FIXED
+    assert reference.bos_token_id is None and reference.text_distance_bias == "none"  # the reference's texts
 
 
 # --------------------------------------------------------------------------------------------- config

@@ -172,14 +172,20 @@ class TaskContext:
                                 "target_attention_mask": encoded["attention_mask"]}
         return self._cache[key]
 
+    @property
+    def has_start_token(self) -> bool:
+        """Texts start with the model config's `bos_token_id`; without one (the reference's texts) with their
+        first word."""
+        return self.model_config.bos_token_id is not None
+
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Padded ids and mask `[N, T]`. Serialised: a Rust tokenizer used from two threads at once (the
-        prefetch thread and an evaluation) can fail with "Already borrowed"."""
-        from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import clean_text
+        """Padded ids and mask `[N, T]`, each text `[bos] words [eos]` (no `[bos]` when the model config has
+        none). Serialised: a Rust tokenizer used from two threads at once (the prefetch thread and an
+        evaluation) can fail with "Already borrowed"."""
+        from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import encode_texts
 
         with self._tokenizer_lock:
-            return self.tokenizer([clean_text(t) for t in texts], padding=True, truncation=True,
-                                  max_length=self.max_text_length, return_tensors="pt")
+            return encode_texts(self.tokenizer, texts, self.has_start_token, max_length=self.max_text_length)
 
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
         """`[N, C, H, W]`; chunks of the list are processed on the worker threads."""
@@ -377,7 +383,7 @@ def append_query_token(ids: torch.Tensor, mask: torch.Tensor, token: int, max_le
     out_mask = torch.zeros(ids.shape[0], out_len, dtype=mask.dtype)
     for row in range(ids.shape[0]):
         n = int(lengths[row])
-        body = ids[row, : n - 1][: out_len - 2]  # bos + words, without the end token
+        body = ids[row, : n - 1][: out_len - 2]  # everything before the end token
         seq = torch.cat([body, torch.tensor([token, int(ids[row, n - 1])], dtype=ids.dtype)])
         out[row, : len(seq)] = seq
         out_mask[row, : len(seq)] = 1
@@ -385,11 +391,11 @@ def append_query_token(ids: torch.Tensor, mask: torch.Tensor, token: int, max_le
 
 
 def masked_word_spans(ids: list[int], word_end: torch.Tensor, probability: float,
-                      rng: np.random.Generator) -> list[tuple[int, int]]:
-    """Choose `probability` of the words (at least one) of a `[bos] tokens [eos]` sequence: the chosen words'
-    `(start, end)` token spans, in sequence order."""
-    words, start = [], 1
-    for position in range(1, len(ids) - 1):
+                      rng: np.random.Generator, first: int = 1) -> list[tuple[int, int]]:
+    """Choose `probability` of the words (at least one) of a `[bos] tokens [eos]` sequence (`first` = 1) or of
+    a `tokens [eos]` one (`first` = 0): the chosen words' `(start, end)` token spans, in sequence order."""
+    words, start = [], first
+    for position in range(first, len(ids) - 1):
         if bool(word_end[ids[position]]) or position == len(ids) - 2:
             words.append((start, position + 1))
             start = position + 1
@@ -435,7 +441,8 @@ def build_mlm(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, tra
     for row, sample in enumerate(kept):
         n = int(mask[row].sum())
         rng = sample_rng(ctx, task, sample, epoch)
-        spans = masked_word_spans(ids[row, :n].tolist(), word_end, ctx.mask_probability, rng)
+        spans = masked_word_spans(ids[row, :n].tolist(), word_end, ctx.mask_probability, rng,
+                                  first=int(ctx.has_start_token))
         positions = [p for start, end in spans for p in range(start, end)]
         labels.append([int(vocab_index[ids[row, p]]) for p in positions])
         queries.append(positions)
@@ -483,7 +490,8 @@ def build_captioning(task: Task, samples: list[dict], ctx: TaskContext, epoch: i
     encoded = ctx.tokenize(texts)
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     labels = ctx.vocabulary_index()[ids].masked_fill(mask == 0, -100)
-    labels[:, 0] = -100  # q_0 would predict the start token
+    if ctx.has_start_token:
+        labels[:, 0] = -100  # q_0 would predict the start token; without one it predicts the first word
     pixels = ctx.pixels(images)
     grid = (pixels.shape[-1] // ctx.model_config.patch_size) * (pixels.shape[-2] // ctx.model_config.patch_size)
     targets = ctx.word_targets()

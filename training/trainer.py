@@ -212,7 +212,8 @@ class Pretrainer:
         with acc.main_process_first():
             self.data_dir, self.manifest = slice_manifest(config, acc.is_main_process)
         self.processor = UniPerceiverMoEProcessor.build(image_size=self.model_config.image_size,
-                                                        image_preprocessing=config.data.image_preprocessing)
+                                                        image_preprocessing=config.data.image_preprocessing,
+                                                        add_bos_token=self.model_config.bos_token_id is not None)
         self.tasks = {name: get_task(name) for name in config.tasks}
         self.ctx = self._task_context()
         entries = []
