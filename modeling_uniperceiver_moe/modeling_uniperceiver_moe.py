@@ -97,6 +97,8 @@ class GenericPerceptionOutput(ModelOutput):
     loss: scalar, candidate cross-entropy (+ router aux loss), when labels are given.
     logits: `[B, C]` (one query per input) or `[B, Q, C]` (several queries per input) scaled cosines.
     input_features: `[B, d]` or `[B, Q, d]` L2-normalised query features.
+    input_projections: the same before the L2 normalisation (the head's LayerNorm + Linear output), what the
+        reference's label prompt reads.
     target_features: `[C, d]` L2-normalised candidate features.
     aux_loss: scalar router auxiliary loss of both encodings.
     logit_scale: scalar, the task family's temperature used for `logits` (losses computed outside the
@@ -118,6 +120,7 @@ class GenericPerceptionOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     target_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     target_attentions: tuple[torch.FloatTensor, ...] | None = None
+    input_projections: torch.FloatTensor | None = None
 
 
 # =============================================================================================== helpers
@@ -1453,15 +1456,19 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
 
 # =============================================================================================== heads
 class UniPerceiverMoEProjectionHead(nn.Module):
-    """LayerNorm + Linear, then L2 normalisation: `[..., d] -> [..., d]` unit vectors."""
+    """LayerNorm + Linear (`project`), then L2 normalisation: `[..., d] -> [..., d]` unit vectors."""
 
     def __init__(self, config: UniPerceiverMoEConfig):
         super().__init__()
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[..., d]` before the normalisation, in float32."""
+        return self.proj(self.norm(hidden)).float()
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(self.norm(hidden)).float(), dim=-1)
+        return F.normalize(self.project(hidden), dim=-1)
 
 
 class UniPerceiverMoELogitScales(nn.Module):
@@ -1584,7 +1591,8 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         )
         num_words = input_ids.shape[1] if input_ids is not None else 0
         queries, valid = self.gather_queries(out, query_positions, caption_mode, num_words)
-        input_features = self.input_head(queries)
+        input_projections = self.input_head.project(queries)
+        input_features = F.normalize(input_projections, dim=-1)
         aux_loss = out.aux_loss
         target_out = None
         if target_features is None:
@@ -1607,7 +1615,7 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
                 loss = loss + aux_loss
         output = GenericPerceptionOutput(
             loss=loss, logits=logits, input_features=input_features, target_features=target_features,
-            aux_loss=aux_loss, input_outputs=out, logit_scale=logit_scale,
+            aux_loss=aux_loss, input_projections=input_projections, input_outputs=out, logit_scale=logit_scale,
             hidden_states=out.hidden_states, attentions=out.attentions,
             target_hidden_states=None if target_out is None else target_out.hidden_states,
             target_attentions=None if target_out is None else target_out.attentions,

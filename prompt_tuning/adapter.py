@@ -6,8 +6,9 @@ The recipe (notes section 4) freezes the pre-trained model, experts and gates in
   values (all layers; separate input / target sets when `separate_target_prompts`, for retrieval);
 * all LayerNorms of the encoder and of both heads (not the routers' norms: gates stay frozen);
 * a bias on the SPE embedding;
-* for classification, a zero-initialised linear "label prompt" over the input features, added to the
-  similarity logits with a learnable weight (init 1) by a forward hook on the model;
+* for classification, the reference's "label prompt": the logits become `w * logits + W f + b`, with `f` the
+  query's projected feature before its L2 normalisation, `W`, `b` a zero-initialised linear layer to the
+  classes and `w` a learnable similarity weight (init 1), by a forward hook on the model;
 * optionally (`prompt_gate`), a zero-initialised gate per layer on what the prompts change.
 
 PEFT integration: `DeepPromptConfig` / `DeepPromptModel` are a `PeftConfig` / `BaseTuner` pair registered
@@ -149,7 +150,8 @@ class DeepPromptModel(BaseTuner):
         if "deep_prompt_spe_bias" not in self._modules:
             self.deep_prompt_spe_bias = nn.ParameterDict()
             self.deep_prompt_label_weight = nn.ParameterDict()
-            self.deep_prompt_label_scale = nn.ParameterDict()
+            self.deep_prompt_label_bias = nn.ParameterDict()
+            self.deep_prompt_similarity_weight = nn.ParameterDict()
             self._label_prompt_disabled = False
 
     # -------------------------------------------------------------------------------------- injection
@@ -179,7 +181,8 @@ class DeepPromptModel(BaseTuner):
                 model._deep_prompt_spe_hooked = True
         if config.num_labels is not None:
             self.deep_prompt_label_weight[adapter_name] = nn.Parameter(torch.zeros(config.num_labels, width, device=device))
-            self.deep_prompt_label_scale[adapter_name] = nn.Parameter(torch.ones((), device=device))
+            self.deep_prompt_label_bias[adapter_name] = nn.Parameter(torch.zeros(config.num_labels, device=device))
+            self.deep_prompt_similarity_weight[adapter_name] = nn.Parameter(torch.ones((), device=device))
         if config.num_labels is not None and not getattr(model, "_deep_prompt_label_hooked", False):
             model.register_forward_hook(self._apply_label_prompt, with_kwargs=True)
             model._deep_prompt_label_hooked = True
@@ -211,8 +214,9 @@ class DeepPromptModel(BaseTuner):
 
     # -------------------------------------------------------------------------------------- label prompt
     def _apply_label_prompt(self, module, args, kwargs, out):
-        """Forward hook on the wrapped model (PeftModel.forward calls it directly, not this tuner): add the
-        label prompt to classification logits and recompute the loss when labels were given."""
+        """Forward hook on the wrapped model (PeftModel.forward calls it directly, not this tuner): classification
+        logits `[B, C]` -> `w * logits + W f + b` (f: `out.input_projections` `[B, d]`); the loss is recomputed
+        when labels were given."""
         name = self.active_adapters[0]
         if self._label_prompt_disabled or name not in self.deep_prompt_label_weight:
             return out
@@ -222,7 +226,8 @@ class DeepPromptModel(BaseTuner):
         weight = self.deep_prompt_label_weight[name]
         if out.logits.shape[-1] != weight.shape[0]:
             raise ValueError(f"the label prompt has {weight.shape[0]} classes, the task has {out.logits.shape[-1]} candidates")
-        out.logits = out.logits + self.deep_prompt_label_scale[name] * F.linear(out.input_features, weight.float())
+        label_logits = F.linear(out.input_projections, weight.float(), self.deep_prompt_label_bias[name].float())
+        out.logits = self.deep_prompt_similarity_weight[name] * out.logits + label_logits
         if kwargs.get("labels") is not None:
             loss = module.candidate_loss(out.logits, kwargs["labels"], None, kwargs.get("symmetric_loss", False), family)
             out.loss = loss if out.aux_loss is None else loss + out.aux_loss

@@ -92,6 +92,28 @@ def test_only_the_recipe_parameters_change_and_disabling_restores_the_base():
         assert torch.equal(model(**inputs, task_family="image_classification").logits, base_logits)
 
 
+def test_the_label_prompt_is_the_reference_s_weighted_logits_plus_a_linear_layer_on_the_unnormalised_feature():
+    """logits -> w * logits + W f + b, f the query's projected feature before its L2 normalisation (the
+    reference's `similarity_weight * logit + fc_prompt(feat)`); zero W, b and w = 1 at init leave the logits."""
+    torch.manual_seed(0)
+    base = UniPerceiverMoEForGenericPerception(tiny_config("attribute")).eval()
+    inputs = classification_inputs()
+    with torch.no_grad():
+        plain = base(**inputs, task_family="image_classification")
+    model = get_peft_model(base, DeepPromptConfig(num_prompts=0, num_labels=4, spe_bias=False, train_layer_norms=False))
+    tuner = model.base_model
+    with torch.no_grad():
+        assert torch.equal(model(**inputs, task_family="image_classification").logits, plain.logits)
+        torch.testing.assert_close(plain.input_features, torch.nn.functional.normalize(plain.input_projections, dim=-1))
+        assert not torch.allclose(plain.input_projections.norm(dim=-1), torch.ones(3))  # not unit vectors
+        weight, bias = torch.randn(4, base.config.hidden_size), torch.randn(4)
+        tuner.deep_prompt_label_weight["default"].copy_(weight)
+        tuner.deep_prompt_label_bias["default"].copy_(bias)
+        tuner.deep_prompt_similarity_weight["default"].fill_(0.5)
+        prompted = model(**inputs, task_family="image_classification")
+        torch.testing.assert_close(prompted.logits, 0.5 * plain.logits + plain.input_projections @ weight.t() + bias)
+
+
 def test_the_adapter_tunes_the_one_shared_head_of_a_reference_shaped_model():
     """With `share_projection_head` (converted checkpoints) the head's LayerNorm is tuned once, for inputs and
     candidates alike, as the reference's prompt tuning tunes its ln_post."""
