@@ -78,6 +78,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 # Raw DeepSpeed names -> the reference's own layout, applied in order to every key (substring renames).
 DEEPSPEED_RENAMES = (
@@ -534,6 +535,84 @@ def from_deepspeed_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
             raise ConversionError(f"two DeepSpeed keys map onto {key}")
         renamed[key] = value
     return renamed
+
+
+# what the reference's prompt tuning adds to a checkpoint (its LayerNorms, also tuned, keep their usual names)
+PROMPT_TUNING_KEYS = ("deep_prompt_embedding.", "s_token_bias", "fc_prompt.", "similarity_weight")
+
+
+def split_prompt_tuning(reference_sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """A reference state dict -> (the model's own tensors, the prompt-tuning tensors)."""
+    prompt = {k: v for k, v in reference_sd.items() if any(part in k for part in PROMPT_TUNING_KEYS)}
+    return {k: v for k, v in reference_sd.items() if k not in prompt}, prompt
+
+
+def prompt_keys_and_values(model, prompts: list[torch.Tensor], route) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The reference's deep prompts `[P, d]` per layer -> our (keys, values) `[P, d]` per layer.
+
+    The reference feeds layer l's prompts only as keys and values: `norm1_l(P_l)` through the key and value rows
+    of the layer's qkv projection, with the route of the sequence they join (its first attribute row), and never
+    as queries. With the projection frozen, those keys and values are fixed: computed once here, with the
+    experts folded for `route` (an attribute vector, or None for a dense model).
+    """
+    from modeling_uniperceiver_moe.reparameterization import fold_experts
+
+    routed = model.config.moe_routing != "none"
+    net = fold_experts(model, torch.as_tensor(route, dtype=torch.float32)[None]) if routed else model
+    width, pairs = model.config.hidden_size, []
+    with torch.no_grad():
+        for layer, prompt in zip(net.uniperceiver.encoder.layers, prompts):
+            linear = layer.attention.qkv
+            weight = linear.weight[0] if linear.weight.dim() == 3 else linear.weight  # one folded route
+            bias = None if linear.bias is None else (linear.bias[0] if linear.bias.dim() == 2 else linear.bias)
+            qkv = F.linear(layer.norm1(prompt.to(weight.dtype)), weight, bias)
+            pairs.append((qkv[:, width:2 * width].clone(), qkv[:, 2 * width:].clone()))
+    return pairs
+
+
+def convert_prompt_tuned(reference_sd: dict[str, torch.Tensor], config, input_route, target_route):
+    """A checkpoint of the reference's prompt tuning -> our model with a deep-prompt adapter (a `PeftModel`) that
+    computes the same outputs for the task it was tuned on.
+
+    The tuned LayerNorms go into the model (and so into the adapter's trainable copies); the deep prompts become
+    key/value prompts, one set for the inputs (`input_route`) and one for the candidates (`target_route`), as
+    the reference routes its shared prompts with each sequence's own attribute row; `s_token_bias` becomes the
+    SPE bias; `fc_prompt` and `similarity_weight` the label prompt. Routes: the task's attribute vectors
+    (`Task.input_attributes` / `target_attributes`; the caption image row for captioning).
+    """
+    from peft import get_peft_model
+
+    from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
+    from prompt_tuning.adapter import DeepPromptConfig
+
+    base_sd, prompt = split_prompt_tuning(reference_sd)
+    layers = [prompt.get(f"{LAYER_PREFIX.format(i=i)}deep_prompt_embedding.embedding.weight")
+              for i in range(config.num_hidden_layers)]
+    if any(p is None for p in layers):
+        raise ConversionError("not a deep-prompt checkpoint: some layers have no deep_prompt_embedding.embedding.weight")
+    model = UniPerceiverMoEForGenericPerception(config)
+    model.load_state_dict(convert_state_dict(base_sd, config), strict=True)
+    model.eval()
+    inputs, targets = prompt_keys_and_values(model, layers, input_route), prompt_keys_and_values(model, layers, target_route)
+    label = prompt.get("fc_prompt.weight")
+    tuned = get_peft_model(model, DeepPromptConfig(
+        num_prompts=layers[0].shape[0], separate_target_prompts=True, spe_bias="s_token_bias" in prompt,
+        num_labels=None if label is None else label.shape[0])).eval()
+    tuner = tuned.base_model
+    with torch.no_grad():
+        for layer, (keys, values), (target_keys, target_values) in zip(model.uniperceiver.encoder.layers, inputs, targets):
+            attention = layer.attention
+            attention.deep_prompt_keys["default"].copy_(keys)
+            attention.deep_prompt_values["default"].copy_(values)
+            attention.deep_prompt_target_keys["default"].copy_(target_keys)
+            attention.deep_prompt_target_values["default"].copy_(target_values)
+        if "s_token_bias" in prompt:
+            tuner.deep_prompt_spe_bias["default"].copy_(prompt["s_token_bias"].reshape(-1))
+        if label is not None:
+            tuner.deep_prompt_label_weight["default"].copy_(label)
+            tuner.deep_prompt_label_bias["default"].copy_(prompt["fc_prompt.bias"])
+            tuner.deep_prompt_similarity_weight["default"].copy_(prompt.get("similarity_weight", torch.ones(())).reshape(()))
+    return tuned
 
 
 def load_reference_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -21,7 +21,9 @@ add our entries to PEFT's type -> config / tuner / prefix tables directly; that 
 Design choice: the prompts are learned directly in key/value space (the prefix-tuning form) instead of as
 hidden-state vectors sent through each layer's qkv projection. The projection of an MoE layer is a
 routed mixture whose route for a prompt token is undefined (and a folded model has no experts left); a
-free key/value pair per prompt can express everything a projected prompt can.
+free key/value pair per prompt can express everything a projected prompt can. The reference's prompts enter
+each layer only as keys and values of a frozen projection, so its prompt-tuned checkpoints convert exactly
+(`hub_cards.convert_reference.convert_prompt_tuned`).
 """
 
 from __future__ import annotations

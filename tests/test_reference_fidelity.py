@@ -121,3 +121,55 @@ def test_our_attribute_registry_gives_the_reference_s_rows():
     assert ATTRIBUTES["word_target"].to_list() == [1, 1, 0, 1, 0, 1, 1, 0]
     assert ATTRIBUTES["caption_image"].to_list() == [1, 1, 0, 1, 1, 0, 0, 0]
     assert ATTRIBUTES["caption_text"].to_list() == [1, 1, 0, 1, 0, 1, 0, 1]
+
+
+# --------------------------------------------------------------------------------------------- prompt tuning
+@pytest.fixture(scope="module")
+def official_prompt_tuned() -> dict[str, torch.Tensor]:
+    """The same tiny official model prompt-tuned as the reference's ImageNet prompt-tuning config does (deep
+    prompts of 10 in every layer, the label prompt `fc_prompt` / `similarity_weight`, the SPE bias, tuned
+    LayerNorms), every prompt-tuning tensor random; made by `make_fixture_prompt.py`."""
+    tensors = load_file(FIXTURE.replace(".safetensors", "_prompt.safetensors"))
+    state = {key[len("state."):]: value for key, value in tensors.items() if key.startswith("state.")}
+    rows, values = tensors[f"state_rows.{TABLE}.index"], tensors[f"state_rows.{TABLE}.values"]
+    state[TABLE] = torch.zeros(49411, values.shape[1]).index_copy_(0, rows, values)
+    return {"state": state, **{k: v for k, v in tensors.items() if not k.startswith("state")}}
+
+
+@torch.no_grad()
+def test_a_prompt_tuned_official_checkpoint_converts_into_our_adapter_with_the_same_logits(official_prompt_tuned):
+    """The deep prompts become key/value prompts (inputs and candidates each with their own route), the label
+    prompt, the SPE bias and the tuned LayerNorms their counterparts: same encoder states and logits."""
+    fixture, task = official_prompt_tuned, TASKS["fashion_mnist_classification"]
+    config = conv.infer_config(conv.split_prompt_tuning(fixture["state"])[0], num_attention_heads=2)
+    tuned = conv.convert_prompt_tuned(fixture["state"], config, task.input_attributes.to_tensor(),
+                                      task.target_attributes.to_tensor())
+    names, names_mask = fixture["a.class_ids"], 1 - fixture["a.class_invalid_mask"].long()
+    out = tuned(pixel_values=fixture["a.pixel_values"], attribute_vectors=rows(task.input_attributes, 2),
+                target_input_ids=names, target_attention_mask=names_mask,
+                target_attribute_vectors=rows(task.target_attributes, 3), task_family=task.family)
+    assert max_diff(out.input_outputs.last_hidden_state, fixture["a.hidden"]) < TOLERANCE
+    assert max_diff(out.target_features, F.normalize(fixture["a.class_features"], dim=-1)) < TOLERANCE
+    assert max_diff(out.logits, fixture["a.logits"]) < TOLERANCE
+    with tuned.disable_adapter():  # without the prompts the logits are not the tuned ones
+        plain = tuned(pixel_values=fixture["a.pixel_values"], attribute_vectors=rows(task.input_attributes, 2),
+                      target_input_ids=names, target_attention_mask=names_mask,
+                      target_attribute_vectors=rows(task.target_attributes, 3), task_family=task.family)
+    assert max_diff(plain.logits, fixture["a.logits"]) > 0.1
+
+
+@torch.no_grad()
+def test_a_prompt_tuned_official_captioning_checkpoint_converts_with_the_same_placeholder_logits(official_prompt_tuned):
+    """Captioning's prompts join keys routed by the image row (the sequence's first attribute row); the reference's
+    caption prompt tuning has no label prompt."""
+    fixture, task = official_prompt_tuned, TASKS["emoji_captioning"]
+    state = {k: v for k, v in fixture["state"].items() if not k.startswith(("fc_prompt.", "similarity_weight"))}
+    config = conv.infer_config(conv.split_prompt_tuning(state)[0], num_attention_heads=2)
+    tuned = conv.convert_prompt_tuned(state, config, ATTRIBUTES["caption_image"].to_tensor(),
+                                      task.target_attributes.to_tensor())
+    words, vocabulary = fixture["b.caption_ids"], fixture["b.vocab_ids"]
+    out = tuned(pixel_values=fixture["b.pixel_values"], input_ids=words, caption_mode=True,
+                attribute_vectors=caption_attributes(task, 2, 17, words.shape[1]), target_input_ids=vocabulary,
+                target_attribute_vectors=rows(task.target_attributes, len(vocabulary)), task_family=task.family)
+    assert max_diff(out.input_outputs.last_hidden_state, fixture["b.hidden"]) < TOLERANCE
+    assert max_diff(out.logits.reshape(-1, len(vocabulary)), fixture["b.logits"]) < TOLERANCE

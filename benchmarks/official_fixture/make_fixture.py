@@ -8,10 +8,8 @@ MultiTaskTransformerEncoder._forward, the official batch collator, tokenizer, lo
 This script only: builds the config, perturbs some parameters after the official init (documented),
 builds dataset-style samples, records what the official code does through forward hooks, and saves.
 """
-import ast
 import copy
 import json
-import math
 import os
 import sys
 
@@ -19,17 +17,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 UPREF = os.environ.get('UPREF', '/tmp/upref')
 sys.path.insert(0, HERE)
 import official_stubs  # noqa: E402
+from official_common import PERTURBATION, case_inputs, perturb, setup_cfg  # noqa: E402
 
 STUBS_USED = official_stubs.install()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 torch.set_num_threads(1)
 
-from uniperceiver.config import get_cfg, CfgNode  # noqa: E402
-from uniperceiver.modeling import add_config, build_model  # noqa: E402
+from uniperceiver.config import CfgNode  # noqa: E402
+from uniperceiver.modeling import build_model  # noqa: E402
 from uniperceiver.datasets.build import preprocess_batch_collator  # noqa: E402
 from uniperceiver.functional import dict_as_tensor  # noqa: E402
 from uniperceiver.modeling.encoder.unified_bert_encoder import _construct_attention_masks  # noqa: E402
@@ -45,31 +43,9 @@ OUT_JSON = os.path.join(FIXTURES, 'official_tiny_moe.json')
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. config exactly as main.py's setup() does it (minus logging / distributed default_setup)
+# 1-3. the official config, the case inputs, the parameter perturbation (official_common.py)
 # ----------------------------------------------------------------------------------------------
-def official_multitask_helper():
-    """Load main.add_default_setting_for_multitask_config from the official main.py source without
-    importing main.py (whose imports pull the whole evaluation stack: sklearn, pycocoevalcap, ...)."""
-    path = os.path.join(UPREF, 'main.py')
-    tree = ast.parse(open(path).read())
-    fn = [n for n in tree.body if isinstance(n, ast.FunctionDef)
-          and n.name == 'add_default_setting_for_multitask_config'][0]
-    ns = {'copy': copy, 'CfgNode': CfgNode}
-    exec(compile(ast.Module(body=[fn], type_ignores=[]), path, 'exec'), ns)
-    return ns['add_default_setting_for_multitask_config']
-
-
-def setup_cfg():
-    cfg = get_cfg()
-    tmp_cfg = cfg.load_from_file_tmp(CONFIG)
-    add_config(cfg, tmp_cfg)
-    cfg.merge_from_file(CONFIG)
-    official_multitask_helper()(cfg)
-    cfg.freeze()
-    return cfg
-
-
-cfg = setup_cfg()
+cfg = setup_cfg(CONFIG, UPREF)
 assert comm.old_checkpoint is True
 
 torch.manual_seed(0)
@@ -79,105 +55,13 @@ model.eval()
 model.float()
 
 tok = model.tokenizer  # official ClipTokenizer
-SPE_ID = int(tok.encoder['<|spe|>'])
-EOT_ID = int(tok.encoder['<|endoftext|>'])
-assert SPE_ID == 49410 and EOT_ID == 49407
-
-
-def enc(text):
-    return [int(x) for x in tok.encode(text)]
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. inputs (token ids from the official tokenizer)
-# ----------------------------------------------------------------------------------------------
-g = torch.Generator().manual_seed(1234)
-
-# (a) image classification + ImageNet-style class-name target set (tools/generate_target_sets.ipynb:
-#     torch.tensor(tokenizer.encode(x + " <|endoftext|>")) )
-A_CLASS_NAMES = ['tench', 'goldfish', 'great white shark']
-a_class_tok = [enc(n + ' <|endoftext|>') for n in A_CLASS_NAMES]
-a_pixels = torch.randn(2, 3, 32, 32, generator=g)
-a_labels = [0, 2]
-
-# (b) caption training sample (ImageTextPairDataset, MSCOCO branch: caption + " <|endoftext|>",
-#     mlm_labels = encode("<|spe|>") * len(caption_tokens), data = [source, source2], text_spe_cat=True)
-B_CAPTIONS = ['a dog on grass', 'two cats near water']
-b_caption_tok = [enc(c + ' <|endoftext|>') for c in B_CAPTIONS]
-b_pixels = torch.randn(2, 3, 32, 32, generator=g)
-
-# (c) MLM (GeneralCorpusDataset text_mlm: basic_tokenize, append '<|endoftext|>', per-word BPE,
-#     masked words -> <|spe|> (the 80% branch of random_word_wwm), labels = original id or -1)
-C_SENTENCES = ['the quick brown fox jumps over the dog', 'a man is riding his old red bike']
-C_MASK_POS = [[1, 5], [1, 6]]
-c_ids, c_labels = [], []
-for s, mpos in zip(C_SENTENCES, C_MASK_POS):
-    words = tok.basic_tokenize(s) + ['<|endoftext|>']
-    ids, labels = [], []
-    for i, w in enumerate(words):
-        sub = [int(x) for x in tok.encode_basic_tokenized_token(w)] if w != '<|endoftext|>' else [EOT_ID]
-        assert len(sub) == 1
-        if i in mpos:
-            ids.append(SPE_ID)
-            labels.append(sub[0])
-        else:
-            ids.append(sub[0])
-            labels.append(-1)
-    c_ids.append(ids)
-    c_labels.append(labels)
-assert len(set(len(x) for x in c_ids)) == 1  # no padding (the dataset fills to MAX_SEQ_LEN with more lines)
-
-# Vocab_Word shared-target subset used by (b) and (c): [v, <|endoftext|>] per word, as in
-# generate_target_sets.ipynb section 3 (the real set has all 49411 ids; here a subset).
-VOCAB_WORDS = ['a', 'dog', 'on', 'grass', 'two', 'cats', 'near', 'water', 'quick', 'over', 'man', 'red']
-vocab_ids = [int(tok.encoder[w + '</w>']) for w in VOCAB_WORDS]
-vocab_tok = [[v, EOT_ID] for v in vocab_ids]
-
-USED_TOKEN_IDS = sorted(set([0, SPE_ID, EOT_ID, 49406, 49408, 49409]
-                            + sum(a_class_tok, []) + sum(b_caption_tok, []) + sum(c_ids, [])
-                            + [x for l in c_labels for x in l if x >= 0] + sum(vocab_tok, [])))
-
-# ----------------------------------------------------------------------------------------------
-# 3. parameter perturbation after the official init (so that every parameter matters numerically)
-# ----------------------------------------------------------------------------------------------
-PERTURBATION = {
-    'official_init': 'MODEL.MAEParamsInit=True (initialize_weights_as_mae: xavier Linear, qkv uniform, '
-                     'N(0,0.02) embeddings, LN=1/0, fixed 2D sin-cos spatial_pos_embed, xavier patch conv) '
-                     'after torch.manual_seed(0)',
-    'then_with_torch.Generator_seed_7': [
-        'every nn.LayerNorm: weight = 1 + 0.1*randn, bias = 0.1*randn (embeddings_norm shared by token/video)',
-        'every nn.Linear / patch Conv2d bias: 0.02*randn',
-        'gamma_1 / gamma_2 (LayerScale, init 1e-3): uniform(0.5, 1.0)',
-        'loss_prepare.logit_scale_*: log(1/0.07) + 0.1*i (i = order in state_dict) so each is distinct',
-        'token_embed.embeddings.weight rows NOT in used_token_ids set to exactly 0 (the fixture stores '
-        'only the used rows; the rest of the (49411, 64) table is zero)',
-        'spatial_pos_embed (fixed sin-cos) and all other weights left as the official init made them',
-    ],
-}
-pg = torch.Generator().manual_seed(7)
-with torch.no_grad():
-    seen = set()
-    for name, m in model.named_modules():
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
-        if isinstance(m, nn.LayerNorm):
-            m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=pg))
-            m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=pg))
-        elif isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
-            m.bias.copy_(0.02 * torch.randn(m.bias.shape, generator=pg))
-    for name, p in model.named_parameters():
-        if name.endswith('gamma_1') or name.endswith('gamma_2'):
-            p.copy_(0.5 + 0.5 * torch.rand(p.shape, generator=pg))
-    i = 0
-    for name, p in model.loss_prepare.named_parameters():
-        if name.startswith('logit_scale_'):
-            p.fill_(math.log(1 / 0.07) + 0.1 * i)
-            i += 1
-    W = model.token_embed.embeddings.weight
-    keep = torch.zeros(W.shape[0], dtype=torch.bool)
-    keep[USED_TOKEN_IDS] = True
-    W[~keep] = 0.0
+X = case_inputs(tok)
+(SPE_ID, EOT_ID, enc, A_CLASS_NAMES, a_class_tok, a_pixels, a_labels, B_CAPTIONS, b_caption_tok, b_pixels,
+ C_SENTENCES, C_MASK_POS, c_ids, c_labels, VOCAB_WORDS, vocab_ids, vocab_tok, USED_TOKEN_IDS) = (
+    X.SPE_ID, X.EOT_ID, X.enc, X.A_CLASS_NAMES, X.a_class_tok, X.a_pixels, X.a_labels, X.B_CAPTIONS,
+    X.b_caption_tok, X.b_pixels, X.C_SENTENCES, X.C_MASK_POS, X.c_ids, X.c_labels, X.VOCAB_WORDS, X.vocab_ids,
+    X.vocab_tok, X.USED_TOKEN_IDS)
+perturb(model, USED_TOKEN_IDS)
 
 # ----------------------------------------------------------------------------------------------
 # 4. hooks that record exactly what the official code feeds / computes
