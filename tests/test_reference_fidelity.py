@@ -113,14 +113,21 @@ def test_masked_language_modelling_matches_the_official_modules(official, conver
     assert max_diff(logits.reshape(-1, len(vocabulary)), official["c.logits"]) < TOLERANCE
 
 
-def test_our_attribute_registry_gives_the_reference_s_rows():
-    """The rows the official code fed its gates in these cases (recorded with the fixture)."""
-    assert ATTRIBUTES["classification_input"].to_list() == [1, 0, 0, 1, 1, 0, 0, 0]
-    assert ATTRIBUTES["class_name_target"].to_list() == [1, 0, 0, 1, 0, 1, 1, 0]
-    assert ATTRIBUTES["text_input"].to_list() == [0, 1, 0, 1, 0, 1, 0, 0]
-    assert ATTRIBUTES["word_target"].to_list() == [1, 1, 0, 1, 0, 1, 1, 0]
-    assert ATTRIBUTES["caption_image"].to_list() == [1, 1, 0, 1, 1, 0, 0, 0]
-    assert ATTRIBUTES["caption_text"].to_list() == [1, 1, 0, 1, 0, 1, 0, 1]
+def test_our_attribute_registry_gives_the_rows_the_official_gates_saw():
+    """Each case's attribute rows, as the fixture's generator recorded them from the official gates' inputs."""
+    import json
+
+    with open(FIXTURE.replace(".safetensors", ".json"), encoding="utf-8") as handle:
+        cases = json.load(handle)["cases"]
+
+    def official(case: str, call: str) -> list:
+        return cases[case][call]["moe_gate_attribute_rows"]
+
+    assert official("a", "input_call") == [ATTRIBUTES["classification_input"].to_list()]
+    assert official("a", "class_target_call") == [ATTRIBUTES["class_name_target"].to_list()]
+    assert official("b", "input_call") == [ATTRIBUTES["caption_image"].to_list(), ATTRIBUTES["caption_text"].to_list()]
+    assert official("b", "vocab_target_call") == official("c", "vocab_target_call") == [ATTRIBUTES["word_target"].to_list()]
+    assert official("c", "input_call") == [ATTRIBUTES["text_input"].to_list()]
 
 
 # --------------------------------------------------------------------------------------------- prompt tuning
