@@ -487,6 +487,7 @@ def infer_config(reference_sd: dict[str, torch.Tensor], **overrides):
         share_projection_head=True,  # one ln_post + proj for inputs and candidates
         random_temporal_offset=True,  # VIDEO_EMBED.POS_RANDOM (on by default in the reference)
         text_distance_bias="none",  # the reference's attention has no bias between words
+        word_logit_bias=False,  # nor a bias per candidate word
         bos_token_id=None,  # the reference's texts start with their first word (`text + " <|endoftext|>"`)
     )
     if f"{LAYER_PREFIX.format(i=0)}gamma_1" not in reference_sd:

@@ -145,6 +145,13 @@ class UniPerceiverMoEConfig(PretrainedConfig):
             candidates, as the reference (`loss_prepare.ln_post` and `.proj`; converted checkpoints get
             True); False gives the candidates a head of their own.
         logit_scale_init (`float`, defaults to ln(1/0.07)). logit_scale_max (`float`, defaults to 100).
+        word_logit_bias (`bool`, defaults to `True`): a learned bias per (task family, vocabulary token), added to
+            the logit of a candidate that is one vocabulary word (MLM and captioning: the forward's
+            `candidate_token_ids`), as BERT's output bias. How often each word is the answer then need not be
+            encoded in the candidates' features: the trainer starts it at the training answers' log-frequencies
+            (`data.word_prior`) and masked-language modelling and captioning learn sooner (docs/results.md).
+            Zero at initialisation, so without that start it changes nothing until trained. The reference has
+            none (converted checkpoints get False).
         label_smoothing (`float` or `dict[str, float]`, *optional*): the loss's label smoothing. None (the
             default): the reference's value per task family (`REFERENCE_LABEL_SMOOTHING`: 0.1 for
             classification and retrieval, 0 for MLM and captioning); a float: that value for every family; a
@@ -213,6 +220,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         share_projection_head: bool = False,
         logit_scale_init: float = 2.6592600369644043,
         logit_scale_max: float = 100.0,
+        word_logit_bias: bool = True,
         label_smoothing: float | dict[str, float] | None = None,
         output_router_logits: bool = False,
         **kwargs,
@@ -278,6 +286,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         self.share_projection_head = share_projection_head
         self.logit_scale_init = logit_scale_init
         self.logit_scale_max = logit_scale_max
+        self.word_logit_bias = word_logit_bias
         self.label_smoothing = label_smoothing
         self.output_router_logits = output_router_logits
         super().__init__(
@@ -289,9 +298,10 @@ class UniPerceiverMoEConfig(PretrainedConfig):
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> "UniPerceiverMoEConfig":
         """As `PretrainedConfig.from_dict`; a saved config without `text_distance_bias` describes attention
-        without that bias, so it loads as `"none"` (the weights it holds were trained so), not as the default."""
-        if "text_distance_bias" not in config_dict:
-            config_dict = {**config_dict, "text_distance_bias": "none"}
+        without that bias, so it loads as `"none"` (the weights it holds were trained so), not as the default;
+        one without `word_logit_bias` a model without the word bias."""
+        missing = {"text_distance_bias": "none", "word_logit_bias": False}
+        config_dict = {**{k: v for k, v in missing.items() if k not in config_dict}, **config_dict}
         return super().from_dict(config_dict, **kwargs)
 
     @property

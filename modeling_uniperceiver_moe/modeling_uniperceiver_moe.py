@@ -982,6 +982,8 @@ class UniPerceiverMoEPreTrainedModel(PreTrainedModel):
             init.constant_(module.gamma, module.init_value)
         elif isinstance(module, UniPerceiverMoELogitScales):
             init.constant_(module.log_scale, self.config.logit_scale_init)
+        elif isinstance(module, UniPerceiverMoEWordBias):
+            init.zeros_(module.bias)
 
 
 # =============================================================================================== base model
@@ -1471,6 +1473,17 @@ class UniPerceiverMoEProjectionHead(nn.Module):
         return F.normalize(self.project(hidden), dim=-1)
 
 
+def task_family_index(families: list[str], family: str | int) -> int:
+    """The row of `family` (a name, or already an index) among `config.task_families`."""
+    if isinstance(family, int):
+        if not 0 <= family < len(families):
+            raise ValueError(f"task family index {family} out of range for {families}")
+        return family
+    if family not in families:
+        raise ValueError(f"unknown task family {family!r}; known: {families}")
+    return families.index(family)
+
+
 class UniPerceiverMoELogitScales(nn.Module):
     """One learnable log-temperature per task family (init ln(1/0.07)); scale = exp(.) clamped at max."""
 
@@ -1481,16 +1494,37 @@ class UniPerceiverMoELogitScales(nn.Module):
         self.log_scale = nn.Parameter(torch.full((len(self.families),), config.logit_scale_init))
 
     def family_index(self, family: str | int) -> int:
-        if isinstance(family, int):
-            if not 0 <= family < len(self.families):
-                raise ValueError(f"task family index {family} out of range for {self.families}")
-            return family
-        if family not in self.families:
-            raise ValueError(f"unknown task family {family!r}; known: {self.families}")
-        return self.families.index(family)
+        return task_family_index(self.families, family)
 
     def forward(self, family: str | int) -> torch.Tensor:
         return self.log_scale[self.family_index(family)].exp().clamp(max=self.max_scale)
+
+
+class UniPerceiverMoEWordBias(nn.Module):
+    """A learned bias `[F, V]` per task family and vocabulary token (`config.word_logit_bias`), zero at init:
+    `forward(family, token_ids [C]) -> [C]`, added to the logits of candidates that are single words."""
+
+    def __init__(self, config: UniPerceiverMoEConfig):
+        super().__init__()
+        self.families = list(config.task_families)
+        self.bias = nn.Parameter(torch.zeros(len(self.families), config.vocab_size))
+
+    def family_index(self, family: str | int) -> int:
+        return task_family_index(self.families, family)
+
+    def forward(self, family: str | int, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.bias[self.family_index(family)][token_ids]
+
+    @torch.no_grad()
+    def start_from_log_frequencies(self, family: str, token_ids: torch.Tensor, counts: torch.Tensor,
+                                   smoothing: float = 0.5) -> None:
+        """Set the family's bias of `token_ids` `[K]` to the log-frequencies of `counts` `[K]` (how often each
+        is the answer; `smoothing` added to every count), centred on their mean; other tokens keep theirs."""
+        if token_ids.shape != counts.shape:
+            raise ValueError(f"token_ids {tuple(token_ids.shape)} and counts {tuple(counts.shape)} differ")
+        log_frequency = (counts.double() + smoothing).log()
+        row = self.bias[self.family_index(family)]
+        row[token_ids.to(row.device)] = (log_frequency - log_frequency.mean()).to(row)
 
 
 class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
@@ -1510,6 +1544,7 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         # the candidates' head: its own, or the input head (`share_projection_head`, the reference's one head)
         self.target_head = None if config.share_projection_head else UniPerceiverMoEProjectionHead(config)
         self.logit_scales = UniPerceiverMoELogitScales(config)
+        self.word_bias = UniPerceiverMoEWordBias(config) if config.word_logit_bias else None
         self.post_init()
 
     @property
@@ -1562,6 +1597,7 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         target_attribute_vectors=None,
         target_task_ids=None,
         target_features: torch.Tensor | None = None,
+        candidate_token_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         task_family: str | int = 0,
         symmetric_loss: bool = False,
@@ -1571,6 +1607,9 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         return_dict: bool | None = None,
     ) -> GenericPerceptionOutput | tuple:
         r"""
+        candidate_token_ids: `[C]` the vocabulary token each candidate is, when the candidates are single words
+            (MLM, captioning): the task family's word bias of those tokens is added to the logits
+            (`config.word_logit_bias`; ignored without it).
         labels: `[B]` or `[B, Q]` candidate indices (-100 = ignore).
         symmetric_loss: add the target->input direction (retrieval with in-batch candidates, labels = arange).
         With data-independent routing and candidates to encode, the experts are merged once for both
@@ -1608,6 +1647,11 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
             raise ValueError(f"target_features width {target_features.shape[-1]} != hidden_size {input_features.shape[-1]}")
         logit_scale = self.logit_scales(task_family)
         logits = logit_scale * input_features @ target_features.float().t()
+        if candidate_token_ids is not None and self.word_bias is not None:
+            if candidate_token_ids.shape != (target_features.shape[0],):
+                raise ValueError(f"candidate_token_ids {tuple(candidate_token_ids.shape)} must be one id per candidate "
+                                 f"({target_features.shape[0]})")
+            logits = logits + self.word_bias(task_family, candidate_token_ids).float()
         loss = None
         if labels is not None:
             loss = self.candidate_loss(logits, labels, valid, symmetric_loss, task_family)

@@ -4,7 +4,7 @@ The SPE + image tokens are encoded once per image (`PrefixCache(recording=True)`
 keys and values); each step runs only the words so far plus one placeholder query through the encoder,
 attending to the cached prefix (exactly what the full caption forward computes, see
 `tests/test_prompt_tuning.py`). The query's feature is scored against the vocabulary targets, which are
-also encoded once.
+also encoded once, plus the model's word bias of each candidate word.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def generate_captions(model, pixel_values: torch.Tensor, vocabulary: torch.Tenso
         input_ids=torch.stack([vocabulary, torch.full_like(vocabulary, eos)], 1),
         attention_mask=torch.ones(vocab, 2, dtype=torch.long, device=device), **route(ATTRIBUTES["word_target"], vocab))
     scale = net.logit_scales("captioning")
+    # the captioning family's learned word bias (config.word_logit_bias), as the caption forward adds it
+    word_bias = 0.0 if net.word_bias is None else net.word_bias("captioning", vocabulary).float()
     cache = PrefixCache(recording=True)
     net.uniperceiver(pixel_values=pixel_values, prefix_cache=cache, **route(ATTRIBUTES["caption_image"], batch))
 
@@ -62,7 +64,7 @@ def generate_captions(model, pixel_values: torch.Tensor, vocabulary: torch.Tenso
         out = net.uniperceiver(input_ids=words, caption_mode=True, prefix_cache=step_cache,
                                **route(ATTRIBUTES["caption_text"], words.shape[0]))
         query = out.last_hidden_state[:, length + length - 1]  # the last placeholder predicts the next word
-        logits = scale * net.input_head(query) @ targets.float().t()
+        logits = scale * net.input_head(query) @ targets.float().t() + word_bias
         log_probs = logits.log_softmax(-1)
         eos_index = int((vocabulary == eos).nonzero()[0])
         done = torch.full_like(log_probs, float("-inf"))

@@ -111,3 +111,27 @@ def test_optimizer_benchmark_times_fused_against_foreach_on_the_main_job_model(c
     result = bench_optimizer(["--steps", "1", "--repeats", "1"])
     assert set(result["ms_per_step"]) == {"foreach", "fused"} and result["ratio"] > 0
     assert "fused is" in capsys.readouterr().out
+
+
+def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batches(tiny_cache, tmp_path):
+    """CPU run of `benchmarks.bench_trainer` on the tiny slice: each variant's trainer and model phases ran on
+    the same batches (the benchmark checks their tasks step by step), and the host time is split over the
+    trainer's regions (shares of the profiled wall time, at most 1 with the rest). No timing is asserted."""
+    import yaml
+
+    from benchmarks.bench_trainer import main as bench_trainer_main
+    from tests.test_training import run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_config(tiny_cache, str(tmp_path / "unused"))))
+    rows = bench_trainer_main(["--config", str(path), "--sizes", "config", "--routings", "attribute,none",
+                               "--warmup", "1", "--steps", "3", "--profile-steps", "2",
+                               "--json", str(tmp_path / "bench.json")])
+    assert [row["routing"] for row in rows] == ["attribute", "none"]
+    for row in rows:
+        assert row["trainer_tokens_per_s"] > 0 and row["model_tokens_per_s"] > 0 and row["tokens"] > 0
+        shares = row["host_time_shares"]
+        assert set(shares) == {"batch", "to_device", "forward", "backward", "update", "bookkeeping", "other"}
+        assert shares["forward"] > 0 and shares["backward"] > 0 and sum(shares.values()) >= 0.99
+        assert row["gpu_busy_share"] is None  # no GPU here
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"] == rows

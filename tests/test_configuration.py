@@ -58,8 +58,8 @@ def test_folding_only_for_data_independent_routing():
 
 
 def test_a_saved_config_without_text_distance_bias_loads_without_the_bias(tmp_path):
-    """A new config gets the default (local attention between words); a config.json that does not name the
-    option describes a model whose weights were trained without it."""
+    """A new config gets the defaults (local attention between words, a word bias); a config.json that does not
+    name an option describes a model whose weights were made without it."""
     import json
 
     config = UniPerceiverMoEConfig(model_size="ti")
@@ -67,7 +67,9 @@ def test_a_saved_config_without_text_distance_bias_loads_without_the_bias(tmp_pa
     config.save_pretrained(tmp_path)
     assert UniPerceiverMoEConfig.from_pretrained(tmp_path).text_distance_bias == "alibi"
     saved = json.loads((tmp_path / "config.json").read_text())
-    del saved["text_distance_bias"]
+    assert saved["word_logit_bias"] is True
+    del saved["text_distance_bias"], saved["word_logit_bias"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert UniPerceiverMoEConfig.from_pretrained(tmp_path).text_distance_bias == "none"
+    assert UniPerceiverMoEConfig.from_pretrained(tmp_path).word_logit_bias is False
     assert UniPerceiverMoEConfig.from_pretrained(tmp_path, text_distance_bias="alibi").text_distance_bias == "alibi"

@@ -570,6 +570,7 @@ def test_every_reference_tensor_lands_where_it_should(reference):
     assert torch.equal(ours[m + "layer_norm.bias"], sd["token_embed.embeddings_norm.bias"])
     assert config.share_projection_head and not any(key.startswith("target_head.") for key in ours)
     assert config.text_distance_bias == "none"  # the reference's attention has no bias between words
+    assert not config.word_logit_bias
     assert config.bos_token_id is None  # the reference's texts start with their first word
     assert torch.equal(ours["input_head.norm.weight"], sd["loss_prepare.ln_post.weight"])
     assert torch.equal(ours["input_head.proj.weight"], sd["loss_prepare.proj.weight"])

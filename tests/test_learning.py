@@ -137,9 +137,44 @@ def test_reference_init_stays_at_chance(tiny_cache, tmp_path):
     assert metrics["accuracy"] < 0.3, metrics
 
 
+@pytest.mark.parametrize("word_prior", [True, False])
+def test_the_trainer_starts_the_word_bias_at_the_answer_log_frequencies(tiny_cache, tmp_path, word_prior):
+    """`data.word_prior`: the MLM and captioning families' word bias starts at the log-frequencies of their
+    answers in the training rows (differences between two words = log of their count ratio), so a new model
+    already scores the most frequent answer highest on average; other families and words outside the
+    candidate vocabulary keep 0. Without it the bias starts at 0."""
+    from training.config import parse_config
+    from training.data import read_rows
+    from training.evaluation import answer_counts
+    from training.trainer import BASELINE_TRAIN_ROWS, Pretrainer, task_stream_spec
+
+    raw = learning_config(tiny_cache, str(tmp_path / "run"))
+    raw["tasks"] = {"austen_mlm": {"batch_size": 8}, "emoji_captioning": {"batch_size": 8}}
+    raw["data"]["word_prior"] = word_prior
+    trainer = Pretrainer(parse_config(raw))
+    bias = trainer.accelerator.unwrap_model(trainer.model).word_bias.bias.detach()
+    families = trainer.model_config.task_families
+    vocabulary = trainer.ctx.vocabulary
+    if not word_prior:
+        assert not bias.any()
+        return
+    for name, family in (("austen_mlm", "mlm"), ("emoji_captioning", "captioning")):
+        task, config = trainer.tasks[name], trainer.config.tasks[name]
+        rows = read_rows(task_stream_spec(name, config, trainer.data_dir, trainer.manifest, "train"), BASELINE_TRAIN_ROWS)
+        counts = answer_counts(task, rows, trainer.ctx).double()
+        row = bias[families.index(family)].double()
+        expected = (counts + 0.5).log()
+        torch.testing.assert_close(row[vocabulary] - row[vocabulary][0], expected - expected[0], rtol=0, atol=1e-5)
+        assert int(row[vocabulary].argmax()) == int(counts.argmax()) == trainer.trivial_baselines()[name]["answer"]
+        outside = torch.ones(bias.shape[1], dtype=torch.bool)
+        outside[vocabulary] = False
+        assert not row[outside].any()
+    assert not bias[families.index("image_classification")].any()
+
+
 def test_trivial_baseline_is_the_most_frequent_training_answer(tiny_cache):
     from modeling_uniperceiver_moe import UniPerceiverMoEProcessor
-    from training.evaluation import trivial_baseline
+    from training.evaluation import answer_counts, trivial_baseline
     from training.tasks import TaskContext, build_batch, get_task
 
     with open(os.path.join(tiny_cache, "tiny", "manifest.json")) as handle:
@@ -152,16 +187,16 @@ def test_trivial_baseline_is_the_most_frequent_training_answer(tiny_cache):
                       vocabulary=torch.tensor(manifest["vocabulary"][:256]))
     train = [{"key": f"r{i}", "image": _png(), "label": label} for i, label in enumerate([3, 3, 3, 1, 2])]
     held_out = [{"key": f"e{i}", "image": _png(), "label": label} for i, label in enumerate([3, 1, 1, 1])]
-    result = trivial_baseline(task, train, held_out, ctx)
+    result = trivial_baseline(task, answer_counts(task, train, ctx), held_out, ctx)
     assert result == {"metric": "accuracy", "value": 0.25, "answer": 3}
     mlm = get_task("austen_mlm")
     rows = [{"key": f"t{i}", "text": text} for i, text in enumerate(["the cat and the dog", "the end of it"])]
     labels = torch.cat([build_batch(mlm, rows[i:i + 1], ctx, epoch=0).labels.reshape(-1) for i in range(2)])
     labels = labels[labels != -100]
-    result = trivial_baseline(mlm, rows, rows, ctx)
+    result = trivial_baseline(mlm, answer_counts(mlm, rows, ctx), rows, ctx)
     assert result["answer"] == int(torch.bincount(labels).argmax())
     assert result["value"] == pytest.approx(float((labels == result["answer"]).float().mean()))
-    retrieval = trivial_baseline(get_task("emoji_retrieval"), [], [{"key": "a", "image": _png(), "caption": "x"},
+    retrieval = trivial_baseline(get_task("emoji_retrieval"), None, [{"key": "a", "image": _png(), "caption": "x"},
                                                                    {"key": "b", "image": _png(), "caption": "y"}], ctx)
     assert retrieval["value"] == 0.5
 

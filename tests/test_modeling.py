@@ -656,6 +656,34 @@ def test_a_shared_projection_head_projects_inputs_and_candidates_alike(tmp_path)
         assert torch.equal(loaded(**batch).logits, logits)
 
 
+def test_the_word_bias_adds_the_family_bias_of_each_candidate_word(tmp_path):
+    """`candidate_token_ids` adds `word_bias[family, token]` to each candidate's logit (and to the loss); a model
+    without `word_logit_bias` has no such weights and ignores the ids; the bias survives save and load."""
+    torch.manual_seed(0)
+    model = UniPerceiverMoEForGenericPerception(tiny_config(moe_router_noise_std=0.0)).eval()
+    assert not model.word_bias.bias.any()  # zero at init: changes nothing until trained or started
+    with torch.no_grad():
+        model.word_bias.bias.normal_()
+    batch = head_step_batch()
+    words = batch["target_input_ids"][:, 0]
+    with torch.no_grad():
+        plain = model(**batch, task_family="mlm")
+        biased = model(**batch, task_family="mlm", candidate_token_ids=words)
+    row = model.word_bias.bias[model.config.task_families.index("mlm")]
+    torch.testing.assert_close(biased.logits, plain.logits + row[words], rtol=0, atol=1e-5)
+    assert not torch.allclose(biased.loss, plain.loss)
+    with pytest.raises(ValueError, match="one id per candidate"):
+        model(**batch, candidate_token_ids=words[:2])
+    model.save_pretrained(tmp_path)
+    loaded = UniPerceiverMoEForGenericPerception.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch, task_family="mlm", candidate_token_ids=words).logits, biased.logits)
+    without = UniPerceiverMoEForGenericPerception(tiny_config(moe_router_noise_std=0.0, word_logit_bias=False)).eval()
+    assert without.word_bias is None and not any("word_bias" in key for key in without.state_dict())
+    with torch.no_grad():
+        assert torch.equal(without(**batch, candidate_token_ids=words).logits, without(**batch).logits)
+
+
 def test_a_random_first_temporal_slot_in_training_only_as_the_reference():
     """`random_temporal_offset`: an image (one frame) takes a random temporal slot per training batch, the
     same slot for the whole batch; evaluation and the default use slot 0."""

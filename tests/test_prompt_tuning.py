@@ -228,13 +228,16 @@ def test_spe_bias_reaches_every_spe_token_also_through_the_cached_prefix():
 @pytest.mark.parametrize("start_token", [True, False])
 def test_beam_search_with_one_beam_is_greedy_decoding_without_a_cache(start_token):
     """Generation starts from the start token, or (`bos_token_id=None`, the reference's texts) from nothing:
-    the first placeholder then reads only the image, as the first caption label is trained."""
+    the first placeholder then reads only the image, as the first caption label is trained. Each step scores
+    the words as the caption forward does, the captioning family's word bias included."""
     torch.manual_seed(0)
     config = tiny_config("attribute")
     if not start_token:
         config.bos_token_id = None
     model = UniPerceiverMoEForGenericPerception(config).eval()
     vocabulary = torch.tensor([320, 1125, 539, 2368, config.eos_token_id])
+    with torch.no_grad():
+        model.word_bias.bias.normal_(0.0, 3.0)
     pixels = torch.randn(2, 3, 16, 16)
     cached = generate_captions(model, pixels, vocabulary, beam_size=1, max_length=6)
     with torch.no_grad():
@@ -245,16 +248,18 @@ def test_beam_search_with_one_beam_is_greedy_decoding_without_a_cache(start_toke
             words, produced = ([config.bos_token_id] if start_token else []), []
             for _ in range(6):
                 ids = torch.tensor([words + [config.mask_token_id]])
-                out = model.uniperceiver(input_ids=ids, pixel_values=pixels[row:row + 1], caption_mode=True,
-                                         attribute_vectors=caption_attributes(None, 1, 5, ids.shape[1]),
-                                         task_ids=torch.zeros(1, dtype=torch.long))
-                query = out.last_hidden_state[:, out.text_start + 2 * ids.shape[1] - 1]
-                token = int(vocabulary[(model.input_head(query) @ targets.float().t()).argmax()])
+                out = model(input_ids=ids, pixel_values=pixels[row:row + 1], caption_mode=True,
+                            attribute_vectors=caption_attributes(None, 1, 5, ids.shape[1]),
+                            task_ids=torch.zeros(1, dtype=torch.long), target_features=targets,
+                            candidate_token_ids=vocabulary, task_family="captioning")
+                token = int(vocabulary[out.logits[0, -1].argmax()])
                 if token == config.eos_token_id:
                     break
                 words.append(token)
                 produced.append(token)
             assert cached[row] == produced
+        model.word_bias.bias.zero_()
+    assert generate_captions(model, pixels, vocabulary, beam_size=1, max_length=6) != cached  # the bias counted
 
 
 def test_beam_search_needs_the_end_token():

@@ -58,6 +58,7 @@ def test_the_inferred_config_is_the_reference_s(converted):
     config = converted.config
     assert config.moe_layers == [0, 2] and config.moe_num_experts == 4 and config.moe_routing == "attribute"
     assert config.bos_token_id is None and config.text_distance_bias == "none" and config.share_projection_head
+    assert not config.word_logit_bias
 
 
 @torch.no_grad()

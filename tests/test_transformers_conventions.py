@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from modeling_uniperceiver_moe import UniPerceiverMoEConfig, UniPerceiverMoEForGenericPerception, UniPerceiverMoEModel
-from tests.conftest import IMAGE_INPUT, TEXT_INPUT, make_batch, tiny_config
+from tests.conftest import TEXT_INPUT, make_batch, tiny_config
 
 ROUTINGS = ["none", "attribute", "token"]
 
@@ -200,7 +200,7 @@ def test_moe_layers_of_widths_grouped_gemm_cannot_stride_run_and_train(routing, 
 # ------------------------------------------------------------------------------------------ offloading
 LAYERS_ON_DISK = {"uniperceiver.embeddings": "cpu", "uniperceiver.encoder.layers.0": "disk",
                   "uniperceiver.encoder.layers.1": "disk", "input_head": "cpu", "target_head": "cpu",
-                  "logit_scales": "cpu"}
+                  "logit_scales": "cpu", "word_bias": "cpu"}
 
 
 def offloaded(path, how: str):
@@ -226,8 +226,11 @@ def test_offloaded_model_gives_the_in_memory_outputs(routing, overrides, how, tm
     weights. The encoder's states are equal; the head's logits equal up to float rounding (the in-memory head
     merges the experts of both passes in one GEMM, the offloaded one per pass)."""
     model = build(UniPerceiverMoEForGenericPerception, routing, **overrides)
+    with torch.no_grad():
+        model.word_bias.bias.normal_()  # a trained word bias, read through its offloaded module too
     model.save_pretrained(tmp_path)
     batch = head_batch()
+    batch["candidate_token_ids"] = batch["target_input_ids"][:, 0]
     encoder_inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "attribute_vectors",
                                             "task_ids")}
     with torch.no_grad():

@@ -39,6 +39,8 @@ class DataConfig:
     mlm_corruption: str = "reference"  # reference: the chosen words become <|spe|>, in training 80% of the time
     # (10% random tokens, 10% unchanged), as the reference | mask_token: always [MASK]
     vocabulary_size: int = 1024  # MLM/caption candidates: the most frequent BPE tokens of the slice
+    word_prior: bool = True  # start the model's word bias (model.word_logit_bias) of the MLM and captioning
+    # families at the log-frequencies of their answers in the first training rows (trainer.start_word_bias)
     eval_samples: int = 128  # per task, from the test split
     prefetch: int = 2  # batches built ahead in a background thread (0 = none)
     workers: int = 0  # threads decoding/resizing images inside a batch (0 = none; GPUs want ~8)

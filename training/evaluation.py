@@ -118,34 +118,35 @@ def evaluate_all(model, tasks: dict[str, Task], eval_rows: dict[str, list[dict]]
             for name, task in tasks.items() if eval_rows.get(name)}
 
 
-def trivial_baseline(task: Task, train_rows: list[dict], eval_rows: list[dict], ctx: TaskContext,
+def trivial_baseline(task: Task, train_counts: torch.Tensor | None, eval_rows: list[dict], ctx: TaskContext,
                      batch_size: int = 256) -> dict:
     """What a model that ignores its input scores on the headline metric of `task`.
 
     Classification, MLM and captioning: always answer the candidate that is most frequent among the
-    training labels (majority class; most frequent masked or next word); its score is that candidate's
-    share of the evaluated labels. Retrieval: chance recall@1, 1 / the evaluated pool. Returns
-    `{"metric", "value", "answer"}` (answer: the candidate index, None for retrieval).
+    training answers (`train_counts` `[K]`, from `answer_counts`: majority class; most frequent masked or
+    next word); its score is that candidate's share of the evaluated answers. Retrieval (`train_counts`
+    unused): chance recall@1, 1 / the evaluated pool. Returns `{"metric", "value", "answer"}` (answer: the
+    candidate index, None for retrieval).
     """
     if task.family == "retrieval":
         pool = sum(build_batch(task, part, ctx, epoch=0).num_samples for part in _chunks(eval_rows, batch_size))
         return {"metric": "i2t_R@1", "value": 1.0 / max(pool, 1), "answer": None}
-
-    num_candidates = len(ctx.vocabulary) if task.family in ("mlm", "captioning") else len(ctx.label_names[task.name])
-
-    def label_counts(rows: list[dict]) -> torch.Tensor:
-        """`[num_candidates]` how often each candidate is the right answer in `rows`."""
-        counts = torch.zeros(num_candidates, dtype=torch.long)
-        for part in _chunks(rows, batch_size):
-            labels = build_batch(task, part, ctx, epoch=0).labels.reshape(-1)
-            counts += torch.bincount(labels[labels != -100], minlength=num_candidates)
-        return counts
-
-    answer = int(label_counts(train_rows).argmax())
-    evaluated = label_counts(eval_rows)
+    answer = int(train_counts.argmax())
+    evaluated = answer_counts(task, eval_rows, ctx, batch_size)
     hits = int(evaluated[answer])
     metric = "accuracy" if "classification" in task.family else "token_accuracy"
     return {"metric": metric, "value": hits / max(int(evaluated.sum()), 1), "answer": answer}
+
+
+def answer_counts(task: Task, rows: list[dict], ctx: TaskContext, batch_size: int = 256) -> torch.Tensor:
+    """`[K]` how often each candidate of `task` (class, or vocabulary word for MLM and captioning) is the right
+    answer in `rows` (raw rows; as the batch builders label them, evaluation's hiding for MLM)."""
+    num_candidates = len(ctx.vocabulary) if task.family in ("mlm", "captioning") else len(ctx.label_names[task.name])
+    counts = torch.zeros(num_candidates, dtype=torch.long)
+    for part in _chunks(rows, batch_size):
+        labels = build_batch(task, part, ctx, epoch=0).labels.reshape(-1)
+        counts += torch.bincount(labels[labels != -100], minlength=num_candidates)
+    return counts
 
 
 def headline(task: Task, metrics: dict) -> tuple[str, float]:

@@ -154,11 +154,13 @@ class TaskContext:
         return self._cache["vocab_index"]
 
     def word_targets(self) -> dict[str, torch.Tensor]:
-        """The vocabulary encoded as `[SPE] w [EOS]` target sequences: ids `[K, 2]` (SPE is added by the model)."""
+        """The vocabulary encoded as `[SPE] w [EOS]` target sequences: ids `[K, 2]` (SPE is added by the model),
+        and the token each candidate is (`candidate_token_ids` `[K]`, for the model's word bias)."""
         if "word_targets" not in self._cache:
             eos = self.model_config.eos_token_id
             ids = torch.stack([self.vocabulary, torch.full_like(self.vocabulary, eos)], dim=1)
-            self._cache["word_targets"] = {"target_input_ids": ids, "target_attention_mask": torch.ones_like(ids)}
+            self._cache["word_targets"] = {"target_input_ids": ids, "target_attention_mask": torch.ones_like(ids),
+                                           "candidate_token_ids": self.vocabulary}
         return self._cache["word_targets"]
 
     def label_targets(self, task: Task) -> dict[str, torch.Tensor]:

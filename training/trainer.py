@@ -31,7 +31,7 @@ from .checkpoints import (CHECKPOINT_PREFIX, TRAINER_STATE, CheckpointError, con
                           write_checksums)
 from .config import ConfigError, PretrainConfig
 from .data import EmptyDatasetError, MultiTaskLoader, Prefetcher, StreamSpec, TaskEntry, TaskStream, read_rows
-from .evaluation import evaluate_all, trivial_baseline
+from .evaluation import answer_counts, evaluate_all, trivial_baseline
 from .tasks import TaskContext, get_task, task_loss
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,19 @@ def cosine_with_warmup(optimizer, warmup: int, total: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+STEP_REGIONS = ("trainer/batch", "trainer/to_device", "trainer/forward", "trainer/backward", "trainer/update",
+                "trainer/bookkeeping")
+
+
+def step_tokens(batch, output) -> int:
+    """Tokens a step ran through the encoder: the input sequences and (each with its SPE) the candidates."""
+    tokens = int(output.input_outputs.sequence_mask.sum())
+    if "target_attention_mask" in batch.inputs:
+        mask = batch.inputs["target_attention_mask"]
+        tokens += int(mask.sum()) + mask.shape[0]
+    return tokens
 
 
 class NonFiniteTraining(RuntimeError):
@@ -216,16 +229,11 @@ class Pretrainer:
                                                         add_bos_token=self.model_config.bos_token_id is not None)
         self.tasks = {name: get_task(name) for name in config.tasks}
         self.ctx = self._task_context()
-        entries = []
-        for name, task_config in config.tasks.items():
-            spec = task_stream_spec(name, task_config, self.data_dir, self.manifest, "train")
-            stream = TaskStream(name, spec, config.seed, config.data.shuffle_block, acc.process_index, acc.num_processes)
-            entries.append(TaskEntry(self.tasks[name], task_config.weight, task_config.batch_size, stream))
-        self.loader = MultiTaskLoader(entries, self.ctx, config.seed, acc.num_processes, config.data.on_bad_sample,
-                                      augment=config.data.augment, rank=acc.process_index,
-                                      task_sampling=config.data.task_sampling)
+        self.loader = self.build_loader()
 
         model = UniPerceiverMoEForGenericPerception(self.model_config)
+        if config.data.word_prior and model.word_bias is not None:
+            self.start_word_bias(model)
         if config.train.gradient_checkpointing:
             model.checkpoint_activations()
         if config.train.compile:
@@ -243,6 +251,18 @@ class Pretrainer:
         self.micro_step = 0
         self.data_state = None  # loader position after the last consumed batch
         self.history: list[dict] = []
+
+    def build_loader(self) -> MultiTaskLoader:
+        """This process's training batches from the first step on (`MultiTaskLoader.batch(step)`)."""
+        config, acc = self.config, self.accelerator
+        entries = []
+        for name, task_config in config.tasks.items():
+            spec = task_stream_spec(name, task_config, self.data_dir, self.manifest, "train")
+            stream = TaskStream(name, spec, config.seed, config.data.shuffle_block, acc.process_index, acc.num_processes)
+            entries.append(TaskEntry(self.tasks[name], task_config.weight, task_config.batch_size, stream))
+        return MultiTaskLoader(entries, self.ctx, config.seed, acc.num_processes, config.data.on_bad_sample,
+                               augment=config.data.augment, rank=acc.process_index,
+                               task_sampling=config.data.task_sampling)
 
     def _task_context(self) -> TaskContext:
         label_names = {}
@@ -392,38 +412,45 @@ class Pretrainer:
 
     # ----------------------------------------------------------------------------------------- loop
     def train_step(self, step_index: int) -> dict:
+        """One micro-batch: forward, backward and (when the accumulation is complete) clip and update. Its
+        phases are `torch.profiler.record_function` regions named `STEP_REGIONS` (`benchmarks.bench_trainer`
+        reads where the host time goes from them)."""
         acc = self.accelerator
-        batch = self.prefetcher.get(step_index)
+        region = torch.profiler.record_function
+        with region("trainer/batch"):
+            batch = self.prefetcher.get(step_index)
         self.data_state = batch.data_state
-        batch = batch.to(acc.device)
+        with region("trainer/to_device"):
+            batch = batch.to(acc.device)
         task_config = self.config.tasks[batch.task.name]
         loss_weight = task_config.loss_weight if task_config.loss_weight is not None else batch.task.loss_weight
         shared = self.config.data.task_sampling == "shared"  # one task on every process this step
         with acc.accumulate(self.model):
-            output = self.model(**batch.inputs, task_family=batch.task.family)
-            loss = task_loss(batch, output, self.model_config.label_smoothing_for(batch.task.family),
-                             across_processes=shared)
-            acc.backward(loss * loss_weight)
-            synced, grad_norm = acc.sync_gradients, None
-            if synced:
-                clip = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
-                grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), clip))
-            skipped = synced and not math.isfinite(grad_norm)  # the same on every process (after the all-reduce)
-            if skipped and not self.skips_non_finite:
-                raise NonFiniteTraining(f"the gradient norm of step {self.step + 1} ({batch.task.name}) is "
-                                        f"{grad_norm} (loss {loss.item()})")
-            if not skipped or self.config.train.mixed_precision == "fp16":
-                self.optimizer.step()  # fp16: the loss scaler skips the update itself and lowers its scale
-            self.optimizer.zero_grad(set_to_none=True)
-        # tokens through the encoder: the input sequences and (with their SPE) the candidate targets
-        tokens = int(output.input_outputs.sequence_mask.sum())
-        if "target_attention_mask" in batch.inputs:
-            mask = batch.inputs["target_attention_mask"]
-            tokens += int(mask.sum()) + mask.shape[0]
-        # one task on every process: the step's loss is the mean over processes; otherwise (per_process) the
-        # processes ran different tasks, and the loss logged under this process's task is its own
-        logged = acc.reduce(loss.detach(), "mean") if shared else loss.detach()
-        return {"task": batch.task.name, "loss": logged.item(), "tokens": tokens,
+            with region("trainer/forward"):
+                output = self.model(**batch.inputs, task_family=batch.task.family)
+                loss = task_loss(batch, output, self.model_config.label_smoothing_for(batch.task.family),
+                                 across_processes=shared)
+            with region("trainer/backward"):
+                acc.backward(loss * loss_weight)
+            with region("trainer/update"):
+                synced, grad_norm = acc.sync_gradients, None
+                if synced:
+                    clip = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
+                    grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), clip))
+                skipped = synced and not math.isfinite(grad_norm)  # the same on every process (after the all-reduce)
+                if skipped and not self.skips_non_finite:
+                    raise NonFiniteTraining(f"the gradient norm of step {self.step + 1} ({batch.task.name}) is "
+                                            f"{grad_norm} (loss {loss.item()})")
+                if not skipped or self.config.train.mixed_precision == "fp16":
+                    self.optimizer.step()  # fp16: the loss scaler skips the update itself and lowers its scale
+                self.optimizer.zero_grad(set_to_none=True)
+        with region("trainer/bookkeeping"):
+            tokens = step_tokens(batch, output)
+            # one task on every process: the step's loss is the mean over processes; otherwise (per_process) the
+            # processes ran different tasks, and the loss logged under this process's task is its own
+            logged = acc.reduce(loss.detach(), "mean") if shared else loss.detach()
+            logged = logged.item()
+        return {"task": batch.task.name, "loss": logged, "tokens": tokens,
                 "synced": synced, "grad_norm": grad_norm, "skipped": skipped}
 
     @property
@@ -453,14 +480,39 @@ class Pretrainer:
                                             f"evaluate on")
         return self._eval_rows
 
+    def training_answer_counts(self, name: str) -> torch.Tensor:
+        """`[K]` how often each candidate of task `name` is the answer in its first `BASELINE_TRAIN_ROWS`
+        training rows (computed once)."""
+        counts = self.__dict__.setdefault("_answer_counts", {})
+        if name not in counts:
+            spec = task_stream_spec(name, self.config.tasks[name], self.data_dir, self.manifest, "train")
+            counts[name] = answer_counts(self.tasks[name], read_rows(spec, BASELINE_TRAIN_ROWS), self.ctx)
+        return counts[name]
+
+    def start_word_bias(self, model: UniPerceiverMoEForGenericPerception) -> None:
+        """Start the word bias of each word-answer family (MLM, captioning) at the log-frequencies of its
+        answers: the tasks' answer counts, each task weighted by its share of the answers trained
+        (sampling weight x batch size)."""
+        for family in ("mlm", "captioning"):
+            names = [name for name, task in self.tasks.items() if task.family == family]
+            if not names:
+                continue
+            pooled = torch.zeros(len(self.ctx.vocabulary), dtype=torch.float64)
+            for name in names:
+                counts = self.training_answer_counts(name).double()
+                share = self.config.tasks[name].weight * self.config.tasks[name].batch_size
+                pooled += share * counts / counts.sum().clamp(min=1)
+            total = sum(float(self.training_answer_counts(name).sum()) for name in names)
+            model.word_bias.start_from_log_frequencies(family, self.ctx.vocabulary, pooled / pooled.sum() * total)
+
     def trivial_baselines(self) -> dict[str, dict]:
         """Per task, what ignoring the input scores on the evaluated rows (`evaluation.trivial_baseline`),
         the answer taken from the first `BASELINE_TRAIN_ROWS` training rows."""
         baselines = {}
-        for name, task_config in self.config.tasks.items():
-            train_rows = read_rows(task_stream_spec(name, task_config, self.data_dir, self.manifest, "train"),
-                                   BASELINE_TRAIN_ROWS)
-            baselines[name] = trivial_baseline(self.tasks[name], train_rows, self.eval_rows()[name], self.ctx)
+        for name in self.config.tasks:
+            task = self.tasks[name]
+            counts = None if task.family == "retrieval" else self.training_answer_counts(name)
+            baselines[name] = trivial_baseline(task, counts, self.eval_rows()[name], self.ctx)
         return baselines
 
     def log(self, values: dict) -> None:

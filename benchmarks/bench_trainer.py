@@ -1,0 +1,202 @@
+"""The trainer's speed beside the model's, measured in one run on the same batches.
+
+    python -m benchmarks.bench_trainer --sizes ti,b --routings none,attribute,token --json out.json        # GPU
+    python -m benchmarks.bench_trainer --config training/configs/tiny_cpu.yaml --sizes config \\
+        --routings attribute --warmup 2 --steps 4 --profile-steps 2                                      # CPU
+
+For each (size, routing), one `Pretrainer` of the config (`--set` overrides as in `training.pretrain`, except
+the settings the benchmark fixes: evaluation and checkpoints off, a temporary output folder):
+
+1. trainer: `--warmup` then `--steps` steps of the trainer's own loop; tokens/s over the measured steps
+   (the tokens each step ran through the encoder, candidates included, as the trainer logs them).
+2. where the time goes: `--profile-steps` more trainer steps under `torch.profiler`: the host time of each
+   region of `Pretrainer.train_step` (`trainer.STEP_REGIONS`: waiting for the batch, the copy to the device,
+   forward with the loss, backward, clip and update, bookkeeping) as shares of the wall time, and on a GPU
+   the share of the wall time its kernels are busy.
+3. model: the bare step (forward, loss, backward, clip, AdamW) of the same model and optimizer on the very
+   batches the measured trainer steps trained on, built again from the start of the data and put on the
+   device beforehand: no data work, no logging, no host synchronisation of its own.
+
+Prints a table with `trainer / model` per variant; `--json PATH` writes every row.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from modeling_uniperceiver_moe.command_line import parse_script_arguments
+
+
+@dataclass
+class BenchTrainerArguments:
+    config: str = field(default="training/configs/gpu_b.yaml", metadata={"help": "a pre-training config"})
+    sizes: str = field(default="ti,b", metadata={"help": "model.model_size values, comma-separated; "
+                                                          "'config' keeps the config's model"})
+    routings: str = field(default="none,attribute,token", metadata={"help": "model.moe_routing values"})
+    warmup: int = field(default=20, metadata={"help": "trainer steps before the measured ones"})
+    steps: int = field(default=60, metadata={"help": "measured steps (trainer, then the model on the same batches)"})
+    profile_steps: int = field(default=10, metadata={"help": "profiled trainer steps after the measured ones"})
+    set: list[str] = field(default_factory=list, metadata={"help": "config overrides key=value (repeatable)"})
+    json: Optional[str] = field(default=None, metadata={"help": "write the rows here"})
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def variant_overrides(args: BenchTrainerArguments, size: str, routing: str, output_dir: str) -> list[str]:
+    total = args.warmup + args.steps + args.profile_steps
+    overrides = list(args.set) + [f"output_dir={output_dir}", f"train.max_steps={total}", "train.eval_every=0",
+                 "train.save_every=0", "train.tracker=null", "train.max_minutes=null", "train.grad_accum=1",
+                 f"train.log_every={total}", f"model.moe_routing={routing}"]
+    if size != "config":
+        overrides.append(f"model.model_size={size}")
+    return overrides  # the benchmark's own settings win over --set
+
+
+def profile_shares(profiler, wall: float, device: torch.device) -> dict:
+    """Host time of each trainer region, and the GPU's busy time, as shares of `wall` seconds."""
+    from training.trainer import STEP_REGIONS
+
+    events = profiler.key_averages()
+    host = {name: 0.0 for name in STEP_REGIONS}
+    device_busy = 0.0
+    for event in events:
+        if event.key in host:
+            host[event.key] += event.cpu_time_total / 1e6
+        if device.type == "cuda":
+            device_busy += getattr(event, "self_device_time_total", 0.0) / 1e6
+    shares = {name.split("/", 1)[1]: round(seconds / wall, 4) for name, seconds in host.items()}
+    shares["other"] = round(max(0.0, 1.0 - sum(shares.values())), 4)
+    return {"host_time_shares": shares,
+            "gpu_busy_share": round(device_busy / wall, 4) if device.type == "cuda" else None}
+
+
+def measure_variant(args: BenchTrainerArguments, size: str, routing: str) -> dict:
+    from tqdm.auto import tqdm
+
+    from training.config import load_config
+    from training.data import Prefetcher
+    from training.tasks import task_loss
+    from training.trainer import Pretrainer
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = load_config(args.config, variant_overrides(args, size, routing, output_dir))
+        trainer = Pretrainer(config)
+        device = trainer.accelerator.device
+        os.makedirs(output_dir, exist_ok=True)
+        stamps, tokens, tasks = [], [], []
+        profiled = {"profiler": None}
+        step_once = trainer.train_step
+
+        def timed_step(index: int) -> dict:  # the trainer's own step, timed; the loop around it is the trainer's
+            result = step_once(index)
+            synchronize(device)
+            stamps.append(time.perf_counter())
+            tokens.append(result["tokens"])
+            tasks.append(result["task"])
+            if len(stamps) == args.warmup + args.steps and args.profile_steps:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if device.type == "cuda":
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                profiled["profiler"] = torch.profiler.profile(activities=activities)
+                profiled["profiler"].__enter__()
+            return result
+
+        trainer.train_step = timed_step
+        trainer.prefetcher = Prefetcher(trainer.loader, trainer.micro_step, depth=config.data.prefetch)
+        start = time.perf_counter()
+        try:
+            trainer._train_steps(tqdm(disable=True))
+        finally:
+            trainer.prefetcher.close()
+        synchronize(device)
+        if profiled["profiler"] is not None:
+            profiled["profiler"].__exit__(None, None, None)
+        stamps.insert(0, start)
+        first, last = args.warmup, args.warmup + args.steps
+        trainer_seconds = stamps[last] - stamps[first]
+        measured_tokens = sum(tokens[first:last])
+        row = {"size": size, "routing": routing, "device": str(device), "steps": args.steps,
+               "tokens": measured_tokens, "trainer_tokens_per_s": round(measured_tokens / trainer_seconds, 1)}
+        if args.profile_steps:
+            row.update(profile_shares(profiled["profiler"], stamps[-1] - stamps[last], device))
+
+        # the bare model step on the same batches
+        loader = trainer.build_loader()
+        batches = [loader.batch(step) for step in range(last)][first:]
+        if [batch.task.name for batch in batches] != tasks[first:last]:
+            raise RuntimeError("the rebuilt batches are not the ones the trainer trained on")
+        batches = [batch.to(device) for batch in batches]
+        model, optimizer = trainer.model, trainer.optimizer
+        clip = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
+
+        def model_step(batch) -> None:
+            loss_weight = config.tasks[batch.task.name].loss_weight
+            loss_weight = batch.task.loss_weight if loss_weight is None else loss_weight
+            output = model(**batch.inputs, task_family=batch.task.family)
+            loss = task_loss(batch, output, trainer.model_config.label_smoothing_for(batch.task.family),
+                             across_processes=False)
+            trainer.accelerator.backward(loss * loss_weight)
+            trainer.accelerator.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        model_step(batches[0])  # the first one again pays any lazy initialisation outside the timing
+        synchronize(device)
+        began = time.perf_counter()
+        for batch in batches:
+            model_step(batch)
+        synchronize(device)
+        model_seconds = time.perf_counter() - began
+        row["model_tokens_per_s"] = round(measured_tokens / model_seconds, 1)
+        row["trainer_vs_model"] = round(row["trainer_tokens_per_s"] / row["model_tokens_per_s"], 3)
+        return row
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = ["| size | routing | trainer tokens/s | model tokens/s | trainer / model | GPU busy | host: batch / copy / "
+             "forward / backward / update / bookkeeping / other |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        shares = row.get("host_time_shares")
+        split = " / ".join(f"{shares[k]:.2f}" for k in ("batch", "to_device", "forward", "backward", "update",
+                                                         "bookkeeping", "other")) if shares else "-"
+        busy = "-" if row.get("gpu_busy_share") is None else f"{row['gpu_busy_share']:.2f}"
+        lines.append(f"| {row['size']} | {row['routing']} | {row['trainer_tokens_per_s']:,.0f} | "
+                     f"{row['model_tokens_per_s']:,.0f} | {row['trainer_vs_model']:.2f} | {busy} | {split} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_script_arguments(BenchTrainerArguments, argv, prog="python -m benchmarks.bench_trainer",
+                                  description=__doc__)
+    if args.warmup < 0 or args.steps < 1 or args.profile_steps < 0:
+        raise SystemExit("error: --steps must be >= 1, --warmup and --profile-steps >= 0")
+    rows = []
+    for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
+        for routing in [r.strip() for r in args.routings.split(",") if r.strip()]:
+            rows.append(measure_variant(args, size, routing))
+            gc.collect()  # the variant's trainer, model and batches
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
+            if args.json:  # after every variant: a run stopped by a time limit keeps what it measured
+                with open(args.json, "w", encoding="utf-8") as handle:
+                    json.dump({"config": args.config, "overrides": args.set, "warmup": args.warmup,
+                               "steps": args.steps, "profile_steps": args.profile_steps, "rows": rows}, handle, indent=1)
+    print(format_rows(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
