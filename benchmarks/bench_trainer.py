@@ -25,7 +25,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -94,7 +93,6 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str) -> dic
         config = load_config(args.config, variant_overrides(args, size, routing, output_dir))
         trainer = Pretrainer(config)
         device = trainer.accelerator.device
-        os.makedirs(output_dir, exist_ok=True)
         stamps, tokens, tasks = [], [], []
         profiled = {"profiler": None}
         step_once = trainer.train_step

@@ -17,7 +17,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 UPREF = os.environ.get('UPREF', '/tmp/upref')
 sys.path.insert(0, HERE)
 import official_stubs  # noqa: E402
-from official_common import PERTURBATION, case_inputs, perturb, setup_cfg  # noqa: E402
+from official_common import (PERTURBATION, caption_samples, case_inputs, collate, collated_inputs, cpu_copy,  # noqa: E402
+                             fixture_state, image_classification_samples, install_embedding_hooks,
+                             official_attribute_table, perturb, setup_cfg, shared_target, task_info_of)
 
 STUBS_USED = official_stubs.install()
 
@@ -28,11 +30,8 @@ torch.set_num_threads(1)
 
 from uniperceiver.config import CfgNode  # noqa: E402
 from uniperceiver.modeling import build_model  # noqa: E402
-from uniperceiver.datasets.build import preprocess_batch_collator  # noqa: E402
-from uniperceiver.functional import dict_as_tensor  # noqa: E402
 from uniperceiver.modeling.encoder.unified_bert_encoder import _construct_attention_masks  # noqa: E402
 from uniperceiver.task_moe.layer import TaskMoE  # noqa: E402
-from uniperceiver.datasets.moe_embeddings import get_moe_embedding  # noqa: E402
 from uniperceiver.utils import comm  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -78,51 +77,20 @@ def reset_rec():
 reset_rec()
 
 
-def _cpu(x):
-    return x.detach().clone() if isinstance(x, torch.Tensor) else x
-
-
 def enc_pre(mod, args, kwargs):
     sample_info = kwargs['sample_info']
     task_info = kwargs['task_info']
     am = _construct_attention_masks(kwargs['data'], sample_info, task_info)
     REC['encoder_calls'].append(dict(
-        data=_cpu(kwargs['data']), invalid_mask=_cpu(kwargs.get('invalid_mask')),
-        moe_embedding=_cpu(kwargs.get('moe_embedding')), data_type=kwargs.get('data_type'),
+        data=cpu_copy(kwargs['data']), invalid_mask=cpu_copy(kwargs.get('invalid_mask')),
+        moe_embedding=cpu_copy(kwargs.get('moe_embedding')), data_type=kwargs.get('data_type'),
         data_length=list(sample_info['data_length']), data_cum_length=list(sample_info['data_cum_length']),
-        text_spe_cat=bool(sample_info.get('text_spe_cat', False)), attn_mask=_cpu(am),
+        text_spe_cat=bool(sample_info.get('text_spe_cat', False)), attn_mask=cpu_copy(am),
         n_token_embed_calls=len(REC['token_embed_calls']), n_moe_calls=len(REC['moe_calls'])))
 
 
 def enc_post(mod, args, kwargs, out):
-    REC['encoder_calls'][-1]['output'] = _cpu(out)
-
-
-def tok_pre(mod, args, kwargs):
-    data = args[0] if args else kwargs['data']
-    REC['token_embed_calls'].append(dict(ids=_cpu(data), type_embed=kwargs.get('type_embed', True),
-                                         pos_embed=kwargs.get('pos_embed', True),
-                                         n_pos_calls=len(REC['pos_calls'])))
-
-
-def tok_post(mod, args, kwargs, out):
-    c = REC['token_embed_calls'][-1]
-    c['out'] = _cpu(out)
-    c['position_ids'] = REC['pos_calls'][-1] if len(REC['pos_calls']) > c['n_pos_calls'] else None
-
-
-def pos_pre(mod, args, kwargs):
-    x = args[0]
-    start = kwargs.get('start_time', 0)
-    if isinstance(x, torch.Tensor) and x.dim() == 1:
-        ids = x.tolist()
-    else:
-        ids = (torch.arange(x.size(1)) + start).tolist()
-    REC['pos_calls'].append(ids)
-
-
-def vid_post(mod, args, kwargs, out):
-    REC['video_embed_calls'].append(dict(out=_cpu(out)))
+    REC['encoder_calls'][-1]['output'] = cpu_copy(out)
 
 
 def make_moe_hooks(name):
@@ -143,17 +111,14 @@ def make_wg_hook(name):
 
 def make_attn_hook(name):
     def pre(mod, args, kwargs):
-        REC['attn_calls'].append(dict(module=name, attn_mask=_cpu(kwargs.get('attn_mask')),
-                                      key_padding_mask=_cpu(kwargs.get('key_padding_mask'))))
+        REC['attn_calls'].append(dict(module=name, attn_mask=cpu_copy(kwargs.get('attn_mask')),
+                                      key_padding_mask=cpu_copy(kwargs.get('key_padding_mask'))))
     return pre
 
 
 model.fused_encoder.register_forward_pre_hook(enc_pre, with_kwargs=True)
 model.fused_encoder.register_forward_hook(enc_post, with_kwargs=True)
-model.token_embed.register_forward_pre_hook(tok_pre, with_kwargs=True)
-model.token_embed.register_forward_hook(tok_post, with_kwargs=True)
-model.token_embed.embeddings_pos.register_forward_pre_hook(pos_pre, with_kwargs=True)
-model.video_embed.register_forward_hook(vid_post, with_kwargs=True)
+install_embedding_hooks(model, REC)
 for name, m in model.named_modules():
     if isinstance(m, TaskMoE):
         pre, post = make_moe_hooks(name)
@@ -167,43 +132,13 @@ model.fused_encoder.layers[0].self_attn.register_forward_pre_hook(make_attn_hook
 # ----------------------------------------------------------------------------------------------
 # 5. dataset-style samples -> official collator -> official model._forward
 # ----------------------------------------------------------------------------------------------
-def task_cfg(name):
-    return [t for t in cfg.TASKS if t['NAME'] == name][0]
-
-
-def task_info_of(name, stage='train'):
-    t = task_cfg(name)
-    return {'task_type': t['DATASETS']['TASK_TYPE'], 'dataset_name': t['DATASETS']['DATASET_NAME'],
-            'batch_size': t['DATALOADER']['TRAIN_BATCH_SIZE'], 'sampling_weight': t['DATALOADER']['SAMPLING_WEIGHT']}
-
-
-def shared_target(name, token_lists):
-    data = [torch.tensor(t, dtype=torch.long) for t in token_lists]
-    return {name: {'data': data, 'modality': 'text',
-                   'sample_info': {'distributed': False, 'max_len': max(len(t) for t in token_lists)}}}
-
-
 CASE_INPUTS = {}
-
-
-def make_batch(task_name, samples, shared):
-    samples = copy.deepcopy(samples)
-    for s in samples:
-        s['task_name'] = task_name
-    return preprocess_batch_collator([dict_as_tensor(s) for s in samples], cfg=cfg,
-                                     shared_targets=copy.deepcopy(shared))
 
 
 def run_case(task_name, samples, shared, loss_prepare_training=False):
     CASE_INPUTS[task_name] = (samples, shared, loss_prepare_training)
-    batch = make_batch(task_name, samples, shared)
-    collated = {
-        'input_sample_list': [dict(data=_cpu(d['data']), invalid_mask=_cpu(d['invalid_mask']),
-                                   moe_embedding=_cpu(d['moe_embedding'])) for d in batch['input_sample_list']],
-        'shared': {k: dict(data=_cpu(v[0]['data']), invalid_mask=_cpu(v[0]['invalid_mask']),
-                           moe_embedding=_cpu(v[0]['moe_embedding'])) for k, v in batch['shared_target_sets'].items()},
-        'target_idx_list': [_cpu(t) for t in batch['target_idx_list']],
-    }
+    batch = collate(cfg, task_name, samples, shared)
+    collated = {**collated_inputs(batch), 'target_idx_list': [cpu_copy(t) for t in batch['target_idx_list']]}
     reset_rec()
     model.to_task(task_name)
     model.loss_prepare.train(loss_prepare_training)
@@ -257,13 +192,7 @@ def describe_call(call, rec, segments):
 
 
 # ---------------------------- (a) image classification ----------------------------
-a_samples = []
-for i in range(2):
-    a_samples.append({
-        'input_sample': [{'data': a_pixels[i], 'invalid_mask': None, 'modality': 'image', 'data_type': 'input',
-                          'sample_info': {'id': i, 'path': ''}}],
-        'target_sample': [], 'target_idx': [a_labels[i]], 'target_set': ['ImageNet1k'],
-        'task_info': task_info_of('imagenet')})
+a_samples = image_classification_samples(a_pixels, a_labels, task_info_of(cfg, 'imagenet'))
 a_out, a_col, a_rec = run_case('imagenet', a_samples, shared_target('ImageNet1k', a_class_tok))
 assert len(a_rec['encoder_calls']) == 2
 a_in, a_cls = a_rec['encoder_calls']
@@ -287,18 +216,7 @@ put('a.video_embed_out', a_rec['video_embed_calls'][0]['out'], '(2,16,64) video_
 put('a.prefix_spe_embedding', a_rec['token_embed_calls'][0]['out'][0, 0], '(64,) get_spe_token(): LN(word_emb[49410]) only')
 
 # ---------------------------- (b) caption with placeholders ----------------------------
-b_samples = []
-for i in range(2):
-    text = b_caption_tok[i]
-    mlm_labels = enc('<|spe|>') * len(text)
-    b_samples.append({
-        'input_sample': [
-            {'data': b_pixels[i], 'invalid_mask': None, 'modality': 'image', 'data_type': 'input',
-             'sample_info': {'id': i}},
-            {'data': [np.array(text, dtype=np.int64), np.array(mlm_labels, dtype=np.int64)], 'invalid_mask': None,
-             'modality': 'text', 'data_type': 'input', 'sample_info': {'text_spe_cat': True}}],
-        'target_sample': [], 'target_idx': [np.array(text, dtype=np.int64)], 'target_set': ['Vocab_Word'],
-        'task_info': task_info_of('mscoco_caption')})
+b_samples = caption_samples(b_pixels, b_caption_tok, enc('<|spe|>'), task_info_of(cfg, 'mscoco_caption'))
 b_out, b_col, b_rec = run_case('mscoco_caption', b_samples, shared_target('Vocab_Word', vocab_tok),
                                loss_prepare_training=True)
 assert len(b_rec['encoder_calls']) == 2
@@ -327,7 +245,7 @@ for i in range(2):
         'input_sample': [{'data': [np.array(c_ids[i], dtype=np.int64)], 'invalid_mask': None, 'modality': 'text',
                           'data_type': 'input', 'sample_info': {'seq_length': len(c_ids[i])}}],
         'target_sample': [], 'target_idx': [np.array(c_labels[i], dtype=np.int64)], 'target_set': ['Vocab_Word'],
-        'task_info': task_info_of('bookswiki_pretrain')})
+        'task_info': task_info_of(cfg, 'bookswiki_pretrain')})
 c_out, c_col, c_rec = run_case('bookswiki_pretrain', c_samples, shared_target('Vocab_Word', vocab_tok))
 c_in, c_voc = c_rec['encoder_calls']
 c_in['n_moe_calls_end'] = c_voc['n_moe_calls']
@@ -392,7 +310,7 @@ def mask_desc(call):
 
 L_img = 16
 J['cases']['a'] = {
-    'task': task_cfg('imagenet')['NAME'], 'task_type': 'image_classification',
+    'task': 'imagenet', 'task_type': 'image_classification',
     'input_call': describe_call(a_in, a_rec, [('prefix_spe', 1), ('image_patches', L_img)]),
     'class_target_call': describe_call(a_cls, a_rec, [('prefix_spe', 1), ('class_name_text', a_cls['data'].shape[1] - 1)]),
     'class_names': A_CLASS_NAMES, 'class_token_ids': a_class_tok,
@@ -452,8 +370,7 @@ J['layout_summary'] = {
                     'branch): hidden[:, -(n+1):][targets != -1]; mlm: hidden[:, -L_text:][labels != -1]; then '
                     'proj(ln_post(.)); logits = normalize(q1) @ normalize(q2).T * exp(logit_scale_<task TEMP_NAME>)',
 }
-J['attribute_vectors_official_table'] = {k: (v.tolist() if isinstance(v, torch.Tensor) else {kk: vv.tolist() for kk, vv in v.items()})
-                                         for k, v in get_moe_embedding('attribute').items()}
+J['attribute_vectors_official_table'] = official_attribute_table()
 J['wg_logits_first_case_a'] = a_rec['wg_logits']
 J['stubs'] = STUBS_USED
 J['perturbation'] = PERTURBATION
@@ -487,10 +404,7 @@ print('stubs:', STUBS_USED)
 def roundtrip_check():
     from safetensors.torch import load_file
     F_ = load_file(OUT_ST)
-    state = {k[len('state.'):]: v for k, v in F_.items() if k.startswith('state.')}
-    full = torch.zeros(cfg.MODEL.VOCAB_SIZE, cfg.MODEL.TOKEN_EMBED.DIM)
-    full[F_['state_rows.token_embed.embeddings.weight.index']] = F_['state_rows.token_embed.embeddings.weight.values']
-    state['token_embed.embeddings.weight'] = full
+    state = fixture_state(F_, cfg)
     torch.manual_seed(123)
     m2 = build_model(cfg)
     m2.load_state_dict(state, strict=True)
@@ -501,7 +415,7 @@ def roundtrip_check():
         m2.to_task(task)
         m2.loss_prepare.train(lp_train)
         with torch.no_grad():
-            o = m2(make_batch(task, samples, shared))
+            o = m2(collate(cfg, task, samples, shared))
         m2.loss_prepare.eval()
         for key, name in [('feats', 'features'), ('logits', 'logits')]:
             d = (o[key][0] - F_[f'{case}.{name}']).abs().max().item()

@@ -24,7 +24,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 UPREF = os.environ.get('UPREF', '/tmp/upref')
 sys.path.insert(0, HERE)
 import official_stubs  # noqa: E402
-from official_common import case_inputs, perturb, setup_cfg  # noqa: E402
+from official_common import (caption_samples, case_inputs, collate, collated_inputs, cpu_copy,  # noqa: E402
+                             fixture_state, image_classification_samples, install_embedding_hooks,
+                             official_attribute_table, perturb, setup_cfg, shared_target, task_info_of)
 
 STUBS_USED = official_stubs.install()
 
@@ -34,11 +36,8 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from uniperceiver.modeling import build_model  # noqa: E402
-from uniperceiver.datasets.build import preprocess_batch_collator  # noqa: E402
-from uniperceiver.functional import dict_as_tensor  # noqa: E402
 from uniperceiver.modeling.encoder.unified_bert_encoder import _construct_attention_masks  # noqa: E402
 from uniperceiver.task_moe.layer import TaskMoE  # noqa: E402
-from uniperceiver.datasets.moe_embeddings import get_moe_embedding  # noqa: E402
 from uniperceiver.utils import comm  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -150,49 +149,22 @@ def reset_rec():
 reset_rec()
 
 
-def _cpu(x):
-    return x.detach().clone() if isinstance(x, torch.Tensor) else x
-
-
 def enc_pre(mod, args, kwargs):
     sample_info = kwargs['sample_info']
     am = _construct_attention_masks(kwargs['data'], sample_info, kwargs['task_info'])
     REC['encoder_calls'].append(dict(
-        data=_cpu(kwargs['data']), invalid_mask=_cpu(kwargs.get('invalid_mask')),
-        moe_embedding=_cpu(kwargs.get('moe_embedding')), data_type=kwargs.get('data_type'),
+        data=cpu_copy(kwargs['data']), invalid_mask=cpu_copy(kwargs.get('invalid_mask')),
+        moe_embedding=cpu_copy(kwargs.get('moe_embedding')), data_type=kwargs.get('data_type'),
         data_length=list(sample_info['data_length']), data_cum_length=list(sample_info['data_cum_length']),
-        text_spe_cat=bool(sample_info.get('text_spe_cat', False)), attn_mask=_cpu(am),
+        text_spe_cat=bool(sample_info.get('text_spe_cat', False)), attn_mask=cpu_copy(am),
         n_moe_calls=len(REC['moe_calls']), n_attn_calls=len(REC['attn_calls']), n_layer_io=len(REC['layer_io'])))
 
 
 def enc_post(mod, args, kwargs, out):
     c = REC['encoder_calls'][-1]
-    c['output'] = _cpu(out)
+    c['output'] = cpu_copy(out)
     c['n_moe_calls_end'] = len(REC['moe_calls'])
     c['n_attn_calls_end'] = len(REC['attn_calls'])
-
-
-def tok_pre(mod, args, kwargs):
-    data = args[0] if args else kwargs['data']
-    REC['token_embed_calls'].append(dict(ids=_cpu(data), type_embed=kwargs.get('type_embed', True),
-                                         pos_embed=kwargs.get('pos_embed', True), n_pos_calls=len(REC['pos_calls'])))
-
-
-def tok_post(mod, args, kwargs, out):
-    c = REC['token_embed_calls'][-1]
-    c['out'] = _cpu(out)
-    c['position_ids'] = REC['pos_calls'][-1] if len(REC['pos_calls']) > c['n_pos_calls'] else None
-
-
-def pos_pre(mod, args, kwargs):
-    x = args[0]
-    start = kwargs.get('start_time', 0)
-    REC['pos_calls'].append(x.tolist() if (isinstance(x, torch.Tensor) and x.dim() == 1)
-                            else (torch.arange(x.size(1)) + start).tolist())
-
-
-def vid_post(mod, args, kwargs, out):
-    REC['video_embed_calls'].append(dict(out=_cpu(out)))
 
 
 def make_moe_hooks(name):
@@ -214,30 +186,27 @@ def make_moe_hooks(name):
 
 def make_attn_hook(layer_idx):
     def pre(mod, args, kwargs):
-        REC['attn_calls'].append(dict(layer=layer_idx, query_in=_cpu(args[0] if args else kwargs['hidden_states']),
-                                      kv_in=_cpu(kwargs.get('history_states')), attn_mask=_cpu(kwargs.get('attn_mask')),
-                                      key_padding_mask=_cpu(kwargs.get('key_padding_mask'))))
+        REC['attn_calls'].append(dict(layer=layer_idx, query_in=cpu_copy(args[0] if args else kwargs['hidden_states']),
+                                      kv_in=cpu_copy(kwargs.get('history_states')), attn_mask=cpu_copy(kwargs.get('attn_mask')),
+                                      key_padding_mask=cpu_copy(kwargs.get('key_padding_mask'))))
     return pre
 
 
 def make_layer_hook(layer_idx):
     def post(mod, args, kwargs, out):
-        REC['layer_io'].append(dict(layer=layer_idx, inp=_cpu(kwargs['src']), out=_cpu(out)))
+        REC['layer_io'].append(dict(layer=layer_idx, inp=cpu_copy(kwargs['src']), out=cpu_copy(out)))
     return post
 
 
 def lp_post(mod, args, kwargs, out):
     # loss_prepare output BEFORE MultiTaskTransformerEncoder.fc_prompt_process mutates out['logits'] in place
-    REC['lp_logits'].append([_cpu(x) for x in out.get('logits', [])])
+    REC['lp_logits'].append([cpu_copy(x) for x in out.get('logits', [])])
 
 
 def install_hooks(m):
     m.fused_encoder.register_forward_pre_hook(enc_pre, with_kwargs=True)
     m.fused_encoder.register_forward_hook(enc_post, with_kwargs=True)
-    m.token_embed.register_forward_pre_hook(tok_pre, with_kwargs=True)
-    m.token_embed.register_forward_hook(tok_post, with_kwargs=True)
-    m.token_embed.embeddings_pos.register_forward_pre_hook(pos_pre, with_kwargs=True)
-    m.video_embed.register_forward_hook(vid_post, with_kwargs=True)
+    install_embedding_hooks(m, REC)
     m.loss_prepare.register_forward_hook(lp_post, with_kwargs=True)
     for name, mod in m.named_modules():
         if isinstance(mod, TaskMoE):
@@ -256,41 +225,13 @@ install_hooks(model_cap)
 # ----------------------------------------------------------------------------------------------
 # 4. official collator -> official model._forward
 # ----------------------------------------------------------------------------------------------
-def task_cfg(name):
-    return [t for t in cfg.TASKS if t['NAME'] == name][0]
-
-
-def task_info_of(name):
-    t = task_cfg(name)
-    return {'task_type': t['DATASETS']['TASK_TYPE'], 'dataset_name': t['DATASETS']['DATASET_NAME'],
-            'batch_size': t['DATALOADER']['TRAIN_BATCH_SIZE'], 'sampling_weight': t['DATALOADER']['SAMPLING_WEIGHT']}
-
-
-def shared_target(name, token_lists):
-    data = [torch.tensor(t, dtype=torch.long) for t in token_lists]
-    return {name: {'data': data, 'modality': 'text',
-                   'sample_info': {'distributed': False, 'max_len': max(len(t) for t in token_lists)}}}
-
-
 CASE_INPUTS = {}
-
-
-def make_batch(c, task_name, samples, shared):
-    samples = copy.deepcopy(samples)
-    for s in samples:
-        s['task_name'] = task_name
-    return preprocess_batch_collator([dict_as_tensor(s) for s in samples], cfg=c, shared_targets=copy.deepcopy(shared))
 
 
 def run_case(m, c, task_name, samples, shared, loss_prepare_training=False):
     CASE_INPUTS[task_name] = (samples, shared, loss_prepare_training)
-    batch = make_batch(c, task_name, samples, shared)
-    collated = {
-        'input_sample_list': [dict(data=_cpu(d['data']), invalid_mask=_cpu(d['invalid_mask']),
-                                   moe_embedding=_cpu(d['moe_embedding'])) for d in batch['input_sample_list']],
-        'shared': {k: dict(data=_cpu(v[0]['data']), invalid_mask=_cpu(v[0]['invalid_mask']),
-                           moe_embedding=_cpu(v[0]['moe_embedding'])) for k, v in batch['shared_target_sets'].items()},
-    }
+    batch = collate(c, task_name, samples, shared)
+    collated = collated_inputs(batch)
     reset_rec()
     m.to_task(task_name)
     m.loss_prepare.train(loss_prepare_training)
@@ -349,13 +290,7 @@ def describe_call(call, rec, segments):
 
 
 # ---------------------------- (a) image classification (in1k prompt config) ----------------------------
-a_samples = []
-for i in range(2):
-    a_samples.append({
-        'input_sample': [{'data': a_pixels[i], 'invalid_mask': None, 'modality': 'image', 'data_type': 'input',
-                          'sample_info': {'id': i, 'path': ''}}],
-        'target_sample': [], 'target_idx': [a_labels[i]], 'target_set': ['ImageNet1k'],
-        'task_info': task_info_of('imagenet')})
+a_samples = image_classification_samples(a_pixels, a_labels, task_info_of(cfg, 'imagenet'))
 a_out, a_col, a_rec = run_case(model, cfg_in1k, 'imagenet', a_samples, shared_target('ImageNet1k', a_class_tok))
 assert len(a_rec['encoder_calls']) == 2
 a_in, a_cls = a_rec['encoder_calls']
@@ -393,18 +328,7 @@ put('a.fc_prompt_logits', a_fc, '(2,3) fc_prompt(features)')
 put('a.logits', a_out['logits'][0], '(2,3) final = similarity_weight*similarity_logits + fc_prompt(features) (fc_prompt_process)')
 
 # ---------------- (b) caption with placeholders (caption prompt config; model_cap, same state) ----------------
-b_samples = []
-for i in range(2):
-    text = b_caption_tok[i]
-    mlm_labels = enc('<|spe|>') * len(text)
-    b_samples.append({
-        'input_sample': [
-            {'data': b_pixels[i], 'invalid_mask': None, 'modality': 'image', 'data_type': 'input',
-             'sample_info': {'id': i}},
-            {'data': [np.array(text, dtype=np.int64), np.array(mlm_labels, dtype=np.int64)], 'invalid_mask': None,
-             'modality': 'text', 'data_type': 'input', 'sample_info': {'text_spe_cat': True}}],
-        'target_sample': [], 'target_idx': [np.array(text, dtype=np.int64)], 'target_set': ['Vocab_Word'],
-        'task_info': task_info_of('mscoco_caption')})
+b_samples = caption_samples(b_pixels, b_caption_tok, enc('<|spe|>'), task_info_of(cfg, 'mscoco_caption'))
 
 # does the in1k (FC_PROMPT) model run a caption batch?  (official fc_prompt_process applies to every task)
 try:
@@ -509,8 +433,7 @@ J['trainable_params_caption_model'] = TRAINABLE_CAP
 J['prompt_init'] = PROMPT_INIT
 J['perturbation_of_rest'] = 'identical to make_fixture.py (seed-0 official build, seed-7 perturbation); ' \
                             'base weights vs the base fixture state max |diff| = %r' % (base_vs_original,)
-J['attribute_vectors_official_table'] = {k: (v.tolist() if isinstance(v, torch.Tensor) else {kk: vv.tolist() for kk, vv in v.items()})
-                                         for k, v in get_moe_embedding('attribute').items()}
+J['attribute_vectors_official_table'] = official_attribute_table()
 J['stubs'] = STUBS_USED
 J['used_token_ids'] = USED_TOKEN_IDS
 J['vocab_subset_words'] = VOCAB_WORDS
@@ -541,10 +464,7 @@ print('wrote', OUT_ST, os.path.getsize(OUT_ST), 'bytes;', OUT_JSON, os.path.gets
 def roundtrip_check():
     from safetensors.torch import load_file
     F_ = load_file(OUT_ST)
-    state = {k[len('state.'):]: v for k, v in F_.items() if k.startswith('state.')}
-    full = torch.zeros(cfg.MODEL.VOCAB_SIZE, cfg.MODEL.TOKEN_EMBED.DIM)
-    full[F_['state_rows.token_embed.embeddings.weight.index']] = F_['state_rows.token_embed.embeddings.weight.values']
-    state['token_embed.embeddings.weight'] = full
+    state = fixture_state(F_, cfg)
     worst = 0.0
     for case, task, c, drop in [('a', 'imagenet', cfg_in1k, []), ('b', 'mscoco_caption', cfg_cap, CAP_UNUSED)]:
         m2 = fresh(c, seed=123)
@@ -553,7 +473,7 @@ def roundtrip_check():
         m2.to_task(task)
         m2.loss_prepare.train(lp_train)
         with torch.no_grad():
-            o = m2(make_batch(c, task, samples, shared))
+            o = m2(collate(c, task, samples, shared))
         for key, name in [('feats', 'features'), ('logits', 'logits')]:
             worst = max(worst, (o[key][0] - F_[f'{case}.{name}']).abs().max().item())
     return worst

@@ -1,5 +1,6 @@
 """What make_fixture.py and make_fixture_prompt.py share: the official config set-up, the inputs of the cases
-(token ids from the official tokenizer) and the perturbation of the parameters after the official init."""
+(token ids from the official tokenizer), the perturbation of the parameters after the official init, the
+dataset-style samples and the official collation, the embedding hooks, and the state dict a fixture stores."""
 import ast
 import copy
 import math
@@ -123,3 +124,118 @@ def perturb(model, used_token_ids):
         keep = torch.zeros(table.shape[0], dtype=torch.bool)
         keep[used_token_ids] = True
         table[~keep] = 0.0
+
+
+def cpu_copy(x):
+    """A detached copy of a tensor (anything else as it is): what a hook records."""
+    return x.detach().clone() if isinstance(x, torch.Tensor) else x
+
+
+def task_info_of(cfg, name):
+    """The `task_info` the official dataset of task `name` attaches to its samples."""
+    task = [t for t in cfg.TASKS if t['NAME'] == name][0]
+    return {'task_type': task['DATASETS']['TASK_TYPE'], 'dataset_name': task['DATASETS']['DATASET_NAME'],
+            'batch_size': task['DATALOADER']['TRAIN_BATCH_SIZE'],
+            'sampling_weight': task['DATALOADER']['SAMPLING_WEIGHT']}
+
+
+def shared_target(name, token_lists):
+    """A shared text target set (class names, vocabulary words) as the official datasets hand it over."""
+    data = [torch.tensor(t, dtype=torch.long) for t in token_lists]
+    return {name: {'data': data, 'modality': 'text',
+                   'sample_info': {'distributed': False, 'max_len': max(len(t) for t in token_lists)}}}
+
+
+def image_classification_samples(pixels, labels, task_info):
+    """Dataset-style samples of case (a): one image each, the class index into the shared target set."""
+    return [{'input_sample': [{'data': pixels[i], 'invalid_mask': None, 'modality': 'image', 'data_type': 'input',
+                               'sample_info': {'id': i, 'path': ''}}],
+             'target_sample': [], 'target_idx': [labels[i]], 'target_set': ['ImageNet1k'], 'task_info': task_info}
+            for i in range(len(labels))]
+
+
+def caption_samples(pixels, caption_tok, spe_ids, task_info):
+    """Dataset-style samples of case (b): the image, then the caption with one <|spe|> placeholder per
+    token (`text_spe_cat`); each caption token is a target word of the Vocab_Word set."""
+    import numpy as np
+
+    samples = []
+    for i, text in enumerate(caption_tok):
+        samples.append({
+            'input_sample': [
+                {'data': pixels[i], 'invalid_mask': None, 'modality': 'image', 'data_type': 'input',
+                 'sample_info': {'id': i}},
+                {'data': [np.array(text, dtype=np.int64), np.array(spe_ids * len(text), dtype=np.int64)],
+                 'invalid_mask': None, 'modality': 'text', 'data_type': 'input', 'sample_info': {'text_spe_cat': True}}],
+            'target_sample': [], 'target_idx': [np.array(text, dtype=np.int64)], 'target_set': ['Vocab_Word'],
+            'task_info': task_info})
+    return samples
+
+
+def collate(cfg, task_name, samples, shared):
+    """The official collator's batch of `samples` of `task_name` with the shared target sets `shared`."""
+    from uniperceiver.datasets.build import preprocess_batch_collator
+    from uniperceiver.functional import dict_as_tensor
+
+    samples = copy.deepcopy(samples)
+    for s in samples:
+        s['task_name'] = task_name
+    return preprocess_batch_collator([dict_as_tensor(s) for s in samples], cfg=cfg,
+                                     shared_targets=copy.deepcopy(shared))
+
+
+def collated_inputs(batch):
+    """What the collator made of the inputs and of the shared target sets (data, masks, attribute rows)."""
+    def fields(d):
+        return dict(data=cpu_copy(d['data']), invalid_mask=cpu_copy(d['invalid_mask']),
+                    moe_embedding=cpu_copy(d['moe_embedding']))
+
+    return {'input_sample_list': [fields(d) for d in batch['input_sample_list']],
+            'shared': {k: fields(v[0]) for k, v in batch['shared_target_sets'].items()}}
+
+
+def install_embedding_hooks(model, rec):
+    """Record into `rec` each token-embedding call (ids, flags, output, the position ids it used) and each
+    video-embedding output (`rec` has the lists `token_embed_calls`, `pos_calls`, `video_embed_calls`)."""
+    def tok_pre(mod, args, kwargs):
+        data = args[0] if args else kwargs['data']
+        rec['token_embed_calls'].append(dict(ids=cpu_copy(data), type_embed=kwargs.get('type_embed', True),
+                                             pos_embed=kwargs.get('pos_embed', True), n_pos_calls=len(rec['pos_calls'])))
+
+    def tok_post(mod, args, kwargs, out):
+        call = rec['token_embed_calls'][-1]
+        call['out'] = cpu_copy(out)
+        call['position_ids'] = rec['pos_calls'][-1] if len(rec['pos_calls']) > call['n_pos_calls'] else None
+
+    def pos_pre(mod, args, kwargs):
+        x = args[0]
+        start = kwargs.get('start_time', 0)
+        rec['pos_calls'].append(x.tolist() if (isinstance(x, torch.Tensor) and x.dim() == 1)
+                                else (torch.arange(x.size(1)) + start).tolist())
+
+    def vid_post(mod, args, kwargs, out):
+        rec['video_embed_calls'].append(dict(out=cpu_copy(out)))
+
+    model.token_embed.register_forward_pre_hook(tok_pre, with_kwargs=True)
+    model.token_embed.register_forward_hook(tok_post, with_kwargs=True)
+    model.token_embed.embeddings_pos.register_forward_pre_hook(pos_pre, with_kwargs=True)
+    model.video_embed.register_forward_hook(vid_post, with_kwargs=True)
+
+
+def fixture_state(tensors, cfg):
+    """The official state dict stored in a fixture's tensors, the token table rebuilt at full size (the rows
+    the fixture does not store are zero)."""
+    state = {k[len('state.'):]: v for k, v in tensors.items() if k.startswith('state.')}
+    full = torch.zeros(cfg.MODEL.VOCAB_SIZE, cfg.MODEL.TOKEN_EMBED.DIM)
+    full[tensors['state_rows.token_embed.embeddings.weight.index']] = \
+        tensors['state_rows.token_embed.embeddings.weight.values']
+    state['token_embed.embeddings.weight'] = full
+    return state
+
+
+def official_attribute_table():
+    """The official attribute vectors (`get_moe_embedding('attribute')`) as lists."""
+    from uniperceiver.datasets.moe_embeddings import get_moe_embedding
+
+    return {k: (v.tolist() if isinstance(v, torch.Tensor) else {kk: vv.tolist() for kk, vv in v.items()})
+            for k, v in get_moe_embedding('attribute').items()}
