@@ -4,7 +4,7 @@
     python -m benchmarks.bench_trainer --config training/configs/tiny_cpu.yaml --sizes config \\
         --routings attribute --warmup 2 --steps 4 --profile-steps 2                                      # CPU
 
-For each (size, routing), one `Pretrainer` of the config (`--set` overrides as in `training.pretrain`, except
+For each (size, routing, prefetch worker), one `Pretrainer` of the config (`--set` overrides as in `training.pretrain`, except
 the settings the benchmark fixes: evaluation and checkpoints off, a temporary output folder):
 
 1. trainer: `--warmup` then `--steps` steps of the trainer's own loop; tokens/s over the measured steps
@@ -23,6 +23,7 @@ Prints a table with `trainer / model` per variant; `--json PATH` writes every ro
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import math
 import tempfile
@@ -41,6 +42,7 @@ class BenchTrainerArguments:
     sizes: str = field(default="ti,b", metadata={"help": "model.model_size values, comma-separated; "
                                                           "'config' keeps the config's model"})
     routings: str = field(default="none,attribute,token", metadata={"help": "model.moe_routing values"})
+    prefetch_workers: str = field(default="process", metadata={"help": "data.prefetch_worker values (process, thread)"})
     warmup: int = field(default=20, metadata={"help": "trainer steps before the measured ones"})
     steps: int = field(default=60, metadata={"help": "measured steps (trainer, then the model on the same batches)"})
     profile_steps: int = field(default=10, metadata={"help": "profiled trainer steps after the measured ones"})
@@ -53,57 +55,69 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def variant_overrides(args: BenchTrainerArguments, size: str, routing: str, output_dir: str) -> list[str]:
+def variant_overrides(args: BenchTrainerArguments, size: str, routing: str, output_dir: str,
+                      prefetch_worker: str = "process") -> list[str]:
     total = args.warmup + args.steps + args.profile_steps
     overrides = list(args.set) + [f"output_dir={output_dir}", f"train.max_steps={total}", "train.eval_every=0",
                  "train.save_every=0", "train.tracker=null", "train.max_minutes=null", "train.grad_accum=1",
-                 f"train.log_every={total}", f"model.moe_routing={routing}"]
+                 f"train.log_every={total}", f"model.moe_routing={routing}", f"data.prefetch_worker={prefetch_worker}"]
     if size != "config":
         overrides.append(f"model.model_size={size}")
     return overrides  # the benchmark's own settings win over --set
+
+
+def busy_seconds(events) -> float:
+    """Seconds during which at least one kernel, copy or memset ran on the device: the union of the device
+    activities' intervals (user annotations, which span many kernels, left out)."""
+    from torch.autograd import DeviceType
+
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in events
+                       if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+    busy, reach = 0.0, float("-inf")
+    for start, end in intervals:
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy / 1e6
 
 
 def profile_shares(profiler, wall: float, device: torch.device) -> dict:
     """Host time of each trainer region, and the GPU's busy time, as shares of `wall` seconds."""
     from training.trainer import STEP_REGIONS
 
-    events = profiler.key_averages()
     host = {name: 0.0 for name in STEP_REGIONS}
-    device_busy = 0.0
-    for event in events:
+    for event in profiler.key_averages():
         if event.key in host:
             host[event.key] += event.cpu_time_total / 1e6
-        if device.type == "cuda":
-            device_busy += getattr(event, "self_device_time_total", 0.0) / 1e6
     shares = {name.split("/", 1)[1]: round(seconds / wall, 4) for name, seconds in host.items()}
     shares["other"] = round(max(0.0, 1.0 - sum(shares.values())), 4)
     return {"host_time_shares": shares,
-            "gpu_busy_share": round(device_busy / wall, 4) if device.type == "cuda" else None}
+            "gpu_busy_share": round(busy_seconds(profiler.events()) / wall, 4) if device.type == "cuda" else None}
 
 
-def measure_variant(args: BenchTrainerArguments, size: str, routing: str) -> dict:
+def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefetch_worker: str = "process") -> dict:
     from tqdm.auto import tqdm
 
     from training.config import load_config
-    from training.data import Prefetcher
     from training.tasks import task_loss
-    from training.trainer import Pretrainer
+    from training.trainer import Pretrainer, read_step_result
 
     with tempfile.TemporaryDirectory() as output_dir:
-        config = load_config(args.config, variant_overrides(args, size, routing, output_dir))
+        config = load_config(args.config, variant_overrides(args, size, routing, output_dir, prefetch_worker))
         trainer = Pretrainer(config)
         device = trainer.accelerator.device
-        stamps, tokens, tasks = [], [], []
+        first, last = args.warmup, args.warmup + args.steps
+        results, stamps = [], {}
         profiled = {"profiler": None}
         step_once = trainer.train_step
 
-        def timed_step(index: int) -> dict:  # the trainer's own step, timed; the loop around it is the trainer's
-            result = step_once(index)
-            synchronize(device)
-            stamps.append(time.perf_counter())
-            tokens.append(result["tokens"])
-            tasks.append(result["task"])
-            if len(stamps) == args.warmup + args.steps and args.profile_steps:
+        def timed_step(index: int) -> dict:  # the trainer's own step; the clock is read (after a device
+            result = step_once(index)        # synchronisation) only where the measured steps start and end
+            results.append(result)
+            if len(results) in (first, last):
+                synchronize(device)
+                stamps[len(results)] = time.perf_counter()
+            if len(results) == last and args.profile_steps:
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if device.type == "cuda":
                     activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -112,23 +126,27 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str) -> dic
             return result
 
         trainer.train_step = timed_step
-        trainer.prefetcher = Prefetcher(trainer.loader, trainer.micro_step, depth=config.data.prefetch)
-        start = time.perf_counter()
+        trainer.prefetcher = trainer.start_prefetcher()
+        synchronize(device)
+        stamps[0] = time.perf_counter()
         try:
             trainer._train_steps(tqdm(disable=True))
         finally:
             trainer.prefetcher.close()
         synchronize(device)
+        stamps["end"] = time.perf_counter()
         if profiled["profiler"] is not None:
             profiled["profiler"].__exit__(None, None, None)
-        stamps.insert(0, start)
-        first, last = args.warmup, args.warmup + args.steps
+        tokens = [read_step_result(result)["tokens"] for result in results]
+        tasks = [result["task"] for result in results]
         trainer_seconds = stamps[last] - stamps[first]
         measured_tokens = sum(tokens[first:last])
-        row = {"size": size, "routing": routing, "device": str(device), "steps": args.steps,
+        row = {"size": size, "routing": routing, "device": str(device),
+               "prefetch_worker": prefetch_worker if config.data.prefetch > 0 else "none",
+               "steps": args.steps,
                "tokens": measured_tokens, "trainer_tokens_per_s": round(measured_tokens / trainer_seconds, 1)}
         if args.profile_steps:
-            row.update(profile_shares(profiled["profiler"], stamps[-1] - stamps[last], device))
+            row.update(profile_shares(profiled["profiler"], stamps["end"] - stamps[last], device))
 
         # the bare model step on the same batches
         loader = trainer.build_loader()
@@ -163,14 +181,15 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str) -> dic
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| size | routing | trainer tokens/s | model tokens/s | trainer / model | GPU busy | host: batch / copy / "
-             "forward / backward / update / bookkeeping / other |", "|---|---|---|---|---|---|---|"]
+    lines = ["| size | routing | prefetch | trainer tokens/s | model tokens/s | trainer / model | GPU busy | host: batch / copy / "
+             "forward / backward / update / bookkeeping / other |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         shares = row.get("host_time_shares")
         split = " / ".join(f"{shares[k]:.2f}" for k in ("batch", "to_device", "forward", "backward", "update",
                                                          "bookkeeping", "other")) if shares else "-"
         busy = "-" if row.get("gpu_busy_share") is None else f"{row['gpu_busy_share']:.2f}"
-        lines.append(f"| {row['size']} | {row['routing']} | {row['trainer_tokens_per_s']:,.0f} | "
+        lines.append(f"| {row['size']} | {row['routing']} | {row.get('prefetch_worker', '-')} | "
+                     f"{row['trainer_tokens_per_s']:,.0f} | "
                      f"{row['model_tokens_per_s']:,.0f} | {row['trainer_vs_model']:.2f} | {busy} | {split} |")
     return "\n".join(lines)
 
@@ -180,18 +199,21 @@ def main(argv=None) -> list[dict]:
                                   description=__doc__)
     if args.warmup < 0 or args.steps < 1 or args.profile_steps < 0:
         raise SystemExit("error: --steps must be >= 1, --warmup and --profile-steps >= 0")
+    def names(text: str) -> list[str]:
+        return [name.strip() for name in text.split(",") if name.strip()]
+
     rows = []
-    for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
-        for routing in [r.strip() for r in args.routings.split(",") if r.strip()]:
-            rows.append(measure_variant(args, size, routing))
-            gc.collect()  # the variant's trainer, model and batches
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
-            if args.json:  # after every variant: a run stopped by a time limit keeps what it measured
-                with open(args.json, "w", encoding="utf-8") as handle:
-                    json.dump({"config": args.config, "overrides": args.set, "warmup": args.warmup,
-                               "steps": args.steps, "profile_steps": args.profile_steps, "rows": rows}, handle, indent=1)
+    for size, routing, worker in itertools.product(names(args.sizes), names(args.routings),
+                                                   names(args.prefetch_workers)):
+        rows.append(measure_variant(args, size, routing, worker))
+        gc.collect()  # the variant's trainer, model and batches
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
+        if args.json:  # after every variant: a run stopped by a time limit keeps what it measured
+            with open(args.json, "w", encoding="utf-8") as handle:
+                json.dump({"config": args.config, "overrides": args.set, "warmup": args.warmup,
+                           "steps": args.steps, "profile_steps": args.profile_steps, "rows": rows}, handle, indent=1)
     print(format_rows(rows))
     return rows
 

@@ -113,6 +113,24 @@ def test_optimizer_benchmark_times_fused_against_foreach_on_the_main_job_model(c
     assert "fused is" in capsys.readouterr().out
 
 
+def test_the_gpu_busy_time_is_the_union_of_device_activities():
+    """Overlapping kernels count once, and annotations (which span kernels) and host events not at all."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.bench_trainer import busy_seconds
+
+    def event(start, end, device=DeviceType.CUDA, annotation=False):
+        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), device_type=device,
+                               is_user_annotation=annotation)
+
+    events = [event(0, 10), event(5, 15), event(12, 14), event(20, 30), event(0, 100, annotation=True),
+              event(40, 90, device=DeviceType.CPU), event(25, 26)]
+    assert busy_seconds(events) == pytest.approx(25e-6)
+    assert busy_seconds([]) == 0.0
+
+
 def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batches(tiny_cache, tmp_path):
     """CPU run of `benchmarks.bench_trainer` on the tiny slice: each variant's trainer and model phases ran on
     the same batches (the benchmark checks their tasks step by step), and the host time is split over the

@@ -314,19 +314,6 @@ def test_malformed_samples_are_reported_and_skipped_or_fatal(tiny_cache, context
     text_rows[0] = dict(text_rows[0], text="   ")
     assert "empty or missing text" in build_batch(get_task("austen_mlm"), text_rows, ctx, 0).skipped[0][1]
 
-    class ListStream:  # a stream whose second row is corrupt
-        epoch = 0
-
-        def __init__(self, items):
-            self.items = list(items)
-
-        def take(self, n):
-            out, self.items = self.items[:n], self.items[n:]
-            return out
-
-        def state_dict(self):
-            return {"remaining": len(self.items)}
-
     good = rows_of(tiny_cache, manifest, "fashion_mnist_classification", 8)
     bad = [good[0], dict(good[1], image={"bytes": b"xx", "path": None})] + good[2:]
     task = get_task("fashion_mnist_classification")
@@ -377,6 +364,81 @@ def test_task_of_each_step_follows_the_weights(context):
     assert 0.72 < picks.count("austen_mlm") / 4000 < 0.78
     with pytest.raises(ValueError, match="batch_size 8 is not divisible by the 3 processes"):
         MultiTaskLoader(entries, ctx, seed=0, world_size=3)
+
+
+class ListStream:
+    """A stream over a fixed list of rows (`TaskStream`'s take/state_dict/epoch)."""
+
+    epoch = 0
+
+    def __init__(self, items):
+        self.items = list(items)
+
+    def take(self, n):
+        out, self.items = self.items[:n], self.items[n:]
+        return out
+
+    def state_dict(self):
+        return {"remaining": len(self.items)}
+
+
+def test_the_worker_process_prefetches_the_thread_s_batches_and_raises_its_errors(tiny_cache, context):
+    """`data.prefetch_worker=process` hands the training loop exactly the batches (tensors, tasks, loader
+    states) that the thread and no prefetching give, and a malformed sample under on_bad_sample=error stops
+    it with the worker's error type and message."""
+    from training.data import Prefetcher, ProcessPrefetcher, start_prefetcher
+
+    ctx, manifest = context
+
+    def loader():
+        entries = []
+        for name in ("fashion_mnist_classification", "austen_mlm", "emoji_captioning"):
+            files = [os.path.join(tiny_cache, "tiny", f["path"])
+                     for f in manifest["sources"][get_task(name).source]["splits"]["train"]["files"]]
+            entries.append(TaskEntry(get_task(name), 1.0, 4, TaskStream(name, StreamSpec(files=files), 3, 16)))
+        return MultiTaskLoader(entries, ctx, seed=3)
+
+    def take(prefetcher, steps=range(2, 8)):
+        try:
+            return [prefetcher.get(step) for step in steps]
+        finally:
+            prefetcher.close()
+
+    assert isinstance(start_prefetcher(loader(), 0, 2), ProcessPrefetcher)
+    assert isinstance(start_prefetcher(loader(), 0, 2, worker="thread"), Prefetcher)
+    reference = take(Prefetcher(loader(), 2, depth=0))
+    for other in (take(ProcessPrefetcher(loader(), 2, depth=3)), take(Prefetcher(loader(), 2, depth=3))):
+        assert [b.task.name for b in other] == [b.task.name for b in reference]
+        assert len({b.task.name for b in reference}) > 1
+        for got, expected in zip(other, reference):
+            assert got.inputs.keys() == expected.inputs.keys() and got.data_state == expected.data_state
+            for key, value in expected.inputs.items():
+                assert torch.equal(got.inputs[key], value) if torch.is_tensor(value) else got.inputs[key] == value
+            assert torch.equal(got.labels, expected.labels)
+    rows = rows_of(tiny_cache, manifest, "fashion_mnist_classification", 8)
+    rows[5] = dict(rows[5], image={"bytes": b"xx", "path": None})
+    task = get_task("fashion_mnist_classification")
+    strict = MultiTaskLoader([TaskEntry(task, 1.0, 4, ListStream(rows))], ctx, seed=0, on_bad_sample="error")
+    prefetcher = ProcessPrefetcher(strict, 0, depth=2)
+    try:
+        assert prefetcher.get(0).num_samples == 4
+        with pytest.raises(MalformedSample, match=f"{rows[5]['key']}: cannot decode image"):
+            prefetcher.get(1)
+    finally:
+        prefetcher.close()
+
+
+def test_a_step_s_results_are_read_in_one_transfer():
+    from training.trainer import read_step_result
+
+    result = {"task": "t", "synced": True, "loss": torch.tensor(2.5), "tokens": torch.tensor(7),
+              "grad_norm": torch.tensor(float("inf")), "skipped": torch.tensor(True)}
+    read = read_step_result(result)
+    assert read == {"task": "t", "synced": True, "loss": 2.5, "tokens": 7, "grad_norm": float("inf"), "skipped": True}
+    assert type(read["tokens"]) is int and type(read["skipped"]) is bool
+    unsynced = {"task": "t", "synced": False, "loss": torch.tensor(1.0), "tokens": torch.tensor(3),
+                "grad_norm": None, "skipped": False}
+    assert read_step_result(unsynced) == dict(unsynced, loss=1.0, tokens=3)
 
 
 def test_adamw_is_fused_on_cpu_unless_the_config_says_otherwise():
@@ -730,12 +792,15 @@ def test_resume_never_executes_a_pickle_planted_in_a_checkpoint(tiny_cache, tmp_
     assert not marker.exists()
 
 
-def test_diverging_run_stops_with_an_error_and_keeps_its_checkpoints(tiny_cache, tmp_path):
-    """A learning rate of 1e30 makes the gradients non-finite within a few steps: the run stops before
-    applying that step, exits non-zero naming the step and the last good checkpoint, and writes no final/."""
+@pytest.mark.parametrize("fused", [None, False], ids=["on_device", "on_host"])
+def test_diverging_run_stops_with_an_error_and_keeps_its_checkpoints(fused, tiny_cache, tmp_path):
+    """A learning rate of 1e30 makes the gradients non-finite within a few steps: the run stops without
+    applying that step, exits non-zero naming the step and the last good checkpoint, and writes no final/.
+    The fused AdamW skips the step on the device (the host reads the flag a few steps later, before any
+    checkpoint); the multi-tensor one after reading the norm."""
     out = str(tmp_path / "run")
     config = run_config(tiny_cache, out, max_steps=6, save_every=1)
-    config["optim"]["lr"] = 1e30
+    config["optim"].update(lr=1e30, fused=fused)
     failed = launch(config, str(tmp_path / "c.yaml"))
     assert failed.returncode == 3, failed.stderr[-3000:]
     assert "gradient norm of step" in failed.stderr and "last good checkpoint" in failed.stderr
@@ -746,6 +811,8 @@ def test_diverging_run_stops_with_an_error_and_keeps_its_checkpoints(tiny_cache,
 
     weights = load_file(os.path.join(out, "checkpoints", kept[-1], "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+    if fused is False:
+        return
     skipping = str(tmp_path / "skip")  # train.on_non_finite=skip: steps are dropped, 10 in a row at most
     config = run_config(tiny_cache, skipping, max_steps=16, save_every=0, on_non_finite="skip")
     config["optim"]["lr"] = 1e30

@@ -76,7 +76,7 @@ def set_aside_previous_run(output_dir: str) -> str | None:
 # where it reads from, not what it trains.
 RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
                      "train.keep_checkpoints", "train.resume", "train.resume_with_changes", "train.tracker",
-                     "train.max_minutes", "train.on_non_finite", "data.prefetch", "data.workers", "data.eval_samples", "data.build",
+                     "train.max_minutes", "train.on_non_finite", "data.prefetch", "data.prefetch_worker", "data.workers", "data.eval_samples", "data.build",
                      "data.cache_dir")
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from modeling_uniperceiver_moe.processing_uniperceiver_moe import IMAGE_PREPROCESSING
 
-from .data import TASK_SAMPLINGS
+from .data import PREFETCH_WORKERS, TASK_SAMPLINGS
 from .tasks import MLM_CORRUPTIONS
 
 
@@ -42,7 +42,9 @@ class DataConfig:
     word_prior: bool = True  # start the model's word bias (model.word_logit_bias) of the MLM and captioning
     # families at the log-frequencies of their answers in the first training rows (trainer.start_word_bias)
     eval_samples: int = 128  # per task, from the test split
-    prefetch: int = 2  # batches built ahead in a background thread (0 = none)
+    prefetch: int = 2  # batches built ahead (0 = none: each built when the step needs it)
+    prefetch_worker: str = "process"  # process (a forked DataLoader worker: the decoding does not hold the training
+    # loop's interpreter lock) | thread (in the training process)
     workers: int = 0  # threads decoding/resizing images inside a batch (0 = none; GPUs want ~8)
     task_sampling: str = "per_process"  # per_process (the reference: each process draws its own task per step,
     # losses are per-process means, retrieval scores within the process) | shared (one task per step everywhere,
@@ -110,6 +112,7 @@ CHOICES = {
     ("data", "on_bad_sample"): ("skip", "error"),
     ("data", "image_preprocessing"): IMAGE_PREPROCESSING,
     ("data", "task_sampling"): TASK_SAMPLINGS,
+    ("data", "prefetch_worker"): PREFETCH_WORKERS,
     ("data", "mlm_corruption"): MLM_CORRUPTIONS,
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
     ("train", "on_non_finite"): ("stop", "skip"),

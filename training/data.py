@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
 
 from .tasks import MalformedSample, Task, TaskBatch, TaskContext, build_batch
 
@@ -219,13 +221,14 @@ class MultiTaskLoader:
 class Prefetcher:
     """Builds the batches of the next `depth` steps in a background thread, in step order (decoding and
     tokenising overlap the accelerator's work). Each batch carries the loader state right after it, so a
-    checkpoint taken after consuming step s resumes exactly at s + 1 whatever was prefetched."""
+    checkpoint taken after consuming step s resumes exactly at s + 1 whatever was prefetched. `pin_memory`
+    puts each batch in page-locked memory there (for copies to a GPU that do not block the training loop)."""
 
-    def __init__(self, loader: MultiTaskLoader, first_step: int, depth: int = 2):
+    def __init__(self, loader: MultiTaskLoader, first_step: int, depth: int = 2, pin_memory: bool = False):
         import queue
         import threading
 
-        self.loader, self.next_step = loader, first_step
+        self.loader, self.next_step, self.pin_memory = loader, first_step, pin_memory
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, daemon=True) if depth > 0 else None
@@ -236,7 +239,8 @@ class Prefetcher:
         step = self.next_step
         while not self._stop.is_set():
             try:
-                item = (step, self.loader.batch(step), None)
+                batch = self.loader.batch(step)
+                item = (step, batch.pin_memory() if self.pin_memory else batch, None)
             except BaseException as error:  # handed to the consumer, raised there
                 item = (step, None, error)
             while not self._stop.is_set():
@@ -251,7 +255,8 @@ class Prefetcher:
 
     def get(self, step: int) -> TaskBatch:
         if self._thread is None:
-            return self.loader.batch(step)
+            batch = self.loader.batch(step)
+            return batch.pin_memory() if self.pin_memory else batch
         got, batch, error = self._queue.get()
         if error is not None:
             raise error
@@ -263,6 +268,67 @@ class Prefetcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+class StepBatches(IterableDataset):
+    """The loader's batches from `first_step` on, as `(step, batch)` in step order (what the worker process
+    of `ProcessPrefetcher` runs)."""
+
+    def __init__(self, loader: MultiTaskLoader, first_step: int):
+        self.loader, self.first_step = loader, first_step
+
+    def __iter__(self):
+        step = self.first_step
+        while True:
+            yield step, self.loader.batch(step)
+            step += 1
+
+
+PREFETCH_WORKERS = ("process", "thread")
+
+
+class ProcessPrefetcher:
+    """`Prefetcher`'s interface, with the batches built in one worker process of a torch `DataLoader`: the
+    decoding and tokenising no longer hold the training process's interpreter lock, so the training loop
+    queues kernels without waiting for them. The worker is forked with the loader as it stands (no pickling
+    of the streams); its batches, each carrying the loader state right after it, come back through shared
+    memory in step order, so exact resumption is as with the thread. `pin_memory` pins them in the
+    training process (the DataLoader's pinning thread). A worker's error is raised by `get` with its type."""
+
+    def __init__(self, loader: MultiTaskLoader, first_step: int, depth: int = 2, pin_memory: bool = False):
+        import multiprocessing
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the forked worker tokenises alone
+        self._loader = DataLoader(StepBatches(loader, first_step), batch_size=None, num_workers=1,
+                                  prefetch_factor=max(1, depth), pin_memory=pin_memory,
+                                  multiprocessing_context=multiprocessing.get_context("fork"),
+                                  generator=torch.Generator().manual_seed(0))  # the global torch RNG is untouched
+        self._iterator = iter(self._loader)
+
+    def get(self, step: int) -> TaskBatch:
+        got, batch = next(self._iterator)
+        if got != step:
+            raise RuntimeError(f"prefetcher out of order: wanted step {step}, got {got}")
+        return batch
+
+    def close(self):
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None:
+            iterator._shutdown_workers()
+
+
+def start_prefetcher(loader: MultiTaskLoader, first_step: int, depth: int, pin_memory: bool = False,
+                     worker: str = "process"):
+    """The prefetcher of `data.prefetch` / `data.prefetch_worker`: batches built `depth` steps ahead in a
+    worker process (`ProcessPrefetcher`; where `fork` exists) or a thread (`Prefetcher`); depth 0 builds
+    each batch when it is asked for."""
+    import multiprocessing
+
+    if worker not in PREFETCH_WORKERS:
+        raise ValueError(f"prefetch worker must be one of {PREFETCH_WORKERS}, got {worker!r}")
+    if depth > 0 and worker == "process" and "fork" in multiprocessing.get_all_start_methods():
+        return ProcessPrefetcher(loader, first_step, depth, pin_memory)
+    return Prefetcher(loader, first_step, depth, pin_memory)
 
 
 def read_rows(spec: StreamSpec, count: int) -> list[dict]:

@@ -211,6 +211,11 @@ class TaskBatch:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     data_state: dict | None = None
 
+    def pin_memory(self) -> "TaskBatch":
+        """The batch with its tensors in page-locked host memory, so that `to(cuda)` copies without blocking."""
+        pinned = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in self.inputs.items()}
+        return TaskBatch(self.task, pinned, self.labels.pin_memory(), self.num_samples, self.skipped, self.data_state)
+
     def to(self, device) -> "TaskBatch":
         non_blocking = torch.device(device).type == "cuda"
         moved = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in self.inputs.items()}

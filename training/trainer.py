@@ -30,7 +30,7 @@ from .checkpoints import (CHECKPOINT_PREFIX, TRAINER_STATE, CheckpointError, con
                           list_checkpoints, restore_schedule, set_aside_previous_run, unusable, verify_checkpoint,
                           write_checksums)
 from .config import ConfigError, PretrainConfig
-from .data import EmptyDatasetError, MultiTaskLoader, Prefetcher, StreamSpec, TaskEntry, TaskStream, read_rows
+from .data import EmptyDatasetError, MultiTaskLoader, StreamSpec, TaskEntry, TaskStream, read_rows, start_prefetcher
 from .evaluation import answer_counts, evaluate_all, trivial_baseline
 from .tasks import TaskContext, get_task, task_loss
 
@@ -121,13 +121,30 @@ STEP_REGIONS = ("trainer/batch", "trainer/to_device", "trainer/forward", "traine
                 "trainer/bookkeeping")
 
 
-def step_tokens(batch, output) -> int:
-    """Tokens a step ran through the encoder: the input sequences and (each with its SPE) the candidates."""
-    tokens = int(output.input_outputs.sequence_mask.sum())
+RESULT_LAG = 2  # micro-steps a step's losses and flags stay on the device before the host reads them
+
+
+def step_tokens(batch, output) -> torch.Tensor:
+    """`[]` tokens a step ran through the encoder: the input sequences and (each with its SPE) the candidates.
+    A device tensor, read with the step's other results (no synchronisation of its own)."""
+    tokens = output.input_outputs.sequence_mask.sum()
     if "target_attention_mask" in batch.inputs:
         mask = batch.inputs["target_attention_mask"]
-        tokens += int(mask.sum()) + mask.shape[0]
+        tokens = tokens + mask.sum() + mask.shape[0]
     return tokens
+
+
+def read_step_result(result: dict) -> dict:
+    """A `Pretrainer.train_step` result with its device tensors (loss, tokens, grad_norm, skipped) read into
+    Python numbers, all in one transfer."""
+    names = [k for k in ("loss", "tokens", "grad_norm", "skipped") if torch.is_tensor(result.get(k))]
+    if not names:
+        return result
+    values = torch.stack([result[k].detach().float().reshape(()) for k in names]).tolist()
+    read = dict(result, **dict(zip(names, values)))
+    read["tokens"] = int(read["tokens"])
+    read["skipped"] = bool(read["skipped"])
+    return read
 
 
 class NonFiniteTraining(RuntimeError):
@@ -433,25 +450,48 @@ class Pretrainer:
             with region("trainer/backward"):
                 acc.backward(loss * loss_weight)
             with region("trainer/update"):
-                synced, grad_norm = acc.sync_gradients, None
+                synced, grad_norm, skipped = acc.sync_gradients, None, False
                 if synced:
                     clip = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
-                    grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), clip))
-                skipped = synced and not math.isfinite(grad_norm)  # the same on every process (after the all-reduce)
-                if skipped and not self.skips_non_finite:
-                    raise NonFiniteTraining(f"the gradient norm of step {self.step + 1} ({batch.task.name}) is "
-                                            f"{grad_norm} (loss {loss.item()})")
-                if not skipped or self.config.train.mixed_precision == "fp16":
-                    self.optimizer.step()  # fp16: the loss scaler skips the update itself and lowers its scale
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
+                    skipped = self.apply_update(grad_norm, batch.task.name, loss)
                 self.optimizer.zero_grad(set_to_none=True)
         with region("trainer/bookkeeping"):
-            tokens = step_tokens(batch, output)
             # one task on every process: the step's loss is the mean over processes; otherwise (per_process) the
             # processes ran different tasks, and the loss logged under this process's task is its own
             logged = acc.reduce(loss.detach(), "mean") if shared else loss.detach()
-            logged = logged.item()
-        return {"task": batch.task.name, "loss": logged, "tokens": tokens,
+        return {"task": batch.task.name, "loss": logged, "tokens": step_tokens(batch, output),
                 "synced": synced, "grad_norm": grad_norm, "skipped": skipped}
+
+    def apply_update(self, grad_norm: torch.Tensor, task: str, loss: torch.Tensor) -> torch.Tensor | bool:
+        """The optimizer step after clipping, unless the gradient norm (the same on every process after the
+        all-reduce) is not finite. Returns whether the update was skipped: a device flag where the decision
+        stays on the device (fp16's loss scaler; a fused AdamW given the flag as its `found_inf`, which leaves
+        parameters, moments and step count untouched), so the host does not wait for the step; a bool after
+        reading the norm otherwise. A non-finite step under `train.on_non_finite=stop` raises where it is
+        read: here, or `RESULT_LAG` micro-steps later for a device flag (before any checkpoint)."""
+        inner = self.optimizer.optimizer
+        if self.config.train.mixed_precision == "fp16":
+            self.optimizer.step()  # the loss scaler skips the update itself and lowers its scale
+            return ~torch.isfinite(grad_norm)
+        if inner.defaults.get("fused"):
+            inner.found_inf = (~torch.isfinite(grad_norm)).float()
+            self.optimizer.step()
+            return inner.found_inf.bool()
+        norm = float(grad_norm)
+        if math.isfinite(norm):
+            self.optimizer.step()
+            return False
+        if not self.skips_non_finite:
+            raise NonFiniteTraining(f"the gradient norm of step {self.step + 1} ({task}) is {norm} (loss {loss.item()})")
+        return True
+
+    def start_prefetcher(self):
+        """Batches from the next micro-step on, built `data.prefetch` steps ahead in a worker process or
+        thread (`data.prefetch_worker`), in page-locked memory for a GPU."""
+        return start_prefetcher(self.loader, self.micro_step, self.config.data.prefetch,
+                                pin_memory=self.accelerator.device.type == "cuda",
+                                worker=self.config.data.prefetch_worker)
 
     @property
     def skips_non_finite(self) -> bool:
@@ -538,7 +578,7 @@ class Pretrainer:
         self.eval_rows()  # an empty test split is an error now, not a task missing from the report
         progress = tqdm(total=cfg.max_steps, initial=self.step, desc="pretrain", disable=not acc.is_main_process,
                         dynamic_ncols=True)
-        self.prefetcher = Prefetcher(self.loader, self.micro_step, depth=self.config.data.prefetch)
+        self.prefetcher = self.start_prefetcher()
         try:
             stopped_early = self._train_steps(progress)
         except (NonFiniteTraining, KeyboardInterrupt) as error:
@@ -565,37 +605,37 @@ class Pretrainer:
 
     def _train_steps(self, progress) -> bool:
         """Train until `train.max_steps`, logging, evaluating and saving on the way; True when
-        `train.max_minutes` stopped it first."""
+        `train.max_minutes` stopped it first.
+
+        A step's results (loss, tokens, gradient norm, skipped flag) stay on the device for `RESULT_LAG`
+        micro-steps, so the host queues the next steps while the accelerator works; they are read in step
+        order (`settle_results`), and all of them before anything that reports or saves (a summary line, an
+        evaluation, a checkpoint, the end)."""
         acc, cfg = self.accelerator, self.config.train
         crash_at = int(os.environ.get("UNIPERCEIVER_TEST_CRASH_AT_STEP", "0"))  # tests: simulate a kill
         interrupt_at = int(os.environ.get("UNIPERCEIVER_TEST_INTERRUPT_AT_STEP", "0"))  # tests: a Ctrl-C
         start_time = time.perf_counter()
-        window: dict[str, list[float]] = {}
-        tokens, window_start = 0, time.perf_counter()
-        skipped_in_a_row = 0
+        self._pending, self._window, self._window_tokens = [], {}, 0
+        self._skipped_in_a_row = 0
+        window_start = time.perf_counter()
         while self.step < cfg.max_steps:
             result = self.train_step(self.micro_step)
             self.micro_step += 1
-            if result["skipped"]:
-                skipped_in_a_row += 1
-                if skipped_in_a_row > MAX_SKIPPED_IN_A_ROW:
-                    raise NonFiniteTraining(f"the gradient norm was not finite in {skipped_in_a_row} steps in a row "
-                                            f"(the last: step {self.step + 1}, {result['task']})")
-                if acc.is_main_process and cfg.mixed_precision != "fp16":
-                    tqdm.write(f"step {self.step + 1} ({result['task']}): gradient norm {result['grad_norm']}, "
-                               f"not applied (train.on_non_finite=skip)")
-            elif result["synced"]:
-                skipped_in_a_row = 0
-            window.setdefault(result["task"], []).append(result["loss"])
-            tokens += result["tokens"] * acc.num_processes
+            result.update(step=self.step + 1, micro_step=self.micro_step)
+            self._pending.append(result)
             if not result["synced"]:
+                self.settle_results(keep=RESULT_LAG)
                 continue
             self.scheduler.step()
             self.step += 1
+            result["lr"] = self.scheduler.get_last_lr()[0]
             progress.update(1)
-            self.log({"step": self.step, "micro_step": self.micro_step, "task": result["task"], "loss": result["loss"],
-                      "lr": self.scheduler.get_last_lr()[0], "grad_norm": result["grad_norm"],
-                      **({"skipped": True} if result["skipped"] else {})})
+            summarise = self.step % cfg.log_every == 0 or self.step == cfg.max_steps
+            evaluate = bool(cfg.eval_every) and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps
+            out_of_time = cfg.max_minutes is not None and (time.perf_counter() - start_time) / 60 > cfg.max_minutes
+            save = bool(cfg.save_every) and self.step % cfg.save_every == 0 or out_of_time
+            last = self.settle_results(keep=0 if summarise or evaluate or save or self.step in (crash_at, interrupt_at)
+                                       else RESULT_LAG)
             if crash_at and self.step == crash_at:
                 os._exit(17)
             if interrupt_at and self.step == interrupt_at:
@@ -606,20 +646,20 @@ class Pretrainer:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(1)  # the signal handler raises KeyboardInterrupt here
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            if summarise:
                 elapsed = time.perf_counter() - window_start
-                summary = {"step": self.step, "tokens_per_second": tokens / max(elapsed, 1e-9),
+                window = self._window
+                summary = {"step": self.step, "tokens_per_second": self._window_tokens / max(elapsed, 1e-9),
                            "steps_per_second": len(sum(window.values(), [])) / cfg.grad_accum / max(elapsed, 1e-9)}
                 summary.update({f"train_loss/{k}": sum(v) / len(v) for k, v in window.items()})
                 if acc.device.type == "cuda":
                     summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
                 self.log(summary)
-                progress.set_postfix(loss=f"{result['loss']:.3f}", tok_s=f"{summary['tokens_per_second']:.0f}")
-                window, tokens, window_start = {}, 0, time.perf_counter()
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                progress.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{summary['tokens_per_second']:.0f}")
+                self._window, self._window_tokens, window_start = {}, 0, time.perf_counter()
+            if evaluate:
                 self.log_eval(self.evaluate())
-            out_of_time = cfg.max_minutes is not None and (time.perf_counter() - start_time) / 60 > cfg.max_minutes
-            if (cfg.save_every and self.step % cfg.save_every == 0) or out_of_time:
+            if save:
                 self.save_checkpoint()
             if out_of_time:
                 if acc.is_main_process:
@@ -627,6 +667,35 @@ class Pretrainer:
                                f"reached; checkpoint saved, run the same command again to continue")
                 return True
         return False
+
+    def settle_results(self, keep: int) -> dict | None:
+        """Read the pending step results, oldest first, until `keep` remain: stop on a non-finite step (or on
+        too many skipped in a row), add each to the loss window, log each optimizer step's row. Returns the
+        last one read."""
+        acc, cfg = self.accelerator, self.config.train
+        result = None
+        while len(self._pending) > keep:
+            result = read_step_result(self._pending.pop(0))
+            if result["skipped"]:
+                if not self.skips_non_finite:
+                    raise NonFiniteTraining(f"the gradient norm of step {result['step']} ({result['task']}) is "
+                                            f"{result['grad_norm']} (loss {result['loss']})")
+                self._skipped_in_a_row += 1
+                if self._skipped_in_a_row > MAX_SKIPPED_IN_A_ROW:
+                    raise NonFiniteTraining(f"the gradient norm was not finite in {self._skipped_in_a_row} steps in "
+                                            f"a row (the last: step {result['step']}, {result['task']})")
+                if acc.is_main_process and cfg.mixed_precision != "fp16":
+                    tqdm.write(f"step {result['step']} ({result['task']}): gradient norm {result['grad_norm']}, "
+                               f"not applied (train.on_non_finite=skip)")
+            elif result["synced"]:
+                self._skipped_in_a_row = 0
+            self._window.setdefault(result["task"], []).append(result["loss"])
+            self._window_tokens += result["tokens"] * acc.num_processes
+            if result["synced"]:
+                self.log({"step": result["step"], "micro_step": result["micro_step"], "task": result["task"],
+                          "loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
+                          **({"skipped": True} if result["skipped"] else {})})
+        return result
 
     def log_eval(self, results: dict) -> None:
         flat = {"step": self.step}
