@@ -8,7 +8,8 @@ For each (size, routing, prefetch worker), one `Pretrainer` of the config (`--se
 the settings the benchmark fixes: evaluation and checkpoints off, a temporary output folder):
 
 1. trainer: `--warmup` then `--steps` steps of the trainer's own loop; tokens/s over the measured steps
-   (the tokens each step ran through the encoder, candidates included, as the trainer logs them).
+   (the tokens each step ran through the encoder, candidates included, as the trainer logs them), and the
+   seconds the warm-up steps took (with `--set train.compile=true`, the compilation's cost).
 2. where the time goes: `--profile-steps` more trainer steps under `torch.profiler`: the host time of each
    region of `Pretrainer.train_step` (`trainer.STEP_REGIONS`: waiting for the batch, the copy to the device,
    forward with the loss, backward, clip and update, bookkeeping) as shares of the wall time, and on a GPU
@@ -143,6 +144,9 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
         measured_tokens = sum(tokens[first:last])
         row = {"size": size, "routing": routing, "device": str(device),
                "prefetch_worker": prefetch_worker if config.data.prefetch > 0 else "none",
+               "compile": config.train.compile_mode if config.train.compile else "eager",
+               "text_padding": config.data.text_padding,
+               "warmup_seconds": round(stamps[first] - stamps[0], 2),
                "steps": args.steps,
                "tokens": measured_tokens, "trainer_tokens_per_s": round(measured_tokens / trainer_seconds, 1)}
         if args.profile_steps:
@@ -160,6 +164,8 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
         def model_step(batch) -> None:
             loss_weight = config.tasks[batch.task.name].loss_weight
             loss_weight = batch.task.loss_weight if loss_weight is None else loss_weight
+            if config.train.compile:
+                torch.compiler.cudagraph_mark_step_begin()  # as the trainer's step does
             output = model(**batch.inputs, task_family=batch.task.family)
             loss = task_loss(batch, output, trainer.model_config.label_smoothing_for(batch.task.family),
                              across_processes=False)
@@ -181,15 +187,17 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| size | routing | prefetch | trainer tokens/s | model tokens/s | trainer / model | GPU busy | host: batch / copy / "
-             "forward / backward / update / bookkeeping / other |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | routing | prefetch | step | warm-up s | trainer tokens/s | model tokens/s | trainer / model | "
+             "GPU busy | host: batch / copy / forward / backward / update / bookkeeping / other |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         shares = row.get("host_time_shares")
         split = " / ".join(f"{shares[k]:.2f}" for k in ("batch", "to_device", "forward", "backward", "update",
                                                          "bookkeeping", "other")) if shares else "-"
         busy = "-" if row.get("gpu_busy_share") is None else f"{row['gpu_busy_share']:.2f}"
-        lines.append(f"| {row['size']} | {row['routing']} | {row.get('prefetch_worker', '-')} | "
-                     f"{row['trainer_tokens_per_s']:,.0f} | "
+        step = row.get("compile", "eager") + (", buckets" if row.get("text_padding") == "buckets" else "")
+        lines.append(f"| {row['size']} | {row['routing']} | {row.get('prefetch_worker', '-')} | {step} | "
+                     f"{row.get('warmup_seconds', float('nan')):.1f} | {row['trainer_tokens_per_s']:,.0f} | "
                      f"{row['model_tokens_per_s']:,.0f} | {row['trainer_vs_model']:.2f} | {busy} | {split} |")
     return "\n".join(lines)
 

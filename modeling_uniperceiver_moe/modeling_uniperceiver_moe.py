@@ -123,6 +123,30 @@ class GenericPerceptionOutput(ModelOutput):
     input_projections: torch.FloatTensor | None = None
 
 
+@dataclass
+class CandidateShard:
+    """This process's share of a candidate set that every process scores against (class names, the word
+    vocabulary), as the reference splits its shared targets across GPUs: the C candidates, padded to
+    `world_size * ceil(C / world_size)` by repeating the first, are cut into equal contiguous slices; process
+    `rank` encodes slice `rank`, and `gather` (`[n, d]` here -> `[world_size * n, d]`, the slices in rank
+    order, differentiable: each slice gets the gradient of every process's loss) puts the features together."""
+
+    rank: int
+    world_size: int
+    gather: Callable[[torch.Tensor], torch.Tensor]
+
+    def take(self, rows: torch.Tensor | None, count: int) -> torch.Tensor | None:
+        """This process's slice of `rows` (`[C, ...]` with C = `count`; None stays None): `ceil(C / world_size)`
+        rows, the last slices padded with copies of row 0."""
+        if rows is None:
+            return None
+        size = -(-count // self.world_size)
+        padding = size * self.world_size - count
+        if padding:
+            rows = torch.cat([rows, rows[:1].expand(padding, *rows.shape[1:])])
+        return rows[self.rank * size:(self.rank + 1) * size]
+
+
 # =============================================================================================== helpers
 def sincos_1d_position_embedding(positions: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
     """Sin-cos encoding `[N, dim]` (float64) of positions `[N]`: `dim / 2` frequencies 1 / base^(i / (dim / 2)),
@@ -223,6 +247,12 @@ class UniPerceiverMoETextPositions(nn.Embedding):
     `config.text_position_init` can start it from sin-cos positions."""
 
 
+def check_text_positions(highest: int, max_position_embeddings: int) -> None:
+    """Refuse text positions the learned position table does not have."""
+    if highest >= max_position_embeddings:
+        raise ValueError(f"text positions reach {highest}, max_position_embeddings={max_position_embeddings}")
+
+
 class UniPerceiverMoEEmbeddings(nn.Module):
     """Modality tokenizers: CLIP-BPE text, per-frame patch embedding for images/video, and the SPE token.
 
@@ -286,11 +316,7 @@ class UniPerceiverMoEEmbeddings(nn.Module):
     def embed_text(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor,
                    inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, position_ids: `[B, T]` (or word embeddings `inputs_embeds` `[B, T, d]` in place of the
-        ids) -> `[B, T, d]`."""
-        if position_ids.max() >= self.config.max_position_embeddings:
-            raise ValueError(
-                f"text positions reach {int(position_ids.max())}, max_position_embeddings={self.config.max_position_embeddings}"
-            )
+        ids) -> `[B, T, d]`. `forward` has checked the positions."""
         words = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         return (
             words
@@ -319,8 +345,11 @@ class UniPerceiverMoEEmbeddings(nn.Module):
         if input_ids is not None or inputs_embeds is not None:
             batch, length = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
             device = (input_ids if inputs_embeds is None else inputs_embeds).device
-            if position_ids is None:
+            if position_ids is None:  # 0..T-1: checked from the shape, without reading a tensor
+                check_text_positions(length - 1, self.config.max_position_embeddings)
                 position_ids = torch.arange(length, device=device).expand(batch, length)
+            else:  # given positions are read (on a GPU, the host waits for them)
+                check_text_positions(int(position_ids.max()), self.config.max_position_embeddings)
             parts.append(self.embed_text(input_ids, position_ids, inputs_embeds))
             if caption_mode:  # placeholders q_i: SPE token at the position of w_i
                 spe_ids = torch.full((batch, length), self.config.spe_token_id, dtype=torch.long, device=device)
@@ -1410,7 +1439,8 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         allowed = None
         if caption_mode:
             allowed = caption_attention_pattern(text_start, text_shape[1], hidden.device).expand(batch, -1, -1)
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
+        if attention_mask is not None:  # applied as given (an all-ones mask changes nothing; testing for one
+            # would make the host wait for the GPU)
             key_mask = sequence_mask[:, None, :].expand(batch, length, length)
             allowed = key_mask if allowed is None else allowed & key_mask
         additive_mask = self._attention_mask(allowed, hidden.dtype)
@@ -1535,7 +1565,14 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
     -1 = no query) e.g. masked words (MLM) or the spe token inside a text (text classification). In
     `caption_mode` the queries default to the T placeholders (the query of word i predicts word i).
     Candidates: `target_*` inputs (encoded here, their SPE outputs) or precomputed `target_features`.
+
+    `check_input_values` (True by default; not part of the config) refuses query positions beyond the text
+    and labels beyond the candidates with a `ValueError`. Each check reads a tensor, so on a GPU the host
+    waits for the forward pass there; a caller whose inputs are in range by construction (the pre-training
+    loop's batch builder) turns it off.
     """
+
+    check_input_values = True
 
     def __init__(self, config: UniPerceiverMoEConfig):
         super().__init__(config)
@@ -1566,8 +1603,9 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
 
     @staticmethod
     def gather_queries(out: UniPerceiverMoEModelOutput, query_positions: torch.Tensor | None, caption_mode: bool,
-                       num_words: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Hidden states of the queries: (`[B, d]` SPE, or `[B, Q, d]`), and the `[B, Q]` validity mask."""
+                       num_words: int, check: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states of the queries: (`[B, d]` SPE, or `[B, Q, d]`), and the `[B, Q]` validity mask.
+        `check` reads the positions to refuse one beyond the text (`check_input_values`)."""
         hidden = out.last_hidden_state
         if query_positions is None and not caption_mode:
             return hidden[:, 0], None
@@ -1576,7 +1614,7 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         valid = query_positions >= 0
         offset = out.text_start + (num_words if caption_mode else 0)
         index = (query_positions.clamp(min=0) + offset)
-        if int(index.max()) >= hidden.shape[1]:
+        if check and int(index.max()) >= hidden.shape[1]:
             raise ValueError(f"query_positions reach {int(query_positions.max())}, beyond the text length")
         gathered = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
         return gathered, valid
@@ -1598,6 +1636,7 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         target_task_ids=None,
         target_features: torch.Tensor | None = None,
         candidate_token_ids: torch.LongTensor | None = None,
+        candidate_shard: CandidateShard | None = None,
         labels: torch.LongTensor | None = None,
         task_family: str | int = 0,
         symmetric_loss: bool = False,
@@ -1610,6 +1649,8 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         candidate_token_ids: `[C]` the vocabulary token each candidate is, when the candidates are single words
             (MLM, captioning): the task family's word bias of those tokens is added to the logits
             (`config.word_logit_bias`; ignored without it).
+        candidate_shard: encode only this process's slice of the `target_*` candidates and gather every
+            process's features (`CandidateShard`; every process must pass the same candidate set).
         labels: `[B]` or `[B, Q]` candidate indices (-100 = ignore).
         symmetric_loss: add the target->input direction (retrieval with in-batch candidates, labels = arange).
         With data-independent routing and candidates to encode, the experts are merged once for both
@@ -1619,6 +1660,13 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         output_attentions, output_hidden_states, output_router_logits, return_dict = self.config_flags(
             output_attentions, output_hidden_states, output_router_logits, return_dict)
         merged_inputs = merged_targets = None
+        num_candidates = None
+        if candidate_shard is not None and target_features is None:
+            num_candidates = len(target_input_ids if target_input_ids is not None else target_pixel_values)
+            target_input_ids, target_pixel_values, target_attention_mask, target_attribute_vectors, target_task_ids = (
+                candidate_shard.take(rows, num_candidates) for rows in (
+                    target_input_ids, target_pixel_values, target_attention_mask, target_attribute_vectors,
+                    target_task_ids))
         if target_features is None and (target_input_ids is not None or target_pixel_values is not None):
             merged_inputs, merged_targets = self.uniperceiver.merge_for_step(
                 attribute_vectors, task_ids, target_attribute_vectors, target_task_ids)
@@ -1629,7 +1677,7 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
         )
         num_words = input_ids.shape[1] if input_ids is not None else 0
-        queries, valid = self.gather_queries(out, query_positions, caption_mode, num_words)
+        queries, valid = self.gather_queries(out, query_positions, caption_mode, num_words, self.check_input_values)
         input_projections = self.input_head.project(queries)
         input_features = F.normalize(input_projections, dim=-1)
         aux_loss = out.aux_loss
@@ -1643,6 +1691,8 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
             )
             if target_aux is not None:
                 aux_loss = target_aux if aux_loss is None else aux_loss + target_aux
+            if num_candidates is not None:  # every process's slice, in rank order, without the padding
+                target_features = candidate_shard.gather(target_features)[:num_candidates]
         if target_features.shape[-1] != input_features.shape[-1]:
             raise ValueError(f"target_features width {target_features.shape[-1]} != hidden_size {input_features.shape[-1]}")
         logit_scale = self.logit_scales(task_family)
@@ -1674,7 +1724,7 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         if valid is not None:
             labels = labels.masked_fill(~valid, -100)
         num_candidates = logits.shape[-1]
-        if int(labels.max()) >= num_candidates:
+        if self.check_input_values and int(labels.max()) >= num_candidates:
             raise ValueError(f"a label is {int(labels.max())} but there are only {num_candidates} candidates")
         smoothing = self.config.label_smoothing_for(task_family)
         if symmetric:

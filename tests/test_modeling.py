@@ -349,6 +349,28 @@ def test_padding_does_not_change_real_tokens():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_out_of_range_indices_are_named_and_the_checks_that_read_tensors_can_be_turned_off():
+    """Text longer than the position table (checked from the shape), given positions beyond it, query
+    positions beyond the text and labels beyond the candidates are ValueErrors naming the value;
+    `check_input_values = False` skips the two checks that read a tensor (the trainer's batches are in
+    range by construction)."""
+    model = UniPerceiverMoEForGenericPerception(tiny_config("none", max_position_embeddings=8)).eval()
+    inputs = make_batch(batch=2, words=5)
+    targets = {"target_input_ids": inputs["input_ids"][:, :3], "target_attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    with pytest.raises(ValueError, match="text positions reach 8, max_position_embeddings=8"):
+        model(**make_batch(batch=2, words=9), **targets)
+    with pytest.raises(ValueError, match="text positions reach 9, max_position_embeddings=8"):
+        model(**inputs, position_ids=torch.arange(5).expand(2, 5) + 5, **targets)
+    with pytest.raises(ValueError, match="query_positions reach 5, beyond the text length"):
+        model(**inputs, query_positions=torch.tensor([[0, 5], [1, -1]]), **targets)
+    with pytest.raises(ValueError, match="a label is 2 but there are only 2 candidates"):
+        model(**inputs, labels=torch.tensor([0, 2]), **targets)
+    model.check_input_values = False
+    assert torch.isfinite(model(**inputs, labels=torch.tensor([0, 1]), **targets).loss)
+    with pytest.raises(IndexError):  # unchecked: the loss itself fails, without the model's message
+        model(**inputs, labels=torch.tensor([0, 2]), **targets)
+
+
 # ------------------------------------------------------------------------------------------ invariances
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_batch_order_invariance(routing):

@@ -163,6 +163,43 @@ def test_every_registered_task_builds_inputs_targets_and_a_loss(name, tiny_cache
     assert model.logit_scales.log_scale.grad[model.logit_scales.family_index(task.family)] != 0
 
 
+def test_text_length_buckets():
+    from training.tasks import bucket_length
+
+    assert [bucket_length(n, 32) for n in (1, 8, 9, 16, 17, 31, 32)] == [8, 8, 16, 16, 32, 32, 32]
+    assert bucket_length(20, 24) == 24 and bucket_length(40, 32) == 40  # capped, never below the text
+
+
+@pytest.mark.parametrize("name", ["austen_mlm", "emoji_captioning", "emoji_retrieval", "wordnet_lexname_classification",
+                                  "fashion_mnist_classification"])
+def test_bucketed_text_padding_changes_shapes_not_the_loss(name, tiny_cache, context):
+    """data.text_padding=buckets pads a batch's texts (and MLM's query slots) to 8, 16, 32, ...: the padding
+    is masked, so the model's loss is the one of the batch padded to its longest text."""
+    import dataclasses
+
+    from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
+
+    ctx, manifest = context
+    bucketed = dataclasses.replace(ctx, text_padding="buckets")
+    task, rows = get_task(name), rows_of(tiny_cache, manifest, name, 6)
+    longest, padded = build_batch(task, rows, ctx, epoch=0), build_batch(task, rows, bucketed, epoch=0)
+    for key in [k for k in ("input_ids", "target_input_ids") if k in padded.inputs]:
+        if key == "target_input_ids" and task.family != "retrieval":
+            assert torch.equal(padded.inputs[key], longest.inputs[key])  # class names and words: fixed per task
+            continue
+        length = padded.inputs[key].shape[1]
+        assert length in (8, 9, 16, 17, 32) and length >= longest.inputs[key].shape[1], (key, length)
+    if "query_positions" in padded.inputs and task.family == "mlm":
+        assert padded.inputs["query_positions"].shape[1] in (8, 16, 32)
+    torch.manual_seed(0)
+    model = UniPerceiverMoEForGenericPerception(ctx.model_config).eval()
+    with torch.no_grad():
+        losses = [task_loss(b, model(**b.inputs, task_family=task.family), 0.1) for b in (longest, padded)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    if name == "fashion_mnist_classification":  # no text of its own
+        assert all(torch.equal(padded.inputs[k], v) for k, v in longest.inputs.items() if torch.is_tensor(v))
+
+
 def test_mlm_masks_whole_words_deterministically(tiny_cache, context):
     ctx, manifest = context
     task = get_task("austen_mlm")
@@ -586,16 +623,21 @@ def test_killed_run_resumes_with_the_same_losses(tiny_cache, tmp_path):
 
 @pytest.mark.slow  # inductor compiles a graph per task batch shape on the CPU: minutes
 def test_compiled_encoder_trains_like_eager(tiny_cache, tmp_path):
+    """The compiled encoder, with dynamic shapes and with static ones over bucketed text lengths
+    (`data.text_padding: buckets`, `dynamic=False`), logs the eager run's losses."""
     runs = {}
-    for compiled in (False, True):
-        out = str(tmp_path / f"compiled{compiled}")
+    for name, compiled, padding in (("eager", False, "longest"), ("compiled", True, "longest"),
+                                    ("bucketed", True, "buckets")):
+        out = str(tmp_path / name)
         config = run_config(tiny_cache, out, compile=compiled, max_steps=3, save_every=0)
-        done = launch(config, str(tmp_path / f"{compiled}.yaml"))
+        config["data"]["text_padding"] = padding
+        done = launch(config, str(tmp_path / f"{name}.yaml"))
         assert done.returncode == 0, done.stderr[-3000:]
-        runs[compiled] = step_losses(out)
-    assert sorted(runs[True]) == sorted(runs[False]) == [1, 2, 3]
+        runs[name] = step_losses(out)
+    assert sorted(runs["eager"]) == sorted(runs["compiled"]) == sorted(runs["bucketed"]) == [1, 2, 3]
     for step in (1, 2, 3):
-        assert runs[True][step] == pytest.approx(runs[False][step], rel=1e-3), step
+        assert runs["compiled"][step] == pytest.approx(runs["eager"][step], rel=1e-3), step
+        assert runs["bucketed"][step] == pytest.approx(runs["eager"][step], rel=1e-3), step
 
 
 def test_corrupt_checkpoint_files_are_named_and_the_previous_checkpoint_offered(tiny_cache, tmp_path):
@@ -922,6 +964,34 @@ def test_two_processes_give_the_losses_of_one(tiny_cache, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert step_tasks(mixed) == step_tasks(one)  # process 0's draws (the ones logged)
     assert all(math.isfinite(loss) for loss in step_losses(mixed).values())
+
+
+def test_candidates_split_across_processes_train_like_whole_ones(tiny_cache, tmp_path):
+    """`data.partition_candidates`: each of two processes encodes half of the step's class names or words
+    and the features are gathered with their gradient: the losses are those of two processes encoding every
+    candidate. Without `task_sampling: shared` the setting is refused before any work starts."""
+    from modeling_uniperceiver_moe.modeling_uniperceiver_moe import CandidateShard
+
+    slices = [CandidateShard(rank, 3, None).take(torch.arange(7), 7).tolist() for rank in range(3)]
+    assert slices == [[0, 1, 2], [3, 4, 5], [6, 0, 0]]
+    losses = {}
+    for partition in (False, True):
+        out = str(tmp_path / f"partition{partition}")
+        config = run_config(tiny_cache, out, max_steps=4, save_every=0)
+        config["optim"]["eps"] = 1e-6  # as in test_two_processes_give_the_losses_of_one
+        config["data"].update(task_sampling="shared", partition_candidates=partition)
+        result = launch(config, str(tmp_path / f"{partition}.yaml"), processes=2)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[partition] = step_losses(out)
+    assert sorted(losses[True]) == [1, 2, 3, 4]
+    assert set(step_tasks(str(tmp_path / "partitionTrue")).values()) & {"austen_mlm", "wordnet_lexname_classification",
+                                                                        "fashion_mnist_classification", "emoji_captioning"}
+    for step, loss in losses[False].items():
+        assert losses[True][step] == pytest.approx(loss, rel=1e-4), step
+    config = run_config(tiny_cache, str(tmp_path / "refused"))
+    config["data"]["partition_candidates"] = True
+    with pytest.raises(ConfigError, match="partition_candidates needs data.task_sampling: shared"):
+        parse_config(config)
 
 
 PER_PROCESS_STEP = """

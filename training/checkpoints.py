@@ -72,12 +72,13 @@ def set_aside_previous_run(output_dir: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------- what may change
-# Settings a resumed run may change without train.resume_with_changes: how long it runs, how it reports and
-# where it reads from, not what it trains.
+# Settings a resumed run may change without train.resume_with_changes: how long it runs, how it reports,
+# where it reads from and how it computes the same function (compilation, padding), not what it trains.
 RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
                      "train.keep_checkpoints", "train.resume", "train.resume_with_changes", "train.tracker",
-                     "train.max_minutes", "train.on_non_finite", "data.prefetch", "data.prefetch_worker", "data.workers", "data.eval_samples", "data.build",
-                     "data.cache_dir")
+                     "train.max_minutes", "train.on_non_finite", "train.compile", "train.compile_mode",
+                     "data.prefetch", "data.prefetch_worker", "data.workers", "data.text_padding",
+                     "data.eval_samples", "data.build", "data.cache_dir")
 
 
 def config_changes(saved: dict, requested: dict) -> list[str]:

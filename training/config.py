@@ -18,7 +18,7 @@ import yaml
 from modeling_uniperceiver_moe.processing_uniperceiver_moe import IMAGE_PREPROCESSING
 
 from .data import PREFETCH_WORKERS, TASK_SAMPLINGS
-from .tasks import MLM_CORRUPTIONS
+from .tasks import MLM_CORRUPTIONS, TEXT_PADDINGS
 
 
 class ConfigError(ValueError):
@@ -43,9 +43,14 @@ class DataConfig:
     # families at the log-frequencies of their answers in the first training rows (trainer.start_word_bias)
     eval_samples: int = 128  # per task, from the test split
     prefetch: int = 2  # batches built ahead (0 = none: each built when the step needs it)
+    text_padding: str = "longest"  # longest (a batch's texts padded to its longest) | buckets (to 8, 16, 32, ...:
+    # a few shapes per task, for train.compile; tasks.bucket_length)
     prefetch_worker: str = "process"  # process (a forked DataLoader worker: the decoding does not hold the training
     # loop's interpreter lock) | thread (in the training process)
     workers: int = 0  # threads decoding/resizing images inside a batch (0 = none; GPUs want ~8)
+    partition_candidates: bool = False  # several processes: each encodes its slice of the step's shared candidates
+    # (class names, the vocabulary) and the features are gathered, as the reference splits its shared targets
+    # across GPUs (model CandidateShard); needs task_sampling: shared
     task_sampling: str = "per_process"  # per_process (the reference: each process draws its own task per step,
     # losses are per-process means, retrieval scores within the process) | shared (one task per step everywhere,
     # losses normalised over the global batch, retrieval against every process's pairs). Equal with one process.
@@ -81,7 +86,10 @@ class TrainConfig:
     on_non_finite: str = "stop"  # a step whose gradient norm is not finite is never applied; stop the run, or
     # skip it and go on (stopping after 10 in a row). fp16 always skips: its loss scaler overflows by design
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the encoder (model.compile_encoder); one graph per batch shape
+    compile: bool = False  # torch.compile the encoder (model.compile_encoder); one graph per batch shape, so
+    # data.text_padding: buckets keeps their number small
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune |
+    # max-autotune-no-cudagraphs
 
 
 @dataclass
@@ -106,6 +114,7 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 CHOICES = {
     ("data", "slice"): ("tiny", "small", "full"),
@@ -113,9 +122,11 @@ CHOICES = {
     ("data", "image_preprocessing"): IMAGE_PREPROCESSING,
     ("data", "task_sampling"): TASK_SAMPLINGS,
     ("data", "prefetch_worker"): PREFETCH_WORKERS,
+    ("data", "text_padding"): TEXT_PADDINGS,
     ("data", "mlm_corruption"): MLM_CORRUPTIONS,
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
     ("train", "on_non_finite"): ("stop", "skip"),
+    ("train", "compile_mode"): COMPILE_MODES,
 }
 
 
@@ -234,6 +245,9 @@ def parse_config(raw: dict) -> PretrainConfig:
         config.tasks[name] = _section(f"tasks.{name}", TaskConfig, values)
     if not 0.0 < config.data.mask_probability < 1.0:
         raise ConfigError(f"data.mask_probability must be in (0, 1), got {config.data.mask_probability}")
+    if config.data.partition_candidates and config.data.task_sampling != "shared":
+        raise ConfigError("data.partition_candidates needs data.task_sampling: shared (every process must score "
+                          "the same candidates in a step)")
     return config
 
 

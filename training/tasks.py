@@ -100,6 +100,21 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+TEXT_PADDINGS = ("longest", "buckets")
+SMALLEST_BUCKET = 8
+
+
+def bucket_length(length: int, limit: int) -> int:
+    """The padded length of a batch whose longest text has `length` tokens under `data.text_padding:
+    buckets`: the first of 8, 16, 32, ... that holds it, at most `limit` (never below `length`). A task's
+    batches then take a handful of shapes, so a compiled step (CUDA graphs) is built a few times, not once
+    per length."""
+    size = SMALLEST_BUCKET
+    while size < length:
+        size *= 2
+    return max(length, min(size, limit))
+
+
 # --------------------------------------------------------------------------------------------- context
 @dataclass
 class TaskContext:
@@ -119,6 +134,7 @@ class TaskContext:
     mlm_corruption: str = "reference"  # how chosen MLM words are hidden: corrupt_masked_words
     seed: int = 0
     workers: int = 0  # threads decoding/resizing images (0 = in the calling thread)
+    text_padding: str = "longest"  # a batch's texts padded to its longest, or to `bucket_length` of it
     _cache: dict = field(default_factory=dict, repr=False)
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -169,7 +185,7 @@ class TaskContext:
             names = self.label_names.get(task.name)
             if not names:
                 raise ValueError(f"task {task.name!r} needs label names (the data manifest provides them)")
-            encoded = self.tokenize(names)
+            encoded = self.tokenize(names, bucketed=False)  # the same for every batch of the task
             self._cache[key] = {"target_input_ids": encoded["input_ids"],
                                 "target_attention_mask": encoded["attention_mask"]}
         return self._cache[key]
@@ -180,14 +196,25 @@ class TaskContext:
         first word."""
         return self.model_config.bos_token_id is not None
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: list[str], bucketed: bool = True) -> dict[str, torch.Tensor]:
         """Padded ids and mask `[N, T]`, each text `[bos] words [eos]` (no `[bos]` when the model config has
-        none). Serialised: a Rust tokenizer used from two threads at once (the prefetch thread and an
+        none); T is the longest text, or with `text_padding="buckets"` (and `bucketed`) `bucket_length` of
+        it. Serialised: a Rust tokenizer used from two threads at once (a prefetch thread and an
         evaluation) can fail with "Already borrowed"."""
         from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import encode_texts
 
         with self._tokenizer_lock:
-            return encode_texts(self.tokenizer, texts, self.has_start_token, max_length=self.max_text_length)
+            encoded = encode_texts(self.tokenizer, texts, self.has_start_token, max_length=self.max_text_length)
+        if not bucketed or self.text_padding != "buckets":
+            return encoded
+        ids, mask = encoded["input_ids"], encoded["attention_mask"]
+        extra = bucket_length(ids.shape[1], self.max_text_length) - ids.shape[1]
+        return {"input_ids": F.pad(ids, (0, extra), value=self.tokenizer.pad_token_id),
+                "attention_mask": F.pad(mask, (0, extra), value=0)}
+
+    def bucket(self, length: int, limit: int) -> int:
+        """`length` itself, or its `bucket_length` under `text_padding="buckets"`."""
+        return bucket_length(length, limit) if self.text_padding == "buckets" else length
 
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
         """`[N, C, H, W]`; chunks of the list are processed on the worker threads."""
@@ -455,7 +482,7 @@ def build_mlm(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, tra
         queries.append(positions)
         # random replacements are drawn from the CLIP BPE ids (those below [MASK]), as in the reference
         corrupt_masked_words(ids[row], spans, symbol, reference and training, ctx.model_config.mask_token_id, rng)
-    width = max((len(q) for q in queries), default=1) or 1
+    width = ctx.bucket(max((len(q) for q in queries), default=1) or 1, ids.shape[1])
     query_positions = torch.full((len(kept), width), -1, dtype=torch.long)
     label_tensor = torch.full((len(kept), width), -100, dtype=torch.long)
     for row, (q, l) in enumerate(zip(queries, labels)):
@@ -526,6 +553,8 @@ FAMILY_BUILDERS: dict[str, Callable[..., TaskBatch]] = {
     "retrieval": build_retrieval,
 }
 TOKEN_LEVEL_FAMILIES = ("mlm", "captioning", "text_classification")
+SHARED_CANDIDATE_FAMILIES = ("image_classification", "video_classification", "text_classification", "mlm",
+                             "captioning")  # candidates the same for every batch of a task (not retrieval's pairs)
 AUGMENTED_FAMILIES = ("image_classification", "video_classification")  # `augment_frames` in training
 
 
@@ -544,16 +573,41 @@ def build_batch(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, a
 
 
 # --------------------------------------------------------------------------------------------- loss
+class _GatherRows(torch.autograd.Function):
+    """All-gather along rows with a gradient: each process's `[n, ...]` -> `[world * n, ...]` in rank order;
+    backward sums the gathered gradient over processes and returns this process's rows (an all-reduce, which
+    every backend has, where NCCL alone would reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, rows.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), rows.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        gradient = gradient.contiguous().clone()
+        dist.all_reduce(gradient)
+        return gradient[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """`[n, ...]` of every process -> `[world * n, ...]`, differentiable (the model's `CandidateShard.gather`)."""
+    return _GatherRows.apply(rows)
+
+
 def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All-gather `[b, ...]` across processes keeping gradients; returns (`[W*b, ...]`, this rank's offset)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor, 0
-    from torch.distributed.nn.functional import all_gather
-
-    parts = all_gather(tensor.contiguous())
-    return torch.cat(parts), dist.get_rank() * tensor.shape[0]
+    return gather_rows(tensor), dist.get_rank() * tensor.shape[0]
 
 
 def global_count(count: torch.Tensor) -> torch.Tensor:

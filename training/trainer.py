@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from modeling_uniperceiver_moe import UniPerceiverMoEConfig, UniPerceiverMoEForGenericPerception, UniPerceiverMoEProcessor
+from modeling_uniperceiver_moe.modeling_uniperceiver_moe import CandidateShard
 
 from .checkpoints import (CHECKPOINT_PREFIX, TRAINER_STATE, CheckpointError, config_changes, first_unreadable_file,
                           list_checkpoints, restore_schedule, set_aside_previous_run, unusable, verify_checkpoint,
@@ -32,7 +33,7 @@ from .checkpoints import (CHECKPOINT_PREFIX, TRAINER_STATE, CheckpointError, con
 from .config import ConfigError, PretrainConfig
 from .data import EmptyDatasetError, MultiTaskLoader, StreamSpec, TaskEntry, TaskStream, read_rows, start_prefetcher
 from .evaluation import answer_counts, evaluate_all, trivial_baseline
-from .tasks import TaskContext, get_task, task_loss
+from .tasks import SHARED_CANDIDATE_FAMILIES, TaskContext, gather_rows, get_task, task_loss
 
 logger = logging.getLogger(__name__)
 BASELINE_TRAIN_ROWS = 1000  # training rows whose most frequent answer is the trivial baseline
@@ -249,6 +250,8 @@ class Pretrainer:
         self.loader = self.build_loader()
 
         model = UniPerceiverMoEForGenericPerception(self.model_config)
+        model.check_input_values = False  # build_batch puts query positions and labels in range; the checks
+        # would make the host wait for the GPU at every step
         if config.data.word_prior and model.word_bias is not None:
             self.start_word_bias(model)
         if config.train.gradient_checkpointing:
@@ -256,7 +259,8 @@ class Pretrainer:
         if config.train.compile:
             # one graph per (batch shape, train/eval) of each task; the default limit of 8 is too few for a mixture
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            model.compile_encoder()
+            model.compile_encoder(mode=config.train.compile_mode,
+                                  dynamic=False if config.data.text_padding == "buckets" else None)
         optimizer = make_optimizer(model, config.optim, acc.device)
         # The scheduler is stepped by hand once per optimizer step (not prepared: accelerate would step it
         # once per process). It is not checkpointed: resume() rebuilds it from the step (restore_schedule),
@@ -264,6 +268,9 @@ class Pretrainer:
         self.scheduler = cosine_with_warmup(optimizer, config.train.warmup_steps, config.train.max_steps,
                                             config.train.min_lr_ratio)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.candidate_shard = None
+        if config.data.partition_candidates and acc.num_processes > 1:
+            self.candidate_shard = CandidateShard(acc.process_index, acc.num_processes, gather_rows)
         self.step = 0  # optimizer steps done
         self.micro_step = 0
         self.data_state = None  # loader position after the last consumed batch
@@ -296,7 +303,8 @@ class Pretrainer:
                            label_names=label_names, vocabulary=vocabulary,
                            max_text_length=self.config.data.max_text_length, seed=self.config.seed,
                            workers=self.config.data.workers, mask_probability=self.config.data.mask_probability,
-                           mlm_corruption=self.config.data.mlm_corruption)
+                           mlm_corruption=self.config.data.mlm_corruption,
+                           text_padding=self.config.data.text_padding)
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> str:
@@ -442,9 +450,12 @@ class Pretrainer:
         task_config = self.config.tasks[batch.task.name]
         loss_weight = task_config.loss_weight if task_config.loss_weight is not None else batch.task.loss_weight
         shared = self.config.data.task_sampling == "shared"  # one task on every process this step
+        if self.config.train.compile:
+            torch.compiler.cudagraph_mark_step_begin()  # a new training step for CUDA graphs (reduce-overhead)
         with acc.accumulate(self.model):
             with region("trainer/forward"):
-                output = self.model(**batch.inputs, task_family=batch.task.family)
+                shard = self.candidate_shard if batch.task.family in SHARED_CANDIDATE_FAMILIES else None
+                output = self.model(**batch.inputs, task_family=batch.task.family, candidate_shard=shard)
                 loss = task_loss(batch, output, self.model_config.label_smoothing_for(batch.task.family),
                                  across_processes=shared)
             with region("trainer/backward"):
