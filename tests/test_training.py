@@ -623,21 +623,22 @@ def test_killed_run_resumes_with_the_same_losses(tiny_cache, tmp_path):
 
 @pytest.mark.slow  # inductor compiles a graph per task batch shape on the CPU: minutes
 def test_compiled_encoder_trains_like_eager(tiny_cache, tmp_path):
-    """The compiled encoder, with dynamic shapes and with static ones over bucketed text lengths
-    (`data.text_padding: buckets`, `dynamic=False`), logs the eager run's losses."""
+    """The compiled encoder, with dynamic shapes, with static ones over bucketed text lengths
+    (`data.text_padding: buckets`, `dynamic=False`) and compiled layer by layer, logs the eager run's losses."""
     runs = {}
     for name, compiled, padding in (("eager", False, "longest"), ("compiled", True, "longest"),
-                                    ("bucketed", True, "buckets")):
+                                    ("bucketed", True, "buckets"), ("per_layer", True, "buckets")):
         out = str(tmp_path / name)
-        config = run_config(tiny_cache, out, compile=compiled, max_steps=3, save_every=0)
+        config = run_config(tiny_cache, out, compile=compiled, max_steps=3, save_every=0,
+                            compile_per_layer=name == "per_layer")
         config["data"]["text_padding"] = padding
         done = launch(config, str(tmp_path / f"{name}.yaml"))
         assert done.returncode == 0, done.stderr[-3000:]
         runs[name] = step_losses(out)
-    assert sorted(runs["eager"]) == sorted(runs["compiled"]) == sorted(runs["bucketed"]) == [1, 2, 3]
-    for step in (1, 2, 3):
-        assert runs["compiled"][step] == pytest.approx(runs["eager"][step], rel=1e-3), step
-        assert runs["bucketed"][step] == pytest.approx(runs["eager"][step], rel=1e-3), step
+    for name in ("compiled", "bucketed", "per_layer"):
+        assert sorted(runs[name]) == sorted(runs["eager"]) == [1, 2, 3]
+        for step in (1, 2, 3):
+            assert runs[name][step] == pytest.approx(runs["eager"][step], rel=1e-3), (name, step)
 
 
 def test_corrupt_checkpoint_files_are_named_and_the_previous_checkpoint_offered(tiny_cache, tmp_path):

@@ -90,6 +90,8 @@ class TrainConfig:
     # data.text_padding: buckets keeps their number small
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune |
     # max-autotune-no-cudagraphs
+    compile_per_layer: bool = False  # compile each layer instead of the whole stack: dense and MoE layers share
+    # their graphs, so a mixture of shapes compiles far less (model.compile_encoder(per_layer=True))
 
 
 @dataclass

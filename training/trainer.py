@@ -259,7 +259,7 @@ class Pretrainer:
         if config.train.compile:
             # one graph per (batch shape, train/eval) of each task; the default limit of 8 is too few for a mixture
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            model.compile_encoder(mode=config.train.compile_mode,
+            model.compile_encoder(per_layer=config.train.compile_per_layer, mode=config.train.compile_mode,
                                   dynamic=False if config.data.text_padding == "buckets" else None)
         optimizer = make_optimizer(model, config.optim, acc.device)
         # The scheduler is stepped by hand once per optimizer step (not prepared: accelerate would step it
