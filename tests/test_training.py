@@ -789,6 +789,17 @@ def test_a_launch_whose_processes_did_not_join_is_refused(monkeypatch):
     check_world_size(2, "cpu")
 
 
+def test_an_fsdp_launch_that_would_not_shard_is_refused(tiny_cache, tmp_path):
+    """accelerate's FSDP needs GPUs: two CPU processes launched with ACCELERATE_USE_FSDP=true would run as
+    plain data parallelism, each holding the whole model. The trainer says so before any work starts."""
+    out = tmp_path / "run"
+    config = run_config(tiny_cache, str(out))
+    refused = launch(config, str(tmp_path / "c.yaml"), processes=2, env_extra={"ACCELERATE_USE_FSDP": "true"})
+    assert refused.returncode != 0
+    assert "FSDP was asked for (ACCELERATE_USE_FSDP=true), but accelerate runs this launch as MULTI_CPU" in refused.stderr
+    assert not os.path.exists(out / "checkpoints") and not os.path.exists(out / "metrics.jsonl")
+
+
 class _RunsCodeWhenUnpickled:
     """Unpickling this calls open(path, "w"): a file appearing at `path` means the pickle was executed."""
 

@@ -171,6 +171,18 @@ def check_world_size(joined: int, device_type: str) -> None:
                              f"joined {joined} into this run, so each would train alone.{hint}")
 
 
+def check_sharding(distributed_type) -> None:
+    """Refuse an FSDP launch that accelerate runs as plain data parallelism: its FSDP serves GPUs only, so
+    CPU processes (`ACCELERATE_USE_CPU=1` with `ACCELERATE_USE_FSDP=true`) would each hold the whole model
+    and optimizer, the memory FSDP was asked to save."""
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and distributed_type != DistributedType.FSDP:
+        raise LaunchMismatch(f"FSDP was asked for (ACCELERATE_USE_FSDP=true), but accelerate runs this launch as "
+                             f"{distributed_type.value}, each process holding the whole model: accelerate's FSDP "
+                             f"needs GPUs. Drop --use_fsdp / ACCELERATE_USE_FSDP for data parallelism")
+
+
 def slice_manifest(config: PretrainConfig, is_main: bool) -> tuple[str, dict]:
     from .build_data import MANIFEST, build_slice, slice_is_complete, verify_slice
 
@@ -238,6 +250,7 @@ class Pretrainer:
         )
         acc = self.accelerator
         check_world_size(acc.num_processes, acc.device.type)
+        check_sharding(acc.distributed_type)
         set_seed(config.seed)  # identical initial weights in every process
         self.model_config = build_model_config(config)
         with acc.main_process_first():
