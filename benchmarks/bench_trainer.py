@@ -9,7 +9,8 @@ the settings the benchmark fixes: evaluation and checkpoints off, a temporary ou
 
 1. trainer: `--warmup` then `--steps` steps of the trainer's own loop; tokens/s over the measured steps
    (the tokens each step ran through the encoder, candidates included, as the trainer logs them), and the
-   seconds the warm-up steps took (with `--set train.compile=true`, the compilation's cost).
+   seconds the warm-up steps took (with `--set train.compile=true`, the compilation's cost) and the graphs
+   compiled during the measured steps (a shape the warm-up did not reach; it should be 0).
 2. where the time goes: `--profile-steps` more trainer steps under `torch.profiler`: the host time of each
    region of `Pretrainer.train_step` (`trainer.STEP_REGIONS`: waiting for the batch, the copy to the device,
    forward with the loss, backward, clip and update, bookkeeping) as shares of the wall time, and on a GPU
@@ -67,6 +68,13 @@ def variant_overrides(args: BenchTrainerArguments, size: str, routing: str, outp
     return overrides  # the benchmark's own settings win over --set
 
 
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has built in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def busy_seconds(events) -> float:
     """Seconds during which at least one kernel, copy or memset ran on the device: the union of the device
     activities' intervals (user annotations, which span many kernels, left out)."""
@@ -108,7 +116,7 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
         trainer = Pretrainer(config)
         device = trainer.accelerator.device
         first, last = args.warmup, args.warmup + args.steps
-        results, stamps = [], {}
+        results, stamps, graphs = [], {}, {0: compiled_graphs()}
         profiled = {"profiler": None}
         step_once = trainer.train_step
 
@@ -118,6 +126,7 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
             if len(results) in (first, last):
                 synchronize(device)
                 stamps[len(results)] = time.perf_counter()
+                graphs[len(results)] = compiled_graphs()
             if len(results) == last and args.profile_steps:
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if device.type == "cuda":
@@ -147,6 +156,8 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
                "compile": config.train.compile_mode if config.train.compile else "eager",
                "text_padding": config.data.text_padding,
                "warmup_seconds": round(stamps[first] - stamps[0], 2),
+               # graphs torch.compile built while the measured steps ran: 0 unless the warm-up missed a shape
+               "graphs_compiled_while_measured": graphs[last] - graphs.get(first, graphs[0]),
                "steps": args.steps,
                "tokens": measured_tokens, "trainer_tokens_per_s": round(measured_tokens / trainer_seconds, 1)}
         if args.profile_steps:
@@ -196,6 +207,8 @@ def format_rows(rows: list[dict]) -> str:
                                                          "bookkeeping", "other")) if shares else "-"
         busy = "-" if row.get("gpu_busy_share") is None else f"{row['gpu_busy_share']:.2f}"
         step = row.get("compile", "eager") + (", buckets" if row.get("text_padding") == "buckets" else "")
+        if row.get("graphs_compiled_while_measured"):
+            step += f" ({row['graphs_compiled_while_measured']} graphs compiled while measured)"
         lines.append(f"| {row['size']} | {row['routing']} | {row.get('prefetch_worker', '-')} | {step} | "
                      f"{row.get('warmup_seconds', float('nan')):.1f} | {row['trainer_tokens_per_s']:,.0f} | "
                      f"{row['model_tokens_per_s']:,.0f} | {row['trainer_vs_model']:.2f} | {busy} | {split} |")

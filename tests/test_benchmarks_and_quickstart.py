@@ -152,4 +152,5 @@ def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batc
         assert set(shares) == {"batch", "to_device", "forward", "backward", "update", "bookkeeping", "other"}
         assert shares["forward"] > 0 and shares["backward"] > 0 and sum(shares.values()) >= 0.99
         assert row["gpu_busy_share"] is None  # no GPU here
+        assert row["compile"] == "eager" and row["graphs_compiled_while_measured"] == 0 and row["warmup_seconds"] > 0
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == rows
