@@ -1661,8 +1661,9 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
             output_attentions, output_hidden_states, output_router_logits, return_dict)
         merged_inputs = merged_targets = None
         num_candidates = None
-        if candidate_shard is not None and target_features is None:
-            num_candidates = len(target_input_ids if target_input_ids is not None else target_pixel_values)
+        candidates = target_input_ids if target_input_ids is not None else target_pixel_values
+        if candidate_shard is not None and target_features is None and candidates is not None:
+            num_candidates = len(candidates)
             target_input_ids, target_pixel_values, target_attention_mask, target_attribute_vectors, target_task_ids = (
                 candidate_shard.take(rows, num_candidates) for rows in (
                     target_input_ids, target_pixel_values, target_attention_mask, target_attribute_vectors,
