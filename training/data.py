@@ -235,12 +235,15 @@ class Prefetcher:
         if self._thread is not None:
             self._thread.start()
 
+    def _build(self, step: int) -> TaskBatch:
+        batch = self.loader.batch(step)
+        return batch.pin_memory() if self.pin_memory else batch
+
     def _work(self):
         step = self.next_step
         while not self._stop.is_set():
             try:
-                batch = self.loader.batch(step)
-                item = (step, batch.pin_memory() if self.pin_memory else batch, None)
+                item = (step, self._build(step), None)
             except BaseException as error:  # handed to the consumer, raised there
                 item = (step, None, error)
             while not self._stop.is_set():
@@ -255,8 +258,7 @@ class Prefetcher:
 
     def get(self, step: int) -> TaskBatch:
         if self._thread is None:
-            batch = self.loader.batch(step)
-            return batch.pin_memory() if self.pin_memory else batch
+            return self._build(step)
         got, batch, error = self._queue.get()
         if error is not None:
             raise error

@@ -205,10 +205,10 @@ class TaskContext:
 
         with self._tokenizer_lock:
             encoded = encode_texts(self.tokenizer, texts, self.has_start_token, max_length=self.max_text_length)
-        if not bucketed or self.text_padding != "buckets":
-            return encoded
         ids, mask = encoded["input_ids"], encoded["attention_mask"]
-        extra = bucket_length(ids.shape[1], self.max_text_length) - ids.shape[1]
+        extra = self.bucket(ids.shape[1], self.max_text_length) - ids.shape[1] if bucketed else 0
+        if not extra:
+            return encoded
         return {"input_ids": F.pad(ids, (0, extra), value=self.tokenizer.pad_token_id),
                 "attention_mask": F.pad(mask, (0, extra), value=0)}
 

@@ -139,8 +139,6 @@ def read_step_result(result: dict) -> dict:
     """A `Pretrainer.train_step` result with its device tensors (loss, tokens, grad_norm, skipped) read into
     Python numbers, all in one transfer."""
     names = [k for k in ("loss", "tokens", "grad_norm", "skipped") if torch.is_tensor(result.get(k))]
-    if not names:
-        return result
     values = torch.stack([result[k].detach().float().reshape(()) for k in names]).tolist()
     read = dict(result, **dict(zip(names, values)))
     read["tokens"] = int(read["tokens"])
@@ -478,7 +476,7 @@ class Pretrainer:
                 if synced:
                     clip = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
-                    skipped = self.apply_update(grad_norm, batch.task.name, loss)
+                    skipped = self.apply_update(grad_norm)
                 self.optimizer.zero_grad(set_to_none=True)
         with region("trainer/bookkeeping"):
             # one task on every process: the step's loss is the mean over processes; otherwise (per_process) the
@@ -487,13 +485,13 @@ class Pretrainer:
         return {"task": batch.task.name, "loss": logged, "tokens": step_tokens(batch, output),
                 "synced": synced, "grad_norm": grad_norm, "skipped": skipped}
 
-    def apply_update(self, grad_norm: torch.Tensor, task: str, loss: torch.Tensor) -> torch.Tensor | bool:
+    def apply_update(self, grad_norm: torch.Tensor) -> torch.Tensor | bool:
         """The optimizer step after clipping, unless the gradient norm (the same on every process after the
         all-reduce) is not finite. Returns whether the update was skipped: a device flag where the decision
         stays on the device (fp16's loss scaler; a fused AdamW given the flag as its `found_inf`, which leaves
         parameters, moments and step count untouched), so the host does not wait for the step; a bool after
-        reading the norm otherwise. A non-finite step under `train.on_non_finite=stop` raises where it is
-        read: here, or `RESULT_LAG` micro-steps later for a device flag (before any checkpoint)."""
+        reading the norm otherwise. `settle_results` reads the flag `RESULT_LAG` micro-steps later (before any
+        checkpoint) and stops a run under `train.on_non_finite=stop`."""
         inner = self.optimizer.optimizer
         if self.config.train.mixed_precision == "fp16":
             self.optimizer.step()  # the loss scaler skips the update itself and lowers its scale
@@ -502,12 +500,9 @@ class Pretrainer:
             inner.found_inf = (~torch.isfinite(grad_norm)).float()
             self.optimizer.step()
             return inner.found_inf.bool()
-        norm = float(grad_norm)
-        if math.isfinite(norm):
+        if math.isfinite(float(grad_norm)):
             self.optimizer.step()
             return False
-        if not self.skips_non_finite:
-            raise NonFiniteTraining(f"the gradient norm of step {self.step + 1} ({task}) is {norm} (loss {loss.item()})")
         return True
 
     def start_prefetcher(self):
