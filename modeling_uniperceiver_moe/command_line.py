@@ -11,17 +11,20 @@ plus three things:
 * bad input ends in argparse's usage message and exit status 2 (an unknown flag, an unknown key of the file),
   never in a traceback.
 
-A list field with `metadata={"action": "extend"}` collects every occurrence: `--set a=1 --set b=2` and
-`--set a=1 b=2` both give `["a=1", "b=2"]`.
+A list option whose default is empty collects every occurrence: `--set a=1 --set b=2` and `--set a=1 b=2`
+both give `["a=1", "b=2"]` (argparse's "extend"; a plain `HfArgumentParser` keeps only the last one). A list
+with a non-empty default is replaced by the values given.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
 import sys
+import types
 from typing import TypeVar
 
 import yaml
@@ -37,6 +40,9 @@ class ScriptArgumentParser(HfArgumentParser):
     @staticmethod
     def _parse_dataclass_field(parser, field: dataclasses.Field):
         if not field.metadata.get("positional"):
+            if collects_occurrences(field) and "action" not in field.metadata:
+                field = copy.copy(field)
+                field.metadata = types.MappingProxyType({**field.metadata, "action": "extend"})
             return HfArgumentParser._parse_dataclass_field(parser, field)
         kwargs = {k: v for k, v in field.metadata.items() if k != "positional"}
         if getattr(field.type, "__origin__", None) is list:  # one or more values
@@ -46,6 +52,13 @@ class ScriptArgumentParser(HfArgumentParser):
             if field.default is not dataclasses.MISSING:
                 kwargs.update(nargs="?", default=field.default)
         parser.add_argument(field.name, **kwargs)
+
+
+def collects_occurrences(field: dataclasses.Field) -> bool:
+    """A list option with an empty default: every `--name ...` adds its values."""
+    if getattr(field.type, "__origin__", None) is not list and not str(field.type).startswith("list["):
+        return False
+    return field.default_factory is not dataclasses.MISSING and field.default_factory() == []
 
 
 def build_parser(options: type, prog: str | None = None, description: str | None = None) -> ScriptArgumentParser:

@@ -26,7 +26,8 @@ class ExampleArguments:
     learning_rate: Optional[float] = field(default=None, metadata={"help": "a rate"})
     kind: str = field(default="model", metadata={"choices": ["model", "adapter"], "help": "a choice"})
     dry_run: bool = field(default=False, metadata={"help": "a switch"})
-    set: list[str] = field(default_factory=list, metadata={"action": "extend", "help": "repeatable"})
+    set: list[str] = field(default_factory=list, metadata={"help": "repeatable"})
+    sizes: list[str] = field(default_factory=lambda: ["ti", "b"], metadata={"help": "a list with a default"})
 
 
 def test_flags_in_either_spelling_repeated_lists_and_positionals():
@@ -34,6 +35,17 @@ def test_flags_in_either_spelling_repeated_lists_and_positionals():
         "ckpt", "--repo-id", "u/x", "--learning_rate", "0.5", "--dry-run", "--set", "a=1", "--set", "b=2", "c=3"])
     assert parsed == ExampleArguments(folder="ckpt", repo_id="u/x", learning_rate=0.5, kind="model", dry_run=True,
                                       set=["a=1", "b=2", "c=3"])
+    # a list with a default is replaced, not extended
+    assert parse_script_arguments(ExampleArguments, ["ckpt", "--repo-id", "u/x", "--sizes", "l"]).sizes == ["l"]
+
+
+@pytest.mark.parametrize("module, options", [("benchmarks.bench_trainer", "BenchTrainerArguments"),
+                                             ("training.config", "RunArguments"),
+                                             ("benchmarks.candidate_spread", "CandidateSpreadArguments")])
+def test_every_repeated_set_of_a_script_is_kept(module, options):
+    options = getattr(importlib.import_module(module), options)
+    parsed = parse_script_arguments(options, ["--set", "train.compile=true", "--set", "data.text_padding=buckets"])
+    assert parsed.set == ["train.compile=true", "data.text_padding=buckets"]
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
