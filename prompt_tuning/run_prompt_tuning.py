@@ -245,7 +245,8 @@ def main(argv=None) -> dict:
 
     from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
     from training.build_data import MANIFEST, build_slice
-    from training.tasks import TaskContext, get_task
+    from training.data_sources import SOURCES
+    from training.tasks import TaskContext, get_task, task_label_names
 
     try:
         task = get_task(args.task)
@@ -254,6 +255,9 @@ def main(argv=None) -> dict:
     family = task.family
     if family == "mlm":
         raise SystemExit("error: MLM is a pre-training task; choose a downstream task (classification, captioning, retrieval)")
+    if task.source not in SOURCES:
+        raise SystemExit(f"error: task {args.task!r} reads {task.source!r} rows, which no data slice bundles; "
+                         f"prompt tuning runs on the bundled tasks")
     output_dir = args.output_dir or os.path.join("outputs", "prompt-tuning", f"{args.task}-{args.method}")
     set_seed(args.seed)
     try:
@@ -262,7 +266,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: cannot load the model from {args.model!r}: {error}") from None
     data_dir = build_slice(args.slice, args.data_cache, [task.source], progress=True)
     manifest = json.load(open(os.path.join(data_dir, MANIFEST)))
-    label_names = manifest["sources"][task.source]["label_names"]
+    label_names = task_label_names(task, manifest["sources"])
     processor = checkpoint_processor(args.model, base.config.image_size, base.config.bos_token_id is not None)
     vocabulary = list(manifest["vocabulary"][: args.vocabulary_size])
     if base.config.eos_token_id not in vocabulary:

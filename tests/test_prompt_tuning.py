@@ -350,6 +350,8 @@ def test_script_options_come_as_flags_in_either_spelling_or_as_a_yaml_file(tmp_p
 def test_script_rejects_pre_training_only_tasks(tiny_checkpoint):
     with pytest.raises(SystemExit, match="MLM is a pre-training task"):
         run_prompt_tuning(["--model", tiny_checkpoint, "--task", "austen_mlm"])
+    with pytest.raises(SystemExit, match="'glue_sst2' reads 'glue' rows, which no data slice bundles"):
+        run_prompt_tuning(["--model", tiny_checkpoint, "--task", "glue_sst2"])
     with pytest.raises(SystemExit, match="unknown task 'imagenet'; registered tasks"):
         run_prompt_tuning(["--model", tiny_checkpoint, "--task", "imagenet"])
     with pytest.raises(SystemExit, match="cannot load the model from"):

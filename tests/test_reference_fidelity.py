@@ -181,3 +181,65 @@ def test_a_prompt_tuned_official_captioning_checkpoint_converts_with_the_same_pl
                 target_attribute_vectors=rows(task.target_attributes, len(vocabulary)), task_family=task.family)
     assert max_diff(out.input_outputs.last_hidden_state, fixture["b.hidden"]) < TOLERANCE
     assert max_diff(out.logits.reshape(-1, len(vocabulary)), fixture["b.logits"]) < TOLERANCE
+
+
+# --------------------------------------------------------------------------------------------- GLUE prompts
+GLUE_FIXTURE = os.path.join(os.path.dirname(FIXTURE), "official_glue_templates.json")
+# the official task names and ours; our label ids are those of the Hub's `nyu-mll/glue`
+GLUE_NAMES = {"SST-2": "glue_sst2", "CoLA": "glue_cola", "RTE": "glue_rte", "MRPC": "glue_mrpc", "QQP": "glue_qqp",
+              "QNLI": "glue_qnli", "MNLI_Match": "glue_mnli"}
+
+
+@pytest.fixture(scope="module")
+def glue_fixture() -> dict:
+    import json
+
+    with open(GLUE_FIXTURE, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+@pytest.fixture(scope="module")
+def reference_text_context():
+    """Texts as the reference tokenises them: no start token."""
+    from modeling_uniperceiver_moe import UniPerceiverMoEConfig
+    from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import build_uniperceiver_tokenizer
+    from training.tasks import TaskContext
+
+    return TaskContext(build_uniperceiver_tokenizer(), None, UniPerceiverMoEConfig(bos_token_id=None),
+                       max_text_length=256)
+
+
+@pytest.mark.parametrize("official_name", sorted(GLUE_NAMES))
+def test_glue_prompts_are_the_official_token_ids_with_the_query_at_its_spe(glue_fixture, reference_text_context,
+                                                                         official_name):
+    """The official GLUE dataset code's input ids (its prompts, lower-casing, dropped final periods) and
+    `spe_index`, for sentences with capitals, final periods, a question mark and an HTML entity."""
+    from training.tasks import build_batch
+
+    task = TASKS[GLUE_NAMES[official_name]]
+    examples = glue_fixture["tasks"][official_name]["examples"]
+    for example in examples:
+        assert reference_text_context.prompt(task.template, example["sentences"]) == example["input_ids"]
+    rows = [dict(zip(task.template.columns, example["sentences"]), label=0) for example in examples]
+    reference_text_context.label_names[task.name] = list(task.template.label_words)
+    batch = build_batch(task, rows, reference_text_context, epoch=0)
+    ids, query = batch.inputs["input_ids"], batch.inputs["query_positions"][:, 0]
+    assert query.tolist() == [example["spe_index"] for example in examples]
+    assert (ids[torch.arange(len(examples)), query] == glue_fixture["spe_token_id"]).all()
+
+
+@pytest.mark.parametrize("official_name", sorted(GLUE_NAMES))
+def test_glue_label_words_are_the_official_targets(glue_fixture, reference_text_context, official_name):
+    """Each label word encodes as the official target set does (`word <|endoftext|>`); our label ids follow
+    the Hub's GLUE rows, so the words are the official ones, reordered where the Hub numbers entailment 0."""
+    task = TASKS[GLUE_NAMES[official_name]]
+    official = glue_fixture["tasks"][official_name]
+    assert sorted(task.template.label_words) == sorted(official["label_words"])
+    reference_text_context.label_names[task.name] = list(task.template.label_words)
+    targets = reference_text_context.label_targets(task)
+    for row, word in enumerate(task.template.label_words):
+        length = int(targets["target_attention_mask"][row].sum())
+        expected = official["label_word_ids"][official["label_words"].index(word)]
+        assert targets["target_input_ids"][row, :length].tolist() == expected, word
+    entailment_first = {"RTE", "QNLI", "MNLI_Match"}
+    assert (task.template.label_words[0] == "yes") == (official_name in entailment_first)

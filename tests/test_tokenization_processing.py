@@ -95,3 +95,21 @@ def test_processor_video_and_html_cleaning(processor):
 def test_processor_errors(processor, kwargs, message):
     with pytest.raises(ValueError, match=message):
         processor(**kwargs)
+
+
+def test_a_prompt_cuts_its_sentences_never_itself_and_names_a_budget_too_small():
+    """`render_template` shortens the longest sentence a token at a time and keeps every prompt token;
+    a prompt longer than the budget is an error naming it."""
+    from training.tasks import TextTemplate, render_template
+
+    template = TextTemplate("{0} ? [SPE] , {1} !", ("a", "b"), ("no", "yes"), drop_final_period=True)
+    pieces = {" ? [SPE] , ": [7, 99, 8], " !": [9]}
+    encode = lambda text: pieces[text]  # noqa: E731
+    assert render_template(template, [[1, 2, 5], [3, 4]], encode, 5, budget=20) == [1, 2, 7, 99, 8, 3, 4, 9]
+    assert render_template(template, [[1, 2, 3, 4, 5, 6], [10, 11]], encode, 0, budget=8) == [1, 2, 7, 99, 8, 10, 11, 9]
+    with pytest.raises(ValueError, match="no room for its sentences"):
+        render_template(template, [[1], [2]], encode, 0, budget=5)
+    with pytest.raises(ValueError, match="exactly one"):
+        TextTemplate("{0} [SPE] [SPE]", ("a",), ("x",))
+    with pytest.raises(ValueError, match="do not match the columns"):
+        TextTemplate("{1} [SPE]", ("a",), ("x",))

@@ -16,7 +16,8 @@ import yaml
 from training import build_data
 from training.config import ConfigError, load_config, parse_config
 from training.data import EmptyDatasetError, MultiTaskLoader, StreamSpec, TaskEntry, TaskStream
-from training.tasks import TASKS, MalformedSample, Task, TaskContext, build_batch, get_task, register, task_loss
+from training.tasks import (TASKS, MalformedSample, Task, TaskContext, build_batch, get_task, register, task_label_names,
+                            task_loss)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_TASKS = ["fashion_mnist_classification", "video_clip_classification", "austen_mlm", "emoji_captioning",
@@ -124,8 +125,8 @@ def context(tiny_cache):
     model_config = build_model_config(config)
     processor = UniPerceiverMoEProcessor.build(image_size=model_config.image_size)
     manifest = json.load(open(os.path.join(tiny_cache, "tiny", "manifest.json")))
-    labels = {n: manifest["sources"][t.source]["label_names"] for n, t in TASKS.items()
-              if manifest["sources"][t.source]["label_names"]}
+    labels = {n: task_label_names(t, manifest["sources"]) for n, t in TASKS.items()}
+    labels = {n: names for n, names in labels.items() if names}
     ctx = TaskContext(processor.tokenizer, processor.image_processor, model_config, label_names=labels,
                       vocabulary=torch.tensor(manifest["vocabulary"][:256]))
     return ctx, manifest
@@ -134,6 +135,10 @@ def context(tiny_cache):
 def rows_of(tiny_cache, manifest, task_name, count=4, split="train"):
     from training.data import read_rows
 
+    template = get_task(task_name).template
+    if template is not None:  # a prompted task bundles no rows: sentences in its columns
+        return [{**{column: f"Sentence {row} of column {column}." for column in template.columns},
+                 "label": row % len(template.label_words)} for row in range(count)]
     source = get_task(task_name).source
     files = [os.path.join(tiny_cache, "tiny", f["path"]) for f in manifest["sources"][source]["splits"][split]["files"]]
     return read_rows(StreamSpec(files=files), count)
@@ -623,14 +628,16 @@ def test_killed_run_resumes_with_the_same_losses(tiny_cache, tmp_path):
 
 @pytest.mark.slow  # inductor compiles a graph per task batch shape on the CPU: minutes
 def test_compiled_encoder_trains_like_eager(tiny_cache, tmp_path):
-    """The compiled encoder, with dynamic shapes, with static ones over bucketed text lengths
-    (`data.text_padding: buckets`, `dynamic=False`) and compiled layer by layer, logs the eager run's losses."""
+    """The compiled encoder, with dynamo's automatic shapes, with static ones over bucketed text lengths
+    (`data.text_padding: buckets`, `train.compile_shapes: static`) and compiled layer by layer, logs the eager
+    run's losses."""
     runs = {}
     for name, compiled, padding in (("eager", False, "longest"), ("compiled", True, "longest"),
                                     ("bucketed", True, "buckets"), ("per_layer", True, "buckets")):
         out = str(tmp_path / name)
         config = run_config(tiny_cache, out, compile=compiled, max_steps=3, save_every=0,
-                            compile_per_layer=name == "per_layer")
+                            compile_per_layer=name == "per_layer",
+                            compile_shapes="static" if name == "bucketed" else "auto")
         config["data"]["text_padding"] = padding
         done = launch(config, str(tmp_path / f"{name}.yaml"))
         assert done.returncode == 0, done.stderr[-3000:]
@@ -1175,3 +1182,30 @@ def test_augmentation_is_drawn_per_sample_and_only_in_training():
     out = augment_frames(frames, sample_rng(ctx, task, rows[0], 0))
     assert out[0].size == out[1].size
     assert out[1].tobytes() == augment_frames([frames[1]], sample_rng(ctx, task, rows[0], 0))[0].tobytes()
+
+
+def test_a_glue_task_trains_from_rows_laid_out_as_the_hub_s_and_needs_a_source(tiny_cache, tmp_path):
+    """GLUE tasks bundle no data: rows with the Hub's `nyu-mll/glue` columns (here a local parquet file) train
+    and are evaluated in the reference's prompt; without a source the run stops before training, naming the
+    setting to give."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "rte.parquet"
+    premises = ["The cat sat on the mat.", "It rained all day in Paris.", "She bought a red car.", "He plays chess."]
+    hypotheses = ["A cat is sitting.", "Paris was dry.", "She owns a car.", "He sleeps all day."]
+    pq.write_table(pa.table({"sentence1": premises * 2, "sentence2": hypotheses * 2, "label": [0, 1, 0, 1] * 2,
+                             "idx": list(range(8))}), path)
+    out = str(tmp_path / "run")
+    config = run_config(tiny_cache, out, max_steps=2, save_every=0)
+    config["tasks"] = {"glue_rte": {"batch_size": 4, "source": {"files": str(path), "format": "parquet"}}}
+    done = launch(config, str(tmp_path / "c.yaml"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.load(open(os.path.join(out, "report.json")))
+    (task,) = report["tasks"]
+    assert task["task"] == "glue_rte" and task["evaluated"] == 8 and 0.0 <= task["value"] <= 1.0
+    config["tasks"] = {"glue_rte": {"batch_size": 4}}
+    config["output_dir"] = str(tmp_path / "no_source")
+    refused = launch(config, str(tmp_path / "c.yaml"))
+    assert refused.returncode == 2 and "tasks.glue_rte.source" in refused.stderr, refused.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "no_source" / "checkpoints")

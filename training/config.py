@@ -92,6 +92,9 @@ class TrainConfig:
     # max-autotune-no-cudagraphs
     compile_per_layer: bool = False  # compile each layer instead of the whole stack: dense and MoE layers share
     # their graphs, so a mixture of shapes compiles far less (model.compile_encoder(per_layer=True))
+    compile_shapes: str = "auto"  # auto (dynamo's default: a graph for the first shape, then one with the
+    # changing sizes symbolic: a few graphs in all) | static (a graph per shape: the fastest kernels, the longest
+    # warm-up; with data.text_padding: buckets the shapes are few) | dynamic (symbolic sizes from the start)
 
 
 @dataclass
@@ -117,6 +120,7 @@ class PretrainConfig:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_SHAPES = {"auto": None, "static": False, "dynamic": True}  # train.compile_shapes -> torch.compile(dynamic=...)
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 CHOICES = {
     ("data", "slice"): ("tiny", "small", "full"),
@@ -129,6 +133,7 @@ CHOICES = {
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
     ("train", "on_non_finite"): ("stop", "skip"),
     ("train", "compile_mode"): COMPILE_MODES,
+    ("train", "compile_shapes"): tuple(COMPILE_SHAPES),
 }
 
 

@@ -8,7 +8,7 @@ Families (the formulas of `../docs/design.md`, one per task type):
 |---|---|---|---|---|
 | image_classification | image | SPE | class names (text) | 10011000 / 10010110 |
 | video_classification | video | SPE | class names (text) | 10011000 / 10010110 |
-| text_classification | text + [SPE] | the inner [SPE] | label descriptions (text) | 01010100 / 11010110 |
+| text_classification | text + [SPE], or a prompt around it (GLUE) | the inner [SPE] | label descriptions or words (text) | 01010100 / 11010110 |
 | mlm | text, 15% whole words masked | masked tokens | vocabulary words `[SPE] w [EOS]` | 01010100 / 11010110 |
 | captioning | image + words + placeholders | placeholders | vocabulary words | 11011000 (image) + 11010101 (text) / 11010110 |
 | retrieval | image | SPE | the batch's captions (gathered across processes), symmetric | 10011000 / 10010110 |
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -68,6 +69,8 @@ class Task:
     loss_weight: default loss weight (reference: classification 1.0, video 0.1, MLM 0.5, caption 1.0,
         retrieval 0.5); a config may override it.
     text_column: the column holding text for text tasks / captions.
+    template: for text classification, the prompt the row's sentences are put in (`TextTemplate`: the
+        reference's GLUE prompts); None = the text, then [SPE].
     """
 
     name: str
@@ -78,6 +81,7 @@ class Task:
     text_column: str = "text"
     input_attributes: TokenAttributes | None = None
     target_attributes: TokenAttributes | None = None
+    template: "TextTemplate | None" = None
 
 
 TASKS: dict[str, Task] = {}
@@ -92,6 +96,14 @@ def register(task: Task) -> Task:
         raise ValueError(f"task {task.name!r}: task_id {task.task_id} is already used")
     TASKS[task.name] = task
     return task
+
+
+def task_label_names(task: Task, sources: dict) -> list[str] | None:
+    """The candidate texts of a classification task: its prompt's label words, else the class names of its
+    source in a data slice's manifest (`sources` = `manifest["sources"]`); None for the other families."""
+    if task.template is not None:
+        return list(task.template.label_words)
+    return sources.get(task.source, {}).get("label_names") or None
 
 
 def get_task(name: str) -> Task:
@@ -113,6 +125,60 @@ def bucket_length(length: int, limit: int) -> int:
     while size < length:
         size *= 2
     return max(length, min(size, limit))
+
+
+# --------------------------------------------------------------------------------------------- prompts
+TEMPLATE_SLOT = re.compile(r"\{(\d)\}")
+
+
+@dataclass(frozen=True)
+class TextTemplate:
+    """A prompt around one or two sentences holding one [SPE], whose output is the query compared with the
+    label words (the reference's GLUE prompts, docs/training.md).
+
+    text: the prompt; `{0}`, `{1}` stand for the row's sentences (`columns`, in that order), special tokens
+        (`<|endoftext|>`, `[SPE]`) are written as such. Every piece is tokenised on its own, as the reference
+        does, and the whole is lower-cased by the tokenizer.
+    label_words: the candidate text of each label id of the rows (encoded `word <|endoftext|>` like any
+        class name).
+    drop_final_period: the first sentence loses a final "." token (the reference's pair prompts but MNLI's).
+    """
+
+    text: str
+    columns: tuple[str, ...]
+    label_words: tuple[str, ...]
+    drop_final_period: bool = False
+
+    def __post_init__(self):
+        slots = [int(slot) for slot in TEMPLATE_SLOT.findall(self.text)]
+        if slots != list(range(len(self.columns))):
+            raise ValueError(f"template {self.text!r}: slots {slots} do not match the columns {self.columns}")
+        if self.text.count("[SPE]") != 1:
+            raise ValueError(f"template {self.text!r} must hold exactly one [SPE] (the query)")
+
+
+def render_template(template: TextTemplate, sentences: list[list[int]], encode_piece, period_id: int,
+                    budget: int) -> list[int]:
+    """The prompt's token ids: `sentences` (the row's sentences, already tokenised without start or end
+    token) put in the template's slots between its tokenised pieces (`encode_piece(text) -> ids`). The
+    sentences, never the prompt, are cut to fit `budget` tokens: a token at a time from the end of the
+    longest."""
+    sentences = [list(ids) for ids in sentences]
+    if template.drop_final_period and sentences[0] and sentences[0][-1] == period_id:
+        sentences[0] = sentences[0][:-1]
+    pieces = TEMPLATE_SLOT.split(template.text)  # literal, slot, literal, slot, ..., literal
+    literals = [encode_piece(piece) if piece.strip() else [] for piece in pieces[0::2]]
+    room = budget - sum(len(ids) for ids in literals)
+    if room < len(sentences):
+        raise ValueError(f"the prompt {template.text!r} takes {budget - room} of the {budget} text tokens "
+                         f"(data.max_text_length): no room for its sentences")
+    while sum(len(ids) for ids in sentences) > room:
+        longest = max(range(len(sentences)), key=lambda index: len(sentences[index]))
+        sentences[longest].pop()
+    ids = list(literals[0])
+    for slot, literal in zip(pieces[1::2], literals[1:]):
+        ids += sentences[int(slot)] + literal
+    return ids
 
 
 # --------------------------------------------------------------------------------------------- context
@@ -211,6 +277,20 @@ class TaskContext:
             return encoded
         return {"input_ids": F.pad(ids, (0, extra), value=self.tokenizer.pad_token_id),
                 "attention_mask": F.pad(mask, (0, extra), value=0)}
+
+    def prompt(self, template: TextTemplate, sentences: list[str]) -> list[int]:
+        """One row's prompt: `[bos]` (when the model has one), then `render_template` within
+        `max_text_length` tokens."""
+        from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import clean_text
+
+        tokenizer, start = self.tokenizer, [self.model_config.bos_token_id] if self.has_start_token else []
+
+        def encode(text: str) -> list[int]:
+            return tokenizer(clean_text(text), add_special_tokens=False)["input_ids"]
+
+        with self._tokenizer_lock:
+            return start + render_template(template, [encode(sentence) for sentence in sentences], encode,
+                                           tokenizer.convert_tokens_to_ids(".</w>"), self.max_text_length - len(start))
 
     def bucket(self, length: int, limit: int) -> int:
         """`length` itself, or its `bucket_length` under `text_padding="buckets"`."""
@@ -388,6 +468,8 @@ def build_classification(task: Task, samples: list[dict], ctx: TaskContext, epoc
 
 
 def build_text_classification(task: Task, samples: list[dict], ctx: TaskContext, epoch: int) -> TaskBatch:
+    if task.template is not None:
+        return build_prompted_text_classification(task, samples, ctx)
     names = ctx.label_names.get(task.name) or []
     texts, labels, skipped = [], [], []
     for sample in samples:
@@ -402,6 +484,33 @@ def build_text_classification(task: Task, samples: list[dict], ctx: TaskContext,
     encoded = ctx.tokenize(texts)
     ids, mask = append_query_token(encoded["input_ids"], encoded["attention_mask"], spe, ctx.max_text_length)
     query = (mask.sum(1) - 2).clamp(min=0)[:, None]  # the [SPE] sits just before the end token
+    targets = ctx.label_targets(task)
+    inputs = {"input_ids": ids, "attention_mask": mask, "query_positions": query, **targets,
+              **route_inputs(task, len(labels), attribute_rows(task.input_attributes, len(labels)), None,
+                             len(targets["target_input_ids"]))}
+    return TaskBatch(task, inputs, torch.tensor(labels, dtype=torch.long)[:, None], len(labels), skipped)
+
+
+def build_prompted_text_classification(task: Task, samples: list[dict], ctx: TaskContext) -> TaskBatch:
+    """Each row's sentences in the task's `TextTemplate`; the query is the prompt's [SPE]."""
+    template, spe = task.template, ctx.model_config.spe_token_id
+    prompts, labels, skipped = [], [], []
+    for sample in samples:
+        try:
+            sentences = [require_text(sample, column) for column in template.columns]
+            label = require_label(sample, len(template.label_words))
+        except MalformedSample as error:
+            skipped.append((sample_name(sample), str(error)))
+            continue
+        prompts.append(ctx.prompt(template, sentences))
+        labels.append(label)
+    length = ctx.bucket(max((len(ids) for ids in prompts), default=1), ctx.max_text_length)
+    ids = torch.full((len(prompts), length), ctx.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)] = torch.tensor(prompt)
+        mask[row, :len(prompt)] = 1
+    query = torch.tensor([[prompt.index(spe)] for prompt in prompts], dtype=torch.long).reshape(-1, 1)
     targets = ctx.label_targets(task)
     inputs = {"input_ids": ids, "attention_mask": mask, "query_positions": query, **targets,
               **route_inputs(task, len(labels), attribute_rows(task.input_attributes, len(labels)), None,
@@ -674,3 +783,24 @@ for _task in (
          input_attributes=ATTRIBUTES["classification_input"], target_attributes=ATTRIBUTES["class_name_target"]),
 ):
     register(_task)
+
+# GLUE, in the reference's prompts and label words; rows as the Hub's `nyu-mll/glue` has them (its column
+# names and label ids: RTE, QNLI and MNLI number entailment 0, so their words run "yes" first). No GLUE
+# data is bundled: a config gives the source, e.g.
+#   tasks: {glue_sst2: {source: {hub: nyu-mll/glue, config: sst2, split: train, eval: {split: validation}}}}
+GLUE_TEMPLATES = {
+    "glue_sst2": TextTemplate("{0} <|endoftext|> it is [SPE] . <|endoftext|>", ("sentence",), ("bad", "wonderful")),
+    "glue_cola": TextTemplate("{0} this is [SPE] . <|endoftext|>", ("sentence",), ("incorrect", "correct")),
+    "glue_rte": TextTemplate("{0} ? <|endoftext|> it is [SPE] , {1} <|endoftext|>", ("sentence1", "sentence2"),
+                             ("yes", "no"), drop_final_period=True),
+    "glue_mrpc": TextTemplate("{0} . [SPE] , {1} <|endoftext|>", ("sentence1", "sentence2"), ("no", "yes"),
+                              drop_final_period=True),
+    "glue_qqp": TextTemplate("{0} <|endoftext|> [SPE] , {1} <|endoftext|>", ("question1", "question2"),
+                             ("no", "yes"), drop_final_period=True),
+    "glue_qnli": TextTemplate("{0} <|endoftext|> it is [SPE] , {1} <|endoftext|>", ("question", "sentence"),
+                              ("yes", "no"), drop_final_period=True),
+    "glue_mnli": TextTemplate("{0} [SPE] , {1} <|endoftext|>", ("premise", "hypothesis"), ("yes", "maybe", "no")),
+}
+for _task_id, (_name, _template) in enumerate(GLUE_TEMPLATES.items(), start=10):
+    register(Task(_name, "text_classification", "glue", _task_id, 1.0, input_attributes=ATTRIBUTES["text_input"],
+                  target_attributes=ATTRIBUTES["word_target"], template=_template))

@@ -30,10 +30,10 @@ from modeling_uniperceiver_moe.modeling_uniperceiver_moe import CandidateShard
 from .checkpoints import (CHECKPOINT_PREFIX, TRAINER_STATE, CheckpointError, config_changes, first_unreadable_file,
                           list_checkpoints, restore_schedule, set_aside_previous_run, unusable, verify_checkpoint,
                           write_checksums)
-from .config import ConfigError, PretrainConfig
+from .config import COMPILE_SHAPES, ConfigError, PretrainConfig
 from .data import EmptyDatasetError, MultiTaskLoader, StreamSpec, TaskEntry, TaskStream, read_rows, start_prefetcher
 from .evaluation import answer_counts, evaluate_all, trivial_baseline
-from .tasks import SHARED_CANDIDATE_FAMILIES, TaskContext, gather_rows, get_task, task_loss
+from .tasks import SHARED_CANDIDATE_FAMILIES, TaskContext, gather_rows, get_task, task_label_names, task_loss
 
 logger = logging.getLogger(__name__)
 BASELINE_TRAIN_ROWS = 1000  # training rows whose most frequent answer is the trivial baseline
@@ -123,6 +123,7 @@ STEP_REGIONS = ("trainer/batch", "trainer/to_device", "trainer/forward", "traine
 
 
 RESULT_LAG = 2  # micro-steps a step's losses and flags stay on the device before the host reads them
+COMPILED_GRAPH_LIMIT = 1024  # graphs torch.compile may build per compiled function (dynamo's limit, raised)
 
 
 def step_tokens(batch, output) -> torch.Tensor:
@@ -183,9 +184,15 @@ def check_sharding(distributed_type) -> None:
 
 def slice_manifest(config: PretrainConfig, is_main: bool) -> tuple[str, dict]:
     from .build_data import MANIFEST, build_slice, slice_is_complete, verify_slice
+    from .data_sources import SOURCES
 
     directory = os.path.join(config.data.cache_dir, config.data.slice)
     needed = sorted({get_task(n).source for n, t in config.tasks.items() if t.source is None})
+    for name, task_config in config.tasks.items():
+        if task_config.source is None and get_task(name).source not in SOURCES:
+            raise ConfigError(f"task {name!r} reads {get_task(name).source!r} rows, which no data slice bundles: "
+                              f"give them as tasks.{name}.source (files or a Hub dataset with a column mapping, "
+                              f"docs/training.md)")
     if needed and not slice_is_complete(directory, needed):
         if not config.data.build:
             raise FileNotFoundError(f"data slice {directory} is missing sources {needed}: run "
@@ -268,10 +275,12 @@ class Pretrainer:
         if config.train.gradient_checkpointing:
             model.checkpoint_activations()
         if config.train.compile:
-            # one graph per (batch shape, train/eval) of each task; the default limit of 8 is too few for a mixture
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            # one graph per (batch shape, train/eval) of each task, times the two layer kinds when compiled per
+            # layer: a nine-task mixture needs over a hundred. Past the limit dynamo silently runs eager.
+            for limit in ("recompile_limit", "accumulated_recompile_limit"):
+                setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), COMPILED_GRAPH_LIMIT))
             model.compile_encoder(per_layer=config.train.compile_per_layer, mode=config.train.compile_mode,
-                                  dynamic=False if config.data.text_padding == "buckets" else None)
+                                  dynamic=COMPILE_SHAPES[config.train.compile_shapes])
         optimizer = make_optimizer(model, config.optim, acc.device)
         # The scheduler is stepped by hand once per optimizer step (not prepared: accelerate would step it
         # once per process). It is not checkpointed: resume() rebuilds it from the step (restore_schedule),
@@ -300,11 +309,8 @@ class Pretrainer:
                                task_sampling=config.data.task_sampling)
 
     def _task_context(self) -> TaskContext:
-        label_names = {}
-        for name, task in self.tasks.items():
-            source = self.manifest["sources"].get(task.source, {})
-            if source.get("label_names"):
-                label_names[name] = source["label_names"]
+        label_names = {name: task_label_names(task, self.manifest["sources"]) for name, task in self.tasks.items()}
+        label_names = {name: names for name, names in label_names.items() if names}
         available = len(self.manifest["vocabulary"])
         if self.config.data.vocabulary_size > available:
             raise ConfigError(f"data.vocabulary_size={self.config.data.vocabulary_size}, but the data slice "
