@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 from transformers import BatchFeature, ProcessorMixin
 
@@ -95,3 +96,17 @@ class UniPerceiverMoEProcessor(ProcessorMixin):
 
 
 __all__ = ["UniPerceiverMoEProcessor", "build_image_processor", "IMAGE_PREPROCESSING"]
+
+
+def checkpoint_processor(folder: str, image_size: int, add_bos_token: bool = True) -> UniPerceiverMoEProcessor:
+    """The processor saved with a checkpoint folder (a converted official one brings the reference's image
+    preprocessing and texts without the start token), else this package's for the model's image size.
+    add_bos_token: whether the model's texts start with the start token (its config's `bos_token_id`); a saved
+    processor that disagrees is refused."""
+    if not os.path.exists(os.path.join(folder, "processor_config.json")):
+        return UniPerceiverMoEProcessor.build(image_size=image_size, add_bos_token=add_bos_token)
+    processor = UniPerceiverMoEProcessor.from_pretrained(folder)
+    if processor.add_bos_token != add_bos_token:
+        raise ValueError(f"{folder}: the saved processor {'adds' if processor.add_bos_token else 'does not add'} the "
+                         f"start token to texts, but the model config's bos_token_id says the opposite")
+    return processor

@@ -140,13 +140,6 @@ class Collator:
         return out
 
 
-def load_split(data_dir: str, manifest: dict, source: str, split: str, limit: int | None = None) -> list[dict]:
-    from training.data import StreamSpec, read_rows
-
-    files = [os.path.join(data_dir, f["path"]) for f in manifest["sources"][source]["splits"][split]["files"]]
-    return read_rows(StreamSpec(files=files), limit or 10**9)
-
-
 # --------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def downstream_metrics(model, task, rows: list[dict], ctx, device, beam_size: int = 2, batch_size: int = 32) -> dict:
@@ -181,22 +174,6 @@ def downstream_metrics(model, task, rows: list[dict], ctx, device, beam_size: in
         cider = load_metric("cider").compute(predictions=predictions, references=references)
         return {"bleu4": bleu["bleu"], "cider": cider["cider"], "examples": list(zip(predictions[:5], references[:5]))}
     raise ValueError(f"no downstream evaluation for family {task.family!r}")
-
-
-def checkpoint_processor(folder: str, image_size: int, add_bos_token: bool = True):
-    """The processor saved with the checkpoint (a converted official one brings the reference's image
-    preprocessing and texts without the start token), else this package's for the model's image size.
-    add_bos_token: whether the model's texts start with the start token (its config's `bos_token_id`); a saved
-    processor that disagrees is refused."""
-    from modeling_uniperceiver_moe import UniPerceiverMoEProcessor
-
-    if not os.path.exists(os.path.join(folder, "processor_config.json")):
-        return UniPerceiverMoEProcessor.build(image_size=image_size, add_bos_token=add_bos_token)
-    processor = UniPerceiverMoEProcessor.from_pretrained(folder)
-    if processor.add_bos_token != add_bos_token:
-        raise ValueError(f"{folder}: the saved processor {'adds' if processor.add_bos_token else 'does not add'} the "
-                         f"start token to texts, but the model config's bos_token_id says the opposite")
-    return processor
 
 
 def headline(results: dict) -> dict:
@@ -244,7 +221,9 @@ def main(argv=None) -> dict:
     from transformers import Trainer, TrainingArguments, set_seed
 
     from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
+    from modeling_uniperceiver_moe.processing_uniperceiver_moe import checkpoint_processor
     from training.build_data import MANIFEST, build_slice
+    from training.data import read_split
     from training.data_sources import SOURCES
     from training.tasks import TaskContext, get_task, task_label_names
 
@@ -274,9 +253,9 @@ def main(argv=None) -> dict:
     ctx = TaskContext(processor.tokenizer, processor.image_processor, base.config,
                       label_names={task.name: label_names} if label_names else {},
                       vocabulary=torch.tensor(vocabulary), seed=args.seed)
-    train_rows = sample_fraction(load_split(data_dir, manifest, task.source, "train"), args.data_fraction,
+    train_rows = sample_fraction(read_split(data_dir, manifest, task.source, "train"), args.data_fraction,
                                  per_class=family in CLASSIFICATION, seed=args.seed)
-    eval_rows = load_split(data_dir, manifest, task.source, "test", args.eval_samples)
+    eval_rows = read_split(data_dir, manifest, task.source, "test", args.eval_samples)
     steps, lr, warmup = RECIPES[family]
     steps = args.max_steps or steps
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -16,7 +16,8 @@ SCRIPTS = ("training.pretrain", "training.baselines", "training.build_data", "pr
            "hub_cards.push", "hub_cards.convert_reference", "modeling_uniperceiver_moe.quickstart",
            "benchmarks.bench_moe", "benchmarks.bench_optimizer", "benchmarks.candidate_spread",
            "benchmarks.find_syncs", "benchmarks.init_signal", "benchmarks.profile_step", "benchmarks.results_table",
-           "benchmarks.sweep_summary", "benchmarks.probe_grouped_mm", "benchmarks.route_key_latency")
+           "benchmarks.sweep_summary", "benchmarks.probe_grouped_mm", "benchmarks.route_key_latency",
+           "benchmarks.bench_trainer", "training.interference")
 
 
 @dataclass

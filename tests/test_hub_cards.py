@@ -705,7 +705,7 @@ def test_a_raw_deepspeed_file_converts_like_the_renamed_reference_checkpoint(ref
 def test_a_converted_checkpoint_gets_the_reference_s_image_preprocessing(reference, tmp_path):
     """ImageNet statistics and the 256/224 resize before the centre crop, and texts without the start token,
     which a fine-tuning or prompt-tuning run of the converted folder then reads from it."""
-    from prompt_tuning.run_prompt_tuning import checkpoint_processor
+    from modeling_uniperceiver_moe.processing_uniperceiver_moe import checkpoint_processor
 
     sd, _ = reference
     torch.save({"model": sd}, tmp_path / "reference.pth")

@@ -333,6 +333,12 @@ def start_prefetcher(loader: MultiTaskLoader, first_step: int, depth: int, pin_m
     return Prefetcher(loader, first_step, depth, pin_memory)
 
 
+def read_split(data_dir: str, manifest: dict, source: str, split: str, limit: int | None = None) -> list[dict]:
+    """The first `limit` (default all) rows of a bundled source's split, in stored order."""
+    files = [os.path.join(data_dir, f["path"]) for f in manifest["sources"][source]["splits"][split]["files"]]
+    return read_rows(StreamSpec(files=files), limit or 10**9)
+
+
 def read_rows(spec: StreamSpec, count: int) -> list[dict]:
     """The first `count` rows of a stream in stored order (evaluation: no shuffle, one process)."""
     dataset = open_stream(spec, seed=0, epoch=0, shuffle_block=1, rank=0, world_size=1, shuffle=False)

@@ -1,0 +1,235 @@
+"""Task interference of a trained model, measured on the directions of per-sample gradients.
+
+    python -m training.interference --model outputs/pretrain-tiny/final \\
+        --tasks fashion_mnist_classification,austen_mlm,emoji_captioning --samples 32 --out outputs/interference
+
+For tasks i and j and a shared weight W (by default the second FFN projection, fc2, of the layers at one,
+two and three thirds of the depth: layers 4, 8 and 12 of a 12-layer model, as the paper measures):
+
+    D_j(x_i) = mean over samples x_j of  g_i(x_i) . g_j(x_j) / |g_j(x_j)|     (x_j != x_i when j = i)
+    I[i, j]  = mean over samples x_i of  D_j(x_i) / D_i(x_i)
+
+where g_t(x) is the gradient of task t's loss on sample x with respect to W. D_j(x_i) is the first-order
+decrease of task i's loss on x_i from a unit step along task j's gradient; I[i, j] near 1 means an update
+for j helps i as much as an update for i itself, at or below 0 that it does not help or hurts. Each layer
+gives a matrix; `matrix` is their mean.
+
+In an MoE layer fc2 is the stack of its experts' weights `[E, out, in]`, and the gradient is taken with
+respect to that whole stack: a sample's gradient is non-zero only on the experts its tokens were routed to
+(weighted by their gates), so two tasks routed to different experts have orthogonal gradients there and
+interfere little, which is the effect the routing is meant to have. The losses are the tasks' plain
+candidate cross-entropies (no label smoothing, no router loss), with the model in eval mode (no dropout,
+no router noise); retrieval scores each sample against the other samples' captions.
+
+Samples that predict nothing (a caption none of whose words is a candidate) are left out. Writes
+`interference.json` (tasks, samples used per task, layers, the per-layer matrices and their mean) and a
+heat map `interference.png` into `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.nn import functional as F
+
+from modeling_uniperceiver_moe.command_line import parse_script_arguments
+
+
+# --------------------------------------------------------------------------------------------- the metric
+def interference_matrix(gradients: list[torch.Tensor]) -> torch.Tensor:
+    """`I` `[T, T]` from per-sample gradients of T tasks (task t: `[n_t, P]`, one row per sample; every task
+    at least 2 samples). Rows index the task whose loss changes (i), columns the task stepped along (j)."""
+    if any(g.dim() != 2 or g.shape[0] < 2 for g in gradients):
+        raise ValueError("each task needs a [samples >= 2, parameters] gradient matrix")
+    gradients = [g.double() for g in gradients]
+    units = [F.normalize(g, dim=1) for g in gradients]
+    matrix = torch.zeros(len(gradients), len(gradients), dtype=torch.float64)
+    for i, g_i in enumerate(gradients):
+        decrease = []  # D_j(x_i) for every j: [n_i] each
+        for j, u_j in enumerate(units):
+            dots = g_i @ u_j.t()  # [n_i, n_j]
+            if i == j:  # leave the sample itself out
+                dots = dots - torch.diag_embed(dots.diagonal())
+                decrease.append(dots.sum(1) / (dots.shape[1] - 1))
+            else:
+                decrease.append(dots.mean(1))
+        for j in range(len(gradients)):
+            matrix[i, j] = (decrease[j] / decrease[i]).mean()
+    return matrix
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """0-based indices of the layers at one, two and three thirds of the depth (3, 7, 11 of 12)."""
+    return sorted({max(0, round(num_layers * k / 3) - 1) for k in (1, 2, 3)})
+
+
+def shared_weights(model, layers: list[int]) -> dict[str, torch.nn.Parameter]:
+    """The fc2 weight of each of `layers` (an MoE layer's: the experts' stacked weights)."""
+    encoder_layers = model.base_model.encoder.layers
+    if any(not 0 <= layer < len(encoder_layers) for layer in layers):
+        raise ValueError(f"layers {layers} outside the model's 0..{len(encoder_layers) - 1}")
+    return {f"layers.{layer}.mlp.fc2.weight": encoder_layers[layer].mlp.fc2.weight for layer in layers}
+
+
+def per_sample_losses(batch, output) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[B]` losses and `[B]` whether each sample predicts anything: each sample's mean candidate
+    cross-entropy over its predictions (one for classification and retrieval, its masked or next words for
+    MLM and captioning; a caption none of whose words is a candidate predicts nothing)."""
+    if batch.task.family == "retrieval":  # image -> the batch's captions
+        targets = torch.arange(output.logits.shape[0], device=output.logits.device)
+        return F.cross_entropy(output.logits, targets, reduction="none"), torch.ones_like(targets, dtype=torch.bool)
+    logits = output.logits.reshape(batch.labels.shape[0], -1, output.logits.shape[-1])
+    labels = batch.labels.reshape(batch.labels.shape[0], -1).to(logits.device)
+    losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # [B, Q]
+    counts = (labels != -100).sum(1)
+    return losses.sum(1) / counts.clamp(min=1), counts > 0
+
+
+def task_gradients(model, batch, weights: dict[str, torch.nn.Parameter], progress=None) -> dict[str, torch.Tensor]:
+    """Per-sample gradients `[S, numel]` of each weight, from one forward over the batch and one backward
+    per sample; S counts the samples that predict something (`per_sample_losses`)."""
+    output = model(**batch.inputs, task_family=batch.task.family)
+    losses, predicts = per_sample_losses(batch, output)
+    kept = predicts.nonzero().flatten().tolist()
+    rows = {name: [] for name in weights}
+    for index in kept:
+        grads = torch.autograd.grad(losses[index], list(weights.values()), retain_graph=index != kept[-1],
+                                    allow_unused=True)
+        for name, weight, grad in zip(weights, weights.values(), grads):
+            rows[name].append((torch.zeros_like(weight) if grad is None else grad).reshape(-1).float().cpu())
+        if progress is not None:
+            progress.update(1)
+    if progress is not None:
+        progress.update(len(losses) - len(kept))
+    return {name: torch.stack(values) if values else torch.zeros(0, weight.numel())
+            for (name, values), weight in zip(rows.items(), weights.values())}
+
+
+# --------------------------------------------------------------------------------------------- the command
+@dataclass
+class InterferenceArguments:
+    model: str = field(metadata={"help": "a trained model folder (a run's final/, or a converted checkpoint)"})
+    tasks: str = field(metadata={"help": "registered tasks, comma-separated (at least two)"})
+    out: str = field(metadata={"help": "folder for interference.json and interference.png"})
+    samples: int = field(default=100, metadata={"help": "samples per task (the paper: 100)"})
+    layers: Optional[str] = field(default=None, metadata={
+        "help": "0-based layer indices, comma-separated (default: one, two and three thirds of the depth)"})
+    split: str = field(default="train", metadata={"choices": ["train", "test"], "help": "rows of this split"})
+    data_cache: str = field(default="data_cache", metadata={"help": "the data slices' folder"})
+    slice: str = field(default="small", metadata={"help": "the data slice (built if missing)"})
+    vocabulary_size: int = field(default=1024, metadata={"help": "candidate words of MLM and captioning"})
+    device: Optional[str] = field(default=None, metadata={"help": "default: cuda when available, else cpu"})
+
+
+def load_task_samples(args: InterferenceArguments, model, task_names: list[str]):
+    """A `TaskContext` for the model and each task's first `args.samples` rows."""
+    from modeling_uniperceiver_moe.processing_uniperceiver_moe import checkpoint_processor
+
+    from .build_data import MANIFEST, build_slice
+    from .data import read_split
+    from .tasks import TaskContext, get_task, task_label_names
+
+    tasks = [get_task(name) for name in task_names]
+    data_dir = build_slice(args.slice, args.data_cache, sorted({task.source for task in tasks}), progress=True)
+    with open(os.path.join(data_dir, MANIFEST), encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    processor = checkpoint_processor(args.model, model.config.image_size, model.config.bos_token_id is not None)
+    labels = {task.name: task_label_names(task, manifest["sources"]) for task in tasks}
+    ctx = TaskContext(processor.tokenizer, processor.image_processor, model.config,
+                      label_names={name: names for name, names in labels.items() if names},
+                      vocabulary=torch.tensor(manifest["vocabulary"][: args.vocabulary_size]))
+    rows = {task.name: read_split(data_dir, manifest, task.source, args.split, args.samples) for task in tasks}
+    return ctx, tasks, rows
+
+
+def plot(matrix: torch.Tensor, names: list[str], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = 1.2 + 0.9 * len(names)
+    figure, axes = plt.subplots(figsize=(size + 1.5, size))
+    limit = max(1.0, float(matrix.abs().max()))
+    image = axes.imshow(matrix.numpy(), cmap="RdBu", vmin=-limit, vmax=limit)
+    axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axes.set_yticks(range(len(names)), names)
+    axes.set_xlabel("task j (the step's direction)")
+    axes.set_ylabel("task i (the loss that changes)")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            axes.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    figure.colorbar(image, ax=axes, label="I[i, j]")
+    axes.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None) -> dict:
+    from tqdm.auto import tqdm
+
+    from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
+
+    from .tasks import UnknownTask, build_batch
+
+    args = parse_script_arguments(InterferenceArguments, argv, prog="python -m training.interference",
+                                  description=__doc__)
+    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise SystemExit(f"error: --tasks needs at least two different tasks, got {names}")
+    if args.samples < 2:
+        raise SystemExit("error: --samples must be >= 2 (a task's own direction leaves the sample itself out)")
+    try:
+        from .tasks import get_task
+
+        for name in names:
+            get_task(name)
+    except UnknownTask as error:
+        raise SystemExit(f"error: {error.args[0]}") from None
+    try:
+        model = UniPerceiverMoEForGenericPerception.from_pretrained(args.model)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: cannot load the model from {args.model!r}: {error}") from None
+    try:
+        layers = (default_layers(model.config.num_hidden_layers) if args.layers is None
+                  else [int(layer) for layer in args.layers.split(",")])
+        weights = shared_weights(model, layers)
+    except ValueError as error:
+        raise SystemExit(f"error: --layers: {error}") from None
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device).eval()
+    ctx, tasks, rows = load_task_samples(args, model, names)
+    os.makedirs(args.out, exist_ok=True)
+
+    gradients, counts = {name: [] for name in weights}, {}
+    with tqdm(total=sum(len(r) for r in rows.values()), desc="per-sample gradients", unit="sample") as progress:
+        for task in tasks:
+            batch = build_batch(task, rows[task.name], ctx, epoch=0)
+            per_weight = task_gradients(model, batch.to(device), weights, progress)
+            counts[task.name] = len(next(iter(per_weight.values())))
+            if counts[task.name] < 2:
+                raise SystemExit(f"error: task {task.name!r} has {counts[task.name]} usable sample(s) among the "
+                                 f"first {args.samples} of its {args.split} split; at least 2 are needed")
+            for name in weights:
+                gradients[name].append(per_weight[name])
+    per_layer = {name: interference_matrix(values) for name, values in gradients.items()}
+    matrix = torch.stack(list(per_layer.values())).mean(0)
+    result = {"model": args.model, "tasks": names, "samples": counts, "split": args.split, "layers": layers,
+              "weights": list(weights), "routing": model.config.moe_routing,
+              "matrix": [[round(float(v), 4) for v in row] for row in matrix],
+              "per_layer": {name: [[round(float(v), 4) for v in row] for row in m] for name, m in per_layer.items()}}
+    with open(os.path.join(args.out, "interference.json"), "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=1)
+    plot(matrix, names, os.path.join(args.out, "interference.png"),
+         f"interference, {model.config.moe_routing} routing, layers {layers}")
+    print(f"wrote {os.path.join(args.out, 'interference.json')} and interference.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()
