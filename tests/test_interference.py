@@ -44,6 +44,8 @@ def test_the_metric_by_hand_on_two_samples_each():
     unit0 = g0 / g0.norm(dim=1, keepdim=True)
     own1 = torch.stack([g1[0] @ g1[1] / g1[1].norm(), g1[1] @ g1[0] / g1[0].norm()])
     assert matrix[1, 0] == pytest.approx(float(((g1 @ unit0.t()).mean(1) / own1).mean()), rel=1e-12)
+    steady = interference_matrix([g0, g1], reduce="ratio_of_means")
+    assert steady[0, 1] == pytest.approx(float(cross01.mean() / own0.mean()), rel=1e-12)
     with pytest.raises(ValueError, match="samples >= 2"):
         interference_matrix([g0, g1[:1]])
 
@@ -64,10 +66,13 @@ def test_the_command_runs_on_a_tiny_model_and_names_bad_input(tiny_cache, tmp_pa
                             "--out", out])
     written = json.load(open(os.path.join(out, "interference.json")))
     assert written["tasks"] == result["tasks"] and written["layers"] == [0, 1]
-    assert written["weights"] == ["layers.0.mlp.fc2.weight", "layers.1.mlp.fc2.weight"]  # dense, then MoE
-    matrix = torch.tensor(written["matrix"])
-    assert matrix.shape == (3, 3) and torch.allclose(matrix.diagonal(), torch.ones(3))
-    assert torch.isfinite(matrix).all() and os.path.getsize(os.path.join(out, "interference.png")) > 0
+    assert written["weights"] == ["layers.0.mlp.fc2.weight", "layers.1.mlp.fc2.weight"]
+    assert written["expert_stacks"] == ["layers.1.mlp.fc2.weight"]  # every other layer: the second is MoE
+    for key in ("matrix", "matrix_ratio_of_means"):
+        matrix = torch.tensor(written[key])
+        assert matrix.shape == (3, 3) and torch.allclose(matrix.diagonal(), torch.ones(3)), key
+        assert torch.isfinite(matrix).all(), key
+    assert os.path.getsize(os.path.join(out, "interference.png")) > 0
     for argv, message in ((["--tasks", "austen_mlm", "--out", out], "at least two different tasks"),
                           (["--tasks", "austen_mlm,imagenet", "--out", out], "unknown task 'imagenet'"),
                           (["--tasks", "austen_mlm,kjv_mlm", "--layers", "5", "--out", out], "--layers")):

@@ -12,7 +12,9 @@ two and three thirds of the depth: layers 4, 8 and 12 of a 12-layer model, as th
 where g_t(x) is the gradient of task t's loss on sample x with respect to W. D_j(x_i) is the first-order
 decrease of task i's loss on x_i from a unit step along task j's gradient; I[i, j] near 1 means an update
 for j helps i as much as an update for i itself, at or below 0 that it does not help or hurts. Each layer
-gives a matrix; `matrix` is their mean.
+gives a matrix; `matrix` is their mean. Where a sample's own decrease D_i(x_i) is near 0 the ratio is
+large, so the paper's mean of ratios can be dominated by a few samples; `matrix_ratio_of_means` (mean D_j
+over mean D_i) is given beside it.
 
 In an MoE layer fc2 is the stack of its experts' weights `[E, out, in]`, and the gradient is taken with
 respect to that whole stack: a sample's gradient is non-zero only on the experts its tokens were routed to
@@ -22,8 +24,8 @@ candidate cross-entropies (no label smoothing, no router loss), with the model i
 no router noise); retrieval scores each sample against the other samples' captions.
 
 Samples that predict nothing (a caption none of whose words is a candidate) are left out. Writes
-`interference.json` (tasks, samples used per task, layers, the per-layer matrices and their mean) and a
-heat map `interference.png` into `--out`.
+`interference.json` (tasks, samples used per task, layers, which weights are expert stacks, the per-layer
+matrices and their mean) and a heat map `interference.png` into `--out`.
 """
 
 from __future__ import annotations
@@ -40,9 +42,13 @@ from modeling_uniperceiver_moe.command_line import parse_script_arguments
 
 
 # --------------------------------------------------------------------------------------------- the metric
-def interference_matrix(gradients: list[torch.Tensor]) -> torch.Tensor:
+def interference_matrix(gradients: list[torch.Tensor], reduce: str = "mean_of_ratios") -> torch.Tensor:
     """`I` `[T, T]` from per-sample gradients of T tasks (task t: `[n_t, P]`, one row per sample; every task
-    at least 2 samples). Rows index the task whose loss changes (i), columns the task stepped along (j)."""
+    at least 2 samples). Rows index the task whose loss changes (i), columns the task stepped along (j).
+    reduce: "mean_of_ratios" (the paper's: the mean over x_i of D_j(x_i) / D_i(x_i)) or "ratio_of_means"
+    (mean D_j / mean D_i: steadier where a sample's own decrease D_i(x_i) is near 0)."""
+    if reduce not in ("mean_of_ratios", "ratio_of_means"):
+        raise ValueError(f"reduce must be mean_of_ratios or ratio_of_means, got {reduce!r}")
     if any(g.dim() != 2 or g.shape[0] < 2 for g in gradients):
         raise ValueError("each task needs a [samples >= 2, parameters] gradient matrix")
     gradients = [g.double() for g in gradients]
@@ -58,7 +64,8 @@ def interference_matrix(gradients: list[torch.Tensor]) -> torch.Tensor:
             else:
                 decrease.append(dots.mean(1))
         for j in range(len(gradients)):
-            matrix[i, j] = (decrease[j] / decrease[i]).mean()
+            matrix[i, j] = ((decrease[j] / decrease[i]).mean() if reduce == "mean_of_ratios"
+                            else decrease[j].mean() / decrease[i].mean())
     return matrix
 
 
@@ -146,27 +153,31 @@ def load_task_samples(args: InterferenceArguments, model, task_names: list[str])
     return ctx, tasks, rows
 
 
-def plot(matrix: torch.Tensor, names: list[str], path: str, title: str) -> None:
+def plot(matrices: dict[str, torch.Tensor], names: list[str], path: str, title: str) -> None:
+    """One heat map per reduction, side by side, each value written in its cell."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    size = 1.2 + 0.9 * len(names)
-    figure, axes = plt.subplots(figsize=(size + 1.5, size))
-    limit = max(1.0, float(matrix.abs().max()))
-    image = axes.imshow(matrix.numpy(), cmap="RdBu", vmin=-limit, vmax=limit)
-    axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    axes.set_yticks(range(len(names)), names)
-    axes.set_xlabel("task j (the step's direction)")
-    axes.set_ylabel("task i (the loss that changes)")
-    for i in range(len(names)):
-        for j in range(len(names)):
-            axes.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8)
-    figure.colorbar(image, ax=axes, label="I[i, j]")
-    axes.set_title(title)
+    size = 1.5 + 0.8 * len(names)
+    figure, panels = plt.subplots(1, len(matrices), figsize=(2 * size + 2, size + 1), squeeze=False)
+    for axes, (reduce, matrix) in zip(panels[0], matrices.items()):
+        # colours saturate at +-2 (the numbers in the cells do not): a few ratios with a small denominator
+        # would otherwise wash out the rest
+        image = axes.imshow(matrix.numpy(), cmap="RdBu", vmin=-2.0, vmax=2.0)
+        axes.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        axes.set_yticks(range(len(names)), names, fontsize=8)
+        axes.set_xlabel("task j (the step's direction)")
+        axes.set_ylabel("task i (the loss that changes)")
+        for i in range(len(names)):
+            for j in range(len(names)):
+                axes.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7)
+        figure.colorbar(image, ax=axes, label="I[i, j]", shrink=0.8, extend="both")
+        axes.set_title(f"{reduce.replace('_', ' ')}", fontsize=10)
+    figure.suptitle(f"interference, {title}")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
@@ -217,16 +228,22 @@ def main(argv=None) -> dict:
                                  f"first {args.samples} of its {args.split} split; at least 2 are needed")
             for name in weights:
                 gradients[name].append(per_weight[name])
-    per_layer = {name: interference_matrix(values) for name, values in gradients.items()}
-    matrix = torch.stack(list(per_layer.values())).mean(0)
+    def listed(matrix: torch.Tensor) -> list[list[float]]:
+        return [[round(float(value), 4) for value in row] for row in matrix]
+
     result = {"model": args.model, "tasks": names, "samples": counts, "split": args.split, "layers": layers,
               "weights": list(weights), "routing": model.config.moe_routing,
-              "matrix": [[round(float(v), 4) for v in row] for row in matrix],
-              "per_layer": {name: [[round(float(v), 4) for v in row] for row in m] for name, m in per_layer.items()}}
+              "expert_stacks": [name for name, weight in weights.items() if weight.dim() == 3]}
+    matrices = {}
+    for reduce, key in (("mean_of_ratios", "matrix"), ("ratio_of_means", "matrix_ratio_of_means")):
+        per_layer = {name: interference_matrix(values, reduce) for name, values in gradients.items()}
+        matrices[reduce] = torch.stack(list(per_layer.values())).mean(0)
+        result[key] = listed(matrices[reduce])
+        result[f"per_layer_{reduce}"] = {name: listed(m) for name, m in per_layer.items()}
     with open(os.path.join(args.out, "interference.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=1)
-    plot(matrix, names, os.path.join(args.out, "interference.png"),
-         f"interference, {model.config.moe_routing} routing, layers {layers}")
+    plot(matrices, names, os.path.join(args.out, "interference.png"),
+         f"{model.config.moe_routing} routing, fc2 of layers {layers}")
     print(f"wrote {os.path.join(args.out, 'interference.json')} and interference.png")
     return result
 
