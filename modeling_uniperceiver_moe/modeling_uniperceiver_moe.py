@@ -129,11 +129,19 @@ class CandidateShard:
     vocabulary), as the reference splits its shared targets across GPUs: the C candidates, padded to
     `world_size * ceil(C / world_size)` by repeating the first, are cut into equal contiguous slices; process
     `rank` encodes slice `rank`, and `gather` (`[n, d]` here -> `[world_size * n, d]`, the slices in rank
-    order, differentiable: each slice gets the gradient of every process's loss) puts the features together."""
+    order, differentiable: each slice gets the gradient of every process's loss) puts the features together.
+
+    When the processes run different tasks in a step (the reference's per-process task draws), `sets` holds
+    the candidate inputs (`target_*` rows) of every shared set any process scores in this step, in the same
+    order on every process, and `own` the index of this process's set (None when it scores none, e.g.
+    retrieval): each process encodes its slice of every set and one gather serves them all
+    (`UniPerceiverMoEForGenericPerception.encode_candidate_sets`)."""
 
     rank: int
     world_size: int
     gather: Callable[[torch.Tensor], torch.Tensor]
+    sets: tuple[dict, ...] = ()
+    own: int | None = None
 
     def take(self, rows: torch.Tensor | None, count: int) -> torch.Tensor | None:
         """This process's slice of `rows` (`[C, ...]` with C = `count`; None stays None): `ceil(C / world_size)`
@@ -1601,6 +1609,29 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         features = self.candidate_head(out.pooler_output)
         return (features, out.aux_loss, out) if return_outputs else (features, out.aux_loss)
 
+    def encode_candidate_sets(self, shard: CandidateShard) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Every set of `shard.sets` encoded across the processes: this process encodes its slice of each, the
+        slices are gathered at once (one collective, so every process makes the same calls in the same order
+        whatever its own task), and each set's features `[C_k, d]` are put back together in rank order.
+        Returns them and the router aux loss of this process's slices."""
+        slices, sizes, aux = [], [], None
+        for rows in shard.sets:
+            count = len(rows["target_input_ids"] if rows.get("target_input_ids") is not None
+                        else rows["target_pixel_values"])
+            part = {key: shard.take(rows.get(f"target_{key}"), count)
+                    for key in ("input_ids", "pixel_values", "attention_mask", "attribute_vectors", "task_ids")}
+            features, set_aux = self.encode_targets(**part)
+            slices.append(features)
+            sizes.append((count, features.shape[0]))
+            if set_aux is not None:
+                aux = set_aux if aux is None else aux + set_aux
+        gathered = shard.gather(torch.cat(slices)).reshape(shard.world_size, -1, slices[0].shape[-1])
+        out, start = [], 0
+        for count, size in sizes:  # [world, size, d] of each set -> [world * size, d] -> the C_k candidates
+            out.append(gathered[:, start:start + size].reshape(-1, gathered.shape[-1])[:count])
+            start += size
+        return out, aux
+
     @staticmethod
     def gather_queries(out: UniPerceiverMoEModelOutput, query_positions: torch.Tensor | None, caption_mode: bool,
                        num_words: int, check: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -1650,7 +1681,9 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
             (MLM, captioning): the task family's word bias of those tokens is added to the logits
             (`config.word_logit_bias`; ignored without it).
         candidate_shard: encode only this process's slice of the `target_*` candidates and gather every
-            process's features (`CandidateShard`; every process must pass the same candidate set).
+            process's features (`CandidateShard`; every process must pass the same candidate set), or, with
+            `sets`, this process's slice of every set and score against set `own` (the `target_*` inputs are
+            then not encoded; with `own=None` they are, and the sets only take part for the other processes).
         labels: `[B]` or `[B, Q]` candidate indices (-100 = ignore).
         symmetric_loss: add the target->input direction (retrieval with in-batch candidates, labels = arange).
         With data-independent routing and candidates to encode, the experts are merged once for both
@@ -1661,6 +1694,14 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
             output_attentions, output_hidden_states, output_router_logits, return_dict)
         merged_inputs = merged_targets = None
         num_candidates = None
+        shared_aux = keep_alive = None
+        if candidate_shard is not None and candidate_shard.sets and target_features is None:
+            set_features, shared_aux = self.encode_candidate_sets(candidate_shard)
+            if candidate_shard.own is not None:
+                target_features = set_features[candidate_shard.own]
+            else:  # this process scores none of the sets, but its slices must still get their gradient
+                keep_alive = sum(features.sum() for features in set_features) * 0.0
+            candidate_shard = None
         candidates = target_input_ids if target_input_ids is not None else target_pixel_values
         if candidate_shard is not None and target_features is None and candidates is not None:
             num_candidates = len(candidates)
@@ -1682,6 +1723,9 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         input_projections = self.input_head.project(queries)
         input_features = F.normalize(input_projections, dim=-1)
         aux_loss = out.aux_loss
+        for extra in (shared_aux, keep_alive):
+            if extra is not None:
+                aux_loss = extra if aux_loss is None else aux_loss + extra
         target_out = None
         if target_features is None:
             if target_input_ids is None and target_pixel_values is None:

@@ -985,32 +985,59 @@ def test_two_processes_give_the_losses_of_one(tiny_cache, tmp_path):
     assert all(math.isfinite(loss) for loss in step_losses(mixed).values())
 
 
-def test_candidates_split_across_processes_train_like_whole_ones(tiny_cache, tmp_path):
-    """`data.partition_candidates`: each of two processes encodes half of the step's class names or words
-    and the features are gathered with their gradient: the losses are those of two processes encoding every
-    candidate. Without `task_sampling: shared` the setting is refused before any work starts."""
+@pytest.mark.parametrize("sampling", ["shared", "per_process"])
+def test_candidates_split_across_processes_train_like_whole_ones(sampling, tiny_cache, tmp_path):
+    """`data.partition_candidates`: each of two processes encodes its half of the step's class names or
+    words (under per-process task draws, of every set either process scores, also when its own task is
+    retrieval) and the features are gathered with their gradient: process 0 logs the losses of two
+    processes that each encode all of their own candidates."""
     from modeling_uniperceiver_moe.modeling_uniperceiver_moe import CandidateShard
 
     slices = [CandidateShard(rank, 3, None).take(torch.arange(7), 7).tolist() for rank in range(3)]
     assert slices == [[0, 1, 2], [3, 4, 5], [6, 0, 0]]
-    losses = {}
+    losses, steps = {}, 6
     for partition in (False, True):
         out = str(tmp_path / f"partition{partition}")
-        config = run_config(tiny_cache, out, max_steps=4, save_every=0)
+        config = run_config(tiny_cache, out, max_steps=steps, save_every=0)
         config["optim"]["eps"] = 1e-6  # as in test_two_processes_give_the_losses_of_one
-        config["data"].update(task_sampling="shared", partition_candidates=partition)
+        config["data"].update(task_sampling=sampling, partition_candidates=partition)
         result = launch(config, str(tmp_path / f"{partition}.yaml"), processes=2)
         assert result.returncode == 0, result.stderr[-3000:]
         losses[partition] = step_losses(out)
-    assert sorted(losses[True]) == [1, 2, 3, 4]
-    assert set(step_tasks(str(tmp_path / "partitionTrue")).values()) & {"austen_mlm", "wordnet_lexname_classification",
-                                                                        "fashion_mnist_classification", "emoji_captioning"}
+    assert sorted(losses[True]) == list(range(1, steps + 1))
+    tasks = step_tasks(str(tmp_path / "partitionTrue"))
+    assert set(tasks.values()) & {"austen_mlm", "wordnet_lexname_classification", "fashion_mnist_classification",
+                                  "emoji_captioning"}
+    if sampling == "per_process":  # in some step one process scored no set (retrieval) and the other one did
+        from training.tasks import SHARED_CANDIDATE_FAMILIES
+
+        names = sorted(TEST_TASKS)  # the config's tasks as the run reads them (the YAML file sorts its keys)
+        draws = MultiTaskLoader([TaskEntry(get_task(name), 1.0, 8, None) for name in names], None, seed=3,
+                                world_size=2, task_sampling="per_process")
+        assert [draws.task_for_step(micro, 0) for micro in range(steps)] == [tasks[step] for step in range(1, steps + 1)]
+        scores_a_set = [[get_task(draws.task_for_step(micro, rank)).family in SHARED_CANDIDATE_FAMILIES
+                         for rank in (0, 1)] for micro in range(steps)]
+        assert [True, False] in scores_a_set or [False, True] in scores_a_set
     for step, loss in losses[False].items():
         assert losses[True][step] == pytest.approx(loss, rel=1e-4), step
-    config = run_config(tiny_cache, str(tmp_path / "refused"))
-    config["data"]["partition_candidates"] = True
-    with pytest.raises(ConfigError, match="partition_candidates needs data.task_sampling: shared"):
-        parse_config(config)
+
+
+def test_a_task_s_candidate_inputs_are_those_its_batches_carry(tiny_cache, context):
+    """`tasks.candidate_inputs` (what a process encodes for another process's task under per-process draws
+    with split candidates) gives the `target_*` inputs of the task's own batches."""
+    from training.tasks import SHARED_CANDIDATE_FAMILIES, candidate_inputs
+
+    ctx, manifest = context
+    for name in ("fashion_mnist_classification", "austen_mlm", "emoji_captioning", "wordnet_lexname_classification",
+                 "video_clip_classification", "glue_rte"):
+        task = get_task(name)
+        assert task.family in SHARED_CANDIDATE_FAMILIES
+        batch = build_batch(task, rows_of(tiny_cache, manifest, name), ctx, epoch=0)
+        expected = {key: value for key, value in batch.inputs.items() if key.startswith("target_")}
+        got = candidate_inputs(task, ctx)
+        assert sorted(got) == sorted(expected), name
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), (name, key)
 
 
 PER_PROCESS_STEP = """

@@ -50,7 +50,8 @@ class DataConfig:
     workers: int = 0  # threads decoding/resizing images inside a batch (0 = none; GPUs want ~8)
     partition_candidates: bool = False  # several processes: each encodes its slice of the step's shared candidates
     # (class names, the vocabulary) and the features are gathered, as the reference splits its shared targets
-    # across GPUs (model CandidateShard); needs task_sampling: shared
+    # across GPUs (model CandidateShard); under task_sampling: per_process every process encodes its slice of
+    # every set some process scores in the step
     task_sampling: str = "per_process"  # per_process (the reference: each process draws its own task per step,
     # losses are per-process means, retrieval scores within the process) | shared (one task per step everywhere,
     # losses normalised over the global batch, retrieval against every process's pairs). Equal with one process.
@@ -252,9 +253,6 @@ def parse_config(raw: dict) -> PretrainConfig:
         config.tasks[name] = _section(f"tasks.{name}", TaskConfig, values)
     if not 0.0 < config.data.mask_probability < 1.0:
         raise ConfigError(f"data.mask_probability must be in (0, 1), got {config.data.mask_probability}")
-    if config.data.partition_candidates and config.data.task_sampling != "shared":
-        raise ConfigError("data.partition_candidates needs data.task_sampling: shared (every process must score "
-                          "the same candidates in a step)")
     return config
 
 

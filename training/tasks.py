@@ -662,6 +662,19 @@ FAMILY_BUILDERS: dict[str, Callable[..., TaskBatch]] = {
     "retrieval": build_retrieval,
 }
 TOKEN_LEVEL_FAMILIES = ("mlm", "captioning", "text_classification")
+def candidate_inputs(task: Task, ctx: TaskContext) -> dict[str, torch.Tensor]:
+    """The `target_*` model inputs of a task whose candidates are the same for every batch
+    (`SHARED_CANDIDATE_FAMILIES`): its class names or label words, or the vocabulary words, with their
+    attribute rows and task ids, as its batches carry them."""
+    if task.family in ("mlm", "captioning"):
+        targets = {key: value for key, value in ctx.word_targets().items() if key.startswith("target_")}
+    else:
+        targets = dict(ctx.label_targets(task))
+    count = len(targets["target_input_ids"])
+    return {**targets, "target_attribute_vectors": attribute_rows(task.target_attributes, count),
+            "target_task_ids": torch.full((count,), task.task_id, dtype=torch.long)}
+
+
 SHARED_CANDIDATE_FAMILIES = ("image_classification", "video_classification", "text_classification", "mlm",
                              "captioning")  # candidates the same for every batch of a task (not retrieval's pairs)
 AUGMENTED_FAMILIES = ("image_classification", "video_classification")  # `augment_frames` in training

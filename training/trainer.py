@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
@@ -33,7 +34,8 @@ from .checkpoints import (CHECKPOINT_PREFIX, TRAINER_STATE, CheckpointError, con
 from .config import COMPILE_SHAPES, ConfigError, PretrainConfig
 from .data import EmptyDatasetError, MultiTaskLoader, StreamSpec, TaskEntry, TaskStream, read_rows, start_prefetcher
 from .evaluation import answer_counts, evaluate_all, trivial_baseline
-from .tasks import SHARED_CANDIDATE_FAMILIES, TaskContext, gather_rows, get_task, task_label_names, task_loss
+from .tasks import (SHARED_CANDIDATE_FAMILIES, TaskContext, candidate_inputs, gather_rows, get_task, task_label_names,
+                    task_loss)
 
 logger = logging.getLogger(__name__)
 BASELINE_TRAIN_ROWS = 1000  # training rows whose most frequent answer is the trivial baseline
@@ -288,7 +290,7 @@ class Pretrainer:
         self.scheduler = cosine_with_warmup(optimizer, config.train.warmup_steps, config.train.max_steps,
                                             config.train.min_lr_ratio)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.candidate_shard = None
+        self.candidate_shard, self._candidate_sets = None, {}
         if config.data.partition_candidates and acc.num_processes > 1:
             self.candidate_shard = CandidateShard(acc.process_index, acc.num_processes, gather_rows)
         self.step = 0  # optimizer steps done
@@ -471,7 +473,7 @@ class Pretrainer:
             torch.compiler.cudagraph_mark_step_begin()  # a new training step for CUDA graphs (reduce-overhead)
         with acc.accumulate(self.model):
             with region("trainer/forward"):
-                shard = self.candidate_shard if batch.task.family in SHARED_CANDIDATE_FAMILIES else None
+                shard = self.step_candidate_shard(step_index, batch.task)
                 output = self.model(**batch.inputs, task_family=batch.task.family, candidate_shard=shard)
                 loss = task_loss(batch, output, self.model_config.label_smoothing_for(batch.task.family),
                                  across_processes=shared)
@@ -490,6 +492,31 @@ class Pretrainer:
             logged = acc.reduce(loss.detach(), "mean") if shared else loss.detach()
         return {"task": batch.task.name, "loss": logged, "tokens": step_tokens(batch, output),
                 "synced": synced, "grad_norm": grad_norm, "skipped": skipped}
+
+    def step_candidate_shard(self, step_index: int, task) -> CandidateShard | None:
+        """`data.partition_candidates`: under `task_sampling: shared` the run's shard for a task with shared
+        candidates (every process scores the same set); under `per_process` a shard holding the sets of
+        every process's task at this micro-step (`CandidateShard.sets`, known to every process without
+        communication: the draws are a function of the seed, the step and the rank), also for a process
+        whose own task has none. None when nothing is split."""
+        if self.candidate_shard is None:
+            return None
+        if self.config.data.task_sampling == "shared":
+            return self.candidate_shard if task.family in SHARED_CANDIDATE_FAMILIES else None
+        drawn = {self.loader.task_for_step(step_index, rank) for rank in range(self.accelerator.num_processes)}
+        names = sorted(name for name in drawn if self.tasks[name].family in SHARED_CANDIDATE_FAMILIES)
+        if not names:
+            return None
+        sets = tuple(self.candidate_set(name) for name in names)
+        return replace(self.candidate_shard, sets=sets, own=names.index(task.name) if task.name in names else None)
+
+    def candidate_set(self, name: str) -> dict[str, torch.Tensor]:
+        """A task's candidate inputs on the device (`tasks.candidate_inputs`), built once."""
+        if name not in self._candidate_sets:
+            device = self.accelerator.device
+            self._candidate_sets[name] = {key: value.to(device)
+                                          for key, value in candidate_inputs(self.tasks[name], self.ctx).items()}
+        return self._candidate_sets[name]
 
     def apply_update(self, grad_norm: torch.Tensor) -> torch.Tensor | bool:
         """The optimizer step after clipping, unless the gradient norm (the same on every process after the
