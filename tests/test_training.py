@@ -520,6 +520,32 @@ def test_reference_recipe_puts_experts_in_the_reference_layers():
     assert (reference.drop_path_rate, reference.drop_path_schedule) == (0.1, "fixed")  # DROP_PATH_PROB_FIXED
     assert reference.bos_token_id is None and reference.text_distance_bias == "none"  # the reference's texts
     assert not reference.word_logit_bias
+    assert run.data.candidate_vocabulary == "full" and run.data.partition_candidates  # all 49,411 words, split
+
+
+def test_the_full_vocabulary_makes_every_token_a_candidate_word(tiny_cache, tmp_path):
+    """`data.candidate_vocabulary: full` (the reference's MLM and caption targets): the candidates are every
+    token id in order, so every hidden word is scored and is its own candidate index; training runs."""
+    out = str(tmp_path / "run")
+    config = run_config(tiny_cache, out, max_steps=1, save_every=0)
+    config["model"]["max_position_embeddings"] = 40
+    config["data"].update(candidate_vocabulary="full", vocabulary_size=10**6)  # the size is then unused
+    config["tasks"] = {"austen_mlm": {"batch_size": 2}}
+    config["data"]["eval_samples"] = 2
+    from training.trainer import Pretrainer
+
+    trainer = Pretrainer(parse_config(config))
+    assert torch.equal(trainer.ctx.vocabulary, torch.arange(trainer.model_config.vocab_size))
+    batch = build_batch(get_task("austen_mlm"), rows_of(tiny_cache, trainer.manifest, "austen_mlm", count=2),
+                        trainer.ctx, epoch=0)
+    hidden = batch.labels != -100
+    assert hidden.any() and len(batch.inputs["target_input_ids"]) == 49411
+    chosen = batch.inputs["query_positions"][hidden]
+    rows = hidden.nonzero()[:, 0]
+    originals = trainer.ctx.tokenize([row["text"] for row in rows_of(tiny_cache, trainer.manifest, "austen_mlm", 2)])
+    assert torch.equal(batch.labels[hidden], originals["input_ids"][rows, chosen])  # label = the token id itself
+    trainer.train()
+    assert json.load(open(os.path.join(out, "report.json")))["tasks"][0]["evaluated"] > 0
 
 
 # --------------------------------------------------------------------------------------------- config

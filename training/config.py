@@ -39,6 +39,9 @@ class DataConfig:
     mlm_corruption: str = "reference"  # reference: the chosen words become <|spe|>, in training 80% of the time
     # (10% random tokens, 10% unchanged), as the reference | mask_token: always [MASK]
     vocabulary_size: int = 1024  # MLM/caption candidates: the most frequent BPE tokens of the slice
+    candidate_vocabulary: str = "frequent"  # frequent (the slice's vocabulary_size most frequent tokens) | full
+    # (every token of the model's vocabulary, 49,411, as the reference's MLM and caption targets; split them
+    # across processes with partition_candidates)
     word_prior: bool = True  # start the model's word bias (model.word_logit_bias) of the MLM and captioning
     # families at the log-frequencies of their answers in the first training rows (trainer.start_word_bias)
     eval_samples: int = 128  # per task, from the test split
@@ -130,6 +133,7 @@ CHOICES = {
     ("data", "task_sampling"): TASK_SAMPLINGS,
     ("data", "prefetch_worker"): PREFETCH_WORKERS,
     ("data", "text_padding"): TEXT_PADDINGS,
+    ("data", "candidate_vocabulary"): ("frequent", "full"),
     ("data", "mlm_corruption"): MLM_CORRUPTIONS,
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
     ("train", "on_non_finite"): ("stop", "skip"),

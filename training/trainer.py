@@ -310,14 +310,21 @@ class Pretrainer:
                                augment=config.data.augment, rank=acc.process_index,
                                task_sampling=config.data.task_sampling)
 
-    def _task_context(self) -> TaskContext:
-        label_names = {name: task_label_names(task, self.manifest["sources"]) for name, task in self.tasks.items()}
-        label_names = {name: names for name, names in label_names.items() if names}
+    def candidate_vocabulary(self) -> torch.Tensor:
+        """`[K]` token ids of the MLM and caption candidates: the slice's `data.vocabulary_size` most frequent
+        tokens, or with `data.candidate_vocabulary: full` every token of the model's vocabulary in id order."""
+        if self.config.data.candidate_vocabulary == "full":
+            return torch.arange(self.model_config.vocab_size, dtype=torch.long)
         available = len(self.manifest["vocabulary"])
         if self.config.data.vocabulary_size > available:
             raise ConfigError(f"data.vocabulary_size={self.config.data.vocabulary_size}, but the data slice "
                               f"{self.data_dir} has a vocabulary of {available} tokens: set it <= {available}")
-        vocabulary = torch.tensor(self.manifest["vocabulary"][: self.config.data.vocabulary_size], dtype=torch.long)
+        return torch.tensor(self.manifest["vocabulary"][: self.config.data.vocabulary_size], dtype=torch.long)
+
+    def _task_context(self) -> TaskContext:
+        label_names = {name: task_label_names(task, self.manifest["sources"]) for name, task in self.tasks.items()}
+        label_names = {name: names for name, names in label_names.items() if names}
+        vocabulary = self.candidate_vocabulary()
         return TaskContext(self.processor.tokenizer, self.processor.image_processor, self.model_config,
                            label_names=label_names, vocabulary=vocabulary,
                            max_text_length=self.config.data.max_text_length, seed=self.config.seed,
