@@ -3,7 +3,11 @@ plain baselines trained beside it.
 
     python -m benchmarks.sweep_summary SWEEP_DIR [SWEEP_DIR ...] [--json OUT.json --command "..."]
 
-Prints one block per run (what sweep_gpu.sh shows at the end of a call); `--json` also writes
+Prints one block per run (what sweep_gpu.sh shows at the end of a call), then, for runs named
+`<variant>_s<seed>`, one table of every task's last held-out value per variant: the mean over its seeds
+with the spread (min-max) and the seed count, the median steps/s, and, where the run holds
+`interference/interference.json` (sweep_gpu.sh's INTERFERENCE_TASKS), the mean off-diagonal interference
+(the paper's mean of ratios, and the ratio of means). `--json` also writes
 `{"command", "runs": [{"run", "held_out": {task: {step: value}}, "distinct_answers": {task: {step: n}},
 "trivial_baseline": {task: value}, "median_steps_per_second", "gradient_norms": {task: {"steps", "min",
 "median"}}, "plain"}]}` for docs/logs. The trivial baselines (majority class, most frequent word, chance
@@ -18,6 +22,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -67,9 +72,74 @@ def summarise_run(run_dir: str) -> dict:
         with open(report_path) as handle:
             trivial = {row["task"]: round(row["trivial_baseline"], 4) for row in json.load(handle)["tasks"]
                        if row.get("trivial_baseline") is not None}
+    interference = {}
+    interference_path = os.path.join(run_dir, "interference", "interference.json")
+    if os.path.exists(interference_path):
+        with open(interference_path) as handle:
+            written = json.load(handle)
+        interference = {"tasks": written["tasks"], "off_diagonal_mean_of_ratios": off_diagonal_mean(written["matrix"]),
+                        "off_diagonal_ratio_of_means": off_diagonal_mean(written["matrix_ratio_of_means"])}
     return {"run": os.path.basename(run_dir), "held_out": held_out, "distinct_answers": distinct,
             "trivial_baseline": trivial, "median_steps_per_second": round(speeds[len(speeds) // 2], 2) if speeds else None,
-            "gradient_norms": gradient_norms_by_task(rows), "plain": plain}
+            "gradient_norms": gradient_norms_by_task(rows), "plain": plain, "interference": interference}
+
+
+def off_diagonal_mean(matrix: list[list[float]]) -> float:
+    values = [value for i, row in enumerate(matrix) for j, value in enumerate(row) if i != j]
+    return round(sum(values) / len(values), 4)
+
+
+SEED_SUFFIX = re.compile(r"_s(\d+)$")
+
+
+def by_variant(runs: list[dict]) -> dict[str, dict]:
+    """Runs named `<variant>_s<seed>` grouped by variant: per held-out series (`task/metric`) the last
+    value of each seed, their mean and min-max; the seeds; the median steps/s over the seeds' medians; the
+    mean off-diagonal interference where measured. Runs without a seed suffix are left out."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        match = SEED_SUFFIX.search(run["run"])
+        if match:
+            groups.setdefault(run["run"][:match.start()], []).append(run)
+    table = {}
+    for variant, members in sorted(groups.items()):
+        series = sorted({key for run in members for key in run["held_out"]})
+        values = {key: [run["held_out"][key][max(run["held_out"][key])] for run in members if run["held_out"].get(key)]
+                  for key in series}
+        speeds = sorted(run["median_steps_per_second"] for run in members if run["median_steps_per_second"])
+        interference = [run["interference"] for run in members if run.get("interference")]
+        table[variant] = {
+            "seeds": sorted(int(SEED_SUFFIX.search(run["run"]).group(1)) for run in members),
+            "held_out": {key: {"values": v, "mean": round(sum(v) / len(v), 4), "min": min(v), "max": max(v)}
+                         for key, v in values.items() if v},
+            "median_steps_per_second": speeds[len(speeds) // 2] if speeds else None,
+            "interference": {key: round(sum(i[key] for i in interference) / len(interference), 4)
+                             for key in ("off_diagonal_mean_of_ratios", "off_diagonal_ratio_of_means")}
+            if interference else {}}
+    return table
+
+
+def format_variants(table: dict[str, dict]) -> str:
+    """A markdown table: one row per held-out series, one column per variant ("mean (min-max, n)")."""
+    variants = list(table)
+    series = sorted({key for entry in table.values() for key in entry["held_out"]})
+    lines = ["| held-out, last evaluation | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for key in series:
+        cells = []
+        for variant in variants:
+            entry = table[variant]["held_out"].get(key)
+            cells.append("-" if entry is None else
+                         f"{entry['mean']:.3f} ({entry['min']:.3f}-{entry['max']:.3f}, {len(entry['values'])})")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    lines.append("| median steps/s | " + " | ".join(
+        "-" if table[v]["median_steps_per_second"] is None else f"{table[v]['median_steps_per_second']:.2f}"
+        for v in variants) + " |")
+    for key, label in (("off_diagonal_mean_of_ratios", "interference off the diagonal (mean of ratios)"),
+                       ("off_diagonal_ratio_of_means", "interference off the diagonal (ratio of means)")):
+        if any(table[v]["interference"] for v in variants):
+            lines.append(f"| {label} | " + " | ".join(
+                f"{table[v]['interference'][key]:.3f}" if table[v]["interference"] else "-" for v in variants) + " |")
+    return "\n".join(lines)
 
 
 def find_runs(folders: list[str]) -> list[str]:
@@ -110,9 +180,12 @@ def main(argv=None) -> list[dict]:
         comparison = os.path.join(path, "baselines", "comparison.md")
         if os.path.exists(comparison):
             print(open(comparison).read())
+    variants = by_variant(runs)
+    if variants:
+        print(format_variants(variants))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"command": args.command, "runs": runs}, handle, indent=1)
+            json.dump({"command": args.command, "runs": runs, "variants": variants}, handle, indent=1)
     return runs
 
 
