@@ -1699,7 +1699,8 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
             set_features, shared_aux = self.encode_candidate_sets(candidate_shard)
             if candidate_shard.own is not None:
                 target_features = set_features[candidate_shard.own]
-            else:  # this process scores none of the sets, but its slices must still get their gradient
+            else:  # this process scores none of the sets: a zero term keeps the gather in its backward pass,
+                # whose all-reduce (the other processes' gradients for its slices) every process must join
                 keep_alive = sum(features.sum() for features in set_features) * 0.0
             candidate_shard = None
         candidates = target_input_ids if target_input_ids is not None else target_pixel_values

@@ -278,7 +278,8 @@ class Pretrainer:
             model.checkpoint_activations()
         if config.train.compile:
             # one graph per (batch shape, train/eval) of each task, times the two layer kinds when compiled per
-            # layer: a nine-task mixture needs over a hundred. Past the limit dynamo silently runs eager.
+            # layer: more than dynamo's default of 64 for gpu_b.yaml's nine tasks (reached during a Ti warm-up,
+            # docs/benchmarks.md). Past the limit dynamo silently runs new shapes eagerly.
             for limit in ("recompile_limit", "accumulated_recompile_limit"):
                 setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), COMPILED_GRAPH_LIMIT))
             model.compile_encoder(per_layer=config.train.compile_per_layer, mode=config.train.compile_mode,
