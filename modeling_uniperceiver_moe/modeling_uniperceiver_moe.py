@@ -1609,13 +1609,14 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         features = self.candidate_head(out.pooler_output)
         return (features, out.aux_loss, out) if return_outputs else (features, out.aux_loss)
 
-    def encode_candidate_sets(self, shard: CandidateShard) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Every set of `shard.sets` encoded across the processes: this process encodes its slice of each, the
-        slices are gathered at once (one collective, so every process makes the same calls in the same order
-        whatever its own task), and each set's features `[C_k, d]` are put back together in rank order.
-        Returns them and the router aux loss of this process's slices."""
+    def encode_candidate_sets(self, shard: CandidateShard, sets: tuple[dict, ...]
+                              ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Every candidate set of `sets` (`target_*` inputs) encoded across the processes: this process encodes
+        its slice of each, the slices are gathered at once (one collective, so every process makes the same
+        calls in the same order whatever its own task), and each set's features `[C_k, d]` are put back
+        together in rank order. Returns them and the router aux loss of this process's slices."""
         slices, sizes, aux = [], [], None
-        for rows in shard.sets:
+        for rows in sets:
             count = len(rows["target_input_ids"] if rows.get("target_input_ids") is not None
                         else rows["target_pixel_values"])
             part = {key: shard.take(rows.get(f"target_{key}"), count)
@@ -1680,10 +1681,10 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         candidate_token_ids: `[C]` the vocabulary token each candidate is, when the candidates are single words
             (MLM, captioning): the task family's word bias of those tokens is added to the logits
             (`config.word_logit_bias`; ignored without it).
-        candidate_shard: encode only this process's slice of the `target_*` candidates and gather every
-            process's features (`CandidateShard`; every process must pass the same candidate set), or, with
-            `sets`, this process's slice of every set and score against set `own` (the `target_*` inputs are
-            then not encoded; with `own=None` they are, and the sets only take part for the other processes).
+        candidate_shard: encode only this process's slice of the candidates and gather every process's
+            features (`CandidateShard`): of the `target_*` inputs (every process must pass the same set), or,
+            with `sets`, of every set, scoring against set `own` (with `own=None` the `target_*` inputs are
+            encoded whole, and the sets only take part for the other processes).
         labels: `[B]` or `[B, Q]` candidate indices (-100 = ignore).
         symmetric_loss: add the target->input direction (retrieval with in-batch candidates, labels = arange).
         With data-independent routing and candidates to encode, the experts are merged once for both
@@ -1693,23 +1694,21 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
         output_attentions, output_hidden_states, output_router_logits, return_dict = self.config_flags(
             output_attentions, output_hidden_states, output_router_logits, return_dict)
         merged_inputs = merged_targets = None
-        num_candidates = None
         shared_aux = keep_alive = None
-        if candidate_shard is not None and candidate_shard.sets and target_features is None:
-            set_features, shared_aux = self.encode_candidate_sets(candidate_shard)
-            if candidate_shard.own is not None:
-                target_features = set_features[candidate_shard.own]
+        has_candidates = target_input_ids is not None or target_pixel_values is not None
+        if candidate_shard is not None and target_features is None and (candidate_shard.sets or has_candidates):
+            sets, own = candidate_shard.sets, candidate_shard.own
+            if not sets:  # one set, the same on every process: this call's candidates
+                sets, own = ({"target_input_ids": target_input_ids, "target_pixel_values": target_pixel_values,
+                              "target_attention_mask": target_attention_mask,
+                              "target_attribute_vectors": target_attribute_vectors,
+                              "target_task_ids": target_task_ids},), 0
+            set_features, shared_aux = self.encode_candidate_sets(candidate_shard, sets)
+            if own is not None:
+                target_features = set_features[own]
             else:  # this process scores none of the sets: a zero term keeps the gather in its backward pass,
                 # whose all-reduce (the other processes' gradients for its slices) every process must join
                 keep_alive = sum(features.sum() for features in set_features) * 0.0
-            candidate_shard = None
-        candidates = target_input_ids if target_input_ids is not None else target_pixel_values
-        if candidate_shard is not None and target_features is None and candidates is not None:
-            num_candidates = len(candidates)
-            target_input_ids, target_pixel_values, target_attention_mask, target_attribute_vectors, target_task_ids = (
-                candidate_shard.take(rows, num_candidates) for rows in (
-                    target_input_ids, target_pixel_values, target_attention_mask, target_attribute_vectors,
-                    target_task_ids))
         if target_features is None and (target_input_ids is not None or target_pixel_values is not None):
             merged_inputs, merged_targets = self.uniperceiver.merge_for_step(
                 attribute_vectors, task_ids, target_attribute_vectors, target_task_ids)
@@ -1737,8 +1736,6 @@ class UniPerceiverMoEForGenericPerception(UniPerceiverMoEPreTrainedModel):
             )
             if target_aux is not None:
                 aux_loss = target_aux if aux_loss is None else aux_loss + target_aux
-            if num_candidates is not None:  # every process's slice, in rank order, without the padding
-                target_features = candidate_shard.gather(target_features)[:num_candidates]
         if target_features.shape[-1] != input_features.shape[-1]:
             raise ValueError(f"target_features width {target_features.shape[-1]} != hidden_size {input_features.shape[-1]}")
         logit_scale = self.logit_scales(task_family)

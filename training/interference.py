@@ -186,7 +186,7 @@ def main(argv=None) -> dict:
 
     from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
 
-    from .tasks import UnknownTask, build_batch
+    from .tasks import UnknownTask, build_batch, get_task
 
     args = parse_script_arguments(InterferenceArguments, argv, prog="python -m training.interference",
                                   description=__doc__)
@@ -196,8 +196,6 @@ def main(argv=None) -> dict:
     if args.samples < 2:
         raise SystemExit("error: --samples must be >= 2 (a task's own direction leaves the sample itself out)")
     try:
-        from .tasks import get_task
-
         for name in names:
             get_task(name)
     except UnknownTask as error:
