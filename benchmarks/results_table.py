@@ -56,15 +56,16 @@ def single_task_row() -> tuple[str, str]:
 
 
 def multitask_row() -> tuple[str, str]:
-    runs = {run["run"]: run for run in load("learning/word_bias_gpu_b_h200.json")["runs"]}
+    ti_runs = {run["run"]: run for run in load("learning/mlm_share_gpu_ti_h200.json")["runs"]}
+    b_runs = {run["run"]: run for run in load("learning/mlm_share_gpu_b_h200.json")["runs"]}
     # the plain baselines of the same shapes (trained on their own task only, so independent of the task mix)
     plain_runs = {run["run"]: run for run in load("learning/multitask_gpu_current_h200.json")["runs"]}
 
     def final(run: dict) -> dict:
         return {key.split("/")[0]: curve[max(curve, key=int)] for key, curve in run["held_out"].items()}
 
-    def mean_final(names: list[str]) -> dict:
-        finals = [final(runs[name]) for name in names]
+    def mean_final(runs: list[dict]) -> dict:
+        finals = [final(run) for run in runs]
         return {task: sum(f[task] for f in finals) / len(finals) for task in finals[0]}
 
     def describe(values: dict) -> str:
@@ -74,14 +75,16 @@ def multitask_row() -> tuple[str, str]:
         curve = run["plain"]["fashion_mnist_classification"]["curve"]
         return int(max(curve, key=int)), curve[max(curve, key=int)]
 
-    ti_seeds = sorted(name for name in runs if name.startswith("tiwb_s"))
-    b_seeds = sorted(name for name in runs if name.startswith("bwb_s"))
+    ti_seeds = [ti_runs[name] for name in sorted(ti_runs) if name.startswith("ticonfig_s")]
+    b_seeds = [b_runs[name] for name in ("bmlmw2b256_s0", "bconfig_s1")]
     (steps, plain_ti), (_, plain_b) = plain_vit(plain_runs["plain+ti_lr2e-4"]), plain_vit(plain_runs["plain+b"])
-    return ("multi-task `gpu_b.yaml` (nine tasks), 1 x H200, 2,000 steps",
+    last_steps = sorted({max(int(step) for step in run["held_out"]["austen_mlm/token_accuracy"])
+                         for run in ti_seeds + b_seeds})
+    return (f"multi-task `gpu_b.yaml` (nine tasks), 1 x H200, {last_steps[0]:,}-{last_steps[-1]:,} steps",
             f"Ti (lr 2e-4), mean of {len(ti_seeds)} seeds: {describe(mean_final(ti_seeds))}. B, mean of "
             f"{len(b_seeds)} seeds: {describe(mean_final(b_seeds))}; a plain ViT of each shape given "
-            f"Fashion-MNIST's {steps} steps: Ti {plain_ti:.3f}, B {plain_b:.3f} (docs/results.md has the trivial "
-            f"baselines)")
+            f"Fashion-MNIST's {steps} steps of a 2,000-step run: Ti {plain_ti:.3f}, B {plain_b:.3f} "
+            f"(docs/results.md has the trivial baselines)")
 
 
 def prompt_tuning_row() -> tuple[str, str]:

@@ -13,7 +13,8 @@ saved alone), `linear_probe` (a linear classifier on frozen SPE features; classi
 `full` (every parameter). Schedules default to the reference's per task family (AdamW (0.9, 0.95), no
 weight decay, grad-norm clip 0.1, cosine with warmup). Evaluation uses our offline `evaluate` modules:
 accuracy; retrieval R@1/5/10 both ways; captioning BLEU-4 and CIDEr-D on beam-search captions. The
-held-out metrics are measured before ("zero-shot") and after tuning and written to `results.json`.
+held-out metrics are measured before ("zero-shot") and after tuning and written to `results.json` with the
+training time (`train_seconds`, the Trainer's own `train_runtime`).
 """
 
 from __future__ import annotations
@@ -289,7 +290,7 @@ def main(argv=None) -> dict:
         dataloader_num_workers=0, use_cpu=device.type == "cpu", disable_tqdm=False,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=Rows(train_rows), data_collator=Collator(task, ctx))
-    trainer.train()
+    results["train_seconds"] = round(trainer.train().metrics["train_runtime"], 1)
     results["after"] = downstream_metrics(model, task, eval_rows, ctx, device, args.beam_size)
     results["train_loss"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 

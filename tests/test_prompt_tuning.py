@@ -325,7 +325,8 @@ def test_script_runs_end_to_end_on_the_tiny_real_data(task, method, metric, tiny
                                  "--data_cache", tiny_cache, "--slice", "tiny", "--max_steps", "3", "--eval_samples", "16",
                                  "--output_dir", out, "--vocabulary_size", "64"])
     assert metric in results["after"] and 0.0 <= results["after"][metric] <= (10.0 if metric == "cider" else 1.0)
-    assert json.load(open(os.path.join(out, "results.json")))["train_samples"] == results["train_samples"]
+    written = json.load(open(os.path.join(out, "results.json")))
+    assert written["train_samples"] == results["train_samples"] and written["train_seconds"] > 0
     if method == "prompt":
         adapter = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
         assert sum(t.numel() for t in adapter.values()) == results["trainable_parameters"]

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The main job's logs in docs/logs/learning/, regenerated on this machine (CPU, about 45 min on 2 cores):
+# the main job timed by the shell, its plain baselines given the steps each task got, then prompt tuning of
+# the resulting model on 1% of three tasks (the README's two commands, and Fashion-MNIST scored on 1,000 rows)
+# beside a linear probe, a gated adapter and shorter schedules. docs/results.md sections 6 and 7 and the
+# README results table read these files.
+#   bash benchmarks/main_job_logs.sh            # SKIP_PRETRAIN=1 reuses a finished outputs/pretrain-tiny
+set -euo pipefail
+LOGS=docs/logs/learning
+RUN=outputs/pretrain-tiny
+TUNED=outputs/prompt-tuning
+if [ -z "${SKIP_PRETRAIN:-}" ]; then
+  [ -e "$RUN" ] && { echo "$RUN exists: move it away (the main job would resume from it)" >&2; exit 2; }
+  start=$(date +%s)
+  python -m training.pretrain
+  echo "main job: $(( $(date +%s) - start )) s wall" | tee $LOGS/main_job_cpu_time.txt
+fi
+[ -e "$RUN/final/config.json" ] || { echo "$RUN/final is missing: run the main job first" >&2; exit 2; }
+python -m training.baselines --skip-model
+cp $RUN/report.json $LOGS/main_job_cpu_report.json
+cp $RUN/report.md $LOGS/main_job_cpu_report.md
+cp $RUN/loss_curves.png $LOGS/main_job_cpu_loss_curves.png
+cp $RUN/baselines/baselines.json $LOGS/main_job_cpu_baselines.json
+cp $RUN/baselines/comparison.md $LOGS/main_job_cpu_comparison.md
+cp $RUN/baselines/comparison.png $LOGS/main_job_cpu_comparison.png
+tune() {  # log name, then the prompt-tuning arguments
+  local name=$1; shift
+  python -m prompt_tuning.run_prompt_tuning --model $RUN/final --data_fraction 0.01 \
+    --output_dir $TUNED/$name "$@"
+  cp $TUNED/$name/results.json $LOGS/prompt_tuning_$name.json
+}
+tune emoji_captioning-prompt --task emoji_captioning
+tune emoji_group_classification-prompt --task emoji_group_classification
+tune emoji_group_classification-linear_probe --task emoji_group_classification --method linear_probe
+tune fashion_mnist_classification-prompt-eval1000 --task fashion_mnist_classification --eval_samples 1000
+tune fashion_mnist_classification-linear_probe-eval1000 --task fashion_mnist_classification \
+  --method linear_probe --eval_samples 1000
+# the adapter that starts as the frozen model, and shorter schedules on the task the model pre-trained on
+tune fashion_mnist_classification-prompt_gate-eval1000 --task fashion_mnist_classification --eval_samples 1000 \
+  --prompt_gate
+tune emoji_group_classification-prompt_gate --task emoji_group_classification --prompt_gate
+for steps in 1 250 750; do
+  tune fashion_mnist_classification-prompt-eval1000-steps$steps --task fashion_mnist_classification \
+    --eval_samples 1000 --max_steps $steps
+done
