@@ -8,7 +8,8 @@ Prints one block per run (what sweep_gpu.sh shows at the end of a call), then, f
 with the spread (min-max) and the seed count, the median steps/s, and, where the run holds
 `interference/interference.json` (sweep_gpu.sh's INTERFERENCE_TASKS), the mean off-diagonal interference
 (the paper's mean of ratios, and the ratio of means). `--json` also writes
-`{"command", "runs": [{"run", "held_out": {task: {step: value}}, "distinct_answers": {task: {step: n}},
+`{"command", "runs": [{"run", "held_out": {task: {step: value}}, "other_metrics": {"task/metric": {step: value}},
+"distinct_answers": {task: {step: n}},
 "trivial_baseline": {task: value}, "median_steps_per_second", "gradient_norms": {task: {"steps", "min",
 "median"}}, "plain"}]}` for docs/logs. The trivial baselines (majority class, most frequent word, chance
 recall) come from the run's report.json, so a run that did not finish has none; they move with the seed,
@@ -29,6 +30,9 @@ from typing import Optional
 from modeling_uniperceiver_moe.command_line import parse_script_arguments
 
 HEADLINE = ("accuracy", "token_accuracy", "i2t_R@1")
+# the other held-out metrics a variant table shows: retrieval the other way, MLM and captioning perplexity over
+# the candidate words, generated captions (train.eval_caption_beam, final evaluation only)
+OTHER_METRICS = ("t2i_R@1", "perplexity", "bleu4", "cider")
 
 
 def gradient_norms_by_task(rows: list[dict]) -> dict[str, dict]:
@@ -44,19 +48,23 @@ def gradient_norms_by_task(rows: list[dict]) -> dict[str, dict]:
 
 
 def summarise_run(run_dir: str) -> dict:
-    """One run's `{"run", "held_out", "distinct_answers", "trivial_baseline", "median_steps_per_second",
-    "gradient_norms", "plain"}` from its metrics.jsonl, its report.json (when the run finished) and (when its
+    """One run's `{"run", "held_out", "other_metrics", "distinct_answers", "trivial_baseline",
+    "median_steps_per_second", "gradient_norms", "plain", "interference"}` (`held_out`: each task's headline
+    metric, `other_metrics`: those of `OTHER_METRICS` it reports, both `{"task/metric": {step: value}}`) from its metrics.jsonl, its report.json (when the run finished) and (when its
     plain baselines were trained beside it) baselines/baselines.json."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     speeds = sorted(r["steps_per_second"] for r in rows if "steps_per_second" in r)
     held_out: dict[str, dict[int, float]] = {}
+    other: dict[str, dict[int, float]] = {}
     distinct: dict[str, dict[int, int]] = {}
     for row in rows:
         for key, value in row.items():
             parts = key.split("/")
             if len(parts) == 3 and parts[0] == "eval" and parts[2] in HEADLINE:
                 held_out.setdefault(f"{parts[1]}/{parts[2]}", {})[row["step"]] = round(value, 4)
+            elif len(parts) == 3 and parts[0] == "eval" and parts[2] in OTHER_METRICS:
+                other.setdefault(f"{parts[1]}/{parts[2]}", {})[row["step"]] = round(value, 4)
             elif len(parts) == 3 and parts[0] == "eval" and parts[2] == "distinct_predictions":
                 distinct.setdefault(parts[1], {})[row["step"]] = int(value)
     plain_path = os.path.join(run_dir, "baselines", "baselines.json")
@@ -79,7 +87,7 @@ def summarise_run(run_dir: str) -> dict:
             written = json.load(handle)
         interference = {"tasks": written["tasks"], "off_diagonal_mean_of_ratios": off_diagonal_mean(written["matrix"]),
                         "off_diagonal_ratio_of_means": off_diagonal_mean(written["matrix_ratio_of_means"])}
-    return {"run": os.path.basename(run_dir), "held_out": held_out, "distinct_answers": distinct,
+    return {"run": os.path.basename(run_dir), "held_out": held_out, "other_metrics": other, "distinct_answers": distinct,
             "trivial_baseline": trivial, "median_steps_per_second": round(speeds[len(speeds) // 2], 2) if speeds else None,
             "gradient_norms": gradient_norms_by_task(rows), "plain": plain, "interference": interference}
 
@@ -93,7 +101,8 @@ SEED_SUFFIX = re.compile(r"_s(\d+)$")
 
 
 def by_variant(runs: list[dict]) -> dict[str, dict]:
-    """Runs named `<variant>_s<seed>` grouped by variant: per held-out series (`task/metric`) the last
+    """Runs named `<variant>_s<seed>` grouped by variant: per held-out series (`task/metric`, headline and
+    other metrics) the last
     value of each seed, their mean and min-max; the seeds; the median steps/s over the seeds' medians; the
     mean off-diagonal interference where measured. Runs without a seed suffix are left out."""
     groups: dict[str, list[dict]] = {}
@@ -103,9 +112,9 @@ def by_variant(runs: list[dict]) -> dict[str, dict]:
             groups.setdefault(run["run"][:match.start()], []).append(run)
     table = {}
     for variant, members in sorted(groups.items()):
-        series = sorted({key for run in members for key in run["held_out"]})
-        values = {key: [run["held_out"][key][max(run["held_out"][key])] for run in members if run["held_out"].get(key)]
-                  for key in series}
+        curves = [{**run.get("other_metrics", {}), **run["held_out"]} for run in members]
+        series = sorted({key for run in curves for key in run})
+        values = {key: [run[key][max(run[key])] for run in curves if run.get(key)] for key in series}
         speeds = sorted(run["median_steps_per_second"] for run in members if run["median_steps_per_second"])
         interference = [run["interference"] for run in members if run.get("interference")]
         table[variant] = {

@@ -147,10 +147,8 @@ def downstream_metrics(model, task, rows: list[dict], ctx, device, beam_size: in
     """Held-out metrics through the offline `evaluate` modules. The model runs through pre-training's
     evaluation loops (`training.evaluation`: candidate logits, retrieval similarities); captioning generates
     with beam search and is scored by BLEU-4 and CIDEr-D."""
-    from training.evaluation import candidate_answers, retrieval_scores
-    from training.tasks import build_batch
+    from training.evaluation import caption_generation_scores, candidate_answers, retrieval_scores
 
-    from .generation import generate_captions
     from .metrics import load_metric
 
     model.eval()
@@ -164,16 +162,7 @@ def downstream_metrics(model, task, rows: list[dict], ctx, device, beam_size: in
         return load_metric("retrieval_recall").compute(predictions=scores.cpu().tolist(),
                                                        references=list(range(scores.shape[0])))
     if task.family == "captioning":
-        predictions, references = [], []
-        for chunk in (rows[i:i + batch_size] for i in range(0, len(rows), batch_size)):
-            built = build_batch(task, chunk, ctx, epoch=0)
-            ids = generate_captions(model, built.inputs["pixel_values"].to(device), ctx.vocabulary,
-                                    task_id=task.task_id, beam_size=beam_size)
-            predictions += [ctx.tokenizer.decode(i, skip_special_tokens=True).strip() or "<empty>" for i in ids]
-            references += [[row[task.text_column]] for row in chunk]
-        bleu = load_metric("bleu").compute(predictions=predictions, references=references)
-        cider = load_metric("cider").compute(predictions=predictions, references=references)
-        return {"bleu4": bleu["bleu"], "cider": cider["cider"], "examples": list(zip(predictions[:5], references[:5]))}
+        return caption_generation_scores(model, task, rows, ctx, device, beam_size, batch_size)
     raise ValueError(f"no downstream evaluation for family {task.family!r}")
 
 
@@ -290,7 +279,7 @@ def main(argv=None) -> dict:
         dataloader_num_workers=0, use_cpu=device.type == "cpu", disable_tqdm=False,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=Rows(train_rows), data_collator=Collator(task, ctx))
-    results["train_seconds"] = round(trainer.train().metrics["train_runtime"], 1)
+    results["train_seconds"] = trainer.train().metrics["train_runtime"]
     results["after"] = downstream_metrics(model, task, eval_rows, ctx, device, args.beam_size)
     results["train_loss"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 

@@ -135,6 +135,34 @@ def test_sweep_summary_groups_seeds_of_a_variant_with_their_spread_and_interfere
     assert "| interference off the diagonal (mean of ratios) | 0.125 | - |" in printed
 
 
+def test_sweep_summary_keeps_the_other_metrics_beside_the_headline(tmp_path, capsys):
+    """Retrieval's t2i recall, perplexity and generated-caption scores are their own series: they reach the
+    variant table, and a run's `held_out` (one headline curve per task, what the docs' tables read) stays as
+    it was."""
+    from benchmarks.sweep_summary import main as summary_main
+
+    run = tmp_path / "sweep" / "dense_s0"
+    run.mkdir(parents=True)
+    rows = [{"step": 5, "eval/kjv_mlm/token_accuracy": 0.25, "eval/kjv_mlm/perplexity": 40.0,
+             "eval/emoji_retrieval/i2t_R@1": 0.125, "eval/emoji_retrieval/t2i_R@1": 0.0625},
+            {"step": 10, "eval/kjv_mlm/token_accuracy": 0.5, "eval/kjv_mlm/perplexity": 20.0,
+             "eval/emoji_captioning/token_accuracy": 0.375, "eval/emoji_captioning/bleu4": 1.5,
+             "eval/emoji_captioning/cider": 0.25, "eval/emoji_captioning/loss": 3.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "summary.json"
+    summary_main([str(tmp_path / "sweep"), "--json", str(out)])
+    written = json.loads(out.read_text())
+    (summary,) = written["runs"]
+    assert sorted(summary["held_out"]) == ["emoji_captioning/token_accuracy", "emoji_retrieval/i2t_R@1",
+                                           "kjv_mlm/token_accuracy"]
+    assert summary["other_metrics"] == {"kjv_mlm/perplexity": {"5": 40.0, "10": 20.0},
+                                        "emoji_retrieval/t2i_R@1": {"5": 0.0625},
+                                        "emoji_captioning/bleu4": {"10": 1.5}, "emoji_captioning/cider": {"10": 0.25}}
+    dense = written["variants"]["dense"]["held_out"]
+    assert dense["kjv_mlm/perplexity"]["mean"] == 20.0 and dense["emoji_captioning/bleu4"]["mean"] == 1.5
+    assert "| emoji_retrieval/t2i_R@1 | 0.062 (0.062-0.062, 1) |" in capsys.readouterr().out
+
+
 def test_optimizer_benchmark_times_fused_against_foreach_on_the_main_job_model(capsys):
     from benchmarks.bench_optimizer import main as bench_optimizer
 

@@ -1262,3 +1262,56 @@ def test_a_glue_task_trains_from_rows_laid_out_as_the_hub_s_and_needs_a_source(t
     refused = launch(config, str(tmp_path / "c.yaml"))
     assert refused.returncode == 2 and "tasks.glue_rte.source" in refused.stderr, refused.stderr[-3000:]
     assert not os.path.exists(tmp_path / "no_source" / "checkpoints")
+
+
+def test_the_final_evaluation_scores_generated_captions_and_reports_perplexity(tiny_cache, tmp_path):
+    """`train.eval_caption_beam`: the final evaluation (only) adds BLEU-4 and CIDEr-D of beam-search captions
+    for each captioning task; MLM and captioning report the perplexity over their candidate words, exp(loss).
+    A task at sampling weight 0 is never trained and still evaluated (a zero-shot reading)."""
+    out = str(tmp_path / "run")
+    config = run_config(tiny_cache, out, max_steps=2, save_every=0, eval_every=1, eval_caption_beam=2)
+    config["tasks"] = {name: {"batch_size": 8} for name in ("austen_mlm", "emoji_captioning",
+                                                               "fashion_mnist_classification")}
+    config["tasks"]["fashion_mnist_classification"]["weight"] = 0.0  # held out: evaluated, never trained
+    done = launch(config, str(tmp_path / "c.yaml"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fashion_mnist_classification" not in step_tasks(out).values()
+    evaluations = [row for row in map(json.loads, open(os.path.join(out, "metrics.jsonl")))
+                   if any(key.startswith("eval/") for key in row)]
+    assert [row["step"] for row in evaluations] == [1, 2]
+    first, final = evaluations
+    assert "eval/emoji_captioning/bleu4" not in first
+    assert 0.0 <= final["eval/emoji_captioning/bleu4"] <= 100.0 and final["eval/emoji_captioning/cider"] >= 0.0
+    for task in ("austen_mlm", "emoji_captioning"):
+        assert final[f"eval/{task}/perplexity"] == pytest.approx(math.exp(final[f"eval/{task}/loss"]), rel=1e-9)
+    assert "eval/fashion_mnist_classification/perplexity" not in final
+    assert "eval/fashion_mnist_classification/bleu4" not in final
+
+    # `python -m training.evaluate` on the saved model, with the run's rows, candidates and seed, is the
+    # trainer's final evaluation
+    from training.evaluate import main as evaluate_main
+
+    written = evaluate_main(["--model", os.path.join(out, "final"), "--tasks", ",".join(config["tasks"]),
+                             "--data_cache", tiny_cache, "--slice", "tiny", "--vocabulary_size", "256",
+                             "--samples", "16", "--seed", "3", "--caption_beam", "2", "--out", str(tmp_path / "eval")])
+    assert json.load(open(tmp_path / "eval" / "evaluation.json"))["tasks"].keys() == written["tasks"].keys()
+    report = {row["task"]: row for row in json.load(open(os.path.join(out, "report.json")))["tasks"]}
+    for task, metrics in written["tasks"].items():
+        for key in ("accuracy", "token_accuracy", "loss", "perplexity", "evaluated", "distinct_predictions",
+                    "bleu4", "cider"):
+            if f"eval/{task}/{key}" in final:
+                assert metrics[key] == pytest.approx(final[f"eval/{task}/{key}"], rel=1e-6, abs=1e-9), (task, key)
+        assert metrics["trivial_baseline"] == pytest.approx(report[task]["trivial_baseline"], abs=1e-9)
+
+
+def test_the_evaluate_command_names_bad_input_before_loading_anything(tmp_path):
+    from training.evaluate import main as evaluate_main
+
+    common = ["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]
+    for argv, message in ((["--tasks", "austen_mlm,imagenet"], "unknown task 'imagenet'"),
+                          (["--tasks", "austen_mlm,austen_mlm"], "different tasks"),
+                          (["--tasks", "austen_mlm", "--samples", "0"], "--samples must be >= 1"),
+                          (["--tasks", "austen_mlm"], "cannot load the model")):
+        with pytest.raises(SystemExit, match=message):
+            evaluate_main(common + argv)
+    assert not os.path.exists(tmp_path / "out")

@@ -81,6 +81,8 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     log_every: int = 10
     eval_every: int = 200
+    eval_caption_beam: int = 0  # > 0: the final evaluation also generates every captioning task's captions with
+    # beam search of this width and scores BLEU-4 and CIDEr-D (slower than the teacher-forced metrics)
     save_every: int = 200
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (latest checkpoint of output_dir) | none | a checkpoint path

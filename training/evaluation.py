@@ -1,16 +1,22 @@
 """Per-task evaluation on held-out rows (one process, no gradients, deterministic).
 
 Metrics: classification accuracy (image, video, text); masked-token accuracy (MLM) and teacher-forced
-next-word accuracy (captioning) over the candidate vocabulary; retrieval recall@1/5 in both directions
-over the evaluated pool. Every task also reports its mean candidate cross-entropy (no label smoothing).
+next-word accuracy (captioning) over the candidate vocabulary, with the perplexity over that vocabulary;
+retrieval recall@1/5 in both directions over the evaluated pool. Every task also reports its mean candidate
+cross-entropy (no label smoothing). `caption_generation_scores` generates captions with beam search and
+scores them with BLEU-4 and CIDEr-D.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.nn import functional as F
 
 from .tasks import Task, TaskContext, build_batch
+
+BASELINE_TRAIN_ROWS = 1000  # training rows whose most frequent answer is the trivial baseline
 
 
 def _chunks(rows: list[dict], size: int):
@@ -95,8 +101,11 @@ def evaluate_task(model, task: Task, rows: list[dict], ctx: TaskContext, device,
                 total += len(labels)
                 loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             key = "accuracy" if "classification" in task.family else "token_accuracy"
-            return {key: correct / max(total, 1), "loss": loss_sum / max(total, 1), "evaluated": total,
-                    "distinct_predictions": len(predicted)}
+            metrics = {key: correct / max(total, 1), "loss": loss_sum / max(total, 1), "evaluated": total,
+                       "distinct_predictions": len(predicted)}
+            if task.family in ("mlm", "captioning"):
+                metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))  # over the candidate words
+            return metrics
     finally:
         model.train(was_training)
 
@@ -110,6 +119,40 @@ def _evaluate_retrieval(model, task, rows, ctx, device, batch_size) -> dict:
     metrics["distinct_predictions"] = len(set(similarity.argmax(1).tolist()))  # distinct top-1 texts (i2t)
     metrics["loss"] = float(F.cross_entropy(similarity * model.logit_scales(task.family).float(), truth))
     return metrics
+
+
+@torch.no_grad()
+def caption_generation_scores(model, task: Task, rows: list[dict], ctx: TaskContext, device, beam_size: int = 2,
+                              batch_size: int = 32) -> dict:
+    """Captions generated with beam search (`beam_size` beams, over `ctx.vocabulary`) for the images of
+    `rows` (raw rows of a captioning task's test split), scored against each row's caption with BLEU-4 and
+    CIDEr-D (the offline `evaluate` modules). A vocabulary without the end token gets it as one more
+    candidate, so that a caption can end. Returns `{"bleu4", "cider", "examples"}`, the examples being the
+    first five `(generated, [reference])` pairs."""
+    from prompt_tuning.generation import generate_captions, generic_model
+    from prompt_tuning.metrics import load_metric
+
+    if task.family != "captioning":
+        raise ValueError(f"task {task.name!r} is {task.family!r}, not captioning: it generates no captions")
+    vocabulary = ctx.vocabulary
+    eos = generic_model(model).config.eos_token_id
+    if not bool((vocabulary == eos).any()):
+        vocabulary = torch.cat([vocabulary, torch.tensor([eos], dtype=vocabulary.dtype)])
+    was_training = model.training
+    model.eval()
+    predictions, references = [], []
+    try:
+        for part in _chunks(rows, batch_size):
+            batch = build_batch(task, part, ctx, epoch=0)
+            ids = generate_captions(model, batch.inputs["pixel_values"].to(device), vocabulary,
+                                    task_id=task.task_id, beam_size=beam_size)
+            predictions += [ctx.tokenizer.decode(i, skip_special_tokens=True).strip() or "<empty>" for i in ids]
+            references += [[row[task.text_column]] for row in part]
+    finally:
+        model.train(was_training)
+    bleu = load_metric("bleu").compute(predictions=predictions, references=references)
+    cider = load_metric("cider").compute(predictions=predictions, references=references)
+    return {"bleu4": bleu["bleu"], "cider": cider["cider"], "examples": list(zip(predictions[:5], references[:5]))}
 
 
 def evaluate_all(model, tasks: dict[str, Task], eval_rows: dict[str, list[dict]], ctx: TaskContext, device,
@@ -155,3 +198,52 @@ def headline(task: Task, metrics: dict) -> tuple[str, float]:
         return "i2t_R@1", metrics["i2t_R@1"]
     key = "accuracy" if "accuracy" in metrics else "token_accuracy"
     return key, metrics[key]
+
+
+def task_context(model_dir: str, model_config, task_names: list[str], slice_name: str, data_cache: str,
+                 vocabulary_size: int, seed: int = 0):
+    """What evaluating a saved model on registered tasks needs outside the trainer: a `TaskContext` (the
+    model folder's processor, each task's label names, the slice's `vocabulary_size` most frequent tokens as
+    MLM and caption candidates, `seed` drawing the words MLM rows hide), the tasks, and `read(task, split,
+    count)` giving the first `count` rows of a task's split. Builds the data slice when missing."""
+    import json
+    import os
+
+    from modeling_uniperceiver_moe.processing_uniperceiver_moe import checkpoint_processor
+
+    from .build_data import MANIFEST, build_slice
+    from .data import read_split
+    from .tasks import get_task, task_label_names
+
+    tasks = [get_task(name) for name in task_names]
+    data_dir = build_slice(slice_name, data_cache, sorted({task.source for task in tasks}), progress=True)
+    with open(os.path.join(data_dir, MANIFEST), encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    processor = checkpoint_processor(model_dir, model_config.image_size, model_config.bos_token_id is not None)
+    labels = {task.name: task_label_names(task, manifest["sources"]) for task in tasks}
+    ctx = TaskContext(processor.tokenizer, processor.image_processor, model_config,
+                      label_names={name: names for name, names in labels.items() if names},
+                      vocabulary=torch.tensor(manifest["vocabulary"][:vocabulary_size]), seed=seed)
+
+    def read(task: Task, split: str, count: int) -> list[dict]:
+        return read_split(data_dir, manifest, task.source, split, count)
+
+    return ctx, tasks, read
+
+
+def model_for_tasks(model_dir: str, task_names: list[str]):
+    """The commands' common start: every name in `task_names` must be a registered task, then the model of
+    `model_dir` is loaded. Either failure exits naming it (`SystemExit`), before anything is written."""
+    from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
+
+    from .tasks import UnknownTask, get_task
+
+    try:
+        for name in task_names:
+            get_task(name)
+    except UnknownTask as error:
+        raise SystemExit(f"error: {error.args[0]}") from None
+    try:
+        return UniPerceiverMoEForGenericPerception.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: cannot load the model from {model_dir!r}: {error}") from None

@@ -133,24 +133,12 @@ class InterferenceArguments:
 
 
 def load_task_samples(args: InterferenceArguments, model, task_names: list[str]):
-    """A `TaskContext` for the model and each task's first `args.samples` rows."""
-    from modeling_uniperceiver_moe.processing_uniperceiver_moe import checkpoint_processor
+    """A `TaskContext` for the model and each task's first `args.samples` rows of `args.split`."""
+    from .evaluation import task_context
 
-    from .build_data import MANIFEST, build_slice
-    from .data import read_split
-    from .tasks import TaskContext, get_task, task_label_names
-
-    tasks = [get_task(name) for name in task_names]
-    data_dir = build_slice(args.slice, args.data_cache, sorted({task.source for task in tasks}), progress=True)
-    with open(os.path.join(data_dir, MANIFEST), encoding="utf-8") as handle:
-        manifest = json.load(handle)
-    processor = checkpoint_processor(args.model, model.config.image_size, model.config.bos_token_id is not None)
-    labels = {task.name: task_label_names(task, manifest["sources"]) for task in tasks}
-    ctx = TaskContext(processor.tokenizer, processor.image_processor, model.config,
-                      label_names={name: names for name, names in labels.items() if names},
-                      vocabulary=torch.tensor(manifest["vocabulary"][: args.vocabulary_size]))
-    rows = {task.name: read_split(data_dir, manifest, task.source, args.split, args.samples) for task in tasks}
-    return ctx, tasks, rows
+    ctx, tasks, read = task_context(args.model, model.config, task_names, args.slice, args.data_cache,
+                                    args.vocabulary_size)
+    return ctx, tasks, {task.name: read(task, args.split, args.samples) for task in tasks}
 
 
 def plot(matrices: dict[str, torch.Tensor], names: list[str], path: str, title: str) -> None:
@@ -184,9 +172,8 @@ def plot(matrices: dict[str, torch.Tensor], names: list[str], path: str, title: 
 def main(argv=None) -> dict:
     from tqdm.auto import tqdm
 
-    from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
-
-    from .tasks import UnknownTask, build_batch, get_task
+    from .evaluation import model_for_tasks
+    from .tasks import build_batch
 
     args = parse_script_arguments(InterferenceArguments, argv, prog="python -m training.interference",
                                   description=__doc__)
@@ -195,15 +182,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: --tasks needs at least two different tasks, got {names}")
     if args.samples < 2:
         raise SystemExit("error: --samples must be >= 2 (a task's own direction leaves the sample itself out)")
-    try:
-        for name in names:
-            get_task(name)
-    except UnknownTask as error:
-        raise SystemExit(f"error: {error.args[0]}") from None
-    try:
-        model = UniPerceiverMoEForGenericPerception.from_pretrained(args.model)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"error: cannot load the model from {args.model!r}: {error}") from None
+    model = model_for_tasks(args.model, names)
     try:
         layers = (default_layers(model.config.num_hidden_layers) if args.layers is None
                   else [int(layer) for layer in args.layers.split(",")])

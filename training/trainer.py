@@ -33,12 +33,11 @@ from .checkpoints import (CHECKPOINT_PREFIX, TRAINER_STATE, CheckpointError, con
                           write_checksums)
 from .config import COMPILE_SHAPES, ConfigError, PretrainConfig
 from .data import EmptyDatasetError, MultiTaskLoader, StreamSpec, TaskEntry, TaskStream, read_rows, start_prefetcher
-from .evaluation import answer_counts, evaluate_all, trivial_baseline
+from .evaluation import BASELINE_TRAIN_ROWS, answer_counts, caption_generation_scores, evaluate_all, trivial_baseline
 from .tasks import (SHARED_CANDIDATE_FAMILIES, TaskContext, candidate_inputs, gather_rows, get_task, task_label_names,
                     task_loss)
 
 logger = logging.getLogger(__name__)
-BASELINE_TRAIN_ROWS = 1000  # training rows whose most frequent answer is the trivial baseline
 MAX_SKIPPED_IN_A_ROW = 10  # train.on_non_finite=skip (and fp16) stops after this many non-finite steps in a row
 NO_DECAY_KEYWORDS = ("norm", "bias", "embedding", "gate", "router", "scale", "log_scale")
 
@@ -557,14 +556,24 @@ class Pretrainer:
     def skips_non_finite(self) -> bool:
         return self.config.train.on_non_finite == "skip" or self.config.train.mixed_precision == "fp16"
 
-    def evaluate(self) -> dict:
+    def evaluate(self, final: bool = False) -> dict:
+        """`{task: metrics}` on the held-out rows (main process; the others wait). The final evaluation also
+        scores generated captions when `train.eval_caption_beam` is set."""
         acc = self.accelerator
         results = {}
         if acc.is_main_process:
             if not hasattr(self, "baselines"):
                 self.baselines = self.trivial_baselines()
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.train.mixed_precision)
-            results = evaluate_all(acc.unwrap_model(self.model), self.tasks, self.eval_rows(), self.ctx, acc.device, dtype)
+            model = acc.unwrap_model(self.model)
+            results = evaluate_all(model, self.tasks, self.eval_rows(), self.ctx, acc.device, dtype)
+            beam = self.config.train.eval_caption_beam
+            for name, task in self.tasks.items():
+                if final and beam and task.family == "captioning" and name in results:
+                    with torch.autocast(device_type=acc.device.type, dtype=dtype, enabled=dtype is not None):
+                        scores = caption_generation_scores(model, task, self.eval_rows()[name], self.ctx,
+                                                           acc.device, beam_size=beam)
+                    results[name].update(bleu4=scores["bleu4"], cider=scores["cider"])
         acc.wait_for_everyone()
         return results
 
@@ -655,7 +664,7 @@ class Pretrainer:
                 f"saved. Last checkpoint: {last}; run the same command again to continue from it") from None
         progress.close()
         self.prefetcher.close()
-        final_eval = self.evaluate()
+        final_eval = self.evaluate(final=True)
         self.log_eval(final_eval)
         if not stopped_early and (not cfg.save_every or self.step % cfg.save_every):
             self.save_checkpoint()
