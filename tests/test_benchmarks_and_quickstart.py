@@ -212,3 +212,47 @@ def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batc
         assert row["gpu_busy_share"] is None  # no GPU here
         assert row["compile"] == "eager" and row["graphs_compiled_while_measured"] == 0 and row["warmup_seconds"] > 0
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == rows
+
+
+def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
+    """`benchmarks/routing_ablation.sh` (DRY_RUN=1 prints each part's runs): parts 1-6 are every routing
+    over seeds 0-2, parts 7-9 train each gpu_b.yaml task alone once, with every other task at weight 0; all
+    runs share the same schedule and learning rate; a part outside 1-9 is refused."""
+    import os
+    import subprocess
+
+    import yaml
+
+    from modeling_uniperceiver_moe.configuration_uniperceiver_moe import MOE_ROUTINGS
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tasks = list(yaml.safe_load(open(os.path.join(repo, "training/configs/gpu_b.yaml")))["tasks"])
+
+    def part(number: int) -> list[tuple[str, list[str]]]:
+        done = subprocess.run(["bash", "benchmarks/routing_ablation.sh"], cwd=repo, capture_output=True, text=True,
+                              env=dict(os.environ, PART=str(number), DRY_RUN="1"))
+        assert done.returncode == 0, done.stderr
+        return [(line.split("|")[0], line.split("|")[1].split()) for line in done.stdout.splitlines()]
+
+    routed, single = set(), []
+    for number in range(1, 10):
+        for name, args in part(number):
+            assert set(args[::2]) == {"--set"}, name
+            settings = set(args[1::2])
+            assert {"model.model_size=ti", "optim.lr=2.0e-4", "train.max_steps=2000",
+                    "train.eval_caption_beam=2"} <= settings, name
+            if number <= 6:
+                routing = next(s.split("=")[1] for s in settings if s.startswith("model.moe_routing="))
+                seed = next(s.split("=")[1] for s in settings if s.startswith("seed="))
+                assert name == f"{routing}_s{seed}"
+                routed.add((routing, seed))
+            else:
+                held_out = {s.split(".")[1] for s in settings if s.startswith("tasks.") and s.endswith(".weight=0")}
+                (trained,) = set(tasks) - held_out
+                assert name == f"single-{trained}_s0" and len(held_out) == len(tasks) - 1
+                single.append(trained)
+    assert routed == {(routing, seed) for routing in MOE_ROUTINGS for seed in "012"}
+    assert sorted(single) == sorted(tasks)
+    refused = subprocess.run(["bash", "benchmarks/routing_ablation.sh"], cwd=repo, capture_output=True, text=True,
+                             env=dict(os.environ, PART="10", DRY_RUN="1"))
+    assert refused.returncode == 2 and "PART must be 1-9" in refused.stderr

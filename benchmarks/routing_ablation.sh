@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The routing ablation of docs/training.md ("Task interference") on one GPU machine, in parts that each fit
+# one device call: three Ti runs of gpu_b.yaml's nine tasks side by side (benchmarks/sweep_gpu.sh), the same
+# data, steps, batches and learning rate for every run; each finished model's interference matrix measured on
+# the device; the final evaluation with beam-search captions (BLEU-4, CIDEr-D).
+#   PART=1 bash benchmarks/routing_ablation.sh     # carry .whl and data_cache/small
+# Parts 1-6: routing none (dense), attribute, token, context, modality, task, seeds 0-2 each (runs named
+# <routing>_s<seed>). Parts 7-9: the single-task references, attribute routing, seed 0: each trains one task
+# for all the steps (every other task at sampling weight 0, still evaluated), three tasks per part (runs
+# named single-<task>_s0). STEPS (default 2000) sets the schedule; DRY_RUN=1 prints the run specs instead.
+# Then: python -m benchmarks.sweep_summary <the unpacked sweep.tar.gz of every part> --json <log>.
+set -euo pipefail
+CONFIG=training/configs/gpu_b.yaml
+ROUTINGS=(none attribute token context modality task)
+TASKS=($(python3 -c "import yaml; print(' '.join(yaml.safe_load(open('$CONFIG'))['tasks']))"))
+COMMON="--set model.model_size=ti --set optim.lr=2.0e-4 --set train.max_steps=${STEPS:-2000} \
+--set train.eval_every=1000 --set train.save_every=0 --set train.eval_caption_beam=2 --set train.max_minutes=6"
+PART=${PART:-}
+specs=()
+if [[ $PART =~ ^[1-6]$ ]]; then
+  routing=${ROUTINGS[$((PART - 1))]}
+  for seed in 0 1 2; do
+    specs+=("${routing}_s$seed|$COMMON --set model.moe_routing=$routing --set seed=$seed")
+  done
+elif [[ $PART =~ ^[7-9]$ ]]; then
+  for task in "${TASKS[@]:$(( (PART - 7) * 3 )):3}"; do
+    others=""
+    for other in "${TASKS[@]}"; do
+      [ "$other" = "$task" ] || others+=" --set tasks.$other.weight=0"
+    done
+    specs+=("single-${task}_s0|$COMMON --set model.moe_routing=attribute --set seed=0$others")
+  done
+else
+  echo "PART must be 1-9 (1-6: a routing over seeds 0-2; 7-9: single-task references), got '$PART'" >&2
+  exit 2
+fi
+if [ -n "${DRY_RUN:-}" ]; then
+  printf '%s\n' "${specs[@]}"
+  exit 0
+fi
+CONFIG=$CONFIG RUN_LIMIT=${RUN_LIMIT:-450} INTERFERENCE_SAMPLES=${INTERFERENCE_SAMPLES:-64} \
+INTERFERENCE_LIMIT=${INTERFERENCE_LIMIT:-45} INTERFERENCE_ARGS="--vocabulary_size 4096" \
+INTERFERENCE_TASKS=fashion_mnist_classification,austen_mlm,emoji_captioning,emoji_retrieval,wordnet_lexname_classification \
+  bash benchmarks/sweep_gpu.sh "${specs[@]}"
