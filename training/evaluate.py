@@ -19,31 +19,22 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
 from modeling_uniperceiver_moe.command_line import parse_script_arguments
 
-from .evaluation import (BASELINE_TRAIN_ROWS, answer_counts, caption_generation_scores, evaluate_task, headline,
-                         model_for_tasks, task_context, trivial_baseline)
+from .evaluation import (BASELINE_TRAIN_ROWS, SavedModelTasksArguments, answer_counts, caption_generation_scores,
+                         evaluate_task, headline, model_for_tasks, task_context, trivial_baseline)
 
 
 @dataclass
-class EvaluateArguments:
-    model: str = field(metadata={"help": "a trained model folder (a run's final/, or a converted checkpoint)"})
-    tasks: str = field(metadata={"help": "registered tasks, comma-separated"})
-    out: str = field(metadata={"help": "folder for evaluation.json"})
+class EvaluateArguments(SavedModelTasksArguments):
     samples: int = field(default=256, metadata={"help": "rows per task (the first of its split)"})
     split: str = field(default="test", metadata={"choices": ["train", "test"], "help": "rows of this split"})
     caption_beam: int = field(default=0, metadata={
         "help": "> 0: also generate captions with this many beams and score BLEU-4 and CIDEr-D"})
-    data_cache: str = field(default="data_cache", metadata={"help": "the data slices' folder"})
-    slice: str = field(default="small", metadata={"help": "the data slice (built if missing)"})
-    vocabulary_size: int = field(default=1024, metadata={
-        "help": "candidate words of MLM and captioning: the data.vocabulary_size the model trained with"})
     seed: int = field(default=0, metadata={"help": "draws the words MLM rows hide (a run's seed gives its own)"})
-    device: Optional[str] = field(default=None, metadata={"help": "default: cuda when available, else cpu"})
 
 
 def format_table(results: dict[str, dict], tasks) -> str:

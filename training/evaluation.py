@@ -10,6 +10,8 @@ scores them with BLEU-4 and CIDEr-D.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch.nn import functional as F
@@ -198,6 +200,21 @@ def headline(task: Task, metrics: dict) -> tuple[str, float]:
         return "i2t_R@1", metrics["i2t_R@1"]
     key = "accuracy" if "accuracy" in metrics else "token_accuracy"
     return key, metrics[key]
+
+
+@dataclass
+class SavedModelTasksArguments:
+    """The options every command that reads a saved model and task rows shares (`training.evaluate`,
+    `training.interference`); each adds its own."""
+
+    model: str = field(metadata={"help": "a trained model folder (a run's final/, or a converted checkpoint)"})
+    tasks: str = field(metadata={"help": "registered tasks, comma-separated"})
+    out: str = field(metadata={"help": "the folder to write to"})
+    data_cache: str = field(default="data_cache", metadata={"help": "the data slices' folder"})
+    slice: str = field(default="small", metadata={"help": "the data slice (built if missing)"})
+    vocabulary_size: int = field(default=1024, metadata={
+        "help": "candidate words of MLM and captioning: the data.vocabulary_size the model trained with"})
+    device: Optional[str] = field(default=None, metadata={"help": "default: cuda when available, else cpu"})
 
 
 def task_context(model_dir: str, model_config, task_names: list[str], slice_name: str, data_cache: str,

@@ -40,6 +40,8 @@ from torch.nn import functional as F
 
 from modeling_uniperceiver_moe.command_line import parse_script_arguments
 
+from .evaluation import SavedModelTasksArguments
+
 
 # --------------------------------------------------------------------------------------------- the metric
 def interference_matrix(gradients: list[torch.Tensor], reduce: str = "mean_of_ratios") -> torch.Tensor:
@@ -118,18 +120,11 @@ def task_gradients(model, batch, weights: dict[str, torch.nn.Parameter], progres
 
 # --------------------------------------------------------------------------------------------- the command
 @dataclass
-class InterferenceArguments:
-    model: str = field(metadata={"help": "a trained model folder (a run's final/, or a converted checkpoint)"})
-    tasks: str = field(metadata={"help": "registered tasks, comma-separated (at least two)"})
-    out: str = field(metadata={"help": "folder for interference.json and interference.png"})
+class InterferenceArguments(SavedModelTasksArguments):
     samples: int = field(default=100, metadata={"help": "samples per task (the paper: 100)"})
     layers: Optional[str] = field(default=None, metadata={
         "help": "0-based layer indices, comma-separated (default: one, two and three thirds of the depth)"})
     split: str = field(default="train", metadata={"choices": ["train", "test"], "help": "rows of this split"})
-    data_cache: str = field(default="data_cache", metadata={"help": "the data slices' folder"})
-    slice: str = field(default="small", metadata={"help": "the data slice (built if missing)"})
-    vocabulary_size: int = field(default=1024, metadata={"help": "candidate words of MLM and captioning"})
-    device: Optional[str] = field(default=None, metadata={"help": "default: cuda when available, else cpu"})
 
 
 def load_task_samples(args: InterferenceArguments, model, task_names: list[str]):
