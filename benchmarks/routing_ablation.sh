@@ -7,12 +7,13 @@
 # Parts 1-6: routing none (dense), attribute, token, context, modality, task, seeds 0-2 each (runs named
 # <routing>_s<seed>). Parts 7-9: the single-task references, attribute routing, seed 0: each trains one task
 # for all the steps (every other task at sampling weight 0, still evaluated), three tasks per part (runs
-# named single-<task>_s0). STEPS (default 2000) sets the schedule; DRY_RUN=1 prints the run specs instead.
+# named single-<task>_s0). STEPS (default 2000) sets the schedule; DRY_RUN=1 prints the run specs instead;
+# PYTHON names the interpreter that reads the config (default python3).
 # Then: python -m benchmarks.sweep_summary <the unpacked sweep.tar.gz of every part> --json <log>.
 set -euo pipefail
 CONFIG=training/configs/gpu_b.yaml
 ROUTINGS=(none attribute token context modality task)
-TASKS=($(python3 -c "import yaml; print(' '.join(yaml.safe_load(open('$CONFIG'))['tasks']))"))
+TASKS=($(${PYTHON:-python3} -c "import yaml; print(' '.join(yaml.safe_load(open('$CONFIG'))['tasks']))"))
 COMMON="--set model.model_size=ti --set optim.lr=2.0e-4 --set train.max_steps=${STEPS:-2000} \
 --set train.eval_every=1000 --set train.save_every=0 --set train.eval_caption_beam=2 --set train.max_minutes=6"
 PART=${PART:-}

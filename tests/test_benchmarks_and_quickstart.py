@@ -220,6 +220,7 @@ def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
     runs share the same schedule and learning rate; a part outside 1-9 is refused."""
     import os
     import subprocess
+    import sys
 
     import yaml
 
@@ -230,7 +231,7 @@ def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
 
     def part(number: int) -> list[tuple[str, list[str]]]:
         done = subprocess.run(["bash", "benchmarks/routing_ablation.sh"], cwd=repo, capture_output=True, text=True,
-                              env=dict(os.environ, PART=str(number), DRY_RUN="1"))
+                              env=dict(os.environ, PART=str(number), DRY_RUN="1", PYTHON=sys.executable))
         assert done.returncode == 0, done.stderr
         return [(line.split("|")[0], line.split("|")[1].split()) for line in done.stdout.splitlines()]
 
@@ -254,5 +255,5 @@ def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
     assert routed == {(routing, seed) for routing in MOE_ROUTINGS for seed in "012"}
     assert sorted(single) == sorted(tasks)
     refused = subprocess.run(["bash", "benchmarks/routing_ablation.sh"], cwd=repo, capture_output=True, text=True,
-                             env=dict(os.environ, PART="10", DRY_RUN="1"))
+                             env=dict(os.environ, PART="10", DRY_RUN="1", PYTHON=sys.executable))
     assert refused.returncode == 2 and "PART must be 1-9" in refused.stderr
