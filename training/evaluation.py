@@ -129,7 +129,9 @@ def caption_generation_scores(model, task: Task, rows: list[dict], ctx: TaskCont
     """Captions generated with beam search (`beam_size` beams, over `ctx.vocabulary`) for the images of
     `rows` (raw rows of a captioning task's test split), scored against each row's caption with BLEU-4 and
     CIDEr-D (the offline `evaluate` modules). A vocabulary without the end token gets it as one more
-    candidate, so that a caption can end. Returns `{"bleu4", "cider", "examples"}`, the examples being the
+    candidate, so that a caption can end; a model pre-trained on such a vocabulary (`data.candidate_vocabulary:
+    frequent`, whose slice vocabulary holds no special token) never had the end token as an answer, so its
+    captions run to the length limit and score accordingly. Returns `{"bleu4", "cider", "examples"}`, the examples being the
     first five `(generated, [reference])` pairs."""
     from prompt_tuning.generation import generate_captions, generic_model
     from prompt_tuning.metrics import load_metric

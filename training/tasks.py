@@ -662,6 +662,8 @@ FAMILY_BUILDERS: dict[str, Callable[..., TaskBatch]] = {
     "retrieval": build_retrieval,
 }
 TOKEN_LEVEL_FAMILIES = ("mlm", "captioning", "text_classification")
+
+
 def candidate_inputs(task: Task, ctx: TaskContext) -> dict[str, torch.Tensor]:
     """The `target_*` model inputs of a task whose candidates are the same for every batch
     (`SHARED_CANDIDATE_FAMILIES`): its class names or label words, or the vocabulary words, with their

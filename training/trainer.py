@@ -567,13 +567,13 @@ class Pretrainer:
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.train.mixed_precision)
             model = acc.unwrap_model(self.model)
             results = evaluate_all(model, self.tasks, self.eval_rows(), self.ctx, acc.device, dtype)
-            beam = self.config.train.eval_caption_beam
-            for name, task in self.tasks.items():
-                if final and beam and task.family == "captioning" and name in results:
-                    with torch.autocast(device_type=acc.device.type, dtype=dtype, enabled=dtype is not None):
-                        scores = caption_generation_scores(model, task, self.eval_rows()[name], self.ctx,
-                                                           acc.device, beam_size=beam)
-                    results[name].update(bleu4=scores["bleu4"], cider=scores["cider"])
+            beam = self.config.train.eval_caption_beam if final else 0
+            captioning = [name for name, task in self.tasks.items() if task.family == "captioning" and name in results]
+            for name in captioning if beam else ():
+                with torch.autocast(device_type=acc.device.type, dtype=dtype, enabled=dtype is not None):
+                    scores = caption_generation_scores(model, self.tasks[name], self.eval_rows()[name], self.ctx,
+                                                       acc.device, beam_size=beam)
+                results[name].update(bleu4=scores["bleu4"], cider=scores["cider"])
         acc.wait_for_everyone()
         return results
 
