@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job's logs in docs/logs/learning/, regenerated on this machine (CPU, about 45 min on 2 cores):
-# the main job timed by the shell, its plain baselines given the steps each task got, then prompt tuning of
+# the main job timed by the shell, its plain baselines given the steps each task got, its captioning scored on
+# words alone and by generated captions (training.evaluate), then prompt tuning of
 # the resulting model on 1% of three tasks (the README's two commands, and Fashion-MNIST scored on 1,000 rows)
 # beside a linear probe, a gated adapter and shorter schedules. docs/results.md sections 6 and 7 and the
 # README results table read these files.
@@ -23,6 +24,10 @@ cp $RUN/loss_curves.png $LOGS/main_job_cpu_loss_curves.png
 cp $RUN/baselines/baselines.json $LOGS/main_job_cpu_baselines.json
 cp $RUN/baselines/comparison.md $LOGS/main_job_cpu_comparison.md
 cp $RUN/baselines/comparison.png $LOGS/main_job_cpu_comparison.png
+# the main job's captioning by its words alone and by generated captions (2 beams), with the run's candidates
+python -m training.evaluate --model $RUN/final --tasks emoji_captioning,openclipart_captioning \
+  --vocabulary_size 512 --samples 256 --caption_beam 2 --out $RUN/evaluate
+cp $RUN/evaluate/evaluation.json $LOGS/main_job_cpu_captioning.json
 tune() {  # log name, then the prompt-tuning arguments
   local name=$1; shift
   python -m prompt_tuning.run_prompt_tuning --model $RUN/final --data_fraction 0.01 \
@@ -30,6 +35,8 @@ tune() {  # log name, then the prompt-tuning arguments
   cp $TUNED/$name/results.json $LOGS/prompt_tuning_$name.json
 }
 tune emoji_captioning-prompt --task emoji_captioning
+tune emoji_captioning-prompt-lr1e-4 --task emoji_captioning --learning_rate 1e-4
+tune emoji_captioning-prompt-steps200 --task emoji_captioning --max_steps 200
 tune emoji_group_classification-prompt --task emoji_group_classification
 tune emoji_group_classification-linear_probe --task emoji_group_classification --method linear_probe
 tune fashion_mnist_classification-prompt-eval1000 --task fashion_mnist_classification --eval_samples 1000

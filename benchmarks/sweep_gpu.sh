@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Several runs of one config side by side on one GPU machine (device tool; they are host-bound, each decodes
-# its own data, so they share one GPU well). Carry .whl and the data slice the config reads.
+# its own data, so they share one GPU well; on a machine of several GPUs run i goes to GPU i mod the count, or
+# to the i-th of GPU_ORDER, e.g. GPU_ORDER="0 1 1 1").
+# Carry .whl and the data slice the config reads.
 #   CONFIG=training/configs/<name>.yaml bash benchmarks/sweep_gpu.sh "name|--set a=b --set c=d" "name2|..." ...
 # CONFIG defaults to training/configs/fashion_mnist_ti.yaml. A run named "plain+<rest>" also trains its plain
 # baselines (training.baselines --plain-only) in a second process beside the model, then compares the two
@@ -16,6 +18,8 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 CONFIG=${CONFIG:-training/configs/fashion_mnist_ti.yaml}
 SWEEP=/tmp/sweep
 mkdir -p $SWEEP
+GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+GPUS=$(( GPUS > 0 ? GPUS : 1 ))
 side_by_side() {  # name, then --set arguments: the model and its plain baselines at once, then the comparison
   local name=$1; shift
   timeout ${RUN_LIMIT:-500} python3 -m training.pretrain --config $CONFIG --set output_dir=$SWEEP/$name "$@" \
@@ -26,9 +30,13 @@ side_by_side() {  # name, then --set arguments: the model and its plain baseline
   python3 -m training.baselines --skip-model --plain-from $SWEEP/$name.plain --config $CONFIG \
     --set output_dir=$SWEEP/$name "$@" >> $SWEEP/$name.log 2>&1
 }
+read -r -a order <<< "${GPU_ORDER:-}"
+index=0
 for spec in "$@"; do
   name=${spec%%|*}; read -r -a args <<< "${spec#*|}"
   [[ $spec == *"|"* ]] || args=()
+  export CUDA_VISIBLE_DEVICES=${order[index]:-$(( index % GPUS ))}
+  index=$(( index + 1 ))
   if [[ $name == plain+* ]]; then
     side_by_side "$name" "${args[@]}" &
   else
@@ -37,6 +45,7 @@ for spec in "$@"; do
   fi
 done
 wait
+unset CUDA_VISIBLE_DEVICES
 if [ -n "${INTERFERENCE_TASKS:-}" ]; then  # the interference matrix of every finished run, one after another
   for run in $SWEEP/*/final; do
     [ -e "$run/config.json" ] || continue

@@ -10,7 +10,7 @@ with the spread (min-max) and the seed count, the median steps/s, and, where the
 (the paper's mean of ratios, and the ratio of means). `--json` also writes
 `{"command", "runs": [{"run", "held_out": {task: {step: value}}, "other_metrics": {"task/metric": {step: value}},
 "distinct_answers": {task: {step: n}},
-"trivial_baseline": {task: value}, "median_steps_per_second", "gradient_norms": {task: {"steps", "min",
+"trivial_baseline": {task: value}, "word_trivial_baseline": {captioning task: value}, "median_steps_per_second", "gradient_norms": {task: {"steps", "min",
 "median"}}, "plain"}]}` for docs/logs. The trivial baselines (majority class, most frequent word, chance
 recall) come from the run's report.json, so a run that did not finish has none; they move with the seed,
 which draws the held-out rows. The gradient norms are before clipping: a task whose minimum is above `optim.grad_clip` had
@@ -31,8 +31,9 @@ from modeling_uniperceiver_moe.command_line import parse_script_arguments
 
 HEADLINE = ("accuracy", "token_accuracy", "i2t_R@1")
 # the other held-out metrics a variant table shows: retrieval the other way, MLM and captioning perplexity over
-# the candidate words, generated captions (train.eval_caption_beam, final evaluation only)
-OTHER_METRICS = ("t2i_R@1", "perplexity", "bleu4", "cider")
+# the candidate words, captioning's accuracy on its words alone (the end answers left out), generated captions
+# (train.eval_caption_beam, final evaluation only)
+OTHER_METRICS = ("t2i_R@1", "perplexity", "word_accuracy", "bleu4", "cider")
 
 
 def gradient_norms_by_task(rows: list[dict]) -> dict[str, dict]:
@@ -74,12 +75,15 @@ def summarise_run(run_dir: str) -> dict:
             for task, result in json.load(handle)["plain"].items():
                 plain[task] = {"model": result["model"],
                                "curve": {p["step"]: round(p["accuracy"], 4) for p in result["curve"]}}
-    trivial = {}
+    trivial, word_trivial = {}, {}
     report_path = os.path.join(run_dir, "report.json")
     if os.path.exists(report_path):
         with open(report_path) as handle:
-            trivial = {row["task"]: round(row["trivial_baseline"], 4) for row in json.load(handle)["tasks"]
-                       if row.get("trivial_baseline") is not None}
+            report_rows = json.load(handle)["tasks"]
+        trivial = {row["task"]: round(row["trivial_baseline"], 4) for row in report_rows
+                   if row.get("trivial_baseline") is not None}
+        word_trivial = {row["task"]: round(row["word_trivial_baseline"], 4) for row in report_rows
+                        if row.get("word_trivial_baseline") is not None}
     interference = {}
     interference_path = os.path.join(run_dir, "interference", "interference.json")
     if os.path.exists(interference_path):
@@ -88,7 +92,7 @@ def summarise_run(run_dir: str) -> dict:
         interference = {"tasks": written["tasks"], "off_diagonal_mean_of_ratios": off_diagonal_mean(written["matrix"]),
                         "off_diagonal_ratio_of_means": off_diagonal_mean(written["matrix_ratio_of_means"])}
     return {"run": os.path.basename(run_dir), "held_out": held_out, "other_metrics": other, "distinct_answers": distinct,
-            "trivial_baseline": trivial, "median_steps_per_second": round(speeds[len(speeds) // 2], 2) if speeds else None,
+            "trivial_baseline": trivial, "word_trivial_baseline": word_trivial, "median_steps_per_second": round(speeds[len(speeds) // 2], 2) if speeds else None,
             "gradient_norms": gradient_norms_by_task(rows), "plain": plain, "interference": interference}
 
 

@@ -194,7 +194,8 @@ class PromptTuningArguments:
     batch_size: int = field(default=32, metadata={"help": "training batch (capped at the number of rows)"})
     eval_samples: int = field(default=256, metadata={"help": "held-out rows (the first ones of the test split)"})
     beam_size: int = field(default=2, metadata={"help": "beam search width for captioning"})
-    vocabulary_size: int = field(default=1024, metadata={"help": "candidate words (captioning)"})
+    vocabulary_size: int = field(default=1024, metadata={
+        "help": "candidate words of captioning: the end token and the slice's most frequent tokens"})
     seed: int = field(default=0, metadata={"help": "sampling of the rows and initialisation"})
     no_zero_shot: bool = field(default=False, metadata={"help": "skip the evaluation before tuning"})
 
@@ -215,7 +216,7 @@ def main(argv=None) -> dict:
     from training.build_data import MANIFEST, build_slice
     from training.data import read_split
     from training.data_sources import SOURCES
-    from training.tasks import TaskContext, get_task, task_label_names
+    from training.tasks import TaskContext, frequent_candidates, get_task, task_label_names
 
     try:
         task = get_task(args.task)
@@ -237,12 +238,10 @@ def main(argv=None) -> dict:
     manifest = json.load(open(os.path.join(data_dir, MANIFEST)))
     label_names = task_label_names(task, manifest["sources"])
     processor = checkpoint_processor(args.model, base.config.image_size, base.config.bos_token_id is not None)
-    vocabulary = list(manifest["vocabulary"][: args.vocabulary_size])
-    if base.config.eos_token_id not in vocabulary:
-        vocabulary.append(base.config.eos_token_id)  # captions must be able to end
+    vocabulary = frequent_candidates(manifest["vocabulary"], args.vocabulary_size, base.config.eos_token_id)
     ctx = TaskContext(processor.tokenizer, processor.image_processor, base.config,
                       label_names={task.name: label_names} if label_names else {},
-                      vocabulary=torch.tensor(vocabulary), seed=args.seed)
+                      vocabulary=vocabulary, seed=args.seed)
     train_rows = sample_fraction(read_split(data_dir, manifest, task.source, "train"), args.data_fraction,
                                  per_class=family in CLASSIFICATION, seed=args.seed)
     eval_rows = read_split(data_dir, manifest, task.source, "test", args.eval_samples)

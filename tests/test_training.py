@@ -144,6 +144,80 @@ def rows_of(tiny_cache, manifest, task_name, count=4, split="train"):
     return read_rows(StreamSpec(files=files), count)
 
 
+def test_the_trainers_candidates_hold_the_end_token_so_every_caption_ends_with_an_answer(tiny_cache, context):
+    """With `data.end_token_candidate` (the default) the frequent vocabulary keeps its size and makes the end
+    token a candidate: a caption's last query has the end as its answer, so generation can learn to stop.
+    Without it the end token is no candidate and its label is ignored (-100)."""
+    from types import SimpleNamespace
+
+    from training.trainer import Pretrainer, build_model_config
+
+    ctx, manifest = context
+    config = parse_config(run_config(tiny_cache, "unused"))
+    model_config = build_model_config(config)
+    eos = model_config.eos_token_id
+    trainer = SimpleNamespace(config=config, manifest=manifest, model_config=model_config, data_dir=tiny_cache)
+    vocabulary = Pretrainer.candidate_vocabulary(trainer)
+    assert vocabulary.tolist() == manifest["vocabulary"][:255] + [eos]
+    config.data.end_token_candidate = False
+    assert Pretrainer.candidate_vocabulary(trainer).tolist() == manifest["vocabulary"][:256]
+
+    task = get_task("emoji_captioning")
+    rows = rows_of(tiny_cache, manifest, task.name, count=6)
+    for candidates, end_label in ((vocabulary, 255), (torch.tensor(manifest["vocabulary"][:256]), -100)):
+        words = TaskContext(ctx.tokenizer, ctx.image_processor, ctx.model_config, vocabulary=candidates)
+        batch = build_batch(task, rows, words, epoch=0)
+        ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+        last = mask.sum(1) - 1
+        assert (ids[torch.arange(len(ids)), last] == eos).all()
+        assert (batch.labels[torch.arange(len(ids)), last] == end_label).all()
+
+
+def test_captioning_word_accuracy_and_its_baseline_leave_the_end_answers_out(tiny_cache, context):
+    """With the end token among the candidates, captioning also reports `word_accuracy` over its other
+    answers (each scored by the top candidate other than the end), beside the most frequent word's share of
+    them (`word_value`). A model that ranks the end first and one word second everywhere scores the end's
+    share on token accuracy and that word's share on words; a model that answers right scores 1."""
+    from training.evaluation import answer_counts, evaluate_task, trivial_baseline
+    from training.tasks import frequent_candidates
+
+    ctx, manifest = context
+    vocabulary = frequent_candidates(manifest["vocabulary"], 256, ctx.model_config.eos_token_id)
+    words = TaskContext(ctx.tokenizer, ctx.image_processor, ctx.model_config, vocabulary=vocabulary)
+    task = get_task("emoji_captioning")
+    rows = rows_of(tiny_cache, manifest, task.name, count=12)
+    answers = build_batch(task, rows, words, epoch=0).labels
+    answers = answers[answers != -100]
+    end_share = float((answers == 255).float().mean())
+
+    others = torch.bincount(answers[answers != 255], minlength=256)
+    second = int(others.argmax())  # ranked second everywhere: the most frequent word, so words score its share
+
+    def scripted(pick):
+        def answer(batch):
+            labels = batch.labels.reshape(-1)
+            logits = torch.zeros(len(labels), len(vocabulary))
+            logits[:, second] = 0.5
+            logits[torch.arange(len(labels)), pick(labels).clamp(min=0)] = 1.0
+            return logits, labels
+        return answer
+
+    always_end = evaluate_task(torch.nn.Identity(), task, rows, words, "cpu", answers=scripted(lambda l: l * 0 + 255))
+    assert always_end["token_accuracy"] == pytest.approx(end_share)
+    assert always_end["word_accuracy"] == pytest.approx(float(others[second] / others.sum()))
+    assert always_end["word_accuracy"] > 0
+    right = evaluate_task(torch.nn.Identity(), task, rows, words, "cpu", answers=scripted(lambda l: l))
+    assert right["token_accuracy"] == 1.0 and right["word_accuracy"] == 1.0
+
+    baseline = trivial_baseline(task, answer_counts(task, rows, words), rows, words)
+    assert baseline["answer"] == 255 and baseline["value"] == pytest.approx(end_share)
+    assert baseline["word_value"] == pytest.approx(float(others.max() / others.sum()))
+    without_end = TaskContext(ctx.tokenizer, ctx.image_processor, ctx.model_config,
+                              vocabulary=torch.tensor(manifest["vocabulary"][:256]))
+    assert "word_accuracy" not in evaluate_task(torch.nn.Identity(), task, rows, without_end, "cpu",
+                                                answers=scripted(lambda l: l))
+
+
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_every_registered_task_builds_inputs_targets_and_a_loss(name, tiny_cache, context):
     from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
@@ -1297,11 +1371,14 @@ def test_the_final_evaluation_scores_generated_captions_and_reports_perplexity(t
     assert json.load(open(tmp_path / "eval" / "evaluation.json"))["tasks"].keys() == written["tasks"].keys()
     report = {row["task"]: row for row in json.load(open(os.path.join(out, "report.json")))["tasks"]}
     for task, metrics in written["tasks"].items():
-        for key in ("accuracy", "token_accuracy", "loss", "perplexity", "evaluated", "distinct_predictions",
-                    "bleu4", "cider"):
+        for key in ("accuracy", "token_accuracy", "word_accuracy", "loss", "perplexity", "evaluated",
+                    "distinct_predictions", "bleu4", "cider"):
             if f"eval/{task}/{key}" in final:
                 assert metrics[key] == pytest.approx(final[f"eval/{task}/{key}"], rel=1e-6, abs=1e-9), (task, key)
         assert metrics["trivial_baseline"] == pytest.approx(report[task]["trivial_baseline"], abs=1e-9)
+        if task == "emoji_captioning":
+            assert f"eval/{task}/word_accuracy" in final
+            assert metrics["word_trivial_baseline"] == pytest.approx(report[task]["word_trivial_baseline"], abs=1e-9)
 
 
 def test_the_evaluate_command_names_bad_input_before_loading_anything(tmp_path):

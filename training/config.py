@@ -42,6 +42,8 @@ class DataConfig:
     candidate_vocabulary: str = "frequent"  # frequent (the slice's vocabulary_size most frequent tokens) | full
     # (every token of the model's vocabulary, 49,411, as the reference's MLM and caption targets; split them
     # across processes with partition_candidates)
+    end_token_candidate: bool = True  # frequent: the end token is one of the vocabulary_size candidates, so a
+    # caption's last query learns to answer it and generated captions stop (full holds it anyway)
     word_prior: bool = True  # start the model's word bias (model.word_logit_bias) of the MLM and captioning
     # families at the log-frequencies of their answers in the first training rows (trainer.start_word_bias)
     eval_samples: int = 128  # per task, from the test split

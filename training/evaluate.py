@@ -2,7 +2,8 @@
 a task left out of pre-training, and the final metrics of an ablation's models side by side.
 
     python -m training.evaluate --model DIR --tasks t1,t2,... --out DIR [--samples 256] [--caption_beam 2]
-                                [--vocabulary_size 1024] [--split test] [--device cuda]
+                                [--vocabulary_size 1024] [--end_token_candidate true] [--split test]
+                                [--device cuda]
 
 Each task runs through pre-training's own evaluation (`training.evaluation.evaluate_task`: accuracy; masked-
 or next-word accuracy with the perplexity over the candidate words; recall@1/5 in both directions) on the
@@ -10,8 +11,8 @@ first `--samples` rows of its split, beside its trivial baseline (the answer mos
 `BASELINE_TRAIN_ROWS` training rows; chance recall for retrieval). `--caption_beam N` also generates each
 captioning task's captions with N beams and scores BLEU-4 and CIDEr-D. Writes `evaluation.json`
 (`{"model", "split", "vocabulary_size", "tasks": {task: {metric: value, ..., "trivial_baseline"}}}`) and
-prints a table. `--vocabulary_size` should be the `data.vocabulary_size` the model was trained with: it sets
-the MLM and caption candidates.
+prints a table. `--vocabulary_size` and `--end_token_candidate` should be the `data.vocabulary_size` and
+`data.end_token_candidate` the model was trained with: they set the MLM and caption candidates.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def format_table(results: dict[str, dict], tasks) -> str:
     for task in tasks:
         metrics = results[task.name]
         key, value = headline(task, metrics)
-        other = ", ".join(f"{name} {metrics[name]:.3f}" for name in ("t2i_R@1", "perplexity", "bleu4", "cider")
+        other = ", ".join(f"{name} {metrics[name]:.3f}" for name in ("t2i_R@1", "perplexity", "word_accuracy",
+                                                                     "word_trivial_baseline", "bleu4", "cider")
                           if name in metrics)
         lines.append(f"| {task.name} | {key} | {value:.3f} | {metrics['trivial_baseline']:.3f} | "
                      f"{metrics['distinct_predictions']} | {metrics['evaluated']} | {other or '-'} |")
@@ -64,7 +66,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()
     ctx, tasks, read = task_context(args.model, model.config, names, args.slice, args.data_cache,
-                                    args.vocabulary_size, args.seed)
+                                    args.vocabulary_size, args.seed, args.end_token_candidate)
     results = {}
     for task in tqdm(tasks, desc="evaluate", unit="task"):
         rows = read(task, args.split, args.samples)
@@ -72,13 +74,17 @@ def main(argv=None) -> dict:
             raise SystemExit(f"error: task {task.name!r} has no rows in its {args.split} split")
         metrics = evaluate_task(model, task, rows, ctx, device)
         counts = None if task.family == "retrieval" else answer_counts(task, read(task, "train", BASELINE_TRAIN_ROWS), ctx)
-        metrics["trivial_baseline"] = trivial_baseline(task, counts, rows, ctx)["value"]
+        baseline = trivial_baseline(task, counts, rows, ctx)
+        metrics["trivial_baseline"] = baseline["value"]
+        if "word_value" in baseline:
+            metrics["word_trivial_baseline"] = baseline["word_value"]
         if args.caption_beam and task.family == "captioning":
             scores = caption_generation_scores(model, task, rows, ctx, device, beam_size=args.caption_beam)
             metrics.update(bleu4=scores["bleu4"], cider=scores["cider"], caption_examples=scores["examples"])
         results[task.name] = metrics
     os.makedirs(args.out, exist_ok=True)
     written = {"model": args.model, "split": args.split, "vocabulary_size": args.vocabulary_size,
+               "end_token_candidate": args.end_token_candidate,
                "caption_beam": args.caption_beam, "tasks": results}
     with open(os.path.join(args.out, "evaluation.json"), "w", encoding="utf-8") as handle:
         json.dump(written, handle, indent=1)

@@ -1,7 +1,8 @@
 """Per-task evaluation on held-out rows (one process, no gradients, deterministic).
 
 Metrics: classification accuracy (image, video, text); masked-token accuracy (MLM) and teacher-forced
-next-word accuracy (captioning) over the candidate vocabulary, with the perplexity over that vocabulary;
+next-word accuracy (captioning) over the candidate vocabulary, with the perplexity over that vocabulary
+(and for captioning whose candidates hold the end token, `word_accuracy` on the answers that are words);
 retrieval recall@1/5 in both directions over the evaluated pool. Every task also reports its mean candidate
 cross-entropy (no label smoothing). `caption_generation_scores` generates captions with beam search and
 scores them with BLEU-4 and CIDEr-D.
@@ -93,23 +94,44 @@ def evaluate_task(model, task: Task, rows: list[dict], ctx: TaskContext, device,
                             enabled=autocast_dtype is not None):
             if task.family == "retrieval":
                 return _evaluate_retrieval(model, task, rows, ctx, device, batch_size)
-            correct = total = 0
+            end = end_answer(task, ctx)
+            correct = total = word_correct = words = 0
             loss_sum = 0.0
             predicted = set()
             for logits, labels in candidate_answers(model, task, rows, ctx, device, batch_size, answers):
                 guesses = logits.argmax(-1)
                 predicted.update(guesses.tolist())
-                correct += int((guesses == labels).sum())
+                hits = guesses == labels
+                correct += int(hits.sum())
                 total += len(labels)
+                if end is not None:  # the answers that are words, each the top candidate other than the end
+                    is_word = labels != end
+                    word_guesses = logits[is_word].index_fill(1, torch.tensor([end], device=logits.device),
+                                                              float("-inf")).argmax(-1)
+                    word_correct += int((word_guesses == labels[is_word]).sum())
+                    words += int(is_word.sum())
                 loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
             key = "accuracy" if "classification" in task.family else "token_accuracy"
             metrics = {key: correct / max(total, 1), "loss": loss_sum / max(total, 1), "evaluated": total,
                        "distinct_predictions": len(predicted)}
             if task.family in ("mlm", "captioning"):
                 metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))  # over the candidate words
+            if end is not None:
+                metrics["word_accuracy"] = word_correct / max(words, 1)
             return metrics
     finally:
         model.train(was_training)
+
+
+def end_answer(task: Task, ctx: TaskContext) -> int | None:
+    """The candidate index of the end token for a captioning task whose candidates hold it (every caption's
+    last answer), else None. Captioning's `word_accuracy` scores the other answers, each by the top candidate
+    other than the end: which word, given that the caption goes on (as without the end among the candidates)."""
+    if task.family != "captioning" or ctx.vocabulary is None:
+        return None
+    eos = ctx.model_config.eos_token_id
+    where = (ctx.vocabulary == eos).nonzero()
+    return int(where[0, 0]) if len(where) else None
 
 
 def _evaluate_retrieval(model, task, rows, ctx, device, batch_size) -> dict:
@@ -129,10 +151,10 @@ def caption_generation_scores(model, task: Task, rows: list[dict], ctx: TaskCont
     """Captions generated with beam search (`beam_size` beams, over `ctx.vocabulary`) for the images of
     `rows` (raw rows of a captioning task's test split), scored against each row's caption with BLEU-4 and
     CIDEr-D (the offline `evaluate` modules). A vocabulary without the end token gets it as one more
-    candidate, so that a caption can end; a model pre-trained on such a vocabulary (`data.candidate_vocabulary:
-    frequent`, whose slice vocabulary holds no special token) never had the end token as an answer, so its
-    captions run to the length limit and score accordingly. Returns `{"bleu4", "cider", "examples"}`, the examples being the
-    first five `(generated, [reference])` pairs."""
+    candidate, so that a caption can end; a model pre-trained without it (`data.end_token_candidate: false`)
+    never had the end token as an answer, so its captions run to the length limit and score accordingly.
+    Returns `{"bleu4", "cider", "examples"}`, the examples being the first five `(generated, [reference])`
+    pairs."""
     from prompt_tuning.generation import generate_captions, generic_model
     from prompt_tuning.metrics import load_metric
 
@@ -173,7 +195,8 @@ def trivial_baseline(task: Task, train_counts: torch.Tensor | None, eval_rows: l
     training answers (`train_counts` `[K]`, from `answer_counts`: majority class; most frequent masked or
     next word); its score is that candidate's share of the evaluated answers. Retrieval (`train_counts`
     unused): chance recall@1, 1 / the evaluated pool. Returns `{"metric", "value", "answer"}` (answer: the
-    candidate index, None for retrieval).
+    candidate index, None for retrieval); captioning with the end token among its candidates also gets
+    `"word_value"`, the same for `word_accuracy`: the most frequent other answer's share of the other answers.
     """
     if task.family == "retrieval":
         pool = sum(build_batch(task, part, ctx, epoch=0).num_samples for part in _chunks(eval_rows, batch_size))
@@ -182,7 +205,14 @@ def trivial_baseline(task: Task, train_counts: torch.Tensor | None, eval_rows: l
     evaluated = answer_counts(task, eval_rows, ctx, batch_size)
     hits = int(evaluated[answer])
     metric = "accuracy" if "classification" in task.family else "token_accuracy"
-    return {"metric": metric, "value": hits / max(int(evaluated.sum()), 1), "answer": answer}
+    baseline = {"metric": metric, "value": hits / max(int(evaluated.sum()), 1), "answer": answer}
+    end = end_answer(task, ctx)
+    if end is not None:
+        words_train, words_evaluated = train_counts.clone(), evaluated.clone()
+        words_train[end] = words_evaluated[end] = 0
+        word = int(words_train.argmax())
+        baseline["word_value"] = int(words_evaluated[word]) / max(int(words_evaluated.sum()), 1)
+    return baseline
 
 
 def answer_counts(task: Task, rows: list[dict], ctx: TaskContext, batch_size: int = 256) -> torch.Tensor:
@@ -216,15 +246,18 @@ class SavedModelTasksArguments:
     slice: str = field(default="small", metadata={"help": "the data slice (built if missing)"})
     vocabulary_size: int = field(default=1024, metadata={
         "help": "candidate words of MLM and captioning: the data.vocabulary_size the model trained with"})
+    end_token_candidate: bool = field(default=True, metadata={
+        "help": "the end token is one of those candidates: the data.end_token_candidate the model trained with"})
     device: Optional[str] = field(default=None, metadata={"help": "default: cuda when available, else cpu"})
 
 
 def task_context(model_dir: str, model_config, task_names: list[str], slice_name: str, data_cache: str,
-                 vocabulary_size: int, seed: int = 0):
+                 vocabulary_size: int, seed: int = 0, end_token_candidate: bool = True):
     """What evaluating a saved model on registered tasks needs outside the trainer: a `TaskContext` (the
-    model folder's processor, each task's label names, the slice's `vocabulary_size` most frequent tokens as
-    MLM and caption candidates, `seed` drawing the words MLM rows hide), the tasks, and `read(task, split,
-    count)` giving the first `count` rows of a task's split. Builds the data slice when missing."""
+    model folder's processor, each task's label names, the trainer's `vocabulary_size` MLM and caption
+    candidates from the slice's most frequent tokens, `frequent_candidates`, `seed` drawing the words MLM rows
+    hide), the tasks, and `read(task, split, count)` giving the first `count` rows of a task's split. Builds
+    the data slice when missing."""
     import json
     import os
 
@@ -232,7 +265,7 @@ def task_context(model_dir: str, model_config, task_names: list[str], slice_name
 
     from .build_data import MANIFEST, build_slice
     from .data import read_split
-    from .tasks import get_task, task_label_names
+    from .tasks import frequent_candidates, get_task, task_label_names
 
     tasks = [get_task(name) for name in task_names]
     data_dir = build_slice(slice_name, data_cache, sorted({task.source for task in tasks}), progress=True)
@@ -240,9 +273,10 @@ def task_context(model_dir: str, model_config, task_names: list[str], slice_name
         manifest = json.load(handle)
     processor = checkpoint_processor(model_dir, model_config.image_size, model_config.bos_token_id is not None)
     labels = {task.name: task_label_names(task, manifest["sources"]) for task in tasks}
+    end = model_config.eos_token_id if end_token_candidate else None
     ctx = TaskContext(processor.tokenizer, processor.image_processor, model_config,
                       label_names={name: names for name, names in labels.items() if names},
-                      vocabulary=torch.tensor(manifest["vocabulary"][:vocabulary_size]), seed=seed)
+                      vocabulary=frequent_candidates(manifest["vocabulary"], vocabulary_size, end), seed=seed)
 
     def read(task: Task, split: str, count: int) -> list[dict]:
         return read_split(data_dir, manifest, task.source, split, count)

@@ -132,7 +132,7 @@ def load_task_samples(args: InterferenceArguments, model, task_names: list[str])
     from .evaluation import task_context
 
     ctx, tasks, read = task_context(args.model, model.config, task_names, args.slice, args.data_cache,
-                                    args.vocabulary_size)
+                                    args.vocabulary_size, end_token_candidate=args.end_token_candidate)
     return ctx, tasks, {task.name: read(task, args.split, args.samples) for task in tasks}
 
 

@@ -84,6 +84,9 @@ def write_report(trainer, results: dict) -> dict:
                      "trivial_baseline": baselines[name]["value"], "chance": chance_level(trainer, name, metrics),
                      "distinct_predictions": metrics["distinct_predictions"], "eval_loss": metrics["loss"],
                      "evaluated": metrics["evaluated"]})
+        if "word_accuracy" in metrics:  # captioning with the end token among its answers
+            rows[-1].update(word_accuracy=metrics["word_accuracy"],
+                            word_trivial_baseline=baselines[name]["word_value"])
     throughput = [h["tokens_per_second"] for h in trainer.history if "tokens_per_second" in h]
     report = {
         "steps": trainer.step,
@@ -115,6 +118,11 @@ def write_report(trainer, results: dict) -> dict:
         lines.append(f"| {row['task']} | {row['family']} | {row['metric']} | {row['value']:.3f} "
                      f"| {row['trivial_baseline']:.3f} | {row['chance']:.3f} | {row['distinct_predictions']} "
                      f"| {row['eval_loss']:.3f} | {row['evaluated']} |")
+    words = [row for row in rows if "word_accuracy" in row]
+    if words:
+        lines += ["", "Captioning's answers include the end of each caption; on the other answers alone (the words):", ""]
+        lines += [f"- {row['task']}: word accuracy {row['word_accuracy']:.3f}, the most frequent word "
+                  f"{row['word_trivial_baseline']:.3f}" for row in words]
     if plotted:
         lines += ["", "![loss curves](loss_curves.png)"]
     lines += ["", "The final model (`final/`) loads with `UniPerceiverMoEForGenericPerception.from_pretrained`."]

@@ -181,6 +181,20 @@ def render_template(template: TextTemplate, sentences: list[list[int]], encode_p
     return ids
 
 
+def frequent_candidates(ranked_tokens: list[int], size: int, end_token: int | None) -> torch.Tensor:
+    """`[size]` candidate token ids for MLM and captioning from a slice's vocabulary (`ranked_tokens`, most
+    frequent first, no special token): with `end_token`, that token and the `size - 1` most frequent, so that
+    a caption's last query has its end as the answer and generated captions learn to stop (the reference's
+    full vocabulary holds it too); with `end_token=None`, the `size` most frequent."""
+    if size < 1 or size > len(ranked_tokens):
+        raise ValueError(f"a candidate vocabulary of {size} tokens, but the slice has {len(ranked_tokens)}: "
+                         f"choose 1 to {len(ranked_tokens)}")
+    if end_token is None:
+        return torch.tensor(ranked_tokens[:size], dtype=torch.long)
+    words = [token for token in ranked_tokens if token != end_token][: size - 1]
+    return torch.tensor(words + [end_token], dtype=torch.long)
+
+
 # --------------------------------------------------------------------------------------------- context
 @dataclass
 class TaskContext:

@@ -34,8 +34,8 @@ from .checkpoints import (CHECKPOINT_PREFIX, TRAINER_STATE, CheckpointError, con
 from .config import COMPILE_SHAPES, ConfigError, PretrainConfig
 from .data import EmptyDatasetError, MultiTaskLoader, StreamSpec, TaskEntry, TaskStream, read_rows, start_prefetcher
 from .evaluation import BASELINE_TRAIN_ROWS, answer_counts, caption_generation_scores, evaluate_all, trivial_baseline
-from .tasks import (SHARED_CANDIDATE_FAMILIES, TaskContext, candidate_inputs, gather_rows, get_task, task_label_names,
-                    task_loss)
+from .tasks import (SHARED_CANDIDATE_FAMILIES, TaskContext, candidate_inputs, frequent_candidates, gather_rows,
+                    get_task, task_label_names, task_loss)
 
 logger = logging.getLogger(__name__)
 MAX_SKIPPED_IN_A_ROW = 10  # train.on_non_finite=skip (and fp16) stops after this many non-finite steps in a row
@@ -311,15 +311,18 @@ class Pretrainer:
                                task_sampling=config.data.task_sampling)
 
     def candidate_vocabulary(self) -> torch.Tensor:
-        """`[K]` token ids of the MLM and caption candidates: the slice's `data.vocabulary_size` most frequent
-        tokens, or with `data.candidate_vocabulary: full` every token of the model's vocabulary in id order."""
-        if self.config.data.candidate_vocabulary == "full":
+        """`[K]` token ids of the MLM and caption candidates: `data.vocabulary_size` of them from the slice's
+        most frequent tokens (`frequent_candidates`: with the end token when `data.end_token_candidate`), or
+        with `data.candidate_vocabulary: full` every token of the model's vocabulary in id order."""
+        data = self.config.data
+        if data.candidate_vocabulary == "full":
             return torch.arange(self.model_config.vocab_size, dtype=torch.long)
         available = len(self.manifest["vocabulary"])
-        if self.config.data.vocabulary_size > available:
-            raise ConfigError(f"data.vocabulary_size={self.config.data.vocabulary_size}, but the data slice "
+        if data.vocabulary_size > available:
+            raise ConfigError(f"data.vocabulary_size={data.vocabulary_size}, but the data slice "
                               f"{self.data_dir} has a vocabulary of {available} tokens: set it <= {available}")
-        return torch.tensor(self.manifest["vocabulary"][: self.config.data.vocabulary_size], dtype=torch.long)
+        end = self.model_config.eos_token_id if data.end_token_candidate else None
+        return frequent_candidates(self.manifest["vocabulary"], data.vocabulary_size, end)
 
     def _task_context(self) -> TaskContext:
         label_names = {name: task_label_names(task, self.manifest["sources"]) for name, task in self.tasks.items()}
