@@ -56,8 +56,8 @@ def single_task_row() -> tuple[str, str]:
 
 
 def multitask_row() -> tuple[str, str]:
-    ti_runs = {run["run"]: run for run in load("learning/mlm_share_gpu_ti_h200.json")["runs"]}
-    b_runs = {run["run"]: run for run in load("learning/mlm_share_gpu_b_h200.json")["runs"]}
+    ti_runs = {run["run"]: run for run in load("learning/gpu_b_config_ti_h200.json")["runs"]}
+    b_runs = {run["run"]: run for run in load("learning/gpu_b_config_b_h200.json")["runs"]}
     # the plain baselines of the same shapes (trained on their own task only, so independent of the task mix)
     plain_runs = {run["run"]: run for run in load("learning/multitask_gpu_current_h200.json")["runs"]}
 
@@ -76,11 +76,12 @@ def multitask_row() -> tuple[str, str]:
         return int(max(curve, key=int)), curve[max(curve, key=int)]
 
     ti_seeds = [ti_runs[name] for name in sorted(ti_runs) if name.startswith("ticonfig_s")]
-    b_seeds = [b_runs[name] for name in ("bmlmw2b256_s0", "bconfig_s1")]
+    b_seeds = [b_runs[name] for name in sorted(b_runs) if name.startswith("bconfig_s")]
     (steps, plain_ti), (_, plain_b) = plain_vit(plain_runs["plain+ti_lr2e-4"]), plain_vit(plain_runs["plain+b"])
     last_steps = sorted({max(int(step) for step in run["held_out"]["austen_mlm/token_accuracy"])
                          for run in ti_seeds + b_seeds})
-    return (f"multi-task `gpu_b.yaml` (nine tasks), 1 x H200, {last_steps[0]:,}-{last_steps[-1]:,} steps",
+    steps_text = f"{last_steps[0]:,}" + (f"-{last_steps[-1]:,}" if len(last_steps) > 1 else "")
+    return (f"multi-task `gpu_b.yaml` (nine tasks), H200, {steps_text} steps",
             f"Ti (lr 2e-4), mean of {len(ti_seeds)} seeds: {describe(mean_final(ti_seeds))}. B, mean of "
             f"{len(b_seeds)} seeds: {describe(mean_final(b_seeds))}; a plain ViT of each shape given "
             f"Fashion-MNIST's {steps} steps of a 2,000-step run: Ti {plain_ti:.3f}, B {plain_b:.3f} "
