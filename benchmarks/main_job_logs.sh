@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job's logs in docs/logs/learning/, regenerated on this machine (CPU, about 45 min on 2 cores):
+# The main job's logs in docs/logs/learning/, regenerated on this machine (CPU, about an hour on 2 cores):
 # the main job timed by the shell, its plain baselines given the steps each task got, its captioning scored on
 # words alone and by generated captions (training.evaluate), then prompt tuning of
 # the resulting model on 1% of three tasks (the README's two commands, and Fashion-MNIST scored on 1,000 rows)
@@ -37,6 +37,9 @@ tune() {  # log name, then the prompt-tuning arguments
 tune emoji_captioning-prompt --task emoji_captioning
 tune emoji_captioning-prompt-lr1e-4 --task emoji_captioning --learning_rate 1e-4
 tune emoji_captioning-prompt-steps200 --task emoji_captioning --max_steps 200
+tune emoji_captioning-prompt-vocabulary512 --task emoji_captioning --vocabulary_size 512
+tune emoji_captioning-prompt_gate --task emoji_captioning --prompt_gate
+tune emoji_captioning-prompt-fraction10 --task emoji_captioning --data_fraction 0.1  # the last flag wins
 tune emoji_group_classification-prompt --task emoji_group_classification
 tune emoji_group_classification-linear_probe --task emoji_group_classification --method linear_probe
 tune fashion_mnist_classification-prompt-eval1000 --task fashion_mnist_classification --eval_samples 1000
@@ -50,3 +53,12 @@ for steps in 1 250 750; do
   tune fashion_mnist_classification-prompt-eval1000-steps$steps --task fashion_mnist_classification \
     --eval_samples 1000 --max_steps $steps
 done
+# a captioning task the model did not pre-train on: the main job with openclipart captioning at weight 0 (still
+# evaluated zero-shot), then prompt tuning of that task on 1%
+UNSEEN=outputs/main-no-openclipart-captioning
+[ -e "$UNSEEN" ] && { echo "$UNSEEN exists: move it away (the run would resume from it)" >&2; exit 2; }
+python -m training.pretrain --set output_dir=$UNSEEN --set tasks.openclipart_captioning.weight=0
+cp $UNSEEN/report.json $LOGS/main_job_cpu_no_openclipart_captioning_report.json
+python -m prompt_tuning.run_prompt_tuning --model $UNSEEN/final --data_fraction 0.01 \
+  --task openclipart_captioning --output_dir $TUNED/openclipart_captioning-prompt-unseen
+cp $TUNED/openclipart_captioning-prompt-unseen/results.json $LOGS/prompt_tuning_openclipart_captioning-prompt-unseen.json
