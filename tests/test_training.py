@@ -1033,6 +1033,12 @@ def test_config_changes_lists_what_a_resume_would_change():
     # a task added is one
     assert config_changes(saved, requested) == ["tasks.kjv_mlm.weight: None -> 0.5"]
     assert config_changes(saved, {**requested, "seed": 1})[0] == "seed: 0 -> 1"
+    # a checkpoint written without data.end_token_candidate trained without the end token: resuming it with
+    # the end token would change its candidates
+    with_end = {**requested, "data": {**requested["data"], "end_token_candidate": True}}
+    assert "data.end_token_candidate: False -> True" in config_changes(saved, with_end)
+    without_end = {**requested, "data": {**requested["data"], "end_token_candidate": False}}
+    assert config_changes(saved, without_end) == ["tasks.kjv_mlm.weight: None -> 0.5"]
 
 
 def test_resume_with_other_settings_is_refused_with_a_diff_unless_asked(tiny_cache, tmp_path):

@@ -157,11 +157,18 @@ def flat_settings(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+# Settings whose absence from a saved config means a value other than today's default: a config written
+# without `data.end_token_candidate` trained without the end token among its candidates.
+VALUE_WHEN_ABSENT = {"data.end_token_candidate": False}
+
+
 def changed_settings(saved: dict, requested: dict) -> dict[str, tuple[Any, Any]]:
     """`{setting: (saved value, requested value)}` for every setting that differs between two run configs
     (`PretrainConfig.to_dict()`, or one read back from JSON: tuples compare equal to lists). A data / optim /
-    train field that `saved` lacks was added to the code after it was written and is not a change."""
+    train field that `saved` lacks was added to the code after it was written and is not a change, unless
+    its absence means a value that differs (`VALUE_WHEN_ABSENT`)."""
     saved, requested = (flat_settings(json.loads(json.dumps(c))) for c in (saved, requested))
+    saved = {**{key: value for key, value in VALUE_WHEN_ABSENT.items() if key in requested}, **saved}
     return {key: (saved.get(key), requested.get(key)) for key in sorted(set(saved) | set(requested))
             if saved.get(key) != requested.get(key)
             and not (key not in saved and key.split(".")[0] in ("data", "optim", "train"))}
