@@ -38,8 +38,8 @@ class DataConfig:
     mask_probability: float = 0.15  # MLM: share of the words masked (whole words), in training and evaluation
     mlm_corruption: str = "reference"  # reference: the chosen words become <|spe|>, in training 80% of the time
     # (10% random tokens, 10% unchanged), as the reference | mask_token: always [MASK]
-    vocabulary_size: int = 1024  # MLM/caption candidates: the most frequent BPE tokens of the slice
-    candidate_vocabulary: str = "frequent"  # frequent (the slice's vocabulary_size most frequent tokens) | full
+    vocabulary_size: int = 1024  # MLM/caption candidates: the slice's most frequent BPE tokens (and the end token)
+    candidate_vocabulary: str = "frequent"  # frequent (vocabulary_size of them: the most frequent tokens) | full
     # (every token of the model's vocabulary, 49,411, as the reference's MLM and caption targets; split them
     # across processes with partition_candidates)
     end_token_candidate: bool = True  # frequent: the end token is one of the vocabulary_size candidates, so a
