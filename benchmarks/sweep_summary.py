@@ -10,8 +10,8 @@ with the spread (min-max) and the seed count, the median steps/s, and, where the
 (the paper's mean of ratios, and the ratio of means). `--json` also writes
 `{"command", "runs": [{"run", "held_out": {task: {step: value}}, "other_metrics": {"task/metric": {step: value}},
 "distinct_answers": {task: {step: n}},
-"trivial_baseline": {task: value}, "word_trivial_baseline": {captioning task: value}, "median_steps_per_second", "gradient_norms": {task: {"steps", "min",
-"median"}}, "plain"}]}` for docs/logs. The trivial baselines (majority class, most frequent word, chance
+"trivial_baseline": {task: value}, "word_trivial_baseline": {captioning task: value},
+"median_steps_per_second", "gradient_norms": {task: {"steps", "min", "median"}}, "plain"}]}` for docs/logs. The trivial baselines (majority class, most frequent word, chance
 recall) come from the run's report.json, so a run that did not finish has none; they move with the seed,
 which draws the held-out rows. The gradient norms are before clipping: a task whose minimum is above `optim.grad_clip` had
 every one of its steps clipped. A run found in several folders (a warm machine keeps earlier calls' runs)
@@ -92,7 +92,8 @@ def summarise_run(run_dir: str) -> dict:
         interference = {"tasks": written["tasks"], "off_diagonal_mean_of_ratios": off_diagonal_mean(written["matrix"]),
                         "off_diagonal_ratio_of_means": off_diagonal_mean(written["matrix_ratio_of_means"])}
     return {"run": os.path.basename(run_dir), "held_out": held_out, "other_metrics": other, "distinct_answers": distinct,
-            "trivial_baseline": trivial, "word_trivial_baseline": word_trivial, "median_steps_per_second": round(speeds[len(speeds) // 2], 2) if speeds else None,
+            "trivial_baseline": trivial, "word_trivial_baseline": word_trivial,
+            "median_steps_per_second": round(speeds[len(speeds) // 2], 2) if speeds else None,
             "gradient_norms": gradient_norms_by_task(rows), "plain": plain, "interference": interference}
 
 

@@ -238,7 +238,10 @@ def main(argv=None) -> dict:
     manifest = json.load(open(os.path.join(data_dir, MANIFEST)))
     label_names = task_label_names(task, manifest["sources"])
     processor = checkpoint_processor(args.model, base.config.image_size, base.config.bos_token_id is not None)
-    vocabulary = frequent_candidates(manifest["vocabulary"], args.vocabulary_size, base.config.eos_token_id)
+    try:
+        vocabulary = frequent_candidates(manifest["vocabulary"], args.vocabulary_size, base.config.eos_token_id)
+    except ValueError as error:
+        raise SystemExit(f"error: --vocabulary_size {args.vocabulary_size}: {error}") from None
     ctx = TaskContext(processor.tokenizer, processor.image_processor, base.config,
                       label_names={task.name: label_names} if label_names else {},
                       vocabulary=vocabulary, seed=args.seed)

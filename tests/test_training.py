@@ -1387,6 +1387,19 @@ def test_the_final_evaluation_scores_generated_captions_and_reports_perplexity(t
             assert metrics["word_trivial_baseline"] == pytest.approx(report[task]["word_trivial_baseline"], abs=1e-9)
 
 
+def test_a_candidate_vocabulary_larger_than_the_slice_is_named_before_the_model_is_read(tiny_cache, context):
+    from training.evaluation import task_context
+    from training.tasks import frequent_candidates
+
+    ctx, manifest = context
+    available = len(manifest["vocabulary"])
+    assert len(frequent_candidates(manifest["vocabulary"], available, ctx.model_config.eos_token_id)) == available
+    with pytest.raises(ValueError, match=f"choose 1 to {available}"):
+        frequent_candidates(manifest["vocabulary"], available + 1, None)
+    with pytest.raises(SystemExit, match=f"--vocabulary_size {available + 1}: .*choose 1 to {available}"):
+        task_context("no-such-model-folder", ctx.model_config, ["emoji_captioning"], "tiny", tiny_cache, available + 1)
+
+
 def test_the_evaluate_command_names_bad_input_before_loading_anything(tmp_path):
     from training.evaluate import main as evaluate_main
 

@@ -271,12 +271,16 @@ def task_context(model_dir: str, model_config, task_names: list[str], slice_name
     data_dir = build_slice(slice_name, data_cache, sorted({task.source for task in tasks}), progress=True)
     with open(os.path.join(data_dir, MANIFEST), encoding="utf-8") as handle:
         manifest = json.load(handle)
+    try:
+        vocabulary = frequent_candidates(manifest["vocabulary"], vocabulary_size,
+                                         model_config.eos_token_id if end_token_candidate else None)
+    except ValueError as error:
+        raise SystemExit(f"error: --vocabulary_size {vocabulary_size}: {error}") from None
     processor = checkpoint_processor(model_dir, model_config.image_size, model_config.bos_token_id is not None)
     labels = {task.name: task_label_names(task, manifest["sources"]) for task in tasks}
-    end = model_config.eos_token_id if end_token_candidate else None
     ctx = TaskContext(processor.tokenizer, processor.image_processor, model_config,
                       label_names={name: names for name, names in labels.items() if names},
-                      vocabulary=frequent_candidates(manifest["vocabulary"], vocabulary_size, end), seed=seed)
+                      vocabulary=vocabulary, seed=seed)
 
     def read(task: Task, split: str, count: int) -> list[dict]:
         return read_split(data_dir, manifest, task.source, split, count)
