@@ -163,6 +163,26 @@ def test_sweep_summary_keeps_the_other_metrics_beside_the_headline(tmp_path, cap
     assert "| emoji_retrieval/t2i_R@1 | 0.062 (0.062-0.062, 1) |" in capsys.readouterr().out
 
 
+def test_sweep_summary_reads_captioning_words_and_their_baseline(tmp_path):
+    """Captioning's `word_accuracy` is one of the other series, and the report's `word_trivial_baseline`
+    (the most frequent word, beside always answering the end) is kept per task."""
+    from benchmarks.sweep_summary import main as summary_main
+
+    run = tmp_path / "sweep" / "end_s0"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "eval/emoji_captioning/token_accuracy": 0.625,
+                                                   "eval/emoji_captioning/word_accuracy": 0.375}) + "\n")
+    (run / "report.json").write_text(json.dumps({"tasks": [
+        {"task": "emoji_captioning", "trivial_baseline": 0.5, "word_trivial_baseline": 0.125},
+        {"task": "fashion_mnist_classification", "trivial_baseline": 0.1}]}))
+    out = tmp_path / "summary.json"
+    summary_main([str(tmp_path / "sweep"), "--json", str(out)])
+    (summary,) = json.loads(out.read_text())["runs"]
+    assert summary["other_metrics"] == {"emoji_captioning/word_accuracy": {"4": 0.375}}
+    assert summary["trivial_baseline"] == {"emoji_captioning": 0.5, "fashion_mnist_classification": 0.1}
+    assert summary["word_trivial_baseline"] == {"emoji_captioning": 0.125}
+
+
 def test_optimizer_benchmark_times_fused_against_foreach_on_the_main_job_model(capsys):
     from benchmarks.bench_optimizer import main as bench_optimizer
 

@@ -74,9 +74,9 @@ def set_aside_previous_run(output_dir: str) -> str | None:
 # --------------------------------------------------------------------------------------------- what may change
 # Settings a resumed run may change without train.resume_with_changes: how long it runs, how it reports,
 # where it reads from and how it computes the same function (compilation, padding), not what it trains.
-RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.log_every", "train.eval_every", "train.eval_caption_beam", "train.save_every",
-                     "train.keep_checkpoints", "train.resume", "train.resume_with_changes", "train.tracker",
-                     "train.max_minutes", "train.on_non_finite", "train.compile", "train.compile_mode",
+RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.log_every", "train.eval_every", "train.eval_caption_beam",
+                     "train.save_every", "train.keep_checkpoints", "train.resume", "train.resume_with_changes",
+                     "train.tracker", "train.max_minutes", "train.on_non_finite", "train.compile", "train.compile_mode",
                      "train.compile_per_layer", "data.prefetch", "data.prefetch_worker", "data.workers",
                      "data.text_padding", "data.eval_samples", "data.build", "data.cache_dir")
 

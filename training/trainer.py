@@ -317,12 +317,12 @@ class Pretrainer:
         data = self.config.data
         if data.candidate_vocabulary == "full":
             return torch.arange(self.model_config.vocab_size, dtype=torch.long)
-        available = len(self.manifest["vocabulary"])
-        if data.vocabulary_size > available:
-            raise ConfigError(f"data.vocabulary_size={data.vocabulary_size}, but the data slice "
-                              f"{self.data_dir} has a vocabulary of {available} tokens: set it <= {available}")
         end = self.model_config.eos_token_id if data.end_token_candidate else None
-        return frequent_candidates(self.manifest["vocabulary"], data.vocabulary_size, end)
+        try:
+            return frequent_candidates(self.manifest["vocabulary"], data.vocabulary_size, end)
+        except ValueError as error:
+            raise ConfigError(f"data.vocabulary_size={data.vocabulary_size}, but the data slice {self.data_dir}: "
+                              f"{error}") from None
 
     def _task_context(self) -> TaskContext:
         label_names = {name: task_label_names(task, self.manifest["sources"]) for name, task in self.tasks.items()}
