@@ -2,7 +2,7 @@
 
     python -m prompt_tuning.run_prompt_tuning --model outputs/pretrain-tiny/final \
         --task fashion_mnist_classification --data_fraction 0.01 [--method prompt|linear_probe|full] \
-        [--output_dir outputs/prompt-tuning/<task>-<method>] [--max_steps N] [--learning_rate LR]
+        [--output_dir outputs/prompt-tuning/<task>-<method>] [--max_steps N] [--learning_rate LR] [--eval_steps N]
     python -m prompt_tuning.run_prompt_tuning my_run.yaml     # the same options as a YAML (or JSON) file
 
 Options are the fields of `PromptTuningArguments`, parsed by transformers' `HfArgumentParser` as in its
@@ -14,7 +14,8 @@ saved alone), `linear_probe` (a linear classifier on frozen SPE features; classi
 weight decay, grad-norm clip 0.1, cosine with warmup). Evaluation uses our offline `evaluate` modules:
 accuracy; retrieval R@1/5/10 both ways; captioning BLEU-4 and CIDEr-D on beam-search captions. The
 held-out metrics are measured before ("zero-shot") and after tuning and written to `results.json` with the
-training time (`train_seconds`, the Trainer's own `train_runtime`).
+training time (`train_seconds`, the Trainer's own `train_runtime`); with `--eval_steps N` also the held-out
+loss along the tuning (`held_out_loss`, plotted in `tuning_curve.png`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import Trainer
 
 # family -> (steps, learning rate, warmup): the reference's downstream recipes (notes section 4)
 RECIPES = {
@@ -142,6 +144,17 @@ class Collator:
 
 
 # --------------------------------------------------------------------------------------------- evaluation
+class HeldOutTrainer(Trainer):
+    """`transformers.Trainer` whose evaluations leave torch's random generators as they found them: an
+    evaluation's data loader draws a seed from them, and training draws the routers' gate noise from them,
+    so without this, watching the held-out loss (`--eval_steps`) would change the tuning it watches."""
+
+    def evaluate(self, *args, **kwargs):
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return super().evaluate(*args, **kwargs)
+
+
 @torch.no_grad()
 def downstream_metrics(model, task, rows: list[dict], ctx, device, beam_size: int = 2, batch_size: int = 32) -> dict:
     """Held-out metrics through the offline `evaluate` modules. The model runs through pre-training's
@@ -168,6 +181,33 @@ def downstream_metrics(model, task, rows: list[dict], ctx, device, beam_size: in
 
 def headline(results: dict) -> dict:
     return {k: v for k, v in results.items() if isinstance(v, float)}
+
+
+def plot_tuning_curve(results: dict, path: str) -> bool:
+    """Training loss (at each logging step) and held-out loss (every `--eval_steps`) against the step, the
+    frozen model's held-out loss as a dashed line; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(results["train_loss_steps"], results["train_loss"], label="training loss (tuning rows)")
+    steps, losses = zip(*results["held_out_loss"])
+    ax.plot(steps, losses, "o-", label="held-out loss")
+    if "zero_shot_held_out_loss" in results:
+        ax.axhline(results["zero_shot_held_out_loss"], color="grey", linestyle="--", linewidth=1,
+                   label="held-out loss, frozen model (adapter off)")
+    ax.set(xlabel="optimizer step", ylabel="loss",
+           title=f"{results['task']}, {results['method']}, {results['train_samples']} tuning rows")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -198,6 +238,9 @@ class PromptTuningArguments:
         "help": "candidate words of captioning: the end token and the slice's most frequent tokens"})
     seed: int = field(default=0, metadata={"help": "sampling of the rows and initialisation"})
     no_zero_shot: bool = field(default=False, metadata={"help": "skip the evaluation before tuning"})
+    eval_steps: Optional[int] = field(default=None, metadata={
+        "help": "every N steps (and before the first), the loss on the held-out rows: written to results.json "
+                "(held_out_loss) and plotted beside the training loss in tuning_curve.png"})
 
 
 def parse_args(argv=None) -> PromptTuningArguments:
@@ -209,7 +252,9 @@ def parse_args(argv=None) -> PromptTuningArguments:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from transformers import Trainer, TrainingArguments, set_seed
+    if args.eval_steps is not None and args.eval_steps < 1:
+        raise SystemExit(f"error: --eval_steps must be a positive number of steps, got {args.eval_steps}")
+    from transformers import TrainingArguments, set_seed
 
     from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
     from modeling_uniperceiver_moe.processing_uniperceiver_moe import checkpoint_processor
@@ -279,11 +324,20 @@ def main(argv=None) -> dict:
         per_device_train_batch_size=min(args.batch_size, len(train_rows)), logging_steps=max(1, steps // 20),
         save_strategy="no", report_to="none", remove_unused_columns=False, seed=args.seed,
         dataloader_num_workers=0, use_cpu=device.type == "cpu", disable_tqdm=False,
+        eval_strategy="steps" if args.eval_steps else "no", eval_steps=args.eval_steps,
+        eval_on_start=bool(args.eval_steps), per_device_eval_batch_size=args.batch_size,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=Rows(train_rows), data_collator=Collator(task, ctx))
+    trainer = HeldOutTrainer(model=model, args=training_args, train_dataset=Rows(train_rows),
+                             eval_dataset=Rows(eval_rows) if args.eval_steps else None, data_collator=Collator(task, ctx))
+    if args.eval_steps and args.method == "prompt":
+        with model.disable_adapter():
+            results["zero_shot_held_out_loss"] = trainer.evaluate()["eval_loss"]
     results["train_seconds"] = trainer.train().metrics["train_runtime"]
     results["after"] = downstream_metrics(model, task, eval_rows, ctx, device, args.beam_size)
     results["train_loss"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if args.eval_steps:
+        results["train_loss_steps"] = [h["step"] for h in trainer.state.log_history if "loss" in h]
+        results["held_out_loss"] = [[h["step"], h["eval_loss"]] for h in trainer.state.log_history if "eval_loss" in h]
 
     os.makedirs(output_dir, exist_ok=True)
     if args.method == "prompt":
@@ -296,6 +350,8 @@ def main(argv=None) -> dict:
     else:
         model.save_pretrained(os.path.join(output_dir, "model"))
     processor.save_pretrained(os.path.join(output_dir, "processor"))
+    if args.eval_steps:
+        plot_tuning_curve(results, os.path.join(output_dir, "tuning_curve.png"))
     with open(os.path.join(output_dir, "results.json"), "w") as handle:
         json.dump(results, handle, indent=1, default=str)
     print(json.dumps({"task": args.task, "method": args.method, "train_samples": len(train_rows),

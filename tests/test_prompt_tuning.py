@@ -335,6 +335,25 @@ def test_script_runs_end_to_end_on_the_tiny_real_data(task, method, metric, tiny
         assert results["train_samples"] >= 10  # at least one image per class
 
 
+def test_held_out_loss_during_tuning_changes_nothing_it_measures(tiny_cache, tiny_checkpoint, tmp_path):
+    """--eval_steps records the held-out loss from step 0 and plots it; the tuning itself is unchanged, and a
+    gated adapter starts exactly at the frozen model's held-out loss."""
+    common = ["--model", tiny_checkpoint, "--task", "emoji_captioning", "--data_fraction", "0.05", "--data_cache",
+              tiny_cache, "--slice", "tiny", "--max_steps", "4", "--eval_samples", "16", "--vocabulary_size", "64",
+              "--prompt_gate", "--no_zero_shot"]
+    plain = run_prompt_tuning(common + ["--output_dir", str(tmp_path / "plain")])
+    watched = run_prompt_tuning(common + ["--output_dir", str(tmp_path / "watched"), "--eval_steps", "2"])
+    assert watched["train_loss"] == plain["train_loss"] and watched["after"] == plain["after"]
+    assert [step for step, _ in watched["held_out_loss"]] == [0, 2, 4]
+    assert watched["held_out_loss"][0][1] == pytest.approx(watched["zero_shot_held_out_loss"], rel=1e-6)
+    assert watched["held_out_loss"][-1][1] != watched["held_out_loss"][0][1]
+    assert os.path.getsize(tmp_path / "watched" / "tuning_curve.png") > 0
+    assert "held_out_loss" not in plain and not os.path.exists(tmp_path / "plain" / "tuning_curve.png")
+    with pytest.raises(SystemExit, match="--eval_steps must be a positive number of steps, got 0"):
+        run_prompt_tuning(common + ["--output_dir", str(tmp_path / "bad"), "--eval_steps", "0"])
+    assert not os.path.exists(tmp_path / "bad")
+
+
 def test_script_options_come_as_flags_in_either_spelling_or_as_a_yaml_file(tmp_path, capsys):
     from prompt_tuning.run_prompt_tuning import parse_args
 
