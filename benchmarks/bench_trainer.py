@@ -104,6 +104,11 @@ def profile_shares(profiler, wall: float, device: torch.device) -> dict:
             "gpu_busy_share": round(busy_seconds(profiler.events()) / wall, 4) if device.type == "cuda" else None}
 
 
+def progress(name: str, what: str, since: float) -> None:
+    """One line on stdout as a variant goes (a run stopped by a time limit still says how far it got)."""
+    print(f"[{name}] {what}: {time.perf_counter() - since:.1f} s, {compiled_graphs()} graphs compiled", flush=True)
+
+
 def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefetch_worker: str = "process") -> dict:
     from tqdm.auto import tqdm
 
@@ -120,13 +125,22 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
         profiled = {"profiler": None}
         step_once = trainer.train_step
 
+        name = f"{size}/{routing}/{prefetch_worker}"
+        every = max(1, first // 8)
+
         def timed_step(index: int) -> dict:  # the trainer's own step; the clock is read (after a device
             result = step_once(index)        # synchronisation) only where the measured steps start and end
             results.append(result)
+            if len(results) < first and len(results) % every == 0:  # progress of a long (compiling) warm-up
+                progress(name, f"warm-up step {len(results)}/{first}", stamps[0])
             if len(results) in (first, last):
                 synchronize(device)
                 stamps[len(results)] = time.perf_counter()
                 graphs[len(results)] = compiled_graphs()
+            if len(results) == first:
+                progress(name, f"warm-up done ({first} steps)", stamps[0])
+            if len(results) == last:
+                progress(name, f"{args.steps} measured steps done", stamps[0])
             if len(results) == last and args.profile_steps:
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if device.type == "cuda":
@@ -169,6 +183,7 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
         if [batch.task.name for batch in batches] != tasks[first:last]:
             raise RuntimeError("the rebuilt batches are not the ones the trainer trained on")
         batches = [batch.to(device) for batch in batches]
+        progress(name, f"{len(batches)} batches rebuilt for the bare model step", stamps[0])
         model, optimizer = trainer.model, trainer.optimizer
         clip = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
 
@@ -192,6 +207,7 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
             model_step(batch)
         synchronize(device)
         model_seconds = time.perf_counter() - began
+        progress(name, f"{len(batches)} bare model steps done", stamps[0])
         row["model_tokens_per_s"] = round(measured_tokens / model_seconds, 1)
         row["trainer_vs_model"] = round(row["trainer_tokens_per_s"] / row["model_tokens_per_s"], 3)
         return row
