@@ -90,11 +90,15 @@ def multitask_row() -> tuple[str, str]:
 
 def prompt_tuning_row() -> tuple[str, str]:
     group = load("learning/prompt_tuning_emoji_group_classification-prompt.json")
+    unseen = load("learning/prompt_tuning_openclipart_captioning-prompt-unseen.json")
     caption = load("learning/prompt_tuning_emoji_captioning-prompt.json")
     seen = load("learning/prompt_tuning_fashion_mnist_classification-prompt-eval1000.json")
     return ("prompt tuning on 1% of a task (main-job model, CPU)",
             f"emoji group from the image, a task not pre-trained on ({group['train_samples']} rows): accuracy "
-            f"{group['before']['accuracy']:.3f} -> {group['after']['accuracy']:.3f}; emoji captioning "
+            f"{group['before']['accuracy']:.3f} -> {group['after']['accuracy']:.3f}; openclipart captioning, not "
+            f"pre-trained on (the main job without it; {unseen['train_samples']} rows): BLEU-4 "
+            f"{unseen['before']['bleu4']:.2f} -> {unseen['after']['bleu4']:.2f}, CIDEr-D {unseen['before']['cider']:.3f} "
+            f"-> {unseen['after']['cider']:.3f}; emoji captioning, already pre-trained on "
             f"({caption['train_samples']} rows): BLEU-4 {caption['before']['bleu4']:.2f} -> "
             f"{caption['after']['bleu4']:.2f}, CIDEr-D {caption['before']['cider']:.3f} -> {caption['after']['cider']:.3f}; "
             f"Fashion-MNIST, already pre-trained on ({seen['train_samples']} rows): {seen['before']['accuracy']:.3f} -> "
