@@ -28,12 +28,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from modeling_uniperceiver_moe.command_line import parse_script_arguments
+from training.evaluation import SECONDARY_METRICS
 
 HEADLINE = ("accuracy", "token_accuracy", "i2t_R@1")
-# the other held-out metrics a variant table shows: retrieval the other way, MLM and captioning perplexity over
-# the candidate words, captioning's accuracy on its words alone (the end answers left out), generated captions
-# (train.eval_caption_beam, final evaluation only)
-OTHER_METRICS = ("t2i_R@1", "perplexity", "word_accuracy", "bleu4", "cider")
 
 
 def gradient_norms_by_task(rows: list[dict]) -> dict[str, dict]:
@@ -51,8 +48,10 @@ def gradient_norms_by_task(rows: list[dict]) -> dict[str, dict]:
 def summarise_run(run_dir: str) -> dict:
     """One run's `{"run", "held_out", "other_metrics", "distinct_answers", "trivial_baseline",
     "median_steps_per_second", "gradient_norms", "plain", "interference"}` (`held_out`: each task's headline
-    metric, `other_metrics`: those of `OTHER_METRICS` it reports, both `{"task/metric": {step: value}}`) from its metrics.jsonl, its report.json (when the run finished) and (when its
-    plain baselines were trained beside it) baselines/baselines.json."""
+    metric, `other_metrics`: those of `training.evaluation.SECONDARY_METRICS` it reports, generated captions'
+    scores in a final evaluation only; both `{"task/metric": {step: value}}`) from its metrics.jsonl, its
+    report.json (when the run finished) and (when its plain baselines were trained beside it)
+    baselines/baselines.json."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     speeds = sorted(r["steps_per_second"] for r in rows if "steps_per_second" in r)
@@ -64,7 +63,7 @@ def summarise_run(run_dir: str) -> dict:
             parts = key.split("/")
             if len(parts) == 3 and parts[0] == "eval" and parts[2] in HEADLINE:
                 held_out.setdefault(f"{parts[1]}/{parts[2]}", {})[row["step"]] = round(value, 4)
-            elif len(parts) == 3 and parts[0] == "eval" and parts[2] in OTHER_METRICS:
+            elif len(parts) == 3 and parts[0] == "eval" and parts[2] in SECONDARY_METRICS:
                 other.setdefault(f"{parts[1]}/{parts[2]}", {})[row["step"]] = round(value, 4)
             elif len(parts) == 3 and parts[0] == "eval" and parts[2] == "distinct_predictions":
                 distinct.setdefault(parts[1], {})[row["step"]] = int(value)

@@ -25,8 +25,9 @@ import torch
 
 from modeling_uniperceiver_moe.command_line import parse_script_arguments
 
-from .evaluation import (BASELINE_TRAIN_ROWS, SavedModelTasksArguments, answer_counts, caption_generation_scores,
-                         evaluate_task, headline, model_for_tasks, task_context, trivial_baseline)
+from .evaluation import (BASELINE_TRAIN_ROWS, SECONDARY_METRICS, SavedModelTasksArguments, answer_counts,
+                         caption_generation_scores, evaluate_task, headline, model_for_tasks, task_context,
+                         trivial_baseline)
 
 
 @dataclass
@@ -43,9 +44,8 @@ def format_table(results: dict[str, dict], tasks) -> str:
     for task in tasks:
         metrics = results[task.name]
         key, value = headline(task, metrics)
-        other = ", ".join(f"{name} {metrics[name]:.3f}" for name in ("t2i_R@1", "perplexity", "word_accuracy",
-                                                                     "word_trivial_baseline", "bleu4", "cider")
-                          if name in metrics)
+        shown = [n for m in SECONDARY_METRICS for n in ((m, "word_trivial_baseline") if m == "word_accuracy" else (m,))]
+        other = ", ".join(f"{name} {metrics[name]:.3f}" for name in shown if name in metrics)
         lines.append(f"| {task.name} | {key} | {value:.3f} | {metrics['trivial_baseline']:.3f} | "
                      f"{metrics['distinct_predictions']} | {metrics['evaluated']} | {other or '-'} |")
     return "\n".join(lines)

@@ -226,6 +226,12 @@ def answer_counts(task: Task, rows: list[dict], ctx: TaskContext, batch_size: in
     return counts
 
 
+# the held-out metrics beside the headline one: retrieval the other way, MLM and captioning perplexity over the
+# candidate words, captioning's accuracy on its words alone (the end answers left out), and the BLEU-4 / CIDEr-D
+# of generated captions (where the evaluation generates them)
+SECONDARY_METRICS = ("t2i_R@1", "perplexity", "word_accuracy", "bleu4", "cider")
+
+
 def headline(task: Task, metrics: dict) -> tuple[str, float]:
     """The one number a report shows per task."""
     if task.family == "retrieval":
