@@ -74,3 +74,9 @@ cp $TUNED/openclipart_captioning-prompt-unseen-curve/results.json \
   $LOGS/prompt_tuning_openclipart_captioning-prompt-unseen-curve.json
 cp $TUNED/openclipart_captioning-prompt-unseen-curve/tuning_curve.png \
   $LOGS/prompt_tuning_openclipart_captioning-prompt-unseen-curve.png
+for steps in 100 300; do  # shorter schedules, where its held-out loss is lowest
+  python -m prompt_tuning.run_prompt_tuning --model $UNSEEN/final --data_fraction 0.01 --task openclipart_captioning \
+    --output_dir $TUNED/openclipart_captioning-prompt-unseen-steps$steps --max_steps $steps
+  cp $TUNED/openclipart_captioning-prompt-unseen-steps$steps/results.json \
+    $LOGS/prompt_tuning_openclipart_captioning-prompt-unseen-steps$steps.json
+done
