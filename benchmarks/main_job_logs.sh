@@ -47,6 +47,9 @@ tune emoji_group_classification-prompt --task emoji_group_classification
 # watching changes nothing; the training time then includes the evaluations)
 tune emoji_captioning-prompt-curve --task emoji_captioning --eval_steps 50
 tune emoji_group_classification-prompt-curve --task emoji_group_classification --eval_steps 125
+for steps in 250 500; do  # shorter schedules: where its held-out loss is lowest, and twice that
+  tune emoji_group_classification-prompt-steps$steps --task emoji_group_classification --max_steps $steps
+done
 tune emoji_group_classification-linear_probe --task emoji_group_classification --method linear_probe
 tune fashion_mnist_classification-prompt-eval1000 --task fashion_mnist_classification --eval_samples 1000
 tune fashion_mnist_classification-linear_probe-eval1000 --task fashion_mnist_classification \
