@@ -186,12 +186,10 @@ def headline(results: dict) -> dict:
 def plot_tuning_curve(results: dict, path: str) -> bool:
     """Training loss (at each logging step) and held-out loss (every `--eval_steps`) against the step, the
     frozen model's held-out loss as a dashed line; False when matplotlib is missing."""
-    try:
-        import matplotlib
+    from training.report import offscreen_pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = offscreen_pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(results["train_loss_steps"], results["train_loss"], label="training loss (tuning rows)")

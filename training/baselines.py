@@ -219,12 +219,10 @@ def format_table(rows: list[dict], steps: int, model_trained: bool = True) -> st
 def plot_comparison(curves: dict, plain: dict, rows: list[dict], path: str) -> bool:
     """Held-out headline metric against steps: the model (solid), its plain baseline (dotted), the trivial
     baseline (dashed), one colour per task; the legend outside the axes."""
-    try:
-        import matplotlib
+    from .report import offscreen_pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = offscreen_pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(10, 4.8))
     for i, row in enumerate(rows):

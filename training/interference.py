@@ -138,11 +138,11 @@ def load_task_samples(args: InterferenceArguments, model, task_names: list[str])
 
 def plot(matrices: dict[str, torch.Tensor], names: list[str], path: str, title: str) -> None:
     """One heat map per reduction, side by side, each value written in its cell."""
-    import matplotlib
+    from .report import offscreen_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = offscreen_pyplot()
+    if plt is None:
+        raise ImportError("the heat map needs matplotlib: pip install matplotlib (or the [train] extra)")
     size = 1.5 + 0.8 * len(names)
     figure, panels = plt.subplots(1, len(matrices), figsize=(2 * size + 2, size + 1), squeeze=False)
     for axes, (reduce, matrix) in zip(panels[0], matrices.items()):

@@ -30,16 +30,25 @@ def held_out_curves(history: list[dict], tasks: dict) -> dict[str, list[tuple[in
     return curves
 
 
-def plot_curves(history: list[dict], tasks: dict, baselines: dict, path: str) -> bool:
-    """Two panels: training loss per task (moving average of the per-step losses) and each task's held-out
-    headline metric at every evaluation, with its trivial baseline as a dashed line of the same colour.
-    The legend sits outside the axes so that it hides no curve."""
+def offscreen_pyplot():
+    """`matplotlib.pyplot` drawing off screen (the Agg backend), or None when matplotlib is not installed: every
+    plot of a run or a script goes through this, and is skipped without it."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_curves(history: list[dict], tasks: dict, baselines: dict, path: str) -> bool:
+    """Two panels: training loss per task (moving average of the per-step losses) and each task's held-out
+    headline metric at every evaluation, with its trivial baseline as a dashed line of the same colour.
+    The legend sits outside the axes so that it hides no curve."""
+    plt = offscreen_pyplot()
+    if plt is None:
         return False
     per_task: dict[str, list[tuple[int, float]]] = {}
     for row in history:
