@@ -14,7 +14,8 @@ the settings the benchmark fixes: evaluation and checkpoints off, a temporary ou
 2. where the time goes: `--profile-steps` more trainer steps under `torch.profiler`: the host time of each
    region of `Pretrainer.train_step` (`trainer.STEP_REGIONS`: waiting for the batch, the copy to the device,
    forward with the loss, backward, clip and update, bookkeeping) as shares of the wall time, and on a GPU
-   the share of the wall time its kernels are busy.
+   the share of the wall time its kernels are busy; with `--profile-ops N`, the N operations with the most
+   self host time.
 3. model: the bare step (forward, loss, backward, clip, AdamW) of the same model and optimizer on the very
    batches the measured trainer steps trained on, built again from the start of the data and put on the
    device beforehand: no data work, no logging, no host synchronisation of its own.
@@ -48,6 +49,8 @@ class BenchTrainerArguments:
     warmup: int = field(default=20, metadata={"help": "trainer steps before the measured ones"})
     steps: int = field(default=60, metadata={"help": "measured steps (trainer, then the model on the same batches)"})
     profile_steps: int = field(default=10, metadata={"help": "profiled trainer steps after the measured ones"})
+    profile_ops: int = field(default=0, metadata={"help": "also list the N operations with the most host time "
+                                                          "of the profiled steps (trainer regions left out)"})
     set: list[str] = field(default_factory=list, metadata={"help": "config overrides key=value (repeatable)"})
     json: Optional[str] = field(default=None, metadata={"help": "write the rows here"})
 
@@ -88,6 +91,17 @@ def busy_seconds(events) -> float:
             busy += end - max(start, reach)
             reach = end
     return busy / 1e6
+
+
+def top_host_operations(profiler, wall: float, count: int) -> list[dict]:
+    """The `count` operations (and `record_function` regions other than the trainer's own) with the most
+    self host time in the profiled steps: name, calls, self host seconds and their share of `wall`."""
+    from training.trainer import STEP_REGIONS
+
+    events = [event for event in profiler.key_averages() if event.key not in STEP_REGIONS]
+    events.sort(key=lambda event: event.self_cpu_time_total, reverse=True)
+    return [{"name": event.key, "calls": event.count, "self_host_s": round(event.self_cpu_time_total / 1e6, 4),
+             "share": round(event.self_cpu_time_total / 1e6 / wall, 4)} for event in events[:count]]
 
 
 def profile_shares(profiler, wall: float, device: torch.device) -> dict:
@@ -176,6 +190,11 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
                "tokens": measured_tokens, "trainer_tokens_per_s": round(measured_tokens / trainer_seconds, 1)}
         if args.profile_steps:
             row.update(profile_shares(profiled["profiler"], stamps["end"] - stamps[last], device))
+            if args.profile_ops:
+                row["top_host_ops"] = top_host_operations(profiled["profiler"], stamps["end"] - stamps[last],
+                                                          args.profile_ops)
+                for op in row["top_host_ops"]:
+                    print(f"[{name}] host {op['share']:6.1%} {op['calls']:6d} calls  {op['name']}", flush=True)
 
         # the bare model step on the same batches
         loader = trainer.build_loader()

@@ -221,7 +221,7 @@ def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batc
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run_config(tiny_cache, str(tmp_path / "unused"))))
     rows = bench_trainer_main(["--config", str(path), "--sizes", "config", "--routings", "attribute,none",
-                               "--warmup", "1", "--steps", "3", "--profile-steps", "2",
+                               "--warmup", "1", "--steps", "3", "--profile-steps", "2", "--profile-ops", "5",
                                "--json", str(tmp_path / "bench.json")])
     assert [row["routing"] for row in rows] == ["attribute", "none"]
     for row in rows:
@@ -231,6 +231,10 @@ def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batc
         assert shares["forward"] > 0 and shares["backward"] > 0 and sum(shares.values()) >= 0.99
         assert row["gpu_busy_share"] is None  # no GPU here
         assert row["compile"] == "eager" and row["graphs_compiled_while_measured"] == 0 and row["warmup_seconds"] > 0
+        ops = row["top_host_ops"]  # the busiest operations, most host time first, none of the trainer's regions
+        assert len(ops) == 5 and all(op["calls"] > 0 for op in ops)
+        assert [op["self_host_s"] for op in ops] == sorted((op["self_host_s"] for op in ops), reverse=True)
+        assert not {op["name"] for op in ops} & {"trainer/forward", "trainer/backward", "trainer/batch"}
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == rows
 
 
