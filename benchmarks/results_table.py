@@ -40,7 +40,7 @@ def main_job_row() -> tuple[str, str]:
     for task, row in rows.items():
         plain = f"{PLAIN[row['plain_model']]} {row['plain']:.3f}; " if row["plain"] is not None else ""
         parts.append(f"{SHORT[task]} {row['model']:.3f} ({plain}trivial {row['trivial']:.3f})")
-    what = (f"main job, CPU (2 cores): tiny attribute-MoE, {report['steps']} steps over {len(rows)} tasks, "
+    what = (f"main job, CPU (2 cores): tiny attribute-MoE, {report['steps']:,} steps over {len(rows)} tasks, "
             f"{report['median_tokens_per_second']:,.0f} tokens/s")
     return what, "held-out: " + ", ".join(parts)
 

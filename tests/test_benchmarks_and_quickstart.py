@@ -209,6 +209,26 @@ def test_the_gpu_busy_time_is_the_union_of_device_activities():
     assert busy_seconds([]) == 0.0
 
 
+def test_batch_build_benchmark_times_every_task_drawn(tiny_cache, tmp_path):
+    """`benchmarks.bench_batch_build` on a tiny config: every batch built is counted under its task, and the
+    per-task figures and the mean are written; with `--processes`, each number of worker processes hands
+    over batches. No timing is asserted."""
+    import yaml
+
+    from benchmarks.bench_batch_build import main as bench_batch_build_main
+    from tests.test_training import run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_config(tiny_cache, str(tmp_path / "unused"))))
+    result = bench_batch_build_main(["--config", str(path), "--steps", "6", "--json", str(tmp_path / "build.json")])
+    assert sum(row["batches"] for row in result["tasks"].values()) == 6 and result["mean_ms_per_batch"] > 0
+    assert all(row["median_ms"] > 0 and row["mean_ms"] > 0 for row in result["tasks"].values())
+    assert json.loads((tmp_path / "build.json").read_text()) == result
+    paces = bench_batch_build_main(["--config", str(path), "--steps", "4", "--processes", "1,2"])
+    assert set(paces["batches_per_second"]) == {"1", "2"} and paces["ratio_to_first"]["1"] == 1.0
+    assert all(pace > 0 for pace in paces["batches_per_second"].values())
+
+
 def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batches(tiny_cache, tmp_path):
     """CPU run of `benchmarks.bench_trainer` on the tiny slice: each variant's trainer and model phases ran on
     the same batches (the benchmark checks their tasks step by step), and the host time is split over the

@@ -498,10 +498,46 @@ class ListStream:
         return {"remaining": len(self.items)}
 
 
+def test_worker_processes_share_the_tasks_and_keep_each_stream_s_order_past_skipped_samples(tiny_cache, context):
+    """`share_tasks` gives every drawn task to exactly one worker, balancing weight x rows; with a malformed
+    row skipped (on_bad_sample=skip, the task's stream supplies the replacement), two workers hand over the
+    batches and loader states of one."""
+    from training.data import Prefetcher, ProcessPrefetcher, share_tasks
+
+    ctx, manifest = context
+    fashion = rows_of(tiny_cache, manifest, "fashion_mnist_classification", 24)
+    fashion[3] = dict(fashion[3], image={"bytes": b"xx", "path": None})
+    emoji = rows_of(tiny_cache, manifest, "emoji_captioning", 24)
+
+    def loader():
+        return MultiTaskLoader([TaskEntry(get_task("fashion_mnist_classification"), 2.0, 4, ListStream(list(fashion))),
+                                TaskEntry(get_task("emoji_captioning"), 1.0, 4, ListStream(list(emoji))),
+                                TaskEntry(get_task("austen_mlm"), 0.0, 4, ListStream([]))], ctx, seed=1)
+
+    assert share_tasks(loader(), 2) == [frozenset({"fashion_mnist_classification"}), frozenset({"emoji_captioning"})]
+    assert share_tasks(loader(), 1) == [frozenset({"fashion_mnist_classification", "emoji_captioning"})]
+    assert len(share_tasks(loader(), 8)) == 2  # never more workers than drawn tasks
+    steps = range(0, 8)
+    reference = Prefetcher(loader(), 0, depth=0)
+    expected = [reference.get(step) for step in steps]
+    shared = ProcessPrefetcher(loader(), 0, depth=2, processes=2)
+    try:
+        got = [shared.get(step) for step in steps]
+    finally:
+        shared.close()
+    assert {b.task.name for b in expected} == {"fashion_mnist_classification", "emoji_captioning"}
+    assert reference.loader.skipped and reference.loader.skipped[0][0] == "fashion_mnist_classification"
+    assert [b.data_state for b in got] == [b.data_state for b in expected]
+    for a, b in zip(got, expected):
+        assert torch.equal(a.labels, b.labels) and all(
+            torch.equal(a.inputs[k], v) if torch.is_tensor(v) else a.inputs[k] == v for k, v in b.inputs.items())
+
+
 def test_the_worker_process_prefetches_the_thread_s_batches_and_raises_its_errors(tiny_cache, context):
     """`data.prefetch_worker=process` hands the training loop exactly the batches (tensors, tasks, loader
-    states) that the thread and no prefetching give, and a malformed sample under on_bad_sample=error stops
-    it with the worker's error type and message."""
+    states) that the thread and no prefetching give, with one worker process or with the tasks shared out
+    over several (`data.prefetch_processes`), and a malformed sample under on_bad_sample=error stops it
+    with the worker's error type and message."""
     from training.data import Prefetcher, ProcessPrefetcher, start_prefetcher
 
     ctx, manifest = context
@@ -523,7 +559,9 @@ def test_the_worker_process_prefetches_the_thread_s_batches_and_raises_its_error
     assert isinstance(start_prefetcher(loader(), 0, 2), ProcessPrefetcher)
     assert isinstance(start_prefetcher(loader(), 0, 2, worker="thread"), Prefetcher)
     reference = take(Prefetcher(loader(), 2, depth=0))
-    for other in (take(ProcessPrefetcher(loader(), 2, depth=3)), take(Prefetcher(loader(), 2, depth=3))):
+    for other in (take(ProcessPrefetcher(loader(), 2, depth=3)), take(Prefetcher(loader(), 2, depth=3)),
+                  take(ProcessPrefetcher(loader(), 2, depth=3, processes=2)),
+                  take(ProcessPrefetcher(loader(), 2, depth=1, processes=5))):  # one task per worker
         assert [b.task.name for b in other] == [b.task.name for b in reference]
         assert len({b.task.name for b in reference}) > 1
         for got, expected in zip(other, reference):

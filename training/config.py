@@ -52,6 +52,8 @@ class DataConfig:
     # a few shapes per task, for train.compile; tasks.bucket_length)
     prefetch_worker: str = "process"  # process (a forked DataLoader worker: the decoding does not hold the training
     # loop's interpreter lock) | thread (in the training process)
+    prefetch_processes: int = 1  # worker processes under prefetch_worker: process, each building the batches of its
+    # share of the tasks (data.share_tasks); more when one worker builds a batch slower than a step takes
     workers: int = 0  # threads decoding/resizing images inside a batch (0 = none; GPUs want ~8)
     partition_candidates: bool = False  # several processes: each encodes its slice of the step's shared candidates
     # (class names, the vocabulary) and the features are gathered, as the reference splits its shared targets
@@ -189,8 +191,9 @@ def _yaml_11_value(value: Any, default: Any, choices: tuple | None) -> Any:
 
 
 # Counts that must be at least 1 (0 would divide by zero, evaluate nothing or keep nothing).
-AT_LEAST_ONE = {"data.shuffle_block", "data.max_text_length", "data.vocabulary_size", "data.eval_samples",
-                "train.max_steps", "train.grad_accum", "train.log_every", "train.keep_checkpoints", "batch_size"}
+AT_LEAST_ONE = {"data.shuffle_block", "data.prefetch_processes", "data.max_text_length", "data.vocabulary_size",
+                "data.eval_samples", "train.max_steps", "train.grad_accum", "train.log_every", "train.keep_checkpoints",
+                "batch_size"}
 # Optional limits that are either null (no limit) or positive: 0 would stop a run before its first step.
 POSITIVE_OR_NULL = {"train.max_minutes"}
 

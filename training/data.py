@@ -273,63 +273,100 @@ class Prefetcher:
 
 
 class StepBatches(IterableDataset):
-    """The loader's batches from `first_step` on, as `(step, batch)` in step order (what the worker process
-    of `ProcessPrefetcher` runs)."""
+    """The loader's batches of the steps that draw one of `tasks` (all when None), from `first_step` on, as
+    `(step, batch)` in step order (what a worker process of `ProcessPrefetcher` runs). Only those tasks'
+    streams move, so another worker can own the other tasks."""
 
-    def __init__(self, loader: MultiTaskLoader, first_step: int):
-        self.loader, self.first_step = loader, first_step
+    def __init__(self, loader: MultiTaskLoader, first_step: int, tasks: frozenset[str] | None = None):
+        self.loader, self.first_step, self.tasks = loader, first_step, tasks
 
     def __iter__(self):
         step = self.first_step
         while True:
-            yield step, self.loader.batch(step)
+            if self.tasks is None or self.loader.task_for_step(step) in self.tasks:
+                yield step, self.loader.batch(step)
             step += 1
+
+
+def share_tasks(loader: MultiTaskLoader, processes: int) -> list[frozenset[str]]:
+    """The loader's drawn tasks (weight > 0) split over at most `processes` worker processes, each task to one:
+    the longest-processing-time rule on an estimated cost per step of sampling weight x rows x frames, so
+    that each worker has about the same work."""
+    def cost(entry: TaskEntry) -> float:
+        frames = loader.ctx.model_config.num_frames if entry.task.family == "video_classification" else 1
+        return entry.weight * entry.batch_size * max(1, frames)
+
+    entries = sorted((e for e in loader.entries.values() if e.weight > 0), key=lambda e: (-cost(e), e.task.name))
+    shares: list[list[str]] = [[] for _ in range(max(1, min(processes, len(entries))))]
+    loads = [0.0] * len(shares)
+    for entry in entries:
+        lightest = loads.index(min(loads))
+        shares[lightest].append(entry.task.name)
+        loads[lightest] += cost(entry)
+    return [frozenset(share) for share in shares]
 
 
 PREFETCH_WORKERS = ("process", "thread")
 
 
 class ProcessPrefetcher:
-    """`Prefetcher`'s interface, with the batches built in one worker process of a torch `DataLoader`: the
-    decoding and tokenising no longer hold the training process's interpreter lock, so the training loop
-    queues kernels without waiting for them. The worker is forked with the loader as it stands (no pickling
-    of the streams); its batches, each carrying the loader state right after it, come back through shared
-    memory in step order, so exact resumption is as with the thread. `pin_memory` pins them in the
-    training process (the DataLoader's pinning thread). A worker's error is raised by `get` with its type."""
+    """`Prefetcher`'s interface, with the batches built in `processes` worker processes, one torch `DataLoader`
+    worker each: the decoding and tokenising no longer hold the training process's interpreter lock, so the
+    training loop queues kernels without waiting for them. Each worker is forked with the loader as it stands
+    (no pickling of the streams) and owns a share of the tasks (`share_tasks`): it builds the batches of the
+    steps that draw its tasks, in step order, so every task's stream moves exactly as in one process. `get`
+    reads step s from the worker owning s's task and gives the batch the whole loader state right after it
+    (the owner's tasks from the batch, the others' as their workers last left them), so exact resumption is
+    as with the thread. `pin_memory` pins the batches in the training process (the DataLoader's pinning
+    thread). A worker's error is raised by `get` with its type."""
 
-    def __init__(self, loader: MultiTaskLoader, first_step: int, depth: int = 2, pin_memory: bool = False):
+    def __init__(self, loader: MultiTaskLoader, first_step: int, depth: int = 2, pin_memory: bool = False,
+                 processes: int = 1):
         import multiprocessing
 
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the forked worker tokenises alone
-        self._loader = DataLoader(StepBatches(loader, first_step), batch_size=None, num_workers=1,
-                                  prefetch_factor=max(1, depth), pin_memory=pin_memory,
-                                  multiprocessing_context=multiprocessing.get_context("fork"),
-                                  generator=torch.Generator().manual_seed(0))  # the global torch RNG is untouched
-        self._iterator = iter(self._loader)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # each forked worker tokenises alone
+        self._loader = loader
+        self._state = loader.state_dict()  # the position before first_step; updated from each batch read
+        shares = share_tasks(loader, processes) if processes > 1 else [None]
+        self._owner = {name: index for index, share in enumerate(shares) for name in (share or loader.names)}
+        self._shares = [share or frozenset(loader.names) for share in shares]
+        self._iterators = []
+        for share in shares:
+            worker = DataLoader(StepBatches(loader, first_step, share), batch_size=None, num_workers=1,
+                                prefetch_factor=max(1, depth), pin_memory=pin_memory,
+                                multiprocessing_context=multiprocessing.get_context("fork"),
+                                generator=torch.Generator().manual_seed(0))  # the global torch RNG is untouched
+            self._iterators.append(iter(worker))
 
     def get(self, step: int) -> TaskBatch:
-        got, batch = next(self._iterator)
+        owner = self._owner[self._loader.task_for_step(step)]
+        got, batch = next(self._iterators[owner])
         if got != step:
             raise RuntimeError(f"prefetcher out of order: wanted step {step}, got {got}")
+        if len(self._iterators) > 1:
+            self._state.update((name, batch.data_state[name]) for name in self._shares[owner])
+            batch.data_state = dict(self._state)
         return batch
 
     def close(self):
-        iterator, self._iterator = self._iterator, None
-        if iterator is not None:
+        iterators, self._iterators = self._iterators, []
+        for iterator in iterators:
             iterator._shutdown_workers()
 
 
 def start_prefetcher(loader: MultiTaskLoader, first_step: int, depth: int, pin_memory: bool = False,
-                     worker: str = "process"):
-    """The prefetcher of `data.prefetch` / `data.prefetch_worker`: batches built `depth` steps ahead in a
-    worker process (`ProcessPrefetcher`; where `fork` exists) or a thread (`Prefetcher`); depth 0 builds
-    each batch when it is asked for."""
+                     worker: str = "process", processes: int = 1):
+    """The prefetcher of `data.prefetch` / `data.prefetch_worker` / `data.prefetch_processes`: batches built
+    `depth` steps ahead in `processes` worker processes (`ProcessPrefetcher`; where `fork` exists) or a
+    thread (`Prefetcher`); depth 0 builds each batch when it is asked for."""
     import multiprocessing
 
     if worker not in PREFETCH_WORKERS:
         raise ValueError(f"prefetch worker must be one of {PREFETCH_WORKERS}, got {worker!r}")
+    if processes < 1:
+        raise ValueError(f"prefetch processes must be >= 1, got {processes}")
     if depth > 0 and worker == "process" and "fork" in multiprocessing.get_all_start_methods():
-        return ProcessPrefetcher(loader, first_step, depth, pin_memory)
+        return ProcessPrefetcher(loader, first_step, depth, pin_memory, processes)
     return Prefetcher(loader, first_step, depth, pin_memory)
 
 

@@ -549,11 +549,11 @@ class Pretrainer:
         return True
 
     def start_prefetcher(self):
-        """Batches from the next micro-step on, built `data.prefetch` steps ahead in a worker process or
-        thread (`data.prefetch_worker`), in page-locked memory for a GPU."""
+        """Batches from the next micro-step on, built `data.prefetch` steps ahead in worker processes
+        (`data.prefetch_processes`) or a thread (`data.prefetch_worker`), in page-locked memory for a GPU."""
         return start_prefetcher(self.loader, self.micro_step, self.config.data.prefetch,
                                 pin_memory=self.accelerator.device.type == "cuda",
-                                worker=self.config.data.prefetch_worker)
+                                worker=self.config.data.prefetch_worker, processes=self.config.data.prefetch_processes)
 
     @property
     def skips_non_finite(self) -> bool:
