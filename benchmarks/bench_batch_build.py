@@ -91,8 +91,14 @@ def main(argv=None) -> dict:
                                   description=__doc__)
     if args.steps < 2:
         raise SystemExit("error: --steps must be >= 2")
-    if args.processes:
-        return pace_table(args)
+    result = pace_table(args) if args.processes else build_table(args)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=1)
+    return result
+
+
+def build_table(args: BenchBatchBuildArguments) -> dict:
     seconds, total = build_times(args.config, args.set, args.steps)
     tasks = {}
     for name in sorted(seconds):
@@ -106,14 +112,14 @@ def main(argv=None) -> dict:
           f"batch on average ({result['cores']} cores)")
     for name, row in tasks.items():
         print(f"{name:34s} {row['batches']:4d} batches  median {row['median_ms']:7.1f} ms  mean {row['mean_ms']:7.1f} ms")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=1)
     return result
 
 
 def pace_table(args: BenchBatchBuildArguments) -> dict:
-    counts = [int(count) for count in args.processes.split(",") if count.strip()]
+    try:
+        counts = [int(count) for count in args.processes.split(",") if count.strip()]
+    except ValueError:
+        counts = []
     if not counts or min(counts) < 1:
         raise SystemExit("error: --processes takes numbers >= 1, e.g. 1,2,3")
     paces = {count: prefetch_pace(args.config, args.set, args.steps, count) for count in counts}
@@ -124,9 +130,6 @@ def pace_table(args: BenchBatchBuildArguments) -> dict:
     for count, pace in paces.items():
         print(f"  {count} worker process(es): {pace:6.1f} batches/s  ({pace / paces[counts[0]]:.2f}x, "
               f"{1000 / pace:.1f} ms a batch)")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=1)
     return result
 
 

@@ -273,17 +273,17 @@ class Prefetcher:
 
 
 class StepBatches(IterableDataset):
-    """The loader's batches of the steps that draw one of `tasks` (all when None), from `first_step` on, as
-    `(step, batch)` in step order (what a worker process of `ProcessPrefetcher` runs). Only those tasks'
-    streams move, so another worker can own the other tasks."""
+    """The loader's batches of the steps that draw one of `tasks`, from `first_step` on, as `(step, batch)` in
+    step order (what a worker process of `ProcessPrefetcher` runs). Only those tasks' streams move, so
+    another worker can own the other tasks."""
 
-    def __init__(self, loader: MultiTaskLoader, first_step: int, tasks: frozenset[str] | None = None):
+    def __init__(self, loader: MultiTaskLoader, first_step: int, tasks: frozenset[str]):
         self.loader, self.first_step, self.tasks = loader, first_step, tasks
 
     def __iter__(self):
         step = self.first_step
         while True:
-            if self.tasks is None or self.loader.task_for_step(step) in self.tasks:
+            if self.loader.task_for_step(step) in self.tasks:
                 yield step, self.loader.batch(step)
             step += 1
 
@@ -327,11 +327,10 @@ class ProcessPrefetcher:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # each forked worker tokenises alone
         self._loader = loader
         self._state = loader.state_dict()  # the position before first_step; updated from each batch read
-        shares = share_tasks(loader, processes) if processes > 1 else [None]
-        self._owner = {name: index for index, share in enumerate(shares) for name in (share or loader.names)}
-        self._shares = [share or frozenset(loader.names) for share in shares]
+        self._shares = share_tasks(loader, processes)
+        self._owner = {name: index for index, share in enumerate(self._shares) for name in share}
         self._iterators = []
-        for share in shares:
+        for share in self._shares:
             worker = DataLoader(StepBatches(loader, first_step, share), batch_size=None, num_workers=1,
                                 prefetch_factor=max(1, depth), pin_memory=pin_memory,
                                 multiprocessing_context=multiprocessing.get_context("fork"),
@@ -343,9 +342,8 @@ class ProcessPrefetcher:
         got, batch = next(self._iterators[owner])
         if got != step:
             raise RuntimeError(f"prefetcher out of order: wanted step {step}, got {got}")
-        if len(self._iterators) > 1:
-            self._state.update((name, batch.data_state[name]) for name in self._shares[owner])
-            batch.data_state = dict(self._state)
+        self._state.update((name, batch.data_state[name]) for name in self._shares[owner])
+        batch.data_state = dict(self._state)
         return batch
 
     def close(self):
