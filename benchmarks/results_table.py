@@ -93,7 +93,7 @@ def prompt_tuning_row() -> tuple[str, str]:
     unseen = load("learning/prompt_tuning_openclipart_captioning-prompt-unseen.json")
     caption = load("learning/prompt_tuning_emoji_captioning-prompt.json")
     seen = load("learning/prompt_tuning_fashion_mnist_classification-prompt-eval1000.json")
-    return ("prompt tuning on 1% of a task (main-job model, CPU)",
+    return ("prompt tuning on 1% of a task (main-job model, CPU), the step chosen on another 1% of the training rows",
             f"emoji group from the image, a task not pre-trained on ({group['train_samples']} rows): accuracy "
             f"{group['before']['accuracy']:.3f} -> {group['after']['accuracy']:.3f}; openclipart captioning, not "
             f"pre-trained on (the main job without it; {unseen['train_samples']} rows): BLEU-4 "

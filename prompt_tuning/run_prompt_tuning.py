@@ -2,7 +2,8 @@
 
     python -m prompt_tuning.run_prompt_tuning --model outputs/pretrain-tiny/final \
         --task fashion_mnist_classification --data_fraction 0.01 [--method prompt|linear_probe|full] \
-        [--output_dir outputs/prompt-tuning/<task>-<method>] [--max_steps N] [--learning_rate LR] [--eval_steps N]
+        [--output_dir outputs/prompt-tuning/<task>-<method>] [--max_steps N] [--learning_rate LR] \
+        [--validation_fraction 0.01] [--eval_steps N] [--early_stopping_patience 5] [--held_out_curve]
     python -m prompt_tuning.run_prompt_tuning my_run.yaml     # the same options as a YAML (or JSON) file
 
 Options are the fields of `PromptTuningArguments`, parsed by transformers' `HfArgumentParser` as in its
@@ -11,11 +12,20 @@ Trainer example scripts (`--data-fraction` works too).
 Methods: `prompt` (the paper's recipe: deep prompts, LayerNorms, SPE bias, label prompt; a PEFT adapter
 saved alone), `linear_probe` (a linear classifier on frozen SPE features; classification tasks) and
 `full` (every parameter). Schedules default to the reference's per task family (AdamW (0.9, 0.95), no
-weight decay, grad-norm clip 0.1, cosine with warmup). Evaluation uses our offline `evaluate` modules:
-accuracy; retrieval R@1/5/10 both ways; captioning BLEU-4 and CIDEr-D on beam-search captions. The
-held-out metrics are measured before ("zero-shot") and after tuning and written to `results.json` with the
-training time (`train_seconds`, the Trainer's own `train_runtime`); with `--eval_steps N` also the held-out
-loss along the tuning (`held_out_loss`, plotted in `tuning_curve.png`).
+weight decay, grad-norm clip 0.1, cosine with warmup).
+
+Model selection: a second sample of the training split, disjoint from the tuning rows and drawn by the
+same rule (`--validation_fraction`, 1% by default), is evaluated before the first step and every
+`--eval_steps` (a twentieth of the schedule by default) by the task's metric (`selection_metric`: accuracy,
+CIDEr-D of generated captions, mean R@1); the tuned model is the one of the evaluation with the best
+validation metric, and tuning stops after `--early_stopping_patience` evaluations without a better one.
+`--validation_fraction 0` trains the whole schedule and keeps its last step.
+
+Evaluation uses our offline `evaluate` modules: accuracy; retrieval R@1/5/10 both ways; captioning BLEU-4
+and CIDEr-D on beam-search captions. The held-out metrics are measured before ("zero-shot") and after
+tuning and written to `results.json` with the training time (`train_seconds`, the Trainer's own
+`train_runtime`, evaluations included), the validation losses and the chosen step; `--held_out_curve`
+adds the held-out loss at every evaluation (`held_out_loss`). `tuning_curve.png` plots the losses.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 # family -> (steps, learning rate, warmup): the reference's downstream recipes (notes section 4)
 RECIPES = {
@@ -48,24 +58,42 @@ def order_key(seed: int, row: dict) -> str:
     return hashlib.sha1(f"{seed}/{row.get('key', row.get('idx'))}".encode()).hexdigest()
 
 
-def sample_fraction(rows: list[dict], fraction: float, per_class: bool, seed: int = 0) -> list[dict]:
-    """The training subset: per class floor(fraction * n_c) + 1 rows (classification, as the reference),
-    else ceil(fraction * N) rows; chosen by a keyed hash of each row's key, so it is deterministic."""
+def share_count(n: int, share: float, per_class: bool) -> int:
+    """Rows taken for `share` from a group of n: floor(share * n) + 1 per class, else ceil(share * n)."""
+    return int(math.floor(share * n)) + 1 if per_class else math.ceil(share * n)
+
+
+def split_tuning_rows(rows: list[dict], fraction: float, validation_fraction: float, per_class: bool,
+                      seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """The tuning rows and, disjoint from them, the validation rows that choose when to stop.
+
+    Rows are ordered by a keyed hash of each row's key (deterministic, independent of the input order). The
+    tuning rows are the first ones: per class floor(fraction * n_c) + 1 (classification, as the reference),
+    else ceil(fraction * N). The validation rows follow them in the same order, counted by the same rule
+    with `validation_fraction` (none when it is 0; a class too small to spare a row gives none)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"data_fraction must be in (0, 1], got {fraction}")
+    if not 0 <= validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     if not rows:
         raise ValueError("the training split is empty")
     ordered = sorted(rows, key=lambda r: order_key(seed, r))
-    if not per_class:
-        return ordered[: max(1, math.ceil(fraction * len(rows)))]
-    by_class: dict[int, list[dict]] = {}
-    for row in ordered:
-        by_class.setdefault(int(row["label"]), []).append(row)
-    chosen = []
-    for label in sorted(by_class):
-        members = by_class[label]
-        chosen += members[: min(len(members), int(math.floor(fraction * len(members))) + 1)]
-    return sorted(chosen, key=lambda r: order_key(seed, r))
+    if per_class:
+        groups: dict[int, list[dict]] = {}
+        for row in ordered:
+            groups.setdefault(int(row["label"]), []).append(row)
+    else:
+        groups = {0: ordered}
+    tuning, validation = [], []
+    for label in sorted(groups):
+        members = groups[label]
+        n_tuning = min(len(members), max(1, share_count(len(members), fraction, per_class)))
+        n_validation = 0
+        if validation_fraction:
+            n_validation = min(len(members) - n_tuning, share_count(len(members), validation_fraction, per_class))
+        tuning += members[:n_tuning]
+        validation += members[n_tuning:n_tuning + n_validation]
+    return sorted(tuning, key=lambda r: order_key(seed, r)), sorted(validation, key=lambda r: order_key(seed, r))
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -147,12 +175,61 @@ class Collator:
 class HeldOutTrainer(Trainer):
     """`transformers.Trainer` whose evaluations leave torch's random generators as they found them: an
     evaluation's data loader draws a seed from them, and training draws the routers' gate noise from them,
-    so without this, watching the held-out loss (`--eval_steps`) would change the tuning it watches."""
+    so without this, evaluating the validation or held-out loss would change the tuning it watches."""
 
     def evaluate(self, *args, **kwargs):
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             return super().evaluate(*args, **kwargs)
+
+
+class KeepBestOnValidation(TrainerCallback):
+    """Model selection on the validation rows. At each evaluation of the validation set (the Trainer's,
+    which reports `eval_validation_loss`), `score()` measures the model's validation metric (higher is
+    better); a copy of the trainable parameters is kept when it is the highest so far (the earliest on a
+    tie); training stops once `patience` evaluations in a row after step `patience_from` (the warmup, while
+    the learning rate still rises) bring no higher score (0: never); at the end of training the kept
+    parameters are written back, so the tuned model is the one of the best step. The evaluation before the
+    first step is a candidate only with `start_is_candidate` (when the model then is the pre-trained one:
+    a gated adapter, full fine-tuning); freshly drawn prompts or a random probe are not a tuning result.
+
+    `history` holds (step, validation loss, score) of every evaluation; `best_step` the step kept."""
+
+    def __init__(self, model: nn.Module, score, patience: int = 0, patience_from: int = 0,
+                 start_is_candidate: bool = True):
+        self.model, self.score, self.patience, self.patience_from = model, score, patience, patience_from
+        self.start_is_candidate = start_is_candidate
+        self.history: list[tuple[int, float, float]] = []
+        self.best_step: int | None = None
+        self.best_score = -math.inf
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.since_best = 0
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics or "eval_validation_loss" not in metrics:
+            return
+        training = self.model.training
+        value = float(self.score())
+        self.model.train(training)
+        self.history.append((state.global_step, float(metrics["eval_validation_loss"]), value))
+        if state.global_step == 0 and not self.start_is_candidate:
+            return
+        if value > self.best_score:
+            self.best_step, self.best_score, self.since_best = state.global_step, value, 0
+            self.best_state = {name: p.detach().to("cpu", copy=True) for name, p in self.trainable().items()}
+        elif state.global_step > self.patience_from:
+            self.since_best += 1
+            if self.patience and self.since_best >= self.patience:
+                control.should_training_stop = True
+
+    @torch.no_grad()
+    def on_train_end(self, args, state, control, **kwargs):
+        for name, parameter in self.trainable().items():
+            if name in self.best_state:
+                parameter.copy_(self.best_state[name])
 
 
 @torch.no_grad()
@@ -179,13 +256,30 @@ def downstream_metrics(model, task, rows: list[dict], ctx, device, beam_size: in
     raise ValueError(f"no downstream evaluation for family {task.family!r}")
 
 
+def selection_metric(family: str) -> str:
+    """The validation metric that chooses the tuned step (higher is better): accuracy for classification,
+    CIDEr-D of the generated captions for captioning, the mean R@1 of both directions for retrieval."""
+    if family in CLASSIFICATION:
+        return "accuracy"
+    return {"captioning": "cider", "retrieval": "mean_R@1"}[family]
+
+
+def selection_score(family: str, metrics: dict) -> float:
+    """`selection_metric(family)` of `downstream_metrics`' result."""
+    name = selection_metric(family)
+    if name == "mean_R@1":
+        return (metrics["i2t_R@1"] + metrics["t2i_R@1"]) / 2
+    return metrics[name]
+
+
 def headline(results: dict) -> dict:
     return {k: v for k, v in results.items() if isinstance(v, float)}
 
 
 def plot_tuning_curve(results: dict, path: str) -> bool:
-    """Training loss (at each logging step) and held-out loss (every `--eval_steps`) against the step, the
-    frozen model's held-out loss as a dashed line; False when matplotlib is missing."""
+    """Training loss (at each logging step), validation loss and, when measured, held-out loss (at each
+    evaluation) against the step, the validation metric on a second axis; the frozen model's held-out loss
+    as a dashed line and the chosen step as a dotted one. False when matplotlib is missing."""
     from training.report import offscreen_pyplot
 
     plt = offscreen_pyplot()
@@ -193,15 +287,28 @@ def plot_tuning_curve(results: dict, path: str) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(results["train_loss_steps"], results["train_loss"], label="training loss (tuning rows)")
-    steps, losses = zip(*results["held_out_loss"])
-    ax.plot(steps, losses, "o-", label="held-out loss")
+    for key, label in (("validation_loss", "validation loss (chooses the step)"), ("held_out_loss", "held-out loss")):
+        if results.get(key):
+            steps, losses = zip(*results[key])
+            ax.plot(steps, losses, "o-", label=label)
     if "zero_shot_held_out_loss" in results:
         ax.axhline(results["zero_shot_held_out_loss"], color="grey", linestyle="--", linewidth=1,
                    label="held-out loss, frozen model (adapter off)")
+    handles, labels = ax.get_legend_handles_labels()
+    if results.get("validation_score"):
+        right = ax.twinx()
+        steps, scores = zip(*results["validation_score"])
+        right.plot(steps, scores, "s--", color="tab:purple", label=f"validation {results['validation_metric']}")
+        right.set_ylabel(f"validation {results['validation_metric']}")
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    if results.get("selected_step") is not None:
+        handles.append(ax.axvline(results["selected_step"], color="black", linestyle=":", linewidth=1))
+        labels.append(f"chosen step ({results['selected_step']})")
     ax.set(xlabel="optimizer step", ylabel="loss",
            title=f"{results['task']}, {results['method']}, {results['train_samples']} tuning rows")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(handles, labels, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -236,9 +343,18 @@ class PromptTuningArguments:
         "help": "candidate words of captioning: the end token and the slice's most frequent tokens"})
     seed: int = field(default=0, metadata={"help": "sampling of the rows and initialisation"})
     no_zero_shot: bool = field(default=False, metadata={"help": "skip the evaluation before tuning"})
+    validation_fraction: float = field(default=0.01, metadata={
+        "help": "share of the training split, disjoint from the tuning rows and drawn by the same rule, whose "
+                "task metric (accuracy, CIDEr-D, mean R@1) chooses the tuned model: the best over the evaluations "
+                "(from before the first step); 0: no validation, the schedule's last step"})
     eval_steps: Optional[int] = field(default=None, metadata={
-        "help": "every N steps (and before the first), the loss on the held-out rows: written to results.json "
-                "(held_out_loss) and plotted beside the training loss in tuning_curve.png"})
+        "help": "evaluate every N steps and before the first (default: a twentieth of the schedule)"})
+    early_stopping_patience: int = field(default=5, metadata={
+        "help": "stop once this many evaluations in a row after the warmup bring no better validation metric (0: "
+                "run the whole schedule)"})
+    held_out_curve: bool = field(default=False, metadata={
+        "help": "at every evaluation also the loss on the held-out rows: written to results.json (held_out_loss) "
+                "and plotted beside the training and validation losses in tuning_curve.png; it changes nothing"})
 
 
 def parse_args(argv=None) -> PromptTuningArguments:
@@ -252,6 +368,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.eval_steps is not None and args.eval_steps < 1:
         raise SystemExit(f"error: --eval_steps must be a positive number of steps, got {args.eval_steps}")
+    if args.early_stopping_patience < 0:
+        raise SystemExit(f"error: --early_stopping_patience must be 0 (off) or a number of evaluations, "
+                         f"got {args.early_stopping_patience}")
+    if not 0 <= args.validation_fraction < 1:
+        raise SystemExit(f"error: --validation_fraction must be in [0, 1), got {args.validation_fraction}")
     from transformers import TrainingArguments, set_seed
 
     from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
@@ -288,15 +409,29 @@ def main(argv=None) -> dict:
     ctx = TaskContext(processor.tokenizer, processor.image_processor, base.config,
                       label_names={task.name: label_names} if label_names else {},
                       vocabulary=vocabulary, seed=args.seed)
-    train_rows = sample_fraction(read_split(data_dir, manifest, task.source, "train"), args.data_fraction,
-                                 per_class=family in CLASSIFICATION, seed=args.seed)
+    train_rows, validation_rows = split_tuning_rows(
+        read_split(data_dir, manifest, task.source, "train"), args.data_fraction, args.validation_fraction,
+        per_class=family in CLASSIFICATION, seed=args.seed)
+    if args.validation_fraction and not validation_rows:
+        raise SystemExit(f"error: --validation_fraction {args.validation_fraction}: no training rows are left for "
+                         f"validation after the {len(train_rows)} tuning rows; lower --data_fraction or pass "
+                         f"--validation_fraction 0")
     eval_rows = read_split(data_dir, manifest, task.source, "test", args.eval_samples)
     steps, lr, warmup = RECIPES[family]
     steps = args.max_steps or steps
+    evaluating = bool(validation_rows) or args.held_out_curve
+    warmup_steps = args.warmup_steps if args.warmup_steps is not None else min(warmup, steps // 5)
+    eval_steps = args.eval_steps or max(1, steps // 20)
+    eval_datasets = {}
+    if validation_rows:
+        eval_datasets["validation"] = Rows(validation_rows)
+    if args.held_out_curve:
+        eval_datasets["held_out"] = Rows(eval_rows)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     results = {"task": args.task, "method": args.method, "train_samples": len(train_rows),
-               "eval_samples": len(eval_rows), "data_fraction": args.data_fraction}
+               "validation_samples": len(validation_rows), "eval_samples": len(eval_rows),
+               "data_fraction": args.data_fraction, "validation_fraction": args.validation_fraction}
     num_labels = len(label_names) if label_names else None
     model = build_tuned_model(base, args.method, family, num_labels, args.num_prompts, args.prompt_gate).to(device)
     if args.prompt_gate:
@@ -317,25 +452,42 @@ def main(argv=None) -> dict:
 
     training_args = TrainingArguments(
         output_dir=output_dir, max_steps=steps, learning_rate=args.learning_rate or lr,
-        warmup_steps=args.warmup_steps if args.warmup_steps is not None else min(warmup, steps // 5),
+        warmup_steps=warmup_steps,
         lr_scheduler_type="cosine", weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=0.1,
         per_device_train_batch_size=min(args.batch_size, len(train_rows)), logging_steps=max(1, steps // 20),
         save_strategy="no", report_to="none", remove_unused_columns=False, seed=args.seed,
         dataloader_num_workers=0, use_cpu=device.type == "cpu", disable_tqdm=False,
-        eval_strategy="steps" if args.eval_steps else "no", eval_steps=args.eval_steps,
-        eval_on_start=bool(args.eval_steps), per_device_eval_batch_size=args.batch_size,
+        eval_strategy="steps" if evaluating else "no", eval_steps=eval_steps if evaluating else None,
+        eval_on_start=evaluating, per_device_eval_batch_size=args.batch_size,
     )
+    selection = None
+    if validation_rows:
+        def validation_score() -> float:
+            return selection_score(family, downstream_metrics(model, task, validation_rows, ctx, device, args.beam_size))
+
+        selection = KeepBestOnValidation(model, validation_score, patience=args.early_stopping_patience,
+                                         patience_from=warmup_steps,
+                                         start_is_candidate=args.method == "full" or args.prompt_gate)
     trainer = HeldOutTrainer(model=model, args=training_args, train_dataset=Rows(train_rows),
-                             eval_dataset=Rows(eval_rows) if args.eval_steps else None, data_collator=Collator(task, ctx))
-    if args.eval_steps and args.method == "prompt":
+                             eval_dataset=eval_datasets or None, data_collator=Collator(task, ctx),
+                             callbacks=[selection] if selection else None)
+    if args.held_out_curve and args.method == "prompt":
         with model.disable_adapter():
-            results["zero_shot_held_out_loss"] = trainer.evaluate()["eval_loss"]
+            results["zero_shot_held_out_loss"] = trainer.evaluate(Rows(eval_rows), metric_key_prefix="eval_held_out")[
+                "eval_held_out_loss"]
     results["train_seconds"] = trainer.train().metrics["train_runtime"]
+    results["steps_trained"] = trainer.state.global_step
+    if selection:
+        results["validation_metric"] = selection_metric(family)
+        results["validation_loss"] = [[step, loss] for step, loss, _ in selection.history]
+        results["validation_score"] = [[step, score] for step, _, score in selection.history]
+        results["selected_step"] = selection.best_step
     results["after"] = downstream_metrics(model, task, eval_rows, ctx, device, args.beam_size)
     results["train_loss"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    if args.eval_steps:
-        results["train_loss_steps"] = [h["step"] for h in trainer.state.log_history if "loss" in h]
-        results["held_out_loss"] = [[h["step"], h["eval_loss"]] for h in trainer.state.log_history if "eval_loss" in h]
+    results["train_loss_steps"] = [h["step"] for h in trainer.state.log_history if "loss" in h]
+    if args.held_out_curve:
+        results["held_out_loss"] = [[h["step"], h["eval_held_out_loss"]] for h in trainer.state.log_history
+                                    if "eval_held_out_loss" in h]
 
     os.makedirs(output_dir, exist_ok=True)
     if args.method == "prompt":
@@ -348,7 +500,7 @@ def main(argv=None) -> dict:
     else:
         model.save_pretrained(os.path.join(output_dir, "model"))
     processor.save_pretrained(os.path.join(output_dir, "processor"))
-    if args.eval_steps:
+    if evaluating:
         plot_tuning_curve(results, os.path.join(output_dir, "tuning_curve.png"))
     with open(os.path.join(output_dir, "results.json"), "w") as handle:
         json.dump(results, handle, indent=1, default=str)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
+from torch import nn
 
 from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
 from modeling_uniperceiver_moe.modeling_uniperceiver_moe import PrefixCache
@@ -17,7 +18,7 @@ from prompt_tuning.adapter import DeepPromptConfig
 from prompt_tuning.generation import generate_captions
 from prompt_tuning.metrics import load_metric
 from prompt_tuning.run_prompt_tuning import main as run_prompt_tuning
-from prompt_tuning.run_prompt_tuning import sample_fraction
+from prompt_tuning.run_prompt_tuning import KeepBestOnValidation, split_tuning_rows
 from tests.conftest import make_batch, tiny_config
 from training.tasks import ATTRIBUTES, caption_attributes
 
@@ -270,16 +271,21 @@ def test_beam_search_needs_the_end_token():
 
 # --------------------------------------------------------------------------------------------- sampling
 def test_one_percent_sampling_is_per_class_and_deterministic():
+    def tuning_rows(rows, fraction, per_class, seed=0):
+        return split_tuning_rows(rows, fraction, 0.0, per_class=per_class, seed=seed)[0]
+
     rows = [{"key": f"r{i}", "label": i % 3} for i in range(950)] + [{"key": f"s{i}", "label": 3} for i in range(50)]
-    chosen = sample_fraction(rows, 0.01, per_class=True, seed=0)
+    chosen = tuning_rows(rows, 0.01, per_class=True)
     counts = {c: sum(r["label"] == c for r in chosen) for c in range(4)}
     n = {c: sum(r["label"] == c for r in rows) for c in range(4)}
     assert counts == {c: math.floor(0.01 * n[c]) + 1 for c in range(4)}  # 317 -> 4, 316 -> 4, 50 -> 1
-    assert chosen == sample_fraction(list(reversed(rows)), 0.01, per_class=True, seed=0)
-    assert chosen != sample_fraction(rows, 0.01, per_class=True, seed=1)
-    assert len(sample_fraction(rows, 0.01, per_class=False)) == 10
+    assert chosen == tuning_rows(list(reversed(rows)), 0.01, per_class=True)
+    assert chosen != tuning_rows(rows, 0.01, per_class=True, seed=1)
+    assert len(tuning_rows(rows, 0.01, per_class=False)) == 10
     with pytest.raises(ValueError, match="data_fraction"):
-        sample_fraction(rows, 0.0, per_class=False)
+        tuning_rows(rows, 0.0, per_class=False)
+    with pytest.raises(ValueError, match="validation_fraction"):
+        split_tuning_rows(rows, 0.01, 1.0, per_class=False)
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -336,22 +342,87 @@ def test_script_runs_end_to_end_on_the_tiny_real_data(task, method, metric, tiny
 
 
 def test_held_out_loss_during_tuning_changes_nothing_it_measures(tiny_cache, tiny_checkpoint, tmp_path):
-    """--eval_steps records the held-out loss from step 0 and plots it; the tuning itself is unchanged, and a
-    gated adapter starts exactly at the frozen model's held-out loss."""
+    """--held_out_curve records the held-out loss from step 0 and plots it; the tuning itself, its validation
+    losses and chosen step are unchanged, and a gated adapter starts exactly at the frozen model's held-out loss."""
     common = ["--model", tiny_checkpoint, "--task", "emoji_captioning", "--data_fraction", "0.05", "--data_cache",
               tiny_cache, "--slice", "tiny", "--max_steps", "4", "--eval_samples", "16", "--vocabulary_size", "64",
-              "--prompt_gate", "--no_zero_shot"]
+              "--prompt_gate", "--no_zero_shot", "--eval_steps", "2"]
     plain = run_prompt_tuning(common + ["--output_dir", str(tmp_path / "plain")])
-    watched = run_prompt_tuning(common + ["--output_dir", str(tmp_path / "watched"), "--eval_steps", "2"])
+    watched = run_prompt_tuning(common + ["--output_dir", str(tmp_path / "watched"), "--held_out_curve"])
     assert watched["train_loss"] == plain["train_loss"] and watched["after"] == plain["after"]
+    assert watched["validation_loss"] == plain["validation_loss"] and watched["selected_step"] == plain["selected_step"]
     assert [step for step, _ in watched["held_out_loss"]] == [0, 2, 4]
+    assert [step for step, _ in watched["validation_loss"]] == [0, 2, 4] and watched["validation_samples"] > 0
+    assert watched["validation_metric"] == "cider" and len(watched["validation_score"]) == 3
+    assert watched["selected_step"] == max(watched["validation_score"], key=lambda point: point[1])[0]
     assert watched["held_out_loss"][0][1] == pytest.approx(watched["zero_shot_held_out_loss"], rel=1e-6)
     assert watched["held_out_loss"][-1][1] != watched["held_out_loss"][0][1]
     assert os.path.getsize(tmp_path / "watched" / "tuning_curve.png") > 0
-    assert "held_out_loss" not in plain and not os.path.exists(tmp_path / "plain" / "tuning_curve.png")
-    with pytest.raises(SystemExit, match="--eval_steps must be a positive number of steps, got 0"):
-        run_prompt_tuning(common + ["--output_dir", str(tmp_path / "bad"), "--eval_steps", "0"])
-    assert not os.path.exists(tmp_path / "bad")
+    assert "held_out_loss" not in plain
+    for flag, value, message in (("--eval_steps", "0", "--eval_steps must be a positive number of steps, got 0"),
+                                 ("--early_stopping_patience", "-1", "--early_stopping_patience must be 0"),
+                                 ("--validation_fraction", "1", r"--validation_fraction must be in \[0, 1\), got 1")):
+        with pytest.raises(SystemExit, match=message):
+            run_prompt_tuning(common + ["--output_dir", str(tmp_path / "bad"), flag, value])
+        assert not os.path.exists(tmp_path / "bad")
+
+
+def test_validation_rows_are_disjoint_from_the_tuning_rows_and_counted_by_the_same_rule():
+    rows = [{"key": f"r{i}", "label": i % 3} for i in range(950)] + [{"key": f"s{i}", "label": 3} for i in range(50)]
+    tuning, validation = split_tuning_rows(rows, 0.01, 0.01, per_class=True, seed=0)
+    assert tuning == split_tuning_rows(rows, 0.01, 0.0, per_class=True, seed=0)[0]  # validation takes no tuning row
+    assert not {r["key"] for r in tuning} & {r["key"] for r in validation}
+    assert {c: sum(r["label"] == c for r in validation) for c in range(4)} == {0: 4, 1: 4, 2: 4, 3: 1}
+    tuning, validation = split_tuning_rows(rows, 0.01, 0.02, per_class=False, seed=0)
+    assert (len(tuning), len(validation)) == (10, 20)
+    assert split_tuning_rows(rows, 0.01, 0.0, per_class=False)[1] == []
+    # a class of one row gives it to tuning, none to validation
+    assert split_tuning_rows([{"key": "a", "label": 0}], 0.01, 0.01, per_class=True) == ([{"key": "a", "label": 0}], [])
+
+
+class _Control:
+    should_training_stop = False
+
+
+def test_the_kept_model_is_the_one_of_the_best_validation_score_and_patience_stops_training():
+    """Scores 0.1, 0.5, 0.5, 0.4 at steps 0..3 with patience 2: the parameters of step 1 (the earliest of the
+    tie) are written back at the end, and training is told to stop at step 3 (two evaluations without a
+    higher score), not before; evaluations of other sets are not validation rounds."""
+    from types import SimpleNamespace
+
+    model = nn.Linear(2, 1)
+    model.bias.requires_grad = False
+    scores = iter([0.1, 0.5, 0.5, 0.4])
+    keeper = KeepBestOnValidation(model, lambda: next(scores), patience=2)
+    control = _Control()
+    kept = None
+    for step in range(4):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+            model.bias.fill_(float(step))
+        if step == 1:
+            kept = model.weight.detach().clone()
+        assert not control.should_training_stop
+        keeper.on_evaluate(None, SimpleNamespace(global_step=step), control, metrics={"eval_validation_loss": 3.0 - step})
+        keeper.on_evaluate(None, SimpleNamespace(global_step=step), control, metrics={"eval_held_out_loss": 0.0})
+    assert control.should_training_stop and keeper.best_step == 1
+    assert keeper.history == [(0, 3.0, 0.1), (1, 2.0, 0.5), (2, 1.0, 0.5), (3, 0.0, 0.4)]
+    keeper.on_train_end(None, None, control)
+    assert torch.equal(model.weight, kept) and model.bias.item() == 3.0  # only trainable parameters are kept
+    # evaluations within the warmup (steps <= patience_from) do not count towards the patience
+    scores = iter([0.5, 0.1, 0.1, 0.1, 0.1])
+    keeper, control = KeepBestOnValidation(model, lambda: next(scores), patience=2, patience_from=2), _Control()
+    stopped = []
+    for step in range(5):
+        keeper.on_evaluate(None, SimpleNamespace(global_step=step), control, metrics={"eval_validation_loss": 1.0})
+        stopped.append(control.should_training_stop)
+    assert stopped == [False, False, False, False, True] and keeper.best_step == 0
+    # the untuned start is recorded but not kept unless it is the pre-trained model
+    scores = iter([0.9, 0.2, 0.3])
+    keeper = KeepBestOnValidation(model, lambda: next(scores), start_is_candidate=False)
+    for step in range(3):
+        keeper.on_evaluate(None, SimpleNamespace(global_step=step), _Control(), metrics={"eval_validation_loss": 1.0})
+    assert keeper.best_step == 2 and [point[2] for point in keeper.history] == [0.9, 0.2, 0.3]
 
 
 def test_script_options_come_as_flags_in_either_spelling_or_as_a_yaml_file(tmp_path, capsys):
