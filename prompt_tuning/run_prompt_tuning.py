@@ -287,7 +287,7 @@ def plot_tuning_curve(results: dict, path: str) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(results["train_loss_steps"], results["train_loss"], label="training loss (tuning rows)")
-    for key, label in (("validation_loss", "validation loss (chooses the step)"), ("held_out_loss", "held-out loss")):
+    for key, label in (("validation_loss", "validation loss"), ("held_out_loss", "held-out loss")):
         if results.get(key):
             steps, losses = zip(*results[key])
             ax.plot(steps, losses, "o-", label=label)
@@ -298,7 +298,8 @@ def plot_tuning_curve(results: dict, path: str) -> bool:
     if results.get("validation_score"):
         right = ax.twinx()
         steps, scores = zip(*results["validation_score"])
-        right.plot(steps, scores, "s--", color="tab:purple", label=f"validation {results['validation_metric']}")
+        right.plot(steps, scores, "s--", color="tab:purple",
+                   label=f"validation {results['validation_metric']} (chooses the step)")
         right.set_ylabel(f"validation {results['validation_metric']}")
         more_handles, more_labels = right.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
@@ -373,6 +374,9 @@ def main(argv=None) -> dict:
                          f"got {args.early_stopping_patience}")
     if not 0 <= args.validation_fraction < 1:
         raise SystemExit(f"error: --validation_fraction must be in [0, 1), got {args.validation_fraction}")
+    if args.eval_steps is not None and not args.validation_fraction and not args.held_out_curve:
+        raise SystemExit("error: --eval_steps sets when the validation rows or the held-out curve are evaluated, "
+                         "and --validation_fraction 0 without --held_out_curve evaluates neither")
     from transformers import TrainingArguments, set_seed
 
     from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception

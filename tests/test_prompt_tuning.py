@@ -359,6 +359,8 @@ def test_held_out_loss_during_tuning_changes_nothing_it_measures(tiny_cache, tin
     assert watched["held_out_loss"][-1][1] != watched["held_out_loss"][0][1]
     assert os.path.getsize(tmp_path / "watched" / "tuning_curve.png") > 0
     assert "held_out_loss" not in plain
+    with pytest.raises(SystemExit, match="--validation_fraction 0 without --held_out_curve evaluates neither"):
+        run_prompt_tuning(common + ["--output_dir", str(tmp_path / "bad"), "--validation_fraction", "0"])
     for flag, value, message in (("--eval_steps", "0", "--eval_steps must be a positive number of steps, got 0"),
                                  ("--early_stopping_patience", "-1", "--early_stopping_patience must be 0"),
                                  ("--validation_fraction", "1", r"--validation_fraction must be in \[0, 1\), got 1")):
