@@ -408,7 +408,7 @@ def test_the_kept_model_is_the_one_of_the_best_validation_score_and_patience_sto
         keeper.on_evaluate(None, SimpleNamespace(global_step=step), control, metrics={"eval_validation_loss": 3.0 - step})
         keeper.on_evaluate(None, SimpleNamespace(global_step=step), control, metrics={"eval_held_out_loss": 0.0})
     assert control.should_training_stop and keeper.best_step == 1
-    assert keeper.history == [(0, 3.0, 0.1), (1, 2.0, 0.5), (2, 1.0, 0.5), (3, 0.0, 0.4)]
+    assert keeper.history == [(0, 0.1), (1, 0.5), (2, 0.5), (3, 0.4)]
     keeper.on_train_end(None, None, control)
     assert torch.equal(model.weight, kept) and model.bias.item() == 3.0  # only trainable parameters are kept
     # evaluations within the warmup (steps <= patience_from) do not count towards the patience
@@ -424,7 +424,7 @@ def test_the_kept_model_is_the_one_of_the_best_validation_score_and_patience_sto
     keeper = KeepBestOnValidation(model, lambda: next(scores), start_is_candidate=False)
     for step in range(3):
         keeper.on_evaluate(None, SimpleNamespace(global_step=step), _Control(), metrics={"eval_validation_loss": 1.0})
-    assert keeper.best_step == 2 and [point[2] for point in keeper.history] == [0.9, 0.2, 0.3]
+    assert keeper.best_step == 2 and [point[1] for point in keeper.history] == [0.9, 0.2, 0.3]
 
 
 def test_script_options_come_as_flags_in_either_spelling_or_as_a_yaml_file(tmp_path, capsys):
