@@ -4,8 +4,9 @@
     python -m benchmarks.bench_trainer --config training/configs/tiny_cpu.yaml --sizes config \\
         --routings attribute --warmup 2 --steps 4 --profile-steps 2                                      # CPU
 
-For each (size, routing, prefetch worker), one `Pretrainer` of the config (`--set` overrides as in `training.pretrain`, except
-the settings the benchmark fixes: evaluation and checkpoints off, a temporary output folder):
+For each (size, routing, prefetch worker, number of worker processes), one `Pretrainer` of the config (`--set`
+overrides as in `training.pretrain`, except the settings the benchmark fixes: evaluation and checkpoints off, a
+temporary output folder; `--prefetch-processes 1,3` compares the numbers of data worker processes):
 
 1. trainer: `--warmup` then `--steps` steps of the trainer's own loop; tokens/s over the measured steps
    (the tokens each step ran through the encoder, candidates included, as the trainer logs them), and the
@@ -46,6 +47,8 @@ class BenchTrainerArguments:
                                                           "'config' keeps the config's model"})
     routings: str = field(default="none,attribute,token", metadata={"help": "model.moe_routing values"})
     prefetch_workers: str = field(default="process", metadata={"help": "data.prefetch_worker values (process, thread)"})
+    prefetch_processes: str = field(default="1", metadata={"help": "data.prefetch_processes values (worker "
+                                                                  "processes of prefetch_worker: process)"})
     warmup: int = field(default=20, metadata={"help": "trainer steps before the measured ones"})
     steps: int = field(default=60, metadata={"help": "measured steps (trainer, then the model on the same batches)"})
     profile_steps: int = field(default=10, metadata={"help": "profiled trainer steps after the measured ones"})
@@ -61,21 +64,25 @@ def synchronize(device: torch.device) -> None:
 
 
 def variant_overrides(args: BenchTrainerArguments, size: str, routing: str, output_dir: str,
-                      prefetch_worker: str = "process") -> list[str]:
+                      prefetch_worker: str = "process", prefetch_processes: int = 1) -> list[str]:
     total = args.warmup + args.steps + args.profile_steps
     overrides = list(args.set) + [f"output_dir={output_dir}", f"train.max_steps={total}", "train.eval_every=0",
                  "train.save_every=0", "train.tracker=null", "train.max_minutes=null", "train.grad_accum=1",
-                 f"train.log_every={total}", f"model.moe_routing={routing}", f"data.prefetch_worker={prefetch_worker}"]
+                 f"train.log_every={total}", f"model.moe_routing={routing}", f"data.prefetch_worker={prefetch_worker}",
+                 f"data.prefetch_processes={prefetch_processes}"]
     if size != "config":
         overrides.append(f"model.model_size={size}")
     return overrides  # the benchmark's own settings win over --set
 
 
-def compiled_graphs() -> int:
-    """How many graphs torch.compile has built in this process so far."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
+def prefetch_worker_label(config) -> str:
+    """Where the variant's batches are built: "none" (in the loop), "thread", "process" or "process x N"."""
+    data = config.data
+    if data.prefetch <= 0:
+        return "none"
+    if data.prefetch_worker == "process" and data.prefetch_processes > 1:
+        return f"process x{data.prefetch_processes}"
+    return data.prefetch_worker
 
 
 def busy_seconds(events) -> float:
@@ -120,26 +127,31 @@ def profile_shares(profiler, wall: float, device: torch.device) -> dict:
 
 def progress(name: str, what: str, since: float) -> None:
     """One line on stdout as a variant goes (a run stopped by a time limit still says how far it got)."""
-    print(f"[{name}] {what}: {time.perf_counter() - since:.1f} s, {compiled_graphs()} graphs compiled", flush=True)
+    from training.trainer import compiled_graph_count
+
+    print(f"[{name}] {what}: {time.perf_counter() - since:.1f} s, {compiled_graph_count()} graphs compiled", flush=True)
 
 
-def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefetch_worker: str = "process") -> dict:
+def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefetch_worker: str = "process",
+                    prefetch_processes: int = 1) -> dict:
     from tqdm.auto import tqdm
 
     from training.config import load_config
     from training.tasks import task_loss
-    from training.trainer import Pretrainer, read_step_result
+    from training.trainer import Pretrainer, compiled_graph_count, read_step_result
 
     with tempfile.TemporaryDirectory() as output_dir:
-        config = load_config(args.config, variant_overrides(args, size, routing, output_dir, prefetch_worker))
+        config = load_config(args.config, variant_overrides(args, size, routing, output_dir, prefetch_worker,
+                                                                prefetch_processes))
         trainer = Pretrainer(config)
         device = trainer.accelerator.device
         first, last = args.warmup, args.warmup + args.steps
-        results, stamps, graphs = [], {}, {0: compiled_graphs()}
+        results, stamps, graphs = [], {}, {0: compiled_graph_count()}
         profiled = {"profiler": None}
         step_once = trainer.train_step
 
-        name = f"{size}/{routing}/{prefetch_worker}"
+        workers = prefetch_worker_label(config)
+        name = f"{size}/{routing}/{workers}"
         every = max(1, first // 8)
 
         def timed_step(index: int) -> dict:  # the trainer's own step; the clock is read (after a device
@@ -150,7 +162,7 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
             if len(results) in (first, last):
                 synchronize(device)
                 stamps[len(results)] = time.perf_counter()
-                graphs[len(results)] = compiled_graphs()
+                graphs[len(results)] = compiled_graph_count()
             if len(results) == first:
                 progress(name, f"warm-up done ({first} steps)", stamps[0])
             if len(results) == last:
@@ -180,9 +192,9 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
         trainer_seconds = stamps[last] - stamps[first]
         measured_tokens = sum(tokens[first:last])
         row = {"size": size, "routing": routing, "device": str(device),
-               "prefetch_worker": prefetch_worker if config.data.prefetch > 0 else "none",
-               "compile": config.train.compile_mode if config.train.compile else "eager",
-               "text_padding": config.data.text_padding,
+               "prefetch_worker": workers,
+               "compile": config.train.compile_mode if trainer.compiled else "eager",
+               "text_padding": trainer.ctx.text_padding,
                "warmup_seconds": round(stamps[first] - stamps[0], 2),
                # graphs torch.compile built while the measured steps ran: 0 unless the warm-up missed a shape
                "graphs_compiled_while_measured": graphs[last] - graphs.get(first, graphs[0]),
@@ -209,7 +221,7 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
         def model_step(batch) -> None:
             loss_weight = config.tasks[batch.task.name].loss_weight
             loss_weight = batch.task.loss_weight if loss_weight is None else loss_weight
-            if config.train.compile:
+            if trainer.compiled:
                 torch.compiler.cudagraph_mark_step_begin()  # as the trainer's step does
             output = model(**batch.inputs, task_family=batch.task.family)
             loss = task_loss(batch, output, trainer.model_config.label_smoothing_for(batch.task.family),
@@ -258,10 +270,18 @@ def main(argv=None) -> list[dict]:
     def names(text: str) -> list[str]:
         return [name.strip() for name in text.split(",") if name.strip()]
 
+    try:
+        processes = [int(count) for count in names(args.prefetch_processes)]
+    except ValueError:
+        raise SystemExit(f"error: --prefetch-processes takes whole numbers, got {args.prefetch_processes!r}")
+    if not processes or min(processes) < 1:
+        raise SystemExit("error: --prefetch-processes must be >= 1")
     rows = []
-    for size, routing, worker in itertools.product(names(args.sizes), names(args.routings),
-                                                   names(args.prefetch_workers)):
-        rows.append(measure_variant(args, size, routing, worker))
+    for size, routing, worker, count in itertools.product(names(args.sizes), names(args.routings),
+                                                          names(args.prefetch_workers), processes):
+        if worker != "process" and count != processes[0]:
+            continue  # the number of worker processes means nothing to a thread
+        rows.append(measure_variant(args, size, routing, worker, count))
         gc.collect()  # the variant's trainer, model and batches
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -47,7 +47,8 @@ def main(argv=None) -> list[dict]:
     from training.tasks import build_batch
     from training.trainer import Pretrainer
 
-    config = load_config(args.config, ["train.tracker=null", "output_dir=outputs/candidate-spread", *args.set])
+    config = load_config(args.config, ["train.tracker=null", "train.compile=false", "output_dir=outputs/candidate-spread",
+                                       *args.set])
     trainer = Pretrainer(config)
     name = next((n for n, t in trainer.tasks.items() if t.family == "mlm"), None)
     if name is None:

@@ -11,23 +11,25 @@
 # metrics, report and comparison into $OUT/sweep.tar.gz. INTERFERENCE_TASKS (comma-separated tasks) also runs
 # training.interference on every run's final model (INTERFERENCE_SAMPLES per task, default 100; each bounded by
 # INTERFERENCE_LIMIT seconds, default 300; INTERFERENCE_ARGS adds options, e.g. "--vocabulary_size 4096") and
-# packs its interference.json and .png.
+# packs its interference.json and .png. The runs are eager unless COMPILE=true (or auto): short runs finish
+# sooner without the compile warm-up (docs/training.md).
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=3
 CONFIG=${CONFIG:-training/configs/fashion_mnist_ti.yaml}
+EAGER=(--set train.compile=${COMPILE:-false})
 SWEEP=/tmp/sweep
 mkdir -p $SWEEP
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 GPUS=$(( GPUS > 0 ? GPUS : 1 ))
 side_by_side() {  # name, then --set arguments: the model and its plain baselines at once, then the comparison
   local name=$1; shift
-  timeout ${RUN_LIMIT:-500} python3 -m training.pretrain --config $CONFIG --set output_dir=$SWEEP/$name "$@" \
-    > $SWEEP/$name.log 2>&1 &
-  timeout ${RUN_LIMIT:-500} python3 -m training.baselines --plain-only --config $CONFIG \
+  timeout ${RUN_LIMIT:-500} python3 -m training.pretrain --config $CONFIG "${EAGER[@]}" --set output_dir=$SWEEP/$name \
+    "$@" > $SWEEP/$name.log 2>&1 &
+  timeout ${RUN_LIMIT:-500} python3 -m training.baselines --plain-only --config $CONFIG "${EAGER[@]}" \
     --set output_dir=$SWEEP/$name.plain "$@" > $SWEEP/$name.plain.log 2>&1 &
   wait
-  python3 -m training.baselines --skip-model --plain-from $SWEEP/$name.plain --config $CONFIG \
+  python3 -m training.baselines --skip-model --plain-from $SWEEP/$name.plain --config $CONFIG "${EAGER[@]}" \
     --set output_dir=$SWEEP/$name "$@" >> $SWEEP/$name.log 2>&1
 }
 read -r -a order <<< "${GPU_ORDER:-}"
@@ -40,8 +42,8 @@ for spec in "$@"; do
   if [[ $name == plain+* ]]; then
     side_by_side "$name" "${args[@]}" &
   else
-    timeout ${RUN_LIMIT:-500} python3 -m training.pretrain --config $CONFIG --set output_dir=$SWEEP/$name \
-      "${args[@]}" > $SWEEP/$name.log 2>&1 &
+    timeout ${RUN_LIMIT:-500} python3 -m training.pretrain --config $CONFIG "${EAGER[@]}" \
+      --set output_dir=$SWEEP/$name "${args[@]}" > $SWEEP/$name.log 2>&1 &
   fi
 done
 wait

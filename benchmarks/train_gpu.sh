@@ -5,7 +5,8 @@
 # Prints samples/s too: every task's rows per step, over all processes.
 # TASK_SAMPLING (default shared: one task per step on every process, as docs/training.md's table) may be
 # per_process. EXTRA (default empty) adds --set arguments to every run; TAG (default empty) is appended to the
-# run folders' names, so several calls can write beside each other.
+# run folders' names, so several calls can write beside each other. COMPILE (default false: these runs are
+# short) sets train.compile.
 # Writes each run's output dir and log under $OUT and prints a table of tokens/s.
 set -o pipefail
 STEPS=${1:-100}; NPROC=${2:-1}; shift 2; SIZES=${@:-ti b}
@@ -21,7 +22,7 @@ print(' '.join(f'--set tasks.{name}.batch_size={spec[\"batch_size\"] * $NPROC}' 
 fi
 for SIZE in $SIZES; do
   RUN=$OUT/${SIZE}_${NPROC}gpu${TAG:+_$TAG}
-  ARGS="--config training/configs/gpu_b.yaml $PER_GPU --set model.model_size=$SIZE --set output_dir=$RUN --set train.max_steps=$STEPS --set train.warmup_steps=10 --set train.eval_every=0 --set train.save_every=0 --set data.eval_samples=128 --set train.tracker=null --set data.task_sampling=${TASK_SAMPLING:-shared} ${EXTRA:-}"
+  ARGS="--config training/configs/gpu_b.yaml $PER_GPU --set model.model_size=$SIZE --set output_dir=$RUN --set train.max_steps=$STEPS --set train.warmup_steps=10 --set train.eval_every=0 --set train.save_every=0 --set data.eval_samples=128 --set train.tracker=null --set data.task_sampling=${TASK_SAMPLING:-shared} --set train.compile=${COMPILE:-false} ${EXTRA:-}"
   if [ "$NPROC" = 1 ]; then
     python3 -m training.pretrain $ARGS > $RUN.log 2>&1
   else

@@ -258,6 +258,27 @@ def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batc
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == rows
 
 
+def test_trainer_benchmark_names_its_prefetch_layout_and_refuses_bad_process_counts(tmp_path):
+    """Each row says where its batches were built ("process x3" for three worker processes); a count of
+    worker processes that is not a whole number >= 1 is refused before any trainer is built."""
+    from types import SimpleNamespace
+
+    from benchmarks.bench_trainer import main as bench_trainer_main
+    from benchmarks.bench_trainer import prefetch_worker_label
+
+    def data(prefetch, worker, processes):
+        return SimpleNamespace(data=SimpleNamespace(prefetch=prefetch, prefetch_worker=worker,
+                                                    prefetch_processes=processes))
+
+    assert prefetch_worker_label(data(0, "process", 3)) == "none"
+    assert prefetch_worker_label(data(2, "thread", 1)) == "thread"
+    assert prefetch_worker_label(data(2, "process", 1)) == "process"
+    assert prefetch_worker_label(data(2, "process", 3)) == "process x3"
+    for bad in ("0", "two", ""):
+        with pytest.raises(SystemExit, match="prefetch-processes"):
+            bench_trainer_main(["--config", str(tmp_path / "never_read.yaml"), "--prefetch-processes", bad])
+
+
 def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
     """`benchmarks/routing_ablation.sh` (DRY_RUN=1 prints each part's runs): parts 1-6 are every routing
     over seeds 0-2, parts 7-9 train each gpu_b.yaml task alone once, with every other task at weight 0; all

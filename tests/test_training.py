@@ -249,6 +249,55 @@ def test_text_length_buckets():
     assert bucket_length(20, 24) == 24 and bucket_length(40, 32) == 40  # capped, never below the text
 
 
+def test_compile_is_on_for_cuda_by_default_and_its_padding_follows(tiny_cache, tmp_path):
+    """`train.compile: auto` (the default) compiles on a CUDA device only; `data.text_padding: auto` (the
+    default) pads to buckets when the run compiles, to the longest text otherwise; explicit values win,
+    and anything but auto/true/false is refused when the config is read."""
+    from training.config import compiles, text_padding
+
+    config = parse_config(run_config(tiny_cache, str(tmp_path)))
+    assert config.train.compile == "auto" and config.data.text_padding == "auto"
+    assert compiles(config, "cuda") and not compiles(config, "cpu")
+    assert text_padding(config, compiled=True) == "buckets" and text_padding(config, compiled=False) == "longest"
+    for setting, on_cuda in ((True, True), (False, False)):
+        explicit = parse_config(run_config(tiny_cache, str(tmp_path), compile=setting))
+        assert compiles(explicit, "cuda") is on_cuda and compiles(explicit, "cpu") is setting
+    raw = run_config(tiny_cache, str(tmp_path))
+    raw["data"]["text_padding"] = "longest"
+    assert text_padding(parse_config(raw), compiled=True) == "longest"
+    with pytest.raises(ConfigError, match="train.compile must be one of"):
+        parse_config(run_config(tiny_cache, str(tmp_path), compile="sometimes"))
+
+
+def test_masked_word_spans_match_a_token_by_token_reading():
+    """The vectorised word split of `masked_word_spans` chooses the same spans, from the same random draws,
+    as reading the sequence token by token (a word ends at a word-end token or before the end token)."""
+    import numpy as np
+
+    from training.tasks import masked_word_spans
+
+    def token_by_token(ids, word_end, probability, rng, first):
+        words, start = [], first
+        for position in range(first, len(ids) - 1):
+            if word_end[ids[position]] or position == len(ids) - 2:
+                words.append((start, position + 1))
+                start = position + 1
+        if not words:
+            return []
+        count = max(1, int(round(probability * len(words))))
+        chosen = rng.choice(len(words), size=min(count, len(words)), replace=False)
+        return [words[w] for w in sorted(chosen)]
+
+    draw = np.random.default_rng(0)
+    word_end = draw.random(50) < 0.4
+    for case in range(300):
+        ids = draw.integers(0, 50, size=int(draw.integers(0, 20))).tolist()
+        first, probability = int(draw.integers(0, 2)), float(draw.choice([0.15, 0.5, 0.9]))
+        expected = token_by_token(ids, word_end, probability, np.random.default_rng(case), first)
+        got = masked_word_spans(ids, torch.from_numpy(word_end), probability, np.random.default_rng(case), first)
+        assert got == expected, (ids, first, probability)
+
+
 @pytest.mark.parametrize("name", ["austen_mlm", "emoji_captioning", "emoji_retrieval", "wordnet_lexname_classification",
                                   "fashion_mnist_classification"])
 def test_bucketed_text_padding_changes_shapes_not_the_loss(name, tiny_cache, context):

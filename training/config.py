@@ -48,8 +48,9 @@ class DataConfig:
     # families at the log-frequencies of their answers in the first training rows (trainer.start_word_bias)
     eval_samples: int = 128  # per task, from the test split
     prefetch: int = 2  # batches built ahead (0 = none: each built when the step needs it)
-    text_padding: str = "longest"  # longest (a batch's texts padded to its longest) | buckets (to 8, 16, 32, ...:
-    # a few shapes per task, for train.compile; tasks.bucket_length)
+    text_padding: str = "auto"  # longest (a batch's texts padded to its longest) | buckets (to 8, 16, 32, ...:
+    # a few shapes per task, for train.compile; tasks.bucket_length) | auto (buckets when the run compiles,
+    # longest otherwise)
     prefetch_worker: str = "process"  # process (a forked DataLoader worker: the decoding does not hold the training
     # loop's interpreter lock) | thread (in the training process)
     prefetch_processes: int = 1  # worker processes under prefetch_worker: process, each building the batches of its
@@ -96,15 +97,16 @@ class TrainConfig:
     on_non_finite: str = "stop"  # a step whose gradient norm is not finite is never applied; stop the run, or
     # skip it and go on (stopping after 10 in a row). fp16 always skips: its loss scaler overflows by design
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the encoder (model.compile_encoder); one graph per batch shape, so
-    # data.text_padding: buckets keeps their number small
-    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune |
-    # max-autotune-no-cudagraphs
-    compile_per_layer: bool = False  # compile each layer instead of the whole stack: dense and MoE layers share
+    compile: bool | str = "auto"  # torch.compile the encoder (model.compile_encoder): true | false | auto (on a
+    # CUDA device, eager elsewhere). The first steps of each task's shapes compile their graphs (minutes, logged
+    # as `compiled_graphs`); a run that fails to compile under auto goes on eagerly for the failing code
+    compile_mode: str = "reduce-overhead"  # torch.compile mode: reduce-overhead (CUDA graphs) | default |
+    # max-autotune | max-autotune-no-cudagraphs
+    compile_per_layer: bool = True  # compile each layer instead of the whole stack: dense and MoE layers share
     # their graphs, so a mixture of shapes compiles far less (model.compile_encoder(per_layer=True))
-    compile_shapes: str = "auto"  # auto (dynamo's default: a graph for the first shape, then one with the
-    # changing sizes symbolic: a few graphs in all) | static (a graph per shape: the fastest kernels, the longest
-    # warm-up; with data.text_padding: buckets the shapes are few) | dynamic (symbolic sizes from the start)
+    compile_shapes: str = "static"  # static (a graph per shape: the fastest kernels; with data.text_padding:
+    # buckets the shapes are few) | auto (dynamo's default: a graph for the first shape, then one with the
+    # changing sizes symbolic: fewer graphs, about as long to compile) | dynamic (symbolic sizes from the start)
 
 
 @dataclass
@@ -129,8 +131,22 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
 
+COMPILE_CHOICES = ("auto", True, False)  # train.compile
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_SHAPES = {"auto": None, "static": False, "dynamic": True}  # train.compile_shapes -> torch.compile(dynamic=...)
+
+
+def compiles(config: "PretrainConfig", device_type: str) -> bool:
+    """Whether a run on a `device_type` device ("cuda", "cpu", ...) compiles its encoder: `train.compile`, with
+    auto meaning on a CUDA device only."""
+    setting = config.train.compile
+    return device_type == "cuda" if setting == "auto" else setting
+
+
+def text_padding(config: "PretrainConfig", compiled: bool) -> str:
+    """`data.text_padding` with auto resolved: buckets for a compiled run (a few shapes), longest otherwise."""
+    setting = config.data.text_padding
+    return ("buckets" if compiled else "longest") if setting == "auto" else setting
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 CHOICES = {
     ("data", "slice"): ("tiny", "small", "full"),
@@ -143,6 +159,7 @@ CHOICES = {
     ("data", "mlm_corruption"): MLM_CORRUPTIONS,
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
     ("train", "on_non_finite"): ("stop", "skip"),
+    ("train", "compile"): COMPILE_CHOICES,
     ("train", "compile_mode"): COMPILE_MODES,
     ("train", "compile_shapes"): tuple(COMPILE_SHAPES),
 }

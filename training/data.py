@@ -318,7 +318,9 @@ class ProcessPrefetcher:
     reads step s from the worker owning s's task and gives the batch the whole loader state right after it
     (the owner's tasks from the batch, the others' as their workers last left them), so exact resumption is
     as with the thread. `pin_memory` pins the batches in the training process (the DataLoader's pinning
-    thread). A worker's error is raised by `get` with its type."""
+    thread). Each worker builds `depth / processes` batches ahead (rounded up), so the batches waiting in
+    page-locked memory stay about `depth` whatever the number of workers. A worker's error is raised by `get`
+    with its type."""
 
     def __init__(self, loader: MultiTaskLoader, first_step: int, depth: int = 2, pin_memory: bool = False,
                  processes: int = 1):
@@ -330,9 +332,10 @@ class ProcessPrefetcher:
         self._shares = share_tasks(loader, processes)
         self._owner = {name: index for index, share in enumerate(self._shares) for name in share}
         self._iterators = []
+        ahead = max(1, -(-depth // len(self._shares)))  # the batches in flight stay about `depth` in all
         for share in self._shares:
             worker = DataLoader(StepBatches(loader, first_step, share), batch_size=None, num_workers=1,
-                                prefetch_factor=max(1, depth), pin_memory=pin_memory,
+                                prefetch_factor=ahead, pin_memory=pin_memory,
                                 multiprocessing_context=multiprocessing.get_context("fork"),
                                 generator=torch.Generator().manual_seed(0))  # the global torch RNG is untouched
             self._iterators.append(iter(worker))

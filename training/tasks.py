@@ -112,7 +112,7 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-TEXT_PADDINGS = ("longest", "buckets")
+TEXT_PADDINGS = ("longest", "buckets", "auto")  # data.text_padding; auto: config.text_padding
 SMALLEST_BUCKET = 8
 
 
@@ -547,26 +547,29 @@ def append_query_token(ids: torch.Tensor, mask: torch.Tensor, token: int, max_le
     return out, out_mask
 
 
-def masked_word_spans(ids: list[int], word_end: torch.Tensor, probability: float,
-                      rng: np.random.Generator, first: int = 1) -> list[tuple[int, int]]:
-    """Choose `probability` of the words (at least one) of a `[bos] tokens [eos]` sequence (`first` = 1) or of
-    a `tokens [eos]` one (`first` = 0): the chosen words' `(start, end)` token spans, in sequence order."""
-    words, start = [], first
-    for position in range(first, len(ids) - 1):
-        if bool(word_end[ids[position]]) or position == len(ids) - 2:
-            words.append((start, position + 1))
-            start = position + 1
-    if not words:
+def masked_word_spans(ids, word_end, probability: float, rng: np.random.Generator,
+                      first: int = 1) -> list[tuple[int, int]]:
+    """Choose `probability` of the words (at least one) of a `[bos] tokens [eos]` sequence `ids` `[T]` (`first`
+    = 1) or of a `tokens [eos]` one (`first` = 0), given `word_end` `[V]` (bool, token ends a word; arrays or
+    CPU tensors): the chosen words' `(start, end)` token spans, in sequence order. A word ends at a word-end
+    token or at the last token before `[eos]`."""
+    ids, word_end = np.asarray(ids), np.asarray(word_end)
+    last = len(ids) - 1  # the [eos] position: words lie in [first, last)
+    if last <= first:
         return []
-    count = max(1, int(round(probability * len(words))))
-    chosen = rng.choice(len(words), size=min(count, len(words)), replace=False)
-    return [words[w] for w in sorted(chosen)]
+    ends = np.flatnonzero(word_end[ids[first:last]]) + first + 1  # exclusive ends
+    if len(ends) == 0 or ends[-1] != last:
+        ends = np.append(ends, last)
+    starts = np.concatenate(([first], ends[:-1]))
+    count = max(1, int(round(probability * len(ends))))
+    chosen = np.sort(rng.choice(len(ends), size=min(count, len(ends)), replace=False))
+    return [(int(starts[w]), int(ends[w])) for w in chosen]
 
 
 MLM_CORRUPTIONS = ("reference", "mask_token")  # how `build_mlm` hides the chosen words
 
 
-def corrupt_masked_words(ids: torch.Tensor, spans: list[tuple[int, int]], mask_symbol: int, replace_some: bool,
+def corrupt_masked_words(ids: np.ndarray, spans: list[tuple[int, int]], mask_symbol: int, replace_some: bool,
                          random_below: int, rng: np.random.Generator) -> None:
     """Hide the chosen words of `ids` `[T]` in place: every token by `mask_symbol`, or with `replace_some` (the
     reference's training corruption) per word 80% of the time by `mask_symbol`, 10% by random tokens (ids
@@ -576,7 +579,7 @@ def corrupt_masked_words(ids: torch.Tensor, spans: list[tuple[int, int]], mask_s
         if draw < 0.8:
             ids[start:end] = mask_symbol
         elif draw < 0.9:
-            ids[start:end] = torch.from_numpy(rng.integers(0, random_below, end - start))
+            ids[start:end] = rng.integers(0, random_below, end - start)
 
 
 def build_mlm(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, training: bool = False) -> TaskBatch:
@@ -591,26 +594,27 @@ def build_mlm(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, tra
             skipped.append((sample_name(sample), str(error)))
     encoded = ctx.tokenize(texts)
     ids, mask = encoded["input_ids"].clone(), encoded["attention_mask"]
-    vocab_index, word_end = ctx.vocabulary_index(), ctx.word_end()
+    rows, lengths = ids.numpy(), mask.sum(1).tolist()  # `rows` shares `ids`' memory: corrupted in place
+    vocab_index, word_end = ctx.vocabulary_index().numpy(), ctx.word_end().numpy()
     reference = ctx.mlm_corruption == "reference"
     symbol = ctx.model_config.spe_token_id if reference else ctx.model_config.mask_token_id
     queries, labels = [], []
     for row, sample in enumerate(kept):
-        n = int(mask[row].sum())
         rng = sample_rng(ctx, task, sample, epoch)
-        spans = masked_word_spans(ids[row, :n].tolist(), word_end, ctx.mask_probability, rng,
+        spans = masked_word_spans(rows[row, : lengths[row]], word_end, ctx.mask_probability, rng,
                                   first=int(ctx.has_start_token))
-        positions = [p for start, end in spans for p in range(start, end)]
-        labels.append([int(vocab_index[ids[row, p]]) for p in positions])
+        positions = np.array([p for start, end in spans for p in range(start, end)], dtype=np.int64)
+        labels.append(vocab_index[rows[row, positions]])
         queries.append(positions)
         # random replacements are drawn from the CLIP BPE ids (those below [MASK]), as in the reference
-        corrupt_masked_words(ids[row], spans, symbol, reference and training, ctx.model_config.mask_token_id, rng)
+        corrupt_masked_words(rows[row], spans, symbol, reference and training, ctx.model_config.mask_token_id, rng)
     width = ctx.bucket(max((len(q) for q in queries), default=1) or 1, ids.shape[1])
-    query_positions = torch.full((len(kept), width), -1, dtype=torch.long)
-    label_tensor = torch.full((len(kept), width), -100, dtype=torch.long)
+    query_positions = np.full((len(kept), width), -1, dtype=np.int64)
+    label_rows = np.full((len(kept), width), -100, dtype=np.int64)
     for row, (q, l) in enumerate(zip(queries, labels)):
-        query_positions[row, : len(q)] = torch.tensor(q, dtype=torch.long)
-        label_tensor[row, : len(l)] = torch.tensor(l, dtype=torch.long)
+        query_positions[row, : len(q)] = q
+        label_rows[row, : len(l)] = l
+    query_positions, label_tensor = torch.from_numpy(query_positions), torch.from_numpy(label_rows)
     targets = ctx.word_targets()
     inputs = {"input_ids": ids, "attention_mask": mask, "query_positions": query_positions, **targets,
               **route_inputs(task, len(kept), attribute_rows(task.input_attributes, len(kept)), None,

@@ -31,7 +31,7 @@ from modeling_uniperceiver_moe.modeling_uniperceiver_moe import CandidateShard
 from .checkpoints import (CHECKPOINT_PREFIX, TRAINER_STATE, CheckpointError, config_changes, first_unreadable_file,
                           list_checkpoints, restore_schedule, set_aside_previous_run, unusable, verify_checkpoint,
                           write_checksums)
-from .config import COMPILE_SHAPES, ConfigError, PretrainConfig
+from .config import COMPILE_SHAPES, ConfigError, PretrainConfig, compiles, text_padding
 from .data import EmptyDatasetError, MultiTaskLoader, StreamSpec, TaskEntry, TaskStream, read_rows, start_prefetcher
 from .evaluation import BASELINE_TRAIN_ROWS, answer_counts, caption_generation_scores, evaluate_all, trivial_baseline
 from .tasks import (SHARED_CANDIDATE_FAMILIES, TaskContext, candidate_inputs, frequent_candidates, gather_rows,
@@ -124,6 +124,15 @@ STEP_REGIONS = ("trainer/batch", "trainer/to_device", "trainer/forward", "traine
 
 
 RESULT_LAG = 2  # micro-steps a step's losses and flags stay on the device before the host reads them
+
+
+def compiled_graph_count() -> int:
+    """How many graphs torch.compile has built in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 COMPILED_GRAPH_LIMIT = 1024  # graphs torch.compile may build per compiled function (dynamo's limit, raised)
 
 
@@ -259,6 +268,7 @@ class Pretrainer:
         check_sharding(acc.distributed_type)
         set_seed(config.seed)  # identical initial weights in every process
         self.model_config = build_model_config(config)
+        self.compiled = compiles(config, acc.device.type)  # train.compile, auto resolved for this device
         with acc.main_process_first():
             self.data_dir, self.manifest = slice_manifest(config, acc.is_main_process)
         self.processor = UniPerceiverMoEProcessor.build(image_size=self.model_config.image_size,
@@ -275,12 +285,14 @@ class Pretrainer:
             self.start_word_bias(model)
         if config.train.gradient_checkpointing:
             model.checkpoint_activations()
-        if config.train.compile:
+        if self.compiled:
             # one graph per (batch shape, train/eval) of each task, times the two layer kinds when compiled per
             # layer: more than dynamo's default of 64 for gpu_b.yaml's nine tasks (reached during a Ti warm-up,
             # docs/benchmarks.md). Past the limit dynamo silently runs new shapes eagerly.
             for limit in ("recompile_limit", "accumulated_recompile_limit"):
                 setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), COMPILED_GRAPH_LIMIT))
+            if config.train.compile == "auto":  # a graph that fails to compile runs eagerly (with a warning)
+                torch._dynamo.config.suppress_errors = True
             model.compile_encoder(per_layer=config.train.compile_per_layer, mode=config.train.compile_mode,
                                   dynamic=COMPILE_SHAPES[config.train.compile_shapes])
         optimizer = make_optimizer(model, config.optim, acc.device)
@@ -333,7 +345,7 @@ class Pretrainer:
                            max_text_length=self.config.data.max_text_length, seed=self.config.seed,
                            workers=self.config.data.workers, mask_probability=self.config.data.mask_probability,
                            mlm_corruption=self.config.data.mlm_corruption,
-                           text_padding=self.config.data.text_padding)
+                           text_padding=text_padding(self.config, self.compiled))
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> str:
@@ -479,7 +491,7 @@ class Pretrainer:
         task_config = self.config.tasks[batch.task.name]
         loss_weight = task_config.loss_weight if task_config.loss_weight is not None else batch.task.loss_weight
         shared = self.config.data.task_sampling == "shared"  # one task on every process this step
-        if self.config.train.compile:
+        if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # a new training step for CUDA graphs (reduce-overhead)
         with acc.accumulate(self.model):
             with region("trainer/forward"):
@@ -689,6 +701,7 @@ class Pretrainer:
         start_time = time.perf_counter()
         self._pending, self._window, self._window_tokens = [], {}, 0
         self._skipped_in_a_row = 0
+        self._graphs_seen = compiled_graph_count()
         window_start = time.perf_counter()
         while self.step < cfg.max_steps:
             result = self.train_step(self.micro_step)
@@ -726,6 +739,12 @@ class Pretrainer:
                 summary.update({f"train_loss/{k}": sum(v) / len(v) for k, v in window.items()})
                 if acc.device.type == "cuda":
                     summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+                if self.compiled:  # the compilation's cost: graphs built in this window, and its time above
+                    graphs = compiled_graph_count()
+                    summary["compiled_graphs"], self._graphs_seen = graphs - self._graphs_seen, graphs
+                    if summary["compiled_graphs"] and acc.is_main_process:
+                        tqdm.write(f"steps to {self.step}: torch.compile built {summary['compiled_graphs']} graphs "
+                                   f"({graphs} in all) in {elapsed:.0f} s, the first batches of each task's shapes")
                 self.log(summary)
                 progress.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{summary['tokens_per_second']:.0f}")
                 self._window, self._window_tokens, window_start = {}, 0, time.perf_counter()
