@@ -47,8 +47,9 @@ class BenchTrainerArguments:
                                                           "'config' keeps the config's model"})
     routings: str = field(default="none,attribute,token", metadata={"help": "model.moe_routing values"})
     prefetch_workers: str = field(default="process", metadata={"help": "data.prefetch_worker values (process, thread)"})
-    prefetch_processes: str = field(default="1", metadata={"help": "data.prefetch_processes values (worker "
-                                                                  "processes of prefetch_worker: process)"})
+    prefetch_processes: str = field(default="", metadata={"help": "data.prefetch_processes values (worker "
+                                                                 "processes of prefetch_worker: process); "
+                                                                 "default: the config's"})
     warmup: int = field(default=20, metadata={"help": "trainer steps before the measured ones"})
     steps: int = field(default=60, metadata={"help": "measured steps (trainer, then the model on the same batches)"})
     profile_steps: int = field(default=10, metadata={"help": "profiled trainer steps after the measured ones"})
@@ -64,12 +65,13 @@ def synchronize(device: torch.device) -> None:
 
 
 def variant_overrides(args: BenchTrainerArguments, size: str, routing: str, output_dir: str,
-                      prefetch_worker: str = "process", prefetch_processes: int = 1) -> list[str]:
+                      prefetch_worker: str = "process", prefetch_processes: int | None = None) -> list[str]:
     total = args.warmup + args.steps + args.profile_steps
     overrides = list(args.set) + [f"output_dir={output_dir}", f"train.max_steps={total}", "train.eval_every=0",
                  "train.save_every=0", "train.tracker=null", "train.max_minutes=null", "train.grad_accum=1",
-                 f"train.log_every={total}", f"model.moe_routing={routing}", f"data.prefetch_worker={prefetch_worker}",
-                 f"data.prefetch_processes={prefetch_processes}"]
+                 f"train.log_every={total}", f"model.moe_routing={routing}", f"data.prefetch_worker={prefetch_worker}"]
+    if prefetch_processes is not None:
+        overrides.append(f"data.prefetch_processes={prefetch_processes}")
     if size != "config":
         overrides.append(f"model.model_size={size}")
     return overrides  # the benchmark's own settings win over --set
@@ -133,7 +135,7 @@ def progress(name: str, what: str, since: float) -> None:
 
 
 def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefetch_worker: str = "process",
-                    prefetch_processes: int = 1) -> dict:
+                    prefetch_processes: int | None = None) -> dict:
     from tqdm.auto import tqdm
 
     from training.config import load_config
@@ -271,10 +273,10 @@ def main(argv=None) -> list[dict]:
         return [name.strip() for name in text.split(",") if name.strip()]
 
     try:
-        processes = [int(count) for count in names(args.prefetch_processes)]
+        processes = [int(count) for count in names(args.prefetch_processes)] or [None]  # None: the config's
     except ValueError:
         raise SystemExit(f"error: --prefetch-processes takes whole numbers, got {args.prefetch_processes!r}")
-    if not processes or min(processes) < 1:
+    if processes != [None] and min(processes) < 1:
         raise SystemExit("error: --prefetch-processes must be >= 1")
     rows = []
     for size, routing, worker, count in itertools.product(names(args.sizes), names(args.routings),

@@ -274,7 +274,7 @@ def test_trainer_benchmark_names_its_prefetch_layout_and_refuses_bad_process_cou
     assert prefetch_worker_label(data(2, "thread", 1)) == "thread"
     assert prefetch_worker_label(data(2, "process", 1)) == "process"
     assert prefetch_worker_label(data(2, "process", 3)) == "process x3"
-    for bad in ("0", "two", ""):
+    for bad in ("0", "two", "1,-2"):
         with pytest.raises(SystemExit, match="prefetch-processes"):
             bench_trainer_main(["--config", str(tmp_path / "never_read.yaml"), "--prefetch-processes", bad])
 

@@ -817,7 +817,7 @@ def test_killed_run_resumes_with_the_same_losses(tiny_cache, tmp_path):
 def test_compiled_encoder_trains_like_eager(tiny_cache, tmp_path):
     """The compiled encoder, with dynamo's automatic shapes, with static ones over bucketed text lengths
     (`data.text_padding: buckets`, `train.compile_shapes: static`) and compiled layer by layer, logs the eager
-    run's losses."""
+    run's losses; its first log window counts the graphs it compiled."""
     runs = {}
     for name, compiled, padding in (("eager", False, "longest"), ("compiled", True, "longest"),
                                     ("bucketed", True, "buckets"), ("per_layer", True, "buckets")):
@@ -829,6 +829,9 @@ def test_compiled_encoder_trains_like_eager(tiny_cache, tmp_path):
         done = launch(config, str(tmp_path / f"{name}.yaml"))
         assert done.returncode == 0, done.stderr[-3000:]
         runs[name] = step_losses(out)
+        with open(os.path.join(out, "metrics.jsonl")) as handle:  # the warm-up's graphs, logged per window
+            graphs = [row.get("compiled_graphs") for row in map(json.loads, handle) if "steps_per_second" in row]
+        assert graphs[0] > 0 if compiled else graphs == [None] * len(graphs), (name, graphs)
     for name in ("compiled", "bucketed", "per_layer"):
         assert sorted(runs[name]) == sorted(runs["eager"]) == [1, 2, 3]
         for step in (1, 2, 3):
