@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_batch_build [--config training/configs/gpu_b.yaml] [--steps 300] [--json OUT]
     python -m benchmarks.bench_batch_build --processes 1,2,3 [--steps 300]     # the worker processes' pace
+    python -m benchmarks.bench_batch_build --compare-token-ids                # stored token ids vs tokenising
 
 Builds the config's first `--steps` training batches in step order in this process, as the trainer's one
 prefetch worker does (`MultiTaskLoader.batch`: reading the rows, decoding and resizing images, tokenising,
@@ -11,7 +12,9 @@ mean here leaves the training loop waiting for data. The batches depend on the m
 size and tokenizer, not on its width or depth, so the trainer is built with a one-layer model of width 32
 (`--set` overrides as in `training.pretrain`; `data.text_padding` defaults to `buckets`, as compiled runs use).
 The worker process runs torch on one thread, this process on its default; building a batch is mostly
-image decoding and tokenising, which do not use torch's threads.
+image decoding and tokenising, which do not use torch's threads. A slice built with its texts' token ids
+(`build_data.add_token_ids`) skips the tokenizer; `--compare-token-ids` builds the same batches a second
+time tokenising every text and prints both side by side.
 
 With `--processes`, the same batches come instead through the trainer's prefetcher
 (`training.data.ProcessPrefetcher`, each worker process owning a share of the tasks) for each number of
@@ -41,6 +44,9 @@ class BenchBatchBuildArguments:
     steps: int = field(default=300, metadata={"help": "training batches to build, from step 0"})
     processes: str = field(default="", metadata={"help": "comma-separated numbers of worker processes to read the "
                                                         "batches through instead (data.prefetch_processes)"})
+    compare_token_ids: bool = field(default=False, metadata={"help": "also build the same batches tokenising every "
+                                                                      "text instead of packing the slice's stored "
+                                                                      "token ids, and print both side by side"})
     set: list[str] = field(default_factory=list, metadata={"help": "config overrides key=value (repeatable)"})
     json: Optional[str] = field(default=None, metadata={"help": "write the results here"})
 
@@ -73,10 +79,14 @@ def prefetch_pace(config_path: str, overrides: list[str], steps: int, processes:
             prefetcher.close()
 
 
-def build_times(config_path: str, overrides: list[str], steps: int) -> tuple[dict[str, list[float]], float]:
-    """Seconds to build each of the first `steps` batches, per task, and the seconds for all of them."""
+def build_times(config_path: str, overrides: list[str], steps: int,
+                stored_token_ids: bool = True) -> tuple[dict[str, list[float]], float]:
+    """Seconds to build each of the first `steps` batches, per task, and the seconds for all of them; with
+    `stored_token_ids=False` every text is tokenised, as for a slice without them."""
     with tempfile.TemporaryDirectory() as output_dir:
         loader = build_loader(config_path, overrides, output_dir)
+        if not stored_token_ids:
+            loader.ctx.token_id_tasks = frozenset()
         seconds: dict[str, list[float]] = {}
         began = time.perf_counter()
         for step in range(steps):
@@ -98,20 +108,36 @@ def main(argv=None) -> dict:
     return result
 
 
-def build_table(args: BenchBatchBuildArguments) -> dict:
-    seconds, total = build_times(args.config, args.set, args.steps)
+def task_rows(seconds: dict[str, list[float]]) -> dict[str, dict]:
     tasks = {}
     for name in sorted(seconds):
         # a task's first batch also opens its stream: left out of its median and mean when there are others
         values = seconds[name][1:] or seconds[name]
         tasks[name] = {"batches": len(seconds[name]), "median_ms": round(statistics.median(values) * 1000, 1),
                        "mean_ms": round(statistics.fmean(values) * 1000, 1)}
+    return tasks
+
+
+def build_table(args: BenchBatchBuildArguments) -> dict:
+    seconds, total = build_times(args.config, args.set, args.steps)
+    tasks = task_rows(seconds)
     result = {"config": args.config, "overrides": args.set, "steps": args.steps, "cores": os.cpu_count(),
               "mean_ms_per_batch": round(total / args.steps * 1000, 1), "tasks": tasks}
     print(f"{args.steps} batches of {args.config} built in one process: {result['mean_ms_per_batch']:.1f} ms a "
           f"batch on average ({result['cores']} cores)")
+    if not args.compare_token_ids:
+        for name, row in tasks.items():
+            print(f"{name:34s} {row['batches']:4d} batches  median {row['median_ms']:7.1f} ms  mean {row['mean_ms']:7.1f} ms")
+        return result
+    seconds, total = build_times(args.config, args.set, args.steps, stored_token_ids=False)
+    result["tokenised"] = {"mean_ms_per_batch": round(total / args.steps * 1000, 1), "tasks": task_rows(seconds)}
+    tokenised = result["tokenised"]
+    print(f"the same batches tokenising every text: {tokenised['mean_ms_per_batch']:.1f} ms a batch "
+          f"({tokenised['mean_ms_per_batch'] / result['mean_ms_per_batch']:.2f}x)")
+    print(f"{'task':34s} {'batches':>7s}  stored ids: mean ms  tokenised: mean ms  ratio")
     for name, row in tasks.items():
-        print(f"{name:34s} {row['batches']:4d} batches  median {row['median_ms']:7.1f} ms  mean {row['mean_ms']:7.1f} ms")
+        other = tokenised["tasks"][name]["mean_ms"]
+        print(f"{name:34s} {row['batches']:7d}  {row['mean_ms']:19.1f}  {other:18.1f}  {other / row['mean_ms']:5.2f}x")
     return result
 
 

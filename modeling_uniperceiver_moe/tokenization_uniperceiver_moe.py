@@ -90,6 +90,42 @@ def encode_texts(tokenizer, texts: list[str], add_bos_token: bool = True, max_le
     return encoded
 
 
+def text_body_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each cleaned text's token ids without the start and end tokens and untruncated: what
+    `pack_text_ids` turns into `encode_texts`' rows (the data builder stores them beside the texts)."""
+    return tokenizer([clean_text(t) for t in texts], add_special_tokens=False)["input_ids"]
+
+
+def pack_text_ids(bodies: list, start_id: int | None, end_id: int, pad_id: int, max_length: int):
+    """`encode_texts`' padded ids and mask `[N, T]` from texts' `text_body_ids`: each row `[start] body
+    [end]` (no start token when `start_id` is None), the body cut so the row holds at most `max_length`
+    tokens, as the tokenizer truncates; T is the longest row."""
+    import torch
+
+    start = [] if start_id is None else [start_id]
+    keep = max_length - len(start) - 1
+    rows = [start + list(body[:keep]) + [end_id] for body in bodies]
+    width = max((len(row) for row in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[index, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the tokenizer's vocabulary, merges and text normalisation: stored token ids are used
+    only by a tokenizer with the same fingerprint."""
+    import hashlib
+    import json
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    # what maps a text to ids; not the truncation and padding settings, which change with each call
+    kept = {key: state.get(key) for key in ("added_tokens", "normalizer", "pre_tokenizer", "model")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def build_uniperceiver_tokenizer(bpe_path: str | None = None, model_max_length: int = 512) -> CLIPTokenizer:
     """A `CLIPTokenizer` over CLIP's 49,408 tokens plus `[MASK]`, `[GEN]`, `[SPE]` (ids 49408..49410)."""
     vocab, merges = load_clip_vocab_and_merges(bpe_path)

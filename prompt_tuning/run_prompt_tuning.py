@@ -389,7 +389,7 @@ def main(argv=None) -> dict:
     from training.build_data import MANIFEST, build_slice
     from training.data import read_split
     from training.data_sources import SOURCES
-    from training.tasks import TaskContext, frequent_candidates, get_task, task_label_names
+    from training.tasks import TaskContext, frequent_candidates, get_task, stored_token_id_tasks, task_label_names
 
     try:
         task = get_task(args.task)
@@ -417,7 +417,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: --vocabulary_size {args.vocabulary_size}: {error}") from None
     ctx = TaskContext(processor.tokenizer, processor.image_processor, base.config,
                       label_names={task.name: label_names} if label_names else {},
-                      vocabulary=vocabulary, seed=args.seed)
+                      vocabulary=vocabulary, seed=args.seed,
+                      token_id_tasks=stored_token_id_tasks([task.name], manifest, processor.tokenizer))
     train_rows, validation_rows = split_tuning_rows(
         read_split(data_dir, manifest, task.source, "train"), args.data_fraction, args.validation_fraction,
         per_class=family in CLASSIFICATION, seed=args.seed)

@@ -211,8 +211,8 @@ def test_the_gpu_busy_time_is_the_union_of_device_activities():
 
 def test_batch_build_benchmark_times_every_task_drawn(tiny_cache, tmp_path):
     """`benchmarks.bench_batch_build` on a tiny config: every batch built is counted under its task, and the
-    per-task figures and the mean are written; with `--processes`, each number of worker processes hands
-    over batches. No timing is asserted."""
+    per-task figures and the mean are written, with `--compare-token-ids` also those of tokenising every
+    text; with `--processes`, each number of worker processes hands over batches. No timing is asserted."""
     import yaml
 
     from benchmarks.bench_batch_build import main as bench_batch_build_main
@@ -220,9 +220,11 @@ def test_batch_build_benchmark_times_every_task_drawn(tiny_cache, tmp_path):
 
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run_config(tiny_cache, str(tmp_path / "unused"))))
-    result = bench_batch_build_main(["--config", str(path), "--steps", "6", "--json", str(tmp_path / "build.json")])
+    result = bench_batch_build_main(["--config", str(path), "--steps", "6", "--compare-token-ids",
+                                     "--json", str(tmp_path / "build.json")])
     assert sum(row["batches"] for row in result["tasks"].values()) == 6 and result["mean_ms_per_batch"] > 0
     assert all(row["median_ms"] > 0 and row["mean_ms"] > 0 for row in result["tasks"].values())
+    assert result["tokenised"]["tasks"].keys() == result["tasks"].keys()  # the same batches, tokenised
     assert json.loads((tmp_path / "build.json").read_text()) == result
     paces = bench_batch_build_main(["--config", str(path), "--steps", "4", "--processes", "1,2"])
     assert set(paces["batches_per_second"]) == {"1", "2"} and paces["ratio_to_first"]["1"] == 1.0

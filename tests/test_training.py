@@ -249,6 +249,38 @@ def test_text_length_buckets():
     assert bucket_length(20, 24) == 24 and bucket_length(40, 32) == 40  # capped, never below the text
 
 
+@pytest.mark.parametrize("name", ["austen_mlm", "emoji_captioning", "openclipart_retrieval",
+                                  "wordnet_lexname_classification"])
+def test_stored_token_ids_build_the_batches_the_tokenizer_builds(name, tiny_cache, context, reference_text_context):
+    """The slice stores each text's token ids (`<column>_token_ids`); packed into a batch they give exactly
+    the tensors that tokenising the texts gives, with and without a start token and when the texts are cut
+    to `max_text_length`. Rows without the ids, or ids of another tokenizer (another fingerprint in the
+    manifest), are tokenised."""
+    import dataclasses
+
+    from training.tasks import stored_token_id_tasks
+
+    task = get_task(name)
+    for ctx, manifest in (context, reference_text_context):
+        rows = rows_of(tiny_cache, manifest, name, 12)
+        assert all(f"{task.text_column}_token_ids" in row for row in rows)
+        assert stored_token_id_tasks([name], manifest, ctx.tokenizer) == {name}
+        assert stored_token_id_tasks([name], {**manifest, "token_ids_tokenizer": "another"}, ctx.tokenizer) == set()
+        for length in (32, 6):
+            tokenised = dataclasses.replace(ctx, max_text_length=length, _cache={})
+            stored = dataclasses.replace(tokenised, token_id_tasks=frozenset([name]), _cache={})
+            assert stored.stored_token_ids(task, rows) is not None and tokenised.stored_token_ids(task, rows) is None
+            without = [{k: v for k, v in row.items() if not k.endswith("_token_ids")} for row in rows]
+            assert stored.stored_token_ids(task, without) is None
+            expected = build_batch(task, rows, tokenised, epoch=1, training=True)
+            for got in (build_batch(task, rows, stored, epoch=1, training=True),
+                        build_batch(task, without, stored, epoch=1, training=True)):
+                assert got.inputs.keys() == expected.inputs.keys() and torch.equal(got.labels, expected.labels)
+                for key, value in expected.inputs.items():
+                    if torch.is_tensor(value):
+                        assert torch.equal(got.inputs[key], value), (name, length, key)
+
+
 def test_compile_is_on_for_cuda_by_default_and_its_padding_follows(tiny_cache, tmp_path):
     """`train.compile: auto` (the default) compiles on a CUDA device only; `data.text_padding: auto` (the
     default) pads to buckets when the run compiles, to the longest text otherwise; explicit values win,

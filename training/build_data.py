@@ -59,12 +59,12 @@ def features_for(kind: str, label_names: list[str] | None):
     if kind == "image_label":
         base.update(image=ImageFeature(), label=ClassLabel(names=label_names))
     elif kind == "image_text":
-        base.update(image=ImageFeature(), caption=Value("string"), keywords=Value("string"),
-                    label=ClassLabel(names=label_names))
+        base.update(image=ImageFeature(), caption=Value("string"), caption_token_ids=List(Value("int32")),
+                    keywords=Value("string"), label=ClassLabel(names=label_names))
     elif kind == "text":
-        base.update(text=Value("string"))
+        base.update(text=Value("string"), text_token_ids=List(Value("int32")))
     elif kind == "text_label":
-        base.update(text=Value("string"), label=ClassLabel(names=label_names))
+        base.update(text=Value("string"), text_token_ids=List(Value("int32")), label=ClassLabel(names=label_names))
     elif kind == "video_label":
         base.update(frames=List(ImageFeature()), label=ClassLabel(names=label_names))
     else:
@@ -118,15 +118,30 @@ def write_split(rows: list[dict], features, directory: str, split: str, rows_per
     return files
 
 
+TOKENIZED_COLUMNS = ("text", "caption")  # stored with their token ids beside them, as `<column>_token_ids`
+
+
+def add_token_ids(rows: list[dict], tokenizer) -> None:
+    """Store each row's `TOKENIZED_COLUMNS` as token ids too (`text_body_ids`: cleaned, no start or end
+    token, untruncated), so batch builders need not tokenise them every epoch (`TaskContext.tokenize`)."""
+    from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import text_body_ids
+
+    for column in TOKENIZED_COLUMNS:
+        holders = [row for row in rows if column in row]
+        for start in range(0, len(holders), 1024):
+            chunk = holders[start:start + 1024]
+            for row, ids in zip(chunk, text_body_ids(tokenizer, [row[column] for row in chunk])):
+                row[f"{column}_token_ids"] = ids
+
+
 def token_vocabulary(texts: list[str], size: int) -> list[int]:
     """The `size` most frequent CLIP-BPE token ids of the texts (ties broken by id), specials excluded."""
-    from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import build_uniperceiver_tokenizer, clean_text
+    from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import build_uniperceiver_tokenizer, text_body_ids
 
     tokenizer = build_uniperceiver_tokenizer()
     counts: Counter = Counter()
     for start in range(0, len(texts), 1024):
-        batch = [clean_text(t) for t in texts[start:start + 1024]]
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+        for ids in text_body_ids(tokenizer, texts[start:start + 1024]):
             counts.update(ids)
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     return [token for token, _ in ranked[:size]]
@@ -147,7 +162,12 @@ def build_slice(slice_name: str, cache_dir: str, sources: list[str] | None = Non
     staging = target + ".building"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
-    manifest = {"format_version": FORMAT_VERSION, "slice": slice_name, "sources": {}}
+    from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import build_uniperceiver_tokenizer, tokenizer_fingerprint
+
+    tokenizer = build_uniperceiver_tokenizer()
+    # the tokenizer that made the `<column>_token_ids` columns: a batch builder with another tokenises the texts
+    manifest = {"format_version": FORMAT_VERSION, "slice": slice_name, "sources": {},
+                "token_ids_tokenizer": tokenizer_fingerprint(tokenizer)}
     texts: list[str] = []
     kept = keep_other_sources(target, staging, names)  # building some sources never drops the others
     for name, entry in kept.items():
@@ -164,6 +184,7 @@ def build_slice(slice_name: str, cache_dir: str, sources: list[str] | None = Non
                  "splits": {}}
         for split, records in selected.items():
             rows = materialise(records, f"{name}/{split}", progress)
+            add_token_ids(rows, tokenizer)
             entry["splits"][split] = {"rows": len(rows),
                                       "files": write_split(rows, features, directory, split, ROWS_PER_SHARD[slice_name])}
             if split == "train":

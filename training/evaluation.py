@@ -271,7 +271,7 @@ def task_context(model_dir: str, model_config, task_names: list[str], slice_name
 
     from .build_data import MANIFEST, build_slice
     from .data import read_split
-    from .tasks import frequent_candidates, get_task, task_label_names
+    from .tasks import frequent_candidates, get_task, stored_token_id_tasks, task_label_names
 
     tasks = [get_task(name) for name in task_names]
     data_dir = build_slice(slice_name, data_cache, sorted({task.source for task in tasks}), progress=True)
@@ -286,7 +286,8 @@ def task_context(model_dir: str, model_config, task_names: list[str], slice_name
     labels = {task.name: task_label_names(task, manifest["sources"]) for task in tasks}
     ctx = TaskContext(processor.tokenizer, processor.image_processor, model_config,
                       label_names={name: names for name, names in labels.items() if names},
-                      vocabulary=vocabulary, seed=seed)
+                      vocabulary=vocabulary, seed=seed,
+                      token_id_tasks=stored_token_id_tasks(task_names, manifest, processor.tokenizer))
 
     def read(task: Task, split: str, count: int) -> list[dict]:
         return read_split(data_dir, manifest, task.source, split, count)

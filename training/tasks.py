@@ -196,6 +196,18 @@ def frequent_candidates(ranked_tokens: list[int], size: int, end_token: int | No
 
 
 # --------------------------------------------------------------------------------------------- context
+def stored_token_id_tasks(task_names, manifest: dict, tokenizer) -> frozenset:
+    """Of `task_names` (tasks reading the bundled slice of `manifest`), those whose rows carry token ids this
+    tokenizer made (`TaskContext.token_id_tasks`): all of them when the manifest names this tokenizer's
+    fingerprint (`build_data.add_token_ids`), none otherwise."""
+    from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import tokenizer_fingerprint
+
+    stored = manifest.get("token_ids_tokenizer")
+    if stored is None or stored != tokenizer_fingerprint(tokenizer):
+        return frozenset()
+    return frozenset(task_names)
+
+
 @dataclass
 class TaskContext:
     """What batch builders need besides the samples.
@@ -215,6 +227,9 @@ class TaskContext:
     seed: int = 0
     workers: int = 0  # threads decoding/resizing images (0 = in the calling thread)
     text_padding: str = "longest"  # a batch's texts padded to its longest, or to `bucket_length` of it
+    # tasks whose rows carry the data builder's token ids of their text (`<text_column>_token_ids`, made by
+    # this tokenizer: `build_data.add_token_ids`); their batches skip the tokenizer (`stored_token_ids`)
+    token_id_tasks: frozenset = frozenset()
     _cache: dict = field(default_factory=dict, repr=False)
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -276,15 +291,28 @@ class TaskContext:
         first word."""
         return self.model_config.bos_token_id is not None
 
-    def tokenize(self, texts: list[str], bucketed: bool = True) -> dict[str, torch.Tensor]:
+    def stored_token_ids(self, task: "Task", samples: list[dict]) -> list | None:
+        """The samples' stored token ids of `task.text_column` (`token_id_tasks`), or None when the task's
+        rows carry none (the texts are then tokenised)."""
+        if task.name not in self.token_id_tasks:
+            return None
+        ids = [sample.get(f"{task.text_column}_token_ids") for sample in samples]
+        return None if any(row is None for row in ids) else ids
+
+    def tokenize(self, texts: list[str], bucketed: bool = True, token_ids: list | None = None) -> dict[str, torch.Tensor]:
         """Padded ids and mask `[N, T]`, each text `[bos] words [eos]` (no `[bos]` when the model config has
         none); T is the longest text, or with `text_padding="buckets"` (and `bucketed`) `bucket_length` of
-        it. Serialised: a Rust tokenizer used from two threads at once (a prefetch thread and an
+        it. With `token_ids` (the texts' `stored_token_ids`) the same rows are packed from them without the
+        tokenizer. Serialised: a Rust tokenizer used from two threads at once (a prefetch thread and an
         evaluation) can fail with "Already borrowed"."""
-        from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import encode_texts
+        from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import encode_texts, pack_text_ids
 
-        with self._tokenizer_lock:
-            encoded = encode_texts(self.tokenizer, texts, self.has_start_token, max_length=self.max_text_length)
+        if token_ids is not None:
+            encoded = pack_text_ids(token_ids, self.tokenizer.bos_token_id if self.has_start_token else None,
+                                    self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.max_text_length)
+        else:
+            with self._tokenizer_lock:
+                encoded = encode_texts(self.tokenizer, texts, self.has_start_token, max_length=self.max_text_length)
         ids, mask = encoded["input_ids"], encoded["attention_mask"]
         extra = self.bucket(ids.shape[1], self.max_text_length) - ids.shape[1] if bucketed else 0
         if not extra:
@@ -485,7 +513,7 @@ def build_text_classification(task: Task, samples: list[dict], ctx: TaskContext,
     if task.template is not None:
         return build_prompted_text_classification(task, samples, ctx)
     names = ctx.label_names.get(task.name) or []
-    texts, labels, skipped = [], [], []
+    texts, labels, kept, skipped = [], [], [], []
     for sample in samples:
         try:
             text, label = require_text(sample, task.text_column), require_label(sample, len(names))
@@ -494,8 +522,9 @@ def build_text_classification(task: Task, samples: list[dict], ctx: TaskContext,
             continue
         texts.append(text)
         labels.append(label)
+        kept.append(sample)
     spe = ctx.model_config.spe_token_id
-    encoded = ctx.tokenize(texts)
+    encoded = ctx.tokenize(texts, token_ids=ctx.stored_token_ids(task, kept))
     ids, mask = append_query_token(encoded["input_ids"], encoded["attention_mask"], spe, ctx.max_text_length)
     query = (mask.sum(1) - 2).clamp(min=0)[:, None]  # the [SPE] sits just before the end token
     targets = ctx.label_targets(task)
@@ -592,7 +621,7 @@ def build_mlm(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, tra
             kept.append(sample)
         except MalformedSample as error:
             skipped.append((sample_name(sample), str(error)))
-    encoded = ctx.tokenize(texts)
+    encoded = ctx.tokenize(texts, token_ids=ctx.stored_token_ids(task, kept))
     ids, mask = encoded["input_ids"].clone(), encoded["attention_mask"]
     rows, lengths = ids.numpy(), mask.sum(1).tolist()  # `rows` shares `ids`' memory: corrupted in place
     vocab_index, word_end = ctx.vocabulary_index().numpy(), ctx.word_end().numpy()
@@ -622,8 +651,10 @@ def build_mlm(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, tra
     return TaskBatch(task, inputs, label_tensor, len(kept), skipped)
 
 
-def image_text_pairs(task: Task, samples: list[dict], ctx: TaskContext) -> tuple[list, list[str], list[tuple[str, str]]]:
-    images, texts, skipped = [], [], []
+def image_text_pairs(task: Task, samples: list[dict], ctx: TaskContext) -> tuple[list, list[str], list | None,
+                                                                                list[tuple[str, str]]]:
+    """The decodable images and their texts (with the texts' `stored_token_ids`), and the samples skipped."""
+    images, texts, kept, skipped = [], [], [], []
     decoded = ctx.map(try_decode, [sample.get("image") for sample in samples])
     for sample, image in zip(samples, decoded):
         try:
@@ -635,7 +666,8 @@ def image_text_pairs(task: Task, samples: list[dict], ctx: TaskContext) -> tuple
             continue
         images.append(image)
         texts.append(text)
-    return images, texts, skipped
+        kept.append(sample)
+    return images, texts, ctx.stored_token_ids(task, kept), skipped
 
 
 def caption_attributes(task: Task, batch: int, num_prefix: int, num_words: int) -> torch.Tensor:
@@ -647,8 +679,8 @@ def caption_attributes(task: Task, batch: int, num_prefix: int, num_words: int) 
 
 
 def build_captioning(task: Task, samples: list[dict], ctx: TaskContext, epoch: int) -> TaskBatch:
-    images, texts, skipped = image_text_pairs(task, samples, ctx)
-    encoded = ctx.tokenize(texts)
+    images, texts, token_ids, skipped = image_text_pairs(task, samples, ctx)
+    encoded = ctx.tokenize(texts, token_ids=token_ids)
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     labels = ctx.vocabulary_index()[ids].masked_fill(mask == 0, -100)
     if ctx.has_start_token:
@@ -663,8 +695,8 @@ def build_captioning(task: Task, samples: list[dict], ctx: TaskContext, epoch: i
 
 
 def build_retrieval(task: Task, samples: list[dict], ctx: TaskContext, epoch: int) -> TaskBatch:
-    images, texts, skipped = image_text_pairs(task, samples, ctx)
-    encoded = ctx.tokenize(texts)
+    images, texts, token_ids, skipped = image_text_pairs(task, samples, ctx)
+    encoded = ctx.tokenize(texts, token_ids=token_ids)
     inputs = {"pixel_values": ctx.pixels(images), "target_input_ids": encoded["input_ids"],
               "target_attention_mask": encoded["attention_mask"],
               **route_inputs(task, len(texts), attribute_rows(task.input_attributes, len(texts)), None, len(texts))}

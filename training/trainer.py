@@ -35,7 +35,7 @@ from .config import COMPILE_SHAPES, ConfigError, PretrainConfig, compiles, text_
 from .data import EmptyDatasetError, MultiTaskLoader, StreamSpec, TaskEntry, TaskStream, read_rows, start_prefetcher
 from .evaluation import BASELINE_TRAIN_ROWS, answer_counts, caption_generation_scores, evaluate_all, trivial_baseline
 from .tasks import (SHARED_CANDIDATE_FAMILIES, TaskContext, candidate_inputs, frequent_candidates, gather_rows,
-                    get_task, task_label_names, task_loss)
+                    get_task, stored_token_id_tasks, task_label_names, task_loss)
 
 logger = logging.getLogger(__name__)
 MAX_SKIPPED_IN_A_ROW = 10  # train.on_non_finite=skip (and fp16) stops after this many non-finite steps in a row
@@ -345,7 +345,10 @@ class Pretrainer:
                            max_text_length=self.config.data.max_text_length, seed=self.config.seed,
                            workers=self.config.data.workers, mask_probability=self.config.data.mask_probability,
                            mlm_corruption=self.config.data.mlm_corruption,
-                           text_padding=text_padding(self.config, self.compiled))
+                           text_padding=text_padding(self.config, self.compiled),
+                           token_id_tasks=stored_token_id_tasks(
+                               [name for name, task in self.config.tasks.items() if task.source is None],
+                               self.manifest, self.processor.tokenizer))
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> str:
