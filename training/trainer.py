@@ -704,7 +704,7 @@ class Pretrainer:
         start_time = time.perf_counter()
         self._pending, self._window, self._window_tokens = [], {}, 0
         self._skipped_in_a_row = 0
-        self._graphs_seen = compiled_graph_count()
+        self._graphs_seen = compiled_graph_count() if self.compiled else 0
         window_start = time.perf_counter()
         while self.step < cfg.max_steps:
             result = self.train_step(self.micro_step)
