@@ -147,6 +147,8 @@ def text_padding(config: "PretrainConfig", compiled: bool) -> str:
     """`data.text_padding` with auto resolved: buckets for a compiled run (a few shapes), longest otherwise."""
     setting = config.data.text_padding
     return ("buckets" if compiled else "longest") if setting == "auto" else setting
+
+
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 CHOICES = {
     ("data", "slice"): ("tiny", "small", "full"),

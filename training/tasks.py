@@ -112,7 +112,7 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-TEXT_PADDINGS = ("longest", "buckets", "auto")  # data.text_padding; auto: config.text_padding
+TEXT_PADDINGS = ("longest", "buckets", "auto")  # data.text_padding; auto is resolved by config.text_padding
 SMALLEST_BUCKET = 8
 
 
