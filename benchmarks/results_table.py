@@ -144,8 +144,20 @@ def trainer_row() -> tuple[str, str]:
             f"time, so the eager step is bound by launching kernels")
 
 
+def compiled_trainer_row() -> tuple[str, str]:
+    rows = [r for r in load("bench_trainer_defaults_dense_ti_b_h200.json")["rows"]
+            if r["prefetch_worker"] == "process x3"] + load("bench_trainer_defaults_attribute_x3_ti_h200.json")["rows"]
+    listing = ", ".join(f"{r['size'].capitalize()} {'dense' if r['routing'] == 'none' else r['routing']} "
+                        f"{r['trainer_tokens_per_s']:,.0f} ({r['trainer_vs_model']:.2f})" for r in rows)
+    dense = {r["size"]: r["trainer_tokens_per_s"] for r in rows if r["routing"] == "none"}
+    return ("trainer with its GPU defaults (compiled layer by layer with CUDA graphs, 3 data worker processes), "
+            "`gpu_b.yaml`, 1 x H200, beside the bare compiled step on the same batches",
+            f"tokens/s (trainer / model step): {listing}; Ti dense {dense['ti'] / dense['b']:.2f}x B dense")
+
+
 def render() -> str:
-    rows = [main_job_row(), single_task_row(), multitask_row(), prompt_tuning_row(), speed_row(), trainer_row()]
+    rows = [main_job_row(), single_task_row(), multitask_row(), prompt_tuning_row(), speed_row(), trainer_row(),
+            compiled_trainer_row()]
     return "\n".join(["| what | measured |", "|---|---|"] + [f"| {what} | {measured} |" for what, measured in rows])
 
 
