@@ -103,7 +103,7 @@ def pack_text_ids(bodies: list, start_id: int | None, end_id: int, pad_id: int, 
     import torch
 
     start = [] if start_id is None else [start_id]
-    keep = max_length - len(start) - 1
+    keep = max(0, max_length - len(start) - 1)
     rows = [start + list(body[:keep]) + [end_id] for body in bodies]
     width = max((len(row) for row in rows), default=0)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

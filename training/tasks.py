@@ -203,8 +203,8 @@ def stored_token_id_tasks(task_names, manifest: dict, tokenizer) -> frozenset:
     from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import tokenizer_fingerprint
 
     stored = manifest.get("token_ids_tokenizer")
-    if stored is None or stored != tokenizer_fingerprint(tokenizer):
-        return frozenset()
+    if stored is None or not hasattr(tokenizer, "backend_tokenizer") or stored != tokenizer_fingerprint(tokenizer):
+        return frozenset()  # no stored ids, a tokenizer without a Rust backend, or another tokenizer
     return frozenset(task_names)
 
 
