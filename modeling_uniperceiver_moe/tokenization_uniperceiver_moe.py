@@ -93,6 +93,8 @@ def encode_texts(tokenizer, texts: list[str], add_bos_token: bool = True, max_le
 def text_body_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     """Each cleaned text's token ids without the start and end tokens and untruncated: what
     `pack_text_ids` turns into `encode_texts`' rows (the data builder stores them beside the texts)."""
+    if not texts:  # the tokenizer fails on an empty batch
+        return []
     return tokenizer([clean_text(t) for t in texts], add_special_tokens=False)["input_ids"]
 
 

@@ -935,14 +935,16 @@ def test_a_corrupt_data_shard_is_named_before_training(tiny_cache, tmp_path):
 
 
 def test_building_some_sources_keeps_the_slice_s_others(tmp_path):
-    """Building one source into an existing slice (as prompt tuning does) adds it and keeps the others: the
-    result is the slice built with both at once, byte for byte."""
-    together = build_data.build_slice("tiny", str(tmp_path / "a"), ["wordnet", "austen"], progress=False)
-    build_data.build_slice("tiny", str(tmp_path / "b"), ["wordnet"], progress=False)
+    """Building one source into an existing slice (as prompt tuning does) adds it and keeps the others (one of
+    them without texts): the result is the slice built with all at once, byte for byte, its candidate
+    vocabulary counted over the kept sources' texts too."""
+    together = build_data.build_slice("tiny", str(tmp_path / "a"), ["wordnet", "fashion_mnist", "austen"],
+                                      progress=False)
+    build_data.build_slice("tiny", str(tmp_path / "b"), ["wordnet", "fashion_mnist"], progress=False)
     apart = build_data.build_slice("tiny", str(tmp_path / "b"), ["austen"], progress=False)
     a = json.load(open(os.path.join(together, "manifest.json")))
     b = json.load(open(os.path.join(apart, "manifest.json")))
-    assert list(b["sources"]) == ["austen", "wordnet"] and a == b
+    assert list(b["sources"]) == ["fashion_mnist", "austen", "wordnet"] and a == b
     build_data.build_slice("tiny", str(tmp_path / "b"), ["austen"], progress=False, force=True)
     assert json.load(open(os.path.join(apart, "manifest.json"))) == a  # a forced rebuild of one keeps the other
 

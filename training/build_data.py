@@ -134,15 +134,12 @@ def add_token_ids(rows: list[dict], tokenizer) -> None:
                 row[f"{column}_token_ids"] = ids
 
 
-def token_vocabulary(texts: list[str], size: int) -> list[int]:
-    """The `size` most frequent CLIP-BPE token ids of the texts (ties broken by id), specials excluded."""
-    from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import build_uniperceiver_tokenizer, text_body_ids
-
-    tokenizer = build_uniperceiver_tokenizer()
+def token_vocabulary(token_ids: list[list[int]], size: int) -> list[int]:
+    """The `size` most frequent CLIP-BPE token ids of the texts' `text_body_ids` (ties broken by id), specials
+    excluded."""
     counts: Counter = Counter()
-    for start in range(0, len(texts), 1024):
-        for ids in text_body_ids(tokenizer, texts[start:start + 1024]):
-            counts.update(ids)
+    for ids in token_ids:
+        counts.update(ids)
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     return [token for token, _ in ranked[:size]]
 
@@ -162,17 +159,18 @@ def build_slice(slice_name: str, cache_dir: str, sources: list[str] | None = Non
     staging = target + ".building"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
-    from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import build_uniperceiver_tokenizer, tokenizer_fingerprint
+    from modeling_uniperceiver_moe.tokenization_uniperceiver_moe import (build_uniperceiver_tokenizer, text_body_ids,
+                                                                         tokenizer_fingerprint)
 
     tokenizer = build_uniperceiver_tokenizer()
     # the tokenizer that made the `<column>_token_ids` columns: a batch builder with another tokenises the texts
     manifest = {"format_version": FORMAT_VERSION, "slice": slice_name, "sources": {},
                 "token_ids_tokenizer": tokenizer_fingerprint(tokenizer)}
-    texts: list[str] = []
+    train_ids: list[list[int]] = []  # the token ids of every training text, for the candidate vocabulary
     kept = keep_other_sources(target, staging, names)  # building some sources never drops the others
     for name, entry in kept.items():
         manifest["sources"][name] = entry
-        texts += training_texts(staging, entry)
+        train_ids += text_body_ids(tokenizer, training_texts(staging, entry))
     for name in tqdm(names, desc=f"build {slice_name}", disable=not progress):
         source = SOURCES[name]
         selected = select_records(name, SLICES[slice_name][name], progress)
@@ -188,10 +186,10 @@ def build_slice(slice_name: str, cache_dir: str, sources: list[str] | None = Non
             entry["splits"][split] = {"rows": len(rows),
                                       "files": write_split(rows, features, directory, split, ROWS_PER_SHARD[slice_name])}
             if split == "train":
-                texts += [r[f] for r in rows for f in ("text", "caption") if f in r]
+                train_ids += [row[f"{column}_token_ids"] for row in rows for column in TOKENIZED_COLUMNS if column in row]
         manifest["sources"][name] = entry
     manifest["sources"] = {name: manifest["sources"][name] for name in SOURCES if name in manifest["sources"]}
-    manifest["vocabulary"] = token_vocabulary(texts, VOCABULARY_SIZE)
+    manifest["vocabulary"] = token_vocabulary(train_ids, VOCABULARY_SIZE)
     with open(os.path.join(staging, MANIFEST), "w") as handle:
         json.dump(manifest, handle, indent=1)
     if os.path.exists(target):
@@ -237,7 +235,7 @@ def training_texts(directory: str, entry: dict) -> list[str]:
     texts = []
     for f in entry["splits"].get("train", {}).get("files", []):
         table = pq.read_table(os.path.join(directory, f["path"]))
-        columns = [c for c in ("text", "caption") if c in table.column_names]
+        columns = [c for c in TOKENIZED_COLUMNS if c in table.column_names]
         for row in zip(*(table.column(c).to_pylist() for c in columns)):
             texts += row
     return texts
