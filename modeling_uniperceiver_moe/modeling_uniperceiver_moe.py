@@ -50,6 +50,7 @@ from .routing import (
     check_id_range,
     distinct_route_key_tables,
     expert_capacity,
+    layer_entries,
     load_balancing_loss,
     route_key_signature,
     route_rows,
@@ -397,6 +398,15 @@ class RoutingState:
     sorted_rows: "SortedRows | None" = None  # set when the batch has several route groups
     expert_weights: dict | None = None  # token/context routing: `UniPerceiverMoEModel.cast_experts`
 
+    def for_layer(self, layer_idx: int) -> "RoutingState":
+        """The state layer `layer_idx` runs with: its own merged experts and cast expert weights, named within
+        the layer (`MergedExperts.for_layer`, `layer_entries`). Its code then refers to no layer index, so
+        torch.compile builds one graph per shape for all MoE layers together, not one per layer."""
+        if self.merged is None and self.expert_weights is None:
+            return self
+        return replace(self, merged=None if self.merged is None else self.merged.for_layer(layer_idx),
+                       expert_weights=layer_entries(self.expert_weights, layer_idx))
+
 
 @dataclass
 class SortedRows:
@@ -467,7 +477,8 @@ class UniPerceiverMoELinear(nn.Module):
                  config: UniPerceiverMoEConfig | None = None):
         super().__init__()
         self.in_features, self.out_features, self.num_experts = in_features, out_features, num_experts
-        self.name = name  # "{layer}.{projection}": its entry in `MergedExperts.weights`
+        self.name = name  # "{layer}.{projection}": its entry in `MergedExperts.weights` and `cast_experts`
+        self.projection = name.partition(".")[2]  # its entry in the layer's view (`MergedExperts.for_layer`)
         self.config = config
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(num_experts, out_features))
@@ -506,7 +517,7 @@ class UniPerceiverMoELinear(nn.Module):
     def eager_merged_forward(self, x: torch.Tensor, dispatch: MergedDispatch) -> torch.Tensor:
         """x `[N, in]` -> `[N, out]`: the rows of route group g through `W_g`, one group at a time."""
         dtype = compute_dtype(x)
-        merged = dispatch.merged_parameters(self.name)
+        merged = dispatch.merged_parameters(self.projection)
         weight, bias = self.merged_parameters(dispatch.gates, dtype) if merged is None else merged
         groups = dispatch.groups
         row_group = groups.sorted_group if dispatch.rows_sorted else groups.token_group
@@ -544,7 +555,7 @@ class UniPerceiverMoEGate(nn.Module):
     def __init__(self, config: UniPerceiverMoEConfig, layer_idx: int, role: str):
         super().__init__()
         self.config, self.layer_idx, self.role = config, layer_idx, role
-        self.name = f"{layer_idx}.{role}"  # its entry in `MergedExperts.gates`
+        self.name = f"{layer_idx}.{role}"  # its entry in `MergedExperts.gates`; `role` in the layer's view
         self.router = build_router(config, role)
 
     @property
@@ -565,13 +576,13 @@ class UniPerceiverMoEGate(nn.Module):
         """hidden: `[N, d]` normalised block input. Returns (dispatch, weighted aux loss scalar).
         rows_sorted: the layer holds its rows in route-group order (data-independent routings)."""
         cfg = self.config
-        if state.merged is not None and self.name not in state.merged.gates:  # offloaded: decide here
+        if state.merged is not None and self.role not in state.merged.gates:  # offloaded: decide here
             decision = self.decide(gate_route_input(cfg, state.merged.keys))
             gates = decision.dense_weights(self.num_choices)
             return MergedDispatch(gates, state.groups, decision, rows_sorted, None, None), hidden.new_zeros(
                 (), dtype=torch.float32)
         if state.merged is not None:  # data-independent: decided once per step in `merge_experts`
-            decision, gates = state.merged.decisions[self.name], state.merged.gates[self.name]
+            decision, gates = state.merged.decisions[self.role], state.merged.gates[self.role]
             if state.merged_rows is not None:
                 rows = state.merged_rows
                 decision = GateDecision(*(t.index_select(0, rows) for t in (decision.logits, decision.expert_index, decision.expert_weight)))
@@ -804,7 +815,7 @@ class UniPerceiverMoELayer(GradientCheckpointingLayer):
         """
         decisions, aux = [], []
         if merged_tensors:
-            state = replace(state, merged=state.merged.with_layer_tensors(self.layer_idx, merged_tensors))
+            state = replace(state, merged=state.merged.with_layer_tensors(merged_tensors))
         batch, length, width = hidden.shape
         rows = state.sorted_rows if (self.attn_gate is not None or self.ffn_gate is not None) else None
         if rows is not None:
@@ -880,10 +891,11 @@ class UniPerceiverMoEEncoder(nn.Module):
         scales = drop_path_scales(self.config.drop_path_rate, len(self.layers), hidden.shape[0], hidden.device,
                                   self.training, self.config.drop_path_schedule)
         for i, layer in enumerate(self.layers):
+            layer_state = state.for_layer(i)
             # only a checkpointed layer needs its merged experts as arguments (its inputs); others read the state
             checkpointed = layer.gradient_checkpointing and layer.training and torch.is_grad_enabled()
-            merged_tensors = state.merged.layer_tensors(i) if checkpointed and state.merged is not None else ()
-            hidden, weights, aux_loss, decisions = layer(hidden, attention_mask, state, output_attentions,
+            merged_tensors = layer_state.merged.layer_tensors() if checkpointed and state.merged is not None else ()
+            hidden, weights, aux_loss, decisions = layer(hidden, attention_mask, layer_state, output_attentions,
                                                          *merged_tensors,
                                                          drop_path_scale=None if scales is None else scales[i])
             routing.append(LayerRouting(decisions, aux_loss))

@@ -36,7 +36,7 @@ def merged_forward(linear, x: torch.Tensor, dispatch: MergedDispatch) -> torch.T
     weight. Uses the step's precomputed merge (`dispatch.merged`) when there is one; rows are permuted into
     group order here unless the layer already keeps them so (`dispatch.rows_sorted`)."""
     dtype = compute_dtype(x)
-    merged = dispatch.merged_parameters(linear.name)
+    merged = dispatch.merged_parameters(linear.projection)
     weight, bias = linear.merged_parameters(dispatch.gates, dtype) if merged is None else merged
     weight, bias = weight.to(dtype), bias.to(dtype)
     groups = dispatch.groups
@@ -56,7 +56,7 @@ def expert_rows(linear, x_sorted: torch.Tensor, dispatch: TokenDispatch) -> torc
     """Token routing on rows already in expert order: x_sorted `[N*k, in]` (`dispatch_assignments`)
     -> `[N*k, out]`, each row through its expert in one grouped GEMM and scaled by its gate weight."""
     dtype = compute_dtype(x_sorted)
-    cast = dispatch.experts.get(linear.name) if dispatch.experts is not None else None
+    cast = dispatch.experts.get(linear.projection) if dispatch.experts is not None else None
     weight, bias = (linear.weight, linear.bias) if cast is None else cast
     out_sorted = grouped_linear(x_sorted, weight, dispatch.offsets, bias, dispatch.expert_index,
                                 dispatch.expert_one_hot(dtype))

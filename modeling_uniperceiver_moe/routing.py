@@ -496,6 +496,15 @@ def key_match(keys: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- dispatch
+def layer_entries(entries: dict | None, layer_idx: int) -> dict | None:
+    """The entries of a model-wide table keyed `"{layer}.{name}"` (gates, expert linears) that belong to layer
+    `layer_idx`, keyed by `name` alone; None stays None."""
+    if entries is None:
+        return None
+    prefix = f"{layer_idx}."
+    return {key[len(prefix):]: value for key, value in entries.items() if key.startswith(prefix)}
+
+
 @dataclass
 class MergedExperts:
     """The merged experts of every data-independent MoE linear of a model for one table of route keys.
@@ -516,29 +525,34 @@ class MergedExperts:
     weights: dict = field(default_factory=dict)
     token_group: torch.Tensor | None = None
 
-    def layer_tensors(self, layer_idx: int) -> tuple[torch.Tensor, ...]:
-        """Every tensor of layer `layer_idx`'s gates and linears, flat, in a fixed order (gate decisions and
-        gate matrices by gate name, then weight and bias by linear name). An activation-checkpointed layer
-        takes them as explicit inputs (`with_layer_tensors`), so its backward stops at them and the merge
-        behind them is differentiated once, by the outer backward."""
-        prefix = f"{layer_idx}."
+    def for_layer(self, layer_idx: int) -> "MergedExperts":
+        """The entries of layer `layer_idx` alone, named within the layer (`"ffn"`, `"ffn_fc1"`; see
+        `layer_entries`), with the same keys and token_group. A layer reads its merged experts from this
+        view, so its code names no layer index and every MoE layer shares one compiled graph per shape."""
+        return replace(self, decisions=layer_entries(self.decisions, layer_idx), gates=layer_entries(self.gates, layer_idx),
+                       weights=layer_entries(self.weights, layer_idx))
+
+    def layer_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor of a layer view's (`for_layer`) gates and linears, flat, in a fixed order (gate
+        decisions and gate matrices by gate name, then weight and bias by linear name). An
+        activation-checkpointed layer takes them as explicit inputs (`with_layer_tensors`), so its backward
+        stops at them and the merge behind them is differentiated once, by the outer backward."""
         tensors = []
-        for name in sorted(n for n in self.gates if n.startswith(prefix)):
+        for name in sorted(self.gates):
             decision = self.decisions[name]
             tensors += [decision.logits, decision.expert_index, decision.expert_weight, self.gates[name]]
-        for name in sorted(n for n in self.weights if n.startswith(prefix)):
+        for name in sorted(self.weights):
             tensors += list(self.weights[name])
         return tuple(tensors)
 
-    def with_layer_tensors(self, layer_idx: int, tensors: tuple[torch.Tensor, ...]) -> "MergedExperts":
-        """A shallow copy whose entries of layer `layer_idx` are `tensors` (in `layer_tensors` order)."""
-        prefix = f"{layer_idx}."
-        decisions, gates, weights = dict(self.decisions), dict(self.gates), dict(self.weights)
+    def with_layer_tensors(self, tensors: tuple[torch.Tensor, ...]) -> "MergedExperts":
+        """A shallow copy of a layer view whose entries are `tensors` (in `layer_tensors` order)."""
         rest = iter(tensors)
-        for name in sorted(n for n in self.gates if n.startswith(prefix)):
+        decisions, gates, weights = {}, {}, {}
+        for name in sorted(self.gates):
             decisions[name] = GateDecision(next(rest), next(rest), next(rest))
             gates[name] = next(rest)
-        for name in sorted(n for n in self.weights if n.startswith(prefix)):
+        for name in sorted(self.weights):
             weights[name] = (next(rest), next(rest))
         return replace(self, decisions=decisions, gates=gates, weights=weights)
 
@@ -568,7 +582,8 @@ class MergedDispatch:
     merged_rows: torch.Tensor | None = None
 
     def merged_parameters(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(weight `[G, out, in]`, bias `[G, out]`) of linear `name` for this pass's groups, if precomputed."""
+        """(weight `[G, out, in]`, bias `[G, out]`) of projection `name` (`merged` is the layer's view,
+        `MergedExperts.for_layer`) for this pass's groups, if precomputed."""
         if self.merged is None or name not in self.merged.weights:
             return None
         weight, bias = self.merged.weights[name]
@@ -590,8 +605,9 @@ class TokenDispatch:
     weight: `[N*k]` float32, its gate weight; 0 where the assignment was dropped by the capacity.
     offsets: `[E]` int32, cumulative assignments per expert (dropped ones included).
     order / inverse_order: `[N*k]` long, sorted position -> slot and slot -> sorted position.
-    experts: the expert linears' parameters cast to the compute dtype once per parameter update and kept
-        by the model (`UniPerceiverMoEModel.cast_experts`); None: each linear casts its own.
+    experts: the layer's expert linears' parameters (projection name -> (weight, bias)) cast to the compute
+        dtype once per parameter update and kept by the model (`UniPerceiverMoEModel.cast_experts`); None:
+        each linear casts its own.
     """
 
     token_index: torch.Tensor
@@ -693,6 +709,7 @@ __all__ = [
     "RouteGroups",
     "MergedDispatch",
     "MergedExperts",
+    "layer_entries",
     "TokenDispatch",
     "build_token_dispatch",
     "stable_group_order",

@@ -249,6 +249,30 @@ def test_compiled_encoder_is_one_graph_and_matches_eager(routing, step):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("routing", ["attribute", "token"])
+def test_compiled_moe_layers_share_their_graphs(routing):
+    """Compiled layer by layer, every MoE layer runs the same graph for the same shapes: a layer reads its
+    merged or cast experts from a view named within the layer (`RoutingState.for_layer`), not by its layer
+    index, which the compiler would specialise on. A step's graphs do not grow with the depth (with one
+    graph per layer, warm-up and guard checks grew with it)."""
+    from torch._dynamo.utils import counters
+
+    def graphs(layers: int) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        config = tiny_config(routing, num_hidden_layers=layers)
+        model = UniPerceiverMoEForGenericPerception(config).train()
+        model.compile_encoder(per_layer=True, fullgraph=True, dynamic=False, backend="eager")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(**_generic_batch(config)).loss.backward()
+        return counters["stats"]["unique_graphs"]
+
+    try:
+        assert graphs(2) == graphs(4)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("routing", ["token", "attribute"])
 def test_whole_model_compiles_with_its_caches(routing):
     """`torch.compile(model)` (the whole model, as transformers users do; not `compile_encoder`) runs a

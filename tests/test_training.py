@@ -218,6 +218,20 @@ def test_captioning_word_accuracy_and_its_baseline_leave_the_end_answers_out(tin
                                                 answers=scripted(lambda l: l))
 
 
+def test_a_batch_moved_to_an_accelerator_keeps_its_route_inputs_on_the_host(tiny_cache, context):
+    """The model groups host route keys without reading the accelerator back, so `TaskBatch.to` leaves them on
+    the host (the meta device stands in for a GPU) and moves everything else."""
+    from training.tasks import HOST_ROUTE_INPUTS
+
+    ctx, manifest = context
+    task = get_task("emoji_retrieval")
+    batch = build_batch(task, rows_of(tiny_cache, manifest, task.name), ctx, epoch=0)
+    moved = batch.to("meta")
+    kept = {k for k, v in moved.inputs.items() if torch.is_tensor(v) and v.device.type == "cpu"}
+    assert kept == set(HOST_ROUTE_INPUTS) and moved.labels.is_meta
+    assert all(moved.inputs[k] is batch.inputs[k] for k in HOST_ROUTE_INPUTS)
+
+
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_every_registered_task_builds_inputs_targets_and_a_loss(name, tiny_cache, context):
     from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception

@@ -348,6 +348,10 @@ class TaskContext:
         return torch.cat(parts)
 
 
+HOST_ROUTE_INPUTS = ("attribute_vectors", "task_ids", "target_attribute_vectors", "target_task_ids")  # model inputs
+# read only to group the tokens by route key (`TaskBatch.to` leaves them on the host)
+
+
 @dataclass
 class TaskBatch:
     """A built batch: `inputs` go to `UniPerceiverMoEForGenericPerception.forward`; `labels` index candidates
@@ -366,8 +370,13 @@ class TaskBatch:
         return TaskBatch(self.task, pinned, self.labels.pin_memory(), self.num_samples, self.skipped, self.data_state)
 
     def to(self, device) -> "TaskBatch":
-        non_blocking = torch.device(device).type == "cuda"
-        moved = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in self.inputs.items()}
+        """The batch on `device`, except its route inputs (`HOST_ROUTE_INPUTS`), which stay on the host: the
+        model groups host route keys without reading the accelerator back (`route_key_tables`), so the host
+        does not wait for the previous step's work at the start of each step."""
+        device = torch.device(device)
+        non_blocking = device.type == "cuda"
+        moved = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) and k not in HOST_ROUTE_INPUTS else v
+                 for k, v in self.inputs.items()}
         return TaskBatch(self.task, moved, self.labels.to(device, non_blocking=non_blocking), self.num_samples,
                          self.skipped, self.data_state)
 
