@@ -20,8 +20,11 @@ temporary output folder; `--prefetch-processes 1,3` compares the numbers of data
 3. model: the bare step (forward, loss, backward, clip, AdamW) of the same model and optimizer on the very
    batches the measured trainer steps trained on, built again from the start of the data and put on the
    device beforehand: no data work, no logging, no host synchronisation of its own.
+4. loop: the trainer's own loop again (its step, the result reads, the scheduler, logging) on those batches
+   already on the device, so that `trainer / loop` is what the data path costs (waiting for the workers,
+   pinning, the copy) and `loop / model` what the loop adds to the bare step.
 
-Prints a table with `trainer / model` per variant; `--json PATH` writes every row.
+Prints a table with `trainer / model` and `loop / model` per variant; `--json PATH` writes every row.
 """
 
 from __future__ import annotations
@@ -243,13 +246,53 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
         progress(name, f"{len(batches)} bare model steps done", stamps[0])
         row["model_tokens_per_s"] = round(measured_tokens / model_seconds, 1)
         row["trainer_vs_model"] = round(row["trainer_tokens_per_s"] / row["model_tokens_per_s"], 3)
+
+        # the trainer's own loop on the same batches, already on the device: the loop without the data path
+        loop_seconds = run_loop_on(trainer, batches, device)
+        progress(name, f"{len(batches)} loop steps on device batches done", stamps[0])
+        row["loop_tokens_per_s"] = round(measured_tokens / loop_seconds, 1)
+        row["loop_vs_model"] = round(row["loop_tokens_per_s"] / row["model_tokens_per_s"], 3)
         return row
+
+
+class DeviceBatches:
+    """A prefetcher that hands the trainer batches already on the device, in order (`run_loop_on`)."""
+
+    def __init__(self, batches: list, first_step: int):
+        self.batches, self.first_step, self.handed = batches, first_step, 0
+
+    def get(self, step: int):
+        self.handed += 1
+        return self.batches[step - self.first_step]
+
+    def close(self) -> None:
+        pass
+
+
+def run_loop_on(trainer, batches: list, device: torch.device) -> float:
+    """Seconds the trainer's loop (`Pretrainer._train_steps`: the step, result reads, scheduler, logging) takes
+    for `batches`, fed from the device instead of the data workers. The parameters keep training (the
+    timing does not depend on their values); one step first pays any lazy initialisation."""
+    from tqdm.auto import tqdm
+
+    feed = trainer.prefetcher = DeviceBatches([batches[0], *batches], trainer.micro_step)
+    trainer.config.train.max_steps = trainer.step + 1
+    trainer._train_steps(tqdm(disable=True))
+    trainer.config.train.max_steps = trainer.step + len(batches)
+    synchronize(device)
+    began = time.perf_counter()
+    trainer._train_steps(tqdm(disable=True))
+    synchronize(device)
+    seconds = time.perf_counter() - began
+    if feed.handed != len(feed.batches):
+        raise RuntimeError(f"the loop took {feed.handed} of the {len(feed.batches)} device batches")
+    return seconds
 
 
 def format_rows(rows: list[dict]) -> str:
     lines = ["| size | routing | prefetch | step | warm-up s | trainer tokens/s | model tokens/s | trainer / model | "
-             "GPU busy | host: batch / copy / forward / backward / update / bookkeeping / other |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "loop / model | GPU busy | host: batch / copy / forward / backward / update / bookkeeping / other |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         shares = row.get("host_time_shares")
         split = " / ".join(f"{shares[k]:.2f}" for k in ("batch", "to_device", "forward", "backward", "update",
@@ -260,7 +303,8 @@ def format_rows(rows: list[dict]) -> str:
             step += f" ({row['graphs_compiled_while_measured']} graphs compiled while measured)"
         lines.append(f"| {row['size']} | {row['routing']} | {row.get('prefetch_worker', '-')} | {step} | "
                      f"{row.get('warmup_seconds', float('nan')):.1f} | {row['trainer_tokens_per_s']:,.0f} | "
-                     f"{row['model_tokens_per_s']:,.0f} | {row['trainer_vs_model']:.2f} | {busy} | {split} |")
+                     f"{row['model_tokens_per_s']:,.0f} | {row['trainer_vs_model']:.2f} | "
+                     f"{row['loop_vs_model']:.2f} | {busy} | {split} |")
     return "\n".join(lines)
 
 

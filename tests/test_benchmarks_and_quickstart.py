@@ -233,8 +233,9 @@ def test_batch_build_benchmark_times_every_task_drawn(tiny_cache, tmp_path):
 
 def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batches(tiny_cache, tmp_path):
     """CPU run of `benchmarks.bench_trainer` on the tiny slice: each variant's trainer and model phases ran on
-    the same batches (the benchmark checks their tasks step by step), and the host time is split over the
-    trainer's regions (shares of the profiled wall time, at most 1 with the rest). No timing is asserted."""
+    the same batches (the benchmark checks their tasks step by step), the trainer's loop ran them again from
+    the device, and the host time is split over the trainer's regions (shares of the profiled wall time, at
+    most 1 with the rest). No timing is asserted."""
     import yaml
 
     from benchmarks.bench_trainer import main as bench_trainer_main
@@ -248,6 +249,7 @@ def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batc
     assert [row["routing"] for row in rows] == ["attribute", "none"]
     for row in rows:
         assert row["trainer_tokens_per_s"] > 0 and row["model_tokens_per_s"] > 0 and row["tokens"] > 0
+        assert row["loop_tokens_per_s"] > 0 and row["loop_vs_model"] > 0
         shares = row["host_time_shares"]
         assert set(shares) == {"batch", "to_device", "forward", "backward", "update", "bookkeeping", "other"}
         assert shares["forward"] > 0 and shares["backward"] > 0 and sum(shares.values()) >= 0.99
