@@ -7,7 +7,8 @@ Prints one block per run (what sweep_gpu.sh shows at the end of a call), then, f
 `<variant>_s<seed>`, one table of every task's last held-out value per variant: the mean over its seeds
 with the spread (min-max) and the seed count, the median steps/s, and, where the run holds
 `interference/interference.json` (sweep_gpu.sh's INTERFERENCE_TASKS), the mean off-diagonal interference
-(the paper's mean of ratios, and the ratio of means). `--json` also writes
+(the paper's mean of ratios, and the ratio of means) and, for MoE runs, the tasks' mean expert overlap
+(`training.interference`). `--json` also writes
 `{"command", "runs": [{"run", "held_out": {task: {step: value}}, "other_metrics": {"task/metric": {step: value}},
 "distinct_answers": {task: {step: n}},
 "trivial_baseline": {task: value}, "word_trivial_baseline": {captioning task: value},
@@ -90,6 +91,8 @@ def summarise_run(run_dir: str) -> dict:
             written = json.load(handle)
         interference = {"tasks": written["tasks"], "off_diagonal_mean_of_ratios": off_diagonal_mean(written["matrix"]),
                         "off_diagonal_ratio_of_means": off_diagonal_mean(written["matrix_ratio_of_means"])}
+        if "expert_overlap" in written:  # an MoE model: how much the tasks share experts
+            interference["off_diagonal_expert_overlap"] = off_diagonal_mean(written["expert_overlap"])
     return {"run": os.path.basename(run_dir), "held_out": held_out, "other_metrics": other, "distinct_answers": distinct,
             "trivial_baseline": trivial, "word_trivial_baseline": word_trivial,
             "median_steps_per_second": round(speeds[len(speeds) // 2], 2) if speeds else None,
@@ -102,6 +105,11 @@ def off_diagonal_mean(matrix: list[list[float]]) -> float:
 
 
 SEED_SUFFIX = re.compile(r"_s(\d+)$")
+INTERFERENCE_SUMMARIES = {  # a variant's means over its seeds of these interference.json summaries
+    "off_diagonal_mean_of_ratios": "interference off the diagonal (mean of ratios)",
+    "off_diagonal_ratio_of_means": "interference off the diagonal (ratio of means)",
+    "off_diagonal_expert_overlap": "tasks' expert overlap off the diagonal (MoE)",
+}
 
 
 def by_variant(runs: list[dict]) -> dict[str, dict]:
@@ -127,7 +135,7 @@ def by_variant(runs: list[dict]) -> dict[str, dict]:
                          for key, v in values.items() if v},
             "median_steps_per_second": speeds[len(speeds) // 2] if speeds else None,
             "interference": {key: round(sum(i[key] for i in interference) / len(interference), 4)
-                             for key in ("off_diagonal_mean_of_ratios", "off_diagonal_ratio_of_means")}
+                             for key in INTERFERENCE_SUMMARIES if all(key in i for i in interference)}
             if interference else {}}
     return table
 
@@ -147,11 +155,11 @@ def format_variants(table: dict[str, dict]) -> str:
     lines.append("| median steps/s | " + " | ".join(
         "-" if table[v]["median_steps_per_second"] is None else f"{table[v]['median_steps_per_second']:.2f}"
         for v in variants) + " |")
-    for key, label in (("off_diagonal_mean_of_ratios", "interference off the diagonal (mean of ratios)"),
-                       ("off_diagonal_ratio_of_means", "interference off the diagonal (ratio of means)")):
-        if any(table[v]["interference"] for v in variants):
+    for key, label in INTERFERENCE_SUMMARIES.items():
+        if any(key in table[v]["interference"] for v in variants):
             lines.append(f"| {label} | " + " | ".join(
-                f"{table[v]['interference'][key]:.3f}" if table[v]["interference"] else "-" for v in variants) + " |")
+                f"{table[v]['interference'][key]:.3f}" if key in table[v]["interference"] else "-"
+                for v in variants) + " |")
     return "\n".join(lines)
 
 

@@ -78,6 +78,7 @@ class UniPerceiverMoEModelOutput(ModelOutput):
     hidden_states / attentions: per layer, when asked.
     router_logits: per MoE gate decision, `[B, L, E]` float32 gate logits of every token (when asked).
     router_indices: per MoE gate decision, `[B, L, k]` chosen experts of every token (when asked).
+    router_weights: per MoE gate decision, `[B, L, k]` float32 gate weights of those experts (when asked).
     aux_loss: scalar, weighted load-balancing + z-loss of the data-dependent routers (0 otherwise).
     """
 
@@ -89,6 +90,7 @@ class UniPerceiverMoEModelOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
     router_indices: tuple[torch.LongTensor, ...] | None = None
+    router_weights: tuple[torch.FloatTensor, ...] | None = None
     aux_loss: torch.FloatTensor | None = None
 
 
@@ -1480,11 +1482,12 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
             hidden, additive_mask, state, output_attentions, output_hidden_states
         )
         aux_loss = torch.stack([r.aux_loss for r in routing]).sum() if routing else None
-        router_logits = router_indices = None
+        router_logits = router_indices = router_weights = None
         if output_router_logits and self.config.moe_routing != "none":
             decisions = [d for r in routing for d in r.decisions]
             router_logits = tuple(self._per_token(d.logits, state, batch, length) for d in decisions)
             router_indices = tuple(self._per_token(d.expert_index, state, batch, length) for d in decisions)
+            router_weights = tuple(self._per_token(d.expert_weight, state, batch, length) for d in decisions)
         output = UniPerceiverMoEModelOutput(
             last_hidden_state=hidden,
             pooler_output=hidden[:, 0],
@@ -1494,6 +1497,7 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
             attentions=all_attn,
             router_logits=router_logits,
             router_indices=router_indices,
+            router_weights=router_weights,
             aux_loss=aux_loss,
         )
         return output if return_dict else output.to_tuple()

@@ -107,7 +107,8 @@ def test_sweep_summary_reads_each_run_s_curves_speed_and_plain_baselines(tmp_pat
 
 def test_sweep_summary_groups_seeds_of_a_variant_with_their_spread_and_interference(tmp_path, capsys):
     """Runs `<variant>_s<seed>`: each series' last held-out value, mean and min-max over the seeds, the
-    median speed, and the mean off-diagonal interference of the runs that measured it."""
+    median speed, and the mean off-diagonal interference (and, for MoE, expert overlap) of the runs that
+    measured it."""
     from benchmarks.sweep_summary import main as summary_main
 
     for name, values, speed in (("dense_s0", (0.25, 0.5), 2.0), ("dense_s1", (0.5, 0.75), 4.0),
@@ -119,7 +120,8 @@ def test_sweep_summary_groups_seeds_of_a_variant_with_their_spread_and_interfere
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "sweep" / "attribute_s0" / "interference").mkdir()
     (tmp_path / "sweep" / "attribute_s0" / "interference" / "interference.json").write_text(json.dumps(
-        {"tasks": ["a", "b"], "matrix": [[1.0, 0.5], [-0.25, 1.0]], "matrix_ratio_of_means": [[1.0, 0.25], [0.75, 1.0]]}))
+        {"tasks": ["a", "b"], "matrix": [[1.0, 0.5], [-0.25, 1.0]], "matrix_ratio_of_means": [[1.0, 0.25], [0.75, 1.0]],
+         "expert_overlap": [[1.0, 0.25], [0.25, 1.0]]}))
     out = tmp_path / "summary.json"
     summary_main([str(tmp_path / "sweep"), "--json", str(out)])
     variants = json.loads(out.read_text())["variants"]
@@ -129,10 +131,12 @@ def test_sweep_summary_groups_seeds_of_a_variant_with_their_spread_and_interfere
         "values": [0.5, 0.75], "mean": 0.625, "min": 0.5, "max": 0.75}
     assert dense["median_steps_per_second"] == 4.0 and dense["interference"] == {}
     assert variants["attribute"]["interference"] == {"off_diagonal_mean_of_ratios": 0.125,
-                                                     "off_diagonal_ratio_of_means": 0.5}
+                                                     "off_diagonal_ratio_of_means": 0.5,
+                                                     "off_diagonal_expert_overlap": 0.25}
     printed = capsys.readouterr().out
     assert "| kjv_mlm/token_accuracy | 0.625 (0.625-0.625, 1) | 0.625 (0.500-0.750, 2) |" in printed
     assert "| interference off the diagonal (mean of ratios) | 0.125 | - |" in printed
+    assert "| tasks' expert overlap off the diagonal (MoE) | 0.250 | - |" in printed
 
 
 def test_sweep_summary_keeps_the_other_metrics_beside_the_headline(tmp_path, capsys):

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from training.interference import default_layers, interference_matrix, main
+from training.interference import default_layers, expert_entropy, expert_overlap, expert_shares, interference_matrix, main
 
 
 def noisy(direction: torch.Tensor, samples: int, scale: float, generator: torch.Generator) -> torch.Tensor:
@@ -50,6 +50,24 @@ def test_the_metric_by_hand_on_two_samples_each():
         interference_matrix([g0, g1[:1]])
 
 
+def test_expert_shares_weigh_the_real_tokens_choices_and_compare_tasks():
+    """Shares per gate of the real tokens' gate weight; the overlap is 1 for the same shares and 0 for
+    disjoint experts; the entropy is 1 for every expert alike and 0 for one expert."""
+    mask = torch.tensor([[1, 1, 0]])  # the third token is padding
+    first = torch.tensor([[[0, 1], [0, 2], [3, 3]]])  # gate 0: experts 0, 1, then 0, 2 (padding's 3s not counted)
+    first_weights = torch.tensor([[[0.75, 0.25], [0.5, 0.5], [0.5, 0.5]]])
+    second = torch.tensor([[[3, 2], [3, 2], [0, 0]]])  # gate 1: expert 3 with all the weight
+    second_weights = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.5, 0.5]]])
+    shares = expert_shares((first, second), (first_weights, second_weights), mask, num_experts=4)
+    assert shares.tolist() == [[0.625, 0.125, 0.25, 0.0], [0.0, 0.0, 0.0, 1.0]]
+    uniform, single = torch.full((1, 4), 0.25, dtype=torch.float64), torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    assert expert_entropy(uniform) == pytest.approx(1.0) and expert_entropy(single) == pytest.approx(0.0)
+    other = torch.tensor([[0.0, 0.0, 0.5, 0.5], [1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    overlap = expert_overlap([shares, other])
+    assert overlap[0, 0] == pytest.approx(1.0) and overlap[1, 1] == pytest.approx(1.0)
+    assert overlap[0, 1] == pytest.approx((0.25 + 0.0) / 2) and overlap[1, 0] == overlap[0, 1]
+
+
 def test_default_layers_are_the_thirds_of_the_depth():
     assert default_layers(12) == [3, 7, 11] and default_layers(24) == [7, 15, 23] and default_layers(2) == [0, 1]
 
@@ -73,6 +91,13 @@ def test_the_command_runs_on_a_tiny_model_and_names_bad_input(tiny_cache, tmp_pa
         assert matrix.shape == (3, 3) and torch.allclose(matrix.diagonal(), torch.ones(3)), key
         assert torch.isfinite(matrix).all(), key
     assert os.path.getsize(os.path.join(out, "interference.png")) > 0
+    assert written["expert_gates"] == ["1.attn", "1.ffn"]  # the MoE layer's two gates
+    for name in written["tasks"]:  # 4 experts per gate, shares summing to 1
+        usage = torch.tensor(written["expert_usage"][name])
+        assert usage.shape == (2, 4) and torch.allclose(usage.sum(1), torch.ones(2), atol=1e-3)
+        assert 0.0 <= written["expert_entropy"][name] <= 1.0
+    overlap = torch.tensor(written["expert_overlap"])
+    assert overlap.shape == (3, 3) and torch.allclose(overlap.diagonal(), torch.ones(3), atol=1e-3)
     for argv, message in ((["--tasks", "austen_mlm", "--out", out], "at least two different tasks"),
                           (["--tasks", "austen_mlm,imagenet", "--out", out], "unknown task 'imagenet'"),
                           (["--tasks", "austen_mlm,kjv_mlm", "--layers", "5", "--out", out], "--layers")):

@@ -501,6 +501,9 @@ def test_outputs_hidden_states_attentions_and_router_logits():
     assert out.attentions[0].shape == (batch, 2, length, length)
     assert len(out.router_logits) == 4  # 2 layers x (attention, FFN) decisions
     assert out.router_logits[0].shape == (batch, length, 4) and out.router_indices[0].shape == (batch, length, 2)
+    weights = out.router_weights[0]  # top-2: the two chosen experts' softmax probabilities, renormalised
+    chosen = out.router_logits[0].softmax(-1).gather(-1, out.router_indices[0])
+    torch.testing.assert_close(weights, chosen / chosen.sum(-1, keepdim=True))
     assert torch.equal(out.pooler_output, out.last_hidden_state[:, 0])
     assert isinstance(model(**make_batch(), return_dict=False), tuple)
 

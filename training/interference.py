@@ -26,6 +26,13 @@ no router noise); retrieval scores each sample against the other samples' captio
 Samples that predict nothing (a caption none of whose words is a candidate) are left out. Writes
 `interference.json` (tasks, samples used per task, layers, which weights are expert stacks, the per-layer
 matrices and their mean) and a heat map `interference.png` into `--out`.
+
+For an MoE model it also writes where each task's tokens go, from the same samples' input pass: per gate,
+the share of the real tokens' gate weight that each expert receives (`expert_usage`), how evenly each
+task spreads over the experts (`expert_entropy`: the entropy of those shares over log E, averaged over
+the gates; 1 = all experts alike), and how much two tasks share experts (`expert_overlap[i][j]`: the sum
+over experts of the smaller of the two tasks' shares, averaged over the gates; 1 = the same experts in the
+same proportions, 0 = disjoint experts). Low overlap is how a routing keeps two tasks' gradients apart.
 """
 
 from __future__ import annotations
@@ -118,6 +125,53 @@ def task_gradients(model, batch, weights: dict[str, torch.nn.Parameter], progres
             for (name, values), weight in zip(rows.items(), weights.values())}
 
 
+# --------------------------------------------------------------------------------------------- expert usage
+ROUTED_INPUTS = ("input_ids", "pixel_values", "attention_mask", "position_ids", "caption_mode", "attribute_vectors",
+                 "task_ids")  # the inputs of a batch's input pass (`UniPerceiverMoEModel.forward`)
+
+
+def gate_names(model) -> list[str]:
+    """The MoE gates in the order the model reports their decisions (`router_indices`): layer by layer,
+    the attention's gate before the FFN's."""
+    return [gate.name for layer in model.base_model.encoder.layers for gate in (layer.attn_gate, layer.ffn_gate)
+            if gate is not None]
+
+
+def expert_shares(router_indices: tuple[torch.Tensor, ...], router_weights: tuple[torch.Tensor, ...],
+                  sequence_mask: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """`[G, E]` float64: for each gate, the share of the real tokens' gate weight that each of the E experts
+    receives (two tasks sending their tokens to the same two experts with other weights get other shares).
+    router_indices / router_weights: per gate `[B, L, k]` chosen experts and their gate weights (the model's
+    outputs with `output_router_logits`); sequence_mask: `[B, L]`, nonzero for real tokens."""
+    real = sequence_mask.bool()
+    shares = []
+    for chosen, weight in zip(router_indices, router_weights):
+        totals = torch.bincount(chosen[real].reshape(-1).cpu(), weights=weight[real].reshape(-1).double().cpu(),
+                                minlength=num_experts)
+        shares.append(totals / totals.sum().clamp(min=1e-12))
+    return torch.stack(shares)
+
+
+def expert_entropy(shares: torch.Tensor) -> float:
+    """The mean over gates of the entropy of `[G, E]` shares over log E (1 = every expert alike, 0 = one)."""
+    entropy = -(shares * shares.clamp(min=1e-12).log()).sum(1) / torch.log(torch.tensor(float(shares.shape[1])))
+    return float(entropy.mean())
+
+
+def expert_overlap(shares: list[torch.Tensor]) -> torch.Tensor:
+    """`[T, T]` from T tasks' `[G, E]` shares: the mean over gates of sum_e min(p_i(e), p_j(e))."""
+    return torch.stack([torch.stack([torch.minimum(a, b).sum(1).mean() for b in shares]) for a in shares])
+
+
+@torch.no_grad()
+def task_expert_shares(model, batch) -> torch.Tensor:
+    """`expert_shares` of a batch's input pass through `model`'s encoder (eval mode: no router noise)."""
+    inputs = {key: value for key, value in batch.inputs.items() if key in ROUTED_INPUTS}
+    out = model.base_model(**inputs, output_router_logits=True, return_dict=True)
+    return expert_shares(out.router_indices, out.router_weights, out.sequence_mask, model.config.moe_num_experts
+                         if model.config.folded_routes is None else len(model.config.folded_routes))
+
+
 # --------------------------------------------------------------------------------------------- the command
 @dataclass
 class InterferenceArguments(SavedModelTasksArguments):
@@ -189,11 +243,14 @@ def main(argv=None) -> dict:
     ctx, tasks, rows = load_task_samples(args, model, names)
     os.makedirs(args.out, exist_ok=True)
 
-    gradients, counts = {name: [] for name in weights}, {}
+    gradients, counts, shares = {name: [] for name in weights}, {}, {}
+    routed = model.config.moe_routing != "none"
     with tqdm(total=sum(len(r) for r in rows.values()), desc="per-sample gradients", unit="sample") as progress:
         for task in tasks:
-            batch = build_batch(task, rows[task.name], ctx, epoch=0)
-            per_weight = task_gradients(model, batch.to(device), weights, progress)
+            batch = build_batch(task, rows[task.name], ctx, epoch=0).to(device)
+            if routed:
+                shares[task.name] = task_expert_shares(model, batch)
+            per_weight = task_gradients(model, batch, weights, progress)
             counts[task.name] = len(next(iter(per_weight.values())))
             if counts[task.name] < 2:
                 raise SystemExit(f"error: task {task.name!r} has {counts[task.name]} usable sample(s) among the "
@@ -212,6 +269,11 @@ def main(argv=None) -> dict:
         matrices[reduce] = torch.stack(list(per_layer.values())).mean(0)
         result[key] = listed(matrices[reduce])
         result[f"per_layer_{reduce}"] = {name: listed(m) for name, m in per_layer.items()}
+    if routed:
+        result["expert_gates"] = gate_names(model)
+        result["expert_usage"] = {name: listed(value) for name, value in shares.items()}
+        result["expert_entropy"] = {name: round(expert_entropy(value), 4) for name, value in shares.items()}
+        result["expert_overlap"] = listed(expert_overlap([shares[name] for name in names]))
     with open(os.path.join(args.out, "interference.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=1)
     plot(matrices, names, os.path.join(args.out, "interference.png"),
