@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from training.interference import default_layers, expert_entropy, expert_overlap, expert_shares, interference_matrix, main
+from training.evaluation import expert_entropy, expert_overlap, expert_shares
+from training.interference import default_layers, interference_matrix, main
 
 
 def noisy(direction: torch.Tensor, samples: int, scale: float, generator: torch.Generator) -> torch.Tensor:

@@ -218,6 +218,26 @@ def test_captioning_word_accuracy_and_its_baseline_leave_the_end_answers_out(tin
                                                 answers=scripted(lambda l: l))
 
 
+@pytest.mark.parametrize("routing", ["attribute", "none"])
+def test_evaluation_reports_how_an_moe_model_spreads_a_task_over_its_experts(routing, tiny_cache, context):
+    """An MoE model's evaluation adds `expert_entropy` (the first batch's input pass: 1 = every expert alike,
+    the shares' entropy over log E); a dense model has no experts and reports none."""
+    from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
+    from training.evaluation import evaluate_task, expert_entropy, task_expert_shares
+
+    ctx, manifest = context
+    config = ctx.model_config.__class__.from_dict({**ctx.model_config.to_dict(), "moe_routing": routing})
+    model = UniPerceiverMoEForGenericPerception(config).eval()
+    task = get_task("fashion_mnist_classification")
+    rows = rows_of(tiny_cache, manifest, task.name)
+    metrics = evaluate_task(model, task, rows, ctx, "cpu")
+    if routing == "none":
+        assert "expert_entropy" not in metrics
+        return
+    shares = task_expert_shares(model, build_batch(task, rows, ctx, epoch=0))
+    assert metrics["expert_entropy"] == pytest.approx(expert_entropy(shares)) and 0.0 < metrics["expert_entropy"] < 1.0
+
+
 def test_a_batch_moved_to_an_accelerator_keeps_its_route_inputs_on_the_host(tiny_cache, context):
     """The model groups host route keys without reading the accelerator back, so `TaskBatch.to` leaves them on
     the host (the meta device stands in for a GPU) and moves everything else."""

@@ -86,41 +86,52 @@ def recall_at_k(scores: torch.Tensor, truth: torch.Tensor, ks=(1, 5)) -> dict[in
 def evaluate_task(model, task: Task, rows: list[dict], ctx: TaskContext, device, batch_size: int = 64,
                   autocast_dtype=None, answers=None) -> dict:
     """Metrics of one task on `rows` (raw rows of its test split). `model` is the unwrapped model; `answers`
-    as in `candidate_answers`."""
+    as in `candidate_answers`. An MoE model also reports `expert_entropy`, how evenly the first batch's
+    input tokens spread their gate weight over the experts (`task_expert_shares`)."""
     was_training = model.training
     model.eval()
     try:
         with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
                             enabled=autocast_dtype is not None):
-            if task.family == "retrieval":
-                return _evaluate_retrieval(model, task, rows, ctx, device, batch_size)
-            end = end_answer(task, ctx)
-            correct = total = word_correct = words = 0
-            loss_sum = 0.0
-            predicted = set()
-            for logits, labels in candidate_answers(model, task, rows, ctx, device, batch_size, answers):
-                guesses = logits.argmax(-1)
-                predicted.update(guesses.tolist())
-                hits = guesses == labels
-                correct += int(hits.sum())
-                total += len(labels)
-                if end is not None:  # the answers that are words, each the top candidate other than the end
-                    is_word = labels != end
-                    word_guesses = logits[is_word].index_fill(1, torch.tensor([end], device=logits.device),
-                                                              float("-inf")).argmax(-1)
-                    word_correct += int((word_guesses == labels[is_word]).sum())
-                    words += int(is_word.sum())
-                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-            key = "accuracy" if "classification" in task.family else "token_accuracy"
-            metrics = {key: correct / max(total, 1), "loss": loss_sum / max(total, 1), "evaluated": total,
-                       "distinct_predictions": len(predicted)}
-            if task.family in ("mlm", "captioning"):
-                metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))  # over the candidate words
-            if end is not None:
-                metrics["word_accuracy"] = word_correct / max(words, 1)
+            metrics = _task_metrics(model, task, rows, ctx, device, batch_size, answers)
+            if answers is None and routes_experts(model) and rows:
+                batch = build_batch(task, rows[:batch_size], ctx, epoch=0)
+                if batch.num_samples:
+                    metrics["expert_entropy"] = expert_entropy(task_expert_shares(model, batch.to(device)))
             return metrics
     finally:
         model.train(was_training)
+
+
+def _task_metrics(model, task: Task, rows: list[dict], ctx: TaskContext, device, batch_size: int, answers) -> dict:
+    """`evaluate_task`'s metrics of the task's family, the model already in eval mode under its autocast."""
+    if task.family == "retrieval":
+        return _evaluate_retrieval(model, task, rows, ctx, device, batch_size)
+    end = end_answer(task, ctx)
+    correct = total = word_correct = words = 0
+    loss_sum = 0.0
+    predicted = set()
+    for logits, labels in candidate_answers(model, task, rows, ctx, device, batch_size, answers):
+        guesses = logits.argmax(-1)
+        predicted.update(guesses.tolist())
+        hits = guesses == labels
+        correct += int(hits.sum())
+        total += len(labels)
+        if end is not None:  # the answers that are words, each the top candidate other than the end
+            is_word = labels != end
+            word_guesses = logits[is_word].index_fill(1, torch.tensor([end], device=logits.device),
+                                                      float("-inf")).argmax(-1)
+            word_correct += int((word_guesses == labels[is_word]).sum())
+            words += int(is_word.sum())
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+    key = "accuracy" if "classification" in task.family else "token_accuracy"
+    metrics = {key: correct / max(total, 1), "loss": loss_sum / max(total, 1), "evaluated": total,
+               "distinct_predictions": len(predicted)}
+    if task.family in ("mlm", "captioning"):
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))  # over the candidate words
+    if end is not None:
+        metrics["word_accuracy"] = word_correct / max(words, 1)
+    return metrics
 
 
 def end_answer(task: Task, ctx: TaskContext) -> int | None:
@@ -229,7 +240,61 @@ def answer_counts(task: Task, rows: list[dict], ctx: TaskContext, batch_size: in
 # the held-out metrics beside the headline one: retrieval the other way, MLM and captioning perplexity over the
 # candidate words, captioning's accuracy on its words alone (the end answers left out), and the BLEU-4 / CIDEr-D
 # of generated captions (where the evaluation generates them)
-SECONDARY_METRICS = ("t2i_R@1", "perplexity", "word_accuracy", "bleu4", "cider")
+# --------------------------------------------------------------------------------------------- expert usage
+ROUTED_INPUTS = ("input_ids", "pixel_values", "attention_mask", "position_ids", "caption_mode", "attribute_vectors",
+                 "task_ids")  # the inputs of a batch's input pass (`UniPerceiverMoEModel.forward`)
+
+
+def gate_names(model) -> list[str]:
+    """The MoE gates in the order the model reports their decisions (`router_indices`): layer by layer,
+    the attention's gate before the FFN's."""
+    return [gate.name for layer in model.base_model.encoder.layers for gate in (layer.attn_gate, layer.ffn_gate)
+            if gate is not None]
+
+
+def expert_shares(router_indices: tuple[torch.Tensor, ...], router_weights: tuple[torch.Tensor, ...],
+                  sequence_mask: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """`[G, E]` float64: for each gate, the share of the real tokens' gate weight that each of the E experts
+    receives (two tasks sending their tokens to the same two experts with other weights get other shares).
+    router_indices / router_weights: per gate `[B, L, k]` chosen experts and their gate weights (the model's
+    outputs with `output_router_logits`); sequence_mask: `[B, L]`, nonzero for real tokens."""
+    real = sequence_mask.bool()
+    shares = []
+    for chosen, weight in zip(router_indices, router_weights):
+        totals = torch.bincount(chosen[real].reshape(-1).cpu(), weights=weight[real].reshape(-1).double().cpu(),
+                                minlength=num_experts)
+        shares.append(totals / totals.sum().clamp(min=1e-12))
+    return torch.stack(shares)
+
+
+def expert_entropy(shares: torch.Tensor) -> float:
+    """The mean over gates of the entropy of `[G, E]` shares over log E (1 = every expert alike, 0 = one)."""
+    entropy = -(shares * shares.clamp(min=1e-12).log()).sum(1) / torch.log(torch.tensor(float(shares.shape[1])))
+    return float(entropy.mean())
+
+
+def expert_overlap(shares: list[torch.Tensor]) -> torch.Tensor:
+    """`[T, T]` from T tasks' `[G, E]` shares: the mean over gates of sum_e min(p_i(e), p_j(e))."""
+    return torch.stack([torch.stack([torch.minimum(a, b).sum(1).mean() for b in shares]) for a in shares])
+
+
+def routes_experts(model) -> bool:
+    """Whether `model` is one of ours (not wrapped) with expert layers, whose router outputs can be read."""
+    from modeling_uniperceiver_moe.modeling_uniperceiver_moe import UniPerceiverMoEPreTrainedModel
+
+    return isinstance(model, UniPerceiverMoEPreTrainedModel) and model.config.moe_routing != "none"
+
+
+@torch.no_grad()
+def task_expert_shares(model, batch) -> torch.Tensor:
+    """`expert_shares` of a batch's input pass through `model`'s encoder (eval mode: no router noise)."""
+    inputs = {key: value for key, value in batch.inputs.items() if key in ROUTED_INPUTS}
+    out = model.base_model(**inputs, output_router_logits=True, return_dict=True)
+    return expert_shares(out.router_indices, out.router_weights, out.sequence_mask, model.config.moe_num_experts
+                         if model.config.folded_routes is None else len(model.config.folded_routes))
+
+
+SECONDARY_METRICS = ("t2i_R@1", "perplexity", "word_accuracy", "bleu4", "cider", "expert_entropy")
 
 
 def headline(task: Task, metrics: dict) -> tuple[str, float]:

@@ -47,7 +47,7 @@ from torch.nn import functional as F
 
 from modeling_uniperceiver_moe.command_line import parse_script_arguments
 
-from .evaluation import SavedModelTasksArguments
+from .evaluation import SavedModelTasksArguments, expert_overlap, expert_entropy, gate_names, task_expert_shares
 
 
 # --------------------------------------------------------------------------------------------- the metric
@@ -123,53 +123,6 @@ def task_gradients(model, batch, weights: dict[str, torch.nn.Parameter], progres
         progress.update(len(losses) - len(kept))
     return {name: torch.stack(values) if values else torch.zeros(0, weight.numel())
             for (name, values), weight in zip(rows.items(), weights.values())}
-
-
-# --------------------------------------------------------------------------------------------- expert usage
-ROUTED_INPUTS = ("input_ids", "pixel_values", "attention_mask", "position_ids", "caption_mode", "attribute_vectors",
-                 "task_ids")  # the inputs of a batch's input pass (`UniPerceiverMoEModel.forward`)
-
-
-def gate_names(model) -> list[str]:
-    """The MoE gates in the order the model reports their decisions (`router_indices`): layer by layer,
-    the attention's gate before the FFN's."""
-    return [gate.name for layer in model.base_model.encoder.layers for gate in (layer.attn_gate, layer.ffn_gate)
-            if gate is not None]
-
-
-def expert_shares(router_indices: tuple[torch.Tensor, ...], router_weights: tuple[torch.Tensor, ...],
-                  sequence_mask: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """`[G, E]` float64: for each gate, the share of the real tokens' gate weight that each of the E experts
-    receives (two tasks sending their tokens to the same two experts with other weights get other shares).
-    router_indices / router_weights: per gate `[B, L, k]` chosen experts and their gate weights (the model's
-    outputs with `output_router_logits`); sequence_mask: `[B, L]`, nonzero for real tokens."""
-    real = sequence_mask.bool()
-    shares = []
-    for chosen, weight in zip(router_indices, router_weights):
-        totals = torch.bincount(chosen[real].reshape(-1).cpu(), weights=weight[real].reshape(-1).double().cpu(),
-                                minlength=num_experts)
-        shares.append(totals / totals.sum().clamp(min=1e-12))
-    return torch.stack(shares)
-
-
-def expert_entropy(shares: torch.Tensor) -> float:
-    """The mean over gates of the entropy of `[G, E]` shares over log E (1 = every expert alike, 0 = one)."""
-    entropy = -(shares * shares.clamp(min=1e-12).log()).sum(1) / torch.log(torch.tensor(float(shares.shape[1])))
-    return float(entropy.mean())
-
-
-def expert_overlap(shares: list[torch.Tensor]) -> torch.Tensor:
-    """`[T, T]` from T tasks' `[G, E]` shares: the mean over gates of sum_e min(p_i(e), p_j(e))."""
-    return torch.stack([torch.stack([torch.minimum(a, b).sum(1).mean() for b in shares]) for a in shares])
-
-
-@torch.no_grad()
-def task_expert_shares(model, batch) -> torch.Tensor:
-    """`expert_shares` of a batch's input pass through `model`'s encoder (eval mode: no router noise)."""
-    inputs = {key: value for key, value in batch.inputs.items() if key in ROUTED_INPUTS}
-    out = model.base_model(**inputs, output_router_logits=True, return_dict=True)
-    return expert_shares(out.router_indices, out.router_weights, out.sequence_mask, model.config.moe_num_experts
-                         if model.config.folded_routes is None else len(model.config.folded_routes))
 
 
 # --------------------------------------------------------------------------------------------- the command
