@@ -787,6 +787,11 @@ class UniPerceiverMoELayer(GradientCheckpointingLayer):
         self.attn_gate = UniPerceiverMoEGate(config, layer_idx, "attn") if attn_moe else None
         self.ffn_gate = UniPerceiverMoEGate(config, layer_idx, "ffn") if ffn_moe else None
 
+    @property
+    def has_gates(self) -> bool:
+        """Whether this layer routes (holds an attention or FFN gate)."""
+        return self.attn_gate is not None or self.ffn_gate is not None
+
     def gated_linears(self) -> list[tuple[UniPerceiverMoEGate, list[UniPerceiverMoELinear]]]:
         """Each gate of this layer with the expert linears it routes (none for a dense layer). Found by
         walking the blocks, so adapters that wrap the attention or MLP module keep them visible."""
@@ -819,7 +824,7 @@ class UniPerceiverMoELayer(GradientCheckpointingLayer):
         if merged_tensors:
             state = replace(state, merged=state.merged.with_layer_tensors(merged_tensors))
         batch, length, width = hidden.shape
-        rows = state.sorted_rows if (self.attn_gate is not None or self.ffn_gate is not None) else None
+        rows = state.sorted_rows if self.has_gates else None
         if rows is not None:
             hidden = rows.to_sorted(hidden.reshape(batch * length, width))
             if drop_path_scale is not None:  # one scale per sorted row
@@ -893,7 +898,7 @@ class UniPerceiverMoEEncoder(nn.Module):
         scales = drop_path_scales(self.config.drop_path_rate, len(self.layers), hidden.shape[0], hidden.device,
                                   self.training, self.config.drop_path_schedule)
         for i, layer in enumerate(self.layers):
-            layer_state = state.for_layer(i)
+            layer_state = state.for_layer(i) if layer.has_gates else state  # a dense layer reads no experts
             # only a checkpointed layer needs its merged experts as arguments (its inputs); others read the state
             checkpointed = layer.gradient_checkpointing and layer.training and torch.is_grad_enabled()
             merged_tensors = layer_state.merged.layer_tensors() if checkpointed and state.merged is not None else ()

@@ -261,7 +261,7 @@ def expert_shares(router_indices: tuple[torch.Tensor, ...], router_weights: tupl
     real = sequence_mask.bool()
     shares = []
     for chosen, weight in zip(router_indices, router_weights):
-        totals = torch.bincount(chosen[real].reshape(-1).cpu(), weights=weight[real].reshape(-1).double().cpu(),
+        totals = torch.bincount(chosen[real].reshape(-1).cpu(), weights=weight[real].detach().reshape(-1).double().cpu(),
                                 minlength=num_experts)
         shares.append(totals / totals.sum().clamp(min=1e-12))
     return torch.stack(shares)
@@ -285,13 +285,21 @@ def routes_experts(model) -> bool:
     return isinstance(model, UniPerceiverMoEPreTrainedModel) and model.config.moe_routing != "none"
 
 
+def encoder_expert_shares(model, encoder_output) -> torch.Tensor:
+    """`expert_shares` of one encoder pass of `model`, run with `output_router_logits=True` (a
+    `UniPerceiverMoEModelOutput`, e.g. a `GenericPerceptionOutput`'s `input_outputs`)."""
+    config = model.config
+    num_experts = config.moe_num_experts if config.folded_routes is None else len(config.folded_routes)
+    return expert_shares(encoder_output.router_indices, encoder_output.router_weights, encoder_output.sequence_mask,
+                         num_experts)
+
+
 @torch.no_grad()
 def task_expert_shares(model, batch) -> torch.Tensor:
-    """`expert_shares` of a batch's input pass through `model`'s encoder (eval mode: no router noise)."""
+    """`expert_shares` of a batch's input pass through `model`'s encoder alone (its candidates are not
+    encoded; eval mode: no router noise)."""
     inputs = {key: value for key, value in batch.inputs.items() if key in ROUTED_INPUTS}
-    out = model.base_model(**inputs, output_router_logits=True, return_dict=True)
-    return expert_shares(out.router_indices, out.router_weights, out.sequence_mask, model.config.moe_num_experts
-                         if model.config.folded_routes is None else len(model.config.folded_routes))
+    return encoder_expert_shares(model, model.base_model(**inputs, output_router_logits=True, return_dict=True))
 
 
 SECONDARY_METRICS = ("t2i_R@1", "perplexity", "word_accuracy", "bleu4", "cider", "expert_entropy")

@@ -47,7 +47,7 @@ from torch.nn import functional as F
 
 from modeling_uniperceiver_moe.command_line import parse_script_arguments
 
-from .evaluation import SavedModelTasksArguments, expert_overlap, expert_entropy, gate_names, task_expert_shares
+from .evaluation import SavedModelTasksArguments, encoder_expert_shares, expert_entropy, expert_overlap, gate_names
 
 
 # --------------------------------------------------------------------------------------------- the metric
@@ -105,10 +105,12 @@ def per_sample_losses(batch, output) -> tuple[torch.Tensor, torch.Tensor]:
     return losses.sum(1) / counts.clamp(min=1), counts > 0
 
 
-def task_gradients(model, batch, weights: dict[str, torch.nn.Parameter], progress=None) -> dict[str, torch.Tensor]:
+def task_gradients(model, batch, weights: dict[str, torch.nn.Parameter], progress=None, expert_shares: bool = False):
     """Per-sample gradients `[S, numel]` of each weight, from one forward over the batch and one backward
-    per sample; S counts the samples that predict something (`per_sample_losses`)."""
-    output = model(**batch.inputs, task_family=batch.task.family)
+    per sample; S counts the samples that predict something (`per_sample_losses`). With `expert_shares`
+    (an MoE model) also the input pass's `evaluation.encoder_expert_shares` from that same forward:
+    returns (gradients, shares `[G, E]`)."""
+    output = model(**batch.inputs, task_family=batch.task.family, output_router_logits=expert_shares or None)
     losses, predicts = per_sample_losses(batch, output)
     kept = predicts.nonzero().flatten().tolist()
     rows = {name: [] for name in weights}
@@ -121,8 +123,9 @@ def task_gradients(model, batch, weights: dict[str, torch.nn.Parameter], progres
             progress.update(1)
     if progress is not None:
         progress.update(len(losses) - len(kept))
-    return {name: torch.stack(values) if values else torch.zeros(0, weight.numel())
-            for (name, values), weight in zip(rows.items(), weights.values())}
+    gradients = {name: torch.stack(values) if values else torch.zeros(0, weight.numel())
+                 for (name, values), weight in zip(rows.items(), weights.values())}
+    return (gradients, encoder_expert_shares(model, output.input_outputs)) if expert_shares else gradients
 
 
 # --------------------------------------------------------------------------------------------- the command
@@ -201,9 +204,9 @@ def main(argv=None) -> dict:
     with tqdm(total=sum(len(r) for r in rows.values()), desc="per-sample gradients", unit="sample") as progress:
         for task in tasks:
             batch = build_batch(task, rows[task.name], ctx, epoch=0).to(device)
+            per_weight = task_gradients(model, batch, weights, progress, expert_shares=routed)
             if routed:
-                shares[task.name] = task_expert_shares(model, batch)
-            per_weight = task_gradients(model, batch, weights, progress)
+                per_weight, shares[task.name] = per_weight
             counts[task.name] = len(next(iter(per_weight.values())))
             if counts[task.name] < 2:
                 raise SystemExit(f"error: task {task.name!r} has {counts[task.name]} usable sample(s) among the "

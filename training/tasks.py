@@ -366,7 +366,8 @@ class TaskBatch:
 
     def pin_memory(self) -> "TaskBatch":
         """The batch with its tensors in page-locked host memory, so that `to(cuda)` copies without blocking."""
-        pinned = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in self.inputs.items()}
+        pinned = {k: v.pin_memory() if torch.is_tensor(v) and k not in HOST_ROUTE_INPUTS else v
+                  for k, v in self.inputs.items()}  # route inputs stay on the host (`to`)
         return TaskBatch(self.task, pinned, self.labels.pin_memory(), self.num_samples, self.skipped, self.data_state)
 
     def to(self, device) -> "TaskBatch":
