@@ -4,9 +4,11 @@
     python -m benchmarks.bench_trainer --config training/configs/tiny_cpu.yaml --sizes config \\
         --routings attribute --warmup 2 --steps 4 --profile-steps 2                                      # CPU
 
-For each (size, routing, prefetch worker, number of worker processes), one `Pretrainer` of the config (`--set`
-overrides as in `training.pretrain`, except the settings the benchmark fixes: evaluation and checkpoints off, a
-temporary output folder; `--prefetch-processes 1,3` compares the numbers of data worker processes):
+For each (size, routing, prefetch worker, number of worker processes, pixel transport), one `Pretrainer` of the
+config (`--set` overrides as in `training.pretrain`, except the settings the benchmark fixes: evaluation and
+checkpoints off, a temporary output folder; `--prefetch-processes 1,3` compares the numbers of data worker
+processes, `--pixel-transports uint8,float32,uint8` the pixels handed over as bytes or floats, a repeated value
+measuring the spread between variants of one process, whose later variants reuse the first one's compiled graphs):
 
 1. trainer: `--warmup` then `--steps` steps of the trainer's own loop; tokens/s over the measured steps
    (the tokens each step ran through the encoder, candidates included, as the trainer logs them), and the
@@ -53,6 +55,8 @@ class BenchTrainerArguments:
     prefetch_processes: str = field(default="", metadata={"help": "data.prefetch_processes values (worker "
                                                                  "processes of prefetch_worker: process); "
                                                                  "default: the config's"})
+    pixel_transports: str = field(default="", metadata={"help": "data.pixel_transport values (uint8, float32; "
+                                                                 "a value may repeat); default: the config's"})
     warmup: int = field(default=20, metadata={"help": "trainer steps before the measured ones"})
     steps: int = field(default=60, metadata={"help": "measured steps (trainer, then the model on the same batches)"})
     profile_steps: int = field(default=10, metadata={"help": "profiled trainer steps after the measured ones"})
@@ -68,13 +72,16 @@ def synchronize(device: torch.device) -> None:
 
 
 def variant_overrides(args: BenchTrainerArguments, size: str, routing: str, output_dir: str,
-                      prefetch_worker: str = "process", prefetch_processes: int | None = None) -> list[str]:
+                      prefetch_worker: str = "process", prefetch_processes: int | None = None,
+                      pixel_transport: str | None = None) -> list[str]:
     total = args.warmup + args.steps + args.profile_steps
     overrides = list(args.set) + [f"output_dir={output_dir}", f"train.max_steps={total}", "train.eval_every=0",
                  "train.save_every=0", "train.tracker=null", "train.max_minutes=null", "train.grad_accum=1",
                  f"train.log_every={total}", f"model.moe_routing={routing}", f"data.prefetch_worker={prefetch_worker}"]
     if prefetch_processes is not None:
         overrides.append(f"data.prefetch_processes={prefetch_processes}")
+    if pixel_transport is not None:
+        overrides.append(f"data.pixel_transport={pixel_transport}")
     if size != "config":
         overrides.append(f"model.model_size={size}")
     return overrides  # the benchmark's own settings win over --set
@@ -138,16 +145,16 @@ def progress(name: str, what: str, since: float) -> None:
 
 
 def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefetch_worker: str = "process",
-                    prefetch_processes: int | None = None) -> dict:
+                    prefetch_processes: int | None = None, pixel_transport: str | None = None) -> dict:
     from tqdm.auto import tqdm
 
-    from training.config import load_config
+    from training.config import load_config, pixel_transport as resolved_pixel_transport
     from training.tasks import task_loss
     from training.trainer import Pretrainer, compiled_graph_count, read_step_result
 
     with tempfile.TemporaryDirectory() as output_dir:
         config = load_config(args.config, variant_overrides(args, size, routing, output_dir, prefetch_worker,
-                                                                prefetch_processes))
+                                                                prefetch_processes, pixel_transport))
         trainer = Pretrainer(config)
         device = trainer.accelerator.device
         first, last = args.warmup, args.warmup + args.steps
@@ -156,7 +163,8 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
         step_once = trainer.train_step
 
         workers = prefetch_worker_label(config)
-        name = f"{size}/{routing}/{workers}"
+        pixels = resolved_pixel_transport(config, device.type)
+        name = f"{size}/{routing}/{workers}/{pixels}"
         every = max(1, first // 8)
 
         def timed_step(index: int) -> dict:  # the trainer's own step; the clock is read (after a device
@@ -197,7 +205,7 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
         trainer_seconds = stamps[last] - stamps[first]
         measured_tokens = sum(tokens[first:last])
         row = {"size": size, "routing": routing, "device": str(device),
-               "prefetch_worker": workers,
+               "prefetch_worker": workers, "pixel_transport": pixels,
                "compile": config.train.compile_mode if trainer.compiled else "eager",
                "text_padding": trainer.ctx.text_padding,
                "warmup_seconds": round(stamps[first] - stamps[0], 2),
@@ -290,9 +298,9 @@ def run_loop_on(trainer, batches: list, device: torch.device) -> float:
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| size | routing | prefetch | step | warm-up s | trainer tokens/s | model tokens/s | trainer / model | "
+    lines = ["| size | routing | prefetch | pixels | step | warm-up s | trainer tokens/s | model tokens/s | trainer / model | "
              "loop / model | GPU busy | host: batch / copy / forward / backward / update / bookkeeping / other |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         shares = row.get("host_time_shares")
         split = " / ".join(f"{shares[k]:.2f}" for k in ("batch", "to_device", "forward", "backward", "update",
@@ -301,7 +309,8 @@ def format_rows(rows: list[dict]) -> str:
         step = row.get("compile", "eager") + (", buckets" if row.get("text_padding") == "buckets" else "")
         if row.get("graphs_compiled_while_measured"):
             step += f" ({row['graphs_compiled_while_measured']} graphs compiled while measured)"
-        lines.append(f"| {row['size']} | {row['routing']} | {row.get('prefetch_worker', '-')} | {step} | "
+        lines.append(f"| {row['size']} | {row['routing']} | {row.get('prefetch_worker', '-')} | "
+                     f"{row.get('pixel_transport', '-')} | {step} | "
                      f"{row.get('warmup_seconds', float('nan')):.1f} | {row['trainer_tokens_per_s']:,.0f} | "
                      f"{row['model_tokens_per_s']:,.0f} | {row['trainer_vs_model']:.2f} | "
                      f"{row['loop_vs_model']:.2f} | {busy} | {split} |")
@@ -322,12 +331,17 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(f"error: --prefetch-processes takes whole numbers, got {args.prefetch_processes!r}")
     if processes != [None] and min(processes) < 1:
         raise SystemExit("error: --prefetch-processes must be >= 1")
+    from training.tasks import PIXEL_TRANSPORTS
+
+    transports = names(args.pixel_transports) or [None]  # None: the config's
+    if any(transport not in (None, *PIXEL_TRANSPORTS) for transport in transports):
+        raise SystemExit(f"error: --pixel-transports takes {', '.join(PIXEL_TRANSPORTS)}, got {args.pixel_transports!r}")
     rows = []
-    for size, routing, worker, count in itertools.product(names(args.sizes), names(args.routings),
-                                                          names(args.prefetch_workers), processes):
+    for size, routing, worker, count, transport in itertools.product(
+            names(args.sizes), names(args.routings), names(args.prefetch_workers), processes, transports):
         if worker != "process" and count != processes[0]:
             continue  # the number of worker processes means nothing to a thread
-        rows.append(measure_variant(args, size, routing, worker, count))
+        rows.append(measure_variant(args, size, routing, worker, count, transport))
         gc.collect()  # the variant's trainer, model and batches
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -249,9 +249,10 @@ def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batc
     path.write_text(yaml.safe_dump(run_config(tiny_cache, str(tmp_path / "unused"))))
     rows = bench_trainer_main(["--config", str(path), "--sizes", "config", "--routings", "attribute,none",
                                "--warmup", "1", "--steps", "3", "--profile-steps", "2", "--profile-ops", "5",
-                               "--json", str(tmp_path / "bench.json")])
+                               "--pixel-transports", "uint8", "--json", str(tmp_path / "bench.json")])
     assert [row["routing"] for row in rows] == ["attribute", "none"]
     for row in rows:
+        assert row["pixel_transport"] == "uint8"  # the worker hands over bytes; the step normalises them
         assert row["trainer_tokens_per_s"] > 0 and row["model_tokens_per_s"] > 0 and row["tokens"] > 0
         assert row["loop_tokens_per_s"] > 0 and row["loop_vs_model"] > 0
         shares = row["host_time_shares"]
@@ -268,7 +269,8 @@ def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batc
 
 def test_trainer_benchmark_names_its_prefetch_layout_and_refuses_bad_process_counts(tmp_path):
     """Each row says where its batches were built ("process x3" for three worker processes); a count of
-    worker processes that is not a whole number >= 1 is refused before any trainer is built."""
+    worker processes that is not a whole number >= 1, or a pixel transport that does not exist, is refused
+    before any trainer is built."""
     from types import SimpleNamespace
 
     from benchmarks.bench_trainer import main as bench_trainer_main
@@ -285,6 +287,8 @@ def test_trainer_benchmark_names_its_prefetch_layout_and_refuses_bad_process_cou
     for bad in ("0", "two", "1,-2"):
         with pytest.raises(SystemExit, match="prefetch-processes"):
             bench_trainer_main(["--config", str(tmp_path / "never_read.yaml"), "--prefetch-processes", bad])
+    with pytest.raises(SystemExit, match="pixel-transports takes float32, uint8, got 'uint8,bytes'"):
+        bench_trainer_main(["--config", str(tmp_path / "never_read.yaml"), "--pixel-transports", "uint8,bytes"])
 
 
 def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():

@@ -252,6 +252,54 @@ def test_a_batch_moved_to_an_accelerator_keeps_its_route_inputs_on_the_host(tiny
     assert all(moved.inputs[k] is batch.inputs[k] for k in HOST_ROUTE_INPUTS)
 
 
+@pytest.mark.parametrize("name", ["fashion_mnist_classification", "video_clip_classification", "emoji_captioning",
+                                  "openclipart_retrieval"])
+def test_uint8_pixels_normalised_after_the_copy_are_the_image_processor_s_floats(name, tiny_cache, context):
+    """`pixel_transport="uint8"` hands over the resized 8-bit pixels (a quarter of the bytes) and `TaskBatch.to`
+    normalises them: the model gets exactly the floats the image processor gives, images and clips alike,
+    also after pinning (which keeps what `to` needs) and through a data worker process."""
+    from dataclasses import replace
+
+    from training.data import ProcessPrefetcher
+
+    ctx, manifest = context
+    as_bytes = replace(ctx, pixel_transport="uint8")
+    task = get_task(name)
+    rows = rows_of(tiny_cache, manifest, name)
+    floats = build_batch(task, rows, ctx, epoch=0)
+    eight_bit = build_batch(task, rows, as_bytes, epoch=0)
+    assert floats.pixel_statistics is None and floats.inputs["pixel_values"].dtype == torch.float32
+    assert eight_bit.inputs["pixel_values"].dtype == torch.uint8
+    assert eight_bit.inputs["pixel_values"].shape == floats.inputs["pixel_values"].shape
+    moved = eight_bit.to("cpu")
+    assert moved.pixel_statistics is None and moved.inputs["pixel_values"].dtype == torch.float32
+    assert torch.equal(moved.inputs["pixel_values"], floats.inputs["pixel_values"])
+    assert torch.equal(moved.to("cpu").inputs["pixel_values"], floats.inputs["pixel_values"])  # normalised once
+    if name == "fashion_mnist_classification":
+        loader = MultiTaskLoader([TaskEntry(task, 1.0, 4, ListStream(rows_of(tiny_cache, manifest, name, 8)))],
+                                 as_bytes, seed=0)
+        prefetcher = ProcessPrefetcher(loader, 0, depth=2)
+        try:
+            handed = prefetcher.get(0)
+        finally:
+            prefetcher.close()
+        assert handed.inputs["pixel_values"].dtype == torch.uint8 and handed.pixel_statistics is not None
+        reference = MultiTaskLoader([TaskEntry(task, 1.0, 4, ListStream(rows_of(tiny_cache, manifest, name, 8)))],
+                                    ctx, seed=0).batch(0)
+        assert torch.equal(handed.to("cpu").inputs["pixel_values"], reference.inputs["pixel_values"])
+
+
+def test_normalising_pixels_names_what_it_got_when_they_are_not_8_bit_channels():
+    from training.tasks import normalise_pixels
+
+    statistics = (1 / 255, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert normalise_pixels(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8), statistics).eq(2.0).all()
+    with pytest.raises(ValueError, match=r"expected uint8 pixels \[\.\.\., 3, H, W\], got torch.float32"):
+        normalise_pixels(torch.zeros(1, 3, 2, 2), statistics)
+    with pytest.raises(ValueError, match=r"got torch.uint8 \(1, 1, 2, 2\)"):
+        normalise_pixels(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), statistics)
+
+
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_every_registered_task_builds_inputs_targets_and_a_loss(name, tiny_cache, context):
     from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
@@ -333,6 +381,22 @@ def test_compile_is_on_for_cuda_by_default_and_its_padding_follows(tiny_cache, t
     assert text_padding(parse_config(raw), compiled=True) == "longest"
     with pytest.raises(ConfigError, match="train.compile must be one of"):
         parse_config(run_config(tiny_cache, str(tmp_path), compile="sometimes"))
+
+
+def test_training_pixels_travel_as_bytes_to_a_cuda_device_only_by_default(tiny_cache, tmp_path):
+    """`data.pixel_transport: auto` (the default) hands uint8 pixels to a CUDA device (pinned and copied there)
+    and floats elsewhere; explicit values win; an unknown one is refused when the config is read."""
+    from training.config import pixel_transport
+
+    raw = run_config(tiny_cache, str(tmp_path))
+    config = parse_config(raw)
+    assert config.data.pixel_transport == "auto"
+    assert pixel_transport(config, "cuda") == "uint8" and pixel_transport(config, "cpu") == "float32"
+    raw["data"]["pixel_transport"] = "float32"
+    assert pixel_transport(parse_config(raw), "cuda") == "float32"
+    raw["data"]["pixel_transport"] = "uint16"
+    with pytest.raises(ConfigError, match="data.pixel_transport must be one of"):
+        parse_config(raw)
 
 
 def test_masked_word_spans_match_a_token_by_token_reading():

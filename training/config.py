@@ -18,7 +18,7 @@ import yaml
 from modeling_uniperceiver_moe.processing_uniperceiver_moe import IMAGE_PREPROCESSING
 
 from .data import PREFETCH_WORKERS, TASK_SAMPLINGS
-from .tasks import MLM_CORRUPTIONS, TEXT_PADDINGS
+from .tasks import MLM_CORRUPTIONS, PIXEL_TRANSPORTS, TEXT_PADDINGS
 
 
 class ConfigError(ValueError):
@@ -63,6 +63,10 @@ class DataConfig:
     task_sampling: str = "per_process"  # per_process (the reference: each process draws its own task per step,
     # losses are per-process means, retrieval scores within the process) | shared (one task per step everywhere,
     # losses normalised over the global batch, retrieval against every process's pairs). Equal with one process.
+    pixel_transport: str = "auto"  # the training batches' pixels from the data workers to the device: uint8
+    # (the resized 8-bit pixels, normalised on the device after the copy: a quarter of the bytes to hand over,
+    # pin and copy) | float32 (normalised by the workers) | auto (uint8 when training on a CUDA device). The
+    # model sees the same floats either way (tasks.normalise_pixels)
     image_preprocessing: str = "clip"  # clip | reference (ImageNet statistics, the 256/224 crop), see
     # modeling_uniperceiver_moe.processing_uniperceiver_moe.build_image_processor
 
@@ -149,6 +153,13 @@ def text_padding(config: "PretrainConfig", compiled: bool) -> str:
     return ("buckets" if compiled else "longest") if setting == "auto" else setting
 
 
+def pixel_transport(config: "PretrainConfig", device_type: str) -> str:
+    """`data.pixel_transport` with auto resolved: uint8 on a CUDA device (the batches are pinned and copied
+    there), float32 elsewhere."""
+    setting = config.data.pixel_transport
+    return ("uint8" if device_type == "cuda" else "float32") if setting == "auto" else setting
+
+
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 CHOICES = {
     ("data", "slice"): ("tiny", "small", "full"),
@@ -157,6 +168,7 @@ CHOICES = {
     ("data", "task_sampling"): TASK_SAMPLINGS,
     ("data", "prefetch_worker"): PREFETCH_WORKERS,
     ("data", "text_padding"): TEXT_PADDINGS,
+    ("data", "pixel_transport"): ("auto", *PIXEL_TRANSPORTS),
     ("data", "candidate_vocabulary"): ("frequent", "full"),
     ("data", "mlm_corruption"): MLM_CORRUPTIONS,
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),

@@ -20,11 +20,12 @@ the same loss and gradients as one process with N*b samples.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -230,6 +231,9 @@ class TaskContext:
     # tasks whose rows carry the data builder's token ids of their text (`<text_column>_token_ids`, made by
     # this tokenizer: `build_data.add_token_ids`); their batches skip the tokenizer (`stored_token_ids`)
     token_id_tasks: frozenset = frozenset()
+    pixel_transport: str = "float32"  # float32: `pixels` are the image processor's normalised floats | uint8:
+    # its resized and cropped 8-bit pixels, a quarter of the bytes to hand between processes, pin and copy;
+    # the batch's `to` normalises them on the device exactly as the processor would (`normalise_pixels`)
     _cache: dict = field(default_factory=dict, repr=False)
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -339,13 +343,58 @@ class TaskContext:
         return bucket_length(length, limit) if self.text_padding == "buckets" else length
 
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
-        """`[N, C, H, W]`; chunks of the list are processed on the worker threads."""
+        """`[N, C, H, W]`: float32 normalised, or uint8 under `pixel_transport="uint8"`; chunks of the list are
+        processed on the worker threads."""
+        if self.pixel_transport not in PIXEL_TRANSPORTS:
+            raise ValueError(f"pixel transport must be one of {PIXEL_TRANSPORTS}, got {self.pixel_transport!r}")
+        options = {"do_rescale": False, "do_normalize": False} if self.pixel_transport == "uint8" else {}
+
+        def process(chunk: list[Image.Image]) -> torch.Tensor:
+            return self.image_processor(chunk, return_tensors="pt", **options)["pixel_values"]
+
         if self.workers <= 1 or len(images) < 8:
-            return self.image_processor(images, return_tensors="pt")["pixel_values"]
-        step = -(-len(images) // self.workers)
-        chunks = [images[i:i + step] for i in range(0, len(images), step)]
-        parts = self.map(lambda chunk: self.image_processor(chunk, return_tensors="pt")["pixel_values"], chunks)
-        return torch.cat(parts)
+            pixels = process(images)
+        else:
+            step = -(-len(images) // self.workers)
+            pixels = torch.cat(self.map(process, [images[i:i + step] for i in range(0, len(images), step)]))
+        if self.pixel_transport == "uint8" and pixels.dtype != torch.uint8:
+            raise TypeError(f"{type(self.image_processor).__name__} gave {pixels.dtype} pixels without rescaling; "
+                            "data.pixel_transport=uint8 needs its 8-bit pixels (use float32)")
+        return pixels
+
+    def pixel_statistics(self) -> tuple | None:
+        """What `normalise_pixels` needs for this context's uint8 pixels (the processor's rescale factor,
+        mean and std), or None when the pixels are already floats."""
+        if self.pixel_transport != "uint8":
+            return None
+        processor = self.image_processor
+        return (float(processor.rescale_factor), tuple(float(m) for m in processor.image_mean),
+                tuple(float(s) for s in processor.image_std))
+
+
+PIXEL_TRANSPORTS = ("float32", "uint8")
+
+
+@functools.lru_cache(maxsize=16)
+def pixel_value_table(statistics: tuple, device: torch.device) -> torch.Tensor:
+    """`[C, 256]` float32 on `device`: for each channel, the image processor's value of every 8-bit level
+    (rescaled in float64, then normalised in float32, as transformers' image processor computes it, so that
+    looking pixels up in it reproduces the processor's floats exactly). `statistics`: `TaskContext.pixel_statistics`."""
+    scale, mean, std = statistics
+    levels = (torch.arange(256, dtype=torch.float64) * scale).float()
+    table = (levels[None, :] - torch.tensor(mean, dtype=torch.float32)[:, None]) / torch.tensor(std)[:, None]
+    return table.to(device)
+
+
+def normalise_pixels(pixels: torch.Tensor, statistics: tuple) -> torch.Tensor:
+    """uint8 pixels `[..., C, H, W]` -> the image processor's normalised float32 pixels of the same shape, on
+    the pixels' device (a lookup in `pixel_value_table`)."""
+    table = pixel_value_table(statistics, pixels.device)
+    channels = table.shape[0]
+    if pixels.dtype != torch.uint8 or pixels.dim() < 3 or pixels.shape[-3] != channels:
+        raise ValueError(f"expected uint8 pixels [..., {channels}, H, W], got {pixels.dtype} {tuple(pixels.shape)}")
+    offsets = torch.arange(0, channels * 256, 256, device=pixels.device).view(channels, 1, 1)
+    return table.view(-1)[pixels.long() + offsets]
 
 
 HOST_ROUTE_INPUTS = ("attribute_vectors", "task_ids", "target_attribute_vectors", "target_task_ids")  # model inputs
@@ -363,12 +412,13 @@ class TaskBatch:
     num_samples: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
     data_state: dict | None = None
+    pixel_statistics: tuple | None = None  # `pixel_values` are uint8, to normalise with these (`to`)
 
     def pin_memory(self) -> "TaskBatch":
         """The batch with its tensors in page-locked host memory, so that `to(cuda)` copies without blocking."""
         pinned = {k: v.pin_memory() if torch.is_tensor(v) and k not in HOST_ROUTE_INPUTS else v
                   for k, v in self.inputs.items()}  # route inputs stay on the host (`to`)
-        return TaskBatch(self.task, pinned, self.labels.pin_memory(), self.num_samples, self.skipped, self.data_state)
+        return replace(self, inputs=pinned, labels=self.labels.pin_memory())
 
     def to(self, device) -> "TaskBatch":
         """The batch on `device`, except its route inputs (`HOST_ROUTE_INPUTS`), which stay on the host: the
@@ -378,8 +428,10 @@ class TaskBatch:
         non_blocking = device.type == "cuda"
         moved = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) and k not in HOST_ROUTE_INPUTS else v
                  for k, v in self.inputs.items()}
-        return TaskBatch(self.task, moved, self.labels.to(device, non_blocking=non_blocking), self.num_samples,
-                         self.skipped, self.data_state)
+        if self.pixel_statistics is not None and torch.is_tensor(moved.get("pixel_values")):
+            moved["pixel_values"] = normalise_pixels(moved["pixel_values"], self.pixel_statistics)
+        return replace(self, inputs=moved, labels=self.labels.to(device, non_blocking=non_blocking),
+                       pixel_statistics=None)
 
 
 # --------------------------------------------------------------------------------------------- sample checks
@@ -753,7 +805,11 @@ def build_batch(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, a
         options["augment"] = True
     if training and task.family == "mlm":
         options["training"] = True
-    return FAMILY_BUILDERS[task.family](task, samples, ctx, epoch, **options)
+    batch = FAMILY_BUILDERS[task.family](task, samples, ctx, epoch, **options)
+    pixels = batch.inputs.get("pixel_values")
+    if torch.is_tensor(pixels) and pixels.dtype == torch.uint8:
+        batch.pixel_statistics = ctx.pixel_statistics()  # normalised by `to`
+    return batch
 
 
 # --------------------------------------------------------------------------------------------- loss

@@ -31,7 +31,7 @@ from modeling_uniperceiver_moe.modeling_uniperceiver_moe import CandidateShard
 from .checkpoints import (CHECKPOINT_PREFIX, TRAINER_STATE, CheckpointError, config_changes, first_unreadable_file,
                           list_checkpoints, restore_schedule, set_aside_previous_run, unusable, verify_checkpoint,
                           write_checksums)
-from .config import COMPILE_SHAPES, ConfigError, PretrainConfig, compiles, text_padding
+from .config import COMPILE_SHAPES, ConfigError, PretrainConfig, compiles, pixel_transport, text_padding
 from .data import EmptyDatasetError, MultiTaskLoader, StreamSpec, TaskEntry, TaskStream, read_rows, start_prefetcher
 from .evaluation import BASELINE_TRAIN_ROWS, answer_counts, caption_generation_scores, evaluate_all, trivial_baseline
 from .tasks import (SHARED_CANDIDATE_FAMILIES, TaskContext, candidate_inputs, frequent_candidates, gather_rows,
@@ -318,7 +318,8 @@ class Pretrainer:
             spec = task_stream_spec(name, task_config, self.data_dir, self.manifest, "train")
             stream = TaskStream(name, spec, config.seed, config.data.shuffle_block, acc.process_index, acc.num_processes)
             entries.append(TaskEntry(self.tasks[name], task_config.weight, task_config.batch_size, stream))
-        return MultiTaskLoader(entries, self.ctx, config.seed, acc.num_processes, config.data.on_bad_sample,
+        ctx = replace(self.ctx, pixel_transport=pixel_transport(config, acc.device.type))  # evaluation keeps floats
+        return MultiTaskLoader(entries, ctx, config.seed, acc.num_processes, config.data.on_bad_sample,
                                augment=config.data.augment, rank=acc.process_index,
                                task_sampling=config.data.task_sampling)
 
