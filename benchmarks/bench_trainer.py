@@ -26,6 +26,10 @@ measuring the spread between variants of one process, whose later variants reuse
    already on the device, so that `trainer / loop` is what the data path costs (waiting for the workers,
    pinning, the copy) and `loop / model` what the loop adds to the bare step.
 
+Each phase also counts Python's garbage collections and the seconds they took (`gc_trainer`, `gc_model`,
+`gc_loop` in the JSON rows): a full collection walks every object of the process, the compiled graphs'
+included.
+
 Prints a table with `trainer / model` and `loop / model` per variant; `--json PATH` writes every row.
 """
 
@@ -137,6 +141,34 @@ def profile_shares(profiler, wall: float, device: torch.device) -> dict:
             "gpu_busy_share": round(busy_seconds(profiler.events()) / wall, 4) if device.type == "cuda" else None}
 
 
+class CollectorClock:
+    """Python's garbage collections while installed in `gc.callbacks`: how many of each generation, and the
+    seconds they took (a full collection walks every object of the process, the compilation's included)."""
+
+    def __init__(self):
+        self.counts, self.seconds, self._began = [0, 0, 0], [0.0, 0.0, 0.0], None
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        elif self._began is not None:
+            generation = info["generation"]
+            self.counts[generation] += 1
+            self.seconds[generation] += time.perf_counter() - self._began
+            self._began = None
+
+    def reading(self) -> tuple[list[int], list[float]]:
+        return list(self.counts), list(self.seconds)
+
+    @staticmethod
+    def between(start: tuple, end: tuple) -> dict:
+        """The collections between two `reading()`s: counts per generation (0, 1, 2) and seconds in all and in
+        full (generation 2) collections."""
+        counts = [b - a for a, b in zip(start[0], end[0])]
+        seconds = [b - a for a, b in zip(start[1], end[1])]
+        return {"collections": counts, "seconds": round(sum(seconds), 4), "full_seconds": round(seconds[2], 4)}
+
+
 def progress(name: str, what: str, since: float) -> None:
     """One line on stdout as a variant goes (a run stopped by a time limit still says how far it got)."""
     from training.trainer import compiled_graph_count
@@ -158,7 +190,7 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
         trainer = Pretrainer(config)
         device = trainer.accelerator.device
         first, last = args.warmup, args.warmup + args.steps
-        results, stamps, graphs = [], {}, {0: compiled_graph_count()}
+        results, stamps, graphs, collections = [], {}, {0: compiled_graph_count()}, {}
         profiled = {"profiler": None}
         step_once = trainer.train_step
 
@@ -176,6 +208,7 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
                 synchronize(device)
                 stamps[len(results)] = time.perf_counter()
                 graphs[len(results)] = compiled_graph_count()
+                collections[len(results)] = clock.reading()
             if len(results) == first:
                 progress(name, f"warm-up done ({first} steps)", stamps[0])
             if len(results) == last:
@@ -190,12 +223,15 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
 
         trainer.train_step = timed_step
         trainer.prefetcher = trainer.start_prefetcher()
+        clock = CollectorClock()
+        gc.callbacks.append(clock)
         synchronize(device)
         stamps[0] = time.perf_counter()
         try:
             trainer._train_steps(tqdm(disable=True))
         finally:
             trainer.prefetcher.close()
+            gc.callbacks.remove(clock)
         synchronize(device)
         stamps["end"] = time.perf_counter()
         if profiled["profiler"] is not None:
@@ -212,7 +248,8 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
                # graphs torch.compile built while the measured steps ran: 0 unless the warm-up missed a shape
                "graphs_compiled_while_measured": graphs[last] - graphs.get(first, graphs[0]),
                "steps": args.steps,
-               "tokens": measured_tokens, "trainer_tokens_per_s": round(measured_tokens / trainer_seconds, 1)}
+               "tokens": measured_tokens, "trainer_tokens_per_s": round(measured_tokens / trainer_seconds, 1),
+               "gc_trainer": CollectorClock.between(collections[first], collections[last])}
         if args.profile_steps:
             row.update(profile_shares(profiled["profiler"], stamps["end"] - stamps[last], device))
             if args.profile_ops:
@@ -245,18 +282,29 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
             optimizer.zero_grad(set_to_none=True)
 
         model_step(batches[0])  # the first one again pays any lazy initialisation outside the timing
-        synchronize(device)
-        began = time.perf_counter()
-        for batch in batches:
-            model_step(batch)
-        synchronize(device)
-        model_seconds = time.perf_counter() - began
+        gc.callbacks.append(clock)
+        try:
+            synchronize(device)
+            began, collected = time.perf_counter(), clock.reading()
+            for batch in batches:
+                model_step(batch)
+            synchronize(device)
+            model_seconds = time.perf_counter() - began
+            row["gc_model"] = CollectorClock.between(collected, clock.reading())
+        finally:
+            gc.callbacks.remove(clock)
         progress(name, f"{len(batches)} bare model steps done", stamps[0])
         row["model_tokens_per_s"] = round(measured_tokens / model_seconds, 1)
         row["trainer_vs_model"] = round(row["trainer_tokens_per_s"] / row["model_tokens_per_s"], 3)
 
         # the trainer's own loop on the same batches, already on the device: the loop without the data path
-        loop_seconds = run_loop_on(trainer, batches, device)
+        gc.callbacks.append(clock)
+        try:
+            collected = clock.reading()
+            loop_seconds = run_loop_on(trainer, batches, device)
+            row["gc_loop"] = CollectorClock.between(collected, clock.reading())  # one unmeasured step included
+        finally:
+            gc.callbacks.remove(clock)
         progress(name, f"{len(batches)} loop steps on device batches done", stamps[0])
         row["loop_tokens_per_s"] = round(measured_tokens / loop_seconds, 1)
         row["loop_vs_model"] = round(row["loop_tokens_per_s"] / row["model_tokens_per_s"], 3)
@@ -299,7 +347,8 @@ def run_loop_on(trainer, batches: list, device: torch.device) -> float:
 
 def format_rows(rows: list[dict]) -> str:
     lines = ["| size | routing | prefetch | pixels | step | warm-up s | trainer tokens/s | model tokens/s | trainer / model | "
-             "loop / model | GPU busy | host: batch / copy / forward / backward / update / bookkeeping / other |",
+             "loop / model | GPU busy | "
+             "host: batch / copy / forward / backward / update / bookkeeping / other |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         shares = row.get("host_time_shares")

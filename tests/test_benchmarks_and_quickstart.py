@@ -255,6 +255,8 @@ def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batc
         assert row["pixel_transport"] == "uint8"  # the worker hands over bytes; the step normalises them
         assert row["trainer_tokens_per_s"] > 0 and row["model_tokens_per_s"] > 0 and row["tokens"] > 0
         assert row["loop_tokens_per_s"] > 0 and row["loop_vs_model"] > 0
+        for phase in ("gc_trainer", "gc_model", "gc_loop"):  # Python's collections during each timed phase
+            assert len(row[phase]["collections"]) == 3 and row[phase]["seconds"] >= row[phase]["full_seconds"] >= 0
         shares = row["host_time_shares"]
         assert set(shares) == {"batch", "to_device", "forward", "backward", "update", "bookkeeping", "other"}
         assert shares["forward"] > 0 and shares["backward"] > 0 and sum(shares.values()) >= 0.99

@@ -268,11 +268,11 @@ def test_uint8_pixels_normalised_after_the_copy_are_the_image_processor_s_floats
     rows = rows_of(tiny_cache, manifest, name)
     floats = build_batch(task, rows, ctx, epoch=0)
     eight_bit = build_batch(task, rows, as_bytes, epoch=0)
-    assert floats.pixel_statistics is None and floats.inputs["pixel_values"].dtype == torch.float32
+    assert floats.pixel_table is None and floats.inputs["pixel_values"].dtype == torch.float32
     assert eight_bit.inputs["pixel_values"].dtype == torch.uint8
     assert eight_bit.inputs["pixel_values"].shape == floats.inputs["pixel_values"].shape
     moved = eight_bit.to("cpu")
-    assert moved.pixel_statistics is None and moved.inputs["pixel_values"].dtype == torch.float32
+    assert moved.pixel_table is None and moved.inputs["pixel_values"].dtype == torch.float32
     assert torch.equal(moved.inputs["pixel_values"], floats.inputs["pixel_values"])
     assert torch.equal(moved.to("cpu").inputs["pixel_values"], floats.inputs["pixel_values"])  # normalised once
     if name == "fashion_mnist_classification":
@@ -283,21 +283,22 @@ def test_uint8_pixels_normalised_after_the_copy_are_the_image_processor_s_floats
             handed = prefetcher.get(0)
         finally:
             prefetcher.close()
-        assert handed.inputs["pixel_values"].dtype == torch.uint8 and handed.pixel_statistics is not None
+        assert handed.inputs["pixel_values"].dtype == torch.uint8 and handed.pixel_table is not None
         reference = MultiTaskLoader([TaskEntry(task, 1.0, 4, ListStream(rows_of(tiny_cache, manifest, name, 8)))],
                                     ctx, seed=0).batch(0)
         assert torch.equal(handed.to("cpu").inputs["pixel_values"], reference.inputs["pixel_values"])
 
 
-def test_normalising_pixels_names_what_it_got_when_they_are_not_8_bit_channels():
+def test_normalising_pixels_looks_each_channel_s_level_up_and_names_what_it_got_when_not_8_bit():
     from training.tasks import normalise_pixels
 
-    statistics = (1 / 255, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    assert normalise_pixels(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8), statistics).eq(2.0).all()
+    table = torch.stack([torch.arange(256.0), -torch.arange(256.0), torch.full((256,), 0.5)])
+    pixels = torch.tensor([[[[0, 255]], [[7, 1]], [[3, 3]]]], dtype=torch.uint8)  # [1, 3, 1, 2]
+    assert normalise_pixels(pixels, table).tolist() == [[[[0.0, 255.0]], [[-7.0, -1.0]], [[0.5, 0.5]]]]
     with pytest.raises(ValueError, match=r"expected uint8 pixels \[\.\.\., 3, H, W\], got torch.float32"):
-        normalise_pixels(torch.zeros(1, 3, 2, 2), statistics)
+        normalise_pixels(torch.zeros(1, 3, 2, 2), table)
     with pytest.raises(ValueError, match=r"got torch.uint8 \(1, 1, 2, 2\)"):
-        normalise_pixels(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), statistics)
+        normalise_pixels(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), table)
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -1261,6 +1262,10 @@ def test_config_changes_lists_what_a_resume_would_change():
     assert "data.end_token_candidate: False -> True" in config_changes(saved, with_end)
     without_end = {**requested, "data": {**requested["data"], "end_token_candidate": False}}
     assert config_changes(saved, without_end) == ["tasks.kjv_mlm.weight: None -> 0.5"]
+    # the pixels' transport changes how they travel, not their values (tasks.normalise_pixels)
+    as_floats = {**saved, "data": {**saved["data"], "pixel_transport": "float32"}}
+    as_bytes = {**requested, "data": {**requested["data"], "pixel_transport": "uint8"}}
+    assert config_changes(as_floats, as_bytes) == ["tasks.kjv_mlm.weight: None -> 0.5"]
 
 
 def test_resume_with_other_settings_is_refused_with_a_diff_unless_asked(tiny_cache, tmp_path):

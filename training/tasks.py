@@ -20,7 +20,6 @@ the same loss and gradients as one process with N*b samples.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import re
@@ -233,7 +232,7 @@ class TaskContext:
     token_id_tasks: frozenset = frozenset()
     pixel_transport: str = "float32"  # float32: `pixels` are the image processor's normalised floats | uint8:
     # its resized and cropped 8-bit pixels, a quarter of the bytes to hand between processes, pin and copy;
-    # the batch's `to` normalises them on the device exactly as the processor would (`normalise_pixels`)
+    # the batch's `to` turns them into the processor's floats on the device (`normalise_pixels`)
     _cache: dict = field(default_factory=dict, repr=False)
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -362,39 +361,33 @@ class TaskContext:
                             "data.pixel_transport=uint8 needs its 8-bit pixels (use float32)")
         return pixels
 
-    def pixel_statistics(self) -> tuple | None:
-        """What `normalise_pixels` needs for this context's uint8 pixels (the processor's rescale factor,
-        mean and std), or None when the pixels are already floats."""
+    def pixel_table(self) -> torch.Tensor | None:
+        """`[C, 256]` float32: the image processor's output for each 8-bit level of each channel, which
+        `normalise_pixels` looks this context's uint8 pixels up in; None when the pixels are already floats.
+        Taken from the processor itself (an image holding every level once, its resize and crop off), so
+        the lookup gives exactly the floats the processor would, whichever backend computes them."""
         if self.pixel_transport != "uint8":
             return None
-        processor = self.image_processor
-        return (float(processor.rescale_factor), tuple(float(m) for m in processor.image_mean),
-                tuple(float(s) for s in processor.image_std))
+        if "pixel_table" not in self._cache:
+            levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+            image = Image.fromarray(np.stack([levels] * 3, axis=-1), mode="RGB")
+            floats = self.image_processor([image], do_resize=False, do_center_crop=False,
+                                          return_tensors="pt")["pixel_values"][0]
+            self._cache["pixel_table"] = floats.reshape(floats.shape[0], 256).float().contiguous()
+        return self._cache["pixel_table"]
 
 
 PIXEL_TRANSPORTS = ("float32", "uint8")
 
 
-@functools.lru_cache(maxsize=16)
-def pixel_value_table(statistics: tuple, device: torch.device) -> torch.Tensor:
-    """`[C, 256]` float32 on `device`: for each channel, the image processor's value of every 8-bit level
-    (rescaled in float64, then normalised in float32, as transformers' image processor computes it, so that
-    looking pixels up in it reproduces the processor's floats exactly). `statistics`: `TaskContext.pixel_statistics`."""
-    scale, mean, std = statistics
-    levels = (torch.arange(256, dtype=torch.float64) * scale).float()
-    table = (levels[None, :] - torch.tensor(mean, dtype=torch.float32)[:, None]) / torch.tensor(std)[:, None]
-    return table.to(device)
-
-
-def normalise_pixels(pixels: torch.Tensor, statistics: tuple) -> torch.Tensor:
-    """uint8 pixels `[..., C, H, W]` -> the image processor's normalised float32 pixels of the same shape, on
-    the pixels' device (a lookup in `pixel_value_table`)."""
-    table = pixel_value_table(statistics, pixels.device)
+def normalise_pixels(pixels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels `[..., C, H, W]` -> float32 of the same shape on their device: channel c's level v
+    becomes `table[c, v]` (`TaskContext.pixel_table`, `[C, 256]`)."""
     channels = table.shape[0]
     if pixels.dtype != torch.uint8 or pixels.dim() < 3 or pixels.shape[-3] != channels:
         raise ValueError(f"expected uint8 pixels [..., {channels}, H, W], got {pixels.dtype} {tuple(pixels.shape)}")
     offsets = torch.arange(0, channels * 256, 256, device=pixels.device).view(channels, 1, 1)
-    return table.view(-1)[pixels.long() + offsets]
+    return table.to(pixels.device, non_blocking=True).view(-1)[pixels.long() + offsets]
 
 
 HOST_ROUTE_INPUTS = ("attribute_vectors", "task_ids", "target_attribute_vectors", "target_task_ids")  # model inputs
@@ -412,13 +405,14 @@ class TaskBatch:
     num_samples: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
     data_state: dict | None = None
-    pixel_statistics: tuple | None = None  # `pixel_values` are uint8, to normalise with these (`to`)
+    pixel_table: torch.Tensor | None = None  # `pixel_values` are uint8, which `to` looks up in this table
 
     def pin_memory(self) -> "TaskBatch":
         """The batch with its tensors in page-locked host memory, so that `to(cuda)` copies without blocking."""
         pinned = {k: v.pin_memory() if torch.is_tensor(v) and k not in HOST_ROUTE_INPUTS else v
                   for k, v in self.inputs.items()}  # route inputs stay on the host (`to`)
-        return replace(self, inputs=pinned, labels=self.labels.pin_memory())
+        table = None if self.pixel_table is None else self.pixel_table.pin_memory()
+        return replace(self, inputs=pinned, labels=self.labels.pin_memory(), pixel_table=table)
 
     def to(self, device) -> "TaskBatch":
         """The batch on `device`, except its route inputs (`HOST_ROUTE_INPUTS`), which stay on the host: the
@@ -428,10 +422,11 @@ class TaskBatch:
         non_blocking = device.type == "cuda"
         moved = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) and k not in HOST_ROUTE_INPUTS else v
                  for k, v in self.inputs.items()}
-        if self.pixel_statistics is not None and torch.is_tensor(moved.get("pixel_values")):
-            moved["pixel_values"] = normalise_pixels(moved["pixel_values"], self.pixel_statistics)
+        if self.pixel_table is not None and torch.is_tensor(moved.get("pixel_values")):
+            moved["pixel_values"] = normalise_pixels(moved["pixel_values"],
+                                                     self.pixel_table.to(device, non_blocking=non_blocking))
         return replace(self, inputs=moved, labels=self.labels.to(device, non_blocking=non_blocking),
-                       pixel_statistics=None)
+                       pixel_table=None)
 
 
 # --------------------------------------------------------------------------------------------- sample checks
@@ -808,7 +803,7 @@ def build_batch(task: Task, samples: list[dict], ctx: TaskContext, epoch: int, a
     batch = FAMILY_BUILDERS[task.family](task, samples, ctx, epoch, **options)
     pixels = batch.inputs.get("pixel_values")
     if torch.is_tensor(pixels) and pixels.dtype == torch.uint8:
-        batch.pixel_statistics = ctx.pixel_statistics()  # normalised by `to`
+        batch.pixel_table = ctx.pixel_table()  # normalised by `to`
     return batch
 
 
