@@ -13,7 +13,9 @@ measuring the spread between variants of one process, whose later variants reuse
 1. trainer: `--warmup` then `--steps` steps of the trainer's own loop; tokens/s over the measured steps
    (the tokens each step ran through the encoder, candidates included, as the trainer logs them), and the
    seconds the warm-up steps took (with `--set train.compile=true`, the compilation's cost) and the graphs
-   compiled during the measured steps (a shape the warm-up did not reach; it should be 0).
+   compiled during the measured steps (a shape the warm-up did not reach; it should be 0), and the CUDA graphs
+   recorded during them (`trainer.CudaGraphRecordings`: a new path of compiled calls through a step; with
+   `--windows N`, tokens/s and recordings per window show how the trainer's speed follows them).
 2. where the time goes: `--profile-steps` more trainer steps under `torch.profiler`: the host time of each
    region of `Pretrainer.train_step` (`trainer.STEP_REGIONS`: waiting for the batch, the copy to the device,
    forward with the loss, backward, clip and update, bookkeeping) as shares of the wall time, and on a GPU
@@ -63,6 +65,8 @@ class BenchTrainerArguments:
                                                                  "a value may repeat); default: the config's"})
     warmup: int = field(default=20, metadata={"help": "trainer steps before the measured ones"})
     steps: int = field(default=60, metadata={"help": "measured steps (trainer, then the model on the same batches)"})
+    windows: int = field(default=1, metadata={"help": "also report the trainer's tokens/s over this many equal "
+                                                      "windows of the measured steps"})
     profile_steps: int = field(default=10, metadata={"help": "profiled trainer steps after the measured ones"})
     profile_ops: int = field(default=0, metadata={"help": "also list the N operations with the most host time "
                                                           "of the profiled steps (trainer regions left out)"})
@@ -169,6 +173,14 @@ class CollectorClock:
         return {"collections": counts, "seconds": round(sum(seconds), 4), "full_seconds": round(seconds[2], 4)}
 
 
+def recorded_between(start: tuple, end: tuple, suffix: str) -> dict:
+    """The CUDA graphs recorded between two `CudaGraphRecordings.reading()`s and the seconds it took, as row
+    fields `cuda_graphs_recorded[_suffix]` and `cuda_graph_recording_s[_suffix]`."""
+    tail = f"_{suffix}" if suffix else ""
+    return {f"cuda_graphs_recorded{tail}": end[0] - start[0],
+            f"cuda_graph_recording_s{tail}": round(end[1] - start[1], 3)}
+
+
 def progress(name: str, what: str, since: float) -> None:
     """One line on stdout as a variant goes (a run stopped by a time limit still says how far it got)."""
     from training.trainer import compiled_graph_count
@@ -182,7 +194,7 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
 
     from training.config import load_config, pixel_transport as resolved_pixel_transport
     from training.tasks import task_loss
-    from training.trainer import Pretrainer, compiled_graph_count, read_step_result
+    from training.trainer import CudaGraphRecordings, Pretrainer, compiled_graph_count, read_step_result
 
     with tempfile.TemporaryDirectory() as output_dir:
         config = load_config(args.config, variant_overrides(args, size, routing, output_dir, prefetch_worker,
@@ -190,7 +202,8 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
         trainer = Pretrainer(config)
         device = trainer.accelerator.device
         first, last = args.warmup, args.warmup + args.steps
-        results, stamps, graphs, collections = [], {}, {0: compiled_graph_count()}, {}
+        results, stamps, graphs, collections, recordings = [], {}, {0: compiled_graph_count()}, {}, {}
+        bounds = sorted({first + round(index * args.steps / args.windows) for index in range(args.windows + 1)})
         profiled = {"profiler": None}
         step_once = trainer.train_step
 
@@ -204,11 +217,12 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
             results.append(result)
             if len(results) < first and len(results) % every == 0:  # progress of a long (compiling) warm-up
                 progress(name, f"warm-up step {len(results)}/{first}", stamps[0])
-            if len(results) in (first, last):
+            if len(results) in bounds:
                 synchronize(device)
                 stamps[len(results)] = time.perf_counter()
                 graphs[len(results)] = compiled_graph_count()
                 collections[len(results)] = clock.reading()
+                recordings[len(results)] = CudaGraphRecordings.reading()
             if len(results) == first:
                 progress(name, f"warm-up done ({first} steps)", stamps[0])
             if len(results) == last:
@@ -250,6 +264,15 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
                "steps": args.steps,
                "tokens": measured_tokens, "trainer_tokens_per_s": round(measured_tokens / trainer_seconds, 1),
                "gc_trainer": CollectorClock.between(collections[first], collections[last])}
+        row.update(recorded_between(recordings[first], recordings[last], "while_measured"))
+        if len(bounds) > 2:
+            row["windows"] = [{"steps": [start, end],
+                               "tokens_per_s": round(sum(tokens[start:end]) / (stamps[end] - stamps[start]), 1),
+                               **recorded_between(recordings[start], recordings[end], "")}
+                              for start, end in zip(bounds, bounds[1:])]
+            for window in row["windows"]:
+                print(f"[{name}] steps {window['steps'][0]}-{window['steps'][1]}: {window['tokens_per_s']:,.0f} "
+                      f"tokens/s, {window['cuda_graphs_recorded']} CUDA graphs recorded", flush=True)
         if args.profile_steps:
             row.update(profile_shares(profiled["profiler"], stamps["end"] - stamps[last], device))
             if args.profile_ops:
@@ -285,12 +308,13 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
         gc.callbacks.append(clock)
         try:
             synchronize(device)
-            began, collected = time.perf_counter(), clock.reading()
+            began, collected, recorded = time.perf_counter(), clock.reading(), CudaGraphRecordings.reading()
             for batch in batches:
                 model_step(batch)
             synchronize(device)
             model_seconds = time.perf_counter() - began
             row["gc_model"] = CollectorClock.between(collected, clock.reading())
+            row.update(recorded_between(recorded, CudaGraphRecordings.reading(), "model"))
         finally:
             gc.callbacks.remove(clock)
         progress(name, f"{len(batches)} bare model steps done", stamps[0])
@@ -300,9 +324,10 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
         # the trainer's own loop on the same batches, already on the device: the loop without the data path
         gc.callbacks.append(clock)
         try:
-            collected = clock.reading()
+            collected, recorded = clock.reading(), CudaGraphRecordings.reading()
             loop_seconds = run_loop_on(trainer, batches, device)
             row["gc_loop"] = CollectorClock.between(collected, clock.reading())  # one unmeasured step included
+            row.update(recorded_between(recorded, CudaGraphRecordings.reading(), "loop"))
         finally:
             gc.callbacks.remove(clock)
         progress(name, f"{len(batches)} loop steps on device batches done", stamps[0])
@@ -358,6 +383,8 @@ def format_rows(rows: list[dict]) -> str:
         step = row.get("compile", "eager") + (", buckets" if row.get("text_padding") == "buckets" else "")
         if row.get("graphs_compiled_while_measured"):
             step += f" ({row['graphs_compiled_while_measured']} graphs compiled while measured)"
+        if row.get("cuda_graphs_recorded_while_measured"):
+            step += f" ({row['cuda_graphs_recorded_while_measured']} CUDA graphs recorded while measured)"
         lines.append(f"| {row['size']} | {row['routing']} | {row.get('prefetch_worker', '-')} | "
                      f"{row.get('pixel_transport', '-')} | {step} | "
                      f"{row.get('warmup_seconds', float('nan')):.1f} | {row['trainer_tokens_per_s']:,.0f} | "
@@ -369,8 +396,8 @@ def format_rows(rows: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
     args = parse_script_arguments(BenchTrainerArguments, argv, prog="python -m benchmarks.bench_trainer",
                                   description=__doc__)
-    if args.warmup < 0 or args.steps < 1 or args.profile_steps < 0:
-        raise SystemExit("error: --steps must be >= 1, --warmup and --profile-steps >= 0")
+    if args.warmup < 0 or args.steps < 1 or args.profile_steps < 0 or not 1 <= args.windows <= args.steps:
+        raise SystemExit("error: --steps must be >= 1, --warmup and --profile-steps >= 0, --windows from 1 to --steps")
     def names(text: str) -> list[str]:
         return [name.strip() for name in text.split(",") if name.strip()]
 
@@ -398,7 +425,8 @@ def main(argv=None) -> list[dict]:
         if args.json:  # after every variant: a run stopped by a time limit keeps what it measured
             with open(args.json, "w", encoding="utf-8") as handle:
                 json.dump({"config": args.config, "overrides": args.set, "warmup": args.warmup,
-                           "steps": args.steps, "profile_steps": args.profile_steps, "rows": rows}, handle, indent=1)
+                           "steps": args.steps, "windows": args.windows, "profile_steps": args.profile_steps,
+                           "rows": rows}, handle, indent=1)
     print(format_rows(rows))
     return rows
 

@@ -248,7 +248,7 @@ def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batc
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run_config(tiny_cache, str(tmp_path / "unused"))))
     rows = bench_trainer_main(["--config", str(path), "--sizes", "config", "--routings", "attribute,none",
-                               "--warmup", "1", "--steps", "3", "--profile-steps", "2", "--profile-ops", "5",
+                               "--warmup", "1", "--steps", "3", "--windows", "2", "--profile-steps", "2", "--profile-ops", "5",
                                "--pixel-transports", "uint8", "--json", str(tmp_path / "bench.json")])
     assert [row["routing"] for row in rows] == ["attribute", "none"]
     for row in rows:
@@ -257,6 +257,10 @@ def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batc
         assert row["loop_tokens_per_s"] > 0 and row["loop_vs_model"] > 0
         for phase in ("gc_trainer", "gc_model", "gc_loop"):  # Python's collections during each timed phase
             assert len(row[phase]["collections"]) == 3 and row[phase]["seconds"] >= row[phase]["full_seconds"] >= 0
+        # the measured steps in two windows (steps 1-3 and 3-4 of the trainer's count), none recording CUDA graphs
+        assert [window["steps"] for window in row["windows"]] == [[1, 3], [3, 4]]
+        assert all(window["tokens_per_s"] > 0 and window["cuda_graphs_recorded"] == 0 for window in row["windows"])
+        assert row["cuda_graphs_recorded_while_measured"] == row["cuda_graphs_recorded_model"] == 0
         shares = row["host_time_shares"]
         assert set(shares) == {"batch", "to_device", "forward", "backward", "update", "bookkeeping", "other"}
         assert shares["forward"] > 0 and shares["backward"] > 0 and sum(shares.values()) >= 0.99

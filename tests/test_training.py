@@ -400,6 +400,22 @@ def test_training_pixels_travel_as_bytes_to_a_cuda_device_only_by_default(tiny_c
         parse_config(raw)
 
 
+def test_cuda_graph_recordings_are_counted_from_torch_compile_s_recording_callbacks():
+    """`CudaGraphRecordings` counts each CUDA graph recording torch.compile announces (one start and one end
+    callback around it), with its time, and nothing else the callbacks announce (a dynamo compilation)."""
+    from torch._dynamo.callback import CallbackTrigger, callback_handler
+
+    from training.trainer import CudaGraphRecordings
+
+    assert CudaGraphRecordings.count() and CudaGraphRecordings.count()  # once per process, however often asked
+    recorded, seconds = CudaGraphRecordings.reading()
+    for trigger in (CallbackTrigger.CUDAGRAPH_RECORDING, CallbackTrigger.DYNAMO, CallbackTrigger.CUDAGRAPH_RECORDING):
+        with callback_handler.install_callbacks(trigger, "0/0"):
+            pass
+    now_recorded, now_seconds = CudaGraphRecordings.reading()
+    assert now_recorded == recorded + 2 and now_seconds >= seconds
+
+
 def test_masked_word_spans_match_a_token_by_token_reading():
     """The vectorised word split of `masked_word_spans` chooses the same spans, from the same random draws,
     as reading the sequence token by token (a word ends at a word-end token or before the end token)."""

@@ -133,6 +133,52 @@ def compiled_graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+class CudaGraphRecordings:
+    """The CUDA graphs torch.compile's reduce-overhead mode has recorded in this process, and the seconds the
+    recordings took, counted from `count()` on (torch.compile's compilation callbacks).
+
+    A compiled function records a graph the first times a step calls it along a new path: cudagraph trees keep
+    one graph per sequence of compiled calls and shapes within a step, so a task's batch with a new
+    combination of text lengths records new graphs (the whole sequence's, after one eager run of it) although
+    nothing compiles. Until every combination the tasks produce has been seen, such steps run slower."""
+
+    recorded, seconds = 0, 0.0
+    _began: float | None = None
+    _counting = False
+
+    @classmethod
+    def count(cls) -> bool:
+        """Start counting (once per process); False where this torch has no recording callbacks."""
+        if cls._counting:
+            return True
+        try:
+            from torch._dynamo.callback import CallbackTrigger, callback_handler
+        except ImportError:
+            return False
+        if not hasattr(CallbackTrigger, "CUDAGRAPH_RECORDING"):
+            return False
+
+        def started(args) -> None:
+            if args.callback_trigger == CallbackTrigger.CUDAGRAPH_RECORDING:
+                cls._began = time.perf_counter()
+
+        def ended(args) -> None:
+            if args.callback_trigger == CallbackTrigger.CUDAGRAPH_RECORDING and cls._began is not None:
+                cls.recorded += 1
+                cls.seconds += time.perf_counter() - cls._began
+                cls._began = None
+
+        callback_handler.register_start_callback(started)
+        callback_handler.register_end_callback(ended)
+        cls._counting = True
+        return True
+
+    @classmethod
+    def reading(cls) -> tuple[int, float]:
+        """(graphs recorded, seconds recording) so far."""
+        return cls.recorded, cls.seconds
+
+
 COMPILED_GRAPH_LIMIT = 1024  # graphs torch.compile may build per compiled function (dynamo's limit, raised)
 
 
@@ -295,6 +341,7 @@ class Pretrainer:
                 torch._dynamo.config.suppress_errors = True
             model.compile_encoder(per_layer=config.train.compile_per_layer, mode=config.train.compile_mode,
                                   dynamic=COMPILE_SHAPES[config.train.compile_shapes])
+            CudaGraphRecordings.count()
         optimizer = make_optimizer(model, config.optim, acc.device)
         # The scheduler is stepped by hand once per optimizer step (not prepared: accelerate would step it
         # once per process). It is not checkpointed: resume() rebuilds it from the step (restore_schedule),
@@ -706,6 +753,7 @@ class Pretrainer:
         self._pending, self._window, self._window_tokens = [], {}, 0
         self._skipped_in_a_row = 0
         self._graphs_seen = compiled_graph_count() if self.compiled else 0
+        self._recorded_seen = CudaGraphRecordings.reading()[0]
         window_start = time.perf_counter()
         while self.step < cfg.max_steps:
             result = self.train_step(self.micro_step)
@@ -743,9 +791,10 @@ class Pretrainer:
                 summary.update({f"train_loss/{k}": sum(v) / len(v) for k, v in window.items()})
                 if acc.device.type == "cuda":
                     summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
-                if self.compiled:  # the compilation's cost: graphs built in this window, and its time above
-                    graphs = compiled_graph_count()
+                if self.compiled:  # the compilation's cost: graphs built and CUDA graphs recorded in this
+                    graphs, recorded = compiled_graph_count(), CudaGraphRecordings.reading()[0]  # window
                     summary["compiled_graphs"], self._graphs_seen = graphs - self._graphs_seen, graphs
+                    summary["cuda_graphs_recorded"], self._recorded_seen = recorded - self._recorded_seen, recorded
                     if summary["compiled_graphs"] and acc.is_main_process:
                         tqdm.write(f"steps to {self.step}: torch.compile built {summary['compiled_graphs']} graphs "
                                    f"({graphs} in all) in {elapsed:.0f} s, the first batches of each task's shapes")
