@@ -4,33 +4,36 @@
     python -m benchmarks.bench_trainer --config training/configs/tiny_cpu.yaml --sizes config \\
         --routings attribute --warmup 2 --steps 4 --profile-steps 2                                      # CPU
 
-For each (size, routing, prefetch worker, number of worker processes, pixel transport), one `Pretrainer` of the
-config (`--set` overrides as in `training.pretrain`, except the settings the benchmark fixes: evaluation and
-checkpoints off, a temporary output folder; `--prefetch-processes 1,3` compares the numbers of data worker
-processes, `--pixel-transports uint8,float32,uint8` the pixels handed over as bytes or floats, a repeated value
-measuring the spread between variants of one process, whose later variants reuse the first one's compiled graphs):
+For each (size, routing, prefetch worker, number of worker processes, pixel transport, pinning place), one
+`Pretrainer` of the config (`--set` overrides as in `training.pretrain`, except the settings the benchmark fixes:
+evaluation and checkpoints off, a temporary output folder; `--prefetch-processes 1,3` compares the numbers of
+data worker processes, `--pixel-transports uint8,float32,uint8` the pixels handed over as bytes or floats,
+`--pin-memory thread,loop` where the batches are pinned; a repeated value measures the spread between variants
+of one process, whose later variants reuse the first one's compiled graphs):
 
-1. trainer: `--warmup` then `--steps` steps of the trainer's own loop; tokens/s over the measured steps
-   (the tokens each step ran through the encoder, candidates included, as the trainer logs them), and the
-   seconds the warm-up steps took (with `--set train.compile=true`, the compilation's cost) and the graphs
-   compiled during the measured steps (a shape the warm-up did not reach; it should be 0), and the CUDA graphs
-   recorded during them (`trainer.CudaGraphRecordings`: a new path of compiled calls through a step; with
-   `--windows N`, tokens/s and recordings per window show how the trainer's speed follows them).
-2. where the time goes: `--profile-steps` more trainer steps under `torch.profiler`: the host time of each
-   region of `Pretrainer.train_step` (`trainer.STEP_REGIONS`: waiting for the batch, the copy to the device,
-   forward with the loss, backward, clip and update, bookkeeping) as shares of the wall time, and on a GPU
-   the share of the wall time its kernels are busy; with `--profile-ops N`, the N operations with the most
-   self host time.
-3. model: the bare step (forward, loss, backward, clip, AdamW) of the same model and optimizer on the very
-   batches the measured trainer steps trained on, built again from the start of the data and put on the
-   device beforehand: no data work, no logging, no host synchronisation of its own.
-4. loop: the trainer's own loop again (its step, the result reads, the scheduler, logging) on those batches
-   already on the device, so that `trainer / loop` is what the data path costs (waiting for the workers,
-   pinning, the copy) and `loop / model` what the loop adds to the bare step.
+After `--warmup` steps of the trainer's own loop (their seconds: with compilation, its cost), the `--steps`
+measured steps run in `--rounds` rounds, each of three phases on the same batches:
 
-Each phase also counts Python's garbage collections and the seconds they took (`gc_trainer`, `gc_model`,
-`gc_loop` in the JSON rows): a full collection walks every object of the process, the compiled graphs'
-included.
+1. trainer: steps of the trainer's own loop, batches from its data workers; tokens/s (the tokens each step
+   ran through the encoder, candidates included, as the trainer logs them).
+2. model: the bare step (forward, loss, backward, clip, AdamW) of the same model and optimizer on the very
+   batches those trainer steps took, put on the device beforehand: no data work, no logging, no host
+   synchronisation of its own.
+3. loop: the trainer's own loop again (its step, the result reads, the scheduler, logging) on those batches
+   on the device, so that `trainer / loop` is what the data path costs (waiting for the workers, pinning,
+   the copy) and `loop / model` what the loop adds to the bare step.
+
+Rounds interleave the phases, so that the host's speed drifting over a run (a quarter within a minute has
+been seen on the GPU machine) does not land in one phase only. Each phase also counts the graphs compiled
+(`graphs_compiled_while_measured`: a shape the warm-up did not reach; it should be 0), the CUDA graphs the
+compiled layers recorded (`trainer.CudaGraphRecordings`: a step's sequence of compiled calls met for the first
+time; until none are, the trainer measures its warm-up, not its speed), and Python's garbage collections with
+their seconds (`gc_trainer`, `gc_model`, `gc_loop`).
+
+Then `--profile-steps` more trainer steps under `torch.profiler`: the host time of each region of
+`Pretrainer.train_step` (`trainer.STEP_REGIONS`: waiting for the batch, the copy to the device, forward with the
+loss, backward, clip and update, bookkeeping) as shares of the wall time, and on a GPU the share of the wall
+time its kernels are busy; with `--profile-ops N`, the N operations with the most self host time.
 
 Prints a table with `trainer / model` and `loop / model` per variant; `--json PATH` writes every row.
 """
@@ -63,10 +66,12 @@ class BenchTrainerArguments:
                                                                  "default: the config's"})
     pixel_transports: str = field(default="", metadata={"help": "data.pixel_transport values (uint8, float32; "
                                                                  "a value may repeat); default: the config's"})
+    pin_memory: str = field(default="", metadata={"help": "data.pin_memory values (thread, loop; a value may "
+                                                         "repeat); default: the config's"})
     warmup: int = field(default=20, metadata={"help": "trainer steps before the measured ones"})
     steps: int = field(default=60, metadata={"help": "measured steps (trainer, then the model on the same batches)"})
-    windows: int = field(default=1, metadata={"help": "also report the trainer's tokens/s over this many equal "
-                                                      "windows of the measured steps"})
+    rounds: int = field(default=1, metadata={"help": "rounds the measured steps are split into, each timing the "
+                                                     "trainer, the model and the loop on its batches"})
     profile_steps: int = field(default=10, metadata={"help": "profiled trainer steps after the measured ones"})
     profile_ops: int = field(default=0, metadata={"help": "also list the N operations with the most host time "
                                                           "of the profiled steps (trainer regions left out)"})
@@ -81,7 +86,7 @@ def synchronize(device: torch.device) -> None:
 
 def variant_overrides(args: BenchTrainerArguments, size: str, routing: str, output_dir: str,
                       prefetch_worker: str = "process", prefetch_processes: int | None = None,
-                      pixel_transport: str | None = None) -> list[str]:
+                      pixel_transport: str | None = None, pin_memory: str | None = None) -> list[str]:
     total = args.warmup + args.steps + args.profile_steps
     overrides = list(args.set) + [f"output_dir={output_dir}", f"train.max_steps={total}", "train.eval_every=0",
                  "train.save_every=0", "train.tracker=null", "train.max_minutes=null", "train.grad_accum=1",
@@ -90,6 +95,8 @@ def variant_overrides(args: BenchTrainerArguments, size: str, routing: str, outp
         overrides.append(f"data.prefetch_processes={prefetch_processes}")
     if pixel_transport is not None:
         overrides.append(f"data.pixel_transport={pixel_transport}")
+    if pin_memory is not None:
+        overrides.append(f"data.pin_memory={pin_memory}")
     if size != "config":
         overrides.append(f"model.model_size={size}")
     return overrides  # the benchmark's own settings win over --set
@@ -189,151 +196,198 @@ def progress(name: str, what: str, since: float) -> None:
 
 
 def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefetch_worker: str = "process",
-                    prefetch_processes: int | None = None, pixel_transport: str | None = None) -> dict:
-    from tqdm.auto import tqdm
-
+                    prefetch_processes: int | None = None, pixel_transport: str | None = None,
+                    pin_memory: str | None = None) -> dict:
     from training.config import load_config, pixel_transport as resolved_pixel_transport
-    from training.tasks import task_loss
-    from training.trainer import CudaGraphRecordings, Pretrainer, compiled_graph_count, read_step_result
+    from training.trainer import Pretrainer, compiled_graph_count
 
     with tempfile.TemporaryDirectory() as output_dir:
         config = load_config(args.config, variant_overrides(args, size, routing, output_dir, prefetch_worker,
-                                                                prefetch_processes, pixel_transport))
+                                                                prefetch_processes, pixel_transport, pin_memory))
         trainer = Pretrainer(config)
         device = trainer.accelerator.device
-        first, last = args.warmup, args.warmup + args.steps
-        results, stamps, graphs, collections, recordings = [], {}, {0: compiled_graph_count()}, {}, {}
-        bounds = sorted({first + round(index * args.steps / args.windows) for index in range(args.windows + 1)})
-        profiled = {"profiler": None}
-        step_once = trainer.train_step
-
-        workers = prefetch_worker_label(config)
-        pixels = resolved_pixel_transport(config, device.type)
-        name = f"{size}/{routing}/{workers}/{pixels}"
-        every = max(1, first // 8)
-
-        def timed_step(index: int) -> dict:  # the trainer's own step; the clock is read (after a device
-            result = step_once(index)        # synchronisation) only where the measured steps start and end
-            results.append(result)
-            if len(results) < first and len(results) % every == 0:  # progress of a long (compiling) warm-up
-                progress(name, f"warm-up step {len(results)}/{first}", stamps[0])
-            if len(results) in bounds:
-                synchronize(device)
-                stamps[len(results)] = time.perf_counter()
-                graphs[len(results)] = compiled_graph_count()
-                collections[len(results)] = clock.reading()
-                recordings[len(results)] = CudaGraphRecordings.reading()
-            if len(results) == first:
-                progress(name, f"warm-up done ({first} steps)", stamps[0])
-            if len(results) == last:
-                progress(name, f"{args.steps} measured steps done", stamps[0])
-            if len(results) == last and args.profile_steps:
-                activities = [torch.profiler.ProfilerActivity.CPU]
-                if device.type == "cuda":
-                    activities.append(torch.profiler.ProfilerActivity.CUDA)
-                profiled["profiler"] = torch.profiler.profile(activities=activities)
-                profiled["profiler"].__enter__()
-            return result
-
-        trainer.train_step = timed_step
-        trainer.prefetcher = trainer.start_prefetcher()
+        name = f"{size}/{routing}/{prefetch_worker_label(config)}/{resolved_pixel_transport(config, device.type)}" \
+               f"/pinned in {config.data.pin_memory}"
+        row = {"size": size, "routing": routing, "device": str(device),
+               "prefetch_worker": prefetch_worker_label(config),
+               "pixel_transport": resolved_pixel_transport(config, device.type), "pin_memory": config.data.pin_memory,
+               "compile": config.train.compile_mode if trainer.compiled else "eager",
+               "text_padding": trainer.ctx.text_padding, "steps": args.steps}
+        recorder = StepRecorder(trainer, name, args.warmup)
         clock = CollectorClock()
         gc.callbacks.append(clock)
-        synchronize(device)
-        stamps[0] = time.perf_counter()
         try:
-            trainer._train_steps(tqdm(disable=True))
+            row["warmup_seconds"] = round(timed_phase(lambda: run_trainer_steps(trainer, args.warmup), device,
+                                                      clock)["seconds"], 2)
+            progress(name, f"warm-up done ({args.warmup} steps)", recorder.started)
+            graphs_after_warmup = compiled_graph_count()
+            rounds = [measure_round(trainer, recorder, count, device, clock, first=index == 0)
+                      for index, count in enumerate(round_sizes(args.steps, args.rounds))]
+            row["graphs_compiled_while_measured"] = compiled_graph_count() - graphs_after_warmup
+            if args.profile_steps:
+                row.update(profile_trainer_steps(trainer, args, device, name))
         finally:
-            trainer.prefetcher.close()
+            recorder.prefetcher.close()
             gc.callbacks.remove(clock)
-        synchronize(device)
-        stamps["end"] = time.perf_counter()
-        if profiled["profiler"] is not None:
-            profiled["profiler"].__exit__(None, None, None)
-        tokens = [read_step_result(result)["tokens"] for result in results]
-        tasks = [result["task"] for result in results]
-        trainer_seconds = stamps[last] - stamps[first]
-        measured_tokens = sum(tokens[first:last])
-        row = {"size": size, "routing": routing, "device": str(device),
-               "prefetch_worker": workers, "pixel_transport": pixels,
-               "compile": config.train.compile_mode if trainer.compiled else "eager",
-               "text_padding": trainer.ctx.text_padding,
-               "warmup_seconds": round(stamps[first] - stamps[0], 2),
-               # graphs torch.compile built while the measured steps ran: 0 unless the warm-up missed a shape
-               "graphs_compiled_while_measured": graphs[last] - graphs.get(first, graphs[0]),
-               "steps": args.steps,
-               "tokens": measured_tokens, "trainer_tokens_per_s": round(measured_tokens / trainer_seconds, 1),
-               "gc_trainer": CollectorClock.between(collections[first], collections[last])}
-        row.update(recorded_between(recordings[first], recordings[last], "while_measured"))
-        if len(bounds) > 2:
-            row["windows"] = [{"steps": [start, end],
-                               "tokens_per_s": round(sum(tokens[start:end]) / (stamps[end] - stamps[start]), 1),
-                               **recorded_between(recordings[start], recordings[end], "")}
-                              for start, end in zip(bounds, bounds[1:])]
-            for window in row["windows"]:
-                print(f"[{name}] steps {window['steps'][0]}-{window['steps'][1]}: {window['tokens_per_s']:,.0f} "
-                      f"tokens/s, {window['cuda_graphs_recorded']} CUDA graphs recorded", flush=True)
-        if args.profile_steps:
-            row.update(profile_shares(profiled["profiler"], stamps["end"] - stamps[last], device))
-            if args.profile_ops:
-                row["top_host_ops"] = top_host_operations(profiled["profiler"], stamps["end"] - stamps[last],
-                                                          args.profile_ops)
-                for op in row["top_host_ops"]:
-                    print(f"[{name}] host {op['share']:6.1%} {op['calls']:6d} calls  {op['name']}", flush=True)
-
-        # the bare model step on the same batches
-        loader = trainer.build_loader()
-        batches = [loader.batch(step) for step in range(last)][first:]
-        if [batch.task.name for batch in batches] != tasks[first:last]:
-            raise RuntimeError("the rebuilt batches are not the ones the trainer trained on")
-        batches = [batch.to(device) for batch in batches]
-        progress(name, f"{len(batches)} batches rebuilt for the bare model step", stamps[0])
-        model, optimizer = trainer.model, trainer.optimizer
-        clip = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
-
-        def model_step(batch) -> None:
-            loss_weight = config.tasks[batch.task.name].loss_weight
-            loss_weight = batch.task.loss_weight if loss_weight is None else loss_weight
-            if trainer.compiled:
-                torch.compiler.cudagraph_mark_step_begin()  # as the trainer's step does
-            output = model(**batch.inputs, task_family=batch.task.family)
-            loss = task_loss(batch, output, trainer.model_config.label_smoothing_for(batch.task.family),
-                             across_processes=False)
-            trainer.accelerator.backward(loss * loss_weight)
-            trainer.accelerator.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        model_step(batches[0])  # the first one again pays any lazy initialisation outside the timing
-        gc.callbacks.append(clock)
-        try:
-            synchronize(device)
-            began, collected, recorded = time.perf_counter(), clock.reading(), CudaGraphRecordings.reading()
-            for batch in batches:
-                model_step(batch)
-            synchronize(device)
-            model_seconds = time.perf_counter() - began
-            row["gc_model"] = CollectorClock.between(collected, clock.reading())
-            row.update(recorded_between(recorded, CudaGraphRecordings.reading(), "model"))
-        finally:
-            gc.callbacks.remove(clock)
-        progress(name, f"{len(batches)} bare model steps done", stamps[0])
-        row["model_tokens_per_s"] = round(measured_tokens / model_seconds, 1)
-        row["trainer_vs_model"] = round(row["trainer_tokens_per_s"] / row["model_tokens_per_s"], 3)
-
-        # the trainer's own loop on the same batches, already on the device: the loop without the data path
-        gc.callbacks.append(clock)
-        try:
-            collected, recorded = clock.reading(), CudaGraphRecordings.reading()
-            loop_seconds = run_loop_on(trainer, batches, device)
-            row["gc_loop"] = CollectorClock.between(collected, clock.reading())  # one unmeasured step included
-            row.update(recorded_between(recorded, CudaGraphRecordings.reading(), "loop"))
-        finally:
-            gc.callbacks.remove(clock)
-        progress(name, f"{len(batches)} loop steps on device batches done", stamps[0])
-        row["loop_tokens_per_s"] = round(measured_tokens / loop_seconds, 1)
-        row["loop_vs_model"] = round(row["loop_tokens_per_s"] / row["model_tokens_per_s"], 3)
+        row.update(summarise_rounds(rounds))
+        if len(rounds) > 1:
+            row["rounds"] = rounds
+            for one in rounds:
+                print(f"[{name}] steps {one['steps'][0]}-{one['steps'][1]}: trainer {one['trainer_tokens_per_s']:,.0f}, "
+                      f"model {one['model_tokens_per_s']:,.0f}, loop {one['loop_tokens_per_s']:,.0f} tokens/s, "
+                      f"{one['cuda_graphs_recorded']} CUDA graphs recorded", flush=True)
         return row
+
+
+class StepRecorder:
+    """Keeps each trainer step's result, and the batches the trainer took from its prefetcher since `clear()`
+    (the very batches the model step and the loop then run again), and prints the warm-up's progress."""
+
+    def __init__(self, trainer, name: str, warmup: int):
+        self.results, self.taken, self.started = [], [], time.perf_counter()
+        self.prefetcher = trainer.prefetcher = trainer.start_prefetcher()
+        step_once, get_batch, every = trainer.train_step, self.prefetcher.get, max(1, warmup // 8)
+
+        def recorded_step(index: int) -> dict:
+            self.results.append(step_once(index))
+            if len(self.results) < warmup and len(self.results) % every == 0:  # a long (compiling) warm-up
+                progress(name, f"warm-up step {len(self.results)}/{warmup}", self.started)
+            return self.results[-1]
+
+        def taking(step: int):
+            self.taken.append(get_batch(step))
+            return self.taken[-1]
+
+        trainer.train_step, self.prefetcher.get = recorded_step, taking
+
+
+def run_trainer_steps(trainer, count: int) -> None:
+    """`count` more steps of the trainer's own loop (`Pretrainer._train_steps`: the step, the result reads,
+    the scheduler, logging), from whatever prefetcher it holds."""
+    from tqdm.auto import tqdm
+
+    trainer.config.train.max_steps = trainer.step + count
+    trainer._train_steps(tqdm(disable=True))
+
+
+def timed_phase(run, device: torch.device, clock: CollectorClock) -> dict:
+    """Seconds `run()` takes (the device synchronised before and after), with the garbage collections and the
+    CUDA graph recordings during it."""
+    from training.trainer import CudaGraphRecordings
+
+    collected, recorded = clock.reading(), CudaGraphRecordings.reading()
+    synchronize(device)
+    began = time.perf_counter()
+    run()
+    synchronize(device)
+    return {"seconds": time.perf_counter() - began, "gc": CollectorClock.between(collected, clock.reading()),
+            **recorded_between(recorded, CudaGraphRecordings.reading(), "")}
+
+
+def round_sizes(steps: int, rounds: int) -> list[int]:
+    """`steps` measured steps split over `rounds` rounds as evenly as whole steps allow."""
+    return [steps * (index + 1) // rounds - steps * index // rounds for index in range(rounds)]
+
+
+def measure_round(trainer, recorder: StepRecorder, count: int, device: torch.device, clock: CollectorClock,
+                  first: bool) -> dict:
+    """One round: `count` trainer steps, then the bare model step and the trainer's loop on the very batches
+    those steps took, put on the device beforehand. Interleaving the three in rounds keeps a slow drift of
+    the host's speed out of their ratios."""
+    from training.trainer import read_step_result
+
+    recorder.taken.clear()
+    done = len(recorder.results)
+    start = trainer.step
+    trainer_phase = timed_phase(lambda: run_trainer_steps(trainer, count), device, clock)
+    tokens = sum(read_step_result(result)["tokens"] for result in recorder.results[done:])
+    if [batch.task.name for batch in recorder.taken] != [result["task"] for result in recorder.results[done:]]:
+        raise RuntimeError(f"the trainer took {len(recorder.taken)} batches for {count} steps, or others than it "
+                           f"trained on")
+    batches = [batch.to(device) for batch in recorder.taken]
+    model_step = bare_model_step(trainer)
+    if first:
+        model_step(batches[0])  # pays any lazy initialisation outside the timing
+    model_phase = timed_phase(lambda: [model_step(batch) for batch in batches], device, clock)
+    loop_phase = timed_phase(lambda: run_loop_on(trainer, batches), device, clock)
+    phases = {"trainer": trainer_phase, "model": model_phase, "loop": loop_phase}
+    measured = {"steps": [start, start + count], "tokens": tokens,
+                **{f"{key}_seconds": phase["seconds"] for key, phase in phases.items()},
+                **{f"gc_{key}": phase["gc"] for key, phase in phases.items()},
+                **{f"cuda_graphs_recorded{'' if key == 'trainer' else '_' + key}": phase["cuda_graphs_recorded"]
+                   for key, phase in phases.items()},
+                **{f"cuda_graph_recording_s{'' if key == 'trainer' else '_' + key}": phase["cuda_graph_recording_s"]
+                   for key, phase in phases.items()}}
+    measured.update(speeds(tokens, measured))
+    return measured
+
+
+def speeds(tokens: int, seconds: dict) -> dict:
+    """Tokens/s of the three phases and their ratios, from `{trainer,model,loop}_seconds`."""
+    rates = {f"{key}_tokens_per_s": round(tokens / seconds[f"{key}_seconds"], 1) for key in ("trainer", "model", "loop")}
+    return {**rates, "trainer_vs_model": round(rates["trainer_tokens_per_s"] / rates["model_tokens_per_s"], 3),
+            "loop_vs_model": round(rates["loop_tokens_per_s"] / rates["model_tokens_per_s"], 3)}
+
+
+def summarise_rounds(rounds: list[dict]) -> dict:
+    """The rounds together: tokens/s over all of them, and the collections and recordings summed."""
+    tokens = sum(one["tokens"] for one in rounds)
+    seconds = {key: sum(one[key] for one in rounds) for key in ("trainer_seconds", "model_seconds", "loop_seconds")}
+    summary = {"tokens": tokens, **speeds(tokens, seconds)}
+    for phase in ("trainer", "model", "loop"):
+        gcs = [one[f"gc_{phase}"] for one in rounds]
+        summary[f"gc_{phase}"] = {"collections": [sum(g["collections"][k] for g in gcs) for k in range(3)],
+                                  "seconds": round(sum(g["seconds"] for g in gcs), 4),
+                                  "full_seconds": round(sum(g["full_seconds"] for g in gcs), 4)}
+        tail = "_while_measured" if phase == "trainer" else f"_{phase}"
+        source = "" if phase == "trainer" else f"_{phase}"
+        summary[f"cuda_graphs_recorded{tail}"] = sum(one[f"cuda_graphs_recorded{source}"] for one in rounds)
+        summary[f"cuda_graph_recording_s{tail}"] = round(sum(one[f"cuda_graph_recording_s{source}"] for one in rounds), 3)
+    return summary
+
+
+def bare_model_step(trainer):
+    """The bare step of the trainer's model and optimizer on a batch already on the device: forward, loss,
+    backward, clip, AdamW, with no data work, no logging and no host synchronisation of its own."""
+    from training.tasks import task_loss
+
+    config, model, optimizer = trainer.config, trainer.model, trainer.optimizer
+    clip = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
+
+    def model_step(batch) -> None:
+        loss_weight = config.tasks[batch.task.name].loss_weight
+        loss_weight = batch.task.loss_weight if loss_weight is None else loss_weight
+        if trainer.compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # as the trainer's step does
+        output = model(**batch.inputs, task_family=batch.task.family)
+        loss = task_loss(batch, output, trainer.model_config.label_smoothing_for(batch.task.family),
+                         across_processes=False)
+        trainer.accelerator.backward(loss * loss_weight)
+        trainer.accelerator.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return model_step
+
+
+def profile_trainer_steps(trainer, args: BenchTrainerArguments, device: torch.device, name: str) -> dict:
+    """`--profile-steps` more trainer steps under `torch.profiler`: the host time of each of the step's regions
+    and the GPU's busy time as shares of their wall time (and with `--profile-ops`, the busiest operations)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        synchronize(device)
+        began = time.perf_counter()
+        run_trainer_steps(trainer, args.profile_steps)
+        synchronize(device)
+        wall = time.perf_counter() - began
+    shares = profile_shares(profiler, wall, device)
+    if args.profile_ops:
+        shares["top_host_ops"] = top_host_operations(profiler, wall, args.profile_ops)
+        for op in shares["top_host_ops"]:
+            print(f"[{name}] host {op['share']:6.1%} {op['calls']:6d} calls  {op['name']}", flush=True)
+    return shares
 
 
 class DeviceBatches:
@@ -350,31 +404,25 @@ class DeviceBatches:
         pass
 
 
-def run_loop_on(trainer, batches: list, device: torch.device) -> float:
-    """Seconds the trainer's loop (`Pretrainer._train_steps`: the step, result reads, scheduler, logging) takes
-    for `batches`, fed from the device instead of the data workers. The parameters keep training (the
-    timing does not depend on their values); one step first pays any lazy initialisation."""
-    from tqdm.auto import tqdm
-
-    feed = trainer.prefetcher = DeviceBatches([batches[0], *batches], trainer.micro_step)
-    trainer.config.train.max_steps = trainer.step + 1
-    trainer._train_steps(tqdm(disable=True))
-    trainer.config.train.max_steps = trainer.step + len(batches)
-    synchronize(device)
-    began = time.perf_counter()
-    trainer._train_steps(tqdm(disable=True))
-    synchronize(device)
-    seconds = time.perf_counter() - began
-    if feed.handed != len(feed.batches):
-        raise RuntimeError(f"the loop took {feed.handed} of the {len(feed.batches)} device batches")
-    return seconds
+def run_loop_on(trainer, batches: list) -> None:
+    """The trainer's own loop over `batches`, fed from the device instead of the data workers; the trainer's
+    step counters and prefetcher are put back afterwards, so that its data workers go on where they were.
+    The parameters keep training (the timing does not depend on their values)."""
+    kept = trainer.prefetcher, trainer.step, trainer.micro_step
+    feed = trainer.prefetcher = DeviceBatches(batches, trainer.micro_step)
+    try:
+        run_trainer_steps(trainer, len(batches))
+    finally:
+        trainer.prefetcher, trainer.step, trainer.micro_step = kept
+    if feed.handed != len(batches):
+        raise RuntimeError(f"the loop took {feed.handed} of the {len(batches)} device batches")
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| size | routing | prefetch | pixels | step | warm-up s | trainer tokens/s | model tokens/s | trainer / model | "
+    lines = ["| size | routing | prefetch | pixels | pinned in | step | warm-up s | trainer tokens/s | model tokens/s | trainer / model | "
              "loop / model | GPU busy | "
              "host: batch / copy / forward / backward / update / bookkeeping / other |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         shares = row.get("host_time_shares")
         split = " / ".join(f"{shares[k]:.2f}" for k in ("batch", "to_device", "forward", "backward", "update",
@@ -385,19 +433,23 @@ def format_rows(rows: list[dict]) -> str:
             step += f" ({row['graphs_compiled_while_measured']} graphs compiled while measured)"
         if row.get("cuda_graphs_recorded_while_measured"):
             step += f" ({row['cuda_graphs_recorded_while_measured']} CUDA graphs recorded while measured)"
+        ratios = {key: f"{row[key]:.2f}" for key in ("trainer_vs_model", "loop_vs_model")}
+        for key in ratios if row.get("rounds") else ():  # the spread over the rounds
+            each = [one[key] for one in row["rounds"]]
+            ratios[key] += f" ({min(each):.2f}-{max(each):.2f})"
         lines.append(f"| {row['size']} | {row['routing']} | {row.get('prefetch_worker', '-')} | "
-                     f"{row.get('pixel_transport', '-')} | {step} | "
+                     f"{row.get('pixel_transport', '-')} | {row.get('pin_memory', '-')} | {step} | "
                      f"{row.get('warmup_seconds', float('nan')):.1f} | {row['trainer_tokens_per_s']:,.0f} | "
-                     f"{row['model_tokens_per_s']:,.0f} | {row['trainer_vs_model']:.2f} | "
-                     f"{row['loop_vs_model']:.2f} | {busy} | {split} |")
+                     f"{row['model_tokens_per_s']:,.0f} | {ratios['trainer_vs_model']} | "
+                     f"{ratios['loop_vs_model']} | {busy} | {split} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_script_arguments(BenchTrainerArguments, argv, prog="python -m benchmarks.bench_trainer",
                                   description=__doc__)
-    if args.warmup < 0 or args.steps < 1 or args.profile_steps < 0 or not 1 <= args.windows <= args.steps:
-        raise SystemExit("error: --steps must be >= 1, --warmup and --profile-steps >= 0, --windows from 1 to --steps")
+    if args.warmup < 0 or args.steps < 1 or args.profile_steps < 0 or not 1 <= args.rounds <= args.steps:
+        raise SystemExit("error: --steps must be >= 1, --warmup and --profile-steps >= 0, --rounds from 1 to --steps")
     def names(text: str) -> list[str]:
         return [name.strip() for name in text.split(",") if name.strip()]
 
@@ -409,15 +461,20 @@ def main(argv=None) -> list[dict]:
         raise SystemExit("error: --prefetch-processes must be >= 1")
     from training.tasks import PIXEL_TRANSPORTS
 
+    from training.data import PIN_MEMORY_PLACES
+
     transports = names(args.pixel_transports) or [None]  # None: the config's
     if any(transport not in (None, *PIXEL_TRANSPORTS) for transport in transports):
         raise SystemExit(f"error: --pixel-transports takes {', '.join(PIXEL_TRANSPORTS)}, got {args.pixel_transports!r}")
+    pinning = names(args.pin_memory) or [None]
+    if any(place not in (None, *PIN_MEMORY_PLACES) for place in pinning):
+        raise SystemExit(f"error: --pin-memory takes {', '.join(PIN_MEMORY_PLACES)}, got {args.pin_memory!r}")
     rows = []
-    for size, routing, worker, count, transport in itertools.product(
-            names(args.sizes), names(args.routings), names(args.prefetch_workers), processes, transports):
+    for size, routing, worker, count, transport, place in itertools.product(
+            names(args.sizes), names(args.routings), names(args.prefetch_workers), processes, transports, pinning):
         if worker != "process" and count != processes[0]:
             continue  # the number of worker processes means nothing to a thread
-        rows.append(measure_variant(args, size, routing, worker, count, transport))
+        rows.append(measure_variant(args, size, routing, worker, count, transport, place))
         gc.collect()  # the variant's trainer, model and batches
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -425,7 +482,7 @@ def main(argv=None) -> list[dict]:
         if args.json:  # after every variant: a run stopped by a time limit keeps what it measured
             with open(args.json, "w", encoding="utf-8") as handle:
                 json.dump({"config": args.config, "overrides": args.set, "warmup": args.warmup,
-                           "steps": args.steps, "windows": args.windows, "profile_steps": args.profile_steps,
+                           "steps": args.steps, "rounds": args.rounds, "profile_steps": args.profile_steps,
                            "rows": rows}, handle, indent=1)
     print(format_rows(rows))
     return rows

@@ -236,9 +236,9 @@ def test_batch_build_benchmark_times_every_task_drawn(tiny_cache, tmp_path):
 
 
 def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batches(tiny_cache, tmp_path):
-    """CPU run of `benchmarks.bench_trainer` on the tiny slice: each variant's trainer and model phases ran on
-    the same batches (the benchmark checks their tasks step by step), the trainer's loop ran them again from
-    the device, and the host time is split over the trainer's regions (shares of the profiled wall time, at
+    """CPU run of `benchmarks.bench_trainer` on the tiny slice: in each round, the bare model step and the
+    trainer's loop ran the very batches the trainer took from its workers (the benchmark checks their tasks
+    step by step), and the host time is split over the trainer's regions (shares of the profiled wall time, at
     most 1 with the rest). No timing is asserted."""
     import yaml
 
@@ -248,19 +248,25 @@ def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batc
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run_config(tiny_cache, str(tmp_path / "unused"))))
     rows = bench_trainer_main(["--config", str(path), "--sizes", "config", "--routings", "attribute,none",
-                               "--warmup", "1", "--steps", "3", "--windows", "2", "--profile-steps", "2", "--profile-ops", "5",
-                               "--pixel-transports", "uint8", "--json", str(tmp_path / "bench.json")])
+                               "--warmup", "1", "--steps", "3", "--rounds", "2", "--profile-steps", "2", "--profile-ops", "5",
+                               "--pixel-transports", "uint8", "--pin-memory", "loop",
+                               "--json", str(tmp_path / "bench.json")])
     assert [row["routing"] for row in rows] == ["attribute", "none"]
     for row in rows:
         assert row["pixel_transport"] == "uint8"  # the worker hands over bytes; the step normalises them
+        assert row["pin_memory"] == "loop"  # (nothing is pinned without a GPU)
         assert row["trainer_tokens_per_s"] > 0 and row["model_tokens_per_s"] > 0 and row["tokens"] > 0
         assert row["loop_tokens_per_s"] > 0 and row["loop_vs_model"] > 0
         for phase in ("gc_trainer", "gc_model", "gc_loop"):  # Python's collections during each timed phase
             assert len(row[phase]["collections"]) == 3 and row[phase]["seconds"] >= row[phase]["full_seconds"] >= 0
-        # the measured steps in two windows (steps 1-3 and 3-4 of the trainer's count), none recording CUDA graphs
-        assert [window["steps"] for window in row["windows"]] == [[1, 3], [3, 4]]
-        assert all(window["tokens_per_s"] > 0 and window["cuda_graphs_recorded"] == 0 for window in row["windows"])
-        assert row["cuda_graphs_recorded_while_measured"] == row["cuda_graphs_recorded_model"] == 0
+        # the measured steps in two rounds (steps 1-2 and 2-4 of the trainer's count: the loop phase of a round
+        # does not move the trainer's count), each timing the three phases; no CUDA graphs on the CPU
+        assert [one["steps"] for one in row["rounds"]] == [[1, 2], [2, 4]]
+        assert sum(one["tokens"] for one in row["rounds"]) == row["tokens"]
+        for one in row["rounds"]:
+            assert one["trainer_tokens_per_s"] > 0 and one["model_tokens_per_s"] > 0 and one["loop_tokens_per_s"] > 0
+            assert one["cuda_graphs_recorded"] == one["cuda_graphs_recorded_model"] == 0
+        assert row["cuda_graphs_recorded_while_measured"] == row["cuda_graphs_recorded_loop"] == 0
         shares = row["host_time_shares"]
         assert set(shares) == {"batch", "to_device", "forward", "backward", "update", "bookkeeping", "other"}
         assert shares["forward"] > 0 and shares["backward"] > 0 and sum(shares.values()) >= 0.99
@@ -295,6 +301,8 @@ def test_trainer_benchmark_names_its_prefetch_layout_and_refuses_bad_process_cou
             bench_trainer_main(["--config", str(tmp_path / "never_read.yaml"), "--prefetch-processes", bad])
     with pytest.raises(SystemExit, match="pixel-transports takes float32, uint8, got 'uint8,bytes'"):
         bench_trainer_main(["--config", str(tmp_path / "never_read.yaml"), "--pixel-transports", "uint8,bytes"])
+    with pytest.raises(SystemExit, match="pin-memory takes thread, loop, got 'loop,worker'"):
+        bench_trainer_main(["--config", str(tmp_path / "never_read.yaml"), "--pin-memory", "loop,worker"])
 
 
 def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():

@@ -778,6 +778,47 @@ def test_the_worker_process_prefetches_the_thread_s_batches_and_raises_its_error
         prefetcher.close()
 
 
+def test_batches_are_pinned_in_the_training_loop_s_thread_when_asked(tiny_cache, context, monkeypatch):
+    """`data.pin_memory: loop` pins each batch in the thread that takes it (`get`), with no pinning thread
+    beside the workers; `thread` pins in the building thread. (`TaskBatch.pin_memory` is replaced by a
+    recorder: there is no page-locked memory without a GPU.)"""
+    import threading
+
+    from training.data import Prefetcher, ProcessPrefetcher
+    from training.tasks import TaskBatch
+
+    ctx, manifest = context
+    rows = rows_of(tiny_cache, manifest, "fashion_mnist_classification", 16)
+    pinned_by = []
+
+    def recorded_pin(batch):
+        pinned_by.append(threading.get_ident())
+        return batch
+
+    monkeypatch.setattr(TaskBatch, "pin_memory", recorded_pin)
+
+    def loader():
+        return MultiTaskLoader([TaskEntry(get_task("fashion_mnist_classification"), 1.0, 4, ListStream(list(rows)))],
+                               ctx, seed=0)
+
+    def take(prefetcher, steps=range(3)):
+        try:
+            return [prefetcher.get(step).num_samples for step in steps]
+        finally:
+            prefetcher.close()
+
+    here = threading.get_ident()
+    for make in (lambda: Prefetcher(loader(), 0, depth=2, pin_memory=True, pin_in_loop=True),
+                 lambda: ProcessPrefetcher(loader(), 0, depth=2, pin_memory=True, pin_in_loop=True)):
+        pinned_by.clear()
+        assert take(make()) == [4, 4, 4] and pinned_by == [here] * 3
+    pinned_by.clear()
+    assert take(Prefetcher(loader(), 0, depth=2, pin_memory=True)) == [4, 4, 4]
+    assert len(pinned_by) >= 3 and here not in pinned_by  # the building thread pinned them
+    pinned_by.clear()
+    assert take(Prefetcher(loader(), 0, depth=2, pin_memory=False, pin_in_loop=True)) == [4, 4, 4] and not pinned_by
+
+
 def test_a_step_s_results_are_read_in_one_transfer():
     from training.trainer import read_step_result
 

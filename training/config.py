@@ -17,7 +17,7 @@ import yaml
 
 from modeling_uniperceiver_moe.processing_uniperceiver_moe import IMAGE_PREPROCESSING
 
-from .data import PREFETCH_WORKERS, TASK_SAMPLINGS
+from .data import PIN_MEMORY_PLACES, PREFETCH_WORKERS, TASK_SAMPLINGS
 from .tasks import MLM_CORRUPTIONS, PIXEL_TRANSPORTS, TEXT_PADDINGS
 
 
@@ -53,6 +53,9 @@ class DataConfig:
     # longest otherwise)
     prefetch_worker: str = "process"  # process (a forked DataLoader worker: the decoding does not hold the training
     # loop's interpreter lock) | thread (in the training process)
+    pin_memory: str = "thread"  # where a CUDA device's batches are put in page-locked memory (for copies that do
+    # not block the loop): thread (a pinning thread beside each worker process, torch DataLoader's) | loop (the
+    # training loop, as it takes each batch: no thread beside it wanting the interpreter lock)
     prefetch_processes: int = 1  # worker processes under prefetch_worker: process, each building the batches of its
     # share of the tasks (data.share_tasks); more when one worker builds a batch slower than a step takes
     workers: int = 0  # threads decoding/resizing images inside a batch (0 = none; GPUs want ~8)
@@ -167,6 +170,7 @@ CHOICES = {
     ("data", "image_preprocessing"): IMAGE_PREPROCESSING,
     ("data", "task_sampling"): TASK_SAMPLINGS,
     ("data", "prefetch_worker"): PREFETCH_WORKERS,
+    ("data", "pin_memory"): PIN_MEMORY_PLACES,
     ("data", "text_padding"): TEXT_PADDINGS,
     ("data", "pixel_transport"): ("auto", *PIXEL_TRANSPORTS),
     ("data", "candidate_vocabulary"): ("frequent", "full"),

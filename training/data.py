@@ -218,17 +218,23 @@ class MultiTaskLoader:
             self.entries[name].stream.load_state_dict(entry_state)
 
 
+PIN_MEMORY_PLACES = ("thread", "loop")  # data.pin_memory: where the batches are pinned for a CUDA device
+
+
 class Prefetcher:
     """Builds the batches of the next `depth` steps in a background thread, in step order (decoding and
     tokenising overlap the accelerator's work). Each batch carries the loader state right after it, so a
     checkpoint taken after consuming step s resumes exactly at s + 1 whatever was prefetched. `pin_memory`
-    puts each batch in page-locked memory there (for copies to a GPU that do not block the training loop)."""
+    puts each batch in page-locked memory (for copies to a GPU that do not block the training loop): in the
+    building thread, or with `pin_in_loop` in `get`."""
 
-    def __init__(self, loader: MultiTaskLoader, first_step: int, depth: int = 2, pin_memory: bool = False):
+    def __init__(self, loader: MultiTaskLoader, first_step: int, depth: int = 2, pin_memory: bool = False,
+                 pin_in_loop: bool = False):
         import queue
         import threading
 
-        self.loader, self.next_step, self.pin_memory = loader, first_step, pin_memory
+        self.loader, self.next_step = loader, first_step
+        self.pin_memory, self.pin_in_loop = pin_memory and not pin_in_loop, pin_memory and pin_in_loop
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, daemon=True) if depth > 0 else None
@@ -264,7 +270,7 @@ class Prefetcher:
             raise error
         if got != step:
             raise RuntimeError(f"prefetcher out of order: wanted step {step}, got {got}")
-        return batch
+        return batch.pin_memory() if self.pin_in_loop else batch
 
     def close(self):
         self._stop.set()
@@ -317,17 +323,17 @@ class ProcessPrefetcher:
     steps that draw its tasks, in step order, so every task's stream moves exactly as in one process. `get`
     reads step s from the worker owning s's task and gives the batch the whole loader state right after it
     (the owner's tasks from the batch, the others' as their workers last left them), so exact resumption is
-    as with the thread. `pin_memory` pins the batches in the training process (the DataLoader's pinning
-    thread). Each worker builds `depth / processes` batches ahead (rounded up), so the batches waiting in
+    as with the thread. `pin_memory` pins the batches in the training process: in the DataLoader's pinning
+    thread, or with `pin_in_loop` in `get`, in the training loop's own thread. Each worker builds `depth / processes` batches ahead (rounded up), so the batches waiting in
     page-locked memory stay about `depth` whatever the number of workers. A worker's error is raised by `get`
     with its type."""
 
     def __init__(self, loader: MultiTaskLoader, first_step: int, depth: int = 2, pin_memory: bool = False,
-                 processes: int = 1):
+                 processes: int = 1, pin_in_loop: bool = False):
         import multiprocessing
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # each forked worker tokenises alone
-        self._loader = loader
+        self._loader, self._pin_in_loop = loader, pin_memory and pin_in_loop
         self._state = loader.state_dict()  # the position before first_step; updated from each batch read
         self._shares = share_tasks(loader, processes)
         self._owner = {name: index for index, share in enumerate(self._shares) for name in share}
@@ -335,7 +341,7 @@ class ProcessPrefetcher:
         ahead = max(1, -(-depth // len(self._shares)))  # the batches in flight stay about `depth` in all
         for share in self._shares:
             worker = DataLoader(StepBatches(loader, first_step, share), batch_size=None, num_workers=1,
-                                prefetch_factor=ahead, pin_memory=pin_memory,
+                                prefetch_factor=ahead, pin_memory=pin_memory and not pin_in_loop,
                                 multiprocessing_context=multiprocessing.get_context("fork"),
                                 generator=torch.Generator().manual_seed(0))  # the global torch RNG is untouched
             self._iterators.append(iter(worker))
@@ -347,7 +353,7 @@ class ProcessPrefetcher:
             raise RuntimeError(f"prefetcher out of order: wanted step {step}, got {got}")
         self._state.update((name, batch.data_state[name]) for name in self._shares[owner])
         batch.data_state = dict(self._state)
-        return batch
+        return batch.pin_memory() if self._pin_in_loop else batch
 
     def close(self):
         iterators, self._iterators = self._iterators, []
@@ -356,10 +362,11 @@ class ProcessPrefetcher:
 
 
 def start_prefetcher(loader: MultiTaskLoader, first_step: int, depth: int, pin_memory: bool = False,
-                     worker: str = "process", processes: int = 1):
-    """The prefetcher of `data.prefetch` / `data.prefetch_worker` / `data.prefetch_processes`: batches built
-    `depth` steps ahead in `processes` worker processes (`ProcessPrefetcher`; where `fork` exists) or a
-    thread (`Prefetcher`); depth 0 builds each batch when it is asked for."""
+                     worker: str = "process", processes: int = 1, pin_in_loop: bool = False):
+    """The prefetcher of `data.prefetch` / `data.prefetch_worker` / `data.prefetch_processes` /
+    `data.pin_memory`: batches built `depth` steps ahead in `processes` worker processes
+    (`ProcessPrefetcher`; where `fork` exists) or a thread (`Prefetcher`); depth 0 builds each batch when it
+    is asked for. With `pin_memory`, each batch is pinned beside its worker or, with `pin_in_loop`, by `get`."""
     import multiprocessing
 
     if worker not in PREFETCH_WORKERS:
@@ -367,8 +374,8 @@ def start_prefetcher(loader: MultiTaskLoader, first_step: int, depth: int, pin_m
     if processes < 1:
         raise ValueError(f"prefetch processes must be >= 1, got {processes}")
     if depth > 0 and worker == "process" and "fork" in multiprocessing.get_all_start_methods():
-        return ProcessPrefetcher(loader, first_step, depth, pin_memory, processes)
-    return Prefetcher(loader, first_step, depth, pin_memory)
+        return ProcessPrefetcher(loader, first_step, depth, pin_memory, processes, pin_in_loop)
+    return Prefetcher(loader, first_step, depth, pin_memory, pin_in_loop)
 
 
 def read_split(data_dir: str, manifest: dict, source: str, split: str, limit: int | None = None) -> list[dict]:
