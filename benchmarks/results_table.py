@@ -159,9 +159,35 @@ def compiled_trainer_row() -> tuple[str, str]:
             f"Ti dense {dense['ti'] / dense['b']:.2f}x B dense")
 
 
+def recorded_rounds(row: dict) -> list[dict]:
+    """A bench_trainer row's rounds that recorded no CUDA graph (the speed after the warm-up)."""
+    return [one for one in row.get("rounds", [row]) if one["cuda_graphs_recorded"] == 0]
+
+
+def rounds_trainer_row() -> tuple[str, str]:
+    parts = []
+    for name in ROUNDS_LOGS:
+        for row in load(name)["rows"]:
+            rounds = recorded_rounds(row)
+            tokens = sum(one["tokens"] for one in rounds)
+            trainer = tokens / sum(one["trainer_seconds"] for one in rounds)
+            model = tokens / sum(one["model_seconds"] for one in rounds)
+            ratios = [one["trainer_vs_model"] for one in rounds]
+            spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+            routing = "dense" if row["routing"] == "none" else row["routing"]
+            parts.append(f"{row['size'].capitalize()} {routing} {trainer / model:.2f}{spread}")
+    return ("trainer with its GPU defaults once its CUDA graphs are recorded, `gpu_b.yaml`, 1 x H200, trainer, bare "
+            "compiled step and loop interleaved in rounds of 100 steps",
+            "trainer / model step over the rounds that recorded no CUDA graph (range over rounds): " + ", ".join(parts))
+
+
+ROUNDS_LOGS = ("bench_trainer_rounds_ti_h200.json", "bench_trainer_per_layer_dense_ti_h200.json",
+               "bench_trainer_rounds_token_b_h200.json")
+
+
 def render() -> str:
     rows = [main_job_row(), single_task_row(), multitask_row(), prompt_tuning_row(), speed_row(), trainer_row(),
-            compiled_trainer_row()]
+            compiled_trainer_row(), rounds_trainer_row()]
     return "\n".join(["| what | measured |", "|---|---|"] + [f"| {what} | {measured} |" for what, measured in rows])
 
 
