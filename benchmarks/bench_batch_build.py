@@ -3,6 +3,7 @@
     python -m benchmarks.bench_batch_build [--config training/configs/gpu_b.yaml] [--steps 300] [--json OUT]
     python -m benchmarks.bench_batch_build --processes 1,2,3 [--steps 300]     # the worker processes' pace
     python -m benchmarks.bench_batch_build --compare-token-ids                # stored token ids vs tokenising
+    python -m benchmarks.bench_batch_build --receive --processes 3 --rounds 8  # taking a waiting batch
 
 Builds the config's first `--steps` training batches in step order in this process, as the trainer's one
 prefetch worker does (`MultiTaskLoader.batch`: reading the rows, decoding and resizing images, tokenising,
@@ -20,6 +21,13 @@ With `--processes`, the same batches come instead through the trainer's prefetch
 (`training.data.ProcessPrefetcher`, each worker process owning a share of the tasks) for each number of
 worker processes given, read as fast as they come: the batches per second each number sustains, side by
 side, and its ratio to the first.
+
+With `--receive`, the time the training process takes to receive a batch that is already waiting, as the
+prefetcher's `get` does: its tensors shared one by one (each a file descriptor handed over by the worker's
+sharing thread) against packed into one buffer (`training.data.PackedBatch`, what the trainer uses). Both
+prefetchers run side by side with the first `--processes` number of workers; each of `--rounds` rounds
+lets their workers fill their queues, then takes two batches a worker from each in turn. Prints the
+median and mean milliseconds per batch of each and their ratio.
 """
 
 from __future__ import annotations
@@ -47,6 +55,9 @@ class BenchBatchBuildArguments:
     compare_token_ids: bool = field(default=False, metadata={"help": "also build the same batches tokenising every "
                                                                       "text instead of packing the slice's stored "
                                                                       "token ids, and print both side by side"})
+    receive: bool = field(default=False, metadata={"help": "time taking a waiting batch from the worker processes, "
+                                                            "tensor by tensor against packed"})
+    rounds: int = field(default=8, metadata={"help": "rounds of --receive"})
     set: list[str] = field(default_factory=list, metadata={"help": "config overrides key=value (repeatable)"})
     json: Optional[str] = field(default=None, metadata={"help": "write the results here"})
 
@@ -79,6 +90,36 @@ def prefetch_pace(config_path: str, overrides: list[str], steps: int, processes:
             prefetcher.close()
 
 
+def receive_times(config_path: str, overrides: list[str], processes: int, rounds: int,
+                  settle_seconds: float = 3.0) -> dict[str, dict[str, list[float]]]:
+    """Seconds `get` takes per batch already waiting, for batches sent tensor by tensor and packed, on the
+    wall clock and as this thread's CPU time (what it holds the interpreter lock for, about): both
+    prefetchers (2 batches ahead per worker) fill their queues for `settle_seconds`, then each hands over
+    its waiting batches in turn, `rounds` times."""
+    from training.data import ProcessPrefetcher
+
+    depth, seconds = 2 * processes, {name: {"wall": [], "cpu": []} for name in ("tensors", "packed")}
+    with tempfile.TemporaryDirectory() as output_dir:
+        loader = build_loader(config_path, overrides, output_dir)
+        prefetchers = {name: ProcessPrefetcher(loader, 0, depth=depth, processes=processes,
+                                               packed=name == "packed") for name in seconds}
+        try:
+            step = 0
+            for _ in range(rounds):
+                time.sleep(settle_seconds)
+                for name, prefetcher in prefetchers.items():
+                    for offset in range(depth):
+                        start, cpu = time.perf_counter(), time.thread_time()
+                        prefetcher.get(step + offset)
+                        seconds[name]["cpu"].append(time.thread_time() - cpu)
+                        seconds[name]["wall"].append(time.perf_counter() - start)
+                step += depth
+        finally:
+            for prefetcher in prefetchers.values():
+                prefetcher.close()
+    return seconds
+
+
 def build_times(config_path: str, overrides: list[str], steps: int,
                 stored_token_ids: bool = True) -> tuple[dict[str, list[float]], float]:
     """Seconds to build each of the first `steps` batches, per task, and the seconds for all of them; with
@@ -101,7 +142,10 @@ def main(argv=None) -> dict:
                                   description=__doc__)
     if args.steps < 2:
         raise SystemExit("error: --steps must be >= 2")
-    result = pace_table(args) if args.processes else build_table(args)
+    if args.receive:
+        result = receive_table(args)
+    else:
+        result = pace_table(args) if args.processes else build_table(args)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=1)
@@ -141,13 +185,18 @@ def build_table(args: BenchBatchBuildArguments) -> dict:
     return result
 
 
-def pace_table(args: BenchBatchBuildArguments) -> dict:
+def process_counts(text: str) -> list[int]:
     try:
-        counts = [int(count) for count in args.processes.split(",") if count.strip()]
+        counts = [int(count) for count in text.split(",") if count.strip()]
     except ValueError:
         counts = []
     if not counts or min(counts) < 1:
         raise SystemExit("error: --processes takes numbers >= 1, e.g. 1,2,3")
+    return counts
+
+
+def pace_table(args: BenchBatchBuildArguments) -> dict:
+    counts = process_counts(args.processes)
     paces = {count: prefetch_pace(args.config, args.set, args.steps, count) for count in counts}
     result = {"config": args.config, "overrides": args.set, "steps": args.steps, "cores": os.cpu_count(),
               "batches_per_second": {str(count): round(pace, 2) for count, pace in paces.items()},
@@ -156,6 +205,30 @@ def pace_table(args: BenchBatchBuildArguments) -> dict:
     for count, pace in paces.items():
         print(f"  {count} worker process(es): {pace:6.1f} batches/s  ({pace / paces[counts[0]]:.2f}x, "
               f"{1000 / pace:.1f} ms a batch)")
+    return result
+
+
+def receive_table(args: BenchBatchBuildArguments) -> dict:
+    processes = process_counts(args.processes or "1")[0]
+    if args.rounds < 1:
+        raise SystemExit("error: --rounds must be >= 1")
+    seconds = receive_times(args.config, args.set, processes, args.rounds)
+    stats = {name: {"batches": len(clocks["wall"]),
+                    **{f"{clock}_{what}_ms": round(summary(values) * 1000, 2) for clock, values in clocks.items()
+                       for what, summary in (("median", statistics.median), ("mean", statistics.fmean))}}
+             for name, clocks in seconds.items()}
+    result = {"config": args.config, "overrides": args.set, "processes": processes, "rounds": args.rounds,
+              "cores": os.cpu_count(), "receive": stats,
+              **{f"tensors_vs_packed_{clock}_median": round(stats["tensors"][f"{clock}_median_ms"]
+                                                             / stats["packed"][f"{clock}_median_ms"], 2)
+                 for clock in ("wall", "cpu")}}
+    print(f"taking a waiting batch of {args.config} from {processes} worker process(es) ({result['cores']} cores, "
+          f"{args.rounds} rounds), milliseconds per batch:")
+    for name, row in stats.items():
+        print(f"  {name:8s} wall median {row['wall_median_ms']:7.2f} mean {row['wall_mean_ms']:7.2f}   "
+              f"this thread's CPU median {row['cpu_median_ms']:6.2f} mean {row['cpu_mean_ms']:6.2f}  ({row['batches']} batches)")
+    print(f"  tensor by tensor / packed (medians): wall {result['tensors_vs_packed_wall_median']:.2f}x, "
+          f"CPU {result['tensors_vs_packed_cpu_median']:.2f}x")
     return result
 
 

@@ -216,7 +216,8 @@ def test_the_gpu_busy_time_is_the_union_of_device_activities():
 def test_batch_build_benchmark_times_every_task_drawn(tiny_cache, tmp_path):
     """`benchmarks.bench_batch_build` on a tiny config: every batch built is counted under its task, and the
     per-task figures and the mean are written, with `--compare-token-ids` also those of tokenising every
-    text; with `--processes`, each number of worker processes hands over batches. No timing is asserted."""
+    text; with `--processes`, each number of worker processes hands over batches; with `--receive`, both
+    transports hand over a round's batches. No timing is asserted."""
     import yaml
 
     from benchmarks.bench_batch_build import main as bench_batch_build_main
@@ -233,6 +234,10 @@ def test_batch_build_benchmark_times_every_task_drawn(tiny_cache, tmp_path):
     paces = bench_batch_build_main(["--config", str(path), "--steps", "4", "--processes", "1,2"])
     assert set(paces["batches_per_second"]) == {"1", "2"} and paces["ratio_to_first"]["1"] == 1.0
     assert all(pace > 0 for pace in paces["batches_per_second"].values())
+    received = bench_batch_build_main(["--config", str(path), "--receive", "--processes", "1", "--rounds", "1"])
+    assert {name: row["batches"] for name, row in received["receive"].items()} == {"tensors": 2, "packed": 2}
+    with pytest.raises(SystemExit, match="--rounds"):
+        bench_batch_build_main(["--config", str(path), "--receive", "--rounds", "0"])
 
 
 def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batches(tiny_cache, tmp_path):

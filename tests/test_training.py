@@ -732,7 +732,7 @@ def test_worker_processes_share_the_tasks_and_keep_each_stream_s_order_past_skip
 def test_the_worker_process_prefetches_the_thread_s_batches_and_raises_its_errors(tiny_cache, context):
     """`data.prefetch_worker=process` hands the training loop exactly the batches (tensors, tasks, loader
     states) that the thread and no prefetching give, with one worker process or with the tasks shared out
-    over several (`data.prefetch_processes`), and a malformed sample under on_bad_sample=error stops it
+    over several (`data.prefetch_processes`), packed into one buffer or tensor by tensor, and a malformed sample under on_bad_sample=error stops it
     with the worker's error type and message."""
     from training.data import Prefetcher, ProcessPrefetcher, start_prefetcher
 
@@ -755,8 +755,12 @@ def test_the_worker_process_prefetches_the_thread_s_batches_and_raises_its_error
     assert isinstance(start_prefetcher(loader(), 0, 2), ProcessPrefetcher)
     assert isinstance(start_prefetcher(loader(), 0, 2, worker="thread"), Prefetcher)
     reference = take(Prefetcher(loader(), 2, depth=0))
-    for other in (take(ProcessPrefetcher(loader(), 2, depth=3)), take(Prefetcher(loader(), 2, depth=3)),
-                  take(ProcessPrefetcher(loader(), 2, depth=3, processes=2)),
+    packed = take(ProcessPrefetcher(loader(), 2, depth=3))
+    for batch in packed:  # each batch crossed from its worker as one buffer: its tensors share one storage
+        tensors = [v for v in batch.inputs.values() if torch.is_tensor(v)] + [batch.labels]
+        assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+    for other in (packed, take(ProcessPrefetcher(loader(), 2, depth=3, packed=False)),
+                  take(Prefetcher(loader(), 2, depth=3)), take(ProcessPrefetcher(loader(), 2, depth=3, processes=2)),
                   take(ProcessPrefetcher(loader(), 2, depth=1, processes=5))):  # one task per worker
         assert [b.task.name for b in other] == [b.task.name for b in reference]
         assert len({b.task.name for b in reference}) > 1
@@ -778,13 +782,33 @@ def test_the_worker_process_prefetches_the_thread_s_batches_and_raises_its_error
         prefetcher.close()
 
 
+def test_packed_tensors_come_back_equal_as_aligned_views_of_one_buffer():
+    """`pack_tensors` / `unpack_tensors`: every dtype, an empty tensor, a 0-d one and a non-contiguous one come
+    back equal (values, dtype, shape), each a view of the one buffer starting at a multiple of 64 bytes."""
+    from training.data import PACKED_ALIGNMENT, pack_tensors, unpack_tensors
+
+    tensors = {"float": torch.randn(3, 5), "bf16": torch.randn(7).to(torch.bfloat16),
+               "long": torch.arange(6).reshape(2, 3), "bool": torch.tensor([True, False, True]),
+               "uint8": torch.randint(0, 255, (2, 3, 4), dtype=torch.uint8), "empty": torch.zeros(0, 4),
+               "scalar": torch.tensor(2.5, dtype=torch.float64), "strided": torch.randn(4, 6).t()}
+    buffer, slots = pack_tensors(tensors)
+    assert buffer.dtype == torch.uint8 and buffer.dim() == 1
+    back = unpack_tensors(buffer, slots)
+    assert back.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and back[name].shape == tensor.shape, name
+        assert torch.equal(back[name], tensor), name
+        assert back[name].untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr(), name
+        assert (back[name].data_ptr() - buffer.data_ptr()) % PACKED_ALIGNMENT == 0, name
+
+
 def test_batches_are_pinned_in_the_training_loop_s_thread_when_asked(tiny_cache, context, monkeypatch):
     """`data.pin_memory: loop` pins each batch in the thread that takes it (`get`), with no pinning thread
     beside the workers; `thread` pins in the building thread. (`TaskBatch.pin_memory` is replaced by a
     recorder: there is no page-locked memory without a GPU.)"""
     import threading
 
-    from training.data import Prefetcher, ProcessPrefetcher
+    from training.data import PackedBatch, Prefetcher, ProcessPrefetcher
     from training.tasks import TaskBatch
 
     ctx, manifest = context
@@ -796,6 +820,7 @@ def test_batches_are_pinned_in_the_training_loop_s_thread_when_asked(tiny_cache,
         return batch
 
     monkeypatch.setattr(TaskBatch, "pin_memory", recorded_pin)
+    monkeypatch.setattr(PackedBatch, "pin_memory", recorded_pin)  # a worker's batch arrives packed
 
     def loader():
         return MultiTaskLoader([TaskEntry(get_task("fashion_mnist_classification"), 1.0, 4, ListStream(list(rows)))],

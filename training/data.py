@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -278,19 +278,82 @@ class Prefetcher:
             self._thread.join(timeout=5)
 
 
+PACKED_ALIGNMENT = 64  # bytes: each packed tensor starts at a multiple (any dtype's view is aligned)
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one tensor lies in a packed byte buffer: bytes [offset, offset + nbytes) as `dtype` of `shape`."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def pack_tensors(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, TensorSlot]]:
+    """Host tensors -> one uint8 buffer `[total]` holding each one's bytes (contiguous, row-major), and the slot
+    of each in it. `unpack_tensors` gives them back as views of the buffer, equal to the originals."""
+    slots, offset = {}, 0
+    for name, tensor in tensors.items():
+        slots[name] = TensorSlot(tensor.dtype, tuple(tensor.shape), offset, tensor.numel() * tensor.element_size())
+        offset += -(-slots[name].nbytes // PACKED_ALIGNMENT) * PACKED_ALIGNMENT
+    buffer = torch.empty(offset, dtype=torch.uint8)
+    for name, tensor in tensors.items():
+        slot = slots[name]
+        if slot.nbytes:
+            buffer[slot.offset:slot.offset + slot.nbytes].view(tensor.dtype).copy_(tensor.reshape(-1))
+    return buffer, slots
+
+
+def unpack_tensors(buffer: torch.Tensor, slots: dict[str, TensorSlot]) -> dict[str, torch.Tensor]:
+    """The tensors `pack_tensors` packed, as views of `buffer` (pinned if the buffer is)."""
+    return {name: buffer[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
+            for name, slot in slots.items()}
+
+
+class PackedBatch:
+    """A `TaskBatch` whose tensors share one byte buffer, the form in which it leaves a worker process.
+
+    torch shares every tensor between processes as a storage of its own, each a file descriptor the
+    receiver fetches over a socket from a Python thread of the worker (which needs the worker's interpreter
+    lock, held by the batch builder while it builds the next batch): 8-11 round trips for a batch. Packed, a
+    batch is one storage, for one extra copy of its bytes in the worker. The DataLoader's pinning thread
+    pins the one buffer (`pin_memory`); `unpack` gives the `TaskBatch` back with its tensors as views of it."""
+
+    def __init__(self, batch: TaskBatch):
+        tensors = {f"inputs.{k}": v for k, v in batch.inputs.items() if torch.is_tensor(v)}
+        tensors["labels"] = batch.labels
+        if batch.pixel_table is not None:
+            tensors["pixel_table"] = batch.pixel_table
+        self.buffer, self.slots = pack_tensors(tensors)
+        self.batch = replace(batch, inputs={k: None if f"inputs.{k}" in tensors else v for k, v in batch.inputs.items()},
+                             labels=None, pixel_table=None)  # the rest of the batch, pickled as it is
+
+    def pin_memory(self) -> "PackedBatch":
+        self.buffer = self.buffer.pin_memory()
+        return self
+
+    def unpack(self) -> TaskBatch:
+        tensors = unpack_tensors(self.buffer, self.slots)
+        inputs = {k: tensors.get(f"inputs.{k}", v) for k, v in self.batch.inputs.items()}
+        return replace(self.batch, inputs=inputs, labels=tensors["labels"], pixel_table=tensors.get("pixel_table"))
+
+
 class StepBatches(IterableDataset):
     """The loader's batches of the steps that draw one of `tasks`, from `first_step` on, as `(step, batch)` in
-    step order (what a worker process of `ProcessPrefetcher` runs). Only those tasks' streams move, so
-    another worker can own the other tasks."""
+    step order (what a worker process of `ProcessPrefetcher` runs), each batch a `PackedBatch` unless
+    `packed` is False. Only those tasks' streams move, so another worker can own the other tasks."""
 
-    def __init__(self, loader: MultiTaskLoader, first_step: int, tasks: frozenset[str]):
-        self.loader, self.first_step, self.tasks = loader, first_step, tasks
+    def __init__(self, loader: MultiTaskLoader, first_step: int, tasks: frozenset[str], packed: bool = True):
+        self.loader, self.first_step, self.tasks, self.packed = loader, first_step, tasks, packed
 
     def __iter__(self):
         step = self.first_step
         while True:
             if self.loader.task_for_step(step) in self.tasks:
-                yield step, self.loader.batch(step)
+                batch = self.loader.batch(step)
+                yield step, PackedBatch(batch) if self.packed else batch
             step += 1
 
 
@@ -323,13 +386,14 @@ class ProcessPrefetcher:
     steps that draw its tasks, in step order, so every task's stream moves exactly as in one process. `get`
     reads step s from the worker owning s's task and gives the batch the whole loader state right after it
     (the owner's tasks from the batch, the others' as their workers last left them), so exact resumption is
-    as with the thread. `pin_memory` pins the batches in the training process: in the DataLoader's pinning
-    thread, or with `pin_in_loop` in `get`, in the training loop's own thread. Each worker builds `depth / processes` batches ahead (rounded up), so the batches waiting in
+    as with the thread. Each batch crosses the process boundary as one buffer (`PackedBatch`; `packed=False`
+    sends its tensors one by one). `pin_memory` pins the batches in the training process: in the DataLoader's
+    pinning thread, or with `pin_in_loop` in `get`, in the training loop's own thread. Each worker builds `depth / processes` batches ahead (rounded up), so the batches waiting in
     page-locked memory stay about `depth` whatever the number of workers. A worker's error is raised by `get`
     with its type."""
 
     def __init__(self, loader: MultiTaskLoader, first_step: int, depth: int = 2, pin_memory: bool = False,
-                 processes: int = 1, pin_in_loop: bool = False):
+                 processes: int = 1, pin_in_loop: bool = False, packed: bool = True):
         import multiprocessing
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # each forked worker tokenises alone
@@ -340,7 +404,7 @@ class ProcessPrefetcher:
         self._iterators = []
         ahead = max(1, -(-depth // len(self._shares)))  # the batches in flight stay about `depth` in all
         for share in self._shares:
-            worker = DataLoader(StepBatches(loader, first_step, share), batch_size=None, num_workers=1,
+            worker = DataLoader(StepBatches(loader, first_step, share, packed), batch_size=None, num_workers=1,
                                 prefetch_factor=ahead, pin_memory=pin_memory and not pin_in_loop,
                                 multiprocessing_context=multiprocessing.get_context("fork"),
                                 generator=torch.Generator().manual_seed(0))  # the global torch RNG is untouched
@@ -351,9 +415,13 @@ class ProcessPrefetcher:
         got, batch = next(self._iterators[owner])
         if got != step:
             raise RuntimeError(f"prefetcher out of order: wanted step {step}, got {got}")
+        if self._pin_in_loop:
+            batch = batch.pin_memory()
+        if isinstance(batch, PackedBatch):
+            batch = batch.unpack()
         self._state.update((name, batch.data_state[name]) for name in self._shares[owner])
         batch.data_state = dict(self._state)
-        return batch.pin_memory() if self._pin_in_loop else batch
+        return batch
 
     def close(self):
         iterators, self._iterators = self._iterators, []
@@ -362,11 +430,12 @@ class ProcessPrefetcher:
 
 
 def start_prefetcher(loader: MultiTaskLoader, first_step: int, depth: int, pin_memory: bool = False,
-                     worker: str = "process", processes: int = 1, pin_in_loop: bool = False):
+                     worker: str = "process", processes: int = 1, pin_in_loop: bool = False, packed: bool = True):
     """The prefetcher of `data.prefetch` / `data.prefetch_worker` / `data.prefetch_processes` /
     `data.pin_memory`: batches built `depth` steps ahead in `processes` worker processes
     (`ProcessPrefetcher`; where `fork` exists) or a thread (`Prefetcher`); depth 0 builds each batch when it
-    is asked for. With `pin_memory`, each batch is pinned beside its worker or, with `pin_in_loop`, by `get`."""
+    is asked for. With `pin_memory`, each batch is pinned beside its worker or, with `pin_in_loop`, by `get`.
+    `packed` (worker processes): each batch crosses to this process as one buffer (`PackedBatch`)."""
     import multiprocessing
 
     if worker not in PREFETCH_WORKERS:
@@ -374,7 +443,7 @@ def start_prefetcher(loader: MultiTaskLoader, first_step: int, depth: int, pin_m
     if processes < 1:
         raise ValueError(f"prefetch processes must be >= 1, got {processes}")
     if depth > 0 and worker == "process" and "fork" in multiprocessing.get_all_start_methods():
-        return ProcessPrefetcher(loader, first_step, depth, pin_memory, processes, pin_in_loop)
+        return ProcessPrefetcher(loader, first_step, depth, pin_memory, processes, pin_in_loop, packed)
     return Prefetcher(loader, first_step, depth, pin_memory, pin_in_loop)
 
 
