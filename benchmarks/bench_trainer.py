@@ -4,11 +4,13 @@
     python -m benchmarks.bench_trainer --config training/configs/tiny_cpu.yaml --sizes config \\
         --routings attribute --warmup 2 --steps 4 --profile-steps 2                                      # CPU
 
-For each (size, routing, prefetch worker, number of worker processes, pixel transport, pinning place), one
+For each (size, routing, prefetch worker, number of worker processes, pixel transport, pinning place, batch
+transport), one
 `Pretrainer` of the config (`--set` overrides as in `training.pretrain`, except the settings the benchmark fixes:
 evaluation and checkpoints off, a temporary output folder; `--prefetch-processes 1,3` compares the numbers of
 data worker processes, `--pixel-transports uint8,float32,uint8` the pixels handed over as bytes or floats,
-`--pin-memory thread,loop` where the batches are pinned; a repeated value measures the spread between variants
+`--pin-memory thread,loop` where the batches are pinned, `--batch-transports packed,tensors` a worker's batch
+handed over as one buffer or tensor by tensor; a repeated value measures the spread between variants
 of one process, whose later variants reuse the first one's compiled graphs):
 
 After `--warmup` steps of the trainer's own loop (their seconds: with compilation, its cost), the `--steps`
@@ -33,7 +35,9 @@ their seconds (`gc_trainer`, `gc_model`, `gc_loop`).
 Then `--profile-steps` more trainer steps under `torch.profiler`: the host time of each region of
 `Pretrainer.train_step` (`trainer.STEP_REGIONS`: waiting for the batch, the copy to the device, forward with the
 loss, backward, clip and update, bookkeeping) as shares of the wall time, and on a GPU the share of the wall
-time its kernels are busy; with `--profile-ops N`, the N operations with the most self host time.
+time its kernels are busy; with `--profile-ops N`, the N operations with the most self host time, and with
+`--profile-sites M` each one's M call sites in this repository's code with the most (recording the stacks
+slows the profiled steps, so their shares are then not the unprofiled step's).
 
 Prints a table with `trainer / model` and `loop / model` per variant; `--json PATH` writes every row.
 """
@@ -44,6 +48,8 @@ import gc
 import itertools
 import json
 import math
+import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -68,6 +74,8 @@ class BenchTrainerArguments:
                                                                  "a value may repeat); default: the config's"})
     pin_memory: str = field(default="", metadata={"help": "data.pin_memory values (thread, loop; a value may "
                                                          "repeat); default: the config's"})
+    batch_transports: str = field(default="", metadata={"help": "data.batch_transport values (packed, tensors; a "
+                                                                 "value may repeat); default: the config's"})
     warmup: int = field(default=20, metadata={"help": "trainer steps before the measured ones"})
     steps: int = field(default=60, metadata={"help": "measured steps (trainer, then the model on the same batches)"})
     rounds: int = field(default=1, metadata={"help": "rounds the measured steps are split into, each timing the "
@@ -75,6 +83,9 @@ class BenchTrainerArguments:
     profile_steps: int = field(default=10, metadata={"help": "profiled trainer steps after the measured ones"})
     profile_ops: int = field(default=0, metadata={"help": "also list the N operations with the most host time "
                                                           "of the profiled steps (trainer regions left out)"})
+    profile_sites: int = field(default=0, metadata={"help": "with --profile-ops, also record the profiled steps' "
+                                                            "Python stacks and list each operation's N call sites "
+                                                            "with the most host time (the stacks slow those steps)"})
     set: list[str] = field(default_factory=list, metadata={"help": "config overrides key=value (repeatable)"})
     json: Optional[str] = field(default=None, metadata={"help": "write the rows here"})
 
@@ -86,7 +97,8 @@ def synchronize(device: torch.device) -> None:
 
 def variant_overrides(args: BenchTrainerArguments, size: str, routing: str, output_dir: str,
                       prefetch_worker: str = "process", prefetch_processes: int | None = None,
-                      pixel_transport: str | None = None, pin_memory: str | None = None) -> list[str]:
+                      pixel_transport: str | None = None, pin_memory: str | None = None,
+                      batch_transport: str | None = None) -> list[str]:
     total = args.warmup + args.steps + args.profile_steps
     overrides = list(args.set) + [f"output_dir={output_dir}", f"train.max_steps={total}", "train.eval_every=0",
                  "train.save_every=0", "train.tracker=null", "train.max_minutes=null", "train.grad_accum=1",
@@ -97,6 +109,8 @@ def variant_overrides(args: BenchTrainerArguments, size: str, routing: str, outp
         overrides.append(f"data.pixel_transport={pixel_transport}")
     if pin_memory is not None:
         overrides.append(f"data.pin_memory={pin_memory}")
+    if batch_transport is not None:
+        overrides.append(f"data.batch_transport={batch_transport}")
     if size != "config":
         overrides.append(f"model.model_size={size}")
     return overrides  # the benchmark's own settings win over --set
@@ -132,10 +146,47 @@ def top_host_operations(profiler, wall: float, count: int) -> list[dict]:
     self host time in the profiled steps: name, calls, self host seconds and their share of `wall`."""
     from training.trainer import STEP_REGIONS
 
-    events = [event for event in profiler.key_averages() if event.key not in STEP_REGIONS]
+    events = [event for event in profiler.key_averages()
+              if event.key not in STEP_REGIONS and not is_python_frame(event.key)]
     events.sort(key=lambda event: event.self_cpu_time_total, reverse=True)
     return [{"name": event.key, "calls": event.count, "self_host_s": round(event.self_cpu_time_total / 1e6, 4),
              "share": round(event.self_cpu_time_total / 1e6 / wall, 4)} for event in events[:count]]
+
+
+SITE_DEPTH = 12  # Python frames kept per call stack when grouping operations by where they were called
+
+
+OUR_PACKAGES = ("modeling_uniperceiver_moe/", "training/", "prompt_tuning/", "benchmarks/")
+
+
+def call_site(stack: list[str]) -> str:
+    """The innermost frame of `stack` (innermost first, as torch.profiler lists it, e.g.
+    `training/trainer.py(550): train_step`) in this repository's packages, else the innermost frame: where
+    the operation was asked for."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frames = [frame[len(root):] if frame.startswith(root) else frame for frame in stack]
+    ours = [frame for frame in frames if frame.startswith(OUR_PACKAGES)]
+    return (ours or frames or ["(no Python frame)"])[0]
+
+
+def is_python_frame(name: str) -> bool:
+    """Whether a profiler event is a Python function the stack recording adds (`file.py(12): name`, `<built-in
+    ...>`), not an operation."""
+    return name.startswith("<built-in") or re.search(r"\.py\(\d+\): ", name) is not None
+
+
+def operation_sites(profiler, names: list[str], count: int) -> dict[str, list[dict]]:
+    """For each operation in `names`, its `count` call sites (`call_site`) with the most self host time in a
+    profile recorded `with_stack`: site, calls and self host seconds."""
+    sites: dict[str, dict[str, list]] = {name: {} for name in names}
+    for event in profiler.key_averages(group_by_stack_n=SITE_DEPTH):
+        if event.key in sites:
+            entry = sites[event.key].setdefault(call_site(list(event.stack or [])), [0, 0.0])
+            entry[0] += event.count
+            entry[1] += event.self_cpu_time_total / 1e6
+    return {name: [{"site": site, "calls": calls, "self_host_s": round(seconds, 4)}
+                   for site, (calls, seconds) in sorted(found.items(), key=lambda item: -item[1][1])[:count]]
+            for name, found in sites.items()}
 
 
 def profile_shares(profiler, wall: float, device: torch.device) -> dict:
@@ -197,20 +248,22 @@ def progress(name: str, what: str, since: float) -> None:
 
 def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefetch_worker: str = "process",
                     prefetch_processes: int | None = None, pixel_transport: str | None = None,
-                    pin_memory: str | None = None) -> dict:
+                    pin_memory: str | None = None, batch_transport: str | None = None) -> dict:
     from training.config import load_config, pixel_transport as resolved_pixel_transport
     from training.trainer import Pretrainer, compiled_graph_count
 
     with tempfile.TemporaryDirectory() as output_dir:
         config = load_config(args.config, variant_overrides(args, size, routing, output_dir, prefetch_worker,
-                                                                prefetch_processes, pixel_transport, pin_memory))
+                                                                prefetch_processes, pixel_transport, pin_memory,
+                                                                batch_transport))
         trainer = Pretrainer(config)
         device = trainer.accelerator.device
         name = f"{size}/{routing}/{prefetch_worker_label(config)}/{resolved_pixel_transport(config, device.type)}" \
-               f"/pinned in {config.data.pin_memory}"
+               f"/pinned in {config.data.pin_memory}/{config.data.batch_transport}"
         row = {"size": size, "routing": routing, "device": str(device),
                "prefetch_worker": prefetch_worker_label(config),
                "pixel_transport": resolved_pixel_transport(config, device.type), "pin_memory": config.data.pin_memory,
+               "batch_transport": config.data.batch_transport,
                "compile": config.train.compile_mode if trainer.compiled else "eager",
                "text_padding": trainer.ctx.text_padding, "steps": args.steps}
         recorder = StepRecorder(trainer, name, args.warmup)
@@ -376,7 +429,9 @@ def profile_trainer_steps(trainer, args: BenchTrainerArguments, device: torch.de
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profiler:
+    stacks = {"with_stack": True, "experimental_config": torch._C._profiler._ExperimentalConfig(verbose=True)} \
+        if args.profile_sites else {}  # verbose: each operation keeps its Python stack for `key_averages`
+    with torch.profiler.profile(activities=activities, **stacks) as profiler:
         synchronize(device)
         began = time.perf_counter()
         run_trainer_steps(trainer, args.profile_steps)
@@ -385,8 +440,15 @@ def profile_trainer_steps(trainer, args: BenchTrainerArguments, device: torch.de
     shares = profile_shares(profiler, wall, device)
     if args.profile_ops:
         shares["top_host_ops"] = top_host_operations(profiler, wall, args.profile_ops)
+        sites = operation_sites(profiler, [op["name"] for op in shares["top_host_ops"]], args.profile_sites) \
+            if args.profile_sites else {}
         for op in shares["top_host_ops"]:
             print(f"[{name}] host {op['share']:6.1%} {op['calls']:6d} calls  {op['name']}", flush=True)
+            if op["name"] in sites:
+                op["sites"] = sites[op["name"]]
+                for site in op["sites"]:
+                    print(f"[{name}]        {site['calls']:6d} calls  {site['self_host_s']:.4f} s  {site['site']}",
+                          flush=True)
     return shares
 
 
@@ -419,7 +481,7 @@ def run_loop_on(trainer, batches: list) -> None:
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| size | routing | prefetch | pixels | pinned in | step | warm-up s | trainer tokens/s | model tokens/s | trainer / model | "
+    lines = ["| size | routing | prefetch (batches) | pixels | pinned in | step | warm-up s | trainer tokens/s | model tokens/s | trainer / model | "
              "loop / model | GPU busy | "
              "host: batch / copy / forward / backward / update / bookkeeping / other |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -437,7 +499,8 @@ def format_rows(rows: list[dict]) -> str:
         for key in ratios if row.get("rounds") else ():  # the spread over the rounds
             each = [one[key] for one in row["rounds"]]
             ratios[key] += f" ({min(each):.2f}-{max(each):.2f})"
-        lines.append(f"| {row['size']} | {row['routing']} | {row.get('prefetch_worker', '-')} | "
+        lines.append(f"| {row['size']} | {row['routing']} | {row.get('prefetch_worker', '-')} "
+                     f"({row.get('batch_transport', '-')}) | "
                      f"{row.get('pixel_transport', '-')} | {row.get('pin_memory', '-')} | {step} | "
                      f"{row.get('warmup_seconds', float('nan')):.1f} | {row['trainer_tokens_per_s']:,.0f} | "
                      f"{row['model_tokens_per_s']:,.0f} | {ratios['trainer_vs_model']} | "
@@ -461,7 +524,7 @@ def main(argv=None) -> list[dict]:
         raise SystemExit("error: --prefetch-processes must be >= 1")
     from training.tasks import PIXEL_TRANSPORTS
 
-    from training.data import PIN_MEMORY_PLACES
+    from training.data import BATCH_TRANSPORTS, PIN_MEMORY_PLACES
 
     transports = names(args.pixel_transports) or [None]  # None: the config's
     if any(transport not in (None, *PIXEL_TRANSPORTS) for transport in transports):
@@ -469,12 +532,16 @@ def main(argv=None) -> list[dict]:
     pinning = names(args.pin_memory) or [None]
     if any(place not in (None, *PIN_MEMORY_PLACES) for place in pinning):
         raise SystemExit(f"error: --pin-memory takes {', '.join(PIN_MEMORY_PLACES)}, got {args.pin_memory!r}")
+    handovers = names(args.batch_transports) or [None]
+    if any(handover not in (None, *BATCH_TRANSPORTS) for handover in handovers):
+        raise SystemExit(f"error: --batch-transports takes {', '.join(BATCH_TRANSPORTS)}, got {args.batch_transports!r}")
     rows = []
-    for size, routing, worker, count, transport, place in itertools.product(
-            names(args.sizes), names(args.routings), names(args.prefetch_workers), processes, transports, pinning):
-        if worker != "process" and count != processes[0]:
-            continue  # the number of worker processes means nothing to a thread
-        rows.append(measure_variant(args, size, routing, worker, count, transport, place))
+    for size, routing, worker, count, transport, place, handover in itertools.product(
+            names(args.sizes), names(args.routings), names(args.prefetch_workers), processes, transports, pinning,
+            handovers):
+        if worker != "process" and (count != processes[0] or handover != handovers[0]):
+            continue  # the number of worker processes and the handover mean nothing to a thread
+        rows.append(measure_variant(args, size, routing, worker, count, transport, place, handover))
         gc.collect()  # the variant's trainer, model and batches
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -254,12 +254,14 @@ def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batc
     path.write_text(yaml.safe_dump(run_config(tiny_cache, str(tmp_path / "unused"))))
     rows = bench_trainer_main(["--config", str(path), "--sizes", "config", "--routings", "attribute,none",
                                "--warmup", "1", "--steps", "3", "--rounds", "2", "--profile-steps", "2", "--profile-ops", "5",
-                               "--pixel-transports", "uint8", "--pin-memory", "loop",
+                               "--profile-sites", "2",
+                               "--pixel-transports", "uint8", "--pin-memory", "loop", "--batch-transports", "tensors",
                                "--json", str(tmp_path / "bench.json")])
     assert [row["routing"] for row in rows] == ["attribute", "none"]
     for row in rows:
         assert row["pixel_transport"] == "uint8"  # the worker hands over bytes; the step normalises them
         assert row["pin_memory"] == "loop"  # (nothing is pinned without a GPU)
+        assert row["batch_transport"] == "tensors"
         assert row["trainer_tokens_per_s"] > 0 and row["model_tokens_per_s"] > 0 and row["tokens"] > 0
         assert row["loop_tokens_per_s"] > 0 and row["loop_vs_model"] > 0
         for phase in ("gc_trainer", "gc_model", "gc_loop"):  # Python's collections during each timed phase
@@ -281,12 +283,16 @@ def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batc
         assert len(ops) == 5 and all(op["calls"] > 0 for op in ops)
         assert [op["self_host_s"] for op in ops] == sorted((op["self_host_s"] for op in ops), reverse=True)
         assert not {op["name"] for op in ops} & {"trainer/forward", "trainer/backward", "trainer/batch"}
+        for op in ops:  # each operation's busiest call sites, at most 2, with no more calls than the operation
+            assert 1 <= len(op["sites"]) <= 2 and sum(site["calls"] for site in op["sites"]) <= op["calls"]
+        sites = [site["site"] for op in ops for site in op["sites"]]
+        assert any(site.startswith(("modeling_uniperceiver_moe/", "training/")) for site in sites), sites
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == rows
 
 
 def test_trainer_benchmark_names_its_prefetch_layout_and_refuses_bad_process_counts(tmp_path):
     """Each row says where its batches were built ("process x3" for three worker processes); a count of
-    worker processes that is not a whole number >= 1, or a pixel transport that does not exist, is refused
+    worker processes that is not a whole number >= 1, or a pixel or batch transport that does not exist, is refused
     before any trainer is built."""
     from types import SimpleNamespace
 
@@ -308,6 +314,8 @@ def test_trainer_benchmark_names_its_prefetch_layout_and_refuses_bad_process_cou
         bench_trainer_main(["--config", str(tmp_path / "never_read.yaml"), "--pixel-transports", "uint8,bytes"])
     with pytest.raises(SystemExit, match="pin-memory takes thread, loop, got 'loop,worker'"):
         bench_trainer_main(["--config", str(tmp_path / "never_read.yaml"), "--pin-memory", "loop,worker"])
+    with pytest.raises(SystemExit, match="batch-transports takes packed, tensors, got 'pickled'"):
+        bench_trainer_main(["--config", str(tmp_path / "never_read.yaml"), "--batch-transports", "pickled"])
 
 
 def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():

@@ -400,6 +400,24 @@ def test_training_pixels_travel_as_bytes_to_a_cuda_device_only_by_default(tiny_c
         parse_config(raw)
 
 
+def test_the_trainer_s_workers_hand_batches_over_packed_unless_told_otherwise(tiny_cache, tmp_path, monkeypatch):
+    """`data.batch_transport: packed` (the default) has the worker processes hand each batch over as one buffer,
+    `tensors` tensor by tensor; an unknown value is refused when the config is read."""
+    import training.trainer as trainer_module
+
+    raw = run_config(tiny_cache, str(tmp_path / "run"))
+    assert parse_config(raw).data.batch_transport == "packed"
+    raw["data"]["batch_transport"] = "pickled"
+    with pytest.raises(ConfigError, match="data.batch_transport must be one of"):
+        parse_config(raw)
+    asked = []
+    monkeypatch.setattr(trainer_module, "start_prefetcher", lambda *args, **kwargs: asked.append(kwargs["packed"]))
+    for transport in ("packed", "tensors"):
+        raw["data"]["batch_transport"] = transport
+        trainer_module.Pretrainer(parse_config(raw)).start_prefetcher()
+    assert asked == [True, False]
+
+
 def test_cuda_graph_recordings_are_counted_from_torch_compile_s_recording_callbacks():
     """`CudaGraphRecordings` counts each CUDA graph recording torch.compile announces (one start and one end
     callback around it), with its time, and nothing else the callbacks announce (a dynamo compilation)."""

@@ -78,8 +78,8 @@ RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.log_every", "train.
                      "train.save_every", "train.keep_checkpoints", "train.resume", "train.resume_with_changes",
                      "train.tracker", "train.max_minutes", "train.on_non_finite", "train.compile", "train.compile_mode",
                      "train.compile_per_layer", "data.prefetch", "data.prefetch_worker", "data.pin_memory",
-                     "data.prefetch_processes", "data.workers", "data.pixel_transport", "data.text_padding",
-                     "data.eval_samples", "data.build", "data.cache_dir")
+                     "data.batch_transport", "data.prefetch_processes", "data.workers", "data.pixel_transport",
+                     "data.text_padding", "data.eval_samples", "data.build", "data.cache_dir")
 
 
 def config_changes(saved: dict, requested: dict) -> list[str]:

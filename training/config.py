@@ -17,7 +17,7 @@ import yaml
 
 from modeling_uniperceiver_moe.processing_uniperceiver_moe import IMAGE_PREPROCESSING
 
-from .data import PIN_MEMORY_PLACES, PREFETCH_WORKERS, TASK_SAMPLINGS
+from .data import BATCH_TRANSPORTS, PIN_MEMORY_PLACES, PREFETCH_WORKERS, TASK_SAMPLINGS
 from .tasks import MLM_CORRUPTIONS, PIXEL_TRANSPORTS, TEXT_PADDINGS
 
 
@@ -56,6 +56,8 @@ class DataConfig:
     pin_memory: str = "thread"  # where a CUDA device's batches are put in page-locked memory (for copies that do
     # not block the loop): thread (a pinning thread beside each worker process, torch DataLoader's) | loop (the
     # training loop, as it takes each batch: no thread beside it wanting the interpreter lock)
+    batch_transport: str = "packed"  # how a worker process hands a batch over: packed (its tensors in one buffer,
+    # one shared-memory handle; data.PackedBatch) | tensors (each tensor shared on its own)
     prefetch_processes: int = 1  # worker processes under prefetch_worker: process, each building the batches of its
     # share of the tasks (data.share_tasks); more when one worker builds a batch slower than a step takes
     workers: int = 0  # threads decoding/resizing images inside a batch (0 = none; GPUs want ~8)
@@ -171,6 +173,7 @@ CHOICES = {
     ("data", "task_sampling"): TASK_SAMPLINGS,
     ("data", "prefetch_worker"): PREFETCH_WORKERS,
     ("data", "pin_memory"): PIN_MEMORY_PLACES,
+    ("data", "batch_transport"): BATCH_TRANSPORTS,
     ("data", "text_padding"): TEXT_PADDINGS,
     ("data", "pixel_transport"): ("auto", *PIXEL_TRANSPORTS),
     ("data", "candidate_vocabulary"): ("frequent", "full"),

@@ -376,6 +376,7 @@ def share_tasks(loader: MultiTaskLoader, processes: int) -> list[frozenset[str]]
 
 
 PREFETCH_WORKERS = ("process", "thread")
+BATCH_TRANSPORTS = ("packed", "tensors")  # data.batch_transport: how a worker process hands a batch over
 
 
 class ProcessPrefetcher:

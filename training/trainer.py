@@ -614,11 +614,12 @@ class Pretrainer:
     def start_prefetcher(self):
         """Batches from the next micro-step on, built `data.prefetch` steps ahead in worker processes
         (`data.prefetch_processes`) or a thread (`data.prefetch_worker`), in page-locked memory for a GPU
-        (`data.pin_memory`: beside the workers or in the loop)."""
+        (`data.pin_memory`: beside the workers or in the loop), handed over packed (`data.batch_transport`)."""
         data = self.config.data
         return start_prefetcher(self.loader, self.micro_step, data.prefetch,
                                 pin_memory=self.accelerator.device.type == "cuda", worker=data.prefetch_worker,
-                                processes=data.prefetch_processes, pin_in_loop=data.pin_memory == "loop")
+                                processes=data.prefetch_processes, pin_in_loop=data.pin_memory == "loop",
+                                packed=data.batch_transport == "packed")
 
     @property
     def skips_non_finite(self) -> bool:
