@@ -160,9 +160,11 @@ OUR_PACKAGES = ("modeling_uniperceiver_moe/", "training/", "prompt_tuning/", "be
 
 
 def call_site(stack: list[str]) -> str:
-    """The innermost frame of `stack` (innermost first, as torch.profiler lists it, e.g.
-    `training/trainer.py(550): train_step`) in this repository's packages, else the innermost frame: where
-    the operation was asked for."""
+    """The innermost frame of `stack` (innermost first, as torch.profiler lists it: the file, the line where the
+    function starts and its name, e.g. `training/trainer.py(531): train_step`) in this repository's packages,
+    else the innermost frame: the function of ours that asked for the operation. A backward operation counts
+    under the forward function that made it, or, where the profiler does not link the two, under the
+    function that called `backward`."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
     frames = [frame[len(root):] if frame.startswith(root) else frame for frame in stack]
     ours = [frame for frame in frames if frame.startswith(OUR_PACKAGES)]
