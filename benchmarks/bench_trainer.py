@@ -515,6 +515,8 @@ def main(argv=None) -> list[dict]:
                                   description=__doc__)
     if args.warmup < 0 or args.steps < 1 or args.profile_steps < 0 or not 1 <= args.rounds <= args.steps:
         raise SystemExit("error: --steps must be >= 1, --warmup and --profile-steps >= 0, --rounds from 1 to --steps")
+    if args.profile_sites < 0 or (args.profile_sites and not args.profile_ops):
+        raise SystemExit("error: --profile-sites lists the call sites of --profile-ops's operations: give both, >= 1")
     def names(text: str) -> list[str]:
         return [name.strip() for name in text.split(",") if name.strip()]
 

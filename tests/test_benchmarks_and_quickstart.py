@@ -292,7 +292,8 @@ def test_trainer_benchmark_times_the_trainer_and_the_bare_model_on_the_same_batc
 
 def test_trainer_benchmark_names_its_prefetch_layout_and_refuses_bad_process_counts(tmp_path):
     """Each row says where its batches were built ("process x3" for three worker processes); a count of
-    worker processes that is not a whole number >= 1, or a pixel or batch transport that does not exist, is refused
+    worker processes that is not a whole number >= 1, a pixel or batch transport that does not exist, or call
+    sites asked without the operations they belong to, is refused
     before any trainer is built."""
     from types import SimpleNamespace
 
@@ -316,6 +317,8 @@ def test_trainer_benchmark_names_its_prefetch_layout_and_refuses_bad_process_cou
         bench_trainer_main(["--config", str(tmp_path / "never_read.yaml"), "--pin-memory", "loop,worker"])
     with pytest.raises(SystemExit, match="batch-transports takes packed, tensors, got 'pickled'"):
         bench_trainer_main(["--config", str(tmp_path / "never_read.yaml"), "--batch-transports", "pickled"])
+    with pytest.raises(SystemExit, match="--profile-sites lists the call sites of --profile-ops"):
+        bench_trainer_main(["--config", str(tmp_path / "never_read.yaml"), "--profile-sites", "3"])
 
 
 def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
