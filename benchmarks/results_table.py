@@ -160,8 +160,9 @@ def compiled_trainer_row() -> tuple[str, str]:
 
 
 def recorded_rounds(row: dict) -> list[dict]:
-    """A bench_trainer row's rounds that recorded no CUDA graph (the speed after the warm-up)."""
-    return [one for one in row.get("rounds", [row]) if one["cuda_graphs_recorded"] == 0]
+    """A bench_trainer row's rounds (a run with `--rounds` of 2 or more) that recorded no CUDA graph: the
+    speed after the warm-up."""
+    return [one for one in row["rounds"] if one["cuda_graphs_recorded"] == 0]
 
 
 def rounds_trainer_row() -> tuple[str, str]:

@@ -389,8 +389,9 @@ class ProcessPrefetcher:
     (the owner's tasks from the batch, the others' as their workers last left them), so exact resumption is
     as with the thread. Each batch crosses the process boundary as one buffer (`PackedBatch`; `packed=False`
     sends its tensors one by one). `pin_memory` pins the batches in the training process: in the DataLoader's
-    pinning thread, or with `pin_in_loop` in `get`, in the training loop's own thread. Each worker builds `depth / processes` batches ahead (rounded up), so the batches waiting in
-    page-locked memory stay about `depth` whatever the number of workers. A worker's error is raised by `get`
+    pinning thread, or with `pin_in_loop` in `get`, in the training loop's own thread. Each worker builds
+    `depth / processes` batches ahead (rounded up), so the batches waiting in page-locked memory stay about
+    `depth` whatever the number of workers. A worker's error is raised by `get`
     with its type."""
 
     def __init__(self, loader: MultiTaskLoader, first_step: int, depth: int = 2, pin_memory: bool = False,
