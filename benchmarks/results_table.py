@@ -182,8 +182,7 @@ def rounds_trainer_row() -> tuple[str, str]:
             "trainer / model step over the rounds that recorded no CUDA graph (range over rounds): " + ", ".join(parts))
 
 
-ROUNDS_LOGS = ("bench_trainer_rounds_ti_h200.json", "bench_trainer_per_layer_dense_ti_h200.json",
-               "bench_trainer_rounds_token_b_h200.json")
+ROUNDS_LOGS = ("bench_trainer_route_keys_ti_h200.json", "bench_trainer_rounds_token_b_h200.json")
 
 
 def render() -> str:

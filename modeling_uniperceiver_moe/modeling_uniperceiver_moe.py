@@ -1360,22 +1360,24 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
             token_group = token_group.repeat_interleave(length)
         if token_group is not None and token_group.numel() != batch * length:
             token_group = None
-        # ids are range-checked once: by `distinct_route_keys` (no merge given, or the table behind
-        # `token_group`), else here before they are matched against the given table
-        keys = self._route_keys(modality_ids, attribute_vectors, task_ids, batch, length,
-                                check_ids=merged_experts is not None and token_group is None)
-        keys = keys.reshape(batch * length, *keys.shape[2:])
-        if merged_experts is None:  # grouped where the keys are (host keys: no wait for the GPU), used here
-            num_ids = {"task": self.config.num_tasks, "modality": self.config.num_modalities}.get(self.config.moe_routing)
-            state.groups = RouteGroups.from_keys(keys, num_ids, self.config.moe_routing, device=device)
-            state.merged = MergedExperts(state.groups.keys) if offloaded else self.merged_experts([state.groups.keys], dtype)[0]
-        else:  # grouped by the merge's key table: no second torch.unique over the tokens
-            if token_group is not None:  # read when the table was made
-                state.groups = RouteGroups.from_token_groups(merged_experts.keys, token_group)
-            else:
+        if merged_experts is not None and token_group is not None:  # grouped when the merge's table was read:
+            state.groups = RouteGroups.from_token_groups(merged_experts.keys, token_group)  # no per-token keys
+            state.merged = merged_experts
+        else:
+            # ids are range-checked once: by `distinct_route_keys` (no merge given), else here before they
+            # are matched against the given table
+            keys = self._route_keys(modality_ids, attribute_vectors, task_ids, batch, length,
+                                    check_ids=merged_experts is not None)
+            keys = keys.reshape(batch * length, *keys.shape[2:])
+            if merged_experts is None:  # grouped where the keys are (host keys: no wait for the GPU), used here
+                num_ids = {"task": self.config.num_tasks, "modality": self.config.num_modalities}.get(self.config.moe_routing)
+                state.groups = RouteGroups.from_keys(keys, num_ids, self.config.moe_routing, device=device)
+                state.merged = (MergedExperts(state.groups.keys) if offloaded
+                                else self.merged_experts([state.groups.keys], dtype)[0])
+            else:  # grouped by the merge's key table: no second torch.unique over the tokens
                 state.groups, state.merged_rows = RouteGroups.within_table(to_device(keys, device), merged_experts.keys,
                                                                            "in merged_experts.keys")
-            state.merged = merged_experts
+                state.merged = merged_experts
         if state.groups.num_groups > 1:
             row_sample = state.sequence_index.index_select(0, state.groups.order)
             state.sorted_rows = SortedRows(state.groups, batch, length, row_sample)

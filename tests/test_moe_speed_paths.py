@@ -142,9 +142,11 @@ def test_one_merge_per_step_serves_inputs_and_candidates(routing, monkeypatch):
     monkeypatch.setattr(UniPerceiverMoELinear, "merged_parameters", counting)
     from modeling_uniperceiver_moe.routing import RouteGroups
 
-    matched = []
+    matched, keyed = [], []
     within_table = RouteGroups.within_table.__func__
     monkeypatch.setattr(RouteGroups, "within_table", classmethod(lambda cls, *a: matched.append(1) or within_table(cls, *a)))
+    route_keys = UniPerceiverMoEModel._route_keys
+    monkeypatch.setattr(UniPerceiverMoEModel, "_route_keys", lambda self, *a, **k: keyed.append(1) or route_keys(self, *a, **k))
 
     def step():
         out = model(**batch)
@@ -154,8 +156,9 @@ def test_one_merge_per_step_serves_inputs_and_candidates(routing, monkeypatch):
     experts = [m for m in model.modules() if isinstance(m, UniPerceiverMoELinear)]
     assert experts and all(calls[m.name] == 1 for m in experts), calls
     # attribute/task passes take their groups from the table's own reading (`for_batch`); modality's
-    # shared all-modality table is matched per pass
-    assert len(matched) == (2 if routing == "modality" else 0)
+    # shared all-modality table is matched per pass; only then are per-token route keys built (host work
+    # on each pass of a training step, the route inputs staying on the host)
+    assert len(matched) == len(keyed) == (2 if routing == "modality" else 0)
     calls.clear()
     monkeypatch.setattr(UniPerceiverMoEModel, "merge_for_step", lambda self, *a, **k: (None, None))
     separate_loss, separate_grads = step()
