@@ -52,6 +52,7 @@ from .routing import (
     expert_capacity,
     layer_entries,
     load_balancing_loss,
+    repeated_slices_cut,
     route_key_signature,
     route_rows,
     router_z_loss,
@@ -1134,6 +1135,9 @@ def _route_keys_per_token(values: torch.Tensor, batch: int, length: int, name: s
     )
 
 
+BROADCAST_READ_MIN_ENTRIES = 2048  # smaller broadcast route inputs are read whole: cutting costs more than it saves
+
+
 class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
     """The shared encoder. Inputs: text (`input_ids`), images/video (`pixel_values`) or both, plus the
     route keys the task layer provides (`attribute_vectors`, `task_ids`, `modality_ids`)."""
@@ -1215,15 +1219,26 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         if any(values is None for values in route_inputs):
             raise ValueError(f"moe_routing={routing!r} needs "
                              + ("attribute_vectors (built by the task registry)" if routing == "attribute" else "task_ids"))
+        # large route inputs given as a broadcast (stride 0, as the task registry gives one attribute row to
+        # every candidate) are read once per distinct slice; each token's group is then broadcast back
+        key_dims = 1 if routing == "attribute" else 0
+        cut = [repeated_slices_cut(values, key_dims) if values.numel() >= BROADCAST_READ_MIN_ENTRIES else values
+               for values in route_inputs]
         if routing == "attribute":
-            flat = [values.float().reshape(-1, self.config.attribute_dim) for values in route_inputs]
+            flat = [values.float().reshape(-1, self.config.attribute_dim) for values in cut]
             tables = distinct_route_key_tables(flat, return_groups=return_groups)
         else:
-            flat = [values.long().reshape(-1) for values in route_inputs]
+            flat = [values.long().reshape(-1) for values in cut]
             tables = distinct_route_key_tables(flat, self.config.num_tasks, return_groups, name="task")
-        if return_groups:
-            return [tuple(to_device(t, device) for t in found) for found in tables]
-        return [to_device(table, device) for table in tables]
+        if not return_groups:
+            return [to_device(table, device) for table in tables]
+        found = []
+        for values, part, (table, groups) in zip(route_inputs, cut, tables):
+            lead = values.dim() - key_dims
+            if part is not values:  # each token's group, broadcast back from the distinct slice's
+                groups = groups.view(part.shape[:lead]).expand(values.shape[:lead]).reshape(-1)
+            found.append((to_device(table, device), to_device(groups, device)))
+        return found
 
     def merged_experts(self, key_tables: list[torch.Tensor], dtype: torch.dtype) -> list[MergedExperts]:
         """`encoder.merge_experts(key_tables, dtype)`: every data-independent MoE linear merged, in one go,

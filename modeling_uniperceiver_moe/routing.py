@@ -364,6 +364,16 @@ def distinct_route_keys(token_keys: torch.Tensor, num_ids: int | None = None, re
     return distinct_route_key_tables([token_keys], num_ids, return_groups, name)[0]
 
 
+def repeated_slices_cut(values: torch.Tensor, key_dims: int) -> torch.Tensor:
+    """`values` with each leading dimension (all but the last `key_dims`) that repeats one slice, a stride-0
+    dimension of size > 1 as `expand` makes, cut to size 1: the distinct part of route inputs given as a
+    broadcast (e.g. one attribute row for every candidate word), a view, so reading it costs one slice."""
+    repeated = [values.stride(d) == 0 and values.shape[d] > 1 for d in range(values.dim() - key_dims)]
+    if not any(repeated):
+        return values
+    return values[tuple(slice(0, 1) if cut else slice(None) for cut in repeated)]
+
+
 def distinct_route_key_tables(all_token_keys: list[torch.Tensor], num_ids: int | None = None,
                               return_groups: bool = False, name: str = "route") -> list:
     """`distinct_route_keys` of several route inputs (e.g. the inputs and the candidates of a step) with

@@ -521,6 +521,32 @@ def test_step_merge_reads_both_route_tables_at_once(routing, monkeypatch):
     assert reads["unique"] == 2
 
 
+@pytest.mark.parametrize("routing", ["attribute", "task"])
+def test_broadcast_route_inputs_are_read_once_per_distinct_slice(routing, monkeypatch):
+    """Route inputs given as a broadcast (`expand`: one attribute row for every candidate, the same per-token
+    rows for every sequence, one task id for every sequence) give the tables and groups their materialised
+    copies give, and the host reads only the slice they repeat (of small ones, all their entries)."""
+    from modeling_uniperceiver_moe import routing as routing_module
+
+    model = UniPerceiverMoEModel(tiny_config(routing)).eval()
+    if routing == "attribute":
+        per_token = torch.tensor([[1.0, 0, 0, 1, 1, 0, 0, 0]] * 2 + [[1.0, 1, 0, 1, 0, 1, 0, 1]] * 4)
+        route_inputs = [per_token[None].expand(50, 6, 8), torch.tensor([[1.0, 1, 0, 1, 0, 1, 1, 0]]).expand(500, 8),
+                        torch.tensor([[0.0, 1, 0, 1, 0, 1, 1, 0]]).expand(10, 8)]  # small: read whole
+        distinct_rows = [6, 1, 10]
+    else:
+        route_inputs = [torch.tensor([2]).expand(3000), torch.tensor([[1, 3, 3]]).expand(1000, 3), torch.tensor([3]).expand(5)]
+        distinct_rows = [1, 3, 5]
+    read = []
+    presence = routing_module._route_key_presence
+    monkeypatch.setattr(routing_module, "_route_key_presence", lambda keys, *a: read.append(keys.shape[0]) or presence(keys, *a))
+    broadcast = model.route_key_tables(route_inputs, return_groups=True)
+    assert read == distinct_rows
+    materialised = model.route_key_tables([values.clone() for values in route_inputs], return_groups=True)
+    for (table, groups), (expected_table, expected_groups) in zip(broadcast, materialised):
+        assert torch.equal(table, expected_table) and torch.equal(groups, expected_groups)
+
+
 def _expert_linears(model) -> list[UniPerceiverMoELinear]:
     return [m for m in model.modules() if isinstance(m, UniPerceiverMoELinear)]
 

@@ -820,6 +820,22 @@ def test_packed_tensors_come_back_equal_as_aligned_views_of_one_buffer():
         assert (back[name].data_ptr() - buffer.data_ptr()) % PACKED_ALIGNMENT == 0, name
 
 
+def test_broadcast_views_are_packed_as_the_slice_they_repeat():
+    """A tensor made by `expand` (the task registry's attribute rows) is packed as its one repeated slice and
+    comes back as the same broadcast view: equal, stride 0 where it was, a few bytes in the buffer."""
+    from training.data import pack_tensors, unpack_tensors
+    from training.tasks import ATTRIBUTES, attribute_rows
+
+    candidates = attribute_rows(ATTRIBUTES["word_target"], 4096)  # [4096, A]: one row for every candidate
+    per_token = torch.randn(3, 8)[None].expand(5, 3, 8)  # the same rows for each of 5 sequences
+    buffer, slots = pack_tensors({"candidates": candidates, "per_token": per_token, "plain": torch.ones(2, 2)})
+    back = unpack_tensors(buffer, slots)
+    assert torch.equal(back["candidates"], candidates) and torch.equal(back["per_token"], per_token)
+    assert back["candidates"].stride(0) == 0 and back["per_token"].stride(0) == 0 and back["plain"].stride(0) == 2
+    assert slots["candidates"].nbytes == candidates.shape[1] * 4 and slots["per_token"].nbytes == 3 * 8 * 4
+    assert buffer.numel() == 64 + 128 + 64  # each slot rounded up to 64 bytes
+
+
 def test_batches_are_pinned_in_the_training_loop_s_thread_when_asked(tiny_cache, context, monkeypatch):
     """`data.pin_memory: loop` pins each batch in the thread that takes it (`get`), with no pinning thread
     beside the workers; `thread` pins in the building thread. (`TaskBatch.pin_memory` is replaced by a

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from modeling_uniperceiver_moe.routing import repeated_slices_cut
+
 from .tasks import MalformedSample, Task, TaskBatch, TaskContext, build_batch
 
 logger = logging.getLogger(__name__)
@@ -283,33 +285,42 @@ PACKED_ALIGNMENT = 64  # bytes: each packed tensor starts at a multiple (any dty
 
 @dataclass(frozen=True)
 class TensorSlot:
-    """Where one tensor lies in a packed byte buffer: bytes [offset, offset + nbytes) as `dtype` of `shape`."""
+    """Where one tensor lies in a packed byte buffer: bytes [offset, offset + nbytes) as `dtype` of
+    `stored_shape`, seen as `shape` (a broadcast over the dimensions where `stored_shape` has 1 and `shape`
+    more: a tensor packed from an `expand` keeps the one slice it repeats)."""
 
     dtype: torch.dtype
     shape: tuple[int, ...]
     offset: int
     nbytes: int
+    stored_shape: tuple[int, ...] | None = None  # None: as `shape`
 
 
 def pack_tensors(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, TensorSlot]]:
-    """Host tensors -> one uint8 buffer `[total]` holding each one's bytes (contiguous, row-major), and the slot
-    of each in it. `unpack_tensors` gives them back as views of the buffer, equal to the originals."""
-    slots, offset = {}, 0
+    """Host tensors -> one uint8 buffer `[total]` holding each one's bytes (contiguous, row-major; of a
+    broadcast view, the slice it repeats), and the slot of each in it. `unpack_tensors` gives them back as
+    views of the buffer, equal to the originals (broadcast views again where they were)."""
+    slots, parts, offset = {}, {}, 0
     for name, tensor in tensors.items():
-        slots[name] = TensorSlot(tensor.dtype, tuple(tensor.shape), offset, tensor.numel() * tensor.element_size())
+        part = parts[name] = repeated_slices_cut(tensor, key_dims=0)
+        stored = None if part.shape == tensor.shape else tuple(part.shape)
+        slots[name] = TensorSlot(tensor.dtype, tuple(tensor.shape), offset, part.numel() * part.element_size(), stored)
         offset += -(-slots[name].nbytes // PACKED_ALIGNMENT) * PACKED_ALIGNMENT
     buffer = torch.empty(offset, dtype=torch.uint8)
-    for name, tensor in tensors.items():
+    for name, part in parts.items():
         slot = slots[name]
         if slot.nbytes:
-            buffer[slot.offset:slot.offset + slot.nbytes].view(tensor.dtype).copy_(tensor.reshape(-1))
+            buffer[slot.offset:slot.offset + slot.nbytes].view(part.dtype).copy_(part.reshape(-1))
     return buffer, slots
 
 
 def unpack_tensors(buffer: torch.Tensor, slots: dict[str, TensorSlot]) -> dict[str, torch.Tensor]:
     """The tensors `pack_tensors` packed, as views of `buffer` (pinned if the buffer is)."""
-    return {name: buffer[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
-            for name, slot in slots.items()}
+    def view(slot: TensorSlot) -> torch.Tensor:
+        stored = buffer[slot.offset:slot.offset + slot.nbytes].view(slot.dtype)
+        return stored.view(slot.shape) if slot.stored_shape is None else stored.view(slot.stored_shape).expand(slot.shape)
+
+    return {name: view(slot) for name, slot in slots.items()}
 
 
 class PackedBatch:

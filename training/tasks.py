@@ -485,7 +485,10 @@ def sample_rng(ctx: TaskContext, task: Task, sample: dict, epoch: int) -> np.ran
 
 
 def attribute_rows(attributes: TokenAttributes, batch: int) -> torch.Tensor:
-    return attributes.to_tensor().expand(batch, -1).clone()
+    """`[batch, A]`, one attribute row for every sequence or candidate, as a broadcast view (stride 0): a packed
+    batch carries the one row, and a large one is read for routing at the cost of that row
+    (`routing.repeated_slices_cut`)."""
+    return attributes.to_tensor().expand(batch, -1)
 
 
 def route_inputs(task: Task, batch: int, attributes: torch.Tensor, target_attributes: TokenAttributes | None,
@@ -732,7 +735,7 @@ def caption_attributes(task: Task, batch: int, num_prefix: int, num_words: int) 
     image = ATTRIBUTES["caption_image"].to_tensor()
     text = ATTRIBUTES["caption_text"].to_tensor()
     rows = torch.cat([image.expand(num_prefix, -1), text.expand(2 * num_words, -1)])
-    return rows.expand(batch, -1, -1).clone()
+    return rows.expand(batch, -1, -1)  # the same rows for every sequence: a broadcast view, like `attribute_rows`
 
 
 def build_captioning(task: Task, samples: list[dict], ctx: TaskContext, epoch: int) -> TaskBatch:
