@@ -287,13 +287,13 @@ PACKED_ALIGNMENT = 64  # bytes: each packed tensor starts at a multiple (any dty
 class TensorSlot:
     """Where one tensor lies in a packed byte buffer: bytes [offset, offset + nbytes) as `dtype` of
     `stored_shape`, seen as `shape` (a broadcast over the dimensions where `stored_shape` has 1 and `shape`
-    more: a tensor packed from an `expand` keeps the one slice it repeats)."""
+    more: a tensor packed from an `expand` keeps the one slice it repeats; otherwise the two are equal)."""
 
     dtype: torch.dtype
     shape: tuple[int, ...]
     offset: int
     nbytes: int
-    stored_shape: tuple[int, ...] | None = None  # None: as `shape`
+    stored_shape: tuple[int, ...]
 
 
 def pack_tensors(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, TensorSlot]]:
@@ -303,8 +303,8 @@ def pack_tensors(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[s
     slots, parts, offset = {}, {}, 0
     for name, tensor in tensors.items():
         part = parts[name] = repeated_slices_cut(tensor, key_dims=0)
-        stored = None if part.shape == tensor.shape else tuple(part.shape)
-        slots[name] = TensorSlot(tensor.dtype, tuple(tensor.shape), offset, part.numel() * part.element_size(), stored)
+        slots[name] = TensorSlot(tensor.dtype, tuple(tensor.shape), offset, part.numel() * part.element_size(),
+                                 tuple(part.shape))
         offset += -(-slots[name].nbytes // PACKED_ALIGNMENT) * PACKED_ALIGNMENT
     buffer = torch.empty(offset, dtype=torch.uint8)
     for name, part in parts.items():
@@ -316,11 +316,8 @@ def pack_tensors(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[s
 
 def unpack_tensors(buffer: torch.Tensor, slots: dict[str, TensorSlot]) -> dict[str, torch.Tensor]:
     """The tensors `pack_tensors` packed, as views of `buffer` (pinned if the buffer is)."""
-    def view(slot: TensorSlot) -> torch.Tensor:
-        stored = buffer[slot.offset:slot.offset + slot.nbytes].view(slot.dtype)
-        return stored.view(slot.shape) if slot.stored_shape is None else stored.view(slot.stored_shape).expand(slot.shape)
-
-    return {name: view(slot) for name, slot in slots.items()}
+    return {name: buffer[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.stored_shape).expand(slot.shape)
+            for name, slot in slots.items()}
 
 
 class PackedBatch:
