@@ -138,11 +138,11 @@ def time_it(fn, device, warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def compile_encoder(model, mode: str | None = None, per_layer: bool = False) -> None:
-    """Compile the encoder (whole layer stack, or each layer) with static shapes: the benchmark's
-    batch never changes shape."""
+def compile_encoder(model, mode: str | None = None, layers_per_graph: int = 0) -> None:
+    """Compile the encoder (spans of `layers_per_graph` layers; 0: the whole stack) with static shapes: the
+    benchmark's batch never changes shape."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    model.compile_encoder(per_layer=per_layer, dynamic=False, mode=mode)
+    model.compile_encoder(layers_per_graph=layers_per_graph or None, dynamic=False, mode=mode)
 
 
 @contextlib.contextmanager
@@ -329,9 +329,10 @@ class BenchMoEArguments:
     infer_routings: str = field(default="none,token,context,attribute,attribute-folded",
                                 metadata={"help": "inference variants, comma-separated"})
     compile: str = field(default="", metadata={
-        "help": "routings (and 'attribute-folded') also run with the encoder compiled (see --compile-mode, --compile-per-layer)"})
+        "help": "routings (and 'attribute-folded') also run with the encoder compiled (see --compile-mode, --compile-layers-per-graph)"})
     compile_mode: Optional[str] = field(default=None, metadata={"help": "torch.compile mode, e.g. reduce-overhead (CUDA graphs)"})
-    compile_per_layer: bool = field(default=False, metadata={"help": "compile each layer instead of the whole encoder"})
+    compile_layers_per_graph: int = field(default=0, metadata={
+        "help": "consecutive layers in one compiled call (1: each layer; 0: the whole encoder)"})
     compiled_only: bool = field(default=False, metadata={"help": "variants listed in --compile run compiled only (no eager run)"})
     micro: bool = field(default=False, metadata={"help": "also run the MoE-linear microbenchmark"})
     bf16_inference_weights: bool = field(default=False, metadata={
@@ -371,7 +372,7 @@ def main(argv=None):
 
         def run(name, model, train, context=contextlib.nullcontext, compile_it=False):
             if compile_it:
-                compile_encoder(model, args.compile_mode, args.compile_per_layer)
+                compile_encoder(model, args.compile_mode, args.compile_layers_per_graph)
             try:
                 with context():
                     rate, peak = measure(model, inputs, tokens, device, dtype, args.warmup, args.steps, train)

@@ -5,12 +5,13 @@
         --routings attribute --warmup 2 --steps 4 --profile-steps 2                                      # CPU
 
 For each (size, routing, prefetch worker, number of worker processes, pixel transport, pinning place, batch
-transport), one
+transport, layers per compiled graph), one
 `Pretrainer` of the config (`--set` overrides as in `training.pretrain`, except the settings the benchmark fixes:
 evaluation and checkpoints off, a temporary output folder; `--prefetch-processes 1,3` compares the numbers of
 data worker processes, `--pixel-transports uint8,float32,uint8` the pixels handed over as bytes or floats,
 `--pin-memory thread,loop` where the batches are pinned, `--batch-transports packed,tensors` a worker's batch
-handed over as one buffer or tensor by tensor; a repeated value measures the spread between variants
+handed over as one buffer or tensor by tensor, `--layers-per-graph 1,4` the encoder compiled layer by layer or
+in spans of 4 layers; a repeated value measures the spread between variants
 of one process, whose later variants reuse the first one's compiled graphs):
 
 After `--warmup` steps of the trainer's own loop (their seconds: with compilation, its cost), the `--steps`
@@ -76,6 +77,9 @@ class BenchTrainerArguments:
                                                          "repeat); default: the config's"})
     batch_transports: str = field(default="", metadata={"help": "data.batch_transport values (packed, tensors; a "
                                                                  "value may repeat); default: the config's"})
+    layers_per_graph: str = field(default="", metadata={"help": "train.compile_layers_per_graph values (1: each "
+                                                                 "layer, 0: the whole stack; a value may repeat); "
+                                                                 "default: the config's"})
     warmup: int = field(default=20, metadata={"help": "trainer steps before the measured ones"})
     steps: int = field(default=60, metadata={"help": "measured steps (trainer, then the model on the same batches)"})
     rounds: int = field(default=1, metadata={"help": "rounds the measured steps are split into, each timing the "
@@ -98,7 +102,7 @@ def synchronize(device: torch.device) -> None:
 def variant_overrides(args: BenchTrainerArguments, size: str, routing: str, output_dir: str,
                       prefetch_worker: str = "process", prefetch_processes: int | None = None,
                       pixel_transport: str | None = None, pin_memory: str | None = None,
-                      batch_transport: str | None = None) -> list[str]:
+                      batch_transport: str | None = None, layers_per_graph: int | None = None) -> list[str]:
     total = args.warmup + args.steps + args.profile_steps
     overrides = list(args.set) + [f"output_dir={output_dir}", f"train.max_steps={total}", "train.eval_every=0",
                  "train.save_every=0", "train.tracker=null", "train.max_minutes=null", "train.grad_accum=1",
@@ -111,6 +115,8 @@ def variant_overrides(args: BenchTrainerArguments, size: str, routing: str, outp
         overrides.append(f"data.pin_memory={pin_memory}")
     if batch_transport is not None:
         overrides.append(f"data.batch_transport={batch_transport}")
+    if layers_per_graph is not None:
+        overrides.append(f"train.compile_layers_per_graph={layers_per_graph}")
     if size != "config":
         overrides.append(f"model.model_size={size}")
     return overrides  # the benchmark's own settings win over --set
@@ -250,14 +256,15 @@ def progress(name: str, what: str, since: float) -> None:
 
 def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefetch_worker: str = "process",
                     prefetch_processes: int | None = None, pixel_transport: str | None = None,
-                    pin_memory: str | None = None, batch_transport: str | None = None) -> dict:
+                    pin_memory: str | None = None, batch_transport: str | None = None,
+                    layers_per_graph: int | None = None) -> dict:
     from training.config import load_config, pixel_transport as resolved_pixel_transport
     from training.trainer import Pretrainer, compiled_graph_count
 
     with tempfile.TemporaryDirectory() as output_dir:
         config = load_config(args.config, variant_overrides(args, size, routing, output_dir, prefetch_worker,
                                                                 prefetch_processes, pixel_transport, pin_memory,
-                                                                batch_transport))
+                                                                batch_transport, layers_per_graph))
         trainer = Pretrainer(config)
         device = trainer.accelerator.device
         name = f"{size}/{routing}/{prefetch_worker_label(config)}/{resolved_pixel_transport(config, device.type)}" \
@@ -267,6 +274,7 @@ def measure_variant(args: BenchTrainerArguments, size: str, routing: str, prefet
                "pixel_transport": resolved_pixel_transport(config, device.type), "pin_memory": config.data.pin_memory,
                "batch_transport": config.data.batch_transport,
                "compile": config.train.compile_mode if trainer.compiled else "eager",
+               "layers_per_graph": config.train.compile_layers_per_graph if trainer.compiled else None,
                "text_padding": trainer.ctx.text_padding, "steps": args.steps}
         recorder = StepRecorder(trainer, name, args.warmup)
         clock = CollectorClock()
@@ -492,7 +500,9 @@ def format_rows(rows: list[dict]) -> str:
         split = " / ".join(f"{shares[k]:.2f}" for k in ("batch", "to_device", "forward", "backward", "update",
                                                          "bookkeeping", "other")) if shares else "-"
         busy = "-" if row.get("gpu_busy_share") is None else f"{row['gpu_busy_share']:.2f}"
-        step = row.get("compile", "eager") + (", buckets" if row.get("text_padding") == "buckets" else "")
+        step = row.get("compile", "eager") + {None: "", 0: ", whole stack", 1: ", per layer"}.get(
+            row.get("layers_per_graph"), f", {row.get('layers_per_graph')} layers a graph")
+        step += ", buckets" if row.get("text_padding") == "buckets" else ""
         if row.get("graphs_compiled_while_measured"):
             step += f" ({row['graphs_compiled_while_measured']} graphs compiled while measured)"
         if row.get("cuda_graphs_recorded_while_measured"):
@@ -520,12 +530,17 @@ def main(argv=None) -> list[dict]:
     def names(text: str) -> list[str]:
         return [name.strip() for name in text.split(",") if name.strip()]
 
-    try:
-        processes = [int(count) for count in names(args.prefetch_processes)] or [None]  # None: the config's
-    except ValueError:
-        raise SystemExit(f"error: --prefetch-processes takes whole numbers, got {args.prefetch_processes!r}")
-    if processes != [None] and min(processes) < 1:
-        raise SystemExit("error: --prefetch-processes must be >= 1")
+    def counts(option: str, text: str, least: int, meaning: str = "") -> list[int | None]:
+        """A comma list of whole numbers >= least; [None] (the config's value) when empty."""
+        try:
+            values = [int(count) for count in names(text)] or [None]
+        except ValueError:
+            raise SystemExit(f"error: --{option} takes whole numbers, got {text!r}")
+        if values != [None] and min(values) < least:
+            raise SystemExit(f"error: --{option} must be >= {least}{meaning}")
+        return values
+
+    processes = counts("prefetch-processes", args.prefetch_processes, 1)
     from training.tasks import PIXEL_TRANSPORTS
 
     from training.data import BATCH_TRANSPORTS, PIN_MEMORY_PLACES
@@ -539,13 +554,14 @@ def main(argv=None) -> list[dict]:
     handovers = names(args.batch_transports) or [None]
     if any(handover not in (None, *BATCH_TRANSPORTS) for handover in handovers):
         raise SystemExit(f"error: --batch-transports takes {', '.join(BATCH_TRANSPORTS)}, got {args.batch_transports!r}")
+    spans = counts("layers-per-graph", args.layers_per_graph, 0, " (0: the whole stack)")
     rows = []
-    for size, routing, worker, count, transport, place, handover in itertools.product(
+    for size, routing, worker, count, transport, place, handover, span in itertools.product(
             names(args.sizes), names(args.routings), names(args.prefetch_workers), processes, transports, pinning,
-            handovers):
+            handovers, spans):
         if worker != "process" and (count != processes[0] or handover != handovers[0]):
             continue  # the number of worker processes and the handover mean nothing to a thread
-        rows.append(measure_variant(args, size, routing, worker, count, transport, place, handover))
+        rows.append(measure_variant(args, size, routing, worker, count, transport, place, handover, span))
         gc.collect()  # the variant's trainer, model and batches
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

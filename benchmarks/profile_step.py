@@ -30,7 +30,7 @@ def model_step(args, device, dtype):
     if args.infer and args.bf16_weights:
         model = model.to(torch.bfloat16)
     if args.compile:
-        compile_encoder(model, args.compile_mode, args.compile_per_layer)
+        compile_encoder(model, args.compile_mode, args.compile_layers_per_graph)
     inputs, _ = make_inputs(config, args.batch, 20, device, dtype, args.inputs, args.host_route_keys)
     if args.infer:
         @torch.no_grad()
@@ -99,7 +99,8 @@ class ProfileStepArguments:
     bf16_weights: bool = field(default=False, metadata={"help": "with --infer: the model cast to bf16 (no weight casts)"})
     compile: bool = field(default=False, metadata={"help": "compile the encoder (static shapes)"})
     compile_mode: Optional[str] = field(default=None, metadata={"help": "torch.compile mode, e.g. reduce-overhead"})
-    compile_per_layer: bool = field(default=False, metadata={"help": "compile each layer, not the whole encoder"})
+    compile_layers_per_graph: int = field(default=0, metadata={
+        "help": "consecutive layers in one compiled call (1: each layer; 0: the whole encoder)"})
     sort: str = field(default="device", metadata={
         "help": "comma list of tables: ops by their own GPU time (device), by their own host time (cpu)"})
     python: bool = field(default=False, metadata={

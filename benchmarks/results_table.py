@@ -165,15 +165,20 @@ def recorded_rounds(row: dict) -> list[dict]:
     return [one for one in row["rounds"] if one["cuda_graphs_recorded"] == 0]
 
 
+def recorded_speeds(row: dict) -> tuple[float, float, list[float]]:
+    """Trainer and model tokens/s over a row's rounds that recorded no CUDA graph, and each round's ratio."""
+    rounds = recorded_rounds(row)
+    tokens = sum(one["tokens"] for one in rounds)
+    trainer = tokens / sum(one["trainer_seconds"] for one in rounds)
+    model = tokens / sum(one["model_seconds"] for one in rounds)
+    return trainer, model, [one["trainer_vs_model"] for one in rounds]
+
+
 def rounds_trainer_row() -> tuple[str, str]:
     parts = []
     for name in ROUNDS_LOGS:
         for row in load(name)["rows"]:
-            rounds = recorded_rounds(row)
-            tokens = sum(one["tokens"] for one in rounds)
-            trainer = tokens / sum(one["trainer_seconds"] for one in rounds)
-            model = tokens / sum(one["model_seconds"] for one in rounds)
-            ratios = [one["trainer_vs_model"] for one in rounds]
+            trainer, model, ratios = recorded_speeds(row)
             spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
             routing = "dense" if row["routing"] == "none" else row["routing"]
             parts.append(f"{row['size'].capitalize()} {routing} {trainer / model:.2f}{spread}")
@@ -185,9 +190,23 @@ def rounds_trainer_row() -> tuple[str, str]:
 ROUNDS_LOGS = ("bench_trainer_route_keys_ti_h200.json", "bench_trainer_rounds_token_b_h200.json")
 
 
+def spans_trainer_row() -> tuple[str, str]:
+    log = load(SPANS_LOG)
+    (span,) = [item.split("=", 1)[1] for item in log["overrides"] if item.startswith("train.compile_layers_per_graph=")]
+    speeds = {row["size"]: recorded_speeds(row) for row in log["rows"] if row["routing"] == "none"}
+    listing = ", ".join(f"{size.capitalize()} dense {trainer:,.0f} ({trainer / model:.2f})"
+                        for size, (trainer, model, _) in speeds.items())
+    return (f"trainer compiled in spans of {span} layers (`train.compile_layers_per_graph`), `gpu_b.yaml`, 1 x H200, "
+            "Ti and B in one run, over the rounds that recorded no CUDA graph",
+            f"tokens/s (trainer / model step): {listing}; Ti {speeds['ti'][0] / speeds['b'][0]:.2f}x B")
+
+
+SPANS_LOG = "bench_trainer_spans_ti_b_h200.json"
+
+
 def render() -> str:
     rows = [main_job_row(), single_task_row(), multitask_row(), prompt_tuning_row(), speed_row(), trainer_row(),
-            compiled_trainer_row(), rounds_trainer_row()]
+            compiled_trainer_row(), rounds_trainer_row(), spans_trainer_row()]
     return "\n".join(["| what | measured |", "|---|---|"] + [f"| {what} | {measured} |" for what, measured in rows])
 
 

@@ -866,6 +866,7 @@ class UniPerceiverMoEEncoder(nn.Module):
         self.config = config
         self.layers = nn.ModuleList(UniPerceiverMoELayer(config, i) for i in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
+        self.layers_per_span: int | None = None  # `compile_encoder`: consecutive layers run as one call; None: all
 
     def merge_experts(self, key_tables: list[torch.Tensor], dtype: torch.dtype) -> list[MergedExperts]:
         """Gate decisions and merged weights of every data-independent MoE linear, for one or more tables
@@ -892,26 +893,51 @@ class UniPerceiverMoEEncoder(nn.Module):
                         part.weights[linear.name] = (w, b)
         return merged
 
+    def layer_spans(self) -> list[range]:
+        """The layer indices run by one call of `run_layer_span` each: spans of `layers_per_span` consecutive
+        layers (the last may be shorter), or the whole stack. Compiled, each call is one graph (per shape),
+        and spans holding the same kinds of layers in the same order share it."""
+        count = len(self.layers)
+        step = self.layers_per_span or count
+        return [range(start, min(start + step, count)) for start in range(0, count, step)]
+
     def forward(self, hidden, attention_mask, state, output_attentions=False, output_hidden_states=False):
         all_hidden = (hidden,) if output_hidden_states else None
         all_attn = () if output_attentions else None
         routing = []
         scales = drop_path_scales(self.config.drop_path_rate, len(self.layers), hidden.shape[0], hidden.device,
                                   self.training, self.config.drop_path_schedule)
-        for i, layer in enumerate(self.layers):
-            layer_state = state.for_layer(i) if layer.has_gates else state  # a dense layer reads no experts
+        for span in self.layer_spans():
+            layers = tuple(self.layers[i] for i in span)
+            # each MoE layer gets its own view of the step's experts, built here so that the span's code refers
+            # to no layer index (`RoutingState.for_layer`); a dense layer reads no experts
+            states = tuple(state.for_layer(i) if self.layers[i].has_gates else state for i in span)
+            span_scales = tuple(None if scales is None else scales[i] for i in span)
+            hidden, outputs = self.run_layer_span(layers, hidden, attention_mask, states, span_scales,
+                                                  output_attentions)
+            for layer_hidden, weights, aux_loss, decisions in outputs:
+                routing.append(LayerRouting(decisions, aux_loss))
+                if output_hidden_states:
+                    all_hidden += (layer_hidden,)
+                if output_attentions:
+                    all_attn += (weights,)
+        return hidden, all_hidden, all_attn, routing
+
+    @staticmethod
+    def run_layer_span(layers: tuple, hidden: torch.Tensor, attention_mask, states: tuple, scales: tuple,
+                       output_attentions: bool = False) -> tuple[torch.Tensor, list[tuple]]:
+        """Consecutive layers applied to hidden `[B, L, d]`, each with its routing state and drop-path scales
+        `[2, B]` (or None). Returns the last hidden state and, per layer, (hidden, attention weights or None,
+        router aux loss, gate decisions). `compile_encoder` replaces it by its compiled version."""
+        outputs = []
+        for layer, state, scale in zip(layers, states, scales):
             # only a checkpointed layer needs its merged experts as arguments (its inputs); others read the state
             checkpointed = layer.gradient_checkpointing and layer.training and torch.is_grad_enabled()
-            merged_tensors = layer_state.merged.layer_tensors() if checkpointed and state.merged is not None else ()
-            hidden, weights, aux_loss, decisions = layer(hidden, attention_mask, layer_state, output_attentions,
-                                                         *merged_tensors,
-                                                         drop_path_scale=None if scales is None else scales[i])
-            routing.append(LayerRouting(decisions, aux_loss))
-            if output_hidden_states:
-                all_hidden += (hidden,)
-            if output_attentions:
-                all_attn += (weights,)
-        return hidden, all_hidden, all_attn, routing
+            merged_tensors = state.merged.layer_tensors() if checkpointed and state.merged is not None else ()
+            hidden, weights, aux_loss, decisions = layer(hidden, attention_mask, state, output_attentions,
+                                                         *merged_tensors, drop_path_scale=scale)
+            outputs.append((hidden, weights, aux_loss, decisions))
+        return hidden, outputs
 
 
 # =============================================================================================== pre-trained base
@@ -981,20 +1007,25 @@ class UniPerceiverMoEPreTrainedModel(PreTrainedModel):
                 bool(config.output_router_logits if output_router_logits is None else output_router_logits),
                 bool(config.return_dict if return_dict is None else return_dict))
 
-    def compile_encoder(self, per_layer: bool = False, **compile_kwargs) -> None:
-        """`torch.compile` the encoder in place (its layers and `merge_experts`, the per-step expert merge);
-        embeddings, route grouping and heads stay eager.
+    def compile_encoder(self, layers_per_graph: int | None = None, **compile_kwargs) -> None:
+        """`torch.compile` the encoder in place (its layers, in spans, and `merge_experts`, the per-step expert
+        merge); embeddings, route grouping and heads stay eager.
 
-        per_layer=False compiles the whole layer stack as one region (one graph per input shape and grad
-        mode; compiles slower, runs with the least host overhead). per_layer=True compiles each layer
-        (regional compilation): layers of one kind (dense or MoE) share their graphs, so a mixed step
-        needs about 2 kinds x shapes x {train, eval} graphs (raise `torch._dynamo.config.recompile_limit`
-        above its default 8 if batch shapes vary a lot). compile_kwargs go to `torch.compile`, e.g.
-        `dynamic=False` for fixed batch shapes or `mode="reduce-overhead"` (CUDA graphs). Eager and
-        compiled encoders compute the same function."""
+        layers_per_graph: how many consecutive layers one compiled call runs (`UniPerceiverMoEEncoder.layer_spans`).
+        None compiles the whole stack as one region: one graph per input shape and grad mode, the fewest
+        calls per step (each compiled call costs the host its guard checks and, with CUDA graphs, a graph
+        launch), the longest compilation. 1 compiles each layer (regional compilation): layers of one kind
+        (dense or MoE) share their graphs, so a mixed step needs about 2 kinds x shapes x {train, eval}
+        graphs, each small. In between, spans of the same layer kinds share their graphs (with an MoE layer
+        every other layer, spans of 2, 4 or 6 are all alike). Raise `torch._dynamo.config.recompile_limit`
+        above its default 8 if batch shapes vary a lot. compile_kwargs go to `torch.compile`, e.g.
+        `dynamic=False` for fixed batch shapes or `mode="reduce-overhead"` (CUDA graphs). Eager and compiled
+        encoders compute the same function."""
+        if layers_per_graph is not None and layers_per_graph < 1:
+            raise ValueError(f"layers_per_graph must be None (the whole stack) or >= 1, got {layers_per_graph}")
         encoder = self.base_model.encoder
-        for module in encoder.layers if per_layer else [encoder]:
-            module.compile(**compile_kwargs)
+        encoder.layers_per_span = layers_per_graph
+        encoder.run_layer_span = torch.compile(UniPerceiverMoEEncoder.run_layer_span, **compile_kwargs)
         if "merge_experts" not in vars(encoder):  # not compiled yet
             encoder.merge_experts = torch.compile(encoder.merge_experts, **compile_kwargs)
 

@@ -317,6 +317,9 @@ def test_trainer_benchmark_names_its_prefetch_layout_and_refuses_bad_process_cou
         bench_trainer_main(["--config", str(tmp_path / "never_read.yaml"), "--pin-memory", "loop,worker"])
     with pytest.raises(SystemExit, match="batch-transports takes packed, tensors, got 'pickled'"):
         bench_trainer_main(["--config", str(tmp_path / "never_read.yaml"), "--batch-transports", "pickled"])
+    for bad in ("-1", "four", "1,-4"):
+        with pytest.raises(SystemExit, match="layers-per-graph"):
+            bench_trainer_main(["--config", str(tmp_path / "never_read.yaml"), "--layers-per-graph", bad])
     with pytest.raises(SystemExit, match="--profile-sites lists the call sites of --profile-ops"):
         bench_trainer_main(["--config", str(tmp_path / "never_read.yaml"), "--profile-sites", "3"])
 

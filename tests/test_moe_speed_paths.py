@@ -208,10 +208,12 @@ def test_expert_layers_add_no_host_synchronisation():
         assert _host_reads(routing) == dense, routing
 
 
-@pytest.mark.parametrize("routing, step", [("attribute", False), ("token", False), ("context", False), ("attribute", True),
-                                           ("token", True)])
-def test_compiled_encoder_is_one_graph_and_matches_eager(routing, step):
-    """`compile_encoder` traces the whole layer stack (and the expert merge) without a graph break
+@pytest.mark.parametrize("routing, step, layers_per_graph", [
+    ("attribute", False, None), ("token", False, None), ("context", False, None), ("attribute", True, None),
+    ("token", True, None), ("attribute", True, 2)])
+def test_compiled_encoder_is_one_graph_and_matches_eager(routing, step, layers_per_graph):
+    """`compile_encoder` traces the whole layer stack, or spans of `layers_per_graph` layers (here 2 of 3:
+    spans of unequal length), and the expert merge without a graph break
     (fullgraph=True raises on one), including sorted rows, drop path and the grouped GEMM, and computes
     what eager computes (outputs and gradients, the latter to bf16 rounding). `step`: a whole
     GenericPerception step, whose two encoder passes share one merge (split views of it) or, with token
@@ -230,7 +232,7 @@ def test_compiled_encoder_is_one_graph_and_matches_eager(routing, step):
         torch.manual_seed(0)
         model = (UniPerceiverMoEForGenericPerception if step else UniPerceiverMoEModel)(config).train()
         if compiled:
-            model.compile_encoder(fullgraph=True, dynamic=False, backend="aot_eager")
+            model.compile_encoder(layers_per_graph, fullgraph=True, dynamic=False, backend="aot_eager")
         torch.manual_seed(1)  # same drop-path draws and router noise
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(**batch)
@@ -252,10 +254,11 @@ def test_compiled_encoder_is_one_graph_and_matches_eager(routing, step):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("routing", ["attribute", "token"])
-def test_compiled_moe_layers_share_their_graphs(routing):
-    """Compiled layer by layer, every MoE layer runs the same graph for the same shapes: a layer reads its
-    merged or cast experts from a view named within the layer (`RoutingState.for_layer`), not by its layer
+@pytest.mark.parametrize("routing, layers_per_graph", [("attribute", 1), ("token", 1), ("attribute", 2)])
+def test_compiled_moe_layers_share_their_graphs(routing, layers_per_graph):
+    """Compiled layer by layer, every MoE layer runs the same graph for the same shapes, and compiled in
+    spans of layers, every span of the same layer kinds: a layer reads its merged or cast experts from a
+    view named within the layer (`RoutingState.for_layer`), built outside the compiled span, not by its layer
     index, which the compiler would specialise on. A step's graphs do not grow with the depth (with one
     graph per layer, warm-up and guard checks grew with it)."""
     from torch._dynamo.utils import counters
@@ -265,13 +268,13 @@ def test_compiled_moe_layers_share_their_graphs(routing):
         counters.clear()
         config = tiny_config(routing, num_hidden_layers=layers)
         model = UniPerceiverMoEForGenericPerception(config).train()
-        model.compile_encoder(per_layer=True, fullgraph=True, dynamic=False, backend="eager")
+        model.compile_encoder(layers_per_graph=layers_per_graph, fullgraph=True, dynamic=False, backend="eager")
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(**_generic_batch(config)).loss.backward()
         return counters["stats"]["unique_graphs"]
 
     try:
-        assert graphs(2) == graphs(4)
+        assert graphs(2) == graphs(4)  # every layer of the tiny config has experts
     finally:
         torch._dynamo.reset()
 

@@ -1070,7 +1070,7 @@ def test_compiled_encoder_trains_like_eager(tiny_cache, tmp_path):
                                     ("bucketed", True, "buckets"), ("per_layer", True, "buckets")):
         out = str(tmp_path / name)
         config = run_config(tiny_cache, out, compile=compiled, max_steps=3, save_every=0,
-                            compile_per_layer=name == "per_layer",
+                            compile_layers_per_graph=1 if name == "per_layer" else 0,
                             compile_shapes="static" if name == "bucketed" else "auto")
         config["data"]["text_padding"] = padding
         done = launch(config, str(tmp_path / f"{name}.yaml"))
@@ -1382,6 +1382,9 @@ def test_config_changes_lists_what_a_resume_would_change():
     as_floats = {**saved, "data": {**saved["data"], "pixel_transport": "float32"}}
     as_bytes = {**requested, "data": {**requested["data"], "pixel_transport": "uint8"}}
     assert config_changes(as_floats, as_bytes) == ["tasks.kjv_mlm.weight: None -> 0.5"]
+    # a train setting the code no longer has (a checkpoint's config from before it was renamed) is no change
+    renamed = {**saved, "train": {**saved["train"], "compile_per_layer": True}}
+    assert config_changes(renamed, requested) == ["tasks.kjv_mlm.weight: None -> 0.5"]
 
 
 def test_resume_with_other_settings_is_refused_with_a_diff_unless_asked(tiny_cache, tmp_path):

@@ -77,7 +77,7 @@ def set_aside_previous_run(output_dir: str) -> str | None:
 RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.log_every", "train.eval_every", "train.eval_caption_beam",
                      "train.save_every", "train.keep_checkpoints", "train.resume", "train.resume_with_changes",
                      "train.tracker", "train.max_minutes", "train.on_non_finite", "train.compile", "train.compile_mode",
-                     "train.compile_per_layer", "data.prefetch", "data.prefetch_worker", "data.pin_memory",
+                     "train.compile_layers_per_graph", "data.prefetch", "data.prefetch_worker", "data.pin_memory",
                      "data.batch_transport", "data.prefetch_processes", "data.workers", "data.pixel_transport",
                      "data.text_padding", "data.eval_samples", "data.build", "data.cache_dir")
 

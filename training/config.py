@@ -111,8 +111,9 @@ class TrainConfig:
     # as `compiled_graphs`); a run that fails to compile under auto goes on eagerly for the failing code
     compile_mode: str = "reduce-overhead"  # torch.compile mode: reduce-overhead (CUDA graphs) | default |
     # max-autotune | max-autotune-no-cudagraphs
-    compile_per_layer: bool = True  # compile each layer instead of the whole stack: dense and MoE layers share
-    # their graphs, so a mixture of shapes compiles far less (model.compile_encoder(per_layer=True))
+    compile_layers_per_graph: int = 1  # consecutive layers in one compiled call (model.compile_encoder): 1, each
+    # layer (dense and MoE layers share their graphs: the shortest compilation); more, fewer calls per step (less
+    # host time: guard checks, graph launches) and longer compilation; 0, the whole stack as one graph
     compile_shapes: str = "static"  # static (a graph per shape: the fastest kernels; with data.text_padding:
     # buckets the shapes are few) | auto (dynamo's default: a graph for the first shape, then one with the
     # changing sizes symbolic: fewer graphs, about as long to compile) | dynamic (symbolic sizes from the start)
@@ -206,12 +207,13 @@ def changed_settings(saved: dict, requested: dict) -> dict[str, tuple[Any, Any]]
     """`{setting: (saved value, requested value)}` for every setting that differs between two run configs
     (`PretrainConfig.to_dict()`, or one read back from JSON: tuples compare equal to lists). A data / optim /
     train field that `saved` lacks was added to the code after it was written and is not a change, unless
-    its absence means a value that differs (`VALUE_WHEN_ABSENT`)."""
+    its absence means a value that differs (`VALUE_WHEN_ABSENT`); one that `requested` lacks was removed
+    from the code (or renamed), which cannot honour it, and is not a change either."""
     saved, requested = (flat_settings(json.loads(json.dumps(c))) for c in (saved, requested))
     saved = {**{key: value for key, value in VALUE_WHEN_ABSENT.items() if key in requested}, **saved}
     return {key: (saved.get(key), requested.get(key)) for key in sorted(set(saved) | set(requested))
             if saved.get(key) != requested.get(key)
-            and not (key not in saved and key.split(".")[0] in ("data", "optim", "train"))}
+            and not ((key not in saved or key not in requested) and key.split(".")[0] in ("data", "optim", "train"))}
 
 
 def _yaml_11_value(value: Any, default: Any, choices: tuple | None) -> Any:

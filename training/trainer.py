@@ -339,7 +339,8 @@ class Pretrainer:
                 setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), COMPILED_GRAPH_LIMIT))
             if config.train.compile == "auto":  # a graph that fails to compile runs eagerly (with a warning)
                 torch._dynamo.config.suppress_errors = True
-            model.compile_encoder(per_layer=config.train.compile_per_layer, mode=config.train.compile_mode,
+            model.compile_encoder(layers_per_graph=config.train.compile_layers_per_graph or None,
+                                  mode=config.train.compile_mode,
                                   dynamic=COMPILE_SHAPES[config.train.compile_shapes])
             CudaGraphRecordings.count()
         optimizer = make_optimizer(model, config.optim, acc.device)
