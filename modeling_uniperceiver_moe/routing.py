@@ -460,7 +460,7 @@ def to_device(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor
         return tensor
     signature = getattr(tensor, "_route_key_signature", None)
     if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
-        moved = tensor.pin_memory().to(device, non_blocking=True)
+        moved = tensor.contiguous().pin_memory().to(device, non_blocking=True)  # pinning needs dense memory
     else:
         moved = tensor.to(device)
     if signature is not None:

@@ -528,7 +528,8 @@ def test_step_merge_reads_both_route_tables_at_once(routing, monkeypatch):
 def test_broadcast_route_inputs_are_read_once_per_distinct_slice(routing, monkeypatch):
     """Route inputs given as a broadcast (`expand`: one attribute row for every candidate, the same per-token
     rows for every sequence, one task id for every sequence) give the tables and groups their materialised
-    copies give, and the host reads only the slice they repeat (of small ones, all their entries)."""
+    copies give, and the host reads only the slice they repeat (of small ones, all their entries). The groups
+    are dense tensors: a stride-0 view cannot be pinned for its copy to a GPU (`pin_memory` refuses it)."""
     from modeling_uniperceiver_moe import routing as routing_module
 
     model = UniPerceiverMoEModel(tiny_config(routing)).eval()
@@ -548,6 +549,7 @@ def test_broadcast_route_inputs_are_read_once_per_distinct_slice(routing, monkey
     materialised = model.route_key_tables([values.clone() for values in route_inputs], return_groups=True)
     for (table, groups), (expected_table, expected_groups) in zip(broadcast, materialised):
         assert torch.equal(table, expected_table) and torch.equal(groups, expected_groups)
+        assert groups.is_contiguous() and table.is_contiguous()
 
 
 def _expert_linears(model) -> list[UniPerceiverMoELinear]:
