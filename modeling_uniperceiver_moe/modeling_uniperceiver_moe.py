@@ -1266,8 +1266,8 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         found = []
         for values, part, (table, groups) in zip(route_inputs, cut, tables):
             lead = values.dim() - key_dims
-            if part is not values:  # each token's group, broadcast back from the distinct slice's (materialised:
-                # a stride-0 view cannot be pinned for the copy to the GPU, nor indexed as one group per token)
+            if part is not values:  # each token's group, broadcast back from the distinct slice's, as a dense
+                # tensor like the groups of any other route input (what `to_device` pins for a GPU)
                 groups = groups.view(part.shape[:lead]).expand(values.shape[:lead]).contiguous().view(-1)
             found.append((to_device(table, device), to_device(groups, device)))
         return found
