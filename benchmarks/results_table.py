@@ -144,21 +144,6 @@ def trainer_row() -> tuple[str, str]:
             f"time, so the eager step is bound by launching kernels")
 
 
-def compiled_trainer_row() -> tuple[str, str]:
-    rows = [r for r in load("bench_trainer_defaults_dense_ti_b_h200.json")["rows"]
-            if r["prefetch_worker"] == "process x3"] + load("bench_trainer_defaults_attribute_x3_ti_h200.json")["rows"]
-    listing = ", ".join(f"{r['size'].capitalize()} {'dense' if r['routing'] == 'none' else r['routing']} "
-                        f"{r['trainer_tokens_per_s']:,.0f} ({r['trainer_vs_model']:.2f})" for r in rows)
-    dense = {r["size"]: r["trainer_tokens_per_s"] for r in rows if r["routing"] == "none"}
-    token = load("bench_trainer_shared_graphs_token_ti_h200.json")
-    shorter = ", ".join(f"{r['size'].capitalize()} {r['routing']} {r['trainer_tokens_per_s']:,.0f} ({r['trainer_vs_model']:.2f})"
-                        for r in token["rows"])
-    return ("trainer with its GPU defaults (compiled layer by layer with CUDA graphs, 3 data worker processes), "
-            "`gpu_b.yaml`, 1 x H200, beside the bare compiled step on the same batches",
-            f"tokens/s (trainer / model step) over 200 steps: {listing}; over {token['steps']} steps: {shorter}; "
-            f"Ti dense {dense['ti'] / dense['b']:.2f}x B dense")
-
-
 def recorded_rounds(row: dict) -> list[dict]:
     """A bench_trainer row's rounds (a run with `--rounds` of 2 or more) that recorded no CUDA graph: the
     speed after the warm-up."""
@@ -174,39 +159,44 @@ def recorded_speeds(row: dict) -> tuple[float, float, list[float]]:
     return trainer, model, [one["trainer_vs_model"] for one in rounds]
 
 
-def rounds_trainer_row() -> tuple[str, str]:
-    parts = []
-    for name in ROUNDS_LOGS:
-        for row in load(name)["rows"]:
-            trainer, model, ratios = recorded_speeds(row)
-            spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
-            routing = "dense" if row["routing"] == "none" else row["routing"]
-            parts.append(f"{row['size'].capitalize()} {routing} {trainer / model:.2f}{spread}")
-    return ("trainer with its GPU defaults once its CUDA graphs are recorded, `gpu_b.yaml`, 1 x H200, trainer, bare "
-            "compiled step and loop interleaved in rounds of 100 steps",
-            "trainer / model step over the rounds that recorded no CUDA graph (range over rounds): " + ", ".join(parts))
-
-
-ROUNDS_LOGS = ("bench_trainer_route_keys_ti_h200.json", "bench_trainer_rounds_token_b_h200.json")
+def layers_per_graph(log: dict, row: dict) -> int:
+    """The encoder layers a compiled call ran in a bench_trainer row: its own field or, where the row lacks
+    it, the run's `train.compile_layers_per_graph` override."""
+    if "layers_per_graph" in row:
+        return row["layers_per_graph"]
+    (value,) = [item.split("=", 1)[1] for item in log["overrides"] if item.startswith("train.compile_layers_per_graph=")]
+    return int(value)
 
 
 def spans_trainer_row() -> tuple[str, str]:
-    log = load(SPANS_LOG)
-    (span,) = [item.split("=", 1)[1] for item in log["overrides"] if item.startswith("train.compile_layers_per_graph=")]
-    speeds = {row["size"]: recorded_speeds(row) for row in log["rows"] if row["routing"] == "none"}
-    listing = ", ".join(f"{size.capitalize()} dense {trainer:,.0f} ({trainer / model:.2f})"
-                        for size, (trainer, model, _) in speeds.items())
-    return (f"trainer compiled in spans of {span} layers (`train.compile_layers_per_graph`), `gpu_b.yaml`, 1 x H200, "
-            "Ti and B in one run, over the rounds that recorded no CUDA graph",
-            f"tokens/s (trainer / model step): {listing}; Ti {speeds['ti'][0] / speeds['b'][0]:.2f}x B")
+    """Every routing of Ti and B compiled in spans (the GPU default): per size and routing the row of the last
+    log in `SPANS_LOGS` that ran it (each log is one process); Ti / B from the log that ran both sizes."""
+    speeds, spans = {}, set()
+    for name in SPANS_LOGS:
+        log = load(name)
+        for row in log["rows"]:
+            speeds[row["size"], row["routing"]] = recorded_speeds(row)
+            spans.add(layers_per_graph(log, row))
+    (span,) = spans
+    listing = "; ".join(f"{size.capitalize()} " + ", ".join(
+        f"{'dense' if routing == 'none' else routing} {trainer:,.0f} ({trainer / model:.2f})"
+        for routing in ("none", "attribute", "token") for trainer, model, _ in [speeds[size, routing]])
+        for size in ("ti", "b"))
+    both = {row["size"]: recorded_speeds(row)[0] for row in load(SPANS_TI_AND_B_LOG)["rows"] if row["routing"] == "none"}
+    return (f"trainer compiled in spans of {span} layers (`train.compile_layers_per_graph`, the GPU default), "
+            "`gpu_b.yaml`, 1 x H200, over the rounds that recorded no CUDA graph",
+            f"tokens/s (trainer / model step), four runs on fresh machines: {listing}; Ti dense "
+            f"{both['ti'] / both['b']:.2f}x B dense in one run ({both['ti']:,.0f} against {both['b']:,.0f})")
 
 
-SPANS_LOG = "bench_trainer_spans_ti_b_h200.json"
+SPANS_TI_AND_B_LOG = "bench_trainer_spans_ti_b_h200.json"
+SPANS_LOGS = (SPANS_TI_AND_B_LOG, "bench_trainer_spans_moe_ti_h200.json", "bench_trainer_spans_moe_b_h200.json",
+              "bench_trainer_spans_read_ti_h200.json")
 
 
 def render() -> str:
     rows = [main_job_row(), single_task_row(), multitask_row(), prompt_tuning_row(), speed_row(), trainer_row(),
-            compiled_trainer_row(), rounds_trainer_row(), spans_trainer_row()]
+            spans_trainer_row()]
     return "\n".join(["| what | measured |", "|---|---|"] + [f"| {what} | {measured} |" for what, measured in rows])
 
 

@@ -878,17 +878,20 @@ def test_batches_are_pinned_in_the_training_loop_s_thread_when_asked(tiny_cache,
     assert take(Prefetcher(loader(), 0, depth=2, pin_memory=False, pin_in_loop=True)) == [4, 4, 4] and not pinned_by
 
 
-def test_a_step_s_results_are_read_in_one_transfer():
-    from training.trainer import read_step_result
+def test_a_step_s_results_are_read_in_one_transfer_as_they_were_when_sent():
+    from training.trainer import read_step_result, send_step_result
 
-    result = {"task": "t", "synced": True, "loss": torch.tensor(2.5), "tokens": torch.tensor(7),
-              "grad_norm": torch.tensor(float("inf")), "skipped": torch.tensor(True)}
+    loss = torch.tensor(2.5)
+    result = send_step_result({"task": "t", "synced": True, "loss": loss, "tokens": torch.tensor(7),
+                               "grad_norm": torch.tensor(float("inf")), "skipped": torch.tensor(True)})
+    loss.add_(1.0)  # later work on the device: the values were packed when the step sent them, not at the read
     read = read_step_result(result)
     assert read == {"task": "t", "synced": True, "loss": 2.5, "tokens": 7, "grad_norm": float("inf"), "skipped": True}
     assert type(read["tokens"]) is int and type(read["skipped"]) is bool
+    assert read_step_result(result) == read  # the benchmark reads a result the loop has read
     unsynced = {"task": "t", "synced": False, "loss": torch.tensor(1.0), "tokens": torch.tensor(3),
                 "grad_norm": None, "skipped": False}
-    assert read_step_result(unsynced) == dict(unsynced, loss=1.0, tokens=3)
+    assert read_step_result(send_step_result(unsynced)) == dict(unsynced, loss=1.0, tokens=3)
 
 
 def test_adamw_is_fused_on_cpu_unless_the_config_says_otherwise():

@@ -123,7 +123,7 @@ STEP_REGIONS = ("trainer/batch", "trainer/to_device", "trainer/forward", "traine
                 "trainer/bookkeeping")
 
 
-RESULT_LAG = 2  # micro-steps a step's losses and flags stay on the device before the host reads them
+RESULT_LAG = 2  # micro-steps after a step that the host reads its losses and flags (their copy done by then)
 
 
 def compiled_graph_count() -> int:
@@ -184,7 +184,7 @@ COMPILED_GRAPH_LIMIT = 1024  # graphs torch.compile may build per compiled funct
 
 def step_tokens(batch, output) -> torch.Tensor:
     """`[]` tokens a step ran through the encoder: the input sequences and (each with its SPE) the candidates.
-    A device tensor, read with the step's other results (no synchronisation of its own)."""
+    A device tensor, sent to the host with the step's other results (`send_step_result`)."""
     tokens = output.input_outputs.sequence_mask.sum()
     if "target_attention_mask" in batch.inputs:
         mask = batch.inputs["target_attention_mask"]
@@ -192,12 +192,38 @@ def step_tokens(batch, output) -> torch.Tensor:
     return tokens
 
 
+STEP_RESULT_VALUES = ("loss", "tokens", "grad_norm", "skipped")  # a step's results the host reads, as numbers
+
+
+def send_step_result(result: dict) -> dict:
+    """Starts a `Pretrainer.train_step` result's way to the host as the step's last work: its device tensors
+    (`STEP_RESULT_VALUES`) packed into one `[n]` float32 vector and, on a CUDA device, copied without blocking
+    into page-locked memory, an event recorded after the copy. The result keeps the vector (key `"sent"`) in
+    place of the tensors. Reading it steps later (`read_step_result`) waits for this step's work alone; packing
+    at the read would queue the pack behind every step launched since and wait for all of them."""
+    names = tuple(key for key in STEP_RESULT_VALUES if torch.is_tensor(result.get(key)))
+    if not names:
+        return dict(result)
+    packed = torch.stack([result[key].detach().float().reshape(()) for key in names])
+    event = None
+    if packed.device.type == "cuda":
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        packed = host
+    kept = {key: value for key, value in result.items() if key not in names}
+    return dict(kept, sent=(names, packed, event))
+
+
 def read_step_result(result: dict) -> dict:
-    """A `Pretrainer.train_step` result with its device tensors (loss, tokens, grad_norm, skipped) read into
-    Python numbers, all in one transfer."""
-    names = [k for k in ("loss", "tokens", "grad_norm", "skipped") if torch.is_tensor(result.get(k))]
-    values = torch.stack([result[k].detach().float().reshape(()) for k in names]).tolist()
-    read = dict(result, **dict(zip(names, values)))
+    """A result of `send_step_result` with its values as Python numbers (waiting for that step's copy only)."""
+    read = {key: value for key, value in result.items() if key != "sent"}
+    if "sent" in result:
+        names, packed, event = result["sent"]
+        if event is not None:
+            event.synchronize()
+        read.update(zip(names, packed.tolist()))
     read["tokens"] = int(read["tokens"])
     read["skipped"] = bool(read["skipped"])
     return read
@@ -564,8 +590,8 @@ class Pretrainer:
             # one task on every process: the step's loss is the mean over processes; otherwise (per_process) the
             # processes ran different tasks, and the loss logged under this process's task is its own
             logged = acc.reduce(loss.detach(), "mean") if shared else loss.detach()
-        return {"task": batch.task.name, "loss": logged, "tokens": step_tokens(batch, output),
-                "synced": synced, "grad_norm": grad_norm, "skipped": skipped}
+            return send_step_result({"task": batch.task.name, "loss": logged, "tokens": step_tokens(batch, output),
+                                     "synced": synced, "grad_norm": grad_norm, "skipped": skipped})
 
     def step_candidate_shard(self, step_index: int, task) -> CandidateShard | None:
         """`data.partition_candidates`: under `task_sampling: shared` the run's shard for a task with shared
@@ -746,10 +772,10 @@ class Pretrainer:
         """Train until `train.max_steps`, logging, evaluating and saving on the way; True when
         `train.max_minutes` stopped it first.
 
-        A step's results (loss, tokens, gradient norm, skipped flag) stay on the device for `RESULT_LAG`
-        micro-steps, so the host queues the next steps while the accelerator works; they are read in step
-        order (`settle_results`), and all of them before anything that reports or saves (a summary line, an
-        evaluation, a checkpoint, the end)."""
+        A step's results (loss, tokens, gradient norm, skipped flag) start their copy to the host as the
+        step's last work (`send_step_result`) and are read `RESULT_LAG` micro-steps later, so the host queues
+        the next steps while the accelerator works; they are read in step order (`settle_results`), and all of
+        them before anything that reports or saves (a summary line, an evaluation, a checkpoint, the end)."""
         acc, cfg = self.accelerator, self.config.train
         crash_at = int(os.environ.get("UNIPERCEIVER_TEST_CRASH_AT_STEP", "0"))  # tests: simulate a kill
         interrupt_at = int(os.environ.get("UNIPERCEIVER_TEST_INTERRUPT_AT_STEP", "0"))  # tests: a Ctrl-C
