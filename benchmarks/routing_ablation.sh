@@ -40,6 +40,6 @@ if [ -n "${DRY_RUN:-}" ]; then
   exit 0
 fi
 CONFIG=$CONFIG RUN_LIMIT=${RUN_LIMIT:-450} INTERFERENCE_SAMPLES=${INTERFERENCE_SAMPLES:-64} \
-INTERFERENCE_LIMIT=${INTERFERENCE_LIMIT:-45} INTERFERENCE_ARGS="--vocabulary_size 4096" \
+INTERFERENCE_LIMIT=${INTERFERENCE_LIMIT:-90} INTERFERENCE_ARGS="--vocabulary_size 4096" \
 INTERFERENCE_TASKS=fashion_mnist_classification,austen_mlm,emoji_captioning,emoji_retrieval,wordnet_lexname_classification \
   bash benchmarks/sweep_gpu.sh "${specs[@]}"

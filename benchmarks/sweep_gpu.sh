@@ -9,10 +9,10 @@
 # (training.baselines --skip-model --plain-from); other runs train the model only. RUN_LIMIT (seconds, default
 # 500) bounds each process. Prints each run's held-out curve (and its plain baseline's) and packs every run's
 # metrics, report and comparison into $OUT/sweep.tar.gz. INTERFERENCE_TASKS (comma-separated tasks) also runs
-# training.interference on every run's final model (INTERFERENCE_SAMPLES per task, default 100; each bounded by
-# INTERFERENCE_LIMIT seconds, default 300; INTERFERENCE_ARGS adds options, e.g. "--vocabulary_size 4096") and
-# packs its interference.json and .png. The runs are eager unless COMPILE=true (or auto): short runs finish
-# sooner without the compile warm-up (docs/training.md).
+# training.interference on every run's final model, the runs side by side (INTERFERENCE_SAMPLES per task, default
+# 100; each bounded by INTERFERENCE_LIMIT seconds, default 300; INTERFERENCE_ARGS adds options, e.g.
+# "--vocabulary_size 4096") and packs its interference.json and .png. The runs are eager unless COMPILE=true
+# (or auto): short runs finish sooner without the compile warm-up (docs/training.md).
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=3
@@ -48,13 +48,14 @@ for spec in "$@"; do
 done
 wait
 unset CUDA_VISIBLE_DEVICES
-if [ -n "${INTERFERENCE_TASKS:-}" ]; then  # the interference matrix of every finished run, one after another
+if [ -n "${INTERFERENCE_TASKS:-}" ]; then  # the interference matrix of every finished run, side by side
   for run in $SWEEP/*/final; do
     [ -e "$run/config.json" ] || continue
     timeout ${INTERFERENCE_LIMIT:-300} python3 -m training.interference --model $run --tasks $INTERFERENCE_TASKS \
       --samples ${INTERFERENCE_SAMPLES:-100} --out $(dirname $run)/interference ${INTERFERENCE_ARGS:-} \
-      > $(dirname $run).interference.log 2>&1
+      > $(dirname $run).interference.log 2>&1 &
   done
+  wait
 fi
 python3 -m benchmarks.sweep_summary $SWEEP
 for f in $SWEEP/*.log; do tr '\r' '\n' < $f | grep -v "it/s" > $f.clean; mv $f.clean $f; done
