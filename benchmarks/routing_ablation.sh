@@ -7,7 +7,10 @@
 # Parts 1-6: routing none (dense), attribute, token, context, modality, task, seeds 0-2 each (runs named
 # <routing>_s<seed>). Parts 7-9: the single-task references, attribute routing, seed 0: each trains one task
 # for all the steps (every other task at sampling weight 0, still evaluated), three tasks per part (runs
-# named single-<task>_s0). STEPS (default 2000) sets the schedule; DRY_RUN=1 prints the run specs instead;
+# named single-<task>_s0). Parts 10-11: zero-shot, dense (10) and attribute (11) over seeds 0-2 with one task
+# left out of pre-training (ZERO_SHOT_TASK, default openclipart_captioning: its images are seen through
+# openclipart retrieval and captioning through emoji captioning), at weight 0 and still evaluated (runs named
+# zeroshot-<routing>_s<seed>). STEPS (default 2000) sets the schedule; DRY_RUN=1 prints the run specs instead;
 # PYTHON names the interpreter that reads the config (default python3).
 # Then: python -m benchmarks.sweep_summary <the unpacked sweep.tar.gz of every part> --json <log>.
 set -euo pipefail
@@ -31,8 +34,15 @@ elif [[ $PART =~ ^[7-9]$ ]]; then
     done
     specs+=("single-${task}_s0|$COMMON --set model.moe_routing=attribute --set seed=0$others")
   done
+elif [[ $PART =~ ^1[01]$ ]]; then
+  routing=$([ "$PART" = 10 ] && echo none || echo attribute)
+  for seed in 0 1 2; do
+    specs+=("zeroshot-${routing}_s$seed|$COMMON --set model.moe_routing=$routing --set seed=$seed \
+--set tasks.${ZERO_SHOT_TASK:-openclipart_captioning}.weight=0")
+  done
 else
-  echo "PART must be 1-9 (1-6: a routing over seeds 0-2; 7-9: single-task references), got '$PART'" >&2
+  echo "PART must be 1-11 (1-6: a routing over seeds 0-2; 7-9: single-task references; 10-11: zero-shot, dense" \
+    "and attribute), got '$PART'" >&2
   exit 2
 fi
 if [ -n "${DRY_RUN:-}" ]; then

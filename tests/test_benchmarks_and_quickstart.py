@@ -326,8 +326,9 @@ def test_trainer_benchmark_names_its_prefetch_layout_and_refuses_bad_process_cou
 
 def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
     """`benchmarks/routing_ablation.sh` (DRY_RUN=1 prints each part's runs): parts 1-6 are every routing
-    over seeds 0-2, parts 7-9 train each gpu_b.yaml task alone once, with every other task at weight 0; all
-    runs share the same schedule and learning rate; a part outside 1-9 is refused."""
+    over seeds 0-2, parts 7-9 train each gpu_b.yaml task alone once, with every other task at weight 0,
+    parts 10-11 dense and attribute over seeds 0-2 with openclipart captioning alone at weight 0 (zero-shot);
+    all runs share the same schedule and learning rate; a part outside 1-11 is refused."""
     import os
     import subprocess
     import sys
@@ -345,8 +346,8 @@ def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
         assert done.returncode == 0, done.stderr
         return [(line.split("|")[0], line.split("|")[1].split()) for line in done.stdout.splitlines()]
 
-    routed, single = set(), []
-    for number in range(1, 10):
+    routed, single, zero_shot = set(), [], set()
+    for number in range(1, 12):
         for name, args in part(number):
             assert set(args[::2]) == {"--set"}, name
             settings = set(args[1::2])
@@ -357,13 +358,21 @@ def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
                 seed = next(s.split("=")[1] for s in settings if s.startswith("seed="))
                 assert name == f"{routing}_s{seed}"
                 routed.add((routing, seed))
-            else:
+            elif number <= 9:
                 held_out = {s.split(".")[1] for s in settings if s.startswith("tasks.") and s.endswith(".weight=0")}
                 (trained,) = set(tasks) - held_out
                 assert name == f"single-{trained}_s0" and len(held_out) == len(tasks) - 1
                 single.append(trained)
+            else:
+                routing = next(s.split("=")[1] for s in settings if s.startswith("model.moe_routing="))
+                seed = next(s.split("=")[1] for s in settings if s.startswith("seed="))
+                held_out = [s for s in settings if s.startswith("tasks.") and s.endswith(".weight=0")]
+                assert name == f"zeroshot-{routing}_s{seed}"
+                assert held_out == ["tasks.openclipart_captioning.weight=0"]
+                zero_shot.add((routing, seed))
     assert routed == {(routing, seed) for routing in MOE_ROUTINGS for seed in "012"}
     assert sorted(single) == sorted(tasks)
+    assert zero_shot == {(routing, seed) for routing in ("none", "attribute") for seed in "012"}
     refused = subprocess.run(["bash", "benchmarks/routing_ablation.sh"], cwd=repo, capture_output=True, text=True,
-                             env=dict(os.environ, PART="10", DRY_RUN="1", PYTHON=sys.executable))
-    assert refused.returncode == 2 and "PART must be 1-9" in refused.stderr
+                             env=dict(os.environ, PART="12", DRY_RUN="1", PYTHON=sys.executable))
+    assert refused.returncode == 2 and "PART must be 1-11" in refused.stderr
