@@ -10,7 +10,10 @@
 # named single-<task>_s0). Parts 10-11: zero-shot, dense (10) and attribute (11) over seeds 0-2 with one task
 # left out of pre-training (ZERO_SHOT_TASK, default openclipart_captioning: its images are seen through
 # openclipart retrieval and captioning through emoji captioning), at weight 0 and still evaluated (runs named
-# zeroshot-<routing>_s<seed>). STEPS (default 2000) sets the schedule; DRY_RUN=1 prints the run specs instead;
+# zeroshot-<routing>_s<seed>). Part 12: dense and attribute, seed 0 (runs named tuned-<routing>_s0), each
+# then tuned on 1% of an unseen task (emoji group) and of a pre-trained one (Fashion-MNIST) by prompt tuning,
+# a linear probe and full fine-tuning (TUNE_PAIRS), with no interference matrix (parts 1-2 measure it).
+# STEPS (default 2000) sets the schedule; DRY_RUN=1 prints the run specs (and part 12's tuning) instead;
 # PYTHON names the interpreter that reads the config (default python3).
 # Then: python -m benchmarks.sweep_summary <the unpacked sweep.tar.gz of every part> --json <log>.
 set -euo pipefail
@@ -40,16 +43,26 @@ elif [[ $PART =~ ^1[01]$ ]]; then
     specs+=("zeroshot-${routing}_s$seed|$COMMON --set model.moe_routing=$routing --set seed=$seed \
 --set tasks.${ZERO_SHOT_TASK:-openclipart_captioning}.weight=0")
   done
+elif [ "$PART" = 12 ]; then
+  for routing in none attribute; do
+    specs+=("tuned-${routing}_s0|$COMMON --set model.moe_routing=$routing --set seed=0")
+  done
+  tune=${TUNE_PAIRS:-emoji_group_classification:prompt,emoji_group_classification:linear_probe,\
+emoji_group_classification:full,fashion_mnist_classification:prompt,fashion_mnist_classification:linear_probe,\
+fashion_mnist_classification:full}
 else
-  echo "PART must be 1-11 (1-6: a routing over seeds 0-2; 7-9: single-task references; 10-11: zero-shot, dense" \
-    "and attribute), got '$PART'" >&2
+  echo "PART must be 1-12 (1-6: a routing over seeds 0-2; 7-9: single-task references; 10-11: zero-shot, dense" \
+    "and attribute; 12: dense and attribute tuned downstream), got '$PART'" >&2
   exit 2
 fi
 if [ -n "${DRY_RUN:-}" ]; then
   printf '%s\n' "${specs[@]}"
+  [ -z "${tune:-}" ] || echo "tune: $tune"
   exit 0
 fi
+interference=fashion_mnist_classification,austen_mlm,emoji_captioning,emoji_retrieval,wordnet_lexname_classification
 CONFIG=$CONFIG RUN_LIMIT=${RUN_LIMIT:-450} INTERFERENCE_SAMPLES=${INTERFERENCE_SAMPLES:-64} \
 INTERFERENCE_LIMIT=${INTERFERENCE_LIMIT:-90} INTERFERENCE_ARGS="--vocabulary_size 4096" \
-INTERFERENCE_TASKS=fashion_mnist_classification,austen_mlm,emoji_captioning,emoji_retrieval,wordnet_lexname_classification \
+INTERFERENCE_TASKS=$([ -n "${tune:-}" ] || echo $interference) \
+TUNE_RUNS=${tune:-} TUNE_LIMIT=${TUNE_LIMIT:-200} TUNE_ARGS="--vocabulary_size 4096" \
   bash benchmarks/sweep_gpu.sh "${specs[@]}"

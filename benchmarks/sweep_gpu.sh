@@ -11,7 +11,10 @@
 # metrics, report and comparison into $OUT/sweep.tar.gz. INTERFERENCE_TASKS (comma-separated tasks) also runs
 # training.interference on every run's final model, the runs side by side (INTERFERENCE_SAMPLES per task, default
 # 100; each bounded by INTERFERENCE_LIMIT seconds, default 300; INTERFERENCE_ARGS adds options, e.g.
-# "--vocabulary_size 4096") and packs its interference.json and .png. The runs are eager unless COMPILE=true
+# "--vocabulary_size 4096") and packs its interference.json and .png. TUNE_RUNS (comma-separated task:method
+# pairs, e.g. emoji_group_classification:prompt,emoji_group_classification:linear_probe) then tunes every run's
+# final model on 1% of each task with prompt_tuning.run_prompt_tuning, all side by side (each bounded by
+# TUNE_LIMIT seconds, default 240; TUNE_ARGS adds options), and packs each results.json. The runs are eager unless COMPILE=true
 # (or auto): short runs finish sooner without the compile warm-up (docs/training.md).
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -57,6 +60,18 @@ if [ -n "${INTERFERENCE_TASKS:-}" ]; then  # the interference matrix of every fi
   done
   wait
 fi
+if [ -n "${TUNE_RUNS:-}" ]; then  # every finished run tuned on 1% of each task:method of TUNE_RUNS, side by side
+  for run in $SWEEP/*/final; do
+    [ -e "$run/config.json" ] || continue
+    for pair in ${TUNE_RUNS//,/ }; do
+      task=${pair%%:*}; method=${pair#*:}
+      timeout ${TUNE_LIMIT:-240} python3 -m prompt_tuning.run_prompt_tuning --model $run --task $task \
+        --data_fraction 0.01 --method $method --output_dir $(dirname $run)/tune-$task-$method ${TUNE_ARGS:-} \
+        > $(dirname $run).tune-$task-$method.log 2>&1 &
+    done
+  done
+  wait
+fi
 python3 -m benchmarks.sweep_summary $SWEEP
 for f in $SWEEP/*.log; do tr '\r' '\n' < $f | grep -v "it/s" > $f.clean; mv $f.clean $f; done
-tar czf $OUT/sweep.tar.gz -C $SWEEP --exclude='*.safetensors' --exclude=checkpoints --exclude=final .
+tar czf $OUT/sweep.tar.gz -C $SWEEP --exclude='*.safetensors' --exclude=checkpoints --exclude=final --exclude=processor .

@@ -8,11 +8,13 @@ Prints one block per run (what sweep_gpu.sh shows at the end of a call), then, f
 with the spread (min-max) and the seed count, the median steps/s, and, where the run holds
 `interference/interference.json` (sweep_gpu.sh's INTERFERENCE_TASKS), the mean off-diagonal interference
 (the paper's mean of ratios, and the ratio of means) and, for MoE runs, the tasks' mean expert overlap
-(`training.interference`). `--json` also writes
+(`training.interference`), and the results of the runs' tuning on downstream tasks (sweep_gpu.sh's
+TUNE_RUNS; `tuning` below). `--json` also writes
 `{"command", "runs": [{"run", "held_out": {task: {step: value}}, "other_metrics": {"task/metric": {step: value}},
 "distinct_answers": {task: {step: n}},
 "trivial_baseline": {task: value}, "word_trivial_baseline": {captioning task: value},
-"median_steps_per_second", "gradient_norms": {task: {"steps", "min", "median"}}, "plain"}]}` for docs/logs. The trivial baselines (majority class, most frequent word, chance
+"median_steps_per_second", "gradient_norms": {task: {"steps", "min", "median"}}, "plain", "interference",
+"tuning": {"task/method": {"before", "after", ...}}}]}` for docs/logs. The trivial baselines (majority class, most frequent word, chance
 recall) come from the run's report.json, so a run that did not finish has none; they move with the seed,
 which draws the held-out rows. The gradient norms are before clipping: a task whose minimum is above `optim.grad_clip` had
 every one of its steps clipped. A run found in several folders (a warm machine keeps earlier calls' runs)
@@ -96,7 +98,27 @@ def summarise_run(run_dir: str) -> dict:
     return {"run": os.path.basename(run_dir), "held_out": held_out, "other_metrics": other, "distinct_answers": distinct,
             "trivial_baseline": trivial, "word_trivial_baseline": word_trivial,
             "median_steps_per_second": round(speeds[len(speeds) // 2], 2) if speeds else None,
-            "gradient_norms": gradient_norms_by_task(rows), "plain": plain, "interference": interference}
+            "gradient_norms": gradient_norms_by_task(rows), "plain": plain, "interference": interference,
+            "tuning": summarise_tuning(run_dir)}
+
+
+TUNING_FIELDS = ("train_samples", "trainable_parameters", "selected_step", "steps_trained", "train_seconds")
+
+
+def summarise_tuning(run_dir: str) -> dict[str, dict]:
+    """`{"task/method": {"before", "after", *TUNING_FIELDS}}` from the run's `tune-<task>-<method>/results.json`
+    (sweep_gpu.sh's TUNE_RUNS: `prompt_tuning.run_prompt_tuning` on the run's final model): the held-out
+    metrics of the pre-trained model as it is (`before`; none for a linear probe, which starts from a new head)
+    and of the tuned one (`after`)."""
+    tuned = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "tune-*", "results.json"))):
+        with open(path) as handle:
+            written = json.load(handle)
+        numbers = {key: {name: round(value, 4) for name, value in written.get(key, {}).items()
+                         if isinstance(value, float)} for key in ("before", "after")}
+        tuned[f"{written['task']}/{written['method']}"] = dict(
+            numbers, **{key: written[key] for key in TUNING_FIELDS if key in written})
+    return tuned
 
 
 def off_diagonal_mean(matrix: list[list[float]]) -> float:
@@ -182,6 +204,10 @@ def format_run(summary: dict) -> str:
     for task, result in summary["plain"].items():
         points = " ".join(f"{step}:{value:.4f}" for step, value in result["curve"].items())
         lines.append(f"  {task + ' ' + result['model']:52s} {points}")
+    for key, result in summary.get("tuning", {}).items():
+        after = " ".join(f"{name} {value:.4f}" for name, value in result["after"].items())
+        before = " ".join(f"{name} {value:.4f}" for name, value in result["before"].items()) or "-"
+        lines.append(f"  tuned {key:46s} before: {before}; after: {after}")
     return "\n".join(lines)
 
 

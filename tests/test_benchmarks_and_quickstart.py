@@ -71,8 +71,8 @@ def test_benchmark_compiled_only_skips_the_eager_runs(monkeypatch):
 
 def test_sweep_summary_reads_each_run_s_curves_speed_and_plain_baselines(tmp_path, capsys):
     """What sweep_gpu.sh prints and docs/logs keep: held-out headline metrics per step, the median speed,
-    each task's pre-clip gradient norms and the plain baselines' curves; a run found in two sweep folders is
-    read from the last one."""
+    each task's pre-clip gradient norms, the plain baselines' curves and the downstream tuning's held-out
+    metrics before and after; a run found in two sweep folders is read from the last one."""
     from benchmarks.sweep_summary import main as summary_main
 
     for folder, accuracy in (("first", 0.5), ("second", 0.625)):
@@ -90,6 +90,11 @@ def test_sweep_summary_reads_each_run_s_curves_speed_and_plain_baselines(tmp_pat
         (run / "baselines" / "baselines.json").write_text(json.dumps(
             {"plain": {"fashion_mnist_classification": {"model": "ViTForImageClassification",
                                                        "curve": [{"step": 3, "accuracy": 0.25}]}}}))
+        (run / "tune-emoji_group_classification-prompt").mkdir()
+        (run / "tune-emoji_group_classification-prompt" / "results.json").write_text(json.dumps(
+            {"task": "emoji_group_classification", "method": "prompt", "train_samples": 22,
+             "before": {"accuracy": 0.125, "loss": 2.0, "samples": 172}, "after": {"accuracy": accuracy},
+             "selected_step": 100, "train_seconds": 5.0}))
     out = tmp_path / "summary.json"
     summary_main([str(tmp_path / "first"), str(tmp_path / "second"), "--json", str(out), "--command", "c"])
     written = json.loads(out.read_text())
@@ -102,7 +107,12 @@ def test_sweep_summary_reads_each_run_s_curves_speed_and_plain_baselines(tmp_pat
     assert run["gradient_norms"] == {"fashion_mnist_classification": {"steps": 1, "min": 0.25, "median": 0.25},
                                      "kjv_mlm": {"steps": 2, "min": 1.5, "median": 2.5}}
     assert run["plain"]["fashion_mnist_classification"]["curve"] == {"3": 0.25}
-    assert "3:0.6250  (trivial 0.1172)" in capsys.readouterr().out
+    assert run["tuning"] == {"emoji_group_classification/prompt": {
+        "before": {"accuracy": 0.125, "loss": 2.0}, "after": {"accuracy": 0.625}, "train_samples": 22,
+        "selected_step": 100, "train_seconds": 5.0}}
+    printed = capsys.readouterr().out
+    assert "3:0.6250  (trivial 0.1172)" in printed
+    assert "before: accuracy 0.1250 loss 2.0000; after: accuracy 0.6250" in printed
 
 
 def test_sweep_summary_groups_seeds_of_a_variant_with_their_spread_and_interference(tmp_path, capsys):
@@ -327,8 +337,9 @@ def test_trainer_benchmark_names_its_prefetch_layout_and_refuses_bad_process_cou
 def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
     """`benchmarks/routing_ablation.sh` (DRY_RUN=1 prints each part's runs): parts 1-6 are every routing
     over seeds 0-2, parts 7-9 train each gpu_b.yaml task alone once, with every other task at weight 0,
-    parts 10-11 dense and attribute over seeds 0-2 with openclipart captioning alone at weight 0 (zero-shot);
-    all runs share the same schedule and learning rate; a part outside 1-11 is refused."""
+    parts 10-11 dense and attribute over seeds 0-2 with openclipart captioning alone at weight 0 (zero-shot),
+    part 12 dense and attribute tuned downstream by every method; all runs share the same schedule and
+    learning rate; a part outside 1-12 is refused."""
     import os
     import subprocess
     import sys
@@ -344,10 +355,12 @@ def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
         done = subprocess.run(["bash", "benchmarks/routing_ablation.sh"], cwd=repo, capture_output=True, text=True,
                               env=dict(os.environ, PART=str(number), DRY_RUN="1", PYTHON=sys.executable))
         assert done.returncode == 0, done.stderr
-        return [(line.split("|")[0], line.split("|")[1].split()) for line in done.stdout.splitlines()]
+        lines = done.stdout.splitlines()
+        tuning[number] = [line.removeprefix("tune: ") for line in lines if line.startswith("tune: ")]
+        return [(line.split("|")[0], line.split("|")[1].split()) for line in lines if not line.startswith("tune: ")]
 
-    routed, single, zero_shot = set(), [], set()
-    for number in range(1, 12):
+    routed, single, zero_shot, tuned, tuning = set(), [], set(), set(), {}
+    for number in range(1, 13):
         for name, args in part(number):
             assert set(args[::2]) == {"--set"}, name
             settings = set(args[1::2])
@@ -363,16 +376,27 @@ def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
                 (trained,) = set(tasks) - held_out
                 assert name == f"single-{trained}_s0" and len(held_out) == len(tasks) - 1
                 single.append(trained)
-            else:
+            elif number <= 11:
                 routing = next(s.split("=")[1] for s in settings if s.startswith("model.moe_routing="))
                 seed = next(s.split("=")[1] for s in settings if s.startswith("seed="))
                 held_out = [s for s in settings if s.startswith("tasks.") and s.endswith(".weight=0")]
                 assert name == f"zeroshot-{routing}_s{seed}"
                 assert held_out == ["tasks.openclipart_captioning.weight=0"]
                 zero_shot.add((routing, seed))
+            else:
+                routing = next(s.split("=")[1] for s in settings if s.startswith("model.moe_routing="))
+                assert name == f"tuned-{routing}_s0" and "seed=0" in settings
+                assert not any(s.startswith("tasks.") for s in settings)
+                tuned.add(routing)
     assert routed == {(routing, seed) for routing in MOE_ROUTINGS for seed in "012"}
     assert sorted(single) == sorted(tasks)
     assert zero_shot == {(routing, seed) for routing in ("none", "attribute") for seed in "012"}
+    assert tuned == {"none", "attribute"}
+    assert all(not lines for number, lines in tuning.items() if number != 12)
+    (pairs,) = tuning[12]
+    assert sorted(pairs.split(",")) == sorted(f"{task}:{method}" for task in
+                                              ("emoji_group_classification", "fashion_mnist_classification")
+                                              for method in ("prompt", "linear_probe", "full"))
     refused = subprocess.run(["bash", "benchmarks/routing_ablation.sh"], cwd=repo, capture_output=True, text=True,
-                             env=dict(os.environ, PART="12", DRY_RUN="1", PYTHON=sys.executable))
-    assert refused.returncode == 2 and "PART must be 1-11" in refused.stderr
+                             env=dict(os.environ, PART="13", DRY_RUN="1", PYTHON=sys.executable))
+    assert refused.returncode == 2 and "PART must be 1-12" in refused.stderr
