@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The model beside its plain and trivial baselines on the GPU machine (device tool), one config per call.
-# Carry: .whl (datasets, dill, multiprocess, xxhash, ftfy, wcwidth, open-clip-torch wheels) and the data slice
+# Carry: .whl (bash benchmarks/gpu_wheels.sh) and the data slice
 # the config reads (data_cache/full after `python -m training.build_data --slice full --sources fashion_mnist`,
 # or data_cache/small).
 #   bash benchmarks/baselines_gpu.sh <config.yaml> [--set section.field=value ...]

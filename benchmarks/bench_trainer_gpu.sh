@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench_trainer on the GPU machine (device tool), one benchmark process per call of this script. Carry: .whl
-# (the datasets, dill, multiprocess, xxhash, ftfy, wcwidth, open-clip-torch wheels) and data_cache/small.
+# (bash benchmarks/gpu_wheels.sh) and data_cache/small.
 #   bash benchmarks/bench_trainer_gpu.sh <name> <seconds> <bench_trainer arguments...>
 # e.g. bash benchmarks/bench_trainer_gpu.sh bench_trainer_rounds_ti_h200 530 --sizes ti --routings attribute,none \
 #        --warmup 300 --steps 400 --rounds 4 --profile-steps 5 --profile-ops 15

@@ -3,7 +3,7 @@
 # one device call: three Ti runs of gpu_b.yaml's nine tasks side by side (benchmarks/sweep_gpu.sh), the same
 # data, steps, batches and learning rate for every run; each finished model's interference matrix measured on
 # the device; the final evaluation with beam-search captions (BLEU-4, CIDEr-D).
-#   PART=1 bash benchmarks/routing_ablation.sh     # carry .whl and data_cache/small
+#   PART=1 bash benchmarks/routing_ablation.sh     # carry .whl (benchmarks/gpu_wheels.sh) and data_cache/small
 # Parts 1-6: routing none (dense), attribute, token, context, modality, task, seeds 0-2 each (runs named
 # <routing>_s<seed>). Parts 7-9: the single-task references, attribute routing, seed 0: each trains one task
 # for all the steps (every other task at sampling weight 0, still evaluated), three tasks per part (runs

@@ -2,7 +2,7 @@
 # Several runs of one config side by side on one GPU machine (device tool; they are host-bound, each decodes
 # its own data, so they share one GPU well; on a machine of several GPUs run i goes to GPU i mod the count, or
 # to the i-th of GPU_ORDER, e.g. GPU_ORDER="0 1 1 1").
-# Carry .whl and the data slice the config reads.
+# Carry .whl (bash benchmarks/gpu_wheels.sh) and the data slice the config reads.
 #   CONFIG=training/configs/<name>.yaml bash benchmarks/sweep_gpu.sh "name|--set a=b --set c=d" "name2|..." ...
 # CONFIG defaults to training/configs/fashion_mnist_ti.yaml. A run named "plain+<rest>" also trains its plain
 # baselines (training.baselines --plain-only) in a second process beside the model, then compares the two

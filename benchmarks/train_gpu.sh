@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Trainer throughput on the GPU machine (device tool). Carry: .whl (datasets, dill, multiprocess, ftfy, wcwidth,
-# open-clip-torch wheels) and data_cache/small (python -m training.build_data --slice small).
+# Trainer throughput on the GPU machine (device tool). Carry: .whl (bash benchmarks/gpu_wheels.sh) and
+# data_cache/small (python -m training.build_data --slice small).
 #   bash benchmarks/train_gpu.sh <steps> <processes> <size...>
 # Prints samples/s too: every task's rows per step, over all processes.
 # TASK_SAMPLING (default shared: one task per step on every process, as docs/training.md's table) may be

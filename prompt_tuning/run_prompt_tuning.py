@@ -154,7 +154,7 @@ class Rows(torch.utils.data.Dataset):
 
 @dataclass
 class Collator:
-    """Raw rows -> model kwargs + labels through the task registry's builder."""
+    """Raw rows -> model kwargs + labels through the task registry's builder, every tensor dense."""
 
     task: object
     ctx: object
@@ -165,7 +165,10 @@ class Collator:
         batch = build_batch(self.task, rows, self.ctx, epoch=0)
         if batch.skipped:
             raise ValueError(f"task {self.task.name!r}: malformed samples {batch.skipped}")
-        out = dict(batch.inputs, labels=batch.labels, task_family=self.task.family)
+        # dense tensors: the registry gives repeated route rows as broadcast views (`expand`), which the
+        # DataLoader cannot pin for a GPU (page-locking needs one element per memory location)
+        dense = {key: value.contiguous() if torch.is_tensor(value) else value for key, value in batch.inputs.items()}
+        out = dict(dense, labels=batch.labels, task_family=self.task.family)
         if self.task.family == "retrieval":
             out["symmetric_loss"] = True
         return out

@@ -325,7 +325,13 @@ def tiny_checkpoint(tmp_path_factory):
     ("emoji_retrieval", "prompt", "i2t_R@1"),
     ("video_clip_classification", "prompt", "accuracy"),
 ])
-def test_script_runs_end_to_end_on_the_tiny_real_data(task, method, metric, tiny_cache, tiny_checkpoint, tmp_path):
+def test_script_runs_end_to_end_on_the_tiny_real_data(task, method, metric, tiny_cache, tiny_checkpoint, tmp_path,
+                                                     monkeypatch):
+    """...and its batches are dense: a broadcast view (a zero stride) cannot be pinned for a GPU."""
+    from prompt_tuning.run_prompt_tuning import Collator
+
+    collated, collate = [], Collator.__call__
+    monkeypatch.setattr(Collator, "__call__", lambda self, rows: collated.append(collate(self, rows)) or collated[-1])
     out = str(tmp_path / "run")
     results = run_prompt_tuning(["--model", tiny_checkpoint, "--task", task, "--method", method, "--data_fraction", "0.05",
                                  "--data_cache", tiny_cache, "--slice", "tiny", "--max_steps", "3", "--eval_samples", "16",
@@ -339,6 +345,9 @@ def test_script_runs_end_to_end_on_the_tiny_real_data(task, method, metric, tiny
         assert results["trainable_parameters"] < 0.05 * results["total_parameters"]
     if task == "fashion_mnist_classification":
         assert results["train_samples"] >= 10  # at least one image per class
+    broadcast = {key for batch in collated for key, value in batch.items()
+                 if torch.is_tensor(value) and value.numel() > 1 and 0 in value.stride()}
+    assert collated and not broadcast
 
 
 def test_held_out_loss_during_tuning_changes_nothing_it_measures(tiny_cache, tiny_checkpoint, tmp_path):
