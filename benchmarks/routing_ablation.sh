@@ -12,7 +12,8 @@
 # openclipart retrieval and captioning through emoji captioning), at weight 0 and still evaluated (runs named
 # zeroshot-<routing>_s<seed>). Part 12: dense and attribute, seed 0 (runs named tuned-<routing>_s0), each
 # then tuned on 1% of an unseen task (emoji group) and of a pre-trained one (Fashion-MNIST) by prompt tuning,
-# a linear probe and full fine-tuning (TUNE_PAIRS), with no interference matrix (parts 1-2 measure it).
+# a linear probe and full fine-tuning (TUNE_RUNS, as in sweep_gpu.sh), with no interference matrix (parts 1-2
+# measure it).
 # STEPS (default 2000) sets the schedule; DRY_RUN=1 prints the run specs (and part 12's tuning) instead;
 # PYTHON names the interpreter that reads the config (default python3).
 # Then: python -m benchmarks.sweep_summary <the unpacked sweep.tar.gz of every part> --json <log>.
@@ -47,7 +48,7 @@ elif [ "$PART" = 12 ]; then
   for routing in none attribute; do
     specs+=("tuned-${routing}_s0|$COMMON --set model.moe_routing=$routing --set seed=0")
   done
-  tune=${TUNE_PAIRS:-emoji_group_classification:prompt,emoji_group_classification:linear_probe,\
+  tune=${TUNE_RUNS:-emoji_group_classification:prompt,emoji_group_classification:linear_probe,\
 emoji_group_classification:full,fashion_mnist_classification:prompt,fashion_mnist_classification:linear_probe,\
 fashion_mnist_classification:full}
 else

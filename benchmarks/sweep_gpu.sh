@@ -14,8 +14,8 @@
 # "--vocabulary_size 4096") and packs its interference.json and .png. TUNE_RUNS (comma-separated task:method
 # pairs, e.g. emoji_group_classification:prompt,emoji_group_classification:linear_probe) then tunes every run's
 # final model on 1% of each task with prompt_tuning.run_prompt_tuning, all side by side (each bounded by
-# TUNE_LIMIT seconds, default 240; TUNE_ARGS adds options), and packs each results.json. The runs are eager unless COMPILE=true
-# (or auto): short runs finish sooner without the compile warm-up (docs/training.md).
+# TUNE_LIMIT seconds, default 240; TUNE_ARGS adds options), and packs each results.json. The runs are eager
+# unless COMPILE=true (or auto): short runs finish sooner without the compile warm-up (docs/training.md).
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=3
