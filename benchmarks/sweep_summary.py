@@ -13,7 +13,9 @@ TUNE_RUNS; `tuning` below). `--json` also writes
 `{"command", "runs": [{"run", "held_out": {task: {step: value}}, "other_metrics": {"task/metric": {step: value}},
 "distinct_answers": {task: {step: n}},
 "trivial_baseline": {task: value}, "word_trivial_baseline": {captioning task: value},
-"median_steps_per_second", "gradient_norms": {task: {"steps", "min", "median"}}, "plain", "interference",
+"median_steps_per_second", "gradient_norms": {task: {"steps", "min", "median"}},
+"training_loss": {task: {step: mean over LOSS_WINDOW steps}}, "plain",
+"interference": {"tasks", "matrix", "matrix_ratio_of_means", off-diagonal means, expert overlap and entropy},
 "tuning": {"task/method": {"before", "after", ...}}}]}` for docs/logs. The trivial baselines (majority class, most frequent word, chance
 recall) come from the run's report.json, so a run that did not finish has none; they move with the seed,
 which draws the held-out rows. The gradient norms are before clipping: a task whose minimum is above `optim.grad_clip` had
@@ -48,13 +50,28 @@ def gradient_norms_by_task(rows: list[dict]) -> dict[str, dict]:
             for task, values in sorted(norms.items())}
 
 
+LOSS_WINDOW = 100  # steps per point of a run's training-loss curve
+
+
+def training_loss_curves(rows: list[dict], window: int = LOSS_WINDOW) -> dict[str, dict[int, float]]:
+    """`{task: {step: mean loss}}`: the logged training losses of each task (metrics.jsonl lines with a `task`
+    and a `loss`), averaged over windows of `window` steps; each point is keyed by its window's last step."""
+    sums: dict[str, dict[int, list[float]]] = {}
+    for row in rows:
+        if "task" in row and "loss" in row and "step" in row:
+            end = -(-int(row["step"]) // window) * window
+            sums.setdefault(row["task"], {}).setdefault(end, []).append(float(row["loss"]))
+    return {task: {end: round(sum(v) / len(v), 4) for end, v in sorted(points.items())}
+            for task, points in sorted(sums.items())}
+
+
 def summarise_run(run_dir: str) -> dict:
     """One run's `{"run", "held_out", "other_metrics", "distinct_answers", "trivial_baseline",
-    "median_steps_per_second", "gradient_norms", "plain", "interference"}` (`held_out`: each task's headline
-    metric, `other_metrics`: those of `training.evaluation.SECONDARY_METRICS` it reports, generated captions'
-    scores in a final evaluation only; both `{"task/metric": {step: value}}`) from its metrics.jsonl, its
-    report.json (when the run finished) and (when its plain baselines were trained beside it)
-    baselines/baselines.json."""
+    "median_steps_per_second", "gradient_norms", "training_loss", "plain", "interference", "tuning"}`
+    (`held_out`: each task's headline metric, `other_metrics`: those of `training.evaluation.SECONDARY_METRICS`
+    it reports, generated captions' scores in a final evaluation only; both `{"task/metric": {step: value}}`)
+    from its metrics.jsonl, its report.json (when the run finished), its interference.json and tunings (when
+    measured) and (when its plain baselines were trained beside it) baselines/baselines.json."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     speeds = sorted(r["steps_per_second"] for r in rows if "steps_per_second" in r)
@@ -92,13 +109,16 @@ def summarise_run(run_dir: str) -> dict:
         with open(interference_path) as handle:
             written = json.load(handle)
         interference = {"tasks": written["tasks"], "off_diagonal_mean_of_ratios": off_diagonal_mean(written["matrix"]),
-                        "off_diagonal_ratio_of_means": off_diagonal_mean(written["matrix_ratio_of_means"])}
+                        "off_diagonal_ratio_of_means": off_diagonal_mean(written["matrix_ratio_of_means"]),
+                        "matrix": written["matrix"], "matrix_ratio_of_means": written["matrix_ratio_of_means"]}
         if "expert_overlap" in written:  # an MoE model: how much the tasks share experts
             interference["off_diagonal_expert_overlap"] = off_diagonal_mean(written["expert_overlap"])
+            interference["expert_entropy"] = written.get("expert_entropy", {})
     return {"run": os.path.basename(run_dir), "held_out": held_out, "other_metrics": other, "distinct_answers": distinct,
             "trivial_baseline": trivial, "word_trivial_baseline": word_trivial,
             "median_steps_per_second": round(speeds[len(speeds) // 2], 2) if speeds else None,
-            "gradient_norms": gradient_norms_by_task(rows), "plain": plain, "interference": interference,
+            "gradient_norms": gradient_norms_by_task(rows), "training_loss": training_loss_curves(rows),
+            "plain": plain, "interference": interference,
             "tuning": summarise_tuning(run_dir)}
 
 

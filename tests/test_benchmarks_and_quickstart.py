@@ -115,6 +115,15 @@ def test_sweep_summary_reads_each_run_s_curves_speed_and_plain_baselines(tmp_pat
     assert "before: accuracy 0.1250 loss 2.0000; after: accuracy 0.6250" in printed
 
 
+def test_training_loss_curves_average_each_task_over_windows_keyed_by_their_last_step():
+    from benchmarks.sweep_summary import training_loss_curves
+
+    rows = [{"step": 1, "task": "a", "loss": 4.0}, {"step": 10, "task": "a", "loss": 2.0},
+            {"step": 11, "task": "a", "loss": 1.0}, {"step": 12, "task": "b", "loss": 3.0},
+            {"step": 12, "steps_per_second": 5.0}, {"step": 20, "eval/a/accuracy": 0.5, "loss": 9.0}]
+    assert training_loss_curves(rows, window=10) == {"a": {10: 3.0, 20: 1.0}, "b": {20: 3.0}}
+
+
 def test_sweep_summary_groups_seeds_of_a_variant_with_their_spread_and_interference(tmp_path, capsys):
     """Runs `<variant>_s<seed>`: each series' last held-out value, mean and min-max over the seeds, the
     median speed, and the mean off-diagonal interference (and, for MoE, expert overlap) of the runs that
@@ -400,3 +409,34 @@ def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
     refused = subprocess.run(["bash", "benchmarks/routing_ablation.sh"], cwd=repo, capture_output=True, text=True,
                              env=dict(os.environ, PART="13", DRY_RUN="1", PYTHON=sys.executable))
     assert refused.returncode == 2 and "PART must be 1-12" in refused.stderr
+
+
+def test_ablation_report_compares_routings_with_dense_on_each_task_s_primary_metric(tmp_path):
+    """The targets are read off the seed means and spreads of each task's primary metric (CIDEr for captioning;
+    for MLM word accuracy, not perplexity, so a task without its primary metric is not compared); the single-task
+    gap is the reference minus the multi-task mean; the figures are drawn from the logged curves."""
+    pytest.importorskip("matplotlib")
+    from benchmarks.ablation_report import main as report_main
+
+    def run(name, accuracy, cider, perplexity, loss):
+        return {"run": name, "held_out": {"fashion_mnist_classification/accuracy": {"2000": accuracy},
+                                          "emoji_captioning/token_accuracy": {"2000": 0.5}},
+                "other_metrics": {"emoji_captioning/cider": {"2000": cider}, "kjv_mlm/perplexity": {"2000": perplexity}},
+                "median_steps_per_second": 5.0, "training_loss": {"kjv_mlm": {"100": loss, "200": loss / 2}},
+                "interference": {"tasks": ["a", "b"], "matrix": [[1, 0], [0, 1]], "matrix_ratio_of_means": [[1, 0.5], [0.5, 1]],
+                                 "off_diagonal_mean_of_ratios": 0.0, "off_diagonal_ratio_of_means": 0.5}}
+
+    runs = [run("none_s0", 0.5, 0.25, 100.0, 4.0), run("none_s1", 0.75, 0.25, 120.0, 2.0),
+            run("attribute_s0", 0.25, 0.5, 90.0, 3.0), run("attribute_s1", 0.375, 0.5, 110.0, 3.0),
+            run("single-fashion_mnist_classification_s0", 0.875, 0.0, 1.0, 1.0)]
+    log = tmp_path / "part.json"
+    log.write_text(json.dumps({"runs": runs}))
+    text = report_main([str(log), "--figures", str(tmp_path / "ablation")])
+    assert "| fashion_mnist_classification/accuracy | 0.625 (0.500-0.750) | 0.312 (0.250-0.375) | 0.875 |" in text
+    # attribute wins captioning on CIDEr (the word accuracies tie), loses Fashion-MNIST beyond the spread
+    assert "- attribute >= dense (seed means) on 1 of 2 tasks: emoji_captioning" in text
+    assert "beyond the seed spread (its best seed below dense's worst) on fashion_mnist_classification" in text
+    assert "dense: mean +0.250 over 1 tasks (fashion_mnist_classification +0.250)" in text
+    assert "attribute: mean +0.562 over 1 tasks" in text
+    assert (tmp_path / "ablation_curves.png").stat().st_size > 0
+    assert (tmp_path / "ablation_interference.png").stat().st_size > 0

@@ -17,7 +17,7 @@ SCRIPTS = ("training.pretrain", "training.baselines", "training.build_data", "pr
            "benchmarks.bench_moe", "benchmarks.bench_optimizer", "benchmarks.candidate_spread",
            "benchmarks.find_syncs", "benchmarks.init_signal", "benchmarks.profile_step", "benchmarks.results_table",
            "benchmarks.sweep_summary", "benchmarks.probe_grouped_mm", "benchmarks.route_key_latency",
-           "benchmarks.bench_trainer", "training.interference", "training.evaluate")
+           "benchmarks.bench_trainer", "training.interference", "training.evaluate", "benchmarks.ablation_report")
 
 
 @dataclass

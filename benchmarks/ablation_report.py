@@ -1,0 +1,271 @@
+"""The routing ablation's tables and figures (docs/results.md, "The routing ablation"), rebuilt from the logs of
+`benchmarks/routing_ablation.sh` that `benchmarks.sweep_summary --json` wrote, one per part.
+
+    python -m benchmarks.ablation_report docs/logs/learning/routing_ablation_part*_h200.json \\
+        --figures docs/logs/learning/routing_ablation_h200
+
+Prints markdown: per task and metric each routing's mean over its seeds with the spread (min-max), beside the
+single-task references (`single-<task>_s0`); the paper's targets checked on those numbers (every routing >= dense
+on a majority of tasks, attribute >= dense within the spread on every task, the single-task gap of dense and
+attribute, off-diagonal interference); the zero-shot runs (`zeroshot-<routing>_s<seed>`) on the task left out;
+the downstream tunings (`tuned-<routing>_s0`). `--figures PREFIX` also draws `PREFIX_curves.png` (each task's
+training loss, mean over seeds, one line per routing) and `PREFIX_interference.png` (the seed-mean interference
+matrices of dense and attribute MoE, ratio of means). A task's primary metric, which the targets compare, is
+accuracy for classification, word accuracy for MLM, CIDEr-D for captioning (word accuracy when no beam-search
+evaluation ran) and image-to-text recall@1 for retrieval, all higher-is-better.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from benchmarks.sweep_summary import SEED_SUFFIX, by_variant
+from modeling_uniperceiver_moe.command_line import parse_script_arguments
+
+ROUTINGS = ("none", "attribute", "token", "context", "modality", "task")
+PRIMARY = {"classification": ("accuracy",), "mlm": ("token_accuracy",),
+           "captioning": ("cider", "token_accuracy"), "retrieval": ("i2t_R@1",)}
+SHOWN = ("accuracy", "token_accuracy", "perplexity", "bleu4", "cider", "i2t_R@1", "t2i_R@1")
+
+
+def load_runs(paths: list[str]) -> list[dict]:
+    """Every run of the given sweep_summary logs, each name once (a later log wins)."""
+    runs = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            for run in json.load(handle)["runs"]:
+                runs[run["run"]] = run
+    return [runs[name] for name in sorted(runs)]
+
+
+def task_family(task: str) -> str:
+    return task.rsplit("_", 1)[-1]
+
+
+def primary_series(task: str, available: set[str]) -> Optional[str]:
+    """The `task/metric` key the targets compare for `task`, the first of its family's choices that was measured."""
+    for metric in PRIMARY.get(task_family(task), ()):
+        if f"{task}/{metric}" in available:
+            return f"{task}/{metric}"
+    return None
+
+
+def single_task_references(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """`{task: {task/metric: last value}}` of each `single-<task>_s0` run, its own task's series only."""
+    references = {}
+    for run in runs:
+        if run["run"].startswith("single-"):
+            task = SEED_SUFFIX.sub("", run["run"][len("single-"):])
+            curves = {**run.get("other_metrics", {}), **run["held_out"]}
+            references[task] = {key: curve[max(curve, key=int)] for key, curve in curves.items()
+                                if key.startswith(task + "/") and curve}
+    return references
+
+
+def cell(entry: Optional[dict]) -> str:
+    if entry is None:
+        return "-"
+    if len(entry["values"]) == 1:
+        return f"{entry['mean']:.3f}"
+    return f"{entry['mean']:.3f} ({entry['min']:.3f}-{entry['max']:.3f})"
+
+
+def shown_series(variants: dict[str, dict]) -> list[str]:
+    keys = {key for entry in variants.values() for key in entry["held_out"]}
+    order = {metric: i for i, metric in enumerate(SHOWN)}
+    return sorted((key for key in keys if key.rsplit("/", 1)[-1] in order),
+                  key=lambda key: (key.rsplit("/", 1)[0], order[key.rsplit("/", 1)[-1]]))
+
+
+def routing_table(variants: dict[str, dict], references: dict[str, dict]) -> str:
+    routings = [r for r in ROUTINGS if r in variants]
+    header = ["task / metric", *(("dense" if r == "none" else r) + f" (n={len(variants[r]['seeds'])})"
+                                 for r in routings)]
+    if references:
+        header.append("single-task (attribute, n=1)")
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for key in shown_series({r: variants[r] for r in routings}):
+        task = key.rsplit("/", 1)[0]
+        row = [key] + [cell(variants[r]["held_out"].get(key)) for r in routings]
+        if references:
+            value = references.get(task, {}).get(key)
+            row.append("-" if value is None else f"{value:.3f}")
+        lines.append("| " + " | ".join(row) + " |")
+    speeds = [variants[r]["median_steps_per_second"] for r in routings]
+    lines.append("| training steps/s (median; 3 runs share the GPU) | " + " | ".join(
+        "-" if s is None else f"{s:.2f}" for s in speeds) + (" | - |" if references else " |"))
+    for key, label in (("off_diagonal_ratio_of_means", "interference off the diagonal, ratio of means"),
+                       ("off_diagonal_mean_of_ratios", "interference off the diagonal, mean of ratios"),
+                       ("off_diagonal_expert_overlap", "tasks' expert overlap off the diagonal")):
+        values = [variants[r]["interference"].get(key) for r in routings]
+        if any(v is not None for v in values):
+            lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values)
+                         + (" | - |" if references else " |"))
+    return "\n".join(lines)
+
+
+def targets(variants: dict[str, dict], references: dict[str, dict]) -> list[str]:
+    """The paper's claims, checked on the primary metric of every task both sides measured."""
+    if "none" not in variants:
+        return ["- no dense runs yet: nothing to compare against"]
+    dense = variants["none"]["held_out"]
+    tasks = sorted({key.rsplit("/", 1)[0] for key in dense})
+    lines = []
+    for routing in [r for r in ROUTINGS if r in variants and r != "none"]:
+        mine = variants[routing]["held_out"]
+        compared = [(task, primary_series(task, set(dense) & set(mine))) for task in tasks]
+        compared = [(task, key) for task, key in compared if key]
+        better = [task for task, key in compared if mine[key]["mean"] >= dense[key]["mean"]]
+        lines.append(f"- {routing} >= dense (seed means) on {len(better)} of {len(compared)} tasks"
+                     + (f": {', '.join(better)}" if better else ""))
+        if routing == "attribute":
+            below = [task for task, key in compared if mine[key]["max"] < dense[key]["min"]]
+            lines.append("- attribute below dense beyond the seed spread (its best seed below dense's worst) on "
+                         + (", ".join(below) if below else "no task"))
+    for routing in ("none", "attribute"):
+        if routing not in variants or not references:
+            continue
+        gaps = []
+        for task, reference in sorted(references.items()):
+            key = primary_series(task, set(reference) & set(variants[routing]["held_out"]))
+            if key:
+                gaps.append((task, reference[key] - variants[routing]["held_out"][key]["mean"]))
+        if gaps:
+            mean = sum(g for _, g in gaps) / len(gaps)
+            lines.append(f"- single-task gap (single-task minus multi-task, primary metric), "
+                         f"{'dense' if routing == 'none' else routing}: mean {mean:+.3f} over {len(gaps)} tasks ("
+                         + ", ".join(f"{task} {gap:+.3f}" for task, gap in gaps) + ")")
+    return lines
+
+
+def zero_shot_table(variants: dict[str, dict]) -> str:
+    names = [f"zeroshot-{r}" for r in ("none", "attribute") if f"zeroshot-{r}" in variants]
+    if not names:
+        return ""
+    lines = ["| task / metric | " + " | ".join(f"{n} (n={len(variants[n]['seeds'])})" for n in names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    for key in shown_series({n: variants[n] for n in names}):
+        lines.append(f"| {key} | " + " | ".join(cell(variants[n]["held_out"].get(key)) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def tuning_table(runs: list[dict]) -> str:
+    tuned = [run for run in runs if run["run"].startswith("tuned-") and run.get("tuning")]
+    if not tuned:
+        return ""
+    lines = ["| model | task / method | metric | before | after | trainable parameters | train samples |",
+             "|---|---|---|---|---|---|---|"]
+    for run in tuned:
+        for key, result in sorted(run["tuning"].items()):
+            for metric, after in sorted(result["after"].items()):
+                if metric in ("loss", "samples", "evaluated"):
+                    continue
+                before = result["before"].get(metric)
+                lines.append(f"| {run['run']} | {key} | {metric} | {'-' if before is None else f'{before:.3f}'} | "
+                             f"{after:.3f} | {result.get('trainable_parameters', '-')} | "
+                             f"{result.get('train_samples', '-')} |")
+    return "\n".join(lines)
+
+
+def mean_curves(runs: list[dict], routing: str) -> dict[str, dict[int, float]]:
+    """Each task's training-loss curve of `<routing>_s<seed>`, averaged over the seeds at the steps all share."""
+    members = [run for run in runs if SEED_SUFFIX.sub("", run["run"]) == routing and run.get("training_loss")]
+    curves = {}
+    for task in sorted({t for run in members for t in run["training_loss"]}):
+        series = [run["training_loss"].get(task, {}) for run in members]
+        steps = sorted(set.intersection(*(set(map(int, s)) for s in series)))
+        curves[task] = {step: sum(s[str(step)] if str(step) in s else s[step] for s in series) / len(series)
+                        for step in steps}
+    return curves
+
+
+def plot_curves(runs: list[dict], path: str) -> bool:
+    from training.report import offscreen_pyplot
+
+    plt = offscreen_pyplot()
+    curves = {r: mean_curves(runs, r) for r in ROUTINGS}
+    curves = {r: c for r, c in curves.items() if c}
+    if plt is None or not curves:
+        return False
+    tasks = sorted({t for c in curves.values() for t in c})
+    columns = 3
+    rows = -(-len(tasks) // columns)
+    figure, panels = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    for axes, task in zip(panels.flat, tasks):
+        for routing, by_task in curves.items():
+            if task in by_task:
+                steps = sorted(by_task[task])
+                axes.plot(steps, [by_task[task][s] for s in steps], label="dense" if routing == "none" else routing,
+                          linewidth=1.2)
+        axes.set_title(task, fontsize=9)
+        axes.set_xlabel("step", fontsize=8)
+        axes.set_ylabel("training loss", fontsize=8)
+    for axes in list(panels.flat)[len(tasks):]:
+        axes.axis("off")
+    panels.flat[0].legend(fontsize=7)
+    figure.suptitle("training loss per task, mean over seeds (windows of 100 steps)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def mean_matrix(runs: list[dict], routing: str, key: str = "matrix_ratio_of_means"):
+    members = [run["interference"] for run in runs
+               if SEED_SUFFIX.sub("", run["run"]) == routing and run.get("interference", {}).get(key)]
+    if not members:
+        return None, None
+    size = len(members[0][key])
+    matrix = [[sum(m[key][i][j] for m in members) / len(members) for j in range(size)] for i in range(size)]
+    return members[0]["tasks"], matrix
+
+
+def plot_interference(runs: list[dict], path: str) -> bool:
+    import torch
+
+    from training.interference import plot
+
+    found = {name: mean_matrix(runs, routing) for name, routing in (("dense", "none"), ("attribute MoE", "attribute"))}
+    found = {name: value for name, value in found.items() if value[0]}
+    if not found:
+        return False
+    names = next(iter(found.values()))[0]
+    plot({name: torch.tensor(matrix) for name, (_, matrix) in found.items()}, names, path,
+         "ratio of means, mean over seeds")
+    return True
+
+
+@dataclass
+class AblationReportArguments:
+    logs: list[str] = field(metadata={"positional": True, "help": "the sweep_summary --json logs of the parts"})
+    figures: Optional[str] = field(default=None, metadata={
+        "help": "draw PREFIX_curves.png and PREFIX_interference.png"})
+
+
+def main(argv=None) -> str:
+    args = parse_script_arguments(AblationReportArguments, argv, prog="python -m benchmarks.ablation_report",
+                                  description=__doc__)
+    runs = load_runs(args.logs)
+    variants = by_variant(runs)
+    references = single_task_references(runs)
+    parts = ["### Every routing, multi-task", "", routing_table(variants, references), "",
+             "### The paper's targets on these numbers", "", *targets(variants, references)]
+    zero_shot = zero_shot_table(variants)
+    if zero_shot:
+        parts += ["", "### Zero-shot: one task left out of pre-training", "", zero_shot]
+    tuning = tuning_table(runs)
+    if tuning:
+        parts += ["", "### Downstream tuning on 1% of a task", "", tuning]
+    text = "\n".join(parts)
+    print(text)
+    if args.figures:
+        for drawn, name in ((plot_curves(runs, args.figures + "_curves.png"), "curves"),
+                            (plot_interference(runs, args.figures + "_interference.png"), "interference")):
+            print(f"{args.figures}_{name}.png: {'written' if drawn else 'nothing to draw'}")
+    return text
+
+
+if __name__ == "__main__":
+    main()
