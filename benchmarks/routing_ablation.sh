@@ -13,7 +13,9 @@
 # zeroshot-<routing>_s<seed>). Part 12: dense and attribute, seed 0 (runs named tuned-<routing>_s0), each
 # then tuned on 1% of an unseen task (emoji group) and of a pre-trained one (Fashion-MNIST) by prompt tuning,
 # a linear probe and full fine-tuning (TUNE_RUNS, as in sweep_gpu.sh), with no interference matrix (parts 1-2
-# measure it).
+# measure it). Part 1 then also times every routing's training and inference step at Ti side by side in one
+# process (benchmarks.bench_moe, eager like the runs, three interleaved repeats: the paper's cost columns) and
+# writes $OUT/bench_moe_ti.json.
 # STEPS (default 2000) sets the schedule; DRY_RUN=1 prints the run specs (and part 12's tuning) instead;
 # PYTHON names the interpreter that reads the config (default python3).
 # Then: python -m benchmarks.sweep_summary <the unpacked sweep.tar.gz of every part> --json <log>.
@@ -67,3 +69,8 @@ INTERFERENCE_LIMIT=${INTERFERENCE_LIMIT:-90} INTERFERENCE_ARGS="--vocabulary_siz
 INTERFERENCE_TASKS=$([ -n "${tune:-}" ] || echo $interference) \
 TUNE_RUNS=${tune:-} TUNE_LIMIT=${TUNE_LIMIT:-200} TUNE_ARGS="--vocabulary_size 4096" \
   bash benchmarks/sweep_gpu.sh "${specs[@]}"
+if [ "$PART" = 1 ]; then
+  all=$(IFS=,; echo "${ROUTINGS[*]}")
+  PYTHONPATH=/tmp/site:$PWD timeout ${COST_LIMIT:-150} python3 -m benchmarks.bench_moe --sizes ti --image-size 112 \
+    --routings $all --infer-routings $all --repeats 3 --json $OUT/bench_moe_ti.json
+fi
