@@ -8,7 +8,8 @@ Prints markdown: per task and metric each routing's mean over its seeds with the
 single-task references (`single-<task>_s0`); the paper's targets checked on those numbers (every routing >= dense
 on a majority of tasks, attribute >= dense within the spread on every task, the single-task gap of dense and
 attribute, off-diagonal interference); the zero-shot runs (`zeroshot-<routing>_s<seed>`) on the task left out;
-the downstream tunings (`tuned-<routing>_s0`). `--figures PREFIX` also draws `PREFIX_curves.png` (each task's
+the downstream tunings (`tuned-<routing>_s0`); with `--cost` the step times of `benchmarks.bench_moe --json` against
+dense beside the paper's. `--figures PREFIX` also draws `PREFIX_curves.png` (each task's
 training loss, mean over seeds, one line per routing) and `PREFIX_interference.png` (the seed-mean interference
 matrices of dense and attribute MoE, ratio of means). A task's primary metric, which the targets compare, is
 accuracy for classification, word accuracy for MLM, CIDEr-D for captioning (word accuracy when no beam-search
@@ -27,6 +28,8 @@ from modeling_uniperceiver_moe.command_line import parse_script_arguments
 ROUTINGS = ("none", "attribute", "token", "context", "modality", "task")
 PRIMARY = {"classification": ("accuracy",), "mlm": ("token_accuracy",),
            "captioning": ("cider", "token_accuracy"), "retrieval": ("i2t_R@1",)}
+PAPER_COST = {"none": "1.0x / 1.0x", "attribute": "1.4x / 1.0x", "token": "1.8x / 2.2x", "context": "2.2x / 2.6x",
+              "modality": "1.4x / 1.0x", "task": "1.4x / 1.0x"}  # Zhu et al. 2022, as ../shared/docs records them
 SHOWN = ("accuracy", "token_accuracy", "perplexity", "bleu4", "cider", "i2t_R@1", "t2i_R@1")
 
 
@@ -79,7 +82,7 @@ def shown_series(variants: dict[str, dict]) -> list[str]:
                   key=lambda key: (key.rsplit("/", 1)[0], order[key.rsplit("/", 1)[-1]]))
 
 
-def routing_table(variants: dict[str, dict], references: dict[str, dict]) -> str:
+def routing_table(variants: dict[str, dict], runs: list[dict], references: dict[str, dict]) -> str:
     routings = [r for r in ROUTINGS if r in variants]
     header = ["task / metric", *(("dense" if r == "none" else r) + f" (n={len(variants[r]['seeds'])})"
                                  for r in routings)]
@@ -94,15 +97,58 @@ def routing_table(variants: dict[str, dict], references: dict[str, dict]) -> str
             row.append("-" if value is None else f"{value:.3f}")
         lines.append("| " + " | ".join(row) + " |")
     speeds = [variants[r]["median_steps_per_second"] for r in routings]
-    lines.append("| training steps/s (median; 3 runs share the GPU) | " + " | ".join(
+    lines.append("| training steps/s (median) | " + " | ".join(
         "-" if s is None else f"{s:.2f}" for s in speeds) + (" | - |" if references else " |"))
     for key, label in (("off_diagonal_ratio_of_means", "interference off the diagonal, ratio of means"),
                        ("off_diagonal_mean_of_ratios", "interference off the diagonal, mean of ratios"),
                        ("off_diagonal_expert_overlap", "tasks' expert overlap off the diagonal")):
-        values = [variants[r]["interference"].get(key) for r in routings]
-        if any(v is not None for v in values):
-            lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values)
-                         + (" | - |" if references else " |"))
+        entries = [seed_spread(runs, r, key) for r in routings]
+        if any(e is not None for e in entries):
+            lines.append(f"| {label} | " + " | ".join(cell(e) for e in entries) + (" | - |" if references else " |"))
+    used = [experts_in_use(runs, r) for r in routings]
+    if any(used):
+        lines.append(f"| experts given > {USED_SHARE:.0%} of a gate's weight by some task, per gate | " + " | ".join(
+            f"{min(u)}-{max(u)} (mean {sum(u) / len(u):.1f})" if u else "-" for u in used)
+            + (" | - |" if references else " |"))
+    return "\n".join(lines)
+
+
+USED_SHARE = 0.05
+
+
+def experts_in_use(runs: list[dict], routing: str) -> list[int]:
+    """Per gate of each seed's interference measurement, how many experts receive more than `USED_SHARE` of the
+    gate weight of at least one measured task (`training.interference`'s `expert_usage`)."""
+    counts = []
+    for run in runs:
+        usage = run.get("interference", {}).get("expert_usage")
+        if SEED_SUFFIX.sub("", run["run"]) != routing or not usage:
+            continue
+        gates = len(next(iter(usage.values())))
+        counts += [len({e for shares in usage.values() for e, share in enumerate(shares[g]) if share > USED_SHARE})
+                   for g in range(gates)]
+    return counts
+
+
+def seed_spread(runs: list[dict], routing: str, key: str) -> Optional[dict]:
+    """`{"values", "mean", "min", "max"}` of one interference summary over the seeds of `<routing>_s<seed>`."""
+    values = [run["interference"][key] for run in runs
+              if SEED_SUFFIX.sub("", run["run"]) == routing and key in run.get("interference", {})]
+    if not values:
+        return None
+    return {"values": values, "mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+
+def cost_table(bench: dict) -> str:
+    """Training and inference step time of each routing against dense, from a `benchmarks.bench_moe --json` log."""
+    rows = {(row["phase"], row["model"]): row for row in bench["rows"] if not row["compiled"]}
+    routings = [r for r in ROUTINGS if ("train", r) in rows or ("infer", r) in rows]
+    lines = ["| | " + " | ".join("dense" if r == "none" else r for r in routings) + " |",
+             "|---" * (len(routings) + 1) + "|"]
+    for phase, label in (("train", "training step time vs dense"), ("infer", "inference step time vs dense")):
+        lines.append(f"| {label} | " + " | ".join(
+            f"{rows[(phase, r)]['time_vs_dense']:.2f}x" if (phase, r) in rows else "-" for r in routings) + " |")
+    lines.append("| the paper's (train / infer) | " + " | ".join(PAPER_COST[r] for r in routings) + " |")
     return "\n".join(lines)
 
 
@@ -239,9 +285,12 @@ def plot_interference(runs: list[dict], path: str) -> bool:
 
 @dataclass
 class AblationReportArguments:
-    logs: list[str] = field(metadata={"positional": True, "help": "the sweep_summary --json logs of the parts"})
+    logs: list[str] = field(metadata={"positional": True, "input_files": True,
+                                      "help": "the sweep_summary --json logs of the parts"})
     figures: Optional[str] = field(default=None, metadata={
         "help": "draw PREFIX_curves.png and PREFIX_interference.png"})
+    cost: Optional[str] = field(default=None, metadata={
+        "help": "a benchmarks.bench_moe --json log: each routing's step time against dense, eager"})
 
 
 def main(argv=None) -> str:
@@ -250,14 +299,18 @@ def main(argv=None) -> str:
     runs = load_runs(args.logs)
     variants = by_variant(runs)
     references = single_task_references(runs)
-    parts = ["### Every routing, multi-task", "", routing_table(variants, references), "",
-             "### The paper's targets on these numbers", "", *targets(variants, references)]
+    parts = [routing_table(variants, runs, references), "", "**The paper's targets on these numbers:**", "",
+             *targets(variants, references)]
     zero_shot = zero_shot_table(variants)
     if zero_shot:
-        parts += ["", "### Zero-shot: one task left out of pre-training", "", zero_shot]
+        parts += ["", "**Zero-shot: one task left out of pre-training:**", "", zero_shot]
+    if args.cost:
+        with open(args.cost, encoding="utf-8") as handle:
+            parts += ["", "**Cost: step time against dense** (`benchmarks.bench_moe`, eager, one process):", "",
+                      cost_table(json.load(handle))]
     tuning = tuning_table(runs)
     if tuning:
-        parts += ["", "### Downstream tuning on 1% of a task", "", tuning]
+        parts += ["", "**Downstream tuning on 1% of a task:**", "", tuning]
     text = "\n".join(parts)
     print(text)
     if args.figures:

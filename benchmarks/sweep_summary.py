@@ -114,6 +114,7 @@ def summarise_run(run_dir: str) -> dict:
         if "expert_overlap" in written:  # an MoE model: how much the tasks share experts
             interference["off_diagonal_expert_overlap"] = off_diagonal_mean(written["expert_overlap"])
             interference["expert_entropy"] = written.get("expert_entropy", {})
+            interference["expert_usage"] = written.get("expert_usage", {})
     return {"run": os.path.basename(run_dir), "held_out": held_out, "other_metrics": other, "distinct_answers": distinct,
             "trivial_baseline": trivial, "word_trivial_baseline": word_trivial,
             "median_steps_per_second": round(speeds[len(speeds) // 2], 2) if speeds else None,
@@ -168,7 +169,7 @@ def by_variant(runs: list[dict]) -> dict[str, dict]:
     for variant, members in sorted(groups.items()):
         curves = [{**run.get("other_metrics", {}), **run["held_out"]} for run in members]
         series = sorted({key for run in curves for key in run})
-        values = {key: [run[key][max(run[key])] for run in curves if run.get(key)] for key in series}
+        values = {key: [run[key][max(run[key], key=int)] for run in curves if run.get(key)] for key in series}
         speeds = sorted(run["median_steps_per_second"] for run in members if run["median_steps_per_second"])
         interference = [run["interference"] for run in members if run.get("interference")]
         table[variant] = {

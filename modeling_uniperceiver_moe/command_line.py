@@ -8,6 +8,8 @@ plus three things:
   parser, so a file is checked exactly like a command line (types, choices, required options, unknown
   names);
 * positional arguments: a field with `metadata={"positional": True}` is given without its flag, in field order;
+  one that also has `"input_files": True` takes `.json` / `.yaml` files as its values, so a lone such file
+  given to that script is its input, not an options file;
 * bad input ends in argparse's usage message and exit status 2 (an unknown flag, an unknown key of the file),
   never in a traceback.
 
@@ -44,7 +46,7 @@ class ScriptArgumentParser(HfArgumentParser):
                 field = copy.copy(field)
                 field.metadata = types.MappingProxyType({**field.metadata, "action": "extend"})
             return HfArgumentParser._parse_dataclass_field(parser, field)
-        kwargs = {k: v for k, v in field.metadata.items() if k != "positional"}
+        kwargs = {k: v for k, v in field.metadata.items() if k not in ("positional", "input_files")}
         if getattr(field.type, "__origin__", None) is list:  # one or more values
             kwargs.update(type=field.type.__args__[0], nargs="+")
         else:
@@ -99,7 +101,8 @@ def parse_script_arguments(options: type[T], argv: list[str] | None = None, prog
     """Parse `argv` (default `sys.argv[1:]`) into an `options` dataclass: flags, or one options file."""
     parser = build_parser(options, prog=prog, description=description)
     argv = sys.argv[1:] if argv is None else [os.fspath(a) for a in argv]
-    if len(argv) == 1 and argv[0].endswith(OPTION_FILE_SUFFIXES):
+    takes_files = any(f.metadata.get("input_files") for f in dataclasses.fields(options))
+    if len(argv) == 1 and argv[0].endswith(OPTION_FILE_SUFFIXES) and not takes_files:
         argv = option_file_to_argv(argv[0], options, parser)
     parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:

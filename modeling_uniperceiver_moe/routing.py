@@ -151,18 +151,27 @@ class AttributeRouter(nn.Module):
 
 
 class IdRouter(nn.Module):
-    """Gate over a small id space (task ids or modality ids): one learned logit row per id.
+    """Gate over a small id space (task ids or modality ids), built like the attribute gate: Embedding(ids -> d),
+    LayerNorm, Linear(d -> E, no bias), in float32.
+
+    A gate logit is then a sum over d learned coordinates, as in the attribute gate, and not one learned
+    number: a table of logits drawn near 0 moves by about one learning rate per update of its id, far too
+    little to outgrow the training noise on the logits (std 1 / E) within a run, so its experts would be
+    drawn by the noise at every step (docs/results.md, "Why task and modality gates did not learn").
 
     Input: unique ids `[G]`; output: gate logits `[G, E]`.
     """
 
-    def __init__(self, num_ids: int, num_experts: int):
+    def __init__(self, num_ids: int, hidden_size: int, num_experts: int, eps: float):
         super().__init__()
-        self.gate = nn.Embedding(num_ids, num_experts)
+        self.embed = nn.Embedding(num_ids, hidden_size)
+        self.norm = RouterNorm(hidden_size, eps=eps)
+        self.gate = RouterLinear(hidden_size, num_experts, bias=False)
 
     def forward(self, keys: torch.Tensor) -> torch.Tensor:
         """keys: ids already range-checked by the model (`check_id_range`), once per forward."""
-        return self.gate(keys).float()
+        with torch.autocast(device_type=keys.device.type, enabled=False):
+            return self.gate(self.norm(self.embed(keys).float()))
 
 
 def check_id_range(ids: torch.Tensor, limit: int, name: str) -> None:
@@ -214,9 +223,9 @@ def build_router(config, role: str) -> nn.Module:
     if routing == "attribute":
         return AttributeRouter(config.attribute_dim, config.hidden_size, experts, config.layer_norm_eps)
     if routing == "task":
-        return IdRouter(config.num_tasks, experts)
+        return IdRouter(config.num_tasks, config.hidden_size, experts, config.layer_norm_eps)
     if routing == "modality":
-        return IdRouter(config.num_modalities, experts)
+        return IdRouter(config.num_modalities, config.hidden_size, experts, config.layer_norm_eps)
     if routing in ("token", "context"):
         return HiddenStateRouter(config.hidden_size, experts)
     raise ValueError(f"moe_routing={routing!r} has no router")

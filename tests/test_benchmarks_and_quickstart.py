@@ -411,6 +411,14 @@ def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
     assert refused.returncode == 2 and "PART must be 1-12" in refused.stderr
 
 
+def test_by_variant_takes_the_last_step_of_curves_read_back_from_json():
+    """A log read back has its steps as strings: "535" sorts after "1070", yet the last evaluation is 1070."""
+    from benchmarks.sweep_summary import by_variant
+
+    runs = [{"run": "none_s0", "held_out": {"a/accuracy": {"535": 0.25, "1070": 0.75}}, "median_steps_per_second": 1.0}]
+    assert by_variant(runs)["none"]["held_out"]["a/accuracy"]["values"] == [0.75]
+
+
 def test_ablation_report_compares_routings_with_dense_on_each_task_s_primary_metric(tmp_path):
     """The targets are read off the seed means and spreads of each task's primary metric (CIDEr for captioning;
     for MLM word accuracy, not perplexity, so a task without its primary metric is not compared); the single-task
@@ -429,9 +437,12 @@ def test_ablation_report_compares_routings_with_dense_on_each_task_s_primary_met
     runs = [run("none_s0", 0.5, 0.25, 100.0, 4.0), run("none_s1", 0.75, 0.25, 120.0, 2.0),
             run("attribute_s0", 0.25, 0.5, 90.0, 3.0), run("attribute_s1", 0.375, 0.5, 110.0, 3.0),
             run("single-fashion_mnist_classification_s0", 0.875, 0.0, 1.0, 1.0)]
+    # one gate: task a spreads over experts 0 and 1, task b puts 0.9 on 1 and 0.1 on 2, 0.04 (< 5%) on 3
+    runs[2]["interference"]["expert_usage"] = {"a": [[0.5, 0.5, 0.0, 0.0]], "b": [[0.0, 0.86, 0.1, 0.04]]}
     log = tmp_path / "part.json"
     log.write_text(json.dumps({"runs": runs}))
     text = report_main([str(log), "--figures", str(tmp_path / "ablation")])
+    assert "| experts given > 5% of a gate's weight by some task, per gate | - | 3-3 (mean 3.0) | - |" in text
     assert "| fashion_mnist_classification/accuracy | 0.625 (0.500-0.750) | 0.312 (0.250-0.375) | 0.875 |" in text
     # attribute wins captioning on CIDEr (the word accuracies tie), loses Fashion-MNIST beyond the spread
     assert "- attribute >= dense (seed means) on 1 of 2 tasks: emoji_captioning" in text

@@ -65,6 +65,18 @@ def test_an_options_file_gives_what_the_same_flags_give(tmp_path, suffix):
     assert parse_script_arguments(ExampleArguments, [str(path)]) == ExampleArguments(folder="ckpt", repo_id="u/x")
 
 
+@dataclass
+class ReportArguments:
+    logs: list[str] = field(metadata={"positional": True, "input_files": True, "help": "logs"})
+    figures: Optional[str] = field(default=None, metadata={"help": "a prefix"})
+
+
+def test_a_lone_json_file_is_the_input_of_a_command_whose_positional_takes_files(tmp_path):
+    log = tmp_path / "part.json"
+    log.write_text('{"runs": []}')
+    assert parse_script_arguments(ReportArguments, [str(log)]) == ReportArguments(logs=[str(log)])
+
+
 @pytest.mark.parametrize("argv, contents, message", [
     (["ckpt", "--repo_id", "u/x", "--bogus", "1"], None, "unrecognized arguments: --bogus 1"),
     (["ckpt"], None, "--repo_id"),  # a required option

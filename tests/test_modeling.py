@@ -623,6 +623,22 @@ def test_top1_router_learns_from_the_task_loss(routing):
     assert bool((decision.expert_weight < 1).all())
 
 
+@pytest.mark.parametrize("routing", ["attribute", "task", "modality"])
+def test_a_data_independent_gate_moves_its_logits_by_many_learning_rates_per_update(routing):
+    """Task and modality gates embed their id like the attribute gate embeds its vector (embedding, norm,
+    projection), so one AdamW update moves a logit by a sum over the width. A table of logits moves by one
+    learning rate per update: within a run it never outgrows the training noise (std 1 / experts), which
+    then draws the experts at every step."""
+    config = tiny_config(routing)
+    router = next(m.router for m in UniPerceiverMoEModel(config).modules() if hasattr(m, "router"))  # as initialised
+    key = torch.ones(1, config.attribute_dim) if routing == "attribute" else torch.zeros(1, dtype=torch.long)
+    optimizer = torch.optim.AdamW(router.parameters(), lr=1e-3, weight_decay=0.0)
+    before = router(key)[0, 0].item()
+    (-router(key)[0, 0]).backward()
+    optimizer.step()
+    assert router(key)[0, 0].item() - before > 10 * 1e-3
+
+
 # ------------------------------------------------------------------------------------------ losses
 def test_label_smoothing_is_the_reference_s_per_task_family_unless_the_config_sets_it():
     config = tiny_config()

@@ -34,3 +34,22 @@ def test_readme_results_table_is_the_one_the_logs_give():
 
     assert results_table.readme_table() == results_table.render(), (
         "README.md's results table differs from the logs: run python -m benchmarks.results_table --write")
+
+
+@pytest.mark.parametrize("marker, logs", [
+    ("GPU", ["routing_ablation_part1_h200.json", "routing_ablation_part2_h200.json", "routing_ablation_part7_h200.json",
+             "--cost", "routing_ablation_cost_ti_h200.json"]),
+    ("CPU", ["routing_ablation_cpu.json"]),
+])
+def test_results_routing_ablation_tables_are_the_ones_the_logs_give(marker, logs):
+    """docs/results.md's routing-ablation tables are exactly what `python -m benchmarks.ablation_report` prints."""
+    from benchmarks.ablation_report import main as report_main
+
+    learning = os.path.join(REPO, "docs", "logs", "learning")
+    argv = [arg if arg.startswith("--") else os.path.join(learning, arg) for arg in logs]
+    with open(os.path.join(REPO, "docs", "results.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    start = text.index("\n", text.index(f"<!-- routing ablation, {marker}:")) + 1
+    end = text.index(f"<!-- end of routing ablation, {marker} -->")
+    assert text[start:end].rstrip("\n") == report_main(argv), \
+        "docs/results.md's routing-ablation table differs from the logs: rerun benchmarks.ablation_report"
