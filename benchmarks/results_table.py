@@ -105,6 +105,32 @@ def prompt_tuning_row() -> tuple[str, str]:
             f"{seen['after']['accuracy']:.3f} on {seen['eval_samples']:,} held-out images")
 
 
+def routing_ablation_row() -> tuple[str, str]:
+    from benchmarks.ablation_report import experts_in_use, load_runs, primary_series, seed_spread
+    from benchmarks.sweep_summary import by_variant
+
+    runs = load_runs([os.path.join(LOGS, "learning", f"routing_ablation_part{part}_h200.json") for part in (1, 2)])
+    variants = by_variant(runs)
+    dense, moe = variants["none"]["held_out"], variants["attribute"]["held_out"]
+    tasks = sorted({key.split("/")[0] for key in dense})
+    keys = [primary_series(task, set(dense) & set(moe)) for task in tasks]
+    keys = [key for key in keys if key]
+    at_least = sum(moe[key]["mean"] >= dense[key]["mean"] for key in keys)
+    below = sum(moe[key]["max"] < dense[key]["min"] for key in keys)
+    cost = {(r["phase"], r["model"]): r["time_vs_dense"] for r in load("learning/routing_ablation_cost_ti_h200.json")["rows"]}
+    used = experts_in_use(runs, "attribute")
+    shown = [key for key in keys if key.split("/")[0] in ("fashion_mnist_classification", "kjv_mlm",
+                                                         "wordnet_lexname_classification", "emoji_retrieval")]
+    seeds = len(variants["none"]["seeds"])
+    return (f"routing ablation: attribute MoE vs dense, Ti, `gpu_b.yaml` (nine tasks), 1 x H200, 2,000 steps, "
+            f"{seeds} seeds each",
+            f"attribute's seed mean >= dense's on {at_least} of {len(keys)} tasks, below dense's worst seed on {below}; "
+            + ", ".join(f"{SHORT[key.split('/')[0]]} {moe[key]['mean']:.3f} vs {dense[key]['mean']:.3f}" for key in shown)
+            + f"; interference off the diagonal (ratio of means) {seed_spread(runs, 'attribute', 'off_diagonal_ratio_of_means')['mean']:.3f}"
+            f" vs {seed_spread(runs, 'none', 'off_diagonal_ratio_of_means')['mean']:.3f}; per gate, {min(used)}-{max(used)} "
+            f"of 8 experts carry > 5% of some task's gate weight; step time {cost[('train', 'attribute')]:.2f}x dense in training, "
+            f"{cost[('infer', 'attribute')]:.2f}x in inference (eager)")
+
 def graphed_ratios(log_name: str) -> dict[tuple[str, str], float]:
     """(phase, routing) -> time vs dense from the per-variant lines of a CUDA-graph `bench_moe` log."""
     with open(os.path.join(LOGS, log_name), encoding="utf-8") as handle:
@@ -195,7 +221,7 @@ SPANS_LOGS = (SPANS_TI_AND_B_LOG, "bench_trainer_spans_moe_ti_h200.json", "bench
 
 
 def render() -> str:
-    rows = [main_job_row(), single_task_row(), multitask_row(), prompt_tuning_row(), speed_row(), trainer_row(),
+    rows = [main_job_row(), single_task_row(), multitask_row(), routing_ablation_row(), prompt_tuning_row(), speed_row(), trainer_row(),
             spans_trainer_row()]
     return "\n".join(["| what | measured |", "|---|---|"] + [f"| {what} | {measured} |" for what, measured in rows])
 
