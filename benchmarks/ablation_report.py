@@ -5,13 +5,14 @@
         --figures docs/logs/learning/routing_ablation_h200
 
 Prints markdown: per task and metric each routing's mean over its seeds with the spread (min-max), beside the
-single-task references (`single-<task>_s0`); the paper's targets checked on those numbers (every routing >= dense
-on a majority of tasks, attribute >= dense within the spread on every task, the single-task gap of dense and
-attribute, off-diagonal interference); the zero-shot runs (`zeroshot-<routing>_s<seed>`) on the task left out;
-the downstream tunings (`tuned-<routing>_s0`); with `--cost` the step times of `benchmarks.bench_moe --json` against
-dense beside the paper's. `--figures PREFIX` also draws `PREFIX_curves.png` (each task's
-training loss, mean over seeds, one line per routing) and `PREFIX_interference.png` (the seed-mean interference
-matrices of dense and attribute MoE, ratio of means). A task's primary metric, which the targets compare, is
+single-task references (`single-<task>_s0`), and any other variant after the routings; the paper's targets
+checked on those numbers (every routing >= dense on a majority of tasks, attribute >= dense within the spread
+on every task, the single-task gap of dense and attribute, off-diagonal interference); the zero-shot runs
+(`zeroshot-<routing>_s<seed>`) on the task left out; the downstream tunings (`tuned-<routing>_s0`); with
+`--cost` the step times of `benchmarks.bench_moe --json` against dense beside the paper's. `--figures PREFIX`
+also draws `PREFIX_curves.png` (each task's training loss, mean over seeds, one line per routing) and
+`PREFIX_interference.png` (the seed-mean interference matrices of dense and attribute MoE, ratio of means).
+A task's primary metric, which the targets compare, is
 accuracy for classification, word accuracy for MLM, CIDEr-D for captioning (word accuracy when no beam-search
 evaluation ran) and image-to-text recall@1 for retrieval, all higher-is-better.
 """
@@ -72,7 +73,8 @@ def cell(entry: Optional[dict]) -> str:
         return "-"
     if len(entry["values"]) == 1:
         return f"{entry['mean']:.3f}"
-    return f"{entry['mean']:.3f} ({entry['min']:.3f}-{entry['max']:.3f})"
+    between = " to " if entry["min"] < 0 else "-"  # "-0.45 to -0.21", not "-0.45--0.21"
+    return f"{entry['mean']:.3f} ({entry['min']:.3f}{between}{entry['max']:.3f})"
 
 
 def shown_series(variants: dict[str, dict]) -> list[str]:
@@ -82,8 +84,17 @@ def shown_series(variants: dict[str, dict]) -> list[str]:
                   key=lambda key: (key.rsplit("/", 1)[0], order[key.rsplit("/", 1)[-1]]))
 
 
+OTHER_PARTS = ("single-", "zeroshot-", "tuned-")  # run-name prefixes with tables of their own
+
+
+def table_columns(variants: dict[str, dict]) -> list[str]:
+    """The routings in `ROUTINGS` order, then any other variant (e.g. a routing with one option changed)."""
+    others = sorted(v for v in variants if v not in ROUTINGS and not v.startswith(OTHER_PARTS))
+    return [r for r in ROUTINGS if r in variants] + others
+
+
 def routing_table(variants: dict[str, dict], runs: list[dict], references: dict[str, dict]) -> str:
-    routings = [r for r in ROUTINGS if r in variants]
+    routings = table_columns(variants)
     header = ["task / metric", *(("dense" if r == "none" else r) + f" (n={len(variants[r]['seeds'])})"
                                  for r in routings)]
     if references:
@@ -155,7 +166,7 @@ def cost_table(bench: dict) -> str:
 def targets(variants: dict[str, dict], references: dict[str, dict]) -> list[str]:
     """The paper's claims, checked on the primary metric of every task both sides measured."""
     if "none" not in variants:
-        return ["- no dense runs yet: nothing to compare against"]
+        return ["- no dense runs in these logs: nothing to compare against"]
     dense = variants["none"]["held_out"]
     tasks = sorted({key.rsplit("/", 1)[0] for key in dense})
     lines = []

@@ -130,6 +130,9 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         moe_eval_capacity_factor (`float`, *optional*): the same at evaluation; `None` drops nothing.
         moe_aux_loss_coef (`float`, defaults to 0.01): Switch/GShard load-balancing loss weight (token/context).
         moe_z_loss_coef (`float`, defaults to 1e-3): router z-loss weight (token/context).
+        moe_route_balance_coef (`float`, defaults to 0.0): the same Switch/GShard load-balancing loss for the
+            data-independent routings (attribute, task, modality), each route key's decision weighted by its
+            real tokens in training; 0 (the reference) adds none. It pushes route keys onto different experts.
         output_router_logits (`bool`, defaults to `False`): the default of `forward(output_router_logits=...)`.
         The standard MoE names `num_experts` / `num_local_experts`, `num_experts_per_tok` and
         `router_aux_loss_coef` read and set `moe_num_experts`, `moe_top_k` and `moe_aux_loss_coef`.
@@ -212,6 +215,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         moe_eval_capacity_factor: float | None = None,
         moe_aux_loss_coef: float = 0.01,
         moe_z_loss_coef: float = 1e-3,
+        moe_route_balance_coef: float = 0.0,
         attribute_dim: int = 8,
         num_tasks: int = 16,
         num_modalities: int = len(MODALITIES),
@@ -278,6 +282,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
         self.moe_eval_capacity_factor = moe_eval_capacity_factor
         self.moe_aux_loss_coef = moe_aux_loss_coef
         self.moe_z_loss_coef = moe_z_loss_coef
+        self.moe_route_balance_coef = moe_route_balance_coef
         self.attribute_dim = attribute_dim
         self.num_tasks = num_tasks
         self.num_modalities = num_modalities
@@ -409,7 +414,7 @@ class UniPerceiverMoEConfig(PretrainedConfig):
             value = getattr(self, field)
             if value is not None and value <= 0:
                 fail(field, f"must be > 0, got {value}")
-        for field in ("moe_aux_loss_coef", "moe_z_loss_coef"):
+        for field in ("moe_aux_loss_coef", "moe_z_loss_coef", "moe_route_balance_coef"):
             if getattr(self, field) < 0:
                 fail(field, f"must be >= 0, got {getattr(self, field)}")
         if self.moe_routing == "attribute" and self.attribute_dim < 1:

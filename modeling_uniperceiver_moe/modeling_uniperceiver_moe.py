@@ -582,8 +582,8 @@ class UniPerceiverMoEGate(nn.Module):
         if state.merged is not None and self.role not in state.merged.gates:  # offloaded: decide here
             decision = self.decide(gate_route_input(cfg, state.merged.keys))
             gates = decision.dense_weights(self.num_choices)
-            return MergedDispatch(gates, state.groups, decision, rows_sorted, None, None), hidden.new_zeros(
-                (), dtype=torch.float32)
+            return (MergedDispatch(gates, state.groups, decision, rows_sorted, None, None),
+                    self.route_balance_loss(decision, state, hidden))
         if state.merged is not None:  # data-independent: decided once per step in `merge_experts`
             decision, gates = state.merged.decisions[self.role], state.merged.gates[self.role]
             if state.merged_rows is not None:
@@ -591,7 +591,7 @@ class UniPerceiverMoEGate(nn.Module):
                 decision = GateDecision(*(t.index_select(0, rows) for t in (decision.logits, decision.expert_index, decision.expert_weight)))
                 gates = gates.index_select(0, rows)
             dispatch = MergedDispatch(gates, state.groups, decision, rows_sorted, state.merged, state.merged_rows)
-            return dispatch, hidden.new_zeros((), dtype=torch.float32)
+            return dispatch, self.route_balance_loss(decision, state, hidden)
         if cfg.moe_routing == "context":
             mask = state.token_mask.to(hidden.dtype)[:, None]
             sums = hidden.new_zeros(state.batch_size, hidden.shape[1]).index_add_(0, state.sequence_index, hidden * mask)
@@ -608,6 +608,17 @@ class UniPerceiverMoEGate(nn.Module):
         aux = cfg.moe_aux_loss_coef * load_balancing_loss(decision, cfg.moe_num_experts, state.token_mask)
         aux = aux + cfg.moe_z_loss_coef * router_z_loss(decision, state.token_mask)
         return dispatch, aux
+
+
+    def route_balance_loss(self, decision: GateDecision, state: RoutingState, hidden: torch.Tensor) -> torch.Tensor:
+        """Data-independent routings: `moe_route_balance_coef` times the load-balancing loss of the route groups'
+        decisions `[G, ...]` given to their tokens (each real token counts once), in training; 0 otherwise."""
+        coef = self.config.moe_route_balance_coef
+        if coef == 0 or not self.training or isinstance(self.router, FoldedRouter):
+            return hidden.new_zeros((), dtype=torch.float32)
+        per_token = GateDecision(*(t.index_select(0, state.groups.token_group)
+                                   for t in (decision.logits, decision.expert_index, decision.expert_weight)))
+        return coef * load_balancing_loss(per_token, self.config.moe_num_experts, state.token_mask)
 
 
 def make_projection(config: UniPerceiverMoEConfig, layer_idx: int, name: str, in_features: int, out_features: int):

@@ -639,6 +639,30 @@ def test_a_data_independent_gate_moves_its_logits_by_many_learning_rates_per_upd
     assert router(key)[0, 0].item() - before > 10 * 1e-3
 
 
+@pytest.mark.parametrize("routing", ["attribute", "task", "modality"])
+def test_route_balance_loss_trains_data_independent_gates_only_when_asked(routing):
+    """`moe_route_balance_coef` adds the Switch balance loss of the route groups' decisions, each token counted
+    once, in training: the aux loss is that coefficient times the balance loss of the tokens' decisions, and its
+    gradient reaches the routers; off by default (the reference) and in evaluation."""
+    batch = make_batch()
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])  # every token real
+    torch.manual_seed(0)
+    config = tiny_config(routing, moe_route_balance_coef=0.5, moe_router_noise_std=0.0)
+    model = UniPerceiverMoEModel(config).train()
+    out = model(**batch, output_router_logits=True)
+    experts = config.moe_num_experts
+    expected = sum(0.5 * load_balancing_loss(select_top_k(logits.reshape(-1, experts), config.moe_top_k, 0.0, False),
+                                             experts) for logits in out.router_logits)  # one term per gate
+    torch.testing.assert_close(out.aux_loss, expected)
+    assert out.aux_loss.item() > 0
+    out.aux_loss.backward()
+    routers = [p for n, p in model.named_parameters() if ".router." in n]
+    assert routers and any(p.grad is not None and p.grad.abs().max() > 0 for p in routers)
+    assert model.eval()(**batch).aux_loss.item() == 0
+    torch.manual_seed(0)
+    assert UniPerceiverMoEModel(tiny_config(routing)).train()(**batch).aux_loss.item() == 0
+
+
 # ------------------------------------------------------------------------------------------ losses
 def test_label_smoothing_is_the_reference_s_per_task_family_unless_the_config_sets_it():
     config = tiny_config()
