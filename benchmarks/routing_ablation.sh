@@ -13,7 +13,9 @@
 # zeroshot-<routing>_s<seed>). Part 12: dense and attribute, seed 0 (runs named tuned-<routing>_s0), each
 # then tuned on 1% of an unseen task (emoji group) and of a pre-trained one (Fashion-MNIST) by prompt tuning,
 # a linear probe and full fine-tuning (TUNE_RUNS, as in sweep_gpu.sh), with no interference matrix (parts 1-2
-# measure it). Part 1 then also times every routing's training and inference step at Ti side by side in one
+# measure it). Part 13: attribute with a balance loss over its route keys (model.moe_route_balance_coef,
+# BALANCE_COEF, default 0.01) over seeds 0-2, runs named attribute-balance_s<seed>, with their interference
+# matrices and expert use, beside part 2's attribute runs. Part 1 then also times every routing's training and inference step at Ti side by side in one
 # process (benchmarks.bench_moe, eager like the runs, three interleaved repeats: the paper's cost columns) and
 # writes $OUT/bench_moe_ti.json.
 # STEPS (default 2000) sets the schedule; DRY_RUN=1 prints the run specs (and part 12's tuning) instead;
@@ -53,9 +55,14 @@ elif [ "$PART" = 12 ]; then
   tune=${TUNE_RUNS:-emoji_group_classification:prompt,emoji_group_classification:linear_probe,\
 emoji_group_classification:full,fashion_mnist_classification:prompt,fashion_mnist_classification:linear_probe,\
 fashion_mnist_classification:full}
+elif [ "$PART" = 13 ]; then
+  for seed in 0 1 2; do
+    specs+=("attribute-balance_s$seed|$COMMON --set model.moe_routing=attribute --set seed=$seed \
+--set model.moe_route_balance_coef=${BALANCE_COEF:-0.01}")
+  done
 else
-  echo "PART must be 1-12 (1-6: a routing over seeds 0-2; 7-9: single-task references; 10-11: zero-shot, dense" \
-    "and attribute; 12: dense and attribute tuned downstream), got '$PART'" >&2
+  echo "PART must be 1-13 (1-6: a routing over seeds 0-2; 7-9: single-task references; 10-11: zero-shot, dense" \
+    "and attribute; 12: dense and attribute tuned downstream; 13: attribute with a route balance loss), got '$PART'" >&2
   exit 2
 fi
 if [ -n "${DRY_RUN:-}" ]; then

@@ -347,8 +347,8 @@ def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
     """`benchmarks/routing_ablation.sh` (DRY_RUN=1 prints each part's runs): parts 1-6 are every routing
     over seeds 0-2, parts 7-9 train each gpu_b.yaml task alone once, with every other task at weight 0,
     parts 10-11 dense and attribute over seeds 0-2 with openclipart captioning alone at weight 0 (zero-shot),
-    part 12 dense and attribute tuned downstream by every method; all runs share the same schedule and
-    learning rate; a part outside 1-12 is refused."""
+    part 12 dense and attribute tuned downstream by every method, part 13 attribute with a route balance loss
+    over seeds 0-2; all runs share the same schedule and learning rate; a part outside 1-13 is refused."""
     import os
     import subprocess
     import sys
@@ -368,8 +368,8 @@ def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
         tuning[number] = [line.removeprefix("tune: ") for line in lines if line.startswith("tune: ")]
         return [(line.split("|")[0], line.split("|")[1].split()) for line in lines if not line.startswith("tune: ")]
 
-    routed, single, zero_shot, tuned, tuning = set(), [], set(), set(), {}
-    for number in range(1, 13):
+    routed, single, zero_shot, tuned, tuning, balanced = set(), [], set(), set(), {}, set()
+    for number in range(1, 14):
         for name, args in part(number):
             assert set(args[::2]) == {"--set"}, name
             settings = set(args[1::2])
@@ -392,6 +392,11 @@ def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
                 assert name == f"zeroshot-{routing}_s{seed}"
                 assert held_out == ["tasks.openclipart_captioning.weight=0"]
                 zero_shot.add((routing, seed))
+            elif number == 13:
+                seed = next(s.split("=")[1] for s in settings if s.startswith("seed="))
+                assert name == f"attribute-balance_s{seed}"
+                assert {"model.moe_routing=attribute", "model.moe_route_balance_coef=0.01"} <= settings
+                balanced.add(seed)
             else:
                 routing = next(s.split("=")[1] for s in settings if s.startswith("model.moe_routing="))
                 assert name == f"tuned-{routing}_s0" and "seed=0" in settings
@@ -401,14 +406,15 @@ def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
     assert sorted(single) == sorted(tasks)
     assert zero_shot == {(routing, seed) for routing in ("none", "attribute") for seed in "012"}
     assert tuned == {"none", "attribute"}
+    assert balanced == set("012")
     assert all(not lines for number, lines in tuning.items() if number != 12)
     (pairs,) = tuning[12]
     assert sorted(pairs.split(",")) == sorted(f"{task}:{method}" for task in
                                               ("emoji_group_classification", "fashion_mnist_classification")
                                               for method in ("prompt", "linear_probe", "full"))
     refused = subprocess.run(["bash", "benchmarks/routing_ablation.sh"], cwd=repo, capture_output=True, text=True,
-                             env=dict(os.environ, PART="13", DRY_RUN="1", PYTHON=sys.executable))
-    assert refused.returncode == 2 and "PART must be 1-12" in refused.stderr
+                             env=dict(os.environ, PART="14", DRY_RUN="1", PYTHON=sys.executable))
+    assert refused.returncode == 2 and "PART must be 1-13" in refused.stderr
 
 
 def test_by_variant_takes_the_last_step_of_curves_read_back_from_json():
