@@ -15,9 +15,9 @@
 # a linear probe and full fine-tuning (TUNE_RUNS, as in sweep_gpu.sh), with no interference matrix (parts 1-2
 # measure it). Part 13: attribute with a balance loss over its route keys (model.moe_route_balance_coef,
 # BALANCE_COEF, default 0.01) over seeds 0-2, runs named attribute-balance_s<seed>, with their interference
-# matrices and expert use, beside part 2's attribute runs. Part 1 then also times every routing's training and inference step at Ti side by side in one
-# process (benchmarks.bench_moe, eager like the runs, three interleaved repeats: the paper's cost columns) and
-# writes $OUT/bench_moe_ti.json.
+# matrices and expert use, beside part 2's attribute runs. Part 1 then also times every routing's training
+# and inference step at Ti side by side in one process (benchmarks.bench_moe, eager like the runs, three
+# interleaved repeats: the paper's cost columns) and writes $OUT/bench_moe_ti.json.
 # STEPS (default 2000) sets the schedule; DRY_RUN=1 prints the run specs (and part 12's tuning) instead;
 # PYTHON names the interpreter that reads the config (default python3).
 # Then: python -m benchmarks.sweep_summary <the unpacked sweep.tar.gz of every part> --json <log>.

@@ -15,7 +15,7 @@ TUNE_RUNS; `tuning` below). `--json` also writes
 "trivial_baseline": {task: value}, "word_trivial_baseline": {captioning task: value},
 "median_steps_per_second", "gradient_norms": {task: {"steps", "min", "median"}},
 "training_loss": {task: {step: mean over LOSS_WINDOW steps}}, "plain",
-"interference": {"tasks", "matrix", "matrix_ratio_of_means", off-diagonal means, expert overlap and entropy},
+"interference": {"tasks", "matrix", "matrix_ratio_of_means", off-diagonal means, expert overlap, entropy and usage},
 "tuning": {"task/method": {"before", "after", ...}}}]}` for docs/logs. The trivial baselines (majority class, most frequent word, chance
 recall) come from the run's report.json, so a run that did not finish has none; they move with the seed,
 which draws the held-out rows. The gradient norms are before clipping: a task whose minimum is above `optim.grad_clip` had

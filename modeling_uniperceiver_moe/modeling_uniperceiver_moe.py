@@ -582,8 +582,10 @@ class UniPerceiverMoEGate(nn.Module):
         if state.merged is not None and self.role not in state.merged.gates:  # offloaded: decide here
             decision = self.decide(gate_route_input(cfg, state.merged.keys))
             gates = decision.dense_weights(self.num_choices)
+            own = decision if state.merged_rows is None else GateDecision(*(  # the rows of this pass's groups
+                t.index_select(0, state.merged_rows) for t in (decision.logits, decision.expert_index, decision.expert_weight)))
             return (MergedDispatch(gates, state.groups, decision, rows_sorted, None, None),
-                    self.route_balance_loss(decision, state, hidden))
+                    self.route_balance_loss(own, state, hidden))
         if state.merged is not None:  # data-independent: decided once per step in `merge_experts`
             decision, gates = state.merged.decisions[self.role], state.merged.gates[self.role]
             if state.merged_rows is not None:
@@ -608,7 +610,6 @@ class UniPerceiverMoEGate(nn.Module):
         aux = cfg.moe_aux_loss_coef * load_balancing_loss(decision, cfg.moe_num_experts, state.token_mask)
         aux = aux + cfg.moe_z_loss_coef * router_z_loss(decision, state.token_mask)
         return dispatch, aux
-
 
     def route_balance_loss(self, decision: GateDecision, state: RoutingState, hidden: torch.Tensor) -> torch.Tensor:
         """Data-independent routings: `moe_route_balance_coef` times the load-balancing loss of the route groups'

@@ -157,7 +157,7 @@ class IdRouter(nn.Module):
     A gate logit is then a sum over d learned coordinates, as in the attribute gate, and not one learned
     number: a table of logits drawn near 0 moves by about one learning rate per update of its id, far too
     little to outgrow the training noise on the logits (std 1 / E) within a run, so its experts would be
-    drawn by the noise at every step (docs/results.md, "Why task and modality gates did not learn").
+    drawn by the noise at every step (docs/results.md, "Why the task and modality gates embed their id").
 
     Input: unique ids `[G]`; output: gate logits `[G, E]`.
     """
