@@ -23,12 +23,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from benchmarks.sweep_summary import SEED_SUFFIX, by_variant
+from benchmarks.sweep_summary import HEADLINE, SEED_SUFFIX, by_variant
 from modeling_uniperceiver_moe.command_line import parse_script_arguments
+from training.tasks import get_task
 
 ROUTINGS = ("none", "attribute", "token", "context", "modality", "task")
-PRIMARY = {"classification": ("accuracy",), "mlm": ("token_accuracy",),
-           "captioning": ("cider", "token_accuracy"), "retrieval": ("i2t_R@1",)}
+PRIMARY_FIRST = {"captioning": "cider"}  # a family's primary metric where it is not the headline (when measured)
 PAPER_COST = {"none": "1.0x / 1.0x", "attribute": "1.4x / 1.0x", "token": "1.8x / 2.2x", "context": "2.2x / 2.6x",
               "modality": "1.4x / 1.0x", "task": "1.4x / 1.0x"}  # Zhu et al. 2022, as ../shared/docs records them
 SHOWN = ("accuracy", "token_accuracy", "perplexity", "bleu4", "cider", "i2t_R@1", "t2i_R@1")
@@ -44,16 +44,29 @@ def load_runs(paths: list[str]) -> list[dict]:
     return [runs[name] for name in sorted(runs)]
 
 
-def task_family(task: str) -> str:
-    return task.rsplit("_", 1)[-1]
-
-
 def primary_series(task: str, available: set[str]) -> Optional[str]:
-    """The `task/metric` key the targets compare for `task`, the first of its family's choices that was measured."""
-    for metric in PRIMARY.get(task_family(task), ()):
-        if f"{task}/{metric}" in available:
-            return f"{task}/{metric}"
-    return None
+    """The `task/metric` key the targets compare for `task`: its family's `PRIMARY_FIRST` metric when measured,
+    else the task's headline metric (`training.evaluation.headline`), when measured."""
+    first = PRIMARY_FIRST.get(get_task(task).family)
+    if first and f"{task}/{first}" in available:
+        return f"{task}/{first}"
+    headline = [key for key in available if key.split("/")[0] == task and key.split("/")[1] in HEADLINE]
+    return headline[0] if headline else None
+
+
+def seed_runs(runs: list[dict], variant: str) -> list[dict]:
+    """The runs `<variant>_s<seed>`."""
+    return [run for run in runs if SEED_SUFFIX.search(run["run"]) and SEED_SUFFIX.sub("", run["run"]) == variant]
+
+
+def compare_with_dense(variants: dict[str, dict], routing: str) -> tuple[list[str], list[str], list[str]]:
+    """(tasks compared on their primary metric, those where `routing`'s seed mean >= dense's, those where its
+    best seed is below dense's worst)."""
+    dense, mine = variants["none"]["held_out"], variants[routing]["held_out"]
+    keys = {task: primary_series(task, set(dense) & set(mine)) for task in sorted({k.split("/")[0] for k in dense})}
+    keys = {task: key for task, key in keys.items() if key}
+    return (list(keys), [task for task, key in keys.items() if mine[key]["mean"] >= dense[key]["mean"]],
+            [task for task, key in keys.items() if mine[key]["max"] < dense[key]["min"]])
 
 
 def single_task_references(runs: list[dict]) -> dict[str, dict[str, float]]:
@@ -131,9 +144,9 @@ def experts_in_use(runs: list[dict], routing: str) -> list[int]:
     """Per gate of each seed's interference measurement, how many experts receive more than `USED_SHARE` of the
     gate weight of at least one measured task (`training.interference`'s `expert_usage`)."""
     counts = []
-    for run in runs:
+    for run in seed_runs(runs, routing):
         usage = run.get("interference", {}).get("expert_usage")
-        if SEED_SUFFIX.sub("", run["run"]) != routing or not usage:
+        if not usage:
             continue
         gates = len(next(iter(usage.values())))
         counts += [len({e for shares in usage.values() for e, share in enumerate(shares[g]) if share > USED_SHARE})
@@ -143,8 +156,7 @@ def experts_in_use(runs: list[dict], routing: str) -> list[int]:
 
 def seed_spread(runs: list[dict], routing: str, key: str) -> Optional[dict]:
     """`{"values", "mean", "min", "max"}` of one interference summary over the seeds of `<routing>_s<seed>`."""
-    values = [run["interference"][key] for run in runs
-              if SEED_SUFFIX.sub("", run["run"]) == routing and key in run.get("interference", {})]
+    values = [run["interference"][key] for run in seed_runs(runs, routing) if key in run.get("interference", {})]
     if not values:
         return None
     return {"values": values, "mean": sum(values) / len(values), "min": min(values), "max": max(values)}
@@ -167,18 +179,12 @@ def targets(variants: dict[str, dict], references: dict[str, dict]) -> list[str]
     """The paper's claims, checked on the primary metric of every task both sides measured."""
     if "none" not in variants:
         return ["- no dense runs in these logs: nothing to compare against"]
-    dense = variants["none"]["held_out"]
-    tasks = sorted({key.rsplit("/", 1)[0] for key in dense})
     lines = []
     for routing in [r for r in ROUTINGS if r in variants and r != "none"]:
-        mine = variants[routing]["held_out"]
-        compared = [(task, primary_series(task, set(dense) & set(mine))) for task in tasks]
-        compared = [(task, key) for task, key in compared if key]
-        better = [task for task, key in compared if mine[key]["mean"] >= dense[key]["mean"]]
+        compared, better, below = compare_with_dense(variants, routing)
         lines.append(f"- {routing} >= dense (seed means) on {len(better)} of {len(compared)} tasks"
                      + (f": {', '.join(better)}" if better else ""))
         if routing == "attribute":
-            below = [task for task, key in compared if mine[key]["max"] < dense[key]["min"]]
             lines.append("- attribute below dense beyond the seed spread (its best seed below dense's worst) on "
                          + (", ".join(below) if below else "no task"))
     for routing in ("none", "attribute"):
@@ -228,13 +234,12 @@ def tuning_table(runs: list[dict]) -> str:
 
 def mean_curves(runs: list[dict], routing: str) -> dict[str, dict[int, float]]:
     """Each task's training-loss curve of `<routing>_s<seed>`, averaged over the seeds at the steps all share."""
-    members = [run for run in runs if SEED_SUFFIX.sub("", run["run"]) == routing and run.get("training_loss")]
+    members = [run["training_loss"] for run in seed_runs(runs, routing) if run.get("training_loss")]
     curves = {}
-    for task in sorted({t for run in members for t in run["training_loss"]}):
-        series = [run["training_loss"].get(task, {}) for run in members]
-        steps = sorted(set.intersection(*(set(map(int, s)) for s in series)))
-        curves[task] = {step: sum(s[str(step)] if str(step) in s else s[step] for s in series) / len(series)
-                        for step in steps}
+    for task in sorted({t for losses in members for t in losses}):
+        series = [{int(step): loss for step, loss in losses.get(task, {}).items()} for losses in members]
+        steps = sorted(set.intersection(*(set(s) for s in series)))
+        curves[task] = {step: sum(s[step] for s in series) / len(series) for step in steps}
     return curves
 
 
@@ -270,8 +275,7 @@ def plot_curves(runs: list[dict], path: str) -> bool:
 
 
 def mean_matrix(runs: list[dict], routing: str, key: str = "matrix_ratio_of_means"):
-    members = [run["interference"] for run in runs
-               if SEED_SUFFIX.sub("", run["run"]) == routing and run.get("interference", {}).get(key)]
+    members = [run["interference"] for run in seed_runs(runs, routing) if run.get("interference", {}).get(key)]
     if not members:
         return None, None
     size = len(members[0][key])

@@ -106,17 +106,14 @@ def prompt_tuning_row() -> tuple[str, str]:
 
 
 def routing_ablation_row() -> tuple[str, str]:
-    from benchmarks.ablation_report import experts_in_use, load_runs, primary_series, seed_spread
+    from benchmarks.ablation_report import compare_with_dense, experts_in_use, load_runs, primary_series, seed_spread
     from benchmarks.sweep_summary import by_variant
 
     runs = load_runs([os.path.join(LOGS, "learning", f"routing_ablation_part{part}_h200.json") for part in (1, 2)])
     variants = by_variant(runs)
     dense, moe = variants["none"]["held_out"], variants["attribute"]["held_out"]
-    tasks = sorted({key.split("/")[0] for key in dense})
-    keys = [primary_series(task, set(dense) & set(moe)) for task in tasks]
-    keys = [key for key in keys if key]
-    at_least = sum(moe[key]["mean"] >= dense[key]["mean"] for key in keys)
-    below = sum(moe[key]["max"] < dense[key]["min"] for key in keys)
+    compared, at_least, below = compare_with_dense(variants, "attribute")
+    keys = [primary_series(task, set(dense) & set(moe)) for task in compared]
     cost = {(r["phase"], r["model"]): r["time_vs_dense"] for r in load("learning/routing_ablation_cost_ti_h200.json")["rows"]}
     used = experts_in_use(runs, "attribute")
     shown = [key for key in keys if key.split("/")[0] in ("fashion_mnist_classification", "kjv_mlm",
@@ -124,7 +121,8 @@ def routing_ablation_row() -> tuple[str, str]:
     seeds = len(variants["none"]["seeds"])
     return (f"routing ablation: attribute MoE vs dense, Ti, `gpu_b.yaml` (nine tasks), 1 x H200, 2,000 steps, "
             f"{seeds} seeds each",
-            f"attribute's seed mean >= dense's on {at_least} of {len(keys)} tasks, below dense's worst seed on {below}; "
+            f"attribute's seed mean >= dense's on {len(at_least)} of {len(compared)} tasks, below dense's worst seed on "
+            f"{len(below)}; "
             + ", ".join(f"{SHORT[key.split('/')[0]]} {moe[key]['mean']:.3f} vs {dense[key]['mean']:.3f}" for key in shown)
             + f"; interference off the diagonal (ratio of means) {seed_spread(runs, 'attribute', 'off_diagonal_ratio_of_means')['mean']:.3f}"
             f" vs {seed_spread(runs, 'none', 'off_diagonal_ratio_of_means')['mean']:.3f}; per gate, {min(used)}-{max(used)} "

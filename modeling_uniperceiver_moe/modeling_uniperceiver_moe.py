@@ -582,10 +582,8 @@ class UniPerceiverMoEGate(nn.Module):
         if state.merged is not None and self.role not in state.merged.gates:  # offloaded: decide here
             decision = self.decide(gate_route_input(cfg, state.merged.keys))
             gates = decision.dense_weights(self.num_choices)
-            own = decision if state.merged_rows is None else GateDecision(*(  # the rows of this pass's groups
-                t.index_select(0, state.merged_rows) for t in (decision.logits, decision.expert_index, decision.expert_weight)))
             return (MergedDispatch(gates, state.groups, decision, rows_sorted, None, None),
-                    self.route_balance_loss(own, state, hidden))
+                    self.route_balance_loss(decision, state, hidden, state.merged_rows))
         if state.merged is not None:  # data-independent: decided once per step in `merge_experts`
             decision, gates = state.merged.decisions[self.role], state.merged.gates[self.role]
             if state.merged_rows is not None:
@@ -611,13 +609,16 @@ class UniPerceiverMoEGate(nn.Module):
         aux = aux + cfg.moe_z_loss_coef * router_z_loss(decision, state.token_mask)
         return dispatch, aux
 
-    def route_balance_loss(self, decision: GateDecision, state: RoutingState, hidden: torch.Tensor) -> torch.Tensor:
+    def route_balance_loss(self, decision: GateDecision, state: RoutingState, hidden: torch.Tensor,
+                           rows: torch.Tensor | None = None) -> torch.Tensor:
         """Data-independent routings: `moe_route_balance_coef` times the load-balancing loss of the route groups'
-        decisions `[G, ...]` given to their tokens (each real token counts once), in training; 0 otherwise."""
+        decisions given to their tokens (each real token counts once), in training; 0 otherwise. `decision`
+        holds one row per group of `state.groups`, or per key of a table whose row of group g is `rows[g]`."""
         coef = self.config.moe_route_balance_coef
         if coef == 0 or not self.training or isinstance(self.router, FoldedRouter):
             return hidden.new_zeros((), dtype=torch.float32)
-        per_token = GateDecision(*(t.index_select(0, state.groups.token_group)
+        token_rows = state.groups.token_group if rows is None else rows.index_select(0, state.groups.token_group)
+        per_token = GateDecision(*(t.index_select(0, token_rows)
                                    for t in (decision.logits, decision.expert_index, decision.expert_weight)))
         return coef * load_balancing_loss(per_token, self.config.moe_num_experts, state.token_mask)
 

@@ -133,45 +133,44 @@ class RouterNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
 
 
-class AttributeRouter(nn.Module):
-    """Attribute gate of the reference: Linear(A -> d), LayerNorm, Linear(d -> E, no bias), in float32.
+class KeyRouter(nn.Module):
+    """Gate of a data-independent routing: the route key embedded into d dimensions (`embed`), LayerNorm,
+    Linear(d -> E, no bias), in float32. A gate logit is thus a sum over d learned coordinates.
 
-    Input: unique attribute vectors `[G, A]`; output: gate logits `[G, E]`.
+    Input: unique route keys `[G, ...]`; output: gate logits `[G, E]`.
     """
 
-    def __init__(self, attribute_dim: int, hidden_size: int, num_experts: int, eps: float):
+    def __init__(self, embed: nn.Module, hidden_size: int, num_experts: int, eps: float):
         super().__init__()
-        self.embed = RouterLinear(attribute_dim, hidden_size)
+        self.embed = embed
         self.norm = RouterNorm(hidden_size, eps=eps)
         self.gate = RouterLinear(hidden_size, num_experts, bias=False)
 
     def forward(self, keys: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=keys.device.type, enabled=False):
-            return self.gate(self.norm(self.embed(keys)))
+            return self.gate(self.norm(self.embed(keys).float()))
 
 
-class IdRouter(nn.Module):
-    """Gate over a small id space (task ids or modality ids), built like the attribute gate: Embedding(ids -> d),
-    LayerNorm, Linear(d -> E, no bias), in float32.
+class AttributeRouter(KeyRouter):
+    """Attribute gate of the reference: Linear(A -> d) of the attribute vectors `[G, A]`, then `KeyRouter`'s norm
+    and projection."""
 
-    A gate logit is then a sum over d learned coordinates, as in the attribute gate, and not one learned
-    number: a table of logits drawn near 0 moves by about one learning rate per update of its id, far too
-    little to outgrow the training noise on the logits (std 1 / E) within a run, so its experts would be
-    drawn by the noise at every step (docs/results.md, "Why the task and modality gates embed their id").
+    def __init__(self, attribute_dim: int, hidden_size: int, num_experts: int, eps: float):
+        super().__init__(RouterLinear(attribute_dim, hidden_size), hidden_size, num_experts, eps)
 
-    Input: unique ids `[G]`; output: gate logits `[G, E]`.
+
+class IdRouter(KeyRouter):
+    """Gate over a small id space (task or modality ids `[G]`, range-checked by the model once per forward):
+    Embedding(ids -> d), then `KeyRouter`'s norm and projection, as the attribute gate.
+
+    Not a table of one learned logit per id and expert: drawn near 0, such a logit moves by about one learning
+    rate per update of its id, far too little to outgrow the training noise on the logits (std 1 / E) within
+    a run, so its experts would be drawn by the noise at every step (docs/results.md, "Why the task and
+    modality gates embed their id").
     """
 
     def __init__(self, num_ids: int, hidden_size: int, num_experts: int, eps: float):
-        super().__init__()
-        self.embed = nn.Embedding(num_ids, hidden_size)
-        self.norm = RouterNorm(hidden_size, eps=eps)
-        self.gate = RouterLinear(hidden_size, num_experts, bias=False)
-
-    def forward(self, keys: torch.Tensor) -> torch.Tensor:
-        """keys: ids already range-checked by the model (`check_id_range`), once per forward."""
-        with torch.autocast(device_type=keys.device.type, enabled=False):
-            return self.gate(self.norm(self.embed(keys).float()))
+        super().__init__(nn.Embedding(num_ids, hidden_size), hidden_size, num_experts, eps)
 
 
 def check_id_range(ids: torch.Tensor, limit: int, name: str) -> None:
