@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from benchmarks.sweep_summary import HEADLINE, SEED_SUFFIX, by_variant
 from modeling_uniperceiver_moe.command_line import parse_script_arguments
@@ -35,11 +35,15 @@ SHOWN = ("accuracy", "token_accuracy", "perplexity", "bleu4", "cider", "i2t_R@1"
 
 
 def load_runs(paths: list[str]) -> list[dict]:
-    """Every run of the given sweep_summary logs, each name once (a later log wins)."""
+    """Every run of the given sweep_summary logs, each name once (a later log wins). A run that stopped before
+    its last step (train.max_minutes) is refused: its numbers are not comparable with the others'."""
     runs = {}
     for path in paths:
         with open(path, encoding="utf-8") as handle:
             for run in json.load(handle)["runs"]:
+                if run.get("max_steps") is not None and run["steps"] < run["max_steps"]:
+                    raise SystemExit(f"{path}: run {run['run']} stopped at step {run['steps']} of "
+                                     f"{run['max_steps']}; give its part's command again to finish it")
                 runs[run["run"]] = run
     return [runs[name] for name in sorted(runs)]
 
@@ -59,14 +63,21 @@ def seed_runs(runs: list[dict], variant: str) -> list[dict]:
     return [run for run in runs if SEED_SUFFIX.search(run["run"]) and SEED_SUFFIX.sub("", run["run"]) == variant]
 
 
-def compare_with_dense(variants: dict[str, dict], routing: str) -> tuple[list[str], list[str], list[str]]:
-    """(tasks compared on their primary metric, those where `routing`'s seed mean >= dense's, those where its
-    best seed is below dense's worst)."""
+class DenseComparison(NamedTuple):
+    """A routing against dense on each task's primary metric."""
+    compared: list[str]  # tasks both measured
+    at_least: list[str]  # the routing's seed mean >= dense's
+    below: list[str]  # beyond the seed spread: the routing's best seed below dense's worst
+    above: list[str]  # beyond the seed spread: the routing's worst seed above dense's best
+
+
+def compare_with_dense(variants: dict[str, dict], routing: str) -> DenseComparison:
     dense, mine = variants["none"]["held_out"], variants[routing]["held_out"]
     keys = {task: primary_series(task, set(dense) & set(mine)) for task in sorted({k.split("/")[0] for k in dense})}
     keys = {task: key for task, key in keys.items() if key}
-    return (list(keys), [task for task, key in keys.items() if mine[key]["mean"] >= dense[key]["mean"]],
-            [task for task, key in keys.items() if mine[key]["max"] < dense[key]["min"]])
+    return DenseComparison(list(keys), [task for task, key in keys.items() if mine[key]["mean"] >= dense[key]["mean"]],
+                           [task for task, key in keys.items() if mine[key]["max"] < dense[key]["min"]],
+                           [task for task, key in keys.items() if mine[key]["min"] > dense[key]["max"]])
 
 
 def single_task_references(runs: list[dict]) -> dict[str, dict[str, float]]:
@@ -121,8 +132,8 @@ def routing_table(variants: dict[str, dict], runs: list[dict], references: dict[
             row.append("-" if value is None else f"{value:.3f}")
         lines.append("| " + " | ".join(row) + " |")
     speeds = [variants[r]["median_steps_per_second"] for r in routings]
-    lines.append("| training steps/s (median) | " + " | ".join(
-        "-" if s is None else f"{s:.2f}" for s in speeds) + (" | - |" if references else " |"))
+    lines.append("| training steps/s (median; the runs of a device call share its GPU, so see the cost table) | "
+                 + " | ".join("-" if s is None else f"{s:.2f}" for s in speeds) + (" | - |" if references else " |"))
     for key, label in (("off_diagonal_ratio_of_means", "interference off the diagonal, ratio of means"),
                        ("off_diagonal_mean_of_ratios", "interference off the diagonal, mean of ratios"),
                        ("off_diagonal_expert_overlap", "tasks' expert overlap off the diagonal")):
@@ -181,12 +192,11 @@ def targets(variants: dict[str, dict], references: dict[str, dict]) -> list[str]
         return ["- no dense runs in these logs: nothing to compare against"]
     lines = []
     for routing in [r for r in ROUTINGS if r in variants and r != "none"]:
-        compared, better, below = compare_with_dense(variants, routing)
+        compared, better, below, above = compare_with_dense(variants, routing)
         lines.append(f"- {routing} >= dense (seed means) on {len(better)} of {len(compared)} tasks"
-                     + (f": {', '.join(better)}" if better else ""))
-        if routing == "attribute":
-            lines.append("- attribute below dense beyond the seed spread (its best seed below dense's worst) on "
-                         + (", ".join(below) if below else "no task"))
+                     + (f": {', '.join(better)}" if better else "") + "; beyond the seed spread, above dense on "
+                     + (", ".join(above) if above else "no task") + ", below on "
+                     + (", ".join(below) if below else "no task"))
     for routing in ("none", "attribute"):
         if routing not in variants or not references:
             continue

@@ -112,7 +112,7 @@ def routing_ablation_row() -> tuple[str, str]:
     runs = load_runs([os.path.join(LOGS, "learning", f"routing_ablation_part{part}_h200.json") for part in (1, 2)])
     variants = by_variant(runs)
     dense, moe = variants["none"]["held_out"], variants["attribute"]["held_out"]
-    compared, at_least, below = compare_with_dense(variants, "attribute")
+    compared, at_least, below, _ = compare_with_dense(variants, "attribute")
     keys = [primary_series(task, set(dense) & set(moe)) for task in compared]
     cost = {(r["phase"], r["model"]): r["time_vs_dense"] for r in load("learning/routing_ablation_cost_ti_h200.json")["rows"]}
     used = experts_in_use(runs, "attribute")
@@ -153,7 +153,8 @@ def speed_row() -> tuple[str, str]:
     return ("MoE step time vs dense, B, 1 x H200, bf16, same process",
             f"training with CUDA graphs: {listing(graphs, 'train')}; inference: {listing(graphs, 'infer')}; "
             f"eager training: {listing(eager, 'train')}; token routing {fast:.1f}x faster than the plain "
-            f"per-expert loop")
+            f"per-expert loop (token and context training timed while their bf16 expert cast outlived fused "
+            f"AdamW steps, one cast per step short: docs/benchmarks.md)")
 
 
 def trainer_row() -> tuple[str, str]:
@@ -165,7 +166,7 @@ def trainer_row() -> tuple[str, str]:
     busy = [r["gpu_busy_share"] for r in rows]
     return ("trainer, `gpu_b.yaml` (bf16), 1 x H200, beside the bare eager model step on the same batches",
             f"tokens/s (trainer / model step): {listing}; the GPU is busy {min(busy):.0%}-{max(busy):.0%} of the "
-            f"time, so the eager step is bound by launching kernels")
+            f"time, so the eager step is bound by launching kernels (token: one expert cast per step short, as above)")
 
 
 def recorded_rounds(row: dict) -> list[dict]:
@@ -210,7 +211,8 @@ def spans_trainer_row() -> tuple[str, str]:
     return (f"trainer compiled in spans of {span} layers (`train.compile_layers_per_graph`, the GPU default), "
             "`gpu_b.yaml`, 1 x H200, over the rounds that recorded no CUDA graph",
             f"tokens/s (trainer / model step), four runs on fresh machines: {listing}; Ti dense "
-            f"{both['ti'] / both['b']:.2f}x B dense in one run ({both['ti']:,.0f} against {both['b']:,.0f})")
+            f"{both['ti'] / both['b']:.2f}x B dense in one run ({both['ti']:,.0f} against {both['b']:,.0f}; token: one "
+            f"expert cast per step short, as above)")
 
 
 SPANS_TI_AND_B_LOG = "bench_trainer_spans_ti_b_h200.json"

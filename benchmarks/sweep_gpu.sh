@@ -16,6 +16,10 @@
 # final model on 1% of each task with prompt_tuning.run_prompt_tuning, all side by side (each bounded by
 # TUNE_LIMIT seconds, default 240; TUNE_ARGS adds options), and packs each results.json. The runs are eager
 # unless COMPILE=true (or auto): short runs finish sooner without the compile warm-up (docs/training.md).
+# Runs write under /tmp/sweep/<name>, which a warm machine keeps between calls: a run stopped by
+# train.max_minutes (with its checkpoint; its report.json says steps < max_steps) resumes when the same command
+# is given again (its log grows); a finished one is not trained again. Interference and tuning measure finished
+# runs only, and only this call's runs are packed.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=3
@@ -35,25 +39,34 @@ side_by_side() {  # name, then --set arguments: the model and its plain baseline
   python3 -m training.baselines --skip-model --plain-from $SWEEP/$name.plain --config $CONFIG "${EAGER[@]}" \
     --set output_dir=$SWEEP/$name "$@" >> $SWEEP/$name.log 2>&1
 }
+finished() {  # run $1 wrote its final model at its last step (not where train.max_minutes stopped it)
+  python3 -c "import json, sys; r = json.load(open(sys.argv[1])); sys.exit(r['steps'] != r.get('max_steps'))" \
+    $SWEEP/$1/report.json 2>/dev/null
+}
 read -r -a order <<< "${GPU_ORDER:-}"
 index=0
+names=()
 for spec in "$@"; do
   name=${spec%%|*}; read -r -a args <<< "${spec#*|}"
+  names+=("$name")
   [[ $spec == *"|"* ]] || args=()
   export CUDA_VISIBLE_DEVICES=${order[index]:-$(( index % GPUS ))}
   index=$(( index + 1 ))
-  if [[ $name == plain+* ]]; then
+  if finished $name; then
+    echo "$name: finished in an earlier call"
+  elif [[ $name == plain+* ]]; then
     side_by_side "$name" "${args[@]}" &
   else
     timeout ${RUN_LIMIT:-500} python3 -m training.pretrain --config $CONFIG "${EAGER[@]}" \
-      --set output_dir=$SWEEP/$name "${args[@]}" > $SWEEP/$name.log 2>&1 &
+      --set output_dir=$SWEEP/$name "${args[@]}" >> $SWEEP/$name.log 2>&1 &
   fi
 done
 wait
 unset CUDA_VISIBLE_DEVICES
 if [ -n "${INTERFERENCE_TASKS:-}" ]; then  # the interference matrix of every finished run, side by side
-  for run in $SWEEP/*/final; do
-    [ -e "$run/config.json" ] || continue
+  for name in "${names[@]}"; do
+    run=$SWEEP/$name/final
+    finished $name && [ ! $SWEEP/$name/interference/interference.json -nt $run/config.json ] || continue
     timeout ${INTERFERENCE_LIMIT:-300} python3 -m training.interference --model $run --tasks $INTERFERENCE_TASKS \
       --samples ${INTERFERENCE_SAMPLES:-100} --out $(dirname $run)/interference ${INTERFERENCE_ARGS:-} \
       > $(dirname $run).interference.log 2>&1 &
@@ -61,8 +74,9 @@ if [ -n "${INTERFERENCE_TASKS:-}" ]; then  # the interference matrix of every fi
   wait
 fi
 if [ -n "${TUNE_RUNS:-}" ]; then  # every finished run tuned on 1% of each task:method of TUNE_RUNS, side by side
-  for run in $SWEEP/*/final; do
-    [ -e "$run/config.json" ] || continue
+  for name in "${names[@]}"; do
+    run=$SWEEP/$name/final
+    finished $name || continue
     for pair in ${TUNE_RUNS//,/ }; do
       task=${pair%%:*}; method=${pair#*:}
       timeout ${TUNE_LIMIT:-240} python3 -m prompt_tuning.run_prompt_tuning --model $run --task $task \
@@ -72,6 +86,15 @@ if [ -n "${TUNE_RUNS:-}" ]; then  # every finished run tuned on 1% of each task:
   done
   wait
 fi
-python3 -m benchmarks.sweep_summary $SWEEP
-for f in $SWEEP/*.log; do tr '\r' '\n' < $f | grep -v "it/s" > $f.clean; mv $f.clean $f; done
-tar czf $OUT/sweep.tar.gz -C $SWEEP --exclude='*.safetensors' --exclude=checkpoints --exclude=final --exclude=processor .
+packed=$(mktemp -d)
+for name in "${names[@]}"; do  # this call's runs and their logs, without the weights
+  for f in $SWEEP/$name.*log; do
+    [ ! -e $f ] || tr '\r' '\n' < $f | grep -v "it/s" > $packed/$(basename $f)
+  done
+  for dir in $name $name.plain; do
+    [ ! -d $SWEEP/$dir ] || tar cf - -C $SWEEP --exclude='*.safetensors' --exclude=checkpoints --exclude=final \
+      --exclude=processor $dir | tar xf - -C $packed
+  done
+done
+python3 -m benchmarks.sweep_summary $packed
+tar czf $OUT/sweep.tar.gz -C $packed .

@@ -66,12 +66,13 @@ def training_loss_curves(rows: list[dict], window: int = LOSS_WINDOW) -> dict[st
 
 
 def summarise_run(run_dir: str) -> dict:
-    """One run's `{"run", "held_out", "other_metrics", "distinct_answers", "trivial_baseline",
-    "median_steps_per_second", "gradient_norms", "training_loss", "plain", "interference", "tuning"}`
-    (`held_out`: each task's headline metric, `other_metrics`: those of `training.evaluation.SECONDARY_METRICS`
-    it reports, generated captions' scores in a final evaluation only; both `{"task/metric": {step: value}}`)
-    from its metrics.jsonl, its report.json (when the run finished), its interference.json and tunings (when
-    measured) and (when its plain baselines were trained beside it) baselines/baselines.json."""
+    """One run's `{"run", "steps", "max_steps", "held_out", "other_metrics", "distinct_answers",
+    "trivial_baseline", "median_steps_per_second", "gradient_norms", "training_loss", "plain", "interference",
+    "tuning"}` (`held_out`: each task's headline metric, `other_metrics`: those of
+    `training.evaluation.SECONDARY_METRICS` it reports, generated captions' scores in a final evaluation only;
+    both `{"task/metric": {step: value}}`; `steps` below `max_steps` where train.max_minutes stopped it) from its
+    metrics.jsonl, its report.json (when the run finished; without it no steps), its interference.json and
+    tunings (when measured) and (when its plain baselines were trained beside it) baselines/baselines.json."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     speeds = sorted(r["steps_per_second"] for r in rows if "steps_per_second" in r)
@@ -94,11 +95,13 @@ def summarise_run(run_dir: str) -> dict:
             for task, result in json.load(handle)["plain"].items():
                 plain[task] = {"model": result["model"],
                                "curve": {p["step"]: round(p["accuracy"], 4) for p in result["curve"]}}
-    trivial, word_trivial = {}, {}
+    trivial, word_trivial, steps = {}, {}, {}
     report_path = os.path.join(run_dir, "report.json")
     if os.path.exists(report_path):
         with open(report_path) as handle:
-            report_rows = json.load(handle)["tasks"]
+            report = json.load(handle)
+        report_rows = report["tasks"]
+        steps = {key: report[key] for key in ("steps", "max_steps") if key in report}
         trivial = {row["task"]: round(row["trivial_baseline"], 4) for row in report_rows
                    if row.get("trivial_baseline") is not None}
         word_trivial = {row["task"]: round(row["word_trivial_baseline"], 4) for row in report_rows
@@ -115,8 +118,8 @@ def summarise_run(run_dir: str) -> dict:
             interference["off_diagonal_expert_overlap"] = off_diagonal_mean(written["expert_overlap"])
             interference["expert_entropy"] = written.get("expert_entropy", {})
             interference["expert_usage"] = written.get("expert_usage", {})
-    return {"run": os.path.basename(run_dir), "held_out": held_out, "other_metrics": other, "distinct_answers": distinct,
-            "trivial_baseline": trivial, "word_trivial_baseline": word_trivial,
+    return {"run": os.path.basename(run_dir), **steps, "held_out": held_out, "other_metrics": other,
+            "distinct_answers": distinct, "trivial_baseline": trivial, "word_trivial_baseline": word_trivial,
             "median_steps_per_second": round(speeds[len(speeds) // 2], 2) if speeds else None,
             "gradient_norms": gradient_norms_by_task(rows), "training_loss": training_loss_curves(rows),
             "plain": plain, "interference": interference,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -1129,6 +1130,22 @@ def _cast_buffer(source: torch.Tensor, dtype: torch.dtype, kept: torch.Tensor | 
     return buffer
 
 
+class OptimizerSteps:
+    """How many steps any `torch.optim` optimizer has taken in this process, counted by a global step
+    post-hook. Part of the model caches' key (`_parameter_versions`): a fused optimizer (torch's fused AdamW,
+    the trainer's default) updates parameters in place without bumping their version counters, so address
+    and version alone would keep a cache built before the step."""
+
+    count = 0
+
+    @classmethod
+    def hook(cls, optimizer, args, kwargs) -> None:
+        cls.count += 1
+
+
+register_optimizer_step_post_hook(OptimizerSteps.hook)
+
+
 class _ForwardCache:
     """One (key, value) kept by the model between forwards (merged or cast experts). Copies and pickles of
     the model start with it empty: its key names the source's parameter addresses, so a copy could never
@@ -1289,7 +1306,8 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         """`encoder.merge_experts(key_tables, dtype)`: every data-independent MoE linear merged, in one go,
         for each table of route keys (one table per encoder pass that will use it). At inference (eval
         mode, no grad) the result is reused while the keys, the dtype and the routers' and experts'
-        parameters are unchanged (in-place updates bump a parameter's version)."""
+        parameters are unchanged (in-place updates bump a parameter's version, an optimizer step the count of
+        `OptimizerSteps`)."""
         if self.training or torch.is_grad_enabled():
             self._merge_cache.entry = None  # free what an evaluation left behind
             return self.encoder.merge_experts(key_tables, dtype)
@@ -1341,7 +1359,8 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
     def cast_experts(self, dtype: torch.dtype) -> dict | None:
         """Token/context routing: every expert linear's weight and bias in `dtype` (the autocast dtype), cast
         once into buffers kept by the model and reused while the parameters are unchanged (the inference
-        merge cache's rule: same addresses and versions), for inference and training alike.
+        merge cache's rule: same addresses and versions, no optimizer step since), for inference and training
+        alike.
 
         Without it each encoder pass casts all E float32 experts of every projection (about 2 GB read and
         1 GB written per pass of B with 8 experts) and, in training, casts their gradients back per pass.
@@ -1394,10 +1413,11 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         return self._merge_slots[2], self._merge_slots[3]
 
     def _parameter_versions(self) -> tuple:
-        """(address, version) of every router and expert parameter: the inference caches' dependency key.
-        Each parameter is read from its module's slot (`_gated_modules`), so one replaced is seen too."""
+        """The optimizer steps taken (`OptimizerSteps`) and the (address, version) of every router and expert
+        parameter: the caches' dependency key. Each parameter is read from its module's slot
+        (`_gated_modules`), so one replaced is seen too."""
         parameters = (m._parameters[name] for m, name in self._gated_modules()[0])
-        return tuple((p.data_ptr(), p._version) for p in parameters if p is not None)
+        return OptimizerSteps.count, tuple((p.data_ptr(), p._version) for p in parameters if p is not None)
 
     def _routing_state(self, modality_ids, attribute_vectors, task_ids, sequence_mask, dtype,
                        merged_experts: MergedExperts | None = None) -> RoutingState:

@@ -85,7 +85,7 @@ def test_sweep_summary_reads_each_run_s_curves_speed_and_plain_baselines(tmp_pat
                 {"step": 3, "eval/fashion_mnist_classification/accuracy": accuracy,
                  "eval/fashion_mnist_classification/distinct_predictions": 7}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (run / "report.json").write_text(json.dumps({"tasks": [
+        (run / "report.json").write_text(json.dumps({"steps": 3, "max_steps": 3, "tasks": [
             {"task": "fashion_mnist_classification", "trivial_baseline": 0.1171875}]}))
         (run / "baselines" / "baselines.json").write_text(json.dumps(
             {"plain": {"fashion_mnist_classification": {"model": "ViTForImageClassification",
@@ -100,6 +100,7 @@ def test_sweep_summary_reads_each_run_s_curves_speed_and_plain_baselines(tmp_pat
     written = json.loads(out.read_text())
     assert written["command"] == "c" and len(written["runs"]) == 1
     (run,) = written["runs"]
+    assert (run["steps"], run["max_steps"]) == (3, 3)
     assert run["held_out"] == {"fashion_mnist_classification/accuracy": {"3": 0.625}}
     assert run["distinct_answers"] == {"fashion_mnist_classification": {"3": 7}}
     assert run["trivial_baseline"] == {"fashion_mnist_classification": 0.1172}
@@ -348,7 +349,8 @@ def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
     over seeds 0-2, parts 7-9 train each gpu_b.yaml task alone once, with every other task at weight 0,
     parts 10-11 dense and attribute over seeds 0-2 with openclipart captioning alone at weight 0 (zero-shot),
     part 12 dense and attribute tuned downstream by every method, part 13 attribute with a route balance loss
-    over seeds 0-2; all runs share the same schedule and learning rate; a part outside 1-13 is refused."""
+    over seeds 0-2; all runs share the same schedule and learning rate; parts joined by commas run together,
+    except part 12 (its tuning would apply to every run); a part outside 1-13 is refused."""
     import os
     import subprocess
     import sys
@@ -412,9 +414,15 @@ def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
     assert sorted(pairs.split(",")) == sorted(f"{task}:{method}" for task in
                                               ("emoji_group_classification", "fashion_mnist_classification")
                                               for method in ("prompt", "linear_probe", "full"))
-    refused = subprocess.run(["bash", "benchmarks/routing_ablation.sh"], cwd=repo, capture_output=True, text=True,
-                             env=dict(os.environ, PART="14", DRY_RUN="1", PYTHON=sys.executable))
-    assert refused.returncode == 2 and "PART must be 1-13" in refused.stderr
+    joined = subprocess.run(["bash", "benchmarks/routing_ablation.sh"], cwd=repo, capture_output=True, text=True,
+                            env=dict(os.environ, PART="5,6", DRY_RUN="1", PYTHON=sys.executable))
+    assert [line.split("|")[0] for line in joined.stdout.splitlines()] == [
+        f"{routing}_s{seed}" for routing in ("modality", "task") for seed in "012"]
+    for bad, message in (("14", "PART must be 1-13"), ("5,14", "PART must be 1-13"),
+                         ("12,5", "PART 12 tunes every run of its call, so it runs alone")):
+        refused = subprocess.run(["bash", "benchmarks/routing_ablation.sh"], cwd=repo, capture_output=True,
+                                 text=True, env=dict(os.environ, PART=bad, DRY_RUN="1", PYTHON=sys.executable))
+        assert refused.returncode == 2 and message in refused.stderr, bad
 
 
 def test_by_variant_takes_the_last_step_of_curves_read_back_from_json():
@@ -451,9 +459,13 @@ def test_ablation_report_compares_routings_with_dense_on_each_task_s_primary_met
     assert "| experts given > 5% of a gate's weight by some task, per gate | - | 3-3 (mean 3.0) | - |" in text
     assert "| fashion_mnist_classification/accuracy | 0.625 (0.500-0.750) | 0.312 (0.250-0.375) | 0.875 |" in text
     # attribute wins captioning on CIDEr (the word accuracies tie), loses Fashion-MNIST beyond the spread
-    assert "- attribute >= dense (seed means) on 1 of 2 tasks: emoji_captioning" in text
-    assert "beyond the seed spread (its best seed below dense's worst) on fashion_mnist_classification" in text
+    assert ("- attribute >= dense (seed means) on 1 of 2 tasks: emoji_captioning; beyond the seed spread, above "
+            "dense on emoji_captioning, below on fashion_mnist_classification") in text
     assert "dense: mean +0.250 over 1 tasks (fashion_mnist_classification +0.250)" in text
     assert "attribute: mean +0.562 over 1 tasks" in text
     assert (tmp_path / "ablation_curves.png").stat().st_size > 0
     assert (tmp_path / "ablation_interference.png").stat().st_size > 0
+    runs[0].update(steps=1654, max_steps=2000)  # stopped by train.max_minutes: not comparable, refused
+    log.write_text(json.dumps({"runs": runs}))
+    with pytest.raises(SystemExit, match="run none_s0 stopped at step 1654 of 2000"):
+        report_main([str(log)])

@@ -697,6 +697,42 @@ def test_shared_expert_cast_follows_optimizer_steps_and_gradient_accumulation(mo
     assert all(p.grad is not None for p in model.parameters() if id(p) in experts)
 
 
+def test_kept_cast_and_merge_are_not_reused_after_a_fused_adamw_step():
+    """torch's fused AdamW changes the parameters in place without bumping their version counters, so a
+    cache keyed by (address, version) alone would go on feeding the step-1 experts to every later forward
+    (bf16 token routing trained on its initial experts, and a run resumed from a checkpoint suddenly saw the
+    trained ones). After each step the loss equals that of a copy of the model, which holds no cache; so
+    does an evaluation's, whose merge (attribute routing) was kept from before the step."""
+    config = tiny_config("token", moe_router_noise_std=0.0, drop_path_rate=0.0)
+    batch = _generic_batch(config)
+    torch.manual_seed(0)
+    model = UniPerceiverMoEForGenericPerception(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    for step in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        fresh = copy.deepcopy(model)
+        assert fresh.uniperceiver._cast_cache.entry is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(loss.detach(), fresh(**batch).loss.detach()), step
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation between steps
+            assert torch.equal(model(**batch).loss, fresh(**batch).loss), step
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    model = UniPerceiverMoEForGenericPerception(tiny_config("attribute", drop_path_rate=0.0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model.train()(**batch).loss.backward()
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch).loss  # keeps its merge of the experts
+        assert model.uniperceiver._merge_cache.entry is not None
+        optimizer.step()
+        after = model(**batch).loss
+        assert not torch.equal(after, before) and torch.equal(after, copy.deepcopy(model)(**batch).loss)
+
+
 def test_kept_cast_history_does_not_grow_across_steps():
     """Each re-fill of the kept cast starts a fresh autograd history: its node leads to the float32
     parameter only, never to the previous update's cast (a chain that grew by one node per step, per

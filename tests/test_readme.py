@@ -37,8 +37,8 @@ def test_readme_results_table_is_the_one_the_logs_give():
 
 
 @pytest.mark.parametrize("marker, logs", [
-    ("GPU", ["routing_ablation_part1_h200.json", "routing_ablation_part2_h200.json", "routing_ablation_part7_h200.json",
-             "--cost", "routing_ablation_cost_ti_h200.json"]),
+    ("GPU", [f"routing_ablation_part{part}_h200.json" for part in ("1", "2", "6", "7", "10_11")]
+     + ["--cost", "routing_ablation_cost_ti_h200.json"]),
     ("CPU", ["routing_ablation_cpu.json"]),
 ])
 def test_results_routing_ablation_tables_are_the_ones_the_logs_give(marker, logs):

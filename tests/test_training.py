@@ -1328,17 +1328,30 @@ def test_diverging_run_stops_with_an_error_and_keeps_its_checkpoints(fused, tiny
 
 
 def test_time_limit_says_why_it_stopped_and_resumes(tiny_cache, tmp_path):
+    """Stopped by train.max_minutes after step 1 and resumed, a bf16 token-routed run logs the losses of an
+    uninterrupted one (its kept expert cast must not outlive a fused AdamW step, which bumps no versions)."""
+    def token_bf16(output_dir):
+        config = run_config(tiny_cache, output_dir, max_steps=6, save_every=0)
+        config["model"]["moe_routing"], config["train"]["mixed_precision"] = "token", "bf16"
+        return config
+
+    straight = str(tmp_path / "straight")
+    assert launch(token_bf16(straight), str(tmp_path / "s.yaml")).returncode == 0
     out = str(tmp_path / "run")
-    config = run_config(tiny_cache, out, max_steps=6, save_every=0)
+    config = token_bf16(out)
     config["train"]["max_minutes"] = 1e-6  # out of time after the first step
     stopped = launch(config, str(tmp_path / "c.yaml"))
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "stopping at step 1 of 6: train.max_minutes" in stopped.stdout
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_0000001"]
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert (report["steps"], report["max_steps"]) == (1, 6)  # the sweeps resume a run whose report says so
     config["train"]["max_minutes"] = None
     resumed = launch(config, str(tmp_path / "c.yaml"))
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout
-    assert sorted(step_losses(out)) == [1, 2, 3, 4, 5, 6]
+    assert step_losses(out) == step_losses(straight) and sorted(step_losses(out)) == [1, 2, 3, 4, 5, 6]
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert (report["steps"], report["max_steps"]) == (6, 6)
 
 
 def test_starting_over_moves_the_earlier_run_aside(tiny_cache, tmp_path):

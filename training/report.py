@@ -99,6 +99,7 @@ def write_report(trainer, results: dict) -> dict:
     throughput = [h["tokens_per_second"] for h in trainer.history if "tokens_per_second" in h]
     report = {
         "steps": trainer.step,
+        "max_steps": trainer.config.train.max_steps,  # more than steps where train.max_minutes stopped it
         "processes": trainer.accelerator.num_processes,
         "device": str(trainer.accelerator.device),
         "mixed_precision": trainer.config.train.mixed_precision,
@@ -115,9 +116,9 @@ def write_report(trainer, results: dict) -> dict:
     plotted = plot_curves(trainer.history, trainer.tasks, baselines, os.path.join(out, "loss_curves.png"))
     lines = [
         "# Pre-training report", "",
-        f"{report['steps']} optimizer steps, {report['processes']} process(es) on {report['device']}, "
-        f"routing `{report['routing']}`, {report['parameters']:,} parameters, data slice `{report['data_slice']}`, "
-        f"median {report['median_tokens_per_second'] or 0:,.0f} tokens/s.", "",
+        f"{report['steps']} of {report['max_steps']} optimizer steps, {report['processes']} process(es) on "
+        f"{report['device']}, routing `{report['routing']}`, {report['parameters']:,} parameters, data slice "
+        f"`{report['data_slice']}`, median {report['median_tokens_per_second'] or 0:,.0f} tokens/s.", "",
         "Trivial baseline: always the answer most frequent in training (majority class, most frequent masked or "
         "next word); retrieval: chance recall@1. Distinct: how many different answers the model gave.", "",
         "| task | family | metric | value | trivial baseline | chance | distinct | eval loss | evaluated |",
