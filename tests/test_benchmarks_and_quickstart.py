@@ -469,3 +469,63 @@ def test_ablation_report_compares_routings_with_dense_on_each_task_s_primary_met
     log.write_text(json.dumps({"runs": runs}))
     with pytest.raises(SystemExit, match="run none_s0 stopped at step 1654 of 2000"):
         report_main([str(log)])
+
+
+def test_sweep_cpu_runs_each_variant_over_the_seeds_with_its_settings(tiny_cache, tmp_path):
+    """`benchmarks/sweep_cpu.sh`, the runner of the CPU ablation scripts: every spec over SEEDS, runs named
+    <variant>_s<seed> with that spec's settings (a spec may have none), each model's interference when asked,
+    then one summary that records COMMAND."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.test_training import run_config
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(run_config(tiny_cache, str(tmp_path / "unused"), max_steps=2, save_every=0)))
+    out, summary = tmp_path / "sweep", tmp_path / "summary.json"
+    env = dict(os.environ, OUT_DIR=str(out), CONFIG=str(config), SEEDS="0", SUMMARY=str(summary), COMMAND="c",
+               INTERFERENCE_TASKS="fashion_mnist_classification,austen_mlm", INTERFERENCE_SAMPLES="4",
+               INTERFERENCE_ARGS=f"--data_cache {tiny_cache} --slice tiny --vocabulary_size 64",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], OMP_NUM_THREADS="1")
+    done = subprocess.run(["bash", "benchmarks/sweep_cpu.sh", "attribute|",
+                           "dense|--set model.moe_routing=none --set train.max_steps=1"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "failed" not in done.stdout, done.stdout + done.stderr
+    written = json.loads(summary.read_text())
+    assert written["command"] == "c"
+    runs = {run["run"]: run for run in written["runs"]}
+    assert {name: run["steps"] for name, run in runs.items()} == {"attribute_s0": 2, "dense_s0": 1}
+    assert json.loads((out / "dense_s0" / "report.json").read_text())["routing"] == "none"
+    assert all(run["interference"]["tasks"] == ["fashion_mnist_classification", "austen_mlm"] for run in runs.values())
+    assert "expert_usage" in runs["attribute_s0"]["interference"]
+
+
+@pytest.mark.parametrize("script, log", [("routing_ablation_cpu", "routing_ablation_cpu"),
+                                         ("route_balance_cpu", "route_balance_cpu"),
+                                         ("router_noise_cpu", "router_noise_main_job_cpu")])
+def test_cpu_ablation_scripts_run_what_their_logs_hold(script, log):
+    """Each CPU ablation script (DRY_RUN=1 of benchmarks/sweep_cpu.sh) runs exactly the runs of the log
+    docs/results.md reads, each with the settings its name says."""
+    import os
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(["bash", f"benchmarks/{script}.sh"], cwd=repo, capture_output=True, text=True,
+                          env=dict(os.environ, DRY_RUN="1"))
+    assert done.returncode == 0, done.stderr
+    runs = dict(line.split("|") for line in done.stdout.splitlines())
+    with open(os.path.join(repo, "docs", "logs", "learning", f"{log}.json"), encoding="utf-8") as handle:
+        assert sorted(runs) == sorted(run["run"] for run in json.load(handle)["runs"])
+    for name, settings in runs.items():
+        variant = name.rsplit("_s", 1)[0]
+        expected = {"attribute": "", "dense": "--set model.moe_routing=none",
+                    "attribute-no-noise": "--set model.moe_router_noise_std=0"}.get(variant)
+        if variant.startswith("balance"):
+            expected = f"--set model.moe_route_balance_coef={variant.removeprefix('balance')}"
+        elif script == "routing_ablation_cpu":
+            expected = f"--set model.moe_routing={variant}"
+        assert settings == expected, name
