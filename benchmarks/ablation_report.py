@@ -72,6 +72,7 @@ class DenseComparison(NamedTuple):
 
 
 def compare_with_dense(variants: dict[str, dict], routing: str) -> DenseComparison:
+    """`routing`'s seed means and spreads against dense's on every task both measured."""
     dense, mine = variants["none"]["held_out"], variants[routing]["held_out"]
     keys = {task: primary_series(task, set(dense) & set(mine)) for task in sorted({k.split("/")[0] for k in dense})}
     keys = {task: key for task, key in keys.items() if key}
