@@ -17,7 +17,7 @@
 # BALANCE_COEF, default 0.01) over seeds 0-2, runs named attribute-balance_s<seed>, with their interference
 # matrices and expert use, beside part 2's attribute runs. Part 1 then also times every routing's training
 # and inference step at Ti side by side in one process (benchmarks.bench_moe, eager like the runs, three
-# interleaved repeats: the paper's cost columns) and writes $OUT/bench_moe_ti.json.
+# interleaved repeats: the paper's cost columns) and writes $OUT/bench_moe_ti.json; PART=cost does only that.
 # PART may join several parts by commas (PART=5,6: six runs side by side in one call; part 12 runs alone).
 # A run that reaches train.max_minutes (6) stops with a checkpoint; the same command, given again while the
 # machine is warm, resumes it (benchmarks/sweep_gpu.sh). STEPS (default 2000) sets the schedule; DRY_RUN=1
@@ -58,15 +58,17 @@ add_part() {  # appends part $1's run specs to specs (and part 12's tuning to tu
     tune=${TUNE_RUNS:-emoji_group_classification:prompt,emoji_group_classification:linear_probe,\
 emoji_group_classification:full,fashion_mnist_classification:prompt,fashion_mnist_classification:linear_probe,\
 fashion_mnist_classification:full}
+  elif [ "$part" = cost ]; then
+    cost=1
   elif [ "$part" = 13 ]; then
     for seed in 0 1 2; do
       specs+=("attribute-balance_s$seed|$COMMON --set model.moe_routing=attribute --set seed=$seed \
 --set model.moe_route_balance_coef=${BALANCE_COEF:-0.01}")
     done
   else
-    echo "PART must be 1-13, or several joined by commas (1-6: a routing over seeds 0-2; 7-9: single-task" \
-      "references; 10-11: zero-shot, dense and attribute; 12: dense and attribute tuned downstream, alone;" \
-      "13: attribute with a route balance loss), got '$PART'" >&2
+    echo "PART must be 1-13 or cost, or several joined by commas (1-6: a routing over seeds 0-2; 7-9:" \
+      "single-task references; 10-11: zero-shot, dense and attribute; 12: dense and attribute tuned" \
+      "downstream, alone; 13: attribute with a route balance loss; cost: the step times only), got '$PART'" >&2
     exit 2
   fi
 }
@@ -77,23 +79,28 @@ IFS=, read -r -a parts <<< "$PART"
 for part in "${parts[@]}"; do
   add_part "$part"
 done
+[ "${cost:-}" = 1 ] || [[ ,$PART, != *,1,* ]] || cost=1  # part 1 also times the routings
 if [ -n "${tune:-}" ] && [ ${#parts[@]} -gt 1 ]; then
   echo "PART 12 tunes every run of its call, so it runs alone, got '$PART'" >&2
   exit 2
 fi
+ALL_ROUTINGS=$(IFS=,; echo "${ROUTINGS[*]}")
 if [ -n "${DRY_RUN:-}" ]; then
-  printf '%s\n' "${specs[@]}"
+  [ ${#specs[@]} = 0 ] || printf '%s\n' "${specs[@]}"
   [ -z "${tune:-}" ] || echo "tune: $tune"
+  [ -z "${cost:-}" ] || echo "cost: $ALL_ROUTINGS"
   exit 0
 fi
 interference=fashion_mnist_classification,austen_mlm,emoji_captioning,emoji_retrieval,wordnet_lexname_classification
-CONFIG=$CONFIG RUN_LIMIT=${RUN_LIMIT:-450} INTERFERENCE_SAMPLES=${INTERFERENCE_SAMPLES:-64} \
-INTERFERENCE_LIMIT=${INTERFERENCE_LIMIT:-90} INTERFERENCE_ARGS="--vocabulary_size 4096" \
-INTERFERENCE_TASKS=$([ -n "${tune:-}" ] || echo $interference) \
-TUNE_RUNS=${tune:-} TUNE_LIMIT=${TUNE_LIMIT:-200} TUNE_ARGS="--vocabulary_size 4096" \
-  bash benchmarks/sweep_gpu.sh "${specs[@]}"
-if [[ ,$PART, == *,1,* ]]; then
-  all=$(IFS=,; echo "${ROUTINGS[*]}")
+if [ ${#specs[@]} -gt 0 ]; then
+  CONFIG=$CONFIG RUN_LIMIT=${RUN_LIMIT:-450} INTERFERENCE_SAMPLES=${INTERFERENCE_SAMPLES:-64} \
+  INTERFERENCE_LIMIT=${INTERFERENCE_LIMIT:-90} INTERFERENCE_ARGS="--vocabulary_size 4096" \
+  INTERFERENCE_TASKS=$([ -n "${tune:-}" ] || echo $interference) \
+  TUNE_RUNS=${tune:-} TUNE_LIMIT=${TUNE_LIMIT:-200} TUNE_ARGS="--vocabulary_size 4096" \
+    bash benchmarks/sweep_gpu.sh "${specs[@]}"
+fi
+if [ -n "${cost:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   PYTHONPATH=/tmp/site:$PWD timeout ${COST_LIMIT:-150} python3 -m benchmarks.bench_moe --sizes ti --image-size 112 \
-    --routings $all --infer-routings $all --repeats 3 --json $OUT/bench_moe_ti.json
+    --routings $ALL_ROUTINGS --infer-routings $ALL_ROUTINGS --repeats 3 --json $OUT/bench_moe_ti.json
 fi

@@ -349,8 +349,9 @@ def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
     over seeds 0-2, parts 7-9 train each gpu_b.yaml task alone once, with every other task at weight 0,
     parts 10-11 dense and attribute over seeds 0-2 with openclipart captioning alone at weight 0 (zero-shot),
     part 12 dense and attribute tuned downstream by every method, part 13 attribute with a route balance loss
-    over seeds 0-2; all runs share the same schedule and learning rate; parts joined by commas run together,
-    except part 12 (its tuning would apply to every run); a part outside 1-13 is refused."""
+    over seeds 0-2; part 1 and `cost` time every routing's step; all runs share the same schedule and learning
+    rate; parts joined by commas run together, except part 12 (its tuning would apply to every run); a part
+    outside 1-13 is refused."""
     import os
     import subprocess
     import sys
@@ -362,15 +363,17 @@ def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     tasks = list(yaml.safe_load(open(os.path.join(repo, "training/configs/gpu_b.yaml")))["tasks"])
 
-    def part(number: int) -> list[tuple[str, list[str]]]:
+    def part(number: int | str) -> list[tuple[str, list[str]]]:
         done = subprocess.run(["bash", "benchmarks/routing_ablation.sh"], cwd=repo, capture_output=True, text=True,
                               env=dict(os.environ, PART=str(number), DRY_RUN="1", PYTHON=sys.executable))
         assert done.returncode == 0, done.stderr
         lines = done.stdout.splitlines()
         tuning[number] = [line.removeprefix("tune: ") for line in lines if line.startswith("tune: ")]
-        return [(line.split("|")[0], line.split("|")[1].split()) for line in lines if not line.startswith("tune: ")]
+        timed[number] = [line.removeprefix("cost: ") for line in lines if line.startswith("cost: ")]
+        return [(line.split("|")[0], line.split("|")[1].split()) for line in lines if "|" in line]
 
-    routed, single, zero_shot, tuned, tuning, balanced = set(), [], set(), set(), {}, set()
+    routed, single, zero_shot, tuned, tuning, balanced, timed = set(), [], set(), set(), {}, set(), {}
+    assert part("cost") == []  # the step times alone
     for number in range(1, 14):
         for name, args in part(number):
             assert set(args[::2]) == {"--set"}, name
@@ -410,6 +413,8 @@ def test_the_routing_ablation_parts_cover_every_routing_seed_and_single_task():
     assert tuned == {"none", "attribute"}
     assert balanced == set("012")
     assert all(not lines for number, lines in tuning.items() if number != 12)
+    timed = {number: sorted(lines[0].split(",")) for number, lines in timed.items() if lines}
+    assert timed == {"cost": sorted(MOE_ROUTINGS), 1: sorted(MOE_ROUTINGS)}
     (pairs,) = tuning[12]
     assert sorted(pairs.split(",")) == sorted(f"{task}:{method}" for task in
                                               ("emoji_group_classification", "fashion_mnist_classification")
