@@ -33,6 +33,7 @@ COMMON="--set model.model_size=ti --set optim.lr=2.0e-4 --set train.max_steps=${
 add_part() {  # appends part $1's run specs to specs (and part 12's tuning to tune)
   local part=$1 routing seed task others other
   if [[ $part =~ ^[1-6]$ ]]; then
+    [ "$part" != 1 ] || cost=1  # part 1 also times the routings
     routing=${ROUTINGS[$((part - 1))]}
     for seed in 0 1 2; do
       specs+=("${routing}_s$seed|$COMMON --set model.moe_routing=$routing --set seed=$seed")
@@ -79,7 +80,6 @@ IFS=, read -r -a parts <<< "$PART"
 for part in "${parts[@]}"; do
   add_part "$part"
 done
-[ "${cost:-}" = 1 ] || [[ ,$PART, != *,1,* ]] || cost=1  # part 1 also times the routings
 if [ -n "${tune:-}" ] && [ ${#parts[@]} -gt 1 ]; then
   echo "PART 12 tunes every run of its call, so it runs alone, got '$PART'" >&2
   exit 2

@@ -11,6 +11,7 @@
 set -uo pipefail
 OUT_DIR=${OUT_DIR:?"OUT_DIR must name the folder the runs go to"}
 CONFIG=${CONFIG:-training/configs/tiny_cpu.yaml}
+read -r -a extra <<< "${INTERFERENCE_ARGS:-}"
 for seed in ${SEEDS:-0 1}; do
   for spec in "$@"; do
     name=${spec%%|*}_s$seed
@@ -24,7 +25,6 @@ for seed in ${SEEDS:-0 1}; do
     python -m training.pretrain --config "$CONFIG" --set output_dir="$OUT_DIR/$name" --set seed=$seed \
       --set train.resume=none "${args[@]}" > "$OUT_DIR/$name.log" 2>&1 || echo "$name failed: $OUT_DIR/$name.log"
     [ -n "${INTERFERENCE_TASKS:-}" ] || continue
-    read -r -a extra <<< "${INTERFERENCE_ARGS:-}"
     python -m training.interference --model "$OUT_DIR/$name/final" --tasks "$INTERFERENCE_TASKS" \
       --samples "${INTERFERENCE_SAMPLES:-32}" "${extra[@]}" --out "$OUT_DIR/$name/interference" \
       > "$OUT_DIR/$name.interference.log" 2>&1 || echo "$name interference failed: $OUT_DIR/$name.interference.log"
