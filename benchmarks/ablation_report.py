@@ -10,7 +10,8 @@ checked on those numbers (every routing >= dense on a majority of tasks, attribu
 on every task, the single-task gap of dense and attribute, off-diagonal interference); the zero-shot runs
 (`zeroshot-<routing>_s<seed>`) on the task left out; the downstream tunings (`tuned-<routing>_s0`); with
 `--cost` the step times of `benchmarks.bench_moe --json` against dense beside the paper's. `--figures PREFIX`
-also draws `PREFIX_curves.png` (each task's training loss, mean over seeds, one line per routing) and
+also draws `PREFIX_curves.png` (each task's own training loss, without the routers' auxiliary losses, mean over
+seeds, one line per routing; a routing whose logs hold those losses inside the loss is not drawn) and
 `PREFIX_interference.png` (the seed-mean interference matrices of dense and attribute MoE, ratio of means).
 A task's primary metric, which the targets compare, is
 accuracy for classification, word accuracy for MLM, CIDEr-D for captioning (word accuracy when no beam-search
@@ -254,11 +255,25 @@ def mean_curves(runs: list[dict], routing: str) -> dict[str, dict[int, float]]:
     return curves
 
 
+ROUTINGS_WITH_ROUTER_LOSSES = ("token", "context")  # load-balancing and z-losses in every training step's loss
+
+
+def routings_with_unlogged_router_losses(runs: list[dict]) -> list[str]:
+    """The routings of `ROUTINGS_WITH_ROUTER_LOSSES` with a run whose log did not keep the routers' auxiliary
+    losses apart (`aux_loss_logged`), so that its training-loss curve holds them and cannot be set beside
+    the others'."""
+    return [routing for routing in ROUTINGS_WITH_ROUTER_LOSSES
+            if any(not run.get("aux_loss_logged") for run in seed_runs(runs, routing))]
+
+
 def plot_curves(runs: list[dict], path: str) -> bool:
+    """Each task's training loss, mean over seeds, one line per routing; a routing whose curves still hold the
+    routers' auxiliary losses is left out, and the title says so."""
     from training.report import offscreen_pyplot
 
     plt = offscreen_pyplot()
-    curves = {r: mean_curves(runs, r) for r in ROUTINGS}
+    left_out = routings_with_unlogged_router_losses(runs)
+    curves = {r: mean_curves(runs, r) for r in ROUTINGS if r not in left_out}
     curves = {r: c for r, c in curves.items() if c}
     if plt is None or not curves:
         return False
@@ -278,7 +293,10 @@ def plot_curves(runs: list[dict], path: str) -> bool:
     for axes in list(panels.flat)[len(tasks):]:
         axes.axis("off")
     panels.flat[0].legend(fontsize=7)
-    figure.suptitle("training loss per task, mean over seeds (windows of 100 steps)")
+    title = "training loss per task, mean over seeds (windows of 100 steps)"
+    if left_out:
+        title += f"\nnot drawn: {', '.join(left_out)} (their logs hold the routers' auxiliary losses in the loss)"
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

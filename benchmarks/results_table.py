@@ -109,7 +109,7 @@ def routing_ablation_row() -> tuple[str, str]:
     from benchmarks.ablation_report import compare_with_dense, experts_in_use, load_runs, primary_series, seed_spread
     from benchmarks.sweep_summary import by_variant
 
-    runs = load_runs([os.path.join(LOGS, "learning", f"routing_ablation_part{part}_h200.json") for part in (1, 2)])
+    runs = load_runs([os.path.join(LOGS, "learning", f"routing_ablation_part{part}_h200.json") for part in range(1, 7)])
     variants = by_variant(runs)
     dense, moe = variants["none"]["held_out"], variants["attribute"]["held_out"]
     compared, at_least, below, _ = compare_with_dense(variants, "attribute")
@@ -119,7 +119,7 @@ def routing_ablation_row() -> tuple[str, str]:
     shown = [key for key in keys if key.split("/")[0] in ("fashion_mnist_classification", "kjv_mlm",
                                                          "wordnet_lexname_classification", "emoji_retrieval")]
     seeds = len(variants["none"]["seeds"])
-    return (f"routing ablation: attribute MoE vs dense, Ti, `gpu_b.yaml` (nine tasks), 1 x H200, 2,000 steps, "
+    return (f"routing ablation: MoE routings vs dense, Ti, `gpu_b.yaml` (nine tasks), 1 x H200, 2,000 steps, "
             f"{seeds} seeds each",
             f"attribute's seed mean >= dense's on {len(at_least)} of {len(compared)} tasks, below dense's worst seed on "
             f"{len(below)}; "
@@ -127,7 +127,18 @@ def routing_ablation_row() -> tuple[str, str]:
             + f"; interference off the diagonal (ratio of means) {seed_spread(runs, 'attribute', 'off_diagonal_ratio_of_means')['mean']:.3f}"
             f" vs {seed_spread(runs, 'none', 'off_diagonal_ratio_of_means')['mean']:.3f}; per gate, {min(used)}-{max(used)} "
             f"of 8 experts carry > 5% of some task's gate weight; step time {cost[('train', 'attribute')]:.2f}x dense in training, "
-            f"{cost[('infer', 'attribute')]:.2f}x in inference (eager)")
+            f"{cost[('infer', 'attribute')]:.2f}x in inference (eager); the other routings' seed means >= dense's on "
+            + ", ".join(routing_against_dense(variants, routing) for routing in ("task", "token", "modality", "context")))
+
+
+def routing_against_dense(variants: dict, routing: str) -> str:
+    """'<routing> <n> of <tasks> (above/below dense beyond the seed spread on ...)' for the README row."""
+    from benchmarks.ablation_report import compare_with_dense
+
+    compared, at_least, below, above = compare_with_dense(variants, routing)
+    beyond = "; ".join(f"{side} dense beyond the spread on {', '.join(SHORT[task] for task in tasks)}"
+                       for side, tasks in (("above", above), ("below", below)) if tasks)
+    return f"{routing} {len(at_least)} of {len(compared)}" + (f" ({beyond})" if beyond else "")
 
 def graphed_ratios(log_name: str) -> dict[tuple[str, str], float]:
     """(phase, routing) -> time vs dense from the per-variant lines of a CUDA-graph `bench_moe` log."""

@@ -54,25 +54,29 @@ LOSS_WINDOW = 100  # steps per point of a run's training-loss curve
 
 
 def training_loss_curves(rows: list[dict], window: int = LOSS_WINDOW) -> dict[str, dict[int, float]]:
-    """`{task: {step: mean loss}}`: the logged training losses of each task (metrics.jsonl lines with a `task`
-    and a `loss`), averaged over windows of `window` steps; each point is keyed by its window's last step."""
+    """`{task: {step: mean loss}}`: each task's own training loss (metrics.jsonl lines with a `task` and a
+    `loss`, less the routers' auxiliary losses where the line logs them as `aux_loss`), averaged over windows
+    of `window` steps; each point is keyed by its window's last step."""
     sums: dict[str, dict[int, list[float]]] = {}
     for row in rows:
         if "task" in row and "loss" in row and "step" in row:
             end = -(-int(row["step"]) // window) * window
-            sums.setdefault(row["task"], {}).setdefault(end, []).append(float(row["loss"]))
+            own = float(row["loss"]) - float(row.get("aux_loss", 0.0))
+            sums.setdefault(row["task"], {}).setdefault(end, []).append(own)
     return {task: {end: round(sum(v) / len(v), 4) for end, v in sorted(points.items())}
             for task, points in sorted(sums.items())}
 
 
 def summarise_run(run_dir: str) -> dict:
     """One run's `{"run", "steps", "max_steps", "held_out", "other_metrics", "distinct_answers",
-    "trivial_baseline", "median_steps_per_second", "gradient_norms", "training_loss", "plain", "interference",
-    "tuning"}` (`held_out`: each task's headline metric, `other_metrics`: those of
+    "trivial_baseline", "median_steps_per_second", "gradient_norms", "training_loss", "aux_loss_logged",
+    "plain", "interference", "tuning"}` (`held_out`: each task's headline metric, `other_metrics`: those of
     `training.evaluation.SECONDARY_METRICS` it reports, generated captions' scores in a final evaluation only;
     both `{"task/metric": {step: value}}`; `steps` below `max_steps` where train.max_minutes stopped it) from its
     metrics.jsonl, its report.json (when the run finished; without it no steps), its interference.json and
-    tunings (when measured) and (when its plain baselines were trained beside it) baselines/baselines.json."""
+    tunings (when measured) and (when its plain baselines were trained beside it) baselines/baselines.json.
+    `aux_loss_logged` says whether its metrics.jsonl logged the routers' auxiliary losses apart (a run of a
+    trainer that did not has them inside `training_loss`)."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     speeds = sorted(r["steps_per_second"] for r in rows if "steps_per_second" in r)
@@ -122,6 +126,7 @@ def summarise_run(run_dir: str) -> dict:
             "distinct_answers": distinct, "trivial_baseline": trivial, "word_trivial_baseline": word_trivial,
             "median_steps_per_second": round(speeds[len(speeds) // 2], 2) if speeds else None,
             "gradient_norms": gradient_norms_by_task(rows), "training_loss": training_loss_curves(rows),
+            "aux_loss_logged": any("aux_loss" in row for row in rows),
             "plain": plain, "interference": interference,
             "tuning": summarise_tuning(run_dir)}
 

@@ -123,6 +123,18 @@ def test_training_loss_curves_average_each_task_over_windows_keyed_by_their_last
             {"step": 11, "task": "a", "loss": 1.0}, {"step": 12, "task": "b", "loss": 3.0},
             {"step": 12, "steps_per_second": 5.0}, {"step": 20, "eval/a/accuracy": 0.5, "loss": 9.0}]
     assert training_loss_curves(rows, window=10) == {"a": {10: 3.0, 20: 1.0}, "b": {20: 3.0}}
+    rows[0]["aux_loss"] = rows[1]["aux_loss"] = 0.5  # the routers' part of the loss: the curves leave it out
+    assert training_loss_curves(rows, window=10) == {"a": {10: 2.5, 20: 1.0}, "b": {20: 3.0}}
+
+
+def test_ablation_report_leaves_out_curves_holding_unlogged_router_losses():
+    """Token and context routing add load-balancing and z-losses to every step's loss; a run whose log did not
+    keep them apart (`aux_loss_logged`) cannot be drawn beside the others, a run whose log did can."""
+    from benchmarks.ablation_report import routings_with_unlogged_router_losses
+
+    runs = [{"run": "token_s0", "aux_loss_logged": True}, {"run": "token_s1", "aux_loss_logged": False},
+            {"run": "context_s0", "aux_loss_logged": True}, {"run": "none_s0"}, {"run": "attribute_s0"}]
+    assert routings_with_unlogged_router_losses(runs) == ["token"]
 
 
 def test_sweep_summary_groups_seeds_of_a_variant_with_their_spread_and_interference(tmp_path, capsys):

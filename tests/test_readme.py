@@ -37,7 +37,7 @@ def test_readme_results_table_is_the_one_the_logs_give():
 
 
 @pytest.mark.parametrize("marker, logs", [
-    ("GPU", [f"routing_ablation_part{part}_h200.json" for part in ("1", "2", "6", "7", "10_11")]
+    ("GPU", [f"routing_ablation_part{part}_h200.json" for part in ("1", "2", "3", "4", "5", "6", "7", "8", "10_11")]
      + ["--cost", "routing_ablation_cost_ti_h200.json"]),
     ("CPU", ["routing_ablation_cpu.json"]),
 ])

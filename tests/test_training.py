@@ -1337,6 +1337,10 @@ def test_time_limit_says_why_it_stopped_and_resumes(tiny_cache, tmp_path):
 
     straight = str(tmp_path / "straight")
     assert launch(token_bf16(straight), str(tmp_path / "s.yaml")).returncode == 0
+    with open(os.path.join(straight, "metrics.jsonl")) as handle:
+        rows = [row for row in map(json.loads, handle) if "task" in row]
+    # the routers' load-balancing and z-losses, a part of each step's loss, are logged apart
+    assert len(rows) == 6 and all(0 < row["aux_loss"] < row["loss"] for row in rows)
     out = str(tmp_path / "run")
     config = token_bf16(out)
     config["train"]["max_minutes"] = 1e-6  # out of time after the first step
@@ -1361,6 +1365,8 @@ def test_starting_over_moves_the_earlier_run_aside(tiny_cache, tmp_path):
     config = run_config(tiny_cache, out, max_steps=3, save_every=1)
     assert launch(config, str(tmp_path / "c.yaml")).returncode == 0
     first_losses = step_losses(out)
+    with open(os.path.join(out, "metrics.jsonl")) as handle:  # attribute routing adds no router loss
+        assert [row["aux_loss"] for row in map(json.loads, handle) if "task" in row] == [0.0, 0.0, 0.0]
     config = run_config(tiny_cache, out, max_steps=2, save_every=1)
     config["train"]["resume"] = "none"
     again = launch(config, str(tmp_path / "c.yaml"))

@@ -192,7 +192,7 @@ def step_tokens(batch, output) -> torch.Tensor:
     return tokens
 
 
-STEP_RESULT_VALUES = ("loss", "tokens", "grad_norm", "skipped")  # a step's results the host reads, as numbers
+STEP_RESULT_VALUES = ("loss", "aux_loss", "tokens", "grad_norm", "skipped")  # a step's results the host reads
 
 
 def send_step_result(result: dict) -> dict:
@@ -590,8 +590,13 @@ class Pretrainer:
             # one task on every process: the step's loss is the mean over processes; otherwise (per_process) the
             # processes ran different tasks, and the loss logged under this process's task is its own
             logged = acc.reduce(loss.detach(), "mean") if shared else loss.detach()
-            return send_step_result({"task": batch.task.name, "loss": logged, "tokens": step_tokens(batch, output),
-                                     "synced": synced, "grad_norm": grad_norm, "skipped": skipped})
+            # the routers' auxiliary losses, a part of `loss`, logged apart so that the task's own loss can be read
+            aux = output.aux_loss
+            if aux is not None:
+                aux = acc.reduce(aux.detach(), "mean") if shared else aux.detach()
+            return send_step_result({"task": batch.task.name, "loss": logged, "aux_loss": aux,
+                                     "tokens": step_tokens(batch, output), "synced": synced, "grad_norm": grad_norm,
+                                     "skipped": skipped})
 
     def step_candidate_shard(self, step_index: int, task) -> CandidateShard | None:
         """`data.partition_candidates`: under `task_sampling: shared` the run's shard for a task with shared
@@ -868,6 +873,7 @@ class Pretrainer:
             if result["synced"]:
                 self.log({"step": result["step"], "micro_step": result["micro_step"], "task": result["task"],
                           "loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
+                          **({"aux_loss": result["aux_loss"]} if result.get("aux_loss") is not None else {}),
                           **({"skipped": True} if result["skipped"] else {})})
         return result
 
