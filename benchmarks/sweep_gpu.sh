@@ -16,16 +16,17 @@
 # final model on 1% of each task with prompt_tuning.run_prompt_tuning, all side by side (each bounded by
 # TUNE_LIMIT seconds, default 240; TUNE_ARGS adds options), and packs each results.json. The runs are eager
 # unless COMPILE=true (or auto): short runs finish sooner without the compile warm-up (docs/training.md).
-# Runs write under /tmp/sweep/<name>, which a warm machine keeps between calls: a run stopped by
+# Runs write under /tmp/sweep/<name> (SWEEP_DIR), which a warm machine keeps between calls: a run stopped by
 # train.max_minutes (with its checkpoint; its report.json says steps < max_steps) resumes when the same command
 # is given again (its log grows); a finished one is not trained again. Interference and tuning measure finished
-# runs only, and only this call's runs are packed.
+# runs only, each once (a tuning whose results.json is newer than the model is not run again, so a call may
+# name further TUNE_RUNS of the same runs), and only this call's runs are packed.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=3
 CONFIG=${CONFIG:-training/configs/fashion_mnist_ti.yaml}
 EAGER=(--set train.compile=${COMPILE:-false})
-SWEEP=/tmp/sweep
+SWEEP=${SWEEP_DIR:-/tmp/sweep}
 mkdir -p $SWEEP
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 GPUS=$(( GPUS > 0 ? GPUS : 1 ))
@@ -79,6 +80,7 @@ if [ -n "${TUNE_RUNS:-}" ]; then  # every finished run tuned on 1% of each task:
     finished $name || continue
     for pair in ${TUNE_RUNS//,/ }; do
       task=${pair%%:*}; method=${pair#*:}
+      [ ! $(dirname $run)/tune-$task-$method/results.json -nt $run/config.json ] || continue  # tuned earlier
       timeout ${TUNE_LIMIT:-240} python3 -m prompt_tuning.run_prompt_tuning --model $run --task $task \
         --data_fraction 0.01 --method $method --output_dir $(dirname $run)/tune-$task-$method ${TUNE_ARGS:-} \
         > $(dirname $run).tune-$task-$method.log 2>&1 &

@@ -488,6 +488,52 @@ def test_ablation_report_compares_routings_with_dense_on_each_task_s_primary_met
         report_main([str(log)])
 
 
+def test_sweep_gpu_trains_measures_and_tunes_each_run_once(tiny_cache, tmp_path):
+    """`benchmarks/sweep_gpu.sh` given again on a warm machine: a finished run is not trained again, and a
+    tuning already made is not made again, so a later call may name further tunings of the same runs (here
+    on the CPU, with a `python3` that skips the wheels' install)."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    import yaml
+
+    from tests.test_training import run_config
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text(f'#!/bin/bash\n[ "$1 $2" != "-m pip" ] || exit 0\nexec {sys.executable} "$@"\n')
+    (shim / "python3").chmod(0o755)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(run_config(tiny_cache, str(tmp_path / "unused"), max_steps=1, save_every=0)))
+    sweep = tmp_path / "sweep"
+
+    def call(tunings: str) -> subprocess.CompletedProcess:
+        out = tmp_path / f"out-{len(list(tmp_path.glob('out-*')))}"
+        out.mkdir()
+        env = dict(os.environ, OUT=str(out), SWEEP_DIR=str(sweep), CONFIG=str(config), TUNE_RUNS=tunings,
+                   TUNE_ARGS=f"--data_cache {tiny_cache} --slice tiny --max_steps 1 --eval_samples 8 "
+                             "--vocabulary_size 64", PATH=f"{shim}{os.pathsep}{os.environ['PATH']}",
+                   OMP_NUM_THREADS="1")
+        done = subprocess.run(["bash", "benchmarks/sweep_gpu.sh", "a|"], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        with tarfile.open(out / "sweep.tar.gz") as packed:
+            return done, sorted(name for name in packed.getnames() if name.endswith("results.json"))
+
+    first, packed = call("fashion_mnist_classification:linear_probe")
+    assert packed == ["./a/tune-fashion_mnist_classification-linear_probe/results.json"]
+    probe = sweep / "a" / "tune-fashion_mnist_classification-linear_probe" / "results.json"
+    made = probe.stat().st_mtime_ns
+    again, packed = call("fashion_mnist_classification:linear_probe,fashion_mnist_classification:prompt")
+    assert "a: finished in an earlier call" in again.stdout
+    assert probe.stat().st_mtime_ns == made  # not tuned again
+    assert packed == ["./a/tune-fashion_mnist_classification-linear_probe/results.json",
+                      "./a/tune-fashion_mnist_classification-prompt/results.json"]
+
+
 def test_sweep_cpu_runs_each_variant_over_the_seeds_with_its_settings(tiny_cache, tmp_path):
     """`benchmarks/sweep_cpu.sh`, the runner of the CPU ablation scripts: every spec over SEEDS, runs named
     <variant>_s<seed> with that spec's settings (a spec may have none), each model's interference when asked,
@@ -523,7 +569,8 @@ def test_sweep_cpu_runs_each_variant_over_the_seeds_with_its_settings(tiny_cache
 
 @pytest.mark.parametrize("script, log", [("routing_ablation_cpu", "routing_ablation_cpu"),
                                          ("route_balance_cpu", "route_balance_cpu"),
-                                         ("router_noise_cpu", "router_noise_main_job_cpu")])
+                                         ("router_noise_cpu", "router_noise_main_job_cpu"),
+                                         ("router_lr_cpu", "router_lr_cpu")])
 def test_cpu_ablation_scripts_run_what_their_logs_hold(script, log):
     """Each CPU ablation script (DRY_RUN=1 of benchmarks/sweep_cpu.sh) runs exactly the runs of the log
     docs/results.md reads, each with the settings its name says."""
@@ -543,6 +590,8 @@ def test_cpu_ablation_scripts_run_what_their_logs_hold(script, log):
                     "attribute-no-noise": "--set model.moe_router_noise_std=0"}.get(variant)
         if variant.startswith("balance"):
             expected = f"--set model.moe_route_balance_coef={variant.removeprefix('balance')}"
+        elif variant.startswith("router_lr"):
+            expected = f"--set optim.router_lr_scale={variant.removeprefix('router_lr')}"
         elif script == "routing_ablation_cpu":
             expected = f"--set model.moe_routing={variant}"
         assert settings == expected, name

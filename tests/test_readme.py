@@ -37,9 +37,11 @@ def test_readme_results_table_is_the_one_the_logs_give():
 
 
 @pytest.mark.parametrize("marker, logs", [
-    ("GPU", [f"routing_ablation_part{part}_h200.json" for part in ("1", "2", "3", "4", "5", "6", "7", "8", "10_11")]
+    ("routing ablation, GPU", [f"routing_ablation_part{part}_h200.json"
+                               for part in ("1", "2", "3", "4", "5", "6", "7", "8", "10_11")]
      + ["--cost", "routing_ablation_cost_ti_h200.json"]),
-    ("CPU", ["routing_ablation_cpu.json"]),
+    ("routing ablation, CPU", ["routing_ablation_cpu.json"]),
+    ("gates' learning rate, CPU", ["router_lr_cpu.json"]),
 ])
 def test_results_routing_ablation_tables_are_the_ones_the_logs_give(marker, logs):
     """docs/results.md's routing-ablation tables are exactly what `python -m benchmarks.ablation_report` prints."""
@@ -49,7 +51,7 @@ def test_results_routing_ablation_tables_are_the_ones_the_logs_give(marker, logs
     argv = [arg if arg.startswith("--") else os.path.join(learning, arg) for arg in logs]
     with open(os.path.join(REPO, "docs", "results.md"), encoding="utf-8") as handle:
         text = handle.read()
-    start = text.index("\n", text.index(f"<!-- routing ablation, {marker}:")) + 1
-    end = text.index(f"<!-- end of routing ablation, {marker} -->")
+    start = text.index("\n", text.index(f"<!-- {marker}:")) + 1
+    end = text.index(f"<!-- end of {marker} -->")
     assert text[start:end].rstrip("\n") == report_main(argv), \
         "docs/results.md's routing-ablation table differs from the logs: rerun benchmarks.ablation_report"

@@ -1606,7 +1606,7 @@ def test_weight_decay_skips_norms_biases_embeddings_gates_and_scales():
     from training.trainer import parameter_groups
 
     model = UniPerceiverMoEForGenericPerception(tiny_config("attribute"))
-    decay, no_decay = parameter_groups(model, 0.2)
+    decay, no_decay = parameter_groups(model, 0.2, 1e-3)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
@@ -1615,6 +1615,38 @@ def test_weight_decay_skips_norms_biases_embeddings_gates_and_scales():
     for name in decayed:
         assert not any(k in name for k in ("norm", "bias", "embedding", "gate", "scale")), name
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("routing", ["attribute", "token"])
+def test_router_lr_scale_sets_the_gates_learning_rate(routing):
+    """optim.router_lr_scale: the gates' parameters (and only they) step at lr * scale under the schedule;
+    at 0 they stay as initialised while every other trained parameter moves."""
+    from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
+    from tests.conftest import tiny_config
+    from training.config import OptimConfig
+    from training.trainer import cosine_with_warmup, is_router_parameter, make_optimizer
+
+    torch.manual_seed(0)
+    model = UniPerceiverMoEForGenericPerception(tiny_config(routing))
+    optimizer = make_optimizer(model, OptimConfig(lr=1e-3, router_lr_scale=0.0), torch.device("cpu"))
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-3, 1e-3, 0.0]
+    routers = {name for name, _ in model.named_parameters() if is_router_parameter(name)}
+    assert routers and {id(p) for p in optimizer.param_groups[2]["params"]} == {
+        id(p) for name, p in model.named_parameters() if name in routers}
+    scheduler = cosine_with_warmup(optimizer, 2, 10, 0.0)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for parameter in model.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    optimizer.step()
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert moved == set(before) - routers
+    scheduler.step()
+    assert scheduler.get_last_lr() == [1e-3, 1e-3, 0.0]  # warmup step 2 of 2: the peak of every group
+    two = make_optimizer(model, OptimConfig(lr=1e-3, router_lr_scale=2.0), torch.device("cpu"))
+    assert [group["lr"] for group in two.param_groups] == [1e-3, 1e-3, 2e-3]
+    assert len(make_optimizer(model, OptimConfig(lr=1e-3), torch.device("cpu")).param_groups) == 2  # as before
+    dense = UniPerceiverMoEForGenericPerception(tiny_config("none"))  # no gates: no third group
+    assert len(make_optimizer(dense, OptimConfig(router_lr_scale=0.0), torch.device("cpu")).param_groups) == 2
 
 
 def test_a_task_can_stream_any_parquet_with_a_column_mapping(tmp_path, tiny_cache):

@@ -84,6 +84,7 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 0.1  # max grad norm (reference)
     fused: bool | None = None  # torch's fused AdamW; None = on CUDA and CPU (trainer.make_optimizer)
+    router_lr_scale: float = 1.0  # the MoE gates' (routers') learning rate as a multiple of lr; 0 keeps them fixed
 
 
 @dataclass

@@ -77,30 +77,46 @@ def check_model_fits_tasks(config: PretrainConfig, model_config: UniPerceiverMoE
                               f"set model.num_tasks >= {top + 1}")
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only matrices of linear/expert/conv weights; never norms, biases, embeddings, gates, scales."""
-    decay, no_decay = [], []
+def is_router_parameter(name: str) -> bool:
+    """A parameter of an MoE layer's gate (`<layer>.<attn|ffn>_gate.router.<...>`)."""
+    return ".router." in name
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float, lr: float,
+                     router_lr_scale: float = 1.0) -> list[dict]:
+    """Decay only matrices of linear/expert/conv weights; never norms, biases, embeddings, gates, scales. With
+    `router_lr_scale` != 1 the MoE gates' parameters (a model that has some) form a third group (no decay) at
+    `lr * router_lr_scale`; every group starts at its own learning rate, which the schedule then scales."""
+    decay, no_decay, routers = [], [], []
+    split_routers = router_lr_scale != 1.0
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         lowered = name.lower()
-        if parameter.ndim < 2 or any(k in lowered for k in NO_DECAY_KEYWORDS):
+        if split_routers and is_router_parameter(name):
+            routers.append(parameter)
+        elif parameter.ndim < 2 or any(k in lowered for k in NO_DECAY_KEYWORDS):
             no_decay.append(parameter)
         else:
             decay.append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    if routers:
+        groups.append({"params": routers, "weight_decay": 0.0, "lr": lr * router_lr_scale})
+    return groups
 
 
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 
 
 def make_optimizer(model: torch.nn.Module, optim, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `parameter_groups`. `optim.fused` None picks torch's fused AdamW (one pass over each
-    parameter, its gradient and both moments) on the devices it serves, CUDA and CPU; on the main job's CPU
-    model it steps several times faster than the multi-tensor one (`python -m benchmarks.bench_optimizer`)."""
+    """AdamW over `parameter_groups` (`optim.router_lr_scale`: the gates' learning rate). `optim.fused` None
+    picks torch's fused AdamW (one pass over each parameter, its gradient and both moments) on the devices it
+    serves, CUDA and CPU; on the main job's CPU model it steps several times faster than the multi-tensor one
+    (`python -m benchmarks.bench_optimizer`)."""
     fused = optim.fused if optim.fused is not None else device.type in FUSED_ADAMW_DEVICES
-    return torch.optim.AdamW(parameter_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
-                             eps=optim.eps, fused=fused)
+    return torch.optim.AdamW(parameter_groups(model, optim.weight_decay, optim.lr, optim.router_lr_scale),
+                             lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused)
 
 
 def cosine_with_warmup(optimizer, warmup: int, total: int, min_ratio: float):
