@@ -604,12 +604,14 @@ class Pretrainer:
                 self.optimizer.zero_grad(set_to_none=True)
         with region("trainer/bookkeeping"):
             # one task on every process: the step's loss is the mean over processes; otherwise (per_process) the
-            # processes ran different tasks, and the loss logged under this process's task is its own
-            logged = acc.reduce(loss.detach(), "mean") if shared else loss.detach()
-            # the routers' auxiliary losses, a part of `loss`, logged apart so that the task's own loss can be read
+            # processes ran different tasks, and the loss logged under this process's task is its own. The routers'
+            # auxiliary losses, a part of `loss`, are logged apart so that the task's own loss can be read.
             aux = output.aux_loss
+            logged = loss.detach() if aux is None else torch.stack([loss.detach(), aux.detach().to(loss.dtype)])
+            if shared:
+                logged = acc.reduce(logged, "mean")  # one collective for both
             if aux is not None:
-                aux = acc.reduce(aux.detach(), "mean") if shared else aux.detach()
+                logged, aux = logged[0], logged[1]
             return send_step_result({"task": batch.task.name, "loss": logged, "aux_loss": aux,
                                      "tokens": step_tokens(batch, output), "synced": synced, "grad_norm": grad_norm,
                                      "skipped": skipped})
