@@ -343,8 +343,10 @@ def main(argv=None) -> str:
     runs = load_runs(args.logs)
     variants = by_variant(runs)
     references = single_task_references(runs)
-    parts = [routing_table(variants, runs, references), "", "**The paper's targets on these numbers:**", "",
-             *targets(variants, references)]
+    parts = []
+    if table_columns(variants):  # a log of tuned or zero-shot runs only has no routing table
+        parts += [routing_table(variants, runs, references), "", "**The paper's targets on these numbers:**", "",
+                  *targets(variants, references)]
     zero_shot = zero_shot_table(variants)
     if zero_shot:
         parts += ["", "**Zero-shot: one task left out of pre-training:**", "", zero_shot]
@@ -355,7 +357,7 @@ def main(argv=None) -> str:
     tuning = tuning_table(runs)
     if tuning:
         parts += ["", "**Downstream tuning on 1% of a task:**", "", tuning]
-    text = "\n".join(parts)
+    text = "\n".join(parts).strip("\n")
     print(text)
     if args.figures:
         for drawn, name in ((plot_curves(runs, args.figures + "_curves.png"), "curves"),

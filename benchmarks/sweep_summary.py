@@ -136,9 +136,9 @@ TUNING_FIELDS = ("train_samples", "trainable_parameters", "selected_step", "step
 
 def summarise_tuning(run_dir: str) -> dict[str, dict]:
     """`{"task/method": {"before", "after", *TUNING_FIELDS}}` from the run's `tune-<task>-<method>/results.json`
-    (sweep_gpu.sh's TUNE_RUNS: `prompt_tuning.run_prompt_tuning` on the run's final model): the held-out
-    metrics of the pre-trained model as it is (`before`; none for a linear probe, which starts from a new head)
-    and of the tuned one (`after`)."""
+    (the TUNE_RUNS of sweep_gpu.sh or sweep_cpu.sh: `prompt_tuning.run_prompt_tuning` on the run's final
+    model): the held-out metrics of the pre-trained model as it is (`before`; none for a linear probe, which
+    starts from a new head) and of the tuned one (`after`)."""
     tuned = {}
     for path in sorted(glob.glob(os.path.join(run_dir, "tune-*", "results.json"))):
         with open(path) as handle:

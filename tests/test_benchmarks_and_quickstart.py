@@ -536,8 +536,8 @@ def test_sweep_gpu_trains_measures_and_tunes_each_run_once(tiny_cache, tmp_path)
 
 def test_sweep_cpu_runs_each_variant_over_the_seeds_with_its_settings(tiny_cache, tmp_path):
     """`benchmarks/sweep_cpu.sh`, the runner of the CPU ablation scripts: every spec over SEEDS, runs named
-    <variant>_s<seed> with that spec's settings (a spec may have none), each model's interference when asked,
-    then one summary that records COMMAND."""
+    <variant>_s<seed> with that spec's settings (a spec may have none), each model's interference and tunings
+    when asked, then one summary that records COMMAND."""
     import os
     import subprocess
     import sys
@@ -553,6 +553,8 @@ def test_sweep_cpu_runs_each_variant_over_the_seeds_with_its_settings(tiny_cache
     env = dict(os.environ, OUT_DIR=str(out), CONFIG=str(config), SEEDS="0", SUMMARY=str(summary), COMMAND="c",
                INTERFERENCE_TASKS="fashion_mnist_classification,austen_mlm", INTERFERENCE_SAMPLES="4",
                INTERFERENCE_ARGS=f"--data_cache {tiny_cache} --slice tiny --vocabulary_size 64",
+               TUNE_RUNS="fashion_mnist_classification:linear_probe",
+               TUNE_ARGS=f"--data_cache {tiny_cache} --slice tiny --max_steps 1 --eval_samples 8 --vocabulary_size 64",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], OMP_NUM_THREADS="1")
     done = subprocess.run(["bash", "benchmarks/sweep_cpu.sh", "attribute|",
                            "dense|--set model.moe_routing=none --set train.max_steps=1"],
@@ -565,12 +567,13 @@ def test_sweep_cpu_runs_each_variant_over_the_seeds_with_its_settings(tiny_cache
     assert json.loads((out / "dense_s0" / "report.json").read_text())["routing"] == "none"
     assert all(run["interference"]["tasks"] == ["fashion_mnist_classification", "austen_mlm"] for run in runs.values())
     assert "expert_usage" in runs["attribute_s0"]["interference"]
+    assert all(list(run["tuning"]) == ["fashion_mnist_classification/linear_probe"] for run in runs.values())
 
 
 @pytest.mark.parametrize("script, log", [("routing_ablation_cpu", "routing_ablation_cpu"),
                                          ("route_balance_cpu", "route_balance_cpu"),
                                          ("router_noise_cpu", "router_noise_main_job_cpu"),
-                                         ("router_lr_cpu", "router_lr_cpu")])
+                                         ("router_lr_cpu", "router_lr_cpu"), ("tuning_cpu", "tuning_cpu")])
 def test_cpu_ablation_scripts_run_what_their_logs_hold(script, log):
     """Each CPU ablation script (DRY_RUN=1 of benchmarks/sweep_cpu.sh) runs exactly the runs of the log
     docs/results.md reads, each with the settings its name says."""
@@ -587,7 +590,8 @@ def test_cpu_ablation_scripts_run_what_their_logs_hold(script, log):
     for name, settings in runs.items():
         variant = name.rsplit("_s", 1)[0]
         expected = {"attribute": "", "dense": "--set model.moe_routing=none",
-                    "attribute-no-noise": "--set model.moe_router_noise_std=0"}.get(variant)
+                    "attribute-no-noise": "--set model.moe_router_noise_std=0",
+                    "tuned-attribute": "", "tuned-none": "--set model.moe_routing=none"}.get(variant)
         if variant.startswith("balance"):
             expected = f"--set model.moe_route_balance_coef={variant.removeprefix('balance')}"
         elif variant.startswith("router_lr"):

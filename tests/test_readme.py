@@ -42,6 +42,7 @@ def test_readme_results_table_is_the_one_the_logs_give():
      + ["--cost", "routing_ablation_cost_ti_h200.json"]),
     ("routing ablation, CPU", ["routing_ablation_cpu.json"]),
     ("gates' learning rate, CPU", ["router_lr_cpu.json"]),
+    ("downstream tuning, CPU", ["tuning_cpu.json"]),
 ])
 def test_results_routing_ablation_tables_are_the_ones_the_logs_give(marker, logs):
     """docs/results.md's routing-ablation tables are exactly what `python -m benchmarks.ablation_report` prints."""
