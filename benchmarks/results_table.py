@@ -109,7 +109,8 @@ def routing_ablation_row() -> tuple[str, str]:
     from benchmarks.ablation_report import compare_with_dense, experts_in_use, load_runs, primary_series, seed_spread
     from benchmarks.sweep_summary import by_variant
 
-    runs = load_runs([os.path.join(LOGS, "learning", f"routing_ablation_part{part}_h200.json") for part in range(1, 7)])
+    runs = load_runs([os.path.join(LOGS, "learning", f"routing_ablation_part{part}_h200.json")
+                      for part in range(1, 7)])
     variants = by_variant(runs)
     dense, moe = variants["none"]["held_out"], variants["attribute"]["held_out"]
     compared, at_least, below, _ = compare_with_dense(variants, "attribute")
@@ -128,7 +129,8 @@ def routing_ablation_row() -> tuple[str, str]:
             f" vs {seed_spread(runs, 'none', 'off_diagonal_ratio_of_means')['mean']:.3f}; per gate, {min(used)}-{max(used)} "
             f"of 8 experts carry > 5% of some task's gate weight; step time {cost[('train', 'attribute')]:.2f}x dense in training, "
             f"{cost[('infer', 'attribute')]:.2f}x in inference (eager); the other routings' seed means >= dense's on "
-            + ", ".join(routing_against_dense(variants, routing) for routing in ("task", "token", "modality", "context")))
+            + ", ".join(routing_against_dense(variants, routing)
+                        for routing in ("task", "token", "modality", "context")))
 
 
 def routing_against_dense(variants: dict, routing: str) -> str:

@@ -13,7 +13,8 @@
 # zeroshot-<routing>_s<seed>). Part 12: dense and attribute, seed 0 (runs named tuned-<routing>_s0), each
 # then tuned on 1% of an unseen task (emoji group) and of a pre-trained one (Fashion-MNIST) by prompt tuning,
 # a linear probe and full fine-tuning (TUNE_RUNS, as in sweep_gpu.sh; the same part given again with other
-# TUNE_RUNS makes only the tunings not yet made), with no interference matrix (parts 1-2 measure it). Part 13: attribute with a balance loss over its route keys (model.moe_route_balance_coef,
+# TUNE_RUNS makes only the tunings not yet made), with no interference matrix (parts 1-2 measure it).
+# Part 13: attribute with a balance loss over its route keys (model.moe_route_balance_coef,
 # BALANCE_COEF, default 0.01) over seeds 0-2, runs named attribute-balance_s<seed>, with their interference
 # matrices and expert use, beside part 2's attribute runs. Part 1 then also times every routing's training
 # and inference step at Ti side by side in one process (benchmarks.bench_moe, eager like the runs, three

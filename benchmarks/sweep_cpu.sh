@@ -37,7 +37,8 @@ for seed in ${SEEDS:-0 1}; do
       task=${pair%%:*}; method=${pair#*:}
       python -m prompt_tuning.run_prompt_tuning --model "$OUT_DIR/$name/final" --task "$task" --data_fraction 0.01 \
         --method "$method" --output_dir "$OUT_DIR/$name/tune-$task-$method" "${tune_extra[@]}" \
-        > "$OUT_DIR/$name.tune-$task-$method.log" 2>&1 || echo "$name $pair failed: $OUT_DIR/$name.tune-$task-$method.log"
+        > "$OUT_DIR/$name.tune-$task-$method.log" 2>&1 \
+        || echo "$name $pair failed: $OUT_DIR/$name.tune-$task-$method.log"
     done
   done
 done
