@@ -340,10 +340,16 @@ class BenchMoEArguments:
                 "alike, so no float32 -> bf16 weight casts per forward; training keeps float32 (CUDA only)"})
     repeats: int = field(default=1, metadata={"help": "measure every variant this many times (interleaved); report medians"})
     json: Optional[str] = field(default=None, metadata={"help": "also write the results here"})
+    table: Optional[str] = field(default=None, metadata={
+        "help": "measure nothing: print the table of a log written by --json (the tables of docs/benchmarks.md)"})
 
 
 def main(argv=None):
     args = parse_script_arguments(BenchMoEArguments, argv, prog="python -m benchmarks.bench_moe", description=__doc__)
+    if args.table:
+        with open(args.table, encoding="utf-8") as handle:
+            print(markdown_table(json.load(handle)["rows"]))
+        return []
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if device.type == "cpu" and dtype == torch.bfloat16:
@@ -415,7 +421,8 @@ def main(argv=None):
             torch._dynamo.reset()
     report["runs"] = rows[:]
     rows[:] = median_rows(rows)
-    print_table(rows)
+    add_time_vs_dense(rows)
+    print("\n" + markdown_table(rows))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=1)
@@ -435,16 +442,22 @@ def median_rows(rows: list[dict]) -> list[dict]:
     return merged
 
 
-def print_table(rows: list[dict]) -> None:
-    """Markdown table; "time vs dense" = dense tokens/s / variant tokens/s, same size, phase and compilation."""
+def add_time_vs_dense(rows: list[dict]) -> None:
+    """Sets each row's "time vs dense": dense tokens/s / the row's tokens/s, same size, phase and compilation."""
     dense = {(r["size"], r["phase"], r["compiled"]): r["tokens_per_s"] for r in rows if r["model"] == "none"}
-    print("\n| size | phase | model | compiled | tokens/s (median) | time vs dense | max/min over repeats | peak GiB |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = dense.get((r["size"], r["phase"], r["compiled"]))
         r["time_vs_dense"] = base / r["tokens_per_s"] if base else float("nan")
-        print(f"| {r['size']} | {r['phase']} | {r['model']} | {'yes' if r['compiled'] else 'no'} | "
-              f"{r['tokens_per_s']:.0f} | {r['time_vs_dense']:.2f}x | {r['spread']:.2f} | {r['peak_gib']:.2f} |")
 
+
+def markdown_table(rows: list[dict]) -> str:
+    """The median rows (with their "time vs dense") as a markdown table."""
+    lines = ["| size | phase | model | compiled | tokens/s (median) | time vs dense | max/min over repeats | peak GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['size']} | {r['phase']} | {r['model']} | {'yes' if r['compiled'] else 'no'} | "
+              f"{r['tokens_per_s']:.0f} | {r['time_vs_dense']:.2f}x | {r['spread']:.2f} | {r['peak_gib']:.2f} |"
+              for r in rows]
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

@@ -166,8 +166,8 @@ def speed_row() -> tuple[str, str]:
     return ("MoE step time vs dense, B, 1 x H200, bf16, same process",
             f"training with CUDA graphs: {listing(graphs, 'train')}; inference: {listing(graphs, 'infer')}; "
             f"eager training: {listing(eager, 'train')}; token routing {fast:.1f}x faster than the plain "
-            f"per-expert loop (token and context training timed while their bf16 expert cast outlived fused "
-            f"AdamW steps, one cast per step short: docs/benchmarks.md)")
+            f"per-expert loop (token and context training under CUDA graphs timed while their bf16 expert cast "
+            f"outlived fused AdamW steps, one cast per step short: docs/benchmarks.md)")
 
 
 def trainer_row() -> tuple[str, str]:

@@ -1,5 +1,6 @@
 """Every ```python block of README.md runs as pasted, in a fresh process and an empty folder."""
 
+import json
 import os
 import re
 import subprocess
@@ -37,8 +38,8 @@ def test_readme_results_table_is_the_one_the_logs_give():
 
 
 @pytest.mark.parametrize("marker, logs", [
-    ("routing ablation, GPU", [f"routing_ablation_part{part}_h200.json"
-                               for part in ("1", "2", "3", "4", "5", "6", "7", "8", "10_11")]
+    ("routing ablation, GPU", [f"routing_ablation_part{part}_h200.json" for part in
+                               ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10_11", "12", "13")]
      + ["--cost", "routing_ablation_cost_ti_h200.json"]),
     ("routing ablation, CPU", ["routing_ablation_cpu.json"]),
     ("gates' learning rate, CPU", ["router_lr_cpu.json"]),
@@ -56,3 +57,17 @@ def test_results_routing_ablation_tables_are_the_ones_the_logs_give(marker, logs
     end = text.index(f"<!-- end of {marker} -->")
     assert text[start:end].rstrip("\n") == report_main(argv), \
         "docs/results.md's routing-ablation table differs from the logs: rerun benchmarks.ablation_report"
+
+
+def test_benchmarks_step_time_tables_are_the_ones_the_logs_give():
+    """Each table between docs/benchmarks.md's `bench_moe table` markers is `bench_moe --table` of its log."""
+    from benchmarks.bench_moe import markdown_table
+
+    with open(os.path.join(REPO, "docs", "benchmarks.md"), encoding="utf-8") as handle:
+        blocks = re.findall(r"<!-- bench_moe table: (\S+) -->\n(.*?)\n<!-- end of bench_moe table -->",
+                            handle.read(), flags=re.S)
+    assert len(blocks) == 2
+    for log, table in blocks:
+        with open(os.path.join(REPO, log), encoding="utf-8") as handle:
+            assert table == markdown_table(json.load(handle)["rows"]), \
+                f"docs/benchmarks.md's table of {log} differs: python -m benchmarks.bench_moe --table {log}"
