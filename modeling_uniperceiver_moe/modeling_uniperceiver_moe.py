@@ -66,6 +66,11 @@ try:  # transformers >= 5: initialisers that skip weights already loaded from a 
 except ImportError:  # pragma: no cover
     from torch.nn import init
 
+try:  # FSDP's parameter shards (`is_sharded`)
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - a torch built without distributed support
+    DTensor = None
+
 TEXT, IMAGE, VIDEO = (MODALITIES.index(m) for m in ("text", "image", "video"))
 
 
@@ -453,6 +458,11 @@ class PrefixCache:
 
 
 EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "eager")
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a `DTensor` (a shard, as FSDP keeps a parameter outside its module's forward)."""
+    return DTensor is not None and isinstance(tensor, DTensor)
 
 
 def experts_implementation(config: UniPerceiverMoEConfig) -> str:
@@ -1260,12 +1270,13 @@ class UniPerceiverMoEModel(UniPerceiverMoEPreTrainedModel):
         return torch.device("cpu") if device is None else torch.device(device)
 
     def experts_offloaded(self) -> bool:
-        """True when accelerate keeps router or expert weights offloaded (on the meta device between calls):
-        the encoder then neither merges nor casts experts ahead of the layers; each gate decides and each
+        """True when router or expert weights are not held whole between calls: offloaded by accelerate (on
+        the meta device) or sharded by FSDP (`DTensor` shards, gathered for their layer's forward): the
+        encoder then neither merges nor casts experts ahead of the layers; each gate decides and each
         expert linear merges inside its own call, when its weights are loaded."""
         for module, name in self._gated_modules()[0]:  # a plain loop over `is_meta`: ~17 us for B's 120 slots
             parameter = module._parameters[name]
-            if parameter is not None and parameter.is_meta:
+            if parameter is not None and (parameter.is_meta or is_sharded(parameter)):
                 return True
         return False
 

@@ -599,3 +599,24 @@ def test_cpu_ablation_scripts_run_what_their_logs_hold(script, log):
         elif script == "routing_ablation_cpu":
             expected = f"--set model.moe_routing={variant}"
         assert settings == expected, name
+
+
+def test_fsdp_report_compares_runs_with_the_first(tmp_path):
+    """benchmarks.fsdp_report reads each run's report.json and logged losses (the last record of a step wins)
+    and gives each run's largest relative loss difference from the first run at the steps both logged."""
+    from benchmarks.fsdp_report import main as fsdp_report
+
+    figures = {"processes": 2, "parameters": 1000, "median_tokens_per_second": 50.0}
+    for name, sharded, held, losses in (("ddp", False, 1000, [2.0, 1.0]), ("fsdp", True, 500, [2.0, 1.1])):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "report.json").write_text(json.dumps({**figures, "fsdp": sharded, "parameters_held": held,
+                                                        "training_peak_memory_gib": 1.5}))
+        rows = [{"step": 1, "task": "t", "loss": 9.0}] + [{"step": s, "task": "t", "loss": v}
+                                                          for s, v in enumerate(losses, 1)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows + [{"step": 2, "lr": 1}]))
+    log = tmp_path / "log.json"
+    text = fsdp_report([str(tmp_path / "ddp"), str(tmp_path / "fsdp"), "--json", str(log)])
+    assert text.splitlines()[2].endswith("| 1,000 (1.00) | 1.50 | 50 | 0.0e+00 |")
+    assert text.splitlines()[3].endswith("| 500 (0.50) | 1.50 | 50 | 1.0e-01 |")  # step 2: 1.1 against 1.0
+    assert fsdp_report(["--table", str(log)]) == text

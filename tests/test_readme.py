@@ -71,3 +71,14 @@ def test_benchmarks_step_time_tables_are_the_ones_the_logs_give():
         with open(os.path.join(REPO, log), encoding="utf-8") as handle:
             assert table == markdown_table(json.load(handle)["rows"]), \
                 f"docs/benchmarks.md's table of {log} differs: python -m benchmarks.bench_moe --table {log}"
+
+
+def test_training_sharding_table_is_the_one_the_log_gives():
+    """docs/training.md's sharded-against-replicated table is `benchmarks.fsdp_report --table` of its log."""
+    from benchmarks.fsdp_report import table
+
+    with open(os.path.join(REPO, "docs", "training.md"), encoding="utf-8") as handle:
+        log, text = re.search(r"<!-- fsdp table: (\S+) -->\n(.*?)\n<!-- end of fsdp table -->", handle.read(),
+                              flags=re.S).groups()
+    with open(os.path.join(REPO, log), encoding="utf-8") as handle:
+        assert text == table(json.load(handle)), f"python -m benchmarks.fsdp_report --table {log}"

@@ -975,6 +975,8 @@ def test_config_errors_name_the_field(tmp_path, tiny_cache):
         (lambda c: c["train"].update(keep_checkpoints=0), "train.keep_checkpoints must be >= 1"),
         (lambda c: c.update(output_dir=" "), "output_dir must be a folder path"),
         (lambda c: c["tasks"]["austen_mlm"].update(loss_weight=float("nan")), "tasks.austen_mlm.loss_weight must be a finite"),
+        (lambda c: c["train"].update(fsdp=True, mixed_precision="fp16"), "train.fsdp trains in bf16 or float32"),
+        (lambda c: c["train"].update(fsdp=True, compile=True), "train.fsdp runs the encoder eagerly"),
     ):
         raw = json.loads(json.dumps(base))
         mutate(raw)
@@ -1240,12 +1242,18 @@ def test_a_launch_whose_processes_did_not_join_is_refused(monkeypatch):
 
 def test_an_fsdp_launch_that_would_not_shard_is_refused(tiny_cache, tmp_path):
     """accelerate's FSDP needs GPUs: two CPU processes launched with ACCELERATE_USE_FSDP=true would run as
-    plain data parallelism, each holding the whole model. The trainer says so before any work starts."""
+    plain data parallelism, each holding the whole model; `train.fsdp` in one process has nothing to shard
+    over. The trainer says so before any work starts."""
     out = tmp_path / "run"
     config = run_config(tiny_cache, str(out))
     refused = launch(config, str(tmp_path / "c.yaml"), processes=2, env_extra={"ACCELERATE_USE_FSDP": "true"})
     assert refused.returncode != 0
     assert "FSDP was asked for (ACCELERATE_USE_FSDP=true), but accelerate runs this launch as MULTI_CPU" in refused.stderr
+    assert not os.path.exists(out / "checkpoints") and not os.path.exists(out / "metrics.jsonl")
+    config["train"]["fsdp"] = True
+    alone = launch(config, str(tmp_path / "c.yaml"))
+    assert alone.returncode != 0
+    assert "train.fsdp shards the model over the processes of a launch, and this run has one" in alone.stderr
     assert not os.path.exists(out / "checkpoints") and not os.path.exists(out / "metrics.jsonl")
 
 
@@ -1457,6 +1465,47 @@ def test_two_processes_give_the_losses_of_one(tiny_cache, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert step_tasks(mixed) == step_tasks(one)  # process 0's draws (the ones logged)
     assert all(math.isfinite(loss) for loss in step_losses(mixed).values())
+
+
+def test_sharded_processes_train_like_data_parallel_ones_and_resume(tiny_cache, tmp_path):
+    """`train.fsdp`: two CPU processes that each keep half of every weight, gradient and AdamW moment log the
+    losses of two data-parallel processes and save the same final weights. Killed after step 3, the sharded
+    run resumes from its step-2 checkpoint (the full weights and optimizer state, gathered into the trainer's
+    files and loaded with `weights_only`) and ends where the uninterrupted sharded run does."""
+    from modeling_uniperceiver_moe import UniPerceiverMoEForGenericPerception
+
+    def run(name: str, env_extra: dict | None = None, **train) -> subprocess.CompletedProcess:
+        config = run_config(tiny_cache, str(tmp_path / name), max_steps=4, **train)
+        config["optim"]["eps"] = 1e-6  # see test_two_processes_give_the_losses_of_one
+        config["data"]["task_sampling"] = "shared"
+        return launch(config, str(tmp_path / f"{name}.yaml"), processes=2, env_extra=env_extra)
+
+    for name, train in (("ddp", {"save_every": 0}), ("fsdp", {"save_every": 0, "fsdp": True})):
+        result = run(name, **train)
+        assert result.returncode == 0, result.stderr[-3000:]
+    killed = run("resumed", {"UNIPERCEIVER_TEST_CRASH_AT_STEP": "3"}, save_every=2, fsdp=True)
+    assert killed.returncode != 0
+    assert os.listdir(tmp_path / "resumed" / "checkpoints") == ["step_0000002"]
+    moments = torch.load(tmp_path / "resumed" / "checkpoints" / "step_0000002" / "optimizer.bin", weights_only=True)
+    assert "uniperceiver.encoder.layers.0.mlp.fc1.weight" in moments["state"]  # by name: the sharded run's file
+    resumed = run("resumed", save_every=2, fsdp=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    reports = {name: json.load(open(tmp_path / name / "report.json")) for name in ("ddp", "fsdp")}
+    assert reports["ddp"]["parameters_held"] == reports["ddp"]["parameters"] == reports["fsdp"]["parameters"]
+    assert reports["ddp"]["training_peak_memory_gib"] > 0 and reports["fsdp"]["training_peak_memory_gib"] > 0
+    assert reports["fsdp"]["parameters"] / 2 <= reports["fsdp"]["parameters_held"] <= reports["fsdp"]["parameters"] / 2 + 1000
+    losses = {name: step_losses(str(tmp_path / name)) for name in ("ddp", "fsdp", "resumed")}
+    assert sorted(losses["ddp"]) == sorted(losses["fsdp"]) == sorted(losses["resumed"]) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert losses["fsdp"][step] == pytest.approx(losses["ddp"][step], rel=1e-4), step
+        assert losses["resumed"][step] == pytest.approx(losses["fsdp"][step], rel=1e-6, abs=1e-7), step
+    finals = {name: dict(UniPerceiverMoEForGenericPerception.from_pretrained(
+        str(tmp_path / name / "final")).named_parameters()) for name in ("ddp", "fsdp", "resumed")}
+    for name, weight in finals["fsdp"].items():  # rounding apart (the sharded model merges its experts once per
+        # encoder pass, not once per step); an AdamW step of another sign would differ by 2 lr = 6e-3
+        assert torch.allclose(weight, finals["ddp"][name], rtol=1e-4, atol=1e-4), name
+        assert torch.allclose(weight, finals["resumed"][name], rtol=1e-5, atol=1e-6), name
 
 
 @pytest.mark.parametrize("sampling", ["shared", "per_process"])

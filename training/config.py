@@ -107,6 +107,9 @@ class TrainConfig:
     on_non_finite: str = "stop"  # a step whose gradient norm is not finite is never applied; stop the run, or
     # skip it and go on (stopping after 10 in a row). fp16 always skips: its loss scaler overflows by design
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard the weights, gradients and optimizer state over the processes (torch FSDP2,
+    # training/sharding.py; GPUs or CPUs) instead of keeping a whole copy in each (data parallelism); eager
+    # only (train.compile: false), bf16 or float32
     compile: bool | str = "auto"  # torch.compile the encoder (model.compile_encoder): true | false | auto (on a
     # CUDA device, eager elsewhere). The first steps of each task's shapes compile their graphs (minutes, logged
     # as `compiled_graphs`); a run that fails to compile under auto goes on eagerly for the failing code
@@ -150,9 +153,9 @@ COMPILE_SHAPES = {"auto": None, "static": False, "dynamic": True}  # train.compi
 
 def compiles(config: "PretrainConfig", device_type: str) -> bool:
     """Whether a run on a `device_type` device ("cuda", "cpu", ...) compiles its encoder: `train.compile`, with
-    auto meaning on a CUDA device only."""
+    auto meaning on a CUDA device only and not under `train.fsdp` (eager)."""
     setting = config.train.compile
-    return device_type == "cuda" if setting == "auto" else setting
+    return device_type == "cuda" and not config.train.fsdp if setting == "auto" else setting
 
 
 def text_padding(config: "PretrainConfig", compiled: bool) -> str:
@@ -313,6 +316,12 @@ def parse_config(raw: dict) -> PretrainConfig:
         config.tasks[name] = _section(f"tasks.{name}", TaskConfig, values)
     if not 0.0 < config.data.mask_probability < 1.0:
         raise ConfigError(f"data.mask_probability must be in (0, 1), got {config.data.mask_probability}")
+    if config.train.fsdp and config.train.mixed_precision == "fp16":
+        raise ConfigError("train.fsdp trains in bf16 or float32: fp16's loss scaler is not run over sharded "
+                          "gradients here. Set train.mixed_precision to bf16 or no")
+    if config.train.fsdp and config.train.compile is True:
+        raise ConfigError("train.fsdp runs the encoder eagerly: set train.compile to false (or auto, which "
+                          "then stays eager)")
     return config
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import torch
+
 from .evaluation import headline
 
 
@@ -83,6 +85,16 @@ def plot_curves(history: list[dict], tasks: dict, baselines: dict, path: str) ->
     return True
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak memory so far: the most the CUDA caching allocator held for tensors on a GPU, the
+    peak resident set of the process (Linux: `ru_maxrss` in KiB) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def write_report(trainer, results: dict) -> dict:
     out = trainer.config.output_dir
     baselines = getattr(trainer, "baselines", {})
@@ -105,6 +117,11 @@ def write_report(trainer, results: dict) -> dict:
         "mixed_precision": trainer.config.train.mixed_precision,
         "routing": trainer.model_config.moe_routing,
         "parameters": sum(p.numel() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()),
+        # what process 0 keeps of them (its shards under train.fsdp; all of them otherwise)
+        "parameters_held": sum(getattr(p, "to_local", lambda: p)().numel() for p in trainer.model.parameters()),
+        "fsdp": trainer.config.train.fsdp,
+        # process 0's peak memory up to the end of the training steps (the final evaluation and save left out)
+        "training_peak_memory_gib": getattr(trainer, "training_peak_memory_gib", None),
         "data_slice": trainer.config.data.slice,
         "median_tokens_per_second": sorted(throughput)[len(throughput) // 2] if throughput else None,
         "skipped_samples": len(trainer.loader.skipped),

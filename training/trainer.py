@@ -13,6 +13,7 @@ temporary folder and renamed when complete, so a crash never leaves a half-writt
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -33,6 +34,8 @@ from .checkpoints import (CHECKPOINT_PREFIX, TRAINER_STATE, CheckpointError, con
                           write_checksums)
 from .config import COMPILE_SHAPES, ConfigError, PretrainConfig, compiles, pixel_transport, text_padding
 from .data import EmptyDatasetError, MultiTaskLoader, StreamSpec, TaskEntry, TaskStream, read_rows, start_prefetcher
+from .report import peak_memory_gib, write_report
+from .sharding import full_model_state, load_training_state, local_value, save_training_state, shard_model
 from .evaluation import BASELINE_TRAIN_ROWS, answer_counts, caption_generation_scores, evaluate_all, trivial_baseline
 from .tasks import (SHARED_CANDIDATE_FAMILIES, TaskContext, candidate_inputs, frequent_candidates, gather_rows,
                     get_task, stored_token_id_tasks, task_label_names, task_loss)
@@ -268,16 +271,22 @@ def check_world_size(joined: int, device_type: str) -> None:
                              f"joined {joined} into this run, so each would train alone.{hint}")
 
 
-def check_sharding(distributed_type) -> None:
+def check_sharding(distributed_type, fsdp: bool, num_processes: int) -> None:
     """Refuse an FSDP launch that accelerate runs as plain data parallelism: its FSDP serves GPUs only, so
     CPU processes (`ACCELERATE_USE_CPU=1` with `ACCELERATE_USE_FSDP=true`) would each hold the whole model
-    and optimizer, the memory FSDP was asked to save."""
+    and optimizer, the memory FSDP was asked to save; the trainer's own `train.fsdp` shards on CPUs too.
+    Refuse `train.fsdp` in a single process, which has nothing to shard over."""
     from accelerate.utils import DistributedType
 
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and distributed_type != DistributedType.FSDP:
         raise LaunchMismatch(f"FSDP was asked for (ACCELERATE_USE_FSDP=true), but accelerate runs this launch as "
                              f"{distributed_type.value}, each process holding the whole model: accelerate's FSDP "
-                             f"needs GPUs. Drop --use_fsdp / ACCELERATE_USE_FSDP for data parallelism")
+                             f"needs GPUs. Drop --use_fsdp / ACCELERATE_USE_FSDP for data parallelism, or set "
+                             f"train.fsdp=true (the trainer's own sharding, on GPUs or CPUs)")
+    if fsdp and num_processes < 2:
+        raise LaunchMismatch("train.fsdp shards the model over the processes of a launch, and this run has one: "
+                             "start it with accelerate launch --num_processes N (or torchrun --nproc_per_node N; "
+                             "on CPUs with ACCELERATE_USE_CPU=1), N >= 2, or set train.fsdp=false")
 
 
 def slice_manifest(config: PretrainConfig, is_main: bool) -> tuple[str, dict]:
@@ -353,7 +362,7 @@ class Pretrainer:
         )
         acc = self.accelerator
         check_world_size(acc.num_processes, acc.device.type)
-        check_sharding(acc.distributed_type)
+        check_sharding(acc.distributed_type, config.train.fsdp, acc.num_processes)
         set_seed(config.seed)  # identical initial weights in every process
         self.model_config = build_model_config(config)
         self.compiled = compiles(config, acc.device.type)  # train.compile, auto resolved for this device
@@ -385,13 +394,17 @@ class Pretrainer:
                                   mode=config.train.compile_mode,
                                   dynamic=COMPILE_SHAPES[config.train.compile_shapes])
             CudaGraphRecordings.count()
+        self.sharded = config.train.fsdp
+        if self.sharded:  # the optimizer is made over the shards; accelerate prepares neither (it would wrap
+            # the model for data parallelism and save only process 0's optimizer shards): training/sharding.py
+            model = shard_model(model.to(acc.device), acc.device.type, acc.num_processes)
         optimizer = make_optimizer(model, config.optim, acc.device)
         # The scheduler is stepped by hand once per optimizer step (not prepared: accelerate would step it
         # once per process). It is not checkpointed: resume() rebuilds it from the step (restore_schedule),
         # so no pickled scheduler state is ever loaded.
         self.scheduler = cosine_with_warmup(optimizer, config.train.warmup_steps, config.train.max_steps,
                                             config.train.min_lr_ratio)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model, self.optimizer = (model, optimizer) if self.sharded else acc.prepare(model, optimizer)
         self.candidate_shard, self._candidate_sets = None, {}
         if config.data.partition_candidates and acc.num_processes > 1:
             self.candidate_shard = CandidateShard(acc.process_index, acc.num_processes, gather_rows)
@@ -455,7 +468,9 @@ class Pretrainer:
             os.makedirs(staging, exist_ok=True)
         acc.wait_for_everyone()
         try:
-            acc.save_state(staging)
+            acc.save_state(staging)  # under train.fsdp only the random-number states: nothing is prepared
+            if self.sharded:
+                save_training_state(self.model, self.optimizer, staging, acc.is_main_process)
             with open(os.path.join(staging, f"data_state_{acc.process_index}.json"), "w") as handle:
                 json.dump(self.data_state if self.data_state is not None else self.loader.state_dict(), handle)
             acc.wait_for_everyone()
@@ -538,6 +553,8 @@ class Pretrainer:
         requested = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         try:
             acc.load_state(path)
+            if self.sharded:
+                load_training_state(self.model, self.optimizer, path)
             with open(os.path.join(path, f"data_state_{acc.process_index}.json")) as handle:
                 self.loader.load_state_dict(json.load(handle))
         except Exception as error:  # files without checksums (older checkpoints), or ones that do not fit
@@ -588,7 +605,7 @@ class Pretrainer:
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # a new training step for CUDA graphs (reduce-overhead)
         with acc.accumulate(self.model):
-            with region("trainer/forward"):
+            with region("trainer/forward"), self.autocast():
                 shard = self.step_candidate_shard(step_index, batch.task)
                 output = self.model(**batch.inputs, task_family=batch.task.family, candidate_shard=shard)
                 loss = task_loss(batch, output, self.model_config.label_smoothing_for(batch.task.family),
@@ -599,9 +616,9 @@ class Pretrainer:
                 synced, grad_norm, skipped = acc.sync_gradients, None, False
                 if synced:
                     clip = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else float("inf")
-                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
+                    grad_norm = local_value(acc.clip_grad_norm_(self.model.parameters(), clip))
                     skipped = self.apply_update(grad_norm)
-                self.optimizer.zero_grad(set_to_none=True)
+                    self.optimizer.zero_grad(set_to_none=True)
         with region("trainer/bookkeeping"):
             # one task on every process: the step's loss is the mean over processes; otherwise (per_process) the
             # processes ran different tasks, and the loss logged under this process's task is its own. The routers'
@@ -648,7 +665,7 @@ class Pretrainer:
         parameters, moments and step count untouched), so the host does not wait for the step; a bool after
         reading the norm otherwise. `settle_results` reads the flag `RESULT_LAG` micro-steps later (before any
         checkpoint) and stops a run under `train.on_non_finite=stop`."""
-        inner = self.optimizer.optimizer
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch optimizer accelerate wraps
         if self.config.train.mixed_precision == "fp16":
             self.optimizer.step()  # the loss scaler skips the update itself and lowers its scale
             return ~torch.isfinite(grad_norm)
@@ -671,17 +688,24 @@ class Pretrainer:
                                 processes=data.prefetch_processes, pin_in_loop=data.pin_memory == "loop",
                                 packed=data.batch_transport == "packed")
 
+    def autocast(self):
+        """The mixed-precision context of a forward: accelerate's for a sharded model (`train.fsdp`), which it
+        did not prepare; none otherwise (the prepared model's forward autocasts itself)."""
+        return self.accelerator.autocast() if self.sharded else contextlib.nullcontext()
+
     @property
     def skips_non_finite(self) -> bool:
         return self.config.train.on_non_finite == "skip" or self.config.train.mixed_precision == "fp16"
 
     def evaluate(self, final: bool = False) -> dict:
-        """`{task: metrics}` on the held-out rows (main process; the others wait). The final evaluation also
-        scores generated captions when `train.eval_caption_beam` is set."""
+        """`{task: metrics}` on the held-out rows (main process; the others wait, or under `train.fsdp` evaluate
+        alongside it and return {}). The final evaluation also scores generated captions when
+        `train.eval_caption_beam` is set."""
         acc = self.accelerator
         results = {}
-        if acc.is_main_process:
-            if not hasattr(self, "baselines"):
+        # a sharded model's forward gathers its weights from every process: all of them run it, process 0 keeps it
+        if acc.is_main_process or self.sharded:
+            if acc.is_main_process and not hasattr(self, "baselines"):
                 self.baselines = self.trivial_baselines()
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.train.mixed_precision)
             model = acc.unwrap_model(self.model)
@@ -694,7 +718,7 @@ class Pretrainer:
                                                        acc.device, beam_size=beam)
                 results[name].update(bleu4=scores["bleu4"], cider=scores["cider"])
         acc.wait_for_everyone()
-        return results
+        return results if acc.is_main_process else {}
 
     def eval_rows(self) -> dict[str, list[dict]]:
         """Per task, the held-out rows every evaluation uses (the first `data.eval_samples` of its test split)."""
@@ -769,6 +793,7 @@ class Pretrainer:
         self.prefetcher = self.start_prefetcher()
         try:
             stopped_early = self._train_steps(progress)
+            self.training_peak_memory_gib = peak_memory_gib(acc.device)  # before the final evaluation and save
         except (NonFiniteTraining, KeyboardInterrupt) as error:
             progress.close()
             self.prefetcher.close()
@@ -904,13 +929,16 @@ class Pretrainer:
 
     def save_final(self, results: dict) -> None:
         acc = self.accelerator
+        weights = full_model_state(self.model) if self.sharded else None  # gathered from every process
         if not acc.is_main_process:
             return
         final_dir = os.path.join(self.config.output_dir, "final")
-        model = acc.unwrap_model(self.model)
+        if weights is None:
+            model = acc.unwrap_model(self.model)
+        else:  # the gathered weights in an unsharded copy of the model
+            model = UniPerceiverMoEForGenericPerception(self.model_config)
+            model.load_state_dict(weights)
         model.save_pretrained(final_dir)
         self.processor.save_pretrained(final_dir)
-        from .report import write_report
-
         write_report(self, results)
 
