@@ -4,7 +4,8 @@ One task per step (drawn by weight), bf16/fp16 autocast, gradient accumulation, 
 AdamW without weight decay on norms/biases/embeddings/gates/scales, warmup + cosine, per-task loss
 weights, periodic per-task evaluation, tqdm, tracker logs (TensorBoard by default) plus `metrics.jsonl`,
 `save_state` checkpoints with each process's data position (exact resumption), and `save_pretrained` of
-the final model with its processor and a report.
+the final model with its processor and a report. Data parallelism through accelerate, or the model sharded
+over the processes (`train.fsdp`, training/sharding.py).
 
 Checkpoints: `<output_dir>/checkpoints/step_<N>/` (training/checkpoints.py lists the files), written to a
 temporary folder and renamed when complete, so a crash never leaves a half-written checkpoint that
