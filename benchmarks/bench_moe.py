@@ -459,5 +459,6 @@ def markdown_table(rows: list[dict]) -> str:
               for r in rows]
     return "\n".join(lines)
 
+
 if __name__ == "__main__":
     main()

@@ -45,12 +45,14 @@ def largest_loss_difference(run: dict, reference: dict) -> float:
 def table(log: dict) -> str:
     """The log's runs as a markdown table."""
     reference = log["runs"][0]
-    lines = ["| run | processes | sharded | parameters | held by process 0 | process 0's peak memory in training (GiB) | "
-             f"tokens/s (median) | largest step-loss difference from {reference['run']} |",
+    lines = ["| run | processes | sharded | parameters | held by process 0 | "
+             "process 0's peak memory in training (GiB) | tokens/s (median) | "
+             f"largest step-loss difference from {reference['run']} |",
              "|---|---|---|---|---|---|---|---|"]
     for run in log["runs"]:
+        held = run["parameters_held"]
         lines.append(f"| {run['run']} | {run['processes']} | {'yes' if run['fsdp'] else 'no'} | "
-                     f"{run['parameters']:,} | {run['parameters_held']:,} ({run['parameters_held'] / run['parameters']:.2f}) | "
+                     f"{run['parameters']:,} | {held:,} ({held / run['parameters']:.2f}) | "
                      f"{run['training_peak_memory_gib']:.2f} | {run['median_tokens_per_second']:,.0f} | "
                      f"{largest_loss_difference(run, reference):.1e} |")
     return "\n".join(lines)
