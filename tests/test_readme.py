@@ -37,6 +37,15 @@ def test_readme_results_table_is_the_one_the_logs_give():
         "README.md's results table differs from the logs: run python -m benchmarks.results_table --write")
 
 
+def marked_blocks(doc: str, marker: str) -> list[tuple[str, str]]:
+    """Every block of docs/`doc` between a line `<!-- {marker}: HEAD -->` and `<!-- end of {marker} -->`, as
+    (HEAD, the lines between without trailing blank lines)."""
+    with open(os.path.join(REPO, "docs", doc), encoding="utf-8") as handle:
+        found = re.findall(rf"<!-- {re.escape(marker)}: (.*?) -->\n(.*?)\n<!-- end of {re.escape(marker)} -->",
+                           handle.read(), flags=re.S)
+    return [(head, body.rstrip("\n")) for head, body in found]
+
+
 @pytest.mark.parametrize("marker, logs", [
     ("routing ablation, GPU", [f"routing_ablation_part{part}_h200.json" for part in
                                ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10_11", "12", "13")]
@@ -51,11 +60,8 @@ def test_results_routing_ablation_tables_are_the_ones_the_logs_give(marker, logs
 
     learning = os.path.join(REPO, "docs", "logs", "learning")
     argv = [arg if arg.startswith("--") else os.path.join(learning, arg) for arg in logs]
-    with open(os.path.join(REPO, "docs", "results.md"), encoding="utf-8") as handle:
-        text = handle.read()
-    start = text.index("\n", text.index(f"<!-- {marker}:")) + 1
-    end = text.index(f"<!-- end of {marker} -->")
-    assert text[start:end].rstrip("\n") == report_main(argv), \
+    [(_, text)] = marked_blocks("results.md", marker)
+    assert text == report_main(argv), \
         "docs/results.md's routing-ablation table differs from the logs: rerun benchmarks.ablation_report"
 
 
@@ -63,9 +69,7 @@ def test_benchmarks_step_time_tables_are_the_ones_the_logs_give():
     """Each table between docs/benchmarks.md's `bench_moe table` markers is `bench_moe --table` of its log."""
     from benchmarks.bench_moe import markdown_table
 
-    with open(os.path.join(REPO, "docs", "benchmarks.md"), encoding="utf-8") as handle:
-        blocks = re.findall(r"<!-- bench_moe table: (\S+) -->\n(.*?)\n<!-- end of bench_moe table -->",
-                            handle.read(), flags=re.S)
+    blocks = marked_blocks("benchmarks.md", "bench_moe table")
     assert len(blocks) == 2
     for log, table in blocks:
         with open(os.path.join(REPO, log), encoding="utf-8") as handle:
@@ -77,8 +81,6 @@ def test_training_sharding_table_is_the_one_the_log_gives():
     """docs/training.md's sharded-against-replicated table is `benchmarks.fsdp_report --table` of its log."""
     from benchmarks.fsdp_report import table
 
-    with open(os.path.join(REPO, "docs", "training.md"), encoding="utf-8") as handle:
-        log, text = re.search(r"<!-- fsdp table: (\S+) -->\n(.*?)\n<!-- end of fsdp table -->", handle.read(),
-                              flags=re.S).groups()
+    [(log, text)] = marked_blocks("training.md", "fsdp table")
     with open(os.path.join(REPO, log), encoding="utf-8") as handle:
         assert text == table(json.load(handle)), f"python -m benchmarks.fsdp_report --table {log}"
