@@ -4,8 +4,8 @@ A checkpoint is `<output_dir>/checkpoints/step_<N>/`:
 
 | file | written by | loaded with |
 |---|---|---|
-| `model.safetensors` | accelerate `save_state` | safetensors |
-| `optimizer.bin`, `scaler.pt` (fp16) | accelerate `save_state` | `torch.load(weights_only=True)` |
+| `model.safetensors` | accelerate `save_state`; under `train.fsdp` process 0 (training/sharding.py) | safetensors |
+| `optimizer.bin`, `scaler.pt` (fp16) | the same (fp16 not under `train.fsdp`) | `torch.load(weights_only=True)` |
 | `random_states_<rank>.pkl` | accelerate `save_state` | `torch.load(weights_only=True)` |
 | `data_state_<rank>.json` | each process: its loader position | json |
 | `trainer_state.json` | step, number of processes, run config, length of `metrics.jsonl` | json |
@@ -25,6 +25,7 @@ import os
 import warnings
 
 import torch
+from accelerate.utils.constants import OPTIMIZER_NAME, SAFE_WEIGHTS_NAME
 
 from .build_data import sha256_file
 from .config import changed_settings
@@ -32,6 +33,8 @@ from .config import changed_settings
 CHECKPOINT_PREFIX = "step_"
 CHECKSUMS = "checksums.json"
 TRAINER_STATE = "trainer_state.json"
+WEIGHTS_FILE = SAFE_WEIGHTS_NAME  # "model.safetensors", the names accelerate's save_state gives its files
+OPTIMIZER_FILE = f"{OPTIMIZER_NAME}.bin"  # "optimizer.bin"
 
 
 class CheckpointError(RuntimeError):
@@ -169,7 +172,7 @@ def verify_checkpoint(path: str, process_index: int, model_shapes: dict[str, tup
     for relative, problem in problems.items():
         if not is_rng_file(relative):
             raise unusable(path, f"{relative} {problem}")
-    needed = ["model.safetensors", "optimizer.bin", f"data_state_{process_index}.json"]
+    needed = [WEIGHTS_FILE, OPTIMIZER_FILE, f"data_state_{process_index}.json"]
     for name in needed:
         if not os.path.isfile(os.path.join(path, name)):
             raise unusable(path, f"{name} is missing")
@@ -185,7 +188,7 @@ def check_weight_shapes(path: str, model_shapes: dict[str, tuple]) -> None:
     from safetensors import safe_open
 
     try:
-        with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as handle:
+        with safe_open(os.path.join(path, WEIGHTS_FILE), framework="pt") as handle:
             stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except Exception as error:  # a header safetensors cannot parse
         raise unusable(path, f"model.safetensors cannot be read ({type(error).__name__}: {error})") from None
@@ -204,7 +207,7 @@ def first_unreadable_file(path: str, process_index: int) -> str | None:
     from accelerate.utils import load as load_weights_only
     from safetensors.torch import load_file
 
-    for name in ("model.safetensors", "optimizer.bin", "scaler.pt", f"random_states_{process_index}.pkl"):
+    for name in (WEIGHTS_FILE, OPTIMIZER_FILE, "scaler.pt", f"random_states_{process_index}.pkl"):
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             continue

@@ -22,7 +22,8 @@ import os
 import torch
 from torch import nn
 
-MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.bin"
+from .checkpoints import OPTIMIZER_FILE, WEIGHTS_FILE
+
 
 
 def shard_model(model: nn.Module, device_type: str, num_processes: int) -> nn.Module:
@@ -67,7 +68,7 @@ def save_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, fold
     weights = full_model_state(model)
     moments = get_optimizer_state_dict(model, optimizer, options=_full_options())
     if is_main:
-        save_file({name: tensor.contiguous() for name, tensor in weights.items()}, os.path.join(folder, MODEL_FILE),
+        save_file({name: tensor.contiguous() for name, tensor in weights.items()}, os.path.join(folder, WEIGHTS_FILE),
                   metadata={"format": "pt"})
         torch.save(moments, os.path.join(folder, OPTIMIZER_FILE))
 
@@ -79,6 +80,6 @@ def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, fold
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, load_file(os.path.join(folder, MODEL_FILE)), options=options)
+    set_model_state_dict(model, load_file(os.path.join(folder, WEIGHTS_FILE)), options=options)
     moments = torch.load(os.path.join(folder, OPTIMIZER_FILE), map_location="cpu", weights_only=True)
     set_optimizer_state_dict(model, optimizer, moments, options=options)
